@@ -1,0 +1,69 @@
+"""Frozen ``attrs`` records that ``torch.func`` transforms can see through.
+
+A record is an ``attrs`` class with ``frozen=True``. Fields created with :func:`static_field`
+are hyper-parameters (ints, strings, tuples); every other field is a pytree child (a tensor, a
+tuple of tensors, another record). :func:`pytree_record` registers the class with
+``torch.utils._pytree`` so that ``torch.func.vmap``, ``grad``, ``functional_call`` and
+``tree_map`` traverse the children and carry the static fields along unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import attrs
+import torch.utils._pytree as pytree
+
+_STATIC = "aenet_fn_static"
+T = TypeVar("T")
+
+
+def static_field(**kwargs: Any) -> Any:
+    """An ``attrs`` field that is not a pytree child (hyper-parameter, name, shape)."""
+    metadata = dict(kwargs.pop("metadata", {}) or {})
+    metadata[_STATIC] = True
+    return attrs.field(metadata=metadata, **kwargs)
+
+
+def dynamic_fields(cls: type) -> tuple[str, ...]:
+    """Names of the pytree-child fields of a record class."""
+    return tuple(f.name for f in attrs.fields(cls) if not f.metadata.get(_STATIC))
+
+
+def _rebuild(cls: type, values: dict[str, Any]) -> Any:
+    """Build an instance without running validators: under ``vmap`` the leaves are batched
+    tensors whose apparent shapes differ from the validated ones."""
+    obj = object.__new__(cls)
+    for name, value in values.items():
+        object.__setattr__(obj, name, value)
+    return obj
+
+
+def pytree_record(cls: type[T]) -> type[T]:
+    """Register a frozen ``attrs`` class as a pytree node (class decorator, apply after attrs)."""
+    dynamic = dynamic_fields(cls)
+    static = tuple(f.name for f in attrs.fields(cls) if f.metadata.get(_STATIC))
+
+    def flatten(obj: Any) -> tuple[list[Any], tuple[Any, ...]]:
+        return [getattr(obj, n) for n in dynamic], tuple(getattr(obj, n) for n in static)
+
+    def unflatten(children: Any, context: tuple[Any, ...]) -> Any:
+        return _rebuild(cls, {**dict(zip(dynamic, children)), **dict(zip(static, context))})
+
+    def flatten_with_keys(obj: Any) -> tuple[list[tuple[Any, Any]], tuple[Any, ...]]:
+        children, context = flatten(obj)
+        return [(pytree.GetAttrKey(n), c) for n, c in zip(dynamic, children)], context
+
+    pytree.register_pytree_node(
+        cls,
+        flatten,
+        unflatten,
+        serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
+        flatten_with_keys_fn=flatten_with_keys,
+    )
+    return cls
+
+
+def replace(record: T, **changes: Any) -> T:
+    """A copy of ``record`` with some fields changed (validators run again)."""
+    return attrs.evolve(record, **changes)

@@ -1,0 +1,266 @@
+"""The Chebyshev (Artrith–Urban–Ceder) descriptor as pure functions.
+
+Spec: ``aenet-reference.md`` §1. For atom ``i`` with neighbours ``j`` (all periodic images, the
+centre's own images included, ``min_cutoff < d_ij``):
+
+* radial ``R_n(i) = Σ_j T_n(2 d_ij / Rr - 1) fc(d_ij; Rr)``, ``n = 0..rad_order`` (``d_ij <= Rr``);
+* angular ``A_n(i) = Σ_{j<k} T_n(cos θ_ijk) fc(d_ij; Ra) fc(d_ik; Ra)``, ``n = 0..ang_order``,
+  over unordered pairs of distinct neighbour entries with ``d <= Ra``;
+* with more than one species, the same sums weighted by the typespin ``s(j)`` (radial) and
+  ``s(j) s(k)`` (angular) follow; layout ``[R, A, R̃, Ã]``.
+
+``fc(d; Rc) = (cos(π d / Rc) + 1) / 2`` for ``d < Rc``, else 0. The polynomials use the three-term
+recurrence, which is smooth everywhere (no infinite ``arccos`` slope at ``x = ±1``), so
+gradients with respect to positions (forces) and cells (stress) are finite and exact.
+
+The work is split in two: :func:`build_graph` finds the pairs and triplets (integer data, computed
+once, no gradients), and :func:`features_from_graph` is the differentiable, batched part.
+:func:`featurize` does both.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import attrs
+import torch
+
+from aenet_fn._records import pytree_record, static_field
+from aenet_fn.batch import Batch
+from aenet_fn.neighbors import Neighbors, batch_neighbor_list, pair_vectors
+from aenet_fn.structure import check_species_symbols
+
+
+def typespin_weights(n_species: int) -> tuple[int, ...]:
+    """Integer typespin weights for ``n_species`` species in list order (spec §1.6):
+    centred on zero, skipping 0 when the count is even, e.g. 2 → (-1, 1), 3 → (-1, 0, 1)."""
+    start = int(-n_species / 2)
+    values = [v for v in range(start, start + n_species + 1) if n_species % 2 or v != 0]
+    return tuple(values[:n_species])
+
+
+def _positive(name: str):
+    def check(instance, attribute, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"ChebyshevParams: {name} must be a positive number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"ChebyshevParams: {name} must be finite, got {value!r}")
+
+    return check
+
+
+def _order(name: str):
+    def check(instance, attribute, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"ChebyshevParams: {name} must be an integer >= 0, got {value!r}")
+
+    return check
+
+
+def _species(value: Sequence[str]) -> tuple[str, ...]:
+    symbols = check_species_symbols(value, "ChebyshevParams")
+    if not symbols:
+        raise ValueError("ChebyshevParams: species must name at least one element")
+    repeated = sorted({s for s in symbols if symbols.count(s) > 1})
+    if repeated:
+        raise ValueError(f"ChebyshevParams: species listed twice: {repeated}")
+    return symbols
+
+
+@pytree_record
+@attrs.frozen
+class ChebyshevParams:
+    """Hyper-parameters of the Chebyshev descriptor (all static; no tensors).
+
+    Attributes:
+        species: element symbols; the order defines the typespin weights (spec §1.6).
+        rad_order: highest radial polynomial order (``rad_order + 1`` radial functions).
+        rad_cutoff: radial cutoff ``Rr`` (Å).
+        ang_order: highest angular polynomial order.
+        ang_cutoff: angular cutoff ``Ra`` (Å).
+        min_cutoff: neighbours at ``d <= min_cutoff`` (Å) are ignored.
+    """
+
+    species: tuple[str, ...] = static_field(converter=_species)
+    rad_order: int = static_field(validator=_order("rad_order"))
+    rad_cutoff: float = static_field(validator=_positive("rad_cutoff"))
+    ang_order: int = static_field(validator=_order("ang_order"))
+    ang_cutoff: float = static_field(validator=_positive("ang_cutoff"))
+    min_cutoff: float = static_field(default=0.55)
+
+    def __attrs_post_init__(self) -> None:
+        low = self.min_cutoff
+        if isinstance(low, bool) or not isinstance(low, (int, float)) or not 0 <= low:
+            raise ValueError(f"ChebyshevParams: min_cutoff must be a number >= 0, got {low!r}")
+        if low >= min(self.rad_cutoff, self.ang_cutoff):
+            raise ValueError(
+                f"ChebyshevParams: min_cutoff {low} must be below both cutoffs "
+                f"(rad {self.rad_cutoff}, ang {self.ang_cutoff})"
+            )
+
+    @property
+    def multi(self) -> bool:
+        """True with more than one species (the typespin-weighted half is present)."""
+        return len(self.species) > 1
+
+    @property
+    def cutoff(self) -> float:
+        """Neighbour search radius ``max(Rr, Ra)`` (Å)."""
+        return float(max(self.rad_cutoff, self.ang_cutoff))
+
+    @property
+    def n_features(self) -> int:
+        """Features per atom: ``(rad_order + 1 + ang_order + 1)``, doubled with several species."""
+        n = self.rad_order + self.ang_order + 2
+        return 2 * n if self.multi else n
+
+    @property
+    def typespin(self) -> tuple[int, ...]:
+        """Typespin weight of each species, in ``species`` order."""
+        return typespin_weights(len(self.species))
+
+
+@pytree_record
+@attrs.frozen(eq=False)
+class DescriptorGraph:
+    """The integer data the descriptor needs for a batch, computed once.
+
+    Attributes:
+        pairs: neighbour entries with ``min_cutoff < d <= max(Rr, Ra)``, sorted by centre.
+        radial: ``[E_r]`` indices into ``pairs`` of the radial entries (``d <= Rr``).
+        triplet_first, triplet_second: ``[P]`` indices into ``pairs`` of the two legs ``(i→j,
+            i→k)`` of each angular triplet (``d <= Ra``, each unordered pair once).
+        typespin: ``[N]`` typespin weight of every atom (float, in the batch dtype).
+    """
+
+    pairs: Neighbors
+    radial: torch.Tensor
+    triplet_first: torch.Tensor
+    triplet_second: torch.Tensor
+    typespin: torch.Tensor
+
+
+def species_lookup(params: ChebyshevParams, batch_species: Sequence[str]) -> torch.Tensor:
+    """``[len(batch_species)]`` index of each batch symbol in ``params.species``; raises
+    ``ValueError`` for a symbol the descriptor does not know."""
+    unknown = [s for s in batch_species if s not in params.species]
+    if unknown:
+        raise ValueError(
+            f"species {unknown} are not in the descriptor's species {list(params.species)}"
+        )
+    return torch.tensor([params.species.index(s) for s in batch_species], dtype=torch.long)
+
+
+def _triplets(centers: torch.Tensor, n_atoms: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ``(a, b)`` with ``a < b`` among entries sharing a centre (entries sorted by centre)."""
+    counts = torch.bincount(centers, minlength=n_atoms)
+    group_start = torch.cumsum(counts, 0) - counts
+    local = torch.arange(centers.shape[0], device=centers.device) - group_start[centers]
+    partners_after = counts[centers] - 1 - local
+    first = torch.repeat_interleave(
+        torch.arange(centers.shape[0], device=centers.device), partners_after
+    )
+    run_start = torch.cumsum(partners_after, 0) - partners_after
+    step = torch.arange(first.shape[0], device=centers.device) - run_start[first]
+    return first, first + 1 + step
+
+
+@torch.no_grad()
+def build_graph(params: ChebyshevParams, batch: Batch) -> DescriptorGraph:
+    """Neighbour pairs and angular triplets of ``batch`` for ``params`` (integer data).
+
+    Depends on positions only through which pairs lie inside the cutoffs, so it can be reused
+    while positions move less than the distance to the nearest cutoff crossing (e.g. within a
+    training run on fixed structures, or for finite-difference checks).
+    """
+    lookup = species_lookup(params, batch.species).to(batch.positions.device)
+    weights = torch.tensor(
+        params.typespin, dtype=batch.positions.dtype, device=batch.positions.device
+    )
+    neighbors = batch_neighbor_list(
+        batch.positions, batch.cells, batch.pbc, batch.structure_index, params.cutoff
+    )
+    distance = pair_vectors(batch.positions, batch.cells, batch.structure_index, neighbors).norm(
+        dim=1
+    )
+    pairs = neighbors.select(distance > params.min_cutoff)
+    distance = distance[distance > params.min_cutoff]
+    radial = torch.nonzero(distance <= params.rad_cutoff).flatten()
+    angular = torch.nonzero(distance <= params.ang_cutoff).flatten()
+    first, second = _triplets(pairs.centers[angular], batch.positions.shape[0])
+    return DescriptorGraph(
+        pairs=pairs,
+        radial=radial,
+        triplet_first=angular[first],
+        triplet_second=angular[second],
+        typespin=weights[lookup[batch.species_index]],
+    )
+
+
+def chebyshev_polynomials(x: torch.Tensor, order: int) -> torch.Tensor:
+    """``[..., order + 1]`` values ``T_0(x) .. T_order(x)`` by the three-term recurrence."""
+    values = [torch.ones_like(x), x]
+    for _ in range(2, order + 1):
+        values.append(2 * x * values[-1] - values[-2])
+    return torch.stack(values[: order + 1], dim=-1)
+
+
+def cutoff_function(distance: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """Cosine cutoff ``(cos(π d / Rc) + 1) / 2`` for ``d < Rc``, else 0 (spec §1.2)."""
+    value = 0.5 * (torch.cos(distance * (math.pi / cutoff)) + 1)
+    return torch.where(distance < cutoff, value, torch.zeros_like(value))
+
+
+def features_from_graph(
+    params: ChebyshevParams,
+    positions: torch.Tensor,
+    cells: torch.Tensor,
+    structure_index: torch.Tensor,
+    graph: DescriptorGraph,
+) -> torch.Tensor:
+    """Descriptor of every atom, ``[N, F]``, differentiable in ``positions`` ``[N, 3]`` (Å) and
+    ``cells`` ``[B, 3, 3]`` (Å); dtype of ``positions``. ``graph`` comes from
+    :func:`build_graph` for the same atoms."""
+    n_atoms = positions.shape[0]
+    vectors = pair_vectors(positions, cells, structure_index, graph.pairs)
+    distance = vectors.norm(dim=1)
+    centers, neighbours = graph.pairs.centers, graph.pairs.neighbors
+
+    rad_d = distance[graph.radial]
+    radial_terms = chebyshev_polynomials(2 * rad_d / params.rad_cutoff - 1, params.rad_order)
+    radial_terms = radial_terms * cutoff_function(rad_d, params.rad_cutoff)[:, None]
+    rad_centre = centers[graph.radial]
+
+    units = vectors / distance[:, None]
+    first, second = graph.triplet_first, graph.triplet_second
+    cosine = (units[first] * units[second]).sum(dim=1).clamp(-1.0, 1.0)
+    fc_ang = cutoff_function(distance, params.ang_cutoff)
+    angular_terms = chebyshev_polynomials(cosine, params.ang_order)
+    angular_terms = angular_terms * (fc_ang[first] * fc_ang[second])[:, None]
+    ang_centre = centers[first]
+
+    def scatter(centre: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
+        return terms.new_zeros(n_atoms, terms.shape[1]).index_add(0, centre, terms)
+
+    blocks = [scatter(rad_centre, radial_terms), scatter(ang_centre, angular_terms)]
+    if params.multi:
+        spin = graph.typespin
+        rad_weight = spin[neighbours[graph.radial]]
+        ang_weight = spin[neighbours[first]] * spin[neighbours[second]]
+        blocks.append(scatter(rad_centre, radial_terms * rad_weight[:, None]))
+        blocks.append(scatter(ang_centre, angular_terms * ang_weight[:, None]))
+    return torch.cat(blocks, dim=1)
+
+
+def featurize(
+    params: ChebyshevParams, batch: Batch, graph: DescriptorGraph | None = None
+) -> torch.Tensor:
+    """Chebyshev features of every atom of ``batch``, ``[N, F]`` in batch atom order, in the dtype
+    of ``batch.positions``. Differentiable in ``batch.positions`` and ``batch.cells``.
+
+    ``graph`` (from :func:`build_graph`) may be passed to reuse the pair and triplet indices.
+    """
+    if graph is None:
+        graph = build_graph(params, batch)
+    return features_from_graph(params, batch.positions, batch.cells, batch.structure_index, graph)
