@@ -240,17 +240,24 @@ def features_from_graph(
     angular_terms = angular_terms * (fc_ang[first] * fc_ang[second])[:, None]
     ang_centre = centers[first]
 
-    def scatter(centre: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
-        return terms.new_zeros(n_atoms, terms.shape[1]).index_add(0, centre, terms)
-
-    blocks = [scatter(rad_centre, radial_terms), scatter(ang_centre, angular_terms)]
-    if params.multi:
+    if params.multi:  # append the typespin-weighted copies: one scatter per block
         spin = graph.typespin
         rad_weight = spin[neighbours[graph.radial]]
         ang_weight = spin[neighbours[first]] * spin[neighbours[second]]
-        blocks.append(scatter(rad_centre, radial_terms * rad_weight[:, None]))
-        blocks.append(scatter(ang_centre, angular_terms * ang_weight[:, None]))
-    return torch.cat(blocks, dim=1)
+        radial_terms = torch.cat([radial_terms, radial_terms * rad_weight[:, None]], dim=1)
+        angular_terms = torch.cat([angular_terms, angular_terms * ang_weight[:, None]], dim=1)
+    radial = radial_terms.new_zeros(n_atoms, radial_terms.shape[1]).index_add(
+        0, rad_centre, radial_terms
+    )
+    angular = angular_terms.new_zeros(n_atoms, angular_terms.shape[1]).index_add(
+        0, ang_centre, angular_terms
+    )
+    if not params.multi:
+        return torch.cat([radial, angular], dim=1)
+    n_rad, n_ang = params.rad_order + 1, params.ang_order + 1
+    return torch.cat(
+        [radial[:, :n_rad], angular[:, :n_ang], radial[:, n_rad:], angular[:, n_ang:]], dim=1
+    )
 
 
 def featurize(

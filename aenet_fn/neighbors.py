@@ -10,7 +10,7 @@ are handled exactly (spec §1.8, §12.1). Along non-periodic axes there are no i
 wrapping.
 
 The search is linear in the number of atoms: atoms and the ghost images within the cutoff of the
-cell are binned on a grid of cubes with the cutoff as edge, and each atom looks at the 27 bins
+cell are binned on a grid of cubes with half the cutoff as edge, and each atom scans the 125 bins
 around it. Everything is native torch (sort, searchsorted, repeat_interleave) and runs on any
 device; no Python loop over atoms or structures.
 """
@@ -25,8 +25,11 @@ from aenet_fn._records import pytree_record
 OVERLAP_DISTANCE = 1e-4
 """Å; two atoms closer than this are reported as overlapping."""
 
+_BINS_PER_CUTOFF = 2
+"""Bin edge = cutoff / this; each atom scans (2·this + 1)³ bins around its own."""
 _BIN_OFFSETS = torch.stack(
-    torch.meshgrid(*(torch.arange(-1, 2),) * 3, indexing="ij"), dim=-1
+    torch.meshgrid(*(torch.arange(-_BINS_PER_CUTOFF, _BINS_PER_CUTOFF + 1),) * 3, indexing="ij"),
+    dim=-1,
 ).reshape(-1, 3)
 
 
@@ -151,12 +154,13 @@ def batch_neighbor_list(
 
     atom, translation, structure, points = _ghost_points(frac, pbc, basis, structure_index, cutoff)
 
-    # Bin all points on a per-structure grid of cubes with edge = cutoff; keys are unique per
+    # Bin all points on a per-structure grid of cubes (edge = cutoff / 2); keys are unique per
     # (structure, bin) and only occupied bins exist (sorted keys + searchsorted, no dense grid).
     n_structures = cells.shape[0]
     fill = torch.full((n_structures, 3), float("inf"), dtype=torch.float64, device=device)
     origin = fill.scatter_reduce(0, structure[:, None].expand(-1, 3), points, "amin")
-    bins = torch.floor((points - origin[structure]) / cutoff).long()
+    bin_edge = cutoff / _BINS_PER_CUTOFF
+    bins = torch.floor((points - origin[structure]) / bin_edge).long()
     dims = torch.zeros((n_structures, 3), dtype=torch.long, device=device)
     dims = dims.scatter_reduce(0, structure[:, None].expand(-1, 3), bins + 1, "amax")
     per_structure = dims.prod(dim=1)
@@ -175,9 +179,10 @@ def batch_neighbor_list(
     order = torch.argsort(keys, stable=True)
     sorted_keys = keys[order]
 
-    centre_bins = torch.floor((centre_points - origin[structure_index]) / cutoff).long()
-    around = centre_bins[:, None, :] + _BIN_OFFSETS.to(device)[None]  # [N, 27, 3]
-    centre_structure = structure_index[:, None].expand(-1, 27)
+    centre_bins = torch.floor((centre_points - origin[structure_index]) / bin_edge).long()
+    around = centre_bins[:, None, :] + _BIN_OFFSETS.to(device)[None]  # [N, n_offsets, 3]
+    n_offsets = _BIN_OFFSETS.shape[0]
+    centre_structure = structure_index[:, None].expand(-1, n_offsets)
     valid = ((around >= 0) & (around < dims[centre_structure])).all(dim=-1)
     around_keys = bin_key(around, centre_structure)
     first = torch.searchsorted(sorted_keys, around_keys, right=False)
@@ -186,7 +191,7 @@ def batch_neighbor_list(
     first = first.flatten()
 
     centre = torch.repeat_interleave(
-        torch.arange(n_atoms, device=device).repeat_interleave(27), counts
+        torch.arange(n_atoms, device=device).repeat_interleave(n_offsets), counts
     )
     run_start = torch.cumsum(counts, 0) - counts
     within = torch.arange(centre.shape[0], device=device) - torch.repeat_interleave(
@@ -194,14 +199,16 @@ def batch_neighbor_list(
     )
     point = order[torch.repeat_interleave(first, counts) + within]
 
-    distance2 = ((points[point] - centre_points[centre]) ** 2).sum(dim=1)
-    neighbour = atom[point]
-    is_self = (neighbour == centre) & (translation[point] == 0).all(dim=1)
-    keep = (distance2 <= cutoff * cutoff) & ~is_self
-    centre, neighbour, point, distance2 = (
+    gap = points.index_select(0, point) - centre_points.index_select(0, centre)
+    distance2 = (gap * gap).sum(dim=1)
+    close = torch.nonzero(distance2 <= cutoff * cutoff).flatten()
+    centre, point, distance2 = centre[close], point[close], distance2[close]
+    neighbour, translation = atom[point], translation[point]
+    keep = (neighbour != centre) | (translation != 0).any(dim=1)
+    centre, neighbour, translation, distance2 = (
         centre[keep],
         neighbour[keep],
-        point[keep],
+        translation[keep],
         distance2[keep],
     )
 
@@ -212,7 +219,7 @@ def batch_neighbor_list(
             f"neighbor_list: atoms {i} and {j} (structure {int(structure_index[i])}) overlap: "
             f"distance {float(distance2[k]) ** 0.5:.3g} Å"
         )
-    shifts = translation[point] - wraps[neighbour].long() + wraps[centre].long()
+    shifts = translation - wraps[neighbour].long() + wraps[centre].long()
     return Neighbors(centers=centre, neighbors=neighbour, shifts=shifts)
 
 

@@ -30,9 +30,9 @@ def _label(name: str | None) -> str:
 
 def _as_float64(value: Any, what: str, name: str | None) -> torch.Tensor:
     try:
-        array = np.array(
-            value.detach().cpu() if isinstance(value, torch.Tensor) else value, dtype=np.float64
-        )
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        array = np.array(value, dtype=np.float64)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{_label(name)}: {what} is not numeric: {err}") from None
     return torch.from_numpy(array)

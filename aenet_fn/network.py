@@ -1,0 +1,165 @@
+"""Atomic neural networks: one small MLP per species, as pure functions over a record.
+
+An architecture maps each species to its hidden layers, e.g.
+``{"Ti": [(10, "tanh"), (10, "tanh")], "O": [(10, "tanh"), (10, "tanh")]}``; every network ends
+in a linear output node with bias. :class:`NetworkParams` holds the weights (pytree children) and
+the activation names (static), so ``torch.func.vmap`` over stacked parameters evaluates a whole
+committee at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import attrs
+import torch
+
+from aenet_fn._records import pytree_record, static_field
+
+_MTANH_A = 1.7159
+_MTANH_B = 0.666666666666667  # ænet's Fortran constant (2/3 to 15 digits)
+_TWIST_C = 0.1
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "linear": lambda x: x,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "mtanh": lambda x: _MTANH_A * torch.tanh(_MTANH_B * x),
+    "twist": lambda x: _MTANH_A * torch.tanh(_MTANH_B * x) + _TWIST_C * x,
+    "relu": torch.relu,
+    "silu": torch.nn.functional.silu,
+}
+"""Activation functions by name. ``linear``, ``tanh``, ``sigmoid``, ``mtanh``
+(``1.7159 tanh(2x/3)``) and ``twist`` (``mtanh(x) + 0.1 x``) exist in ænet's Fortran code too."""
+
+Architecture = Mapping[str, Sequence[tuple[int, str]]]
+
+
+def check_architecture(arch: Architecture, species: Sequence[str]) -> dict[str, tuple]:
+    """Validate ``arch`` for ``species``: every species present with a non-empty list of
+    ``(nodes >= 1, activation)`` layers, activations known (case-insensitive). Returns the
+    normalised architecture (lower-case names, tuples) restricted to ``species``."""
+    if not isinstance(arch, Mapping):
+        raise ValueError(f"architecture must map species to layer lists, got {type(arch).__name__}")
+    missing = [s for s in species if s not in arch]
+    if missing:
+        raise ValueError(f"architecture has no network for species {missing}")
+    normalised = {}
+    for symbol in species:
+        layers = arch[symbol]
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers:
+            raise ValueError(
+                f"architecture[{symbol!r}] must be a non-empty list of (nodes, activation)"
+            )
+        checked = []
+        for k, layer in enumerate(layers):
+            if not isinstance(layer, Sequence) or len(layer) != 2:
+                raise ValueError(
+                    f"architecture[{symbol!r}][{k}] = {layer!r} is not (nodes, activation)"
+                )
+            nodes, activation = layer
+            if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+                raise ValueError(
+                    f"architecture[{symbol!r}][{k}]: nodes must be an integer >= 1, got {nodes!r}"
+                )
+            name = str(activation).lower()
+            if name not in ACTIVATIONS:
+                raise ValueError(
+                    f"architecture[{symbol!r}][{k}]: unknown activation {activation!r}; "
+                    f"choose from {sorted(ACTIVATIONS)}"
+                )
+            checked.append((nodes, name))
+        normalised[symbol] = tuple(checked)
+    return normalised
+
+
+@pytree_record
+@attrs.frozen(eq=False)
+class NetworkParams:
+    """Weights of one MLP per species.
+
+    Attributes:
+        layers: per species (in ``species`` order) a tuple of ``(weight [out, in], bias [out])``
+            pairs, hidden layers first, the linear output layer (``out = 1``) last.
+        activations: per species the activation name of each hidden layer.
+        species: the species the networks belong to.
+    """
+
+    layers: tuple[tuple[tuple[torch.Tensor, torch.Tensor], ...], ...]
+    activations: tuple[tuple[str, ...], ...] = static_field()
+    species: tuple[str, ...] = static_field()
+
+    @property
+    def n_inputs(self) -> int:
+        """Number of input features."""
+        return int(self.layers[0][0][0].shape[-1])
+
+    def architecture(self) -> dict[str, list[tuple[int, str]]]:
+        """The architecture these parameters were built from."""
+        return {
+            s: [(int(w.shape[-2]), a) for (w, _), a in zip(layers[:-1], acts)]
+            for s, layers, acts in zip(self.species, self.layers, self.activations)
+        }
+
+
+def init_network(
+    arch: Architecture,
+    species: Sequence[str],
+    n_features: int,
+    *,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> NetworkParams:
+    """Fresh network parameters, reproducible from ``generator``.
+
+    Weights and biases of a layer with ``fan_in`` inputs are drawn from ``U(-1/√fan_in,
+    1/√fan_in)`` (the ``torch.nn.Linear`` default the reference uses), layer by layer, species
+    by species in ``species`` order.
+    """
+    arch = check_architecture(arch, species)
+    if n_features < 1:
+        raise ValueError(f"init_network: n_features must be >= 1, got {n_features}")
+    all_layers, all_activations = [], []
+    for symbol in species:
+        sizes = [n_features, *(nodes for nodes, _ in arch[symbol]), 1]
+        layers = []
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            bound = 1.0 / math.sqrt(fan_in)
+            weight = torch.rand(fan_out, fan_in, generator=generator, dtype=torch.float64)
+            bias = torch.rand(fan_out, generator=generator, dtype=torch.float64)
+            layers.append(
+                tuple(((2 * t - 1) * bound).to(dtype=dtype, device=device) for t in (weight, bias))
+            )
+        all_layers.append(tuple(layers))
+        all_activations.append(tuple(name for _, name in arch[symbol]))
+    return NetworkParams(tuple(all_layers), tuple(all_activations), tuple(species))
+
+
+def mlp(
+    layers: Sequence[tuple[torch.Tensor, torch.Tensor]], activations: Sequence[str], x: torch.Tensor
+) -> torch.Tensor:
+    """One species' network on inputs ``x`` ``[n, F]`` → ``[n]``."""
+    for (weight, bias), name in zip(layers[:-1], activations):
+        x = ACTIVATIONS[name](x @ weight.transpose(-1, -2) + bias)
+    weight, bias = layers[-1]
+    return (x @ weight.transpose(-1, -2) + bias)[..., 0]
+
+
+def atomic_outputs(
+    network: NetworkParams, features: torch.Tensor, species_index: torch.Tensor
+) -> torch.Tensor:
+    """Network output of every atom, ``[N]``: atom ``a`` goes through the network of species
+    ``species_index[a]`` (an index into ``network.species``). Atoms are grouped by species
+    with index tensors; the output keeps the input order."""
+    groups = [torch.nonzero(species_index == p).flatten() for p in range(len(network.species))]
+    order = torch.cat(groups)
+    inverse = torch.empty_like(order).scatter_(
+        0, order, torch.arange(order.shape[0], device=order.device)
+    )
+    outputs = [
+        mlp(layers, activations, features[atoms])
+        for layers, activations, atoms in zip(network.layers, network.activations, groups)
+    ]
+    return torch.cat(outputs, dim=-1)[..., inverse]

@@ -1,0 +1,66 @@
+"""Shared test helpers: the reference data folder and small structure generators."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import settings
+
+from aenet_fn import Structure
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+DATA = SHARED / "data"
+
+settings.register_profile("default", max_examples=25, deadline=None)
+settings.load_profile("default")
+
+
+def random_cell(rng: np.random.Generator, low: float = 3.0, high: float = 7.0) -> np.ndarray:
+    """A random, well-conditioned triclinic cell (rows are lattice vectors, Å)."""
+    return np.diag(rng.uniform(low, high, 3)) + rng.uniform(-1.0, 1.0, (3, 3))
+
+
+def random_structure(
+    seed: int,
+    n_atoms: int,
+    species: tuple[str, ...] = ("Ti", "O"),
+    periodic: bool = True,
+    pbc: tuple[bool, bool, bool] | None = None,
+    min_distance: float = 0.8,
+    outside: float = 0.0,
+) -> Structure:
+    """A random structure whose atoms are at least ``min_distance`` Å apart (images included).
+
+    ``outside`` > 0 spreads fractional coordinates over ``[-outside, 1 + outside)`` so that atoms
+    lie outside the cell.
+    """
+    rng = np.random.default_rng(seed)
+    cell = random_cell(rng) if periodic else None
+    points: list[np.ndarray] = []
+    while len(points) < n_atoms:
+        if cell is not None:
+            candidate = rng.uniform(-outside, 1 + outside, 3) @ cell
+        else:
+            candidate = rng.uniform(0, 2.0 + n_atoms ** (1 / 3) * 1.5, 3)
+        if all(_image_distance(candidate, p, cell) >= min_distance for p in points):
+            points.append(candidate)
+    symbols = [species[i % len(species)] for i in range(n_atoms)]
+    rng.shuffle(symbols)
+    return Structure(np.array(points), symbols, cell=cell, pbc=pbc, name=f"random-{seed}")
+
+
+def _image_distance(a: np.ndarray, b: np.ndarray, cell: np.ndarray | None) -> float:
+    if cell is None:
+        return float(np.linalg.norm(a - b))
+    shifts = np.array(np.meshgrid(*[np.arange(-2, 3)] * 3, indexing="ij")).reshape(3, -1).T
+    return float(np.linalg.norm(a - b + shifts @ cell, axis=1).min())
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The reference data folder ``../shared/data``."""
+    if not DATA.is_dir():
+        pytest.fail(f"reference data not found at {DATA}: ../shared must sit beside the project")
+    return DATA

@@ -1,0 +1,240 @@
+"""The Chebyshev descriptor against the Fortran reference features and physics invariants."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from aenet_fn import ChebyshevParams, Structure, collate, featurize
+from aenet_fn.descriptor import chebyshev_polynomials, cutoff_function, typespin_weights
+from aenet_fn.io import read_structures
+from tests.conftest import random_structure
+
+FORTRAN_CASES = {
+    "water": ("water.xyz", ["O", "H"], 10, 4.0, 3, 1.5),
+    "lmnto": ("lmnto_structure001.xsf", ["Li", "Mo", "Ni", "Ti", "O"], 10, 4.0, 3, 1.5),
+    "aucu": ("aucu.xsf", ["Au", "Cu"], 5, 3.5, 5, 3.5),
+}
+
+
+def _fortran_case(shared_data, name, dtype=torch.float64):
+    filename, species, rad_order, rad_cutoff, ang_order, ang_cutoff = FORTRAN_CASES[name]
+    folder = shared_data / "fortran-features"
+    (structure,) = read_structures(folder / filename)
+    params = ChebyshevParams(
+        species=species,
+        rad_order=rad_order,
+        rad_cutoff=rad_cutoff,
+        ang_order=ang_order,
+        ang_cutoff=ang_cutoff,
+        min_cutoff=0.55,
+    )
+    reference = np.loadtxt(folder / f"{name}_ref.csv", delimiter=",")
+    return featurize(params, collate([structure], dtype=dtype)), reference
+
+
+@pytest.mark.parametrize("name", sorted(FORTRAN_CASES))
+def test_features_equal_fortran_in_float64(shared_data, name):
+    features, reference = _fortran_case(shared_data, name)
+    assert features.dtype == torch.float64
+    assert features.shape == reference.shape
+    np.testing.assert_allclose(features.numpy(), reference, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", sorted(FORTRAN_CASES))
+def test_features_in_float32_are_close_to_fortran(shared_data, name):
+    features, reference = _fortran_case(shared_data, name, dtype=torch.float32)
+    assert features.dtype == torch.float32
+    error = np.abs(features.double().numpy() - reference)
+    assert error.max() <= 1e-4 * np.abs(reference).max()
+
+
+def test_species_order_is_part_of_the_descriptor(shared_data):
+    (structure,) = read_structures(shared_data / "fortran-features" / "aucu.xsf")
+    reference = np.loadtxt(shared_data / "fortran-features" / "aucu_ref.csv", delimiter=",")
+    swapped = ChebyshevParams(
+        species=["Cu", "Au"], rad_order=5, rad_cutoff=3.5, ang_order=5, ang_cutoff=3.5
+    )
+    assert np.abs(featurize(swapped, collate([structure])).numpy() - reference).max() > 0.1
+
+
+@pytest.mark.parametrize(
+    ("n", "expected"),
+    [(1, (0,)), (2, (-1, 1)), (3, (-1, 0, 1)), (4, (-2, -1, 1, 2)), (5, (-2, -1, 0, 1, 2))],
+)
+def test_typespin_weights(n, expected):
+    assert typespin_weights(n) == expected
+
+
+def test_typespin_weights_six_species():
+    assert typespin_weights(6) == (-3, -2, -1, 1, 2, 3)
+
+
+@pytest.mark.parametrize(
+    ("species", "rad", "ang", "expected"),
+    [
+        (["Ti", "O"], 10, 3, 30),
+        (["Li", "Mo", "O"], 8, 2, 24),
+        (["Ti", "O"], 20, 6, 56),
+        (["Cu"], 5, 5, 12),
+    ],
+)
+def test_feature_count(species, rad, ang, expected):
+    params = ChebyshevParams(
+        species=species, rad_order=rad, rad_cutoff=4.0, ang_order=ang, ang_cutoff=3.0
+    )
+    assert params.n_features == expected
+    structure = random_structure(0, 4, species=tuple(species))
+    assert featurize(params, collate([structure])).shape == (4, expected)
+
+
+@given(x=st.floats(-1.0, 1.0), order=st.integers(0, 12))
+def test_chebyshev_recurrence_equals_cosine_form(x, order):
+    values = chebyshev_polynomials(torch.tensor(x, dtype=torch.float64), order)
+    expected = np.cos(np.arange(order + 1) * np.arccos(x))
+    np.testing.assert_allclose(values.numpy(), expected, atol=1e-12)
+
+
+def test_cutoff_function_is_zero_at_and_beyond_the_cutoff():
+    d = torch.tensor([0.0, 1.0, 2.0, 2.5], dtype=torch.float64)
+    values = cutoff_function(d, 2.0)
+    np.testing.assert_allclose(values.numpy(), [1.0, 0.5, 0.0, 0.0], atol=1e-15)
+
+
+# ---------------------------------------------------------------- invariants (hypothesis)
+
+PARAMS = ChebyshevParams(
+    species=["Ti", "O"], rad_order=8, rad_cutoff=4.5, ang_order=4, ang_cutoff=3.5, min_cutoff=0.5
+)
+
+
+def _features(structure):
+    return featurize(PARAMS, collate([structure], species=PARAMS.species))
+
+
+def _random_rotation(seed):
+    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    return q * np.sign(np.diag(r))
+
+
+structures = st.builds(
+    random_structure,
+    seed=st.integers(0, 10**6),
+    n_atoms=st.integers(1, 6),
+    periodic=st.booleans(),
+)
+
+
+@given(structure=structures, seed=st.integers(0, 10**6))
+def test_rotation_invariance(structure, seed):
+    rotation = torch.tensor(_random_rotation(seed))
+    rotated = Structure(
+        structure.positions @ rotation,
+        structure.species,
+        cell=None if structure.cell is None else structure.cell @ rotation,
+    )
+    torch.testing.assert_close(_features(rotated), _features(structure), rtol=0, atol=1e-10)
+
+
+@given(structure=structures, shift=st.tuples(*[st.floats(-20, 20)] * 3))
+def test_translation_invariance(structure, shift):
+    moved = Structure(
+        structure.positions + torch.tensor(shift), structure.species, cell=structure.cell
+    )
+    torch.testing.assert_close(_features(moved), _features(structure), rtol=0, atol=1e-10)
+
+
+@given(structure=structures, seed=st.integers(0, 10**6))
+def test_permutation_permutes_rows(structure, seed):
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(structure.n_atoms))
+    permuted = Structure(
+        structure.positions[order],
+        [structure.species[i] for i in order],
+        cell=structure.cell,
+    )
+    torch.testing.assert_close(_features(permuted), _features(structure)[order], rtol=0, atol=1e-10)
+
+
+@given(seed=st.integers(0, 10**6), n_atoms=st.integers(1, 6))
+def test_choice_of_periodic_image_does_not_matter(seed, n_atoms):
+    structure = random_structure(seed, n_atoms)
+    jumps = torch.from_numpy(np.random.default_rng(seed).integers(-3, 4, (n_atoms, 3))).double()
+    unwrapped = Structure(
+        structure.positions + jumps @ structure.cell, structure.species, cell=structure.cell
+    )
+    torch.testing.assert_close(_features(unwrapped), _features(structure), rtol=0, atol=1e-10)
+
+
+@given(
+    seed=st.integers(0, 10**6),
+    n_atoms=st.integers(1, 4),
+    repeat=st.tuples(*[st.integers(1, 2)] * 3),
+)
+def test_supercell_has_the_features_of_the_primitive_cell(seed, n_atoms, repeat):
+    primitive = random_structure(seed, n_atoms)
+    shifts = torch.tensor(
+        [(a, b, c) for a in range(repeat[0]) for b in range(repeat[1]) for c in range(repeat[2])],
+        dtype=torch.float64,
+    )
+    offsets = shifts @ primitive.cell  # [n_copies, 3]
+    positions = (primitive.positions[None] + offsets[:, None]).reshape(-1, 3)
+    cell = primitive.cell * torch.tensor(repeat, dtype=torch.float64)[:, None]
+    supercell = Structure(positions, list(primitive.species) * len(shifts), cell=cell)
+    expected = _features(primitive).repeat(len(shifts), 1)
+    torch.testing.assert_close(_features(supercell), expected, rtol=0, atol=1e-9)
+
+
+def test_batch_features_equal_single_structure_features():
+    structures = [random_structure(s, 3 + s, periodic=s % 2 == 0) for s in range(5)]
+    together = featurize(PARAMS, collate(structures, species=PARAMS.species))
+    alone = torch.cat([_features(s) for s in structures])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-12)
+
+
+def test_isolated_atom_has_zero_features():
+    atom = Structure([[0.0, 0.0, 0.0]], ["Ti"])
+    assert bool((_features(atom) == 0).all())
+
+
+def test_single_species_has_no_weighted_half():
+    params = ChebyshevParams(
+        species=["Cu"], rad_order=4, rad_cutoff=4.0, ang_order=2, ang_cutoff=3.0
+    )
+    structure = random_structure(3, 4, species=("Cu",))
+    assert featurize(params, collate([structure])).shape == (4, 8)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_species_unknown_to_the_descriptor_is_named():
+    structure = random_structure(1, 3, species=("Ti", "Cu"))
+    with pytest.raises(ValueError, match=r"\['Cu'\] are not in the descriptor's species"):
+        featurize(PARAMS, collate([structure]))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"rad_order": -1}, "rad_order must be an integer >= 0"),
+        ({"ang_order": 2.5}, "ang_order must be an integer >= 0"),
+        ({"rad_cutoff": 0.0}, "rad_cutoff must be a positive number"),
+        ({"ang_cutoff": float("nan")}, "ang_cutoff must be a positive number"),
+        ({"rad_cutoff": float("inf")}, "rad_cutoff must be finite"),
+        ({"min_cutoff": -0.1}, "min_cutoff must be a number >= 0"),
+        ({"min_cutoff": 3.5}, "min_cutoff 3.5 must be below both cutoffs"),
+        ({"species": []}, "at least one element"),
+        ({"species": ["Ti", "Ti"]}, "listed twice"),
+        ({"species": ["Ti", "Xx"]}, "not a chemical element symbol"),
+        ({"species": ["Ti", " "]}, "blank"),
+        ({"species": "TiO"}, "not the string"),
+    ],
+)
+def test_invalid_descriptor_parameters(changes, message):
+    arguments = dict(species=["Ti", "O"], rad_order=4, rad_cutoff=4.0, ang_order=2, ang_cutoff=3.5)
+    arguments.update(changes)
+    with pytest.raises(ValueError, match=message):
+        ChebyshevParams(**arguments)

@@ -1,0 +1,160 @@
+"""The neighbour list against ASE's, on random triclinic, thin, partially periodic, isolated
+structures and atoms outside the cell."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.neighborlist import neighbor_list as ase_neighbor_list
+from hypothesis import given
+from hypothesis import strategies as st
+
+from aenet_fn import batch_neighbor_list, collate, neighbor_list, pair_vectors
+from tests.conftest import random_structure
+
+BOUNDARY = 1e-9  # pairs this close to the cutoff are left out of set comparisons
+
+
+def _entries(i, j, shifts, distances, cutoff):
+    keep = np.asarray(distances) < cutoff - BOUNDARY
+    return {
+        (int(a), int(b), tuple(int(x) for x in s))
+        for a, b, s, k in zip(i, j, np.asarray(shifts), keep)
+        if k
+    }
+
+
+def _ase_entries(structure, cutoff):
+    cell = np.zeros((3, 3)) if structure.cell is None else structure.cell.numpy()
+    atoms = Atoms(
+        structure.species, positions=structure.positions.numpy(), cell=cell, pbc=structure.pbc
+    )
+    i, j, shifts, d = ase_neighbor_list("ijSd", atoms, cutoff)
+    return _entries(i, j, shifts, d, cutoff)
+
+
+def _our_entries(structure, cutoff):
+    found = neighbor_list(structure.positions, structure.cell, structure.pbc, cutoff)
+    batch = collate([structure])
+    d = pair_vectors(batch.positions, batch.cells, batch.structure_index, found).norm(dim=1)
+    assert bool((d <= cutoff + 1e-12).all()), "an entry lies beyond the cutoff"
+    return _entries(found.centers, found.neighbors, found.shifts, d, cutoff)
+
+
+def _assert_same_as_ase(structure, cutoff):
+    ours, theirs = _our_entries(structure, cutoff), _ase_entries(structure, cutoff)
+    assert ours == theirs, (len(ours - theirs), len(theirs - ours))
+
+
+@given(
+    seed=st.integers(0, 10**6),
+    n_atoms=st.integers(1, 8),
+    cutoff=st.floats(1.0, 7.0),
+    outside=st.sampled_from([0.0, 1.5]),
+)
+def test_triclinic_cells_match_ase(seed, n_atoms, cutoff, outside):
+    _assert_same_as_ase(random_structure(seed, n_atoms, outside=outside), cutoff)
+
+
+@given(
+    seed=st.integers(0, 10**6),
+    n_atoms=st.integers(1, 6),
+    pbc=st.tuples(st.booleans(), st.booleans(), st.booleans()),
+    outside=st.sampled_from([0.0, 2.0]),
+)
+def test_partial_pbc_matches_ase(seed, n_atoms, pbc, outside):
+    _assert_same_as_ase(random_structure(seed, n_atoms, pbc=pbc, outside=outside), 5.0)
+
+
+@given(seed=st.integers(0, 10**6), thin_axis=st.integers(0, 2), width=st.floats(0.6, 2.0))
+def test_cells_thinner_than_cutoff_match_ase(seed, thin_axis, width):
+    structure = random_structure(seed, 3, min_distance=0.3)
+    cell = structure.cell.clone()
+    cell[thin_axis] *= width / float(cell[thin_axis].norm())
+    frac = torch.linalg.solve(structure.cell.T, structure.positions.T).T
+    thin = type(structure)(frac @ cell, structure.species, cell=cell)
+    _assert_same_as_ase(thin, 5.5)
+
+
+@given(seed=st.integers(0, 10**6), n_atoms=st.integers(1, 12), cutoff=st.floats(1.0, 6.0))
+def test_isolated_molecules_match_ase(seed, n_atoms, cutoff):
+    _assert_same_as_ase(random_structure(seed, n_atoms, periodic=False), cutoff)
+
+
+def test_self_images_are_neighbours():
+    one_atom = random_structure(1, 1)
+    found = neighbor_list(one_atom.positions, one_atom.cell, None, 8.0)
+    assert len(found) > 0
+    assert bool((found.centers == 0).all() and (found.neighbors == 0).all())
+    assert bool(found.shifts.abs().sum(dim=1).gt(0).all()), "(i, i, 0) must be excluded"
+
+
+def test_full_list_has_both_directions():
+    structure = random_structure(7, 6)
+    found = neighbor_list(structure.positions, structure.cell, None, 4.0)
+    forward = {
+        (int(i), int(j), tuple(s.tolist()))
+        for i, j, s in zip(found.centers, found.neighbors, found.shifts)
+    }
+    backward = {(j, i, tuple(-x for x in s)) for i, j, s in forward}
+    assert forward == backward
+
+
+def test_batched_list_equals_lists_of_each_structure():
+    structures = [
+        random_structure(3, 5),
+        random_structure(4, 2, periodic=False),
+        random_structure(5, 7, pbc=(True, False, True), outside=1.0),
+    ]
+    batch = collate(structures)
+    found = batch_neighbor_list(batch.positions, batch.cells, batch.pbc, batch.structure_index, 4.5)
+    offset = 0
+    for b, structure in enumerate(structures):
+        mine = batch.structure_index[found.centers] == b
+        together = {
+            (int(i) - offset, int(j) - offset, tuple(s.tolist()))
+            for i, j, s in zip(found.centers[mine], found.neighbors[mine], found.shifts[mine])
+        }
+        alone = neighbor_list(structure.positions, structure.cell, structure.pbc, 4.5)
+        assert together == {
+            (int(i), int(j), tuple(s.tolist()))
+            for i, j, s in zip(alone.centers, alone.neighbors, alone.shifts)
+        }
+        offset += structure.n_atoms
+
+
+def test_result_is_sorted_by_centre():
+    structure = random_structure(11, 8)
+    found = neighbor_list(structure.positions, structure.cell, None, 5.0)
+    assert bool((found.centers[1:] >= found.centers[:-1]).all())
+
+
+def test_overlapping_atoms_are_reported():
+    positions = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    with pytest.raises(ValueError, match="atoms 1 and 2 .* overlap"):
+        neighbor_list(positions, None, None, 3.0)
+
+
+def test_overlap_with_a_periodic_image_is_reported():
+    cell = torch.eye(3) * 4.0
+    positions = torch.tensor([[0.0, 0.0, 0.0], [4.0, 0.0, 0.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="overlap"):
+        neighbor_list(positions, cell, None, 3.0)
+
+
+@pytest.mark.parametrize("cutoff", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_cutoff_is_rejected(cutoff):
+    with pytest.raises(ValueError, match="cutoff"):
+        neighbor_list(torch.zeros(2, 3) + torch.tensor([[0.0], [1.0]]), None, None, cutoff)
+
+
+def test_nan_positions_are_rejected():
+    with pytest.raises(ValueError, match="NaN"):
+        neighbor_list(torch.tensor([[0.0, 0.0, float("nan")]]), None, None, 3.0)
+
+
+def test_periodic_without_cell_is_rejected():
+    with pytest.raises(ValueError, match="need a cell"):
+        neighbor_list(torch.zeros(1, 3), None, (True, True, True), 3.0)
