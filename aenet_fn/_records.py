@@ -17,6 +17,9 @@ import torch.utils._pytree as pytree
 _STATIC = "aenet_fn_static"
 T = TypeVar("T")
 
+RECORD_TYPES: dict[str, type] = {}
+"""Every record class by ``module.qualname``: the only classes a saved file may name."""
+
 
 def static_field(**kwargs: Any) -> Any:
     """An ``attrs`` field that is not a pytree child (hyper-parameter, name, shape)."""
@@ -39,8 +42,15 @@ def _rebuild(cls: type, values: dict[str, Any]) -> Any:
     return obj
 
 
+def serializable(cls: type[T]) -> type[T]:
+    """Allow a record class to be saved and loaded by name (see ``aenet_fn.serialization``)."""
+    RECORD_TYPES[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return cls
+
+
 def pytree_record(cls: type[T]) -> type[T]:
-    """Register a frozen ``attrs`` class as a pytree node (class decorator, apply after attrs)."""
+    """Register a frozen ``attrs`` class as a pytree node and as :func:`serializable` (class
+    decorator, applied above ``attrs.frozen``)."""
     dynamic = dynamic_fields(cls)
     static = tuple(f.name for f in attrs.fields(cls) if f.metadata.get(_STATIC))
 
@@ -54,6 +64,7 @@ def pytree_record(cls: type[T]) -> type[T]:
         children, context = flatten(obj)
         return [(pytree.GetAttrKey(n), c) for n, c in zip(dynamic, children)], context
 
+    serializable(cls)
     pytree.register_pytree_node(
         cls,
         flatten,

@@ -212,6 +212,24 @@ def cutoff_function(distance: torch.Tensor, cutoff: float) -> torch.Tensor:
     return torch.where(distance < cutoff, value, torch.zeros_like(value))
 
 
+def radial_basis(params: ChebyshevParams, distance: torch.Tensor) -> torch.Tensor:
+    """``[..., rad_order + 1]`` radial terms ``T_n(2d/Rr − 1) fc(d; Rr)`` of distances ``d`` (Å)."""
+    terms = chebyshev_polynomials(2 * distance / params.rad_cutoff - 1, params.rad_order)
+    return terms * cutoff_function(distance, params.rad_cutoff)[..., None]
+
+
+def angular_basis(
+    params: ChebyshevParams,
+    cosine: torch.Tensor,
+    cutoff_first: torch.Tensor,
+    cutoff_second: torch.Tensor,
+) -> torch.Tensor:
+    """``[..., ang_order + 1]`` angular terms ``T_n(cos θ) fc(d_ij; Ra) fc(d_ik; Ra)``."""
+    return (
+        chebyshev_polynomials(cosine, params.ang_order) * (cutoff_first * cutoff_second)[..., None]
+    )
+
+
 def features_from_graph(
     params: ChebyshevParams,
     positions: torch.Tensor,
@@ -227,17 +245,14 @@ def features_from_graph(
     distance = vectors.norm(dim=1)
     centers, neighbours = graph.pairs.centers, graph.pairs.neighbors
 
-    rad_d = distance[graph.radial]
-    radial_terms = chebyshev_polynomials(2 * rad_d / params.rad_cutoff - 1, params.rad_order)
-    radial_terms = radial_terms * cutoff_function(rad_d, params.rad_cutoff)[:, None]
+    radial_terms = radial_basis(params, distance[graph.radial])
     rad_centre = centers[graph.radial]
 
     units = vectors / distance[:, None]
     first, second = graph.triplet_first, graph.triplet_second
     cosine = (units[first] * units[second]).sum(dim=1).clamp(-1.0, 1.0)
     fc_ang = cutoff_function(distance, params.ang_cutoff)
-    angular_terms = chebyshev_polynomials(cosine, params.ang_order)
-    angular_terms = angular_terms * (fc_ang[first] * fc_ang[second])[:, None]
+    angular_terms = angular_basis(params, cosine, fc_ang[first], fc_ang[second])
     ang_centre = centers[first]
 
     if params.multi:  # append the typespin-weighted copies: one scatter per block

@@ -77,30 +77,60 @@ def check_architecture(arch: Architecture, species: Sequence[str]) -> dict[str, 
 @pytree_record
 @attrs.frozen(eq=False)
 class NetworkParams:
-    """Weights of one MLP per species.
+    """Weights of one MLP per species, stored as one flat vector.
+
+    Keeping every weight and bias in a single tensor makes optimiser updates a handful of
+    element-wise ops and committee stacking a plain ``torch.stack``; :meth:`layers` gives the
+    per-layer views.
 
     Attributes:
-        layers: per species (in ``species`` order) a tuple of ``(weight [out, in], bias [out])``
-            pairs, hidden layers first, the linear output layer (``out = 1``) last.
+        values: ``[P]`` all weights and biases (species by species, layer by layer, weight
+            ``[out, in]`` row-major then bias ``[out]``).
+        sizes: per species the layer widths ``(n_features, h1, ..., hK, 1)``.
         activations: per species the activation name of each hidden layer.
-        species: the species the networks belong to.
+        species: the species the networks belong to, in descriptor order.
     """
 
-    layers: tuple[tuple[tuple[torch.Tensor, torch.Tensor], ...], ...]
+    values: torch.Tensor
+    sizes: tuple[tuple[int, ...], ...] = static_field()
     activations: tuple[tuple[str, ...], ...] = static_field()
     species: tuple[str, ...] = static_field()
+
+    def layers(self) -> tuple[tuple[tuple[torch.Tensor, torch.Tensor], ...], ...]:
+        """Per species, the ``(weight [out, in], bias [out])`` views of each layer."""
+        counts = [o * i + o for sizes in self.sizes for i, o in zip(sizes[:-1], sizes[1:])]
+        chunks = iter(torch.split(self.values, counts, dim=-1))
+        result = []
+        for sizes in self.sizes:
+            layers = []
+            for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+                chunk = next(chunks)
+                weight = chunk[..., : fan_out * fan_in].unflatten(-1, (fan_out, fan_in))
+                layers.append((weight, chunk[..., fan_out * fan_in :]))
+            result.append(tuple(layers))
+        return tuple(result)
 
     @property
     def n_inputs(self) -> int:
         """Number of input features."""
-        return int(self.layers[0][0][0].shape[-1])
+        return self.sizes[0][0]
 
     def architecture(self) -> dict[str, list[tuple[int, str]]]:
         """The architecture these parameters were built from."""
         return {
-            s: [(int(w.shape[-2]), a) for (w, _), a in zip(layers[:-1], acts)]
-            for s, layers, acts in zip(self.species, self.layers, self.activations)
+            s: list(zip(sizes[1:-1], acts))
+            for s, sizes, acts in zip(self.species, self.sizes, self.activations)
         }
+
+
+def network_size(arch: Architecture, species: Sequence[str], n_features: int) -> int:
+    """Number of weights and biases of the networks of ``arch``."""
+    arch = check_architecture(arch, species)
+    total = 0
+    for symbol in species:
+        sizes = [n_features, *(nodes for nodes, _ in arch[symbol]), 1]
+        total += sum(o * i + o for i, o in zip(sizes[:-1], sizes[1:]))
+    return total
 
 
 def init_network(
@@ -121,20 +151,19 @@ def init_network(
     arch = check_architecture(arch, species)
     if n_features < 1:
         raise ValueError(f"init_network: n_features must be >= 1, got {n_features}")
-    all_layers, all_activations = [], []
+    pieces, all_sizes = [], []
     for symbol in species:
-        sizes = [n_features, *(nodes for nodes, _ in arch[symbol]), 1]
-        layers = []
+        sizes = (n_features, *(nodes for nodes, _ in arch[symbol]), 1)
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-            bound = 1.0 / math.sqrt(fan_in)
-            weight = torch.rand(fan_out, fan_in, generator=generator, dtype=torch.float64)
-            bias = torch.rand(fan_out, generator=generator, dtype=torch.float64)
-            layers.append(
-                tuple(((2 * t - 1) * bound).to(dtype=dtype, device=device) for t in (weight, bias))
-            )
-        all_layers.append(tuple(layers))
-        all_activations.append(tuple(name for _, name in arch[symbol]))
-    return NetworkParams(tuple(all_layers), tuple(all_activations), tuple(species))
+            draw = torch.rand(fan_out * fan_in + fan_out, generator=generator, dtype=torch.float64)
+            pieces.append((2 * draw - 1) / math.sqrt(fan_in))
+        all_sizes.append(sizes)
+    return NetworkParams(
+        values=torch.cat(pieces).to(dtype=dtype, device=device),
+        sizes=tuple(all_sizes),
+        activations=tuple(tuple(name for _, name in arch[s]) for s in species),
+        species=tuple(species),
+    )
 
 
 def mlp(
@@ -160,6 +189,6 @@ def atomic_outputs(
     )
     outputs = [
         mlp(layers, activations, features[atoms])
-        for layers, activations, atoms in zip(network.layers, network.activations, groups)
+        for layers, activations, atoms in zip(network.layers(), network.activations, groups)
     ]
     return torch.cat(outputs, dim=-1)[..., inverse]

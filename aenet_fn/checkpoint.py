@@ -1,0 +1,130 @@
+"""Checkpoints: atomic writes, loading that never runs code, and pure rotation.
+
+A checkpoint is ``torch.save`` of a plain tree (see :mod:`aenet_fn.serialization`) holding the
+whole :class:`~aenet_fn.train.TrainState` and the :class:`~aenet_fn.train.TrainConfig`; it is
+read back with ``torch.load(..., weights_only=True)``. Files are written to a temporary name in
+the target folder and renamed into place, so a crash mid-write leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aenet_fn.serialization import from_tree, to_tree
+
+CHECKPOINT_FORMAT = "aenet_fn-checkpoint"
+CHECKPOINT_VERSION = 1
+BEST_MODEL = "best_model.pt"
+_NUMBERED = re.compile(r"^checkpoint_epoch_(\d+)\.pt$")
+
+
+def atomic_torch_save(payload: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(payload, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def safe_torch_load(path: str | os.PathLike, expected_format: str) -> dict:
+    """``torch.load(path, weights_only=True)`` with clear errors for missing, corrupt and
+    foreign files; the payload must be a dict whose ``format`` is ``expected_format``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path}: not a readable {expected_format} file ({error})") from error
+    if not isinstance(payload, dict) or payload.get("format") != expected_format:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{path}: not an {expected_format} file (found {found!r})")
+    return payload
+
+
+def checkpoint_name(epoch: int) -> str:
+    """File name of the checkpoint written after (0-based) ``epoch``."""
+    return f"checkpoint_epoch_{epoch:04d}.pt"
+
+
+def save_checkpoint(path: str | os.PathLike, state: Any, config: Any) -> Path:
+    """Write ``state`` (a TrainState) and ``config`` (a TrainConfig) to ``path`` atomically."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "torch_version": torch.__version__,
+        "state": to_tree(state),
+        "config": to_tree(config),
+    }
+    return atomic_torch_save(payload, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[Any, Any]:
+    """``(state, config)`` from a checkpoint written by :func:`save_checkpoint`."""
+    payload = safe_torch_load(path, CHECKPOINT_FORMAT)
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {payload.get('version')!r} is not supported")
+    try:
+        return from_tree(payload["state"]), from_tree(payload["config"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path}: corrupt checkpoint ({error})") from error
+
+
+def checkpoints_to_delete(names: Sequence[str], max_checkpoints: int | None) -> list[str]:
+    """Which numbered checkpoints to delete so that the ``max_checkpoints`` newest remain
+    (pure; other file names are ignored; None keeps all)."""
+    numbered = sorted((int(m.group(1)), n) for n in names if (m := _NUMBERED.match(n)))
+    if max_checkpoints is None or len(numbered) <= max_checkpoints:
+        return []
+    return [name for _, name in numbered[: len(numbered) - max_checkpoints]]
+
+
+class CheckpointWriter:
+    """Callback for :func:`~aenet_fn.train.fit`: a numbered checkpoint every ``interval`` epochs
+    (0: none), rotation to ``max_checkpoints`` files, and ``best_model.pt`` whenever the
+    validation monitor improves (``save_best``)."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        config: Any,
+        interval: int = 1,
+        max_checkpoints: int | None = None,
+        save_best: bool = True,
+    ) -> None:
+        if interval < 0:
+            raise ValueError(f"checkpoint interval must be >= 0, got {interval}")
+        if max_checkpoints is not None and max_checkpoints < 1:
+            raise ValueError(f"max_checkpoints must be >= 1 or None, got {max_checkpoints}")
+        self.directory = Path(directory)
+        self.config = config
+        self.interval = interval
+        self.max_checkpoints = max_checkpoints
+        self.save_best = save_best
+
+    def __call__(self, state: Any) -> None:
+        """Write what is due after the epoch ``state.epoch - 1``."""
+        epoch = state.epoch - 1
+        if self.interval and state.epoch % self.interval == 0:
+            save_checkpoint(self.directory / checkpoint_name(epoch), state, self.config)
+            existing = [p.name for p in self.directory.iterdir()]
+            for name in checkpoints_to_delete(existing, self.max_checkpoints):
+                (self.directory / name).unlink(missing_ok=True)
+        if self.save_best and state.best_epoch == epoch:
+            save_checkpoint(self.directory / BEST_MODEL, state, self.config)

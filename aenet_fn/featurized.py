@@ -1,0 +1,262 @@
+"""Featurized data sets and mini-batch selection, as pure functions.
+
+Training structures never move, so their features (and, for force training, the local descriptor
+derivatives) are computed once by :func:`featurize_structures`. A mini-batch is then a pure
+selection of whole structures from that set (:func:`take_structures`): rows of the feature matrix
+and, for the structures whose forces are supervised, their derivative entries re-indexed to the
+batch's atom numbering. Nothing of the descriptor is recomputed inside the training loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+import torch
+
+from aenet_fn._records import pytree_record, static_field
+from aenet_fn.batch import collate
+from aenet_fn.descriptor import ChebyshevParams, build_graph, features_from_graph, species_lookup
+from aenet_fn.local_derivatives import LocalDerivatives, local_derivatives
+from aenet_fn.structure import Structure
+
+
+@pytree_record
+@attrs.frozen(eq=False)
+class FeaturizedSet:
+    """Features and labels of ``B`` structures (``N`` atoms), ready for training.
+
+    Attributes:
+        features: ``[N, F]`` raw descriptor features.
+        species_index: ``[N]`` species of each atom in descriptor order.
+        atom_start: ``[B]`` first atom of each structure; ``n_atoms`` ``[B]`` their counts.
+        energies: ``[B]`` total energies (eV), NaN where unknown.
+        forces: ``[N, 3]`` forces (eV/Å), NaN where unknown.
+        species_counts: ``[B, M]`` atoms of each descriptor species per structure.
+        local: local descriptor derivatives (global atom indices), or None (energy-only).
+        radial_start, radial_count, triplet_start, triplet_count: ``[B]`` ranges of each
+            structure's entries in ``local`` (empty tensors without ``local``).
+        names: one name per structure.
+    """
+
+    features: torch.Tensor
+    species_index: torch.Tensor
+    atom_start: torch.Tensor
+    n_atoms: torch.Tensor
+    energies: torch.Tensor
+    forces: torch.Tensor
+    species_counts: torch.Tensor
+    local: LocalDerivatives | None
+    radial_start: torch.Tensor
+    radial_count: torch.Tensor
+    triplet_start: torch.Tensor
+    triplet_count: torch.Tensor
+    names: tuple[str | None, ...] = static_field()
+
+    @property
+    def n_structures(self) -> int:
+        """Number of structures ``B``."""
+        return int(self.n_atoms.shape[0])
+
+    @property
+    def has_forces(self) -> torch.Tensor:
+        """``[B]`` bool: structures whose forces are all known."""
+        known = torch.isfinite(self.forces).all(dim=1).to(torch.long)
+        per_structure = torch.zeros_like(self.n_atoms).index_add(0, self.structure_index, known)
+        return per_structure == self.n_atoms
+
+    @property
+    def structure_index(self) -> torch.Tensor:
+        """``[N]`` structure of each atom."""
+        return torch.repeat_interleave(
+            torch.arange(self.n_structures, device=self.n_atoms.device), self.n_atoms
+        )
+
+
+@pytree_record
+@attrs.frozen(eq=False)
+class MiniBatch:
+    """A selection of ``b`` whole structures (``n`` atoms) from a :class:`FeaturizedSet`.
+
+    Attributes:
+        features, species_index, energies, forces, n_atoms: the rows of the selected structures.
+        structure_index: ``[n]`` position of each atom's structure in the selection.
+        force_atoms: ``[n]`` bool, atoms whose forces are supervised in this batch.
+        local: derivative entries of the force-supervised structures in batch atom numbering,
+            or None when no force is supervised.
+        n_force_labelled: atoms of the batch that carry force labels (for the unbiased scale).
+    """
+
+    features: torch.Tensor
+    species_index: torch.Tensor
+    structure_index: torch.Tensor
+    n_atoms: torch.Tensor
+    energies: torch.Tensor
+    forces: torch.Tensor
+    force_atoms: torch.Tensor
+    local: LocalDerivatives | None
+    n_force_labelled: int = static_field()
+
+    @property
+    def n_structures(self) -> int:
+        """Number of structures ``b``."""
+        return int(self.n_atoms.shape[0])
+
+
+def ranges(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Concatenation of ``arange(start, start + count)`` for each pair (int64)."""
+    offsets = torch.repeat_interleave(starts - (torch.cumsum(counts, 0) - counts), counts)
+    return torch.arange(int(counts.sum()), device=starts.device) + offsets
+
+
+def _entry_ranges(owner: torch.Tensor, n_structures: int) -> tuple[torch.Tensor, torch.Tensor]:
+    counts = torch.bincount(owner, minlength=n_structures)
+    return torch.cumsum(counts, 0) - counts, counts
+
+
+def featurize_structures(
+    params: ChebyshevParams,
+    structures: Sequence[Structure],
+    *,
+    with_derivatives: bool,
+    dtype: torch.dtype = torch.float64,
+    chunk_size: int = 256,
+) -> FeaturizedSet:
+    """Featurize ``structures`` (in chunks of ``chunk_size`` to bound memory) into a
+    :class:`FeaturizedSet`; with ``with_derivatives`` also the local descriptor derivatives."""
+    if not structures:
+        raise ValueError("featurize_structures: no structures")
+    blocks: dict[str, list[torch.Tensor]] = {k: [] for k in ("features", "species", "local")}
+    atom_offset = 0
+    for first in range(0, len(structures), chunk_size):
+        batch = collate(structures[first : first + chunk_size], species=None, dtype=dtype)
+        graph = build_graph(params, batch)
+        with torch.no_grad():
+            blocks["features"].append(
+                features_from_graph(
+                    params, batch.positions, batch.cells, batch.structure_index, graph
+                )
+            )
+        lookup = species_lookup(params, batch.species)
+        blocks["species"].append(lookup[batch.species_index])
+        if with_derivatives:
+            local = local_derivatives(
+                params, batch.positions, batch.cells, batch.structure_index, graph
+            )
+            blocks["local"].append(_offset_atoms(local, atom_offset))
+        atom_offset += batch.positions.shape[0]
+    n_atoms = torch.tensor([s.n_atoms for s in structures])
+    species_index = torch.cat(blocks["species"])
+    atom_start = torch.cumsum(n_atoms, 0) - n_atoms
+    structure_index = torch.repeat_interleave(torch.arange(len(structures)), n_atoms)
+    counts = torch.zeros(len(structures), len(params.species), dtype=torch.long)
+    counts.index_put_((structure_index, species_index), torch.tensor(1), accumulate=True)
+    nan_forces = torch.full((1, 3), float("nan"), dtype=dtype)
+    local = _concat_local(blocks["local"]) if with_derivatives else None
+    empty = torch.zeros(0, dtype=torch.long)
+    radial_start = radial_count = triplet_start = triplet_count = empty
+    if local is not None:
+        radial_start, radial_count = _entry_ranges(
+            structure_index[local.radial_centre], len(structures)
+        )
+        triplet_start, triplet_count = _entry_ranges(
+            structure_index[local.triplet_centre], len(structures)
+        )
+    return FeaturizedSet(
+        features=torch.cat(blocks["features"]),
+        species_index=species_index,
+        atom_start=atom_start,
+        n_atoms=n_atoms,
+        energies=torch.tensor(
+            [float("nan") if s.energy is None else s.energy for s in structures], dtype=dtype
+        ),
+        forces=torch.cat(
+            [
+                nan_forces.expand(s.n_atoms, 3) if s.forces is None else s.forces.to(dtype)
+                for s in structures
+            ]
+        ),
+        species_counts=counts,
+        local=local,
+        radial_start=radial_start,
+        radial_count=radial_count,
+        triplet_start=triplet_start,
+        triplet_count=triplet_count,
+        names=tuple(s.name for s in structures),
+    )
+
+
+_ATOM_FIELDS = (
+    "radial_centre",
+    "radial_neighbour",
+    "triplet_centre",
+    "triplet_first",
+    "triplet_second",
+)
+
+
+def _offset_atoms(local: LocalDerivatives, offset: int) -> LocalDerivatives:
+    return attrs.evolve(local, **{f: getattr(local, f) + offset for f in _ATOM_FIELDS})
+
+
+def _concat_local(parts: list[LocalDerivatives]) -> LocalDerivatives:
+    fields = attrs.fields(LocalDerivatives)
+    return LocalDerivatives(
+        **{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields}
+    )
+
+
+def take_structures(
+    data: FeaturizedSet, selection: torch.Tensor, force_selected: torch.Tensor | None = None
+) -> MiniBatch:
+    """The mini-batch of structures ``selection`` ``[b]`` (indices into ``data``, repeats
+    allowed). ``force_selected`` ``[B]`` bool marks the structures whose forces are supervised;
+    their local derivatives are included (``data`` must carry them)."""
+    counts = data.n_atoms[selection]
+    atoms = ranges(data.atom_start[selection], counts)
+    new_start = torch.cumsum(counts, 0) - counts
+    structure_index = torch.repeat_interleave(torch.arange(selection.shape[0]), counts)
+    forces = data.forces[atoms]
+    labelled = torch.isfinite(forces).all(dim=1)
+    local = None
+    force_atoms = torch.zeros_like(labelled)
+    if force_selected is not None:
+        supervised = force_selected[selection] & data.has_forces[selection]
+        if bool(supervised.any()):
+            if data.local is None:
+                raise ValueError("take_structures: forces requested but the set has no derivatives")
+            force_atoms = supervised[structure_index]
+            local = _select_local(data, selection, supervised, new_start, atoms)
+    return MiniBatch(
+        features=data.features[atoms],
+        species_index=data.species_index[atoms],
+        structure_index=structure_index,
+        n_atoms=counts,
+        energies=data.energies[selection],
+        forces=forces,
+        force_atoms=force_atoms,
+        local=local,
+        n_force_labelled=int(labelled.sum()),
+    )
+
+
+def _select_local(data, selection, supervised, new_start, atoms) -> LocalDerivatives:
+    chosen = selection[supervised]
+    shift = new_start[supervised] - data.atom_start[chosen]  # global atom → batch atom
+    local = data.local
+    r_count, t_count = data.radial_count[chosen], data.triplet_count[chosen]
+    radial = ranges(data.radial_start[chosen], r_count)
+    triplet = ranges(data.triplet_start[chosen], t_count)
+    r_shift = torch.repeat_interleave(shift, r_count)
+    t_shift = torch.repeat_interleave(shift, t_count)
+    return LocalDerivatives(
+        radial_centre=local.radial_centre[radial] + r_shift,
+        radial_neighbour=local.radial_neighbour[radial] + r_shift,
+        triplet_centre=local.triplet_centre[triplet] + t_shift,
+        triplet_first=local.triplet_first[triplet] + t_shift,
+        triplet_second=local.triplet_second[triplet] + t_shift,
+        typespin=local.typespin[atoms],
+        radial=local.radial[radial],
+        angular_first=local.angular_first[triplet],
+        angular_second=local.angular_second[triplet],
+    )

@@ -1,0 +1,126 @@
+"""Training losses and exactly accumulated error metrics (spec §4.5, §4.6).
+
+Per batch: ``RMSE_E = sqrt(mean_s ((E_pred,s − E_ref,s) / N_s)²)`` (eV/atom),
+``RMSE_F = sqrt(mean over the Cartesian components of force-supervised atoms of (ΔF)²)``
+(eV/Å) and ``L = (1 − α) RMSE_E + α RMSE_F`` with ``α = force_weight`` (the force term is
+dropped for a batch without supervised atoms).
+
+Epoch metrics are *global* over a split: :class:`ErrorSums` accumulates sums of squared and
+absolute errors and their counts, so that the reported RMSE is the RMSE over every structure
+(or force component) of the split, independent of the batch size. (The reference averages
+per-batch RMSEs instead; see docs/differences.md.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+import torch
+
+from aenet_fn._records import pytree_record
+
+
+def _safe_sqrt(value: torch.Tensor) -> torch.Tensor:
+    """``sqrt`` whose gradient stays finite at 0."""
+    return torch.sqrt(value.clamp_min(torch.finfo(value.dtype).tiny))
+
+
+def energy_error_per_atom(
+    predicted: torch.Tensor, reference: torch.Tensor, n_atoms: torch.Tensor
+) -> torch.Tensor:
+    """``[B]`` signed energy errors per atom ``(E_pred − E_ref) / N`` (eV/atom)."""
+    return (predicted - reference) / n_atoms.to(predicted.dtype)
+
+
+def energy_rmse(
+    predicted: torch.Tensor, reference: torch.Tensor, n_atoms: torch.Tensor
+) -> torch.Tensor:
+    """Per-atom energy RMSE over the structures given (eV/atom)."""
+    error = energy_error_per_atom(predicted, reference, n_atoms)
+    return _safe_sqrt((error * error).mean())
+
+
+def force_rmse(predicted: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """RMSE over all Cartesian components of ``[n, 3]`` forces (eV/Å)."""
+    difference = predicted - reference
+    return _safe_sqrt((difference * difference).mean())
+
+
+def force_unbiased_factor(n_supervised: int, n_labelled: int) -> float:
+    """``1/√f`` with ``f = n_supervised / n_labelled`` when ``0 < f < 1``, else 1: rescales the
+    force RMSE of a sub-sampled batch (``force_scale_unbiased``)."""
+    if n_labelled > 0 and 0 < n_supervised < n_labelled:
+        return 1.0 / math.sqrt(n_supervised / n_labelled)
+    return 1.0
+
+
+def combined_loss(
+    rmse_energy: torch.Tensor, rmse_forces: torch.Tensor | None, force_weight: float
+) -> torch.Tensor:
+    """``(1 − α) RMSE_E + α RMSE_F``; without a force term ``(1 − α) RMSE_E``."""
+    loss = (1.0 - force_weight) * rmse_energy
+    if rmse_forces is not None:
+        loss = loss + force_weight * rmse_forces
+    return loss
+
+
+@pytree_record
+@attrs.frozen(eq=False)
+class ErrorSums:
+    """Running sums for exact split metrics (all 0-d tensors, float64).
+
+    Attributes:
+        energy_squared: Σ over structures of (ΔE/N)² (eV²/atom²).
+        energy_absolute: Σ over structures of |ΔE/N| (eV/atom).
+        n_energies: number of structures summed.
+        force_squared: Σ over supervised force components of (ΔF)² (eV²/Å²).
+        n_force_components: number of force components summed.
+    """
+
+    energy_squared: torch.Tensor
+    energy_absolute: torch.Tensor
+    n_energies: torch.Tensor
+    force_squared: torch.Tensor
+    n_force_components: torch.Tensor
+
+
+def error_sums_init(device: torch.device | str | None = None) -> ErrorSums:
+    """Empty sums."""
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    return ErrorSums(zero, zero, zero, zero, zero)
+
+
+def accumulate_errors(
+    sums: ErrorSums,
+    energy_errors: torch.Tensor,
+    force_differences: torch.Tensor | None = None,
+) -> ErrorSums:
+    """Add per-atom energy errors ``[B]`` (eV/atom) and force differences ``[n, 3]`` (eV/Å)."""
+    e = energy_errors.detach().to(torch.float64)
+    result = ErrorSums(
+        energy_squared=sums.energy_squared + (e * e).sum(),
+        energy_absolute=sums.energy_absolute + e.abs().sum(),
+        n_energies=sums.n_energies + e.numel(),
+        force_squared=sums.force_squared,
+        n_force_components=sums.n_force_components,
+    )
+    if force_differences is not None and force_differences.numel():
+        f = force_differences.detach().to(torch.float64)
+        result = attrs.evolve(
+            result,
+            force_squared=sums.force_squared + (f * f).sum(),
+            n_force_components=sums.n_force_components + f.numel(),
+        )
+    return result
+
+
+def metrics_from_sums(sums: ErrorSums) -> dict[str, float]:
+    """``{"rmse_energy", "mae_energy", "rmse_forces"}``; NaN where nothing was summed."""
+    n_e, n_f = float(sums.n_energies), float(sums.n_force_components)
+    nan = float("nan")
+    return {
+        "rmse_energy": math.sqrt(float(sums.energy_squared) / n_e) if n_e else nan,
+        "mae_energy": float(sums.energy_absolute) / n_e if n_e else nan,
+        "rmse_forces": math.sqrt(float(sums.force_squared) / n_f) if n_f else nan,
+    }

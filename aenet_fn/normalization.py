@@ -1,0 +1,161 @@
+"""Feature and energy normalisation (spec §4.1–§4.3), fitted by a pure function.
+
+* Features: one pooled z-score over all atoms of the training split (all species together):
+  ``Ĝ = (G − μ) / max(σ, 1e-12)`` with ``σ = sqrt(max(E[G²] − μ², 0) + 1e-12)``.
+* Energies: per-atom *referenced* energies ``e = (E − Σ_a E_atom(a)) / N`` of the training
+  structures give ``E_scaling = 2 / (e_max − e_min)`` and ``E_shift = (e_max + e_min) / 2``
+  (eV/atom); a degenerate range gives scaling 1 and shift 0.
+* A network output ``y_a`` becomes the atomic energy ``y_a / E_scaling + E_shift + E_atom(a)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import attrs
+import torch
+
+from aenet_fn._records import pytree_record
+
+STD_FLOOR = 1e-12
+
+
+@pytree_record
+@attrs.frozen(eq=False)
+class Normalization:
+    """Normalisation constants of a model.
+
+    Attributes:
+        feature_mean: ``[F]`` mean of each feature over the training atoms.
+        feature_std: ``[F]`` standard deviation (with the ``+1e-12`` inside the root).
+        feature_min, feature_max: ``[F]`` exact extrema over the same atoms (for export).
+        energy_shift: ``[]`` E_shift (eV/atom).
+        energy_scaling: ``[]`` E_scaling (1/(eV/atom)).
+        atomic_energies: ``[M]`` reference energy of each species (eV), descriptor order.
+    """
+
+    feature_mean: torch.Tensor
+    feature_std: torch.Tensor
+    feature_min: torch.Tensor
+    feature_max: torch.Tensor
+    energy_shift: torch.Tensor
+    energy_scaling: torch.Tensor
+    atomic_energies: torch.Tensor
+
+    def normalize_features(self, features: torch.Tensor) -> torch.Tensor:
+        """``(G − μ) / max(σ, 1e-12)`` for ``features`` ``[..., F]``."""
+        return (features - self.feature_mean) / self.feature_std.clamp_min(STD_FLOOR)
+
+
+def reference_energy_vector(
+    species: Sequence[str], atomic_energies: Mapping[str, float] | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """``[M]`` atomic reference energies (eV) in ``species`` order; missing species get 0."""
+    atomic_energies = dict(atomic_energies or {})
+    for symbol, value in atomic_energies.items():
+        if not isinstance(value, (int, float)) or value != value:
+            raise ValueError(f"atomic energy of {symbol!r} must be a number, got {value!r}")
+    return torch.tensor([float(atomic_energies.get(s, 0.0)) for s in species], dtype=dtype)
+
+
+def identity_normalization(n_features: int, atomic_energies: torch.Tensor) -> Normalization:
+    """Normalisation that changes nothing (zero mean, unit std, scaling 1, shift 0)."""
+    dtype, device = atomic_energies.dtype, atomic_energies.device
+    zeros = torch.zeros(n_features, dtype=dtype, device=device)
+    return Normalization(
+        feature_mean=zeros,
+        feature_std=torch.ones_like(zeros),
+        feature_min=zeros - 1,
+        feature_max=zeros + 1,
+        energy_shift=torch.zeros((), dtype=dtype, device=device),
+        energy_scaling=torch.ones((), dtype=dtype, device=device),
+        atomic_energies=atomic_energies,
+    )
+
+
+def referenced_energy_per_atom(
+    energies: torch.Tensor, species_counts: torch.Tensor, atomic_energies: torch.Tensor
+) -> torch.Tensor:
+    """``[B]`` per-atom referenced energies ``(E − Σ_a E_atom(a)) / N`` (eV/atom), from total
+    energies ``[B]`` (eV) and per-structure species counts ``[B, M]``."""
+    counts = species_counts.to(energies.dtype)
+    return (energies - counts @ atomic_energies) / counts.sum(dim=1)
+
+
+def fit_normalization(
+    features: torch.Tensor,
+    energies: torch.Tensor,
+    species_counts: torch.Tensor,
+    atomic_energies: torch.Tensor,
+    *,
+    normalize_features: bool = True,
+    normalize_energy: bool = True,
+    feature_stats: Mapping[str, Sequence[float] | torch.Tensor] | None = None,
+    energy_shift: float | None = None,
+    energy_scaling: float | None = None,
+) -> Normalization:
+    """Normalisation constants from the training split.
+
+    Args:
+        features: ``[N_train, F]`` raw features of every training atom.
+        energies: ``[B]`` total energies (eV) of the training structures.
+        species_counts: ``[B, M]`` atoms of each species per structure.
+        atomic_energies: ``[M]`` reference energies (eV).
+        normalize_features / normalize_energy: switch either part off (identity).
+        feature_stats: user override ``{"mean": [F], "std": [F]}`` (optionally ``min``/``max``).
+        energy_shift / energy_scaling: user override, honoured only when both are given.
+    """
+    if features.ndim != 2 or features.shape[0] == 0:
+        raise ValueError(f"fit_normalization: need features [N>0, F], got {tuple(features.shape)}")
+    if energies.numel() == 0:
+        raise ValueError("fit_normalization: no training structures")
+    if not torch.isfinite(energies).all():
+        raise ValueError("fit_normalization: training energies must be finite")
+    dtype = features.dtype
+    result = identity_normalization(features.shape[1], atomic_energies.to(dtype))
+    feature_min, feature_max = features.min(dim=0).values, features.max(dim=0).values
+    result = attrs.evolve(result, feature_min=feature_min, feature_max=feature_max)
+    if feature_stats is not None:
+        result = attrs.evolve(result, **_feature_override(feature_stats, features.shape[1], dtype))
+    elif normalize_features:
+        mean = features.mean(dim=0)
+        variance = ((features * features).mean(dim=0) - mean * mean).clamp_min(0.0)
+        result = attrs.evolve(result, feature_mean=mean, feature_std=torch.sqrt(variance + 1e-12))
+    if energy_shift is not None and energy_scaling is not None:
+        if not energy_scaling > 0:
+            raise ValueError(f"energy scaling must be > 0, got {energy_scaling}")
+        shift, scaling = float(energy_shift), float(energy_scaling)
+    elif normalize_energy:
+        per_atom = referenced_energy_per_atom(
+            energies.to(dtype), species_counts, result.atomic_energies
+        )
+        low, high = float(per_atom.min()), float(per_atom.max())
+        shift, scaling = ((high + low) / 2, 2 / (high - low)) if high > low else (0.0, 1.0)
+    else:
+        shift, scaling = 0.0, 1.0
+    return attrs.evolve(
+        result,
+        energy_shift=torch.tensor(shift, dtype=dtype),
+        energy_scaling=torch.tensor(scaling, dtype=dtype),
+    )
+
+
+def _feature_override(stats: Mapping, n_features: int, dtype: torch.dtype) -> dict:
+    unknown = set(stats) - {"mean", "std", "min", "max"}
+    if unknown or not {"mean", "std"} <= set(stats):
+        raise ValueError(
+            "feature_stats must give 'mean' and 'std' (and optionally 'min', 'max'); "
+            f"got keys {sorted(stats)}"
+        )
+    values = {}
+    for key, value in stats.items():
+        tensor = torch.as_tensor(value, dtype=dtype).flatten()
+        if tensor.shape != (n_features,) or not torch.isfinite(tensor).all():
+            raise ValueError(
+                f"feature_stats[{key!r}] must be {n_features} finite numbers, got shape "
+                f"{tuple(tensor.shape)}"
+            )
+        values[f"feature_{key}"] = tensor
+    if (values["feature_std"] <= 0).any():
+        raise ValueError("feature_stats['std'] must be positive")
+    return values

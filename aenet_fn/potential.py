@@ -1,0 +1,152 @@
+"""The energy model: descriptor + per-species networks + normalisation, as pure functions.
+
+``E_b = Σ_{a ∈ b} [ NN_{s(a)}(Ĝ_a) / E_scaling + E_shift + E_atom(s(a)) ]`` (eV), forces
+``F = −∂E/∂r`` (eV/Å) by ``torch.func`` (spec §4.4).
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+from torch.func import grad
+
+from aenet_fn._records import pytree_record
+from aenet_fn.batch import Batch
+from aenet_fn.descriptor import (
+    ChebyshevParams,
+    DescriptorGraph,
+    build_graph,
+    features_from_graph,
+    species_lookup,
+)
+from aenet_fn.local_derivatives import LocalDerivatives, position_gradient
+from aenet_fn.forces import EnergyForces, value_and_forces
+from aenet_fn.network import NetworkParams, atomic_outputs
+from aenet_fn.normalization import Normalization
+
+
+@pytree_record
+@attrs.frozen(eq=False)
+class Model:
+    """A complete potential.
+
+    Attributes:
+        descriptor: the Chebyshev descriptor (its species order is the model's).
+        network: one MLP per species (``network.species == descriptor.species``).
+        normalization: feature and energy normalisation, atomic reference energies.
+    """
+
+    descriptor: ChebyshevParams
+    network: NetworkParams
+    normalization: Normalization
+
+    def __attrs_post_init__(self) -> None:
+        if self.network.species != self.descriptor.species:
+            raise ValueError(
+                f"network species {list(self.network.species)} differ from the descriptor's "
+                f"{list(self.descriptor.species)}"
+            )
+        if self.network.n_inputs != self.descriptor.n_features:
+            raise ValueError(
+                f"networks take {self.network.n_inputs} inputs; the descriptor gives "
+                f"{self.descriptor.n_features} features"
+            )
+
+
+def model_species_index(model: Model, batch: Batch) -> torch.Tensor:
+    """``[N]`` index of each atom's species in the model's species order."""
+    lookup = species_lookup(model.descriptor, batch.species).to(batch.species_index.device)
+    return lookup[batch.species_index]
+
+
+def atomic_energies_from_features(
+    model: Model, features: torch.Tensor, species_index: torch.Tensor
+) -> torch.Tensor:
+    """``[N]`` atomic energies (eV) from raw features ``[N, F]``; ``species_index`` in model
+    order. Includes the energy shift and the atomic reference energy of each atom."""
+    norm = model.normalization
+    outputs = atomic_outputs(model.network, norm.normalize_features(features), species_index)
+    return outputs / norm.energy_scaling + norm.energy_shift + norm.atomic_energies[species_index]
+
+
+def sum_by_structure(
+    atomic: torch.Tensor, structure_index: torch.Tensor, n_structures: int
+) -> torch.Tensor:
+    """``[B]`` sums of per-atom values ``[N]`` over the atoms of each structure."""
+    return atomic.new_zeros(n_structures).index_add(0, structure_index, atomic)
+
+
+def atomic_energies(
+    model: Model, batch: Batch, graph: DescriptorGraph | None = None
+) -> torch.Tensor:
+    """``[N]`` energy of each atom (eV); they sum to the structure energies."""
+    graph = build_graph(model.descriptor, batch) if graph is None else graph
+    features = features_from_graph(
+        model.descriptor, batch.positions, batch.cells, batch.structure_index, graph
+    )
+    return atomic_energies_from_features(model, features, model_species_index(model, batch))
+
+
+def energy(model: Model, batch: Batch, graph: DescriptorGraph | None = None) -> torch.Tensor:
+    """``[B]`` total energy of each structure (eV)."""
+    atomic = atomic_energies(model, batch, graph)
+    return sum_by_structure(atomic, batch.structure_index, batch.n_structures)
+
+
+def energy_forces_stress(
+    model: Model,
+    batch: Batch,
+    graph: DescriptorGraph | None = None,
+    *,
+    compute_stress: bool = False,
+) -> EnergyForces:
+    """Energies ``[B]`` (eV), forces ``[N, 3]`` (eV/Å) and optionally the stress ``[B, 3, 3]``
+    (eV/Å³, NaN for non-periodic structures), by ``torch.func`` through the descriptor."""
+    graph = build_graph(model.descriptor, batch) if graph is None else graph
+    species_index = model_species_index(model, batch)
+
+    def energies(positions: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        features = features_from_graph(
+            model.descriptor, positions, cells, batch.structure_index, graph
+        )
+        atomic = atomic_energies_from_features(model, features, species_index)
+        return sum_by_structure(atomic, batch.structure_index, batch.n_structures)
+
+    return value_and_forces(
+        energies,
+        batch.positions,
+        batch.cells,
+        batch.structure_index,
+        batch.pbc,
+        compute_stress=compute_stress,
+    )
+
+
+def energy_and_forces(
+    model: Model, batch: Batch, graph: DescriptorGraph | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Total energies ``[B]`` (eV) and forces ``[N, 3]`` (eV/Å)."""
+    result = energy_forces_stress(model, batch, graph)
+    return result.energy, result.forces
+
+
+def energy_and_forces_from_derivatives(
+    model: Model,
+    features: torch.Tensor,
+    species_index: torch.Tensor,
+    structure_index: torch.Tensor,
+    n_structures: int,
+    local: LocalDerivatives,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Energies ``[B]`` and forces ``[N, 3]`` from precomputed raw features and local
+    descriptor derivatives (fixed positions, e.g. training data). Only the network is
+    differentiated (``∂E/∂G`` by ``torch.func.grad``), so gradients of a force loss with respect
+    to the network parameters never pass through the descriptor."""
+
+    def total(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        atomic = atomic_energies_from_features(model, raw, species_index)
+        return atomic.sum(), atomic
+
+    feature_gradient, atomic = grad(total, has_aux=True)(features)
+    forces = -position_gradient(model.descriptor, local, feature_gradient)
+    return sum_by_structure(atomic, structure_index, n_structures), forces

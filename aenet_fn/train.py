@@ -1,0 +1,399 @@
+"""The training driver: a :class:`TrainState` threaded through epochs by pure steps.
+
+``train_step(state, batch, config) -> (state, errors)`` is one optimiser step on one mini-batch;
+:func:`run_epoch` draws the epoch's batches from the sampler and folds ``train_step`` over them;
+:func:`fit` loops over epochs and calls back for progress and checkpoints. All randomness comes
+from the generator state stored in the :class:`TrainState`, so a run resumed from a checkpoint
+continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import torch
+from torch.func import grad
+
+from aenet_fn._records import pytree_record, serializable, static_field
+from aenet_fn.featurized import FeaturizedSet, MiniBatch, take_structures
+from aenet_fn.loss import (
+    ErrorSums,
+    accumulate_errors,
+    combined_loss,
+    energy_error_per_atom,
+    error_sums_init,
+    force_rmse,
+    force_unbiased_factor,
+    metrics_from_sums,
+)
+from aenet_fn.optim import (
+    AdamConfig,
+    PlateauConfig,
+    PlateauState,
+    SGDConfig,
+    adam,
+    plateau_init,
+    plateau_step,
+    sgd,
+)
+from aenet_fn.potential import (
+    Model,
+    atomic_energies_from_features,
+    energy_and_forces_from_derivatives,
+    sum_by_structure,
+)
+from aenet_fn.sampling import (
+    SamplerState,
+    epoch_order,
+    error_weighted_update,
+    force_resample_due,
+    force_subset,
+    force_subset_size,
+    sampler_init,
+)
+
+SAMPLING_POLICIES = ("uniform", "energy_weighted", "error_weighted")
+FORCE_SAMPLING = ("random", "fixed")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(f"TrainConfig: {message}")
+
+
+@serializable
+@attrs.frozen
+class TrainConfig:
+    """Hyper-parameters of a training run (all plain values).
+
+    Attributes:
+        epochs: epochs to run in this call to :func:`fit` (additional epochs when resuming).
+        batch_size: structures per mini-batch (last partial batch kept).
+        optimizer: :class:`~aenet_fn.optim.AdamConfig` or :class:`~aenet_fn.optim.SGDConfig`.
+        force_weight: α in ``(1 − α) RMSE_E + α RMSE_F``, in [0, 1].
+        force_fraction: fraction of the training structures whose forces are supervised.
+        force_sampling: ``"random"`` (re-drawn every ``force_resample_num_epochs``) or
+            ``"fixed"``.
+        force_resample_num_epochs: re-draw period of the force subset (0: never).
+        force_min_structures_per_epoch: lower bound of the force subset size (None: none).
+        force_scale_unbiased: rescale the force RMSE of sub-sampled batches by ``1/√f``.
+        sampling_policy: ``"uniform"``, ``"energy_weighted"`` or ``"error_weighted"``.
+        use_scheduler: reduce the learning rate on a validation plateau.
+        scheduler: plateau scheduler settings.
+        seed: seeds shuffling, weighted sampling and force subsets of this run.
+    """
+
+    epochs: int = 100
+    batch_size: int = 32
+    optimizer: AdamConfig | SGDConfig = attrs.field(factory=AdamConfig)
+    force_weight: float = 0.0
+    force_fraction: float = 1.0
+    force_sampling: str = "random"
+    force_resample_num_epochs: int = 0
+    force_min_structures_per_epoch: int | None = 1
+    force_scale_unbiased: bool = False
+    sampling_policy: str = "uniform"
+    use_scheduler: bool = False
+    scheduler: PlateauConfig = attrs.field(factory=PlateauConfig)
+    seed: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        _check(
+            isinstance(self.epochs, int) and self.epochs >= 0,
+            f"epochs must be an integer >= 0, got {self.epochs!r}",
+        )
+        _check(
+            isinstance(self.batch_size, int) and self.batch_size >= 1,
+            f"batch_size must be an integer >= 1, got {self.batch_size!r}",
+        )
+        _check(
+            0.0 <= self.force_weight <= 1.0,
+            f"force_weight must lie in [0, 1], got {self.force_weight!r}",
+        )
+        _check(
+            0.0 < self.force_fraction, f"force_fraction must be > 0, got {self.force_fraction!r}"
+        )
+        _check(
+            self.force_sampling in FORCE_SAMPLING,
+            f"force_sampling must be one of {FORCE_SAMPLING}, got {self.force_sampling!r}",
+        )
+        _check(
+            self.sampling_policy in SAMPLING_POLICIES,
+            f"sampling_policy must be one of {SAMPLING_POLICIES}, got {self.sampling_policy!r}",
+        )
+        _check(self.force_resample_num_epochs >= 0, "force_resample_num_epochs must be >= 0")
+        _check(
+            isinstance(self.optimizer, (AdamConfig, SGDConfig)),
+            f"optimizer must be AdamConfig or SGDConfig, got {type(self.optimizer).__name__}",
+        )
+
+    @property
+    def uses_forces(self) -> bool:
+        """True when forces enter the loss."""
+        return self.force_weight > 0
+
+
+@pytree_record
+@attrs.frozen(eq=False)
+class TrainState:
+    """Everything a run needs to continue exactly.
+
+    Attributes:
+        model: the current model.
+        opt_state: optimiser state (moments, step count).
+        sched_state: plateau-scheduler state, or None without a scheduler.
+        sampler: structure-sampling state (error scores, force subset).
+        rng: state of the run's ``torch.Generator`` (uint8 tensor).
+        lr: current learning rate.
+        best_values: network parameters of the best validation epoch so far (or None).
+        epoch: epochs completed.
+        best_monitor: best validation monitor so far (inf when none).
+        best_epoch: epoch of ``best_values`` (-1 when none).
+        history: one dict of metrics per completed epoch.
+    """
+
+    model: Model
+    opt_state: Any
+    sched_state: PlateauState | None
+    sampler: SamplerState
+    rng: torch.Tensor
+    lr: float = static_field()
+    best_values: torch.Tensor | None = None
+    epoch: int = static_field(default=0)
+    best_monitor: float = static_field(default=math.inf)
+    best_epoch: int = static_field(default=-1)
+    history: tuple[dict[str, float], ...] = static_field(default=())
+
+
+def optimizer_of(config: TrainConfig):
+    """The :class:`~aenet_fn.optim.Optimizer` of ``config``."""
+    return (
+        adam(config.optimizer)
+        if isinstance(config.optimizer, AdamConfig)
+        else sgd(config.optimizer)
+    )
+
+
+def init_train_state(model: Model, train: FeaturizedSet, config: TrainConfig) -> TrainState:
+    """The state before the first epoch: fresh optimiser, sampler and generator from
+    ``config.seed``; the initial force subset is drawn here."""
+    if train.n_structures == 0:
+        raise ValueError("init_train_state: the training split is empty")
+    if not bool(torch.isfinite(train.energies).all()):
+        missing = [
+            train.names[i]
+            for i in torch.nonzero(~torch.isfinite(train.energies)).flatten().tolist()
+        ]
+        raise ValueError(f"training structures without an energy: {missing[:5]}")
+    generator = torch.Generator().manual_seed(config.seed)
+    sampler = sampler_init(config.sampling_policy, train.n_structures)
+    sampler = _draw_force_subset(sampler, train, config, generator)
+    lr = config.optimizer.lr
+    return TrainState(
+        model=model,
+        opt_state=optimizer_of(config).init(model.network.values),
+        sched_state=plateau_init(config.scheduler, lr) if config.use_scheduler else None,
+        sampler=sampler,
+        rng=generator.get_state(),
+        lr=lr,
+    )
+
+
+def _draw_force_subset(
+    sampler: SamplerState, train: FeaturizedSet, config: TrainConfig, generator: torch.Generator
+) -> SamplerState:
+    mask = torch.zeros(train.n_structures, dtype=torch.bool)
+    if config.uses_forces:
+        candidates = torch.nonzero(train.has_forces).flatten()
+        size = force_subset_size(
+            candidates.numel(),
+            train.n_structures,
+            config.force_fraction,
+            config.force_min_structures_per_epoch,
+        )
+        mask[force_subset(candidates, size, generator=generator)] = True
+    return attrs.evolve(sampler, force_subset=mask)
+
+
+def batch_loss(
+    model: Model, values: torch.Tensor, batch: MiniBatch, force_weight: float, unbiased: bool
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Loss of ``batch`` for network parameters ``values`` ``[P]``, with the per-atom energy
+    errors ``[b]`` and supervised force differences ``[n_f, 3]`` (or None) as auxiliary output."""
+    model = attrs.evolve(model, network=attrs.evolve(model.network, values=values))
+    if batch.local is None:
+        atomic = atomic_energies_from_features(model, batch.features, batch.species_index)
+        energies = sum_by_structure(atomic, batch.structure_index, batch.n_structures)
+        forces = None
+    else:
+        energies, forces = energy_and_forces_from_derivatives(
+            model,
+            batch.features,
+            batch.species_index,
+            batch.structure_index,
+            batch.n_structures,
+            batch.local,
+        )
+    errors = energy_error_per_atom(energies, batch.energies, batch.n_atoms)
+    rmse_energy = torch.sqrt((errors * errors).mean().clamp_min(torch.finfo(errors.dtype).tiny))
+    differences, rmse_forces = None, None
+    if forces is not None:
+        supervised = batch.force_atoms
+        differences = forces[supervised] - batch.forces[supervised]
+        rmse_forces = force_rmse(forces[supervised], batch.forces[supervised])
+        if unbiased:
+            rmse_forces = rmse_forces * force_unbiased_factor(
+                int(supervised.sum()), batch.n_force_labelled
+            )
+    return combined_loss(rmse_energy, rmse_forces, force_weight), (errors, differences)
+
+
+def member_step(
+    model: Model,
+    values: torch.Tensor,
+    opt_state: Any,
+    lr: float,
+    batch: MiniBatch,
+    config: TrainConfig,
+) -> tuple[torch.Tensor, Any, tuple[torch.Tensor, torch.Tensor | None]]:
+    """One optimiser step of one model's parameters ``values``; pure and ``vmap``-able over
+    ``values`` and ``opt_state`` (committees)."""
+    gradient, aux = grad(
+        lambda v: batch_loss(model, v, batch, config.force_weight, config.force_scale_unbiased),
+        has_aux=True,
+    )(values)
+    new_values, new_state = optimizer_of(config).update(gradient, opt_state, values, lr)
+    return new_values, new_state, aux
+
+
+def train_step(
+    state: TrainState, batch: MiniBatch, config: TrainConfig
+) -> tuple[TrainState, tuple[torch.Tensor, torch.Tensor | None]]:
+    """One optimiser step on ``batch``; returns the new state and the batch's per-atom energy
+    errors ``[b]`` and supervised force differences (measured before the step)."""
+    values, opt_state, aux = member_step(
+        state.model, state.model.network.values, state.opt_state, state.lr, batch, config
+    )
+    model = attrs.evolve(state.model, network=attrs.evolve(state.model.network, values=values))
+    return attrs.evolve(state, model=model, opt_state=opt_state), aux
+
+
+def evaluate(
+    model: Model, data: FeaturizedSet, with_forces: bool, batch_size: int = 256
+) -> dict[str, float]:
+    """Exact metrics of ``model`` over all of ``data``: per-atom energy RMSE and MAE (eV/atom)
+    over every structure, force RMSE (eV/Å) over every labelled component when ``with_forces``."""
+    sums = error_sums_init()
+    everything = data.has_forces if with_forces else None
+    for first in range(0, data.n_structures, batch_size):
+        selection = torch.arange(first, min(first + batch_size, data.n_structures))
+        batch = take_structures(data, selection, everything)
+        with torch.no_grad():
+            _, (errors, differences) = batch_loss(model, model.network.values, batch, 0.0, False)
+        sums = accumulate_errors(sums, errors, differences)
+    return metrics_from_sums(sums)
+
+
+def _monitor(metrics: dict[str, float], force_weight: float) -> float:
+    value = (1 - force_weight) * metrics["rmse_energy"]
+    if force_weight > 0 and not math.isnan(metrics["rmse_forces"]):
+        value += force_weight * metrics["rmse_forces"]
+    return value
+
+
+def run_epoch(
+    state: TrainState,
+    train: FeaturizedSet,
+    config: TrainConfig,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> tuple[TrainState, dict[str, float]]:
+    """One epoch over the training split: sampler order, optional force re-draw, a
+    :func:`train_step` per batch, error-score update. Returns the new state and the epoch's
+    training metrics (global RMSE/MAE over every draw, measured before each step)."""
+    generator = torch.Generator()
+    generator.set_state(state.rng)
+    sampler = state.sampler
+    if config.uses_forces and force_resample_due(
+        state.epoch, 0, config.force_sampling, config.force_resample_num_epochs
+    ):
+        sampler = _draw_force_subset(sampler, train, config, generator)
+    order = epoch_order(sampler, train, generator=generator)
+    force_mask = sampler.force_subset if config.uses_forces else None
+    sums: ErrorSums = error_sums_init()
+    drawn_errors = []
+    n_batches = math.ceil(order.numel() / config.batch_size)
+    for k in range(n_batches):
+        selection = order[k * config.batch_size : (k + 1) * config.batch_size]
+        batch = take_structures(train, selection, force_mask)
+        state, (errors, differences) = train_step(state, batch, config)
+        sums = accumulate_errors(sums, errors, differences)
+        drawn_errors.append(errors.detach().abs())
+        if on_batch is not None:
+            on_batch(k + 1, n_batches)
+    if config.sampling_policy == "error_weighted":
+        sampler = error_weighted_update(sampler, order, torch.cat(drawn_errors))
+    state = attrs.evolve(state, sampler=sampler, rng=generator.get_state())
+    return state, metrics_from_sums(sums)
+
+
+def end_of_epoch(
+    state: TrainState,
+    train_metrics: dict[str, float],
+    test_metrics: dict[str, float] | None,
+    config: TrainConfig,
+    seconds: float,
+) -> TrainState:
+    """Record the epoch: history row, best model on the validation monitor, scheduler step."""
+    nan = float("nan")
+    test = test_metrics or {"rmse_energy": nan, "mae_energy": nan, "rmse_forces": nan}
+    row = {
+        "epoch": state.epoch,
+        "MAE_train": train_metrics["mae_energy"],
+        "RMSE_train": train_metrics["rmse_energy"],
+        "MAE_test": test["mae_energy"],
+        "RMSE_test": test["rmse_energy"],
+        "RMSE_force_train": train_metrics["rmse_forces"],
+        "RMSE_force_test": test["rmse_forces"],
+        "learning_rate": state.lr,
+        "epoch_time": seconds,
+    }
+    changes: dict[str, Any] = {"epoch": state.epoch + 1, "history": (*state.history, row)}
+    if test_metrics is not None:
+        monitor = _monitor(test_metrics, config.force_weight)
+        if monitor < state.best_monitor:
+            changes.update(
+                best_monitor=monitor,
+                best_epoch=state.epoch,
+                best_values=state.model.network.values.detach().clone(),
+            )
+        if state.sched_state is not None:
+            sched_state, lr = plateau_step(config.scheduler, state.sched_state, monitor)
+            changes.update(sched_state=sched_state, lr=lr)
+    return attrs.evolve(state, **changes)
+
+
+def fit(
+    state: TrainState,
+    train: FeaturizedSet,
+    test: FeaturizedSet | None,
+    config: TrainConfig,
+    callbacks: Sequence[Callable[[TrainState], None]] = (),
+    on_batch: Callable[[int, int], None] | None = None,
+) -> TrainState:
+    """Run ``config.epochs`` more epochs from ``state``; after each, evaluate the test split
+    (exact metrics), record history/best/scheduler and call every callback with the new state
+    (progress bars, checkpoints, logs)."""
+    for _ in range(config.epochs):
+        start = time.perf_counter()
+        state, train_metrics = run_epoch(state, train, config, on_batch)
+        test_metrics = None if test is None else evaluate(state.model, test, config.uses_forces)
+        state = end_of_epoch(
+            state, train_metrics, test_metrics, config, time.perf_counter() - start
+        )
+        for callback in callbacks:
+            callback(state)
+    return state

@@ -1,0 +1,151 @@
+"""The energy model: prediction formula, both force paths, finite differences, extensivity."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from aenet_fn import ChebyshevParams, Structure, collate, featurize
+from aenet_fn.featurized import featurize_structures, take_structures
+from aenet_fn.network import atomic_outputs, init_network
+from aenet_fn.normalization import Normalization
+from aenet_fn.potential import (
+    Model,
+    energy,
+    energy_and_forces,
+    energy_and_forces_from_derivatives,
+    energy_forces_stress,
+)
+from tests.conftest import random_structure
+
+PARAMS = ChebyshevParams(
+    species=["Ti", "O"], rad_order=6, rad_cutoff=4.5, ang_order=3, ang_cutoff=3.5, min_cutoff=0.5
+)
+ARCH = {"Ti": [(8, "tanh"), (6, "tanh")], "O": [(8, "twist")]}
+
+
+def make_model(seed: int = 0) -> Model:
+    generator = torch.Generator().manual_seed(seed)
+    network = init_network(ARCH, PARAMS.species, PARAMS.n_features, generator=generator)
+    f = PARAMS.n_features
+    norm = Normalization(
+        feature_mean=torch.rand(f, generator=generator, dtype=torch.float64),
+        feature_std=torch.rand(f, generator=generator, dtype=torch.float64) + 0.5,
+        feature_min=torch.zeros(f, dtype=torch.float64),
+        feature_max=torch.ones(f, dtype=torch.float64),
+        energy_shift=torch.tensor(-4.2, dtype=torch.float64),
+        energy_scaling=torch.tensor(0.7, dtype=torch.float64),
+        atomic_energies=torch.tensor([-1604.6, -432.5], dtype=torch.float64),
+    )
+    return Model(PARAMS, network, norm)
+
+
+def _structures(seed, count=3):
+    return [random_structure(seed + k, 2 + k, periodic=(seed + k) % 3 > 0) for k in range(count)]
+
+
+def test_energy_follows_the_prediction_formula():
+    model = make_model(1)
+    structures = _structures(4)
+    batch = collate(structures, species=PARAMS.species)
+    norm = model.normalization
+    z = (featurize(PARAMS, batch) - norm.feature_mean) / norm.feature_std
+    nn = atomic_outputs(model.network, z, batch.species_index)
+    expected = []
+    for b, structure in enumerate(structures):
+        mine = batch.structure_index == b
+        e_atom = sum(-1604.6 if s == "Ti" else -432.5 for s in structure.species)
+        expected.append(float(nn[mine].sum()) / 0.7 + structure.n_atoms * -4.2 + e_atom)
+    torch.testing.assert_close(energy(model, batch), torch.tensor(expected, dtype=torch.float64))
+
+
+@given(seed=st.integers(0, 10**5))
+def test_local_derivative_forces_equal_autodiff_forces(seed):
+    model = make_model(seed)
+    structures = _structures(seed, 4)
+    data = featurize_structures(
+        PARAMS, [_with_forces(s) for s in structures], with_derivatives=True
+    )
+    selection = torch.arange(len(structures))
+    batch = take_structures(data, selection, torch.ones(len(structures), dtype=torch.bool))
+    e_local, f_local = energy_and_forces_from_derivatives(
+        model,
+        batch.features,
+        batch.species_index,
+        batch.structure_index,
+        batch.n_structures,
+        batch.local,
+    )
+    e_auto, f_auto = energy_and_forces(model, collate(structures, species=PARAMS.species))
+    torch.testing.assert_close(e_local, e_auto, rtol=1e-13, atol=1e-9)
+    torch.testing.assert_close(f_local, f_auto, rtol=1e-10, atol=1e-11)
+
+
+def _with_forces(structure: Structure) -> Structure:
+    return Structure(
+        structure.positions,
+        structure.species,
+        energy=0.0,
+        forces=torch.zeros(structure.n_atoms, 3),
+        cell=structure.cell,
+        pbc=structure.pbc,
+    )
+
+
+def test_forces_equal_finite_differences():
+    model = make_model(2)
+    batch = collate(_structures(7), species=PARAMS.species)
+    _, forces = energy_and_forces(model, batch)
+    step = 1e-5
+    for atom in range(batch.positions.shape[0]):
+        for axis in range(3):
+            moved = []
+            for sign in (1, -1):
+                positions = batch.positions.clone()
+                positions[atom, axis] += sign * step
+                moved.append(float(energy(model, attrs.evolve(batch, positions=positions)).sum()))
+            expected = -(moved[0] - moved[1]) / (2 * step)
+            assert abs(float(forces[atom, axis]) - expected) <= 1e-6 * max(1.0, abs(expected))
+
+
+def test_energy_is_extensive_over_supercells():
+    model = make_model(3)
+    primitive = random_structure(11, 3)
+    offsets = torch.tensor([[0.0, 0, 0], [1, 0, 0]], dtype=torch.float64) @ primitive.cell
+    doubled = Structure(
+        torch.cat([primitive.positions + o for o in offsets]),
+        list(primitive.species) * 2,
+        cell=primitive.cell * torch.tensor([[2.0], [1.0], [1.0]], dtype=torch.float64),
+    )
+    e_one = energy(model, collate([primitive], species=PARAMS.species))
+    e_two = energy(model, collate([doubled], species=PARAMS.species))
+    torch.testing.assert_close(e_two, 2 * e_one, rtol=1e-12, atol=1e-9)
+
+
+def test_stress_is_symmetric_and_only_for_periodic_structures():
+    model = make_model(4)
+    batch = collate(
+        [random_structure(5, 4), random_structure(6, 3, periodic=False)], species=PARAMS.species
+    )
+    stress = energy_forces_stress(model, batch, compute_stress=True).stress
+    torch.testing.assert_close(stress[0], stress[0].T)
+    assert bool(stress[1].isnan().all()) and bool(stress[0].isfinite().all())
+
+
+def test_model_rejects_mismatched_parts():
+    model = make_model()
+    other = init_network(ARCH, ["O", "Ti"], PARAMS.n_features, generator=torch.Generator())
+    with pytest.raises(ValueError, match="differ from the descriptor's"):
+        Model(PARAMS, other, model.normalization)
+    narrow = init_network(ARCH, PARAMS.species, 5, generator=torch.Generator())
+    with pytest.raises(ValueError, match="networks take 5 inputs"):
+        Model(PARAMS, narrow, model.normalization)
+
+
+def test_unknown_species_in_a_batch_is_named():
+    model = make_model()
+    with pytest.raises(ValueError, match=r"\['Cu'\]"):
+        energy(model, collate([random_structure(1, 3, species=("Ti", "Cu"))]))
