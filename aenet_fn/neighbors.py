@@ -27,6 +27,8 @@ OVERLAP_DISTANCE = 1e-4
 
 _BINS_PER_CUTOFF = 2
 """Bin edge = cutoff / this; each atom scans (2·this + 1)³ bins around its own."""
+_CENTRE_CHUNK = 4096
+"""Centre atoms searched at a time: keeps the temporaries of a chunk in cache."""
 _BIN_OFFSETS = torch.stack(
     torch.meshgrid(*(torch.arange(-_BINS_PER_CUTOFF, _BINS_PER_CUTOFF + 1),) * 3, indexing="ij"),
     dim=-1,
@@ -176,33 +178,38 @@ def batch_neighbor_list(
         return key_offset[s] + (ijk[..., 0] * d[..., 1] + ijk[..., 1]) * d[..., 2] + ijk[..., 2]
 
     keys = bin_key(bins, structure)
-    order = torch.argsort(keys, stable=True)
-    sorted_keys = keys[order]
+    order = torch.argsort(keys, stable=True)  # store points bin by bin: gathers stay local
+    sorted_keys, points, atom, translation = keys[order], points[order], atom[order], translation[order]
 
     centre_bins = torch.floor((centre_points - origin[structure_index]) / bin_edge).long()
-    around = centre_bins[:, None, :] + _BIN_OFFSETS.to(device)[None]  # [N, n_offsets, 3]
     n_offsets = _BIN_OFFSETS.shape[0]
-    centre_structure = structure_index[:, None].expand(-1, n_offsets)
-    valid = ((around >= 0) & (around < dims[centre_structure])).all(dim=-1)
-    around_keys = bin_key(around, centre_structure)
-    first = torch.searchsorted(sorted_keys, around_keys, right=False)
-    last = torch.searchsorted(sorted_keys, around_keys, right=True)
-    counts = torch.where(valid, last - first, 0).flatten()
-    first = first.flatten()
+    offsets = _BIN_OFFSETS.to(device)
 
-    centre = torch.repeat_interleave(
-        torch.arange(n_atoms, device=device).repeat_interleave(n_offsets), counts
-    )
-    run_start = torch.cumsum(counts, 0) - counts
-    within = torch.arange(centre.shape[0], device=device) - torch.repeat_interleave(
-        run_start, counts
-    )
-    point = order[torch.repeat_interleave(first, counts) + within]
+    def search(centre_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Entries (centre, point index, squared distance) of the centres ``centre_ids``."""
+        around = centre_bins[centre_ids, None, :] + offsets[None]  # [n, n_offsets, 3]
+        centre_structure = structure_index[centre_ids, None].expand(-1, n_offsets)
+        valid = ((around >= 0) & (around < dims[centre_structure])).all(dim=-1)
+        around_keys = bin_key(around, centre_structure)
+        first = torch.searchsorted(sorted_keys, around_keys, right=False)
+        last = torch.searchsorted(sorted_keys, around_keys, right=True)
+        counts = torch.where(valid, last - first, 0).flatten()
+        centre = torch.repeat_interleave(centre_ids.repeat_interleave(n_offsets), counts)
+        run_start = torch.cumsum(counts, 0) - counts
+        within = torch.arange(centre.shape[0], device=device) - torch.repeat_interleave(
+            run_start, counts
+        )
+        point = torch.repeat_interleave(first.flatten(), counts) + within
+        gap = points.index_select(0, point) - centre_points.index_select(0, centre)
+        distance2 = (gap * gap).sum(dim=1)
+        close = torch.nonzero(distance2 <= cutoff * cutoff).flatten()
+        return centre[close], point[close], distance2[close]
 
-    gap = points.index_select(0, point) - centre_points.index_select(0, centre)
-    distance2 = (gap * gap).sum(dim=1)
-    close = torch.nonzero(distance2 <= cutoff * cutoff).flatten()
-    centre, point, distance2 = centre[close], point[close], distance2[close]
+    chunks = [
+        search(torch.arange(low, min(low + _CENTRE_CHUNK, n_atoms), device=device))
+        for low in range(0, n_atoms, _CENTRE_CHUNK)
+    ]
+    centre, point, distance2 = (torch.cat(parts) for parts in zip(*chunks))
     neighbour, translation = atom[point], translation[point]
     keep = (neighbour != centre) | (translation != 0).any(dim=1)
     centre, neighbour, translation, distance2 = (

@@ -85,7 +85,7 @@ class NetworkParams:
 
     Attributes:
         values: ``[P]`` all weights and biases (species by species, layer by layer, weight
-            ``[out, in]`` row-major then bias ``[out]``).
+            ``[in, out]`` row-major then bias ``[out]``).
         sizes: per species the layer widths ``(n_features, h1, ..., hK, 1)``.
         activations: per species the activation name of each hidden layer.
         species: the species the networks belong to, in descriptor order.
@@ -97,18 +97,18 @@ class NetworkParams:
     species: tuple[str, ...] = static_field()
 
     def layers(self) -> tuple[tuple[tuple[torch.Tensor, torch.Tensor], ...], ...]:
-        """Per species, the ``(weight [out, in], bias [out])`` views of each layer."""
-        counts = [o * i + o for sizes in self.sizes for i, o in zip(sizes[:-1], sizes[1:])]
-        chunks = iter(torch.split(self.values, counts, dim=-1))
-        result = []
-        for sizes in self.sizes:
-            layers = []
-            for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-                chunk = next(chunks)
-                weight = chunk[..., : fan_out * fan_in].unflatten(-1, (fan_out, fan_in))
-                layers.append((weight, chunk[..., fan_out * fan_in :]))
-            result.append(tuple(layers))
-        return tuple(result)
+        """Per species, the ``(weight [in, out], bias [out])`` views of each layer."""
+        shapes = [
+            shape
+            for sizes in self.sizes
+            for fan_in, fan_out in zip(sizes[:-1], sizes[1:])
+            for shape in ((fan_in, fan_out), (fan_out,))
+        ]
+        pieces = torch.split(self.values, [math.prod(shape) for shape in shapes], dim=-1)
+        views = iter(p.unflatten(-1, shape) for p, shape in zip(pieces, shapes))
+        return tuple(
+            tuple((next(views), next(views)) for _ in range(len(sizes) - 1)) for sizes in self.sizes
+        )
 
     @property
     def n_inputs(self) -> int:
@@ -171,9 +171,9 @@ def mlp(
 ) -> torch.Tensor:
     """One species' network on inputs ``x`` ``[n, F]`` → ``[n]``."""
     for (weight, bias), name in zip(layers[:-1], activations):
-        x = ACTIVATIONS[name](x @ weight.transpose(-1, -2) + bias)
+        x = ACTIVATIONS[name](x @ weight + bias)
     weight, bias = layers[-1]
-    return (x @ weight.transpose(-1, -2) + bias)[..., 0]
+    return x @ weight.squeeze(-1) + bias
 
 
 def atomic_outputs(

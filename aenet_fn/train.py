@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -19,6 +19,7 @@ import torch
 from torch.func import grad
 
 from aenet_fn._records import pytree_record, serializable, static_field
+from aenet_fn.descriptor import ChebyshevParams
 from aenet_fn.featurized import FeaturizedSet, MiniBatch, take_structures
 from aenet_fn.loss import (
     ErrorSums,
@@ -29,6 +30,12 @@ from aenet_fn.loss import (
     force_rmse,
     force_unbiased_factor,
     metrics_from_sums,
+)
+from aenet_fn.network import Architecture, init_network
+from aenet_fn.normalization import (
+    fit_normalization,
+    reference_energy_vector,
+    referenced_energy_per_atom,
 )
 from aenet_fn.optim import (
     AdamConfig,
@@ -47,16 +54,18 @@ from aenet_fn.potential import (
     sum_by_structure,
 )
 from aenet_fn.sampling import (
+    POLICIES as SAMPLING_POLICIES,
+)
+from aenet_fn.sampling import (
     SamplerState,
     epoch_order,
-    error_weighted_update,
+    error_scores_update,
     force_resample_due,
     force_subset,
     force_subset_size,
     sampler_init,
 )
 
-SAMPLING_POLICIES = ("uniform", "energy_weighted", "error_weighted")
 FORCE_SAMPLING = ("random", "fixed")
 
 
@@ -169,6 +178,44 @@ class TrainState:
     history: tuple[dict[str, float], ...] = static_field(default=())
 
 
+def init_model(
+    descriptor: ChebyshevParams,
+    arch: Architecture,
+    train: FeaturizedSet,
+    *,
+    seed: int = 0,
+    atomic_energies: Mapping[str, float] | None = None,
+    normalize_features: bool = True,
+    normalize_energy: bool = True,
+    feature_stats: Mapping[str, Any] | None = None,
+    energy_shift: float | None = None,
+    energy_scaling: float | None = None,
+) -> Model:
+    """A fresh model for ``train``: networks initialised from ``seed``, normalisation fitted
+    on the training split (spec §4.2–§4.3; overrides as in
+    :func:`~aenet_fn.normalization.fit_normalization`)."""
+    dtype = train.features.dtype
+    reference = reference_energy_vector(descriptor.species, atomic_energies, dtype)
+    if not bool(torch.isfinite(train.energies).all()):
+        raise ValueError("init_model: every training structure needs a finite energy")
+    normalization = fit_normalization(
+        train.features,
+        train.energies,
+        train.species_counts,
+        reference,
+        normalize_features=normalize_features,
+        normalize_energy=normalize_energy,
+        feature_stats=feature_stats,
+        energy_shift=energy_shift,
+        energy_scaling=energy_scaling,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    network = init_network(
+        arch, descriptor.species, descriptor.n_features, generator=generator, dtype=dtype
+    )
+    return Model(descriptor, network, normalization)
+
+
 def optimizer_of(config: TrainConfig):
     """The :class:`~aenet_fn.optim.Optimizer` of ``config``."""
     return (
@@ -221,9 +268,10 @@ def _draw_force_subset(
 
 def batch_loss(
     model: Model, values: torch.Tensor, batch: MiniBatch, force_weight: float, unbiased: bool
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Loss of ``batch`` for network parameters ``values`` ``[P]``, with the per-atom energy
-    errors ``[b]`` and supervised force differences ``[n_f, 3]`` (or None) as auxiliary output."""
+    errors ``[b]`` and supervised force differences ``[n_f, 3]`` (``n_f = 0`` without forces) as
+    auxiliary output."""
     model = attrs.evolve(model, network=attrs.evolve(model.network, values=values))
     if batch.local is None:
         atomic = atomic_energies_from_features(model, batch.features, batch.species_index)
@@ -240,7 +288,7 @@ def batch_loss(
         )
     errors = energy_error_per_atom(energies, batch.energies, batch.n_atoms)
     rmse_energy = torch.sqrt((errors * errors).mean().clamp_min(torch.finfo(errors.dtype).tiny))
-    differences, rmse_forces = None, None
+    differences, rmse_forces = errors.new_zeros(0, 3), None
     if forces is not None:
         supervised = batch.force_atoms
         differences = forces[supervised] - batch.forces[supervised]
@@ -259,7 +307,7 @@ def member_step(
     lr: float,
     batch: MiniBatch,
     config: TrainConfig,
-) -> tuple[torch.Tensor, Any, tuple[torch.Tensor, torch.Tensor | None]]:
+) -> tuple[torch.Tensor, Any, tuple[torch.Tensor, torch.Tensor]]:
     """One optimiser step of one model's parameters ``values``; pure and ``vmap``-able over
     ``values`` and ``opt_state`` (committees)."""
     gradient, aux = grad(
@@ -272,7 +320,7 @@ def member_step(
 
 def train_step(
     state: TrainState, batch: MiniBatch, config: TrainConfig
-) -> tuple[TrainState, tuple[torch.Tensor, torch.Tensor | None]]:
+) -> tuple[TrainState, tuple[torch.Tensor, torch.Tensor]]:
     """One optimiser step on ``batch``; returns the new state and the batch's per-atom energy
     errors ``[b]`` and supervised force differences (measured before the step)."""
     values, opt_state, aux = member_step(
@@ -321,7 +369,10 @@ def run_epoch(
         state.epoch, 0, config.force_sampling, config.force_resample_num_epochs
     ):
         sampler = _draw_force_subset(sampler, train, config, generator)
-    order = epoch_order(sampler, train, generator=generator)
+    per_atom = referenced_energy_per_atom(
+        train.energies, train.species_counts, state.model.normalization.atomic_energies
+    )
+    order = epoch_order(sampler, per_atom, generator=generator)
     force_mask = sampler.force_subset if config.uses_forces else None
     sums: ErrorSums = error_sums_init()
     drawn_errors = []
@@ -335,7 +386,8 @@ def run_epoch(
         if on_batch is not None:
             on_batch(k + 1, n_batches)
     if config.sampling_policy == "error_weighted":
-        sampler = error_weighted_update(sampler, order, torch.cat(drawn_errors))
+        scores = error_scores_update(sampler.scores, order, torch.cat(drawn_errors))
+        sampler = attrs.evolve(sampler, scores=scores)
     state = attrs.evolve(state, sampler=sampler, rng=generator.get_state())
     return state, metrics_from_sums(sums)
 

@@ -35,7 +35,7 @@ def test_initial_weights_lie_within_the_linear_default_bounds():
     network = _init(1)
     for layers in network.layers():
         for weight, bias in layers:
-            bound = 1 / math.sqrt(weight.shape[1])
+            bound = 1 / math.sqrt(weight.shape[0])
             assert float(weight.abs().max()) <= bound and float(bias.abs().max()) <= bound
 
 
@@ -43,7 +43,7 @@ def test_layout_and_size():
     network = _init()
     assert network.values.shape == (network_size(ARCH, SPECIES, 7),)
     shapes = [[tuple(w.shape) for w, _ in layers] for layers in network.layers()]
-    assert shapes == [[(6, 7), (4, 6), (1, 4)], [(5, 7), (1, 5)]]
+    assert shapes == [[(7, 6), (6, 4), (4, 1)], [(7, 5), (5, 1)]]
     assert network.architecture() == {"Ti": [(6, "tanh"), (4, "sigmoid")], "O": [(5, "mtanh")]}
 
 
@@ -61,7 +61,7 @@ def _direct(network, x, species):
         for k, (weight, bias) in enumerate(layers):
             h = [
                 sum(wi * hi for wi, hi in zip(w_row, h)) + b
-                for w_row, b in zip(weight.tolist(), bias.tolist())
+                for w_row, b in zip(weight.T.tolist(), bias.tolist())
             ]
             if k < len(acts):
                 h = [formulas[acts[k]](v) for v in h]
