@@ -8,6 +8,7 @@ The core is pure functions over frozen ``attrs`` records (registered as pytrees)
 """
 
 from aenet_fn.batch import Batch, collate
+from aenet_fn.checkpoint import CheckpointWriter, load_checkpoint, save_checkpoint
 from aenet_fn.descriptor import (
     ChebyshevParams,
     DescriptorGraph,
@@ -15,23 +16,79 @@ from aenet_fn.descriptor import (
     features_from_graph,
     featurize,
 )
+from aenet_fn.featurized import FeaturizedSet, MiniBatch, featurize_structures, take_structures
+from aenet_fn.forces import EnergyForces, value_and_forces
+from aenet_fn.io import read_structures, write_xsf
 from aenet_fn.neighbors import Neighbors, batch_neighbor_list, neighbor_list, pair_vectors
+from aenet_fn.network import NetworkParams, init_network
+from aenet_fn.normalization import Normalization, fit_normalization
+from aenet_fn.optim import AdamConfig, PlateauConfig, SGDConfig
+from aenet_fn.potential import (
+    Model,
+    atomic_energies,
+    energy,
+    energy_and_forces,
+    energy_forces_stress,
+)
+from aenet_fn.sampling import split_indices
 from aenet_fn.structure import Structure
+from aenet_fn.train import (
+    TrainConfig,
+    TrainState,
+    evaluate,
+    fit,
+    init_model,
+    init_train_state,
+    run_epoch,
+    train_step,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdamConfig",
     "Batch",
     "ChebyshevParams",
+    "CheckpointWriter",
     "DescriptorGraph",
+    "EnergyForces",
+    "FeaturizedSet",
+    "MiniBatch",
+    "Model",
     "Neighbors",
+    "NetworkParams",
+    "Normalization",
+    "PlateauConfig",
+    "SGDConfig",
     "Structure",
+    "TrainConfig",
+    "TrainState",
     "__version__",
+    "atomic_energies",
     "batch_neighbor_list",
     "build_graph",
     "collate",
+    "energy",
+    "energy_and_forces",
+    "energy_forces_stress",
+    "evaluate",
     "features_from_graph",
     "featurize",
+    "featurize_structures",
+    "fit",
+    "fit_normalization",
+    "init_model",
+    "init_network",
+    "init_train_state",
+    "load_checkpoint",
     "neighbor_list",
     "pair_vectors",
+    "read_structures",
+    "run_epoch",
+    "save_checkpoint",
+    "split_indices",
+    "take_structures",
+    "train_step",
+    "value_and_forces",
+    "write_xsf",
 ]

@@ -68,7 +68,7 @@ def save_checkpoint(path: str | os.PathLike, state: Any, config: Any) -> Path:
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "state": to_tree(state),
         "config": to_tree(config),
     }

@@ -179,7 +179,12 @@ def batch_neighbor_list(
 
     keys = bin_key(bins, structure)
     order = torch.argsort(keys, stable=True)  # store points bin by bin: gathers stay local
-    sorted_keys, points, atom, translation = keys[order], points[order], atom[order], translation[order]
+    sorted_keys, points, atom, translation = (
+        keys[order],
+        points[order],
+        atom[order],
+        translation[order],
+    )
 
     centre_bins = torch.floor((centre_points - origin[structure_index]) / bin_edge).long()
     n_offsets = _BIN_OFFSETS.shape[0]
