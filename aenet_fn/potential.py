@@ -19,8 +19,8 @@ from aenet_fn.descriptor import (
     features_from_graph,
     species_lookup,
 )
-from aenet_fn.local_derivatives import LocalDerivatives, position_gradient
 from aenet_fn.forces import EnergyForces, value_and_forces
+from aenet_fn.local_derivatives import LocalDerivatives, position_gradient
 from aenet_fn.network import NetworkParams, atomic_outputs
 from aenet_fn.normalization import Normalization
 

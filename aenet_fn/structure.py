@@ -105,7 +105,8 @@ class Structure:
             forces = _as_float64(forces, "forces", name)
             if forces.shape != positions.shape:
                 raise ValueError(
-                    f"{label}: forces have shape {tuple(forces.shape)}, positions {tuple(positions.shape)}"
+                    f"{label}: forces have shape {tuple(forces.shape)}, "
+                    f"positions {tuple(positions.shape)}"
                 )
             _check_finite(forces, "forces", name)
         energy = self.energy
@@ -124,7 +125,8 @@ class Structure:
             _check_finite(cell, "cell", name)
             if abs(float(torch.linalg.det(cell))) < _SINGULAR_VOLUME:
                 raise ValueError(
-                    f"{label}: the cell is singular (volume {float(torch.linalg.det(cell)):.3g} Å^3)"
+                    f"{label}: the cell is singular "
+                    f"(volume {float(torch.linalg.det(cell)):.3g} Å^3)"
                 )
         pbc = self.pbc
         if pbc is None:

@@ -13,6 +13,7 @@ Run: ``python benchmarks/featurize.py [--quick]``. Prints JSON, then a table.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 import torch
 
@@ -91,29 +92,29 @@ def box(n_target: int, seed: int = 0) -> Structure:
     )
 
 
+def _neighbors_of(batch):
+    return batch_neighbor_list(
+        batch.positions, batch.cells, batch.pbc, batch.structure_index, PARAMS.cutoff
+    )
+
+
+def _featurize_box(batch):
+    with torch.no_grad():
+        graph = build_graph(PARAMS, batch)
+        return features_from_graph(
+            PARAMS, batch.positions, batch.cells, batch.structure_index, graph
+        )
+
+
 def scaling_rows(sizes: list[int], repeats: int) -> list[dict]:
     """Neighbour-list and featurization time of growing periodic boxes."""
     rows = []
     for size in sizes:
         batch = collate([box(size)], PARAMS.species)
         n_atoms = batch.positions.shape[0]
-        reps = repeats if n_atoms <= 10_000 else 1
-        nl = best_time(
-            lambda: batch_neighbor_list(
-                batch.positions, batch.cells, batch.pbc, batch.structure_index, PARAMS.cutoff
-            ),
-            reps,
-            warmup=1 if n_atoms <= 10_000 else 0,
-        )
-
-        def featurize_box():
-            with torch.no_grad():
-                g = build_graph(PARAMS, batch)
-                return features_from_graph(
-                    PARAMS, batch.positions, batch.cells, batch.structure_index, g
-                )
-
-        feat = best_time(featurize_box, reps, warmup=1 if n_atoms <= 10_000 else 0)
+        reps, warmup = (repeats, 1) if n_atoms <= 10_000 else (1, 0)
+        nl = best_time(partial(_neighbors_of, batch), reps, warmup)
+        feat = best_time(partial(_featurize_box, batch), reps, warmup)
         rows.append(
             {
                 "data": "box",

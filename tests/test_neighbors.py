@@ -133,7 +133,7 @@ def test_result_is_sorted_by_centre():
 
 def test_overlapping_atoms_are_reported():
     positions = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
-    with pytest.raises(ValueError, match="atoms 1 and 2 .* overlap"):
+    with pytest.raises(ValueError, match=r"atoms 1 and 2 .* overlap"):
         neighbor_list(positions, None, None, 3.0)
 
 

@@ -72,7 +72,8 @@ def test_collate_flattens_structures():
     assert batch.structure_index.tolist() == [0, 0, 0, 1, 1, 1]
     assert batch.n_atoms.tolist() == [3, 3]
     assert batch.species == tuple(dict.fromkeys([*a.species, "O", "H"]))
-    assert [batch.species[i] for i in batch.species_index.tolist()] == list(a.species) + [
+    assert [batch.species[i] for i in batch.species_index.tolist()] == [
+        *a.species,
         "O",
         "H",
         "H",

@@ -169,9 +169,9 @@ def test_loading_refuses_foreign_and_corrupt_files(tmp_path):
         af.load_checkpoint(foreign)
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"\x00garbage")
-    with pytest.raises(ValueError, match="corrupt.pt: not a readable"):
+    with pytest.raises(ValueError, match=r"corrupt\.pt: not a readable"):
         af.load_checkpoint(corrupt)
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.pt"):
         af.load_checkpoint(tmp_path / "missing.pt")
 
 
