@@ -41,7 +41,8 @@ class LocalDerivatives:
         radial_centre, radial_neighbour: ``[E_r]`` atoms ``i``, ``j`` of each radial entry.
         triplet_centre, triplet_first, triplet_second: ``[P]`` atoms ``i``, ``j``, ``k`` of each
             angular triplet.
-        typespin: ``[N]`` typespin weight of every atom.
+        radial_spin: ``[E_r]`` typespin weight ``s(j)`` of each radial entry.
+        triplet_spin: ``[P]`` weight ``s(j) s(k)`` of each triplet.
         radial: ``[E_r, rad_order + 1, 3]`` derivative of each radial entry's terms with respect
             to its pair vector ``r_ij`` (1/Å).
         angular_first: ``[P, ang_order + 1, 3]`` derivative of each triplet's terms with respect
@@ -54,7 +55,8 @@ class LocalDerivatives:
     triplet_centre: torch.Tensor
     triplet_first: torch.Tensor
     triplet_second: torch.Tensor
-    typespin: torch.Tensor
+    radial_spin: torch.Tensor
+    triplet_spin: torch.Tensor
     radial: torch.Tensor
     angular_first: torch.Tensor
     angular_second: torch.Tensor
@@ -95,7 +97,9 @@ def local_derivatives(
         triplet_centre=centers[graph.triplet_first],
         triplet_first=neighbours[graph.triplet_first],
         triplet_second=neighbours[graph.triplet_second],
-        typespin=graph.typespin,
+        radial_spin=graph.typespin[neighbours[graph.radial]],
+        triplet_spin=graph.typespin[neighbours[graph.triplet_first]]
+        * graph.typespin[neighbours[graph.triplet_second]],
         radial=radial,
         angular_first=first,
         angular_second=second,
@@ -113,11 +117,11 @@ def position_gradient(
     rad_coeff = feature_gradient[rad_i, :n_rad]
     ang_coeff = feature_gradient[ang_i, n_rad : n_rad + n_ang]
     if params.multi:
-        spin, offset = local.typespin, n_rad + n_ang
+        offset = n_rad + n_ang
         rad_weighted = feature_gradient[rad_i, offset : offset + n_rad]
         ang_weighted = feature_gradient[ang_i, offset + n_rad :]
-        rad_coeff = rad_coeff + spin[rad_j][:, None] * rad_weighted
-        ang_coeff = ang_coeff + (spin[ang_j] * spin[ang_k])[:, None] * ang_weighted
+        rad_coeff = rad_coeff + local.radial_spin[:, None] * rad_weighted
+        ang_coeff = ang_coeff + local.triplet_spin[:, None] * ang_weighted
     radial = torch.einsum("en,enk->ek", rad_coeff, local.radial)
     on_j = torch.einsum("pn,pnk->pk", ang_coeff, local.angular_first)
     on_k = torch.einsum("pn,pnk->pk", ang_coeff, local.angular_second)

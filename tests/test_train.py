@@ -10,7 +10,13 @@ import torch
 
 import aenet_fn as af
 from aenet_fn.checkpoint import checkpoints_to_delete
-from aenet_fn.train import batch_loss, end_of_epoch, member_step
+from aenet_fn.train import (
+    autograd_gradient,
+    batch_loss,
+    end_of_epoch,
+    func_gradient,
+    member_step,
+)
 
 E_ATOM = {"Ti": -1604.604515075, "O": -432.503149303}
 PARAMS = af.ChebyshevParams(
@@ -221,3 +227,20 @@ def test_bad_training_inputs_are_rejected(tio2, shared_data):
     )
     with pytest.raises(ValueError, match="needs a finite energy"):
         af.init_model(PARAMS, ARCH, unlabelled)
+
+
+@pytest.mark.parametrize("force_weight", [0.0, 0.4])
+def test_autograd_and_torch_func_gradients_agree(tio2, force_weight):
+    train, _, model = tio2
+    batch = af.take_structures(
+        train, torch.arange(5, 12), torch.ones(train.n_structures, dtype=torch.bool)
+    )
+
+    def loss(values):
+        return batch_loss(model, values, batch, force_weight, False)
+
+    values = model.network.values
+    by_func, aux_func = func_gradient(loss, values)
+    by_autograd, aux_autograd = autograd_gradient(loss, values)
+    torch.testing.assert_close(by_autograd, by_func, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(aux_autograd[0], aux_func[0], rtol=0, atol=0)
