@@ -1,7 +1,9 @@
 """Feature and energy normalisation (spec §4.1–§4.3), fitted by a pure function.
 
-* Features: one pooled z-score over all atoms of the training split (all species together):
-  ``Ĝ = (G − μ) / max(σ, 1e-12)`` with ``σ = sqrt(max(E[G²] − μ², 0) + 1e-12)``.
+* Features: ``Ĝ = (G − μ_s) / max(σ_s, 1e-12)`` with statistics per species ``s`` (the Fortran
+  files carry one set per species). :func:`fit_normalization` fits one pooled z-score over all
+  atoms of the training split (all species together, as the reference does) and gives every
+  species that same row: ``σ = sqrt(max(E[G²] − μ², 0) + 1e-12)``.
 * Energies: per-atom *referenced* energies ``e = (E − Σ_a E_atom(a)) / N`` of the training
   structures give ``E_scaling = 2 / (e_max − e_min)`` and ``E_shift = (e_max + e_min) / 2``
   (eV/atom); a degenerate range gives scaling 1 and shift 0.
@@ -26,9 +28,9 @@ class Normalization:
     """Normalisation constants of a model.
 
     Attributes:
-        feature_mean: ``[F]`` mean of each feature over the training atoms.
-        feature_std: ``[F]`` standard deviation (with the ``+1e-12`` inside the root).
-        feature_min, feature_max: ``[F]`` exact extrema over the same atoms (for export).
+        feature_mean: ``[M, F]`` mean of each feature, one row per species.
+        feature_std: ``[M, F]`` standard deviation (``inf`` switches a feature off).
+        feature_min, feature_max: ``[M, F]`` exact extrema (for export).
         energy_shift: ``[]`` E_shift (eV/atom).
         energy_scaling: ``[]`` E_scaling (1/(eV/atom)).
         atomic_energies: ``[M]`` reference energy of each species (eV), descriptor order.
@@ -42,9 +44,13 @@ class Normalization:
     energy_scaling: torch.Tensor
     atomic_energies: torch.Tensor
 
-    def normalize_features(self, features: torch.Tensor) -> torch.Tensor:
-        """``(G − μ) / max(σ, 1e-12)`` for ``features`` ``[..., F]``."""
-        return (features - self.feature_mean) / self.feature_std.clamp_min(STD_FLOOR)
+    def normalize_features(
+        self, features: torch.Tensor, species_index: torch.Tensor
+    ) -> torch.Tensor:
+        """``(G − μ_s) / max(σ_s, 1e-12)`` for ``features`` ``[N, F]`` of atoms of species
+        ``species_index`` ``[N]``."""
+        mean = self.feature_mean[species_index]
+        return (features - mean) / self.feature_std.clamp_min(STD_FLOOR)[species_index]
 
 
 def reference_energy_vector(
@@ -59,9 +65,10 @@ def reference_energy_vector(
 
 
 def identity_normalization(n_features: int, atomic_energies: torch.Tensor) -> Normalization:
-    """Normalisation that changes nothing (zero mean, unit std, scaling 1, shift 0)."""
+    """Normalisation that changes nothing (zero mean, unit std, scaling 1, shift 0) for the
+    ``M = len(atomic_energies)`` species."""
     dtype, device = atomic_energies.dtype, atomic_energies.device
-    zeros = torch.zeros(n_features, dtype=dtype, device=device)
+    zeros = torch.zeros(atomic_energies.shape[0], n_features, dtype=dtype, device=device)
     return Normalization(
         feature_mean=zeros,
         feature_std=torch.ones_like(zeros),
@@ -113,14 +120,22 @@ def fit_normalization(
         raise ValueError("fit_normalization: training energies must be finite")
     dtype = features.dtype
     result = identity_normalization(features.shape[1], atomic_energies.to(dtype))
-    feature_min, feature_max = features.min(dim=0).values, features.max(dim=0).values
-    result = attrs.evolve(result, feature_min=feature_min, feature_max=feature_max)
+    n_species = result.atomic_energies.shape[0]
+
+    def per_species(row: torch.Tensor) -> torch.Tensor:
+        return row.expand(n_species, -1).clone()
+
+    stats = {
+        "feature_min": features.min(dim=0).values,
+        "feature_max": features.max(dim=0).values,
+    }
     if feature_stats is not None:
-        result = attrs.evolve(result, **_feature_override(feature_stats, features.shape[1], dtype))
+        stats.update(_feature_override(feature_stats, features.shape[1], dtype))
     elif normalize_features:
         mean = features.mean(dim=0)
         variance = ((features * features).mean(dim=0) - mean * mean).clamp_min(0.0)
-        result = attrs.evolve(result, feature_mean=mean, feature_std=torch.sqrt(variance + 1e-12))
+        stats.update(feature_mean=mean, feature_std=torch.sqrt(variance + 1e-12))
+    result = attrs.evolve(result, **{k: per_species(v) for k, v in stats.items()})
     if energy_shift is not None and energy_scaling is not None:
         if not energy_scaling > 0:
             raise ValueError(f"energy scaling must be > 0, got {energy_scaling}")

@@ -65,7 +65,8 @@ def atomic_energies_from_features(
     """``[N]`` atomic energies (eV) from raw features ``[N, F]``; ``species_index`` in model
     order. Includes the energy shift and the atomic reference energy of each atom."""
     norm = model.normalization
-    outputs = atomic_outputs(model.network, norm.normalize_features(features), species_index)
+    normalized = norm.normalize_features(features, species_index)
+    outputs = atomic_outputs(model.network, normalized, species_index)
     return outputs / norm.energy_scaling + norm.energy_shift + norm.atomic_energies[species_index]
 
 

@@ -28,9 +28,11 @@ def test_fitted_constants_equal_the_formulas(seed):
     x = features.numpy()
     mean = x.mean(axis=0)
     std = np.sqrt(np.maximum((x**2).mean(axis=0) - mean**2, 0) + 1e-12)
-    np.testing.assert_allclose(norm.feature_mean.numpy(), mean, rtol=1e-13)
-    np.testing.assert_allclose(norm.feature_std.numpy(), std, rtol=1e-12)
-    np.testing.assert_array_equal(norm.feature_min.numpy(), x.min(axis=0))
+    np.testing.assert_allclose(norm.feature_mean[1].numpy(), mean, rtol=1e-13)
+    np.testing.assert_allclose(norm.feature_std[1].numpy(), std, rtol=1e-12)
+    np.testing.assert_array_equal(norm.feature_min[0].numpy(), x.min(axis=0))
+    assert norm.feature_mean.shape == (2, 5)
+    torch.testing.assert_close(norm.feature_std[0], norm.feature_std[1], rtol=0, atol=0)
     per_atom = [
         (float(e) - float(c[0]) * -3.0 - float(c[1]) * -1.5) / float(c.sum())
         for e, c in zip(energies, counts)
@@ -46,7 +48,7 @@ def test_fitted_constants_equal_the_formulas(seed):
 def test_normalised_features_have_zero_mean_and_unit_variance():
     features, energies, counts = _data(1, 30)
     norm = fit_normalization(features, energies, counts, E_ATOM)
-    z = norm.normalize_features(features)
+    z = norm.normalize_features(features, torch.zeros(len(features), dtype=torch.long))
     torch.testing.assert_close(
         z.mean(dim=0), torch.zeros(5, dtype=torch.float64), atol=1e-12, rtol=0
     )
@@ -59,7 +61,9 @@ def test_constant_feature_does_not_divide_by_zero():
     features, energies, counts = _data(2)
     features[:, 2] = 4.0
     norm = fit_normalization(features, energies, counts, E_ATOM)
-    assert bool(torch.isfinite(norm.normalize_features(features)).all())
+    assert bool(
+        torch.isfinite(norm.normalize_features(features, counts.new_zeros(len(features)))).all()
+    )
 
 
 def test_single_structure_gives_unit_scaling_and_zero_shift():
@@ -92,7 +96,10 @@ def test_feature_stats_override_is_honoured_and_validated():
     features, energies, counts = _data(6)
     stats = {"mean": [0.5] * 5, "std": [2.0] * 5}
     norm = fit_normalization(features, energies, counts, E_ATOM, feature_stats=stats)
-    assert norm.feature_mean.tolist() == [0.5] * 5 and norm.feature_std.tolist() == [2.0] * 5
+    assert (
+        norm.feature_mean.tolist() == [[0.5] * 5] * 2
+        and norm.feature_std.tolist() == [[2.0] * 5] * 2
+    )
     with pytest.raises(ValueError, match="must give 'mean' and 'std'"):
         fit_normalization(
             features, energies, counts, E_ATOM, feature_stats={"mean": [0] * 5, "cov": [1] * 5}

@@ -32,10 +32,10 @@ def make_model(seed: int = 0) -> Model:
     network = init_network(ARCH, PARAMS.species, PARAMS.n_features, generator=generator)
     f = PARAMS.n_features
     norm = Normalization(
-        feature_mean=torch.rand(f, generator=generator, dtype=torch.float64),
-        feature_std=torch.rand(f, generator=generator, dtype=torch.float64) + 0.5,
-        feature_min=torch.zeros(f, dtype=torch.float64),
-        feature_max=torch.ones(f, dtype=torch.float64),
+        feature_mean=torch.rand(2, f, generator=generator, dtype=torch.float64),
+        feature_std=torch.rand(2, f, generator=generator, dtype=torch.float64) + 0.5,
+        feature_min=torch.zeros(2, f, dtype=torch.float64),
+        feature_max=torch.ones(2, f, dtype=torch.float64),
         energy_shift=torch.tensor(-4.2, dtype=torch.float64),
         energy_scaling=torch.tensor(0.7, dtype=torch.float64),
         atomic_energies=torch.tensor([-1604.6, -432.5], dtype=torch.float64),
@@ -52,7 +52,8 @@ def test_energy_follows_the_prediction_formula():
     structures = _structures(4)
     batch = collate(structures, species=PARAMS.species)
     norm = model.normalization
-    z = (featurize(PARAMS, batch) - norm.feature_mean) / norm.feature_std
+    s = batch.species_index  # per-species statistics
+    z = (featurize(PARAMS, batch) - norm.feature_mean[s]) / norm.feature_std[s]
     nn = atomic_outputs(model.network, z, batch.species_index)
     expected = []
     for b, structure in enumerate(structures):
