@@ -84,7 +84,7 @@ class MiniBatch:
         force_atoms: ``[n]`` bool, atoms whose forces are supervised in this batch.
         local: derivative entries of the force-supervised structures in batch atom numbering,
             or None when no force is supervised.
-        n_force_labelled: atoms of the batch that carry force labels (for the unbiased scale).
+        n_force_labelled: ``[]`` atoms of the batch with force labels (for the unbiased scale).
     """
 
     features: torch.Tensor
@@ -95,7 +95,7 @@ class MiniBatch:
     forces: torch.Tensor
     force_atoms: torch.Tensor
     local: LocalDerivatives | None
-    n_force_labelled: int = static_field()
+    n_force_labelled: torch.Tensor
 
     @property
     def n_structures(self) -> int:
@@ -236,7 +236,7 @@ def take_structures(
         forces=forces,
         force_atoms=force_atoms,
         local=local,
-        n_force_labelled=int(labelled.sum()),
+        n_force_labelled=labelled.sum(),
     )
 
 

@@ -41,28 +41,38 @@ def energy_rmse(
     return _safe_sqrt((error * error).mean())
 
 
-def force_rmse(predicted: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """RMSE over all Cartesian components of ``[n, 3]`` forces (eV/Å)."""
-    difference = predicted - reference
-    return _safe_sqrt((difference * difference).mean())
+def masked_force_differences(
+    predicted: torch.Tensor, reference: torch.Tensor, supervised: torch.Tensor
+) -> torch.Tensor:
+    """``[n, 3]`` force differences (eV/Å) of the ``supervised`` ``[n]`` atoms, 0 elsewhere (no
+    boolean indexing, so it works under ``vmap``; NaN labels of other atoms are ignored)."""
+    return torch.where(supervised[:, None], predicted - reference, 0.0)
 
 
-def force_unbiased_factor(n_supervised: int, n_labelled: int) -> float:
+def force_rmse(differences: torch.Tensor, supervised: torch.Tensor) -> torch.Tensor:
+    """RMSE over the Cartesian components of the ``supervised`` atoms (eV/Å), from the masked
+    differences of :func:`masked_force_differences`."""
+    n_components = 3 * supervised.sum().clamp_min(1)
+    return _safe_sqrt((differences * differences).sum() / n_components)
+
+
+def force_unbiased_factor(n_supervised: torch.Tensor, n_labelled: torch.Tensor) -> torch.Tensor:
     """``1/√f`` with ``f = n_supervised / n_labelled`` when ``0 < f < 1``, else 1: rescales the
     force RMSE of a sub-sampled batch (``force_scale_unbiased``)."""
-    if n_labelled > 0 and 0 < n_supervised < n_labelled:
-        return 1.0 / math.sqrt(n_supervised / n_labelled)
-    return 1.0
+    fraction = n_supervised / n_labelled.clamp_min(1)
+    inside = (fraction > 0) & (fraction < 1)
+    return torch.where(inside, torch.rsqrt(fraction.clamp_min(1e-30)), 1.0)
 
 
 def combined_loss(
-    rmse_energy: torch.Tensor, rmse_forces: torch.Tensor | None, force_weight: float
+    rmse_energy: torch.Tensor,
+    rmse_forces: torch.Tensor,
+    has_forces: torch.Tensor,
+    force_weight: float,
 ) -> torch.Tensor:
-    """``(1 − α) RMSE_E + α RMSE_F``; without a force term ``(1 − α) RMSE_E``."""
-    loss = (1.0 - force_weight) * rmse_energy
-    if rmse_forces is not None:
-        loss = loss + force_weight * rmse_forces
-    return loss
+    """``(1 − α) RMSE_E + α RMSE_F``; where ``has_forces`` is False ``(1 − α) RMSE_E``."""
+    force_term = torch.where(has_forces, force_weight * rmse_forces, 0.0)
+    return (1.0 - force_weight) * rmse_energy + force_term
 
 
 @pytree_record
@@ -94,25 +104,20 @@ def error_sums_init(device: torch.device | str | None = None) -> ErrorSums:
 def accumulate_errors(
     sums: ErrorSums,
     energy_errors: torch.Tensor,
-    force_differences: torch.Tensor | None = None,
+    force_differences: torch.Tensor,
+    supervised: torch.Tensor,
 ) -> ErrorSums:
-    """Add per-atom energy errors ``[B]`` (eV/atom) and force differences ``[n, 3]`` (eV/Å)."""
+    """Add per-atom energy errors ``[b]`` (eV/atom) and the masked force differences
+    ``[n, 3]`` (eV/Å) of the ``supervised`` ``[n]`` atoms."""
     e = energy_errors.detach().to(torch.float64)
-    result = ErrorSums(
+    f = force_differences.detach().to(torch.float64)
+    return ErrorSums(
         energy_squared=sums.energy_squared + (e * e).sum(),
         energy_absolute=sums.energy_absolute + e.abs().sum(),
         n_energies=sums.n_energies + e.numel(),
-        force_squared=sums.force_squared,
-        n_force_components=sums.n_force_components,
+        force_squared=sums.force_squared + (f * f).sum(),
+        n_force_components=sums.n_force_components + 3 * supervised.sum(),
     )
-    if force_differences is not None and force_differences.numel():
-        f = force_differences.detach().to(torch.float64)
-        result = attrs.evolve(
-            result,
-            force_squared=sums.force_squared + (f * f).sum(),
-            n_force_components=sums.n_force_components + f.numel(),
-        )
-    return result
 
 
 def metrics_from_sums(sums: ErrorSums) -> dict[str, float]:

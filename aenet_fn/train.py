@@ -30,6 +30,7 @@ from aenet_fn.loss import (
     error_sums_init,
     force_rmse,
     force_unbiased_factor,
+    masked_force_differences,
     metrics_from_sums,
 )
 from aenet_fn.network import Architecture, init_network
@@ -271,8 +272,9 @@ def batch_loss(
     model: Model, values: torch.Tensor, batch: MiniBatch, force_weight: float, unbiased: bool
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Loss of ``batch`` for network parameters ``values`` ``[P]``, with the per-atom energy
-    errors ``[b]`` and supervised force differences ``[n_f, 3]`` (``n_f = 0`` without forces) as
-    auxiliary output."""
+    errors ``[b]`` and the force differences ``[n, 3]`` of the supervised atoms (0 elsewhere)
+    as auxiliary output. Written without data-dependent shapes, so it ``vmap``s over members
+    (and over padded, stacked batches)."""
     model = attrs.evolve(model, network=attrs.evolve(model.network, values=values))
     if batch.local is None:
         atomic = atomic_energies_from_features(model, batch.features, batch.species_index)
@@ -289,16 +291,18 @@ def batch_loss(
         )
     errors = energy_error_per_atom(energies, batch.energies, batch.n_atoms)
     rmse_energy = torch.sqrt((errors * errors).mean().clamp_min(torch.finfo(errors.dtype).tiny))
-    differences, rmse_forces = errors.new_zeros(0, 3), None
-    if forces is not None:
-        supervised = batch.force_atoms
-        differences = forces[supervised] - batch.forces[supervised]
-        rmse_forces = force_rmse(forces[supervised], batch.forces[supervised])
-        if unbiased:
-            rmse_forces = rmse_forces * force_unbiased_factor(
-                int(supervised.sum()), batch.n_force_labelled
-            )
-    return combined_loss(rmse_energy, rmse_forces, force_weight), (errors, differences)
+    supervised = batch.force_atoms
+    if forces is None:
+        return (1.0 - force_weight) * rmse_energy, (
+            errors,
+            batch.forces.new_zeros(supervised.shape[0], 3),
+        )
+    differences = masked_force_differences(forces, batch.forces, supervised)
+    rmse_forces = force_rmse(differences, supervised)
+    if unbiased:
+        rmse_forces = rmse_forces * force_unbiased_factor(supervised.sum(), batch.n_force_labelled)
+    loss = combined_loss(rmse_energy, rmse_forces, supervised.any(), force_weight)
+    return loss, (errors, differences)
 
 
 LossFunction = Callable[[torch.Tensor], tuple[torch.Tensor, Any]]
@@ -370,7 +374,7 @@ def evaluate(
         batch = take_structures(data, selection, everything)
         with torch.no_grad():
             _, (errors, differences) = batch_loss(model, model.network.values, batch, 0.0, False)
-        sums = accumulate_errors(sums, errors, differences)
+        sums = accumulate_errors(sums, errors, differences, batch.force_atoms)
     return metrics_from_sums(sums)
 
 
@@ -409,7 +413,7 @@ def run_epoch(
         selection = order[k * config.batch_size : (k + 1) * config.batch_size]
         batch = take_structures(train, selection, force_mask)
         state, (errors, differences) = train_step(state, batch, config)
-        sums = accumulate_errors(sums, errors, differences)
+        sums = accumulate_errors(sums, errors, differences, batch.force_atoms)
         drawn_errors.append(errors.detach().abs())
         if on_batch is not None:
             on_batch(k + 1, n_batches)

@@ -16,6 +16,7 @@ from aenet_fn.loss import (
     error_sums_init,
     force_rmse,
     force_unbiased_factor,
+    masked_force_differences,
     metrics_from_sums,
 )
 
@@ -39,22 +40,30 @@ def test_energy_rmse_is_per_atom(predicted, data):
     assert float(value) == pytest.approx(direct, rel=1e-12, abs=1e-150)
 
 
-def test_force_rmse_over_components():
-    predicted = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
-    reference = torch.zeros(2, 3)
-    assert float(force_rmse(predicted, reference)) == pytest.approx(math.sqrt(14 / 6))
+def test_force_rmse_over_supervised_components():
+    predicted = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [9.0, 9.0, 9.0]])
+    reference = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [float("nan")] * 3])
+    supervised = torch.tensor([True, True, False])
+    differences = masked_force_differences(predicted, reference, supervised)
+    assert differences[2].tolist() == [0.0, 0.0, 0.0]
+    assert float(force_rmse(differences, supervised)) == pytest.approx(math.sqrt(14 / 6))
 
 
 def test_unbiased_factor():
-    assert force_unbiased_factor(2, 8) == pytest.approx(2.0)
-    assert force_unbiased_factor(8, 8) == 1.0
-    assert force_unbiased_factor(0, 8) == 1.0
+    def factor(a, b):
+        return float(force_unbiased_factor(torch.tensor(a), torch.tensor(b)))
+
+    assert factor(2, 8) == pytest.approx(2.0)
+    assert factor(8, 8) == 1.0
+    assert factor(0, 8) == 1.0
+    assert factor(0, 0) == 1.0
 
 
 def test_combined_loss():
     e, f = torch.tensor(2.0), torch.tensor(10.0)
-    assert float(combined_loss(e, f, 0.25)) == pytest.approx(0.75 * 2 + 0.25 * 10)
-    assert float(combined_loss(e, None, 0.25)) == pytest.approx(1.5)
+    yes, no = torch.tensor(True), torch.tensor(False)
+    assert float(combined_loss(e, f, yes, 0.25)) == pytest.approx(0.75 * 2 + 0.25 * 10)
+    assert float(combined_loss(e, f, no, 0.25)) == pytest.approx(1.5)
 
 
 def test_rmse_gradient_is_finite_at_a_perfect_fit():
@@ -74,9 +83,9 @@ def test_accumulated_metrics_do_not_depend_on_batching(errors, cuts):
     bounds = sorted({0, len(errors), *(min(c, len(errors)) for c in cuts)})
     sums = error_sums_init()
     for low, high in zip(bounds[:-1], bounds[1:]):
-        sums = accumulate_errors(
-            sums, all_errors[low:high], all_errors[low:high, None].repeat(1, 3)
-        )
+        chunk = all_errors[low:high]
+        supervised = torch.ones(high - low, dtype=torch.bool)
+        sums = accumulate_errors(sums, chunk, chunk[:, None].repeat(1, 3), supervised)
     metrics = metrics_from_sums(sums)
     rmse = math.sqrt(sum(e * e for e in errors) / len(errors))
     assert metrics["rmse_energy"] == pytest.approx(rmse, rel=1e-12, abs=1e-300)
