@@ -78,13 +78,20 @@ class FeaturizedSet:
 class MiniBatch:
     """A selection of ``b`` whole structures (``n`` atoms) from a :class:`FeaturizedSet`.
 
+    The atoms are sorted by species (``species_blocks`` atoms of species 0 first, then of
+    species 1, ...), so that each species' network runs on a static slice: no data-dependent
+    shapes, hence ``vmap``-able over the stacked batches of committee members.
+
     Attributes:
         features, species_index, energies, forces, n_atoms: the rows of the selected structures.
-        structure_index: ``[n]`` position of each atom's structure in the selection.
+        structure_index: ``[n]`` position of each atom's structure in the selection; padding
+            atoms of stacked batches (:func:`stack_batches`) use the spare slot ``b``.
         force_atoms: ``[n]`` bool, atoms whose forces are supervised in this batch.
         local: derivative entries of the force-supervised structures in batch atom numbering,
             or None when no force is supervised.
         n_force_labelled: ``[]`` atoms of the batch with force labels (for the unbiased scale).
+        atom_index: ``[n]`` index of each atom in the featurized set (-1 for padding).
+        species_blocks: atoms of each species, in order (static).
     """
 
     features: torch.Tensor
@@ -96,6 +103,8 @@ class MiniBatch:
     force_atoms: torch.Tensor
     local: LocalDerivatives | None
     n_force_labelled: torch.Tensor
+    atom_index: torch.Tensor
+    species_blocks: tuple[int, ...] = static_field()
 
     @property
     def n_structures(self) -> int:
@@ -216,6 +225,10 @@ def take_structures(
     atoms = ranges(data.atom_start[selection], counts)
     new_start = torch.cumsum(counts, 0) - counts
     structure_index = torch.repeat_interleave(torch.arange(selection.shape[0]), counts)
+    species = data.species_index[atoms]
+    order = torch.argsort(species, stable=True)  # batch position (species-major) → structure-major
+    position = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0]))
+    atoms, structure_index, species = atoms[order], structure_index[order], species[order]
     forces = data.forces[atoms]
     labelled = torch.isfinite(forces).all(dim=1)
     local = None
@@ -226,10 +239,11 @@ def take_structures(
             if data.local is None:
                 raise ValueError("take_structures: forces requested but the set has no derivatives")
             force_atoms = supervised[structure_index]
-            local = _select_local(data, selection, supervised, new_start, atoms)
+            local = _select_local(data, selection, supervised, new_start, position)
+    n_species = data.species_counts.shape[1]
     return MiniBatch(
         features=data.features[atoms],
-        species_index=data.species_index[atoms],
+        species_index=species,
         structure_index=structure_index,
         n_atoms=counts,
         energies=data.energies[selection],
@@ -237,12 +251,17 @@ def take_structures(
         force_atoms=force_atoms,
         local=local,
         n_force_labelled=labelled.sum(),
+        atom_index=atoms,
+        species_blocks=tuple(torch.bincount(species, minlength=n_species).tolist()),
     )
 
 
-def _select_local(data, selection, supervised, new_start, atoms) -> LocalDerivatives:
+def _select_local(data, selection, supervised, new_start, position) -> LocalDerivatives:
+    """Derivative entries of the supervised structures, in batch atom numbering: a global atom
+    maps to its structure-major batch position, then through ``position`` to the species-major
+    one."""
     chosen = selection[supervised]
-    shift = new_start[supervised] - data.atom_start[chosen]  # global atom → batch atom
+    shift = new_start[supervised] - data.atom_start[chosen]  # global atom → structure-major
     local = data.local
     r_count, t_count = data.radial_count[chosen], data.triplet_count[chosen]
     radial = ranges(data.radial_start[chosen], r_count)
@@ -250,14 +269,99 @@ def _select_local(data, selection, supervised, new_start, atoms) -> LocalDerivat
     r_shift = torch.repeat_interleave(shift, r_count)
     t_shift = torch.repeat_interleave(shift, t_count)
     return LocalDerivatives(
-        radial_centre=local.radial_centre[radial] + r_shift,
-        radial_neighbour=local.radial_neighbour[radial] + r_shift,
-        triplet_centre=local.triplet_centre[triplet] + t_shift,
-        triplet_first=local.triplet_first[triplet] + t_shift,
-        triplet_second=local.triplet_second[triplet] + t_shift,
+        radial_centre=position[local.radial_centre[radial] + r_shift],
+        radial_neighbour=position[local.radial_neighbour[radial] + r_shift],
+        triplet_centre=position[local.triplet_centre[triplet] + t_shift],
+        triplet_first=position[local.triplet_first[triplet] + t_shift],
+        triplet_second=position[local.triplet_second[triplet] + t_shift],
         radial_spin=local.radial_spin[radial],
         triplet_spin=local.triplet_spin[triplet],
         radial=local.radial[radial],
         angular_first=local.angular_first[triplet],
         angular_second=local.angular_second[triplet],
+    )
+
+
+def _pad(tensor: torch.Tensor, length: int, value: float | int | bool) -> torch.Tensor:
+    extra = tensor.new_full((length - tensor.shape[0], *tensor.shape[1:]), value)
+    return torch.cat([tensor, extra])
+
+
+def _empty_like_local(template: LocalDerivatives) -> LocalDerivatives:
+    return LocalDerivatives(
+        **{f.name: getattr(template, f.name)[:0] for f in attrs.fields(LocalDerivatives)}
+    )
+
+
+def stack_batches(batches: Sequence[MiniBatch]) -> MiniBatch:
+    """Stack the batches of committee members (same number of structures ``b``) along a new
+    leading axis for ``vmap``. Each species block is padded to the largest count among the
+    members (the last block by one more atom): padding atoms have zero features, no labels and
+    sit in the spare structure slot ``b``; derivative entries are padded with zero blocks acting
+    on a padding atom. Padding therefore changes no energy, force or gradient."""
+    sizes = {batch.n_structures for batch in batches}
+    if len(sizes) != 1:
+        raise ValueError(f"stack_batches: batches hold different numbers of structures {sizes}")
+    (n_structures,) = sizes
+    blocks = [max(column) for column in zip(*(batch.species_blocks for batch in batches))]
+    blocks[-1] += 1  # guarantees a padding atom for padded derivative entries
+    block_start = torch.tensor([0, *blocks[:-1]]).cumsum(0)
+    n_padded = sum(blocks)
+    dummy_atom = n_padded - 1
+
+    def remap(batch: MiniBatch) -> torch.Tensor:
+        """New position of each atom of ``batch`` in the padded layout."""
+        own_start = torch.tensor([0, *batch.species_blocks[:-1]]).cumsum(0)
+        species = batch.species_index
+        return block_start[species] + torch.arange(species.shape[0]) - own_start[species]
+
+    positions = [remap(batch) for batch in batches]
+    padding_species = torch.repeat_interleave(torch.arange(len(blocks)), torch.tensor(blocks))
+
+    def stacked(field: str, fill: torch.Tensor | float | bool) -> torch.Tensor:
+        rows = []
+        for batch, position in zip(batches, positions):
+            value = getattr(batch, field)
+            padded = torch.empty((n_padded, *value.shape[1:]), dtype=value.dtype)
+            padded[...] = (
+                fill
+                if not isinstance(fill, torch.Tensor)
+                else fill.reshape(-1, *([1] * (value.ndim - 1)))
+            )
+            padded[position] = value
+            rows.append(padded)
+        return torch.stack(rows)
+
+    local = None
+    template = next((batch.local for batch in batches if batch.local is not None), None)
+    if template is not None:
+        filled = [
+            _empty_like_local(template) if batch.local is None else batch.local for batch in batches
+        ]
+        n_radial = max(item.radial.shape[0] for item in filled)
+        n_triplet = max(item.angular_first.shape[0] for item in filled)
+        entries = {}
+        for f in attrs.fields(LocalDerivatives):
+            length = n_radial if f.name.startswith("radial") else n_triplet
+            columns = []
+            for item, position in zip(filled, positions):
+                value = getattr(item, f.name)
+                if f.name in _ATOM_FIELDS:
+                    columns.append(_pad(position[value], length, dummy_atom))
+                else:
+                    columns.append(_pad(value, length, 0))
+            entries[f.name] = torch.stack(columns)
+        local = LocalDerivatives(**entries)
+    return MiniBatch(
+        features=stacked("features", 0.0),
+        species_index=stacked("species_index", padding_species),
+        structure_index=stacked("structure_index", n_structures),
+        n_atoms=torch.stack([batch.n_atoms for batch in batches]),
+        energies=torch.stack([batch.energies for batch in batches]),
+        forces=stacked("forces", 0.0),
+        force_atoms=stacked("force_atoms", False),
+        local=local,
+        n_force_labelled=torch.stack([batch.n_force_labelled for batch in batches]),
+        atom_index=stacked("atom_index", -1),
+        species_blocks=tuple(blocks),
     )

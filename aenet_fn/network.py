@@ -177,18 +177,26 @@ def mlp(
 
 
 def atomic_outputs(
-    network: NetworkParams, features: torch.Tensor, species_index: torch.Tensor
+    network: NetworkParams,
+    features: torch.Tensor,
+    species_index: torch.Tensor,
+    species_blocks: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Network output of every atom, ``[N]``: atom ``a`` goes through the network of species
-    ``species_index[a]`` (an index into ``network.species``). Atoms are grouped by species
-    with index tensors; the output keeps the input order."""
+    ``species_index[a]`` (an index into ``network.species``); the output keeps the input order.
+
+    With ``species_blocks`` (atoms sorted by species, that many of each) every network runs on
+    a static slice, with no data-dependent shapes (``vmap``-able over batches); otherwise atoms
+    are grouped with index tensors."""
+    layers, activations = network.layers(), network.activations
+    if species_blocks is not None:
+        chunks = torch.split(features, list(species_blocks), dim=-2)
+        outputs = [mlp(w, a, x) for w, a, x in zip(layers, activations, chunks)]
+        return torch.cat(outputs, dim=-1)
     groups = [torch.nonzero(species_index == p).flatten() for p in range(len(network.species))]
     order = torch.cat(groups)
     inverse = torch.empty_like(order).scatter_(
         0, order, torch.arange(order.shape[0], device=order.device)
     )
-    outputs = [
-        mlp(layers, activations, features[atoms])
-        for layers, activations, atoms in zip(network.layers(), network.activations, groups)
-    ]
+    outputs = [mlp(w, a, features[atoms]) for w, a, atoms in zip(layers, activations, groups)]
     return torch.cat(outputs, dim=-1)[..., inverse]

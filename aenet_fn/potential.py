@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import attrs
 import torch
 from torch.func import grad
@@ -60,13 +62,17 @@ def model_species_index(model: Model, batch: Batch) -> torch.Tensor:
 
 
 def atomic_energies_from_features(
-    model: Model, features: torch.Tensor, species_index: torch.Tensor
+    model: Model,
+    features: torch.Tensor,
+    species_index: torch.Tensor,
+    species_blocks: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """``[N]`` atomic energies (eV) from raw features ``[N, F]``; ``species_index`` in model
-    order. Includes the energy shift and the atomic reference energy of each atom."""
+    order (``species_blocks``: see :func:`~aenet_fn.network.atomic_outputs`). Includes the
+    energy shift and the atomic reference energy of each atom."""
     norm = model.normalization
     normalized = norm.normalize_features(features, species_index)
-    outputs = atomic_outputs(model.network, normalized, species_index)
+    outputs = atomic_outputs(model.network, normalized, species_index, species_blocks)
     return outputs / norm.energy_scaling + norm.energy_shift + norm.atomic_energies[species_index]
 
 
@@ -138,6 +144,7 @@ def energy_and_forces_from_derivatives(
     structure_index: torch.Tensor,
     n_structures: int,
     local: LocalDerivatives,
+    species_blocks: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Energies ``[B]`` and forces ``[N, 3]`` from precomputed raw features and local
     descriptor derivatives (fixed positions, e.g. training data). Only the network is
@@ -145,7 +152,7 @@ def energy_and_forces_from_derivatives(
     to the network parameters never pass through the descriptor."""
 
     def total(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        atomic = atomic_energies_from_features(model, raw, species_index)
+        atomic = atomic_energies_from_features(model, raw, species_index, species_blocks)
         return atomic.sum(), atomic
 
     feature_gradient, atomic = grad(total, has_aux=True)(features)

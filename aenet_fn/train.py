@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -276,9 +276,12 @@ def batch_loss(
     as auxiliary output. Written without data-dependent shapes, so it ``vmap``s over members
     (and over padded, stacked batches)."""
     model = attrs.evolve(model, network=attrs.evolve(model.network, values=values))
+    slots = batch.n_structures + 1  # the last slot collects padding atoms of stacked batches
     if batch.local is None:
-        atomic = atomic_energies_from_features(model, batch.features, batch.species_index)
-        energies = sum_by_structure(atomic, batch.structure_index, batch.n_structures)
+        atomic = atomic_energies_from_features(
+            model, batch.features, batch.species_index, batch.species_blocks
+        )
+        energies = sum_by_structure(atomic, batch.structure_index, slots)
         forces = None
     else:
         energies, forces = energy_and_forces_from_derivatives(
@@ -286,9 +289,11 @@ def batch_loss(
             batch.features,
             batch.species_index,
             batch.structure_index,
-            batch.n_structures,
+            slots,
             batch.local,
+            batch.species_blocks,
         )
+    energies = energies[: batch.n_structures]
     errors = energy_error_per_atom(energies, batch.energies, batch.n_atoms)
     rmse_energy = torch.sqrt((errors * errors).mean().clamp_min(torch.finfo(errors.dtype).tiny))
     supervised = batch.force_atoms
@@ -385,15 +390,12 @@ def _monitor(metrics: dict[str, float], force_weight: float) -> float:
     return value
 
 
-def run_epoch(
-    state: TrainState,
-    train: FeaturizedSet,
-    config: TrainConfig,
-    on_batch: Callable[[int, int], None] | None = None,
-) -> tuple[TrainState, dict[str, float]]:
-    """One epoch over the training split: sampler order, optional force re-draw, a
-    :func:`train_step` per batch, error-score update. Returns the new state and the epoch's
-    training metrics (global RMSE/MAE over every draw, measured before each step)."""
+def plan_epoch(
+    state: TrainState, train: FeaturizedSet, config: TrainConfig
+) -> tuple[TrainState, torch.Tensor]:
+    """Draw one epoch's plan from the state's generator: the force subset (re-drawn when due)
+    and the order of structures. Returns the state with sampler and generator advanced, and the
+    order ``[n_draws]``."""
     generator = torch.Generator()
     generator.set_state(state.rng)
     sampler = state.sampler
@@ -405,23 +407,49 @@ def run_epoch(
         train.energies, train.species_counts, state.model.normalization.atomic_energies
     )
     order = epoch_order(sampler, per_atom, generator=generator)
-    force_mask = sampler.force_subset if config.uses_forces else None
+    return attrs.evolve(state, sampler=sampler, rng=generator.get_state()), order
+
+
+def epoch_batches(
+    state: TrainState, order: torch.Tensor, train: FeaturizedSet, config: TrainConfig
+) -> Iterator[MiniBatch]:
+    """The mini-batches of ``order`` (``batch_size`` structures each, last one partial), built
+    lazily so that only one batch's derivative entries are in memory at a time."""
+    force_mask = state.sampler.force_subset if config.uses_forces else None
+    for selection in order.split(config.batch_size):
+        yield take_structures(train, selection, force_mask)
+
+
+def finish_epoch(
+    state: TrainState, order: torch.Tensor, errors: Sequence[torch.Tensor], config: TrainConfig
+) -> TrainState:
+    """Update the error-weighted scores from the epoch's per-draw errors ``|ΔE|/N``."""
+    if config.sampling_policy != "error_weighted":
+        return state
+    scores = error_scores_update(state.sampler.scores, order, torch.cat(errors).abs())
+    return attrs.evolve(state, sampler=attrs.evolve(state.sampler, scores=scores))
+
+
+def run_epoch(
+    state: TrainState,
+    train: FeaturizedSet,
+    config: TrainConfig,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> tuple[TrainState, dict[str, float]]:
+    """One epoch over the training split: sampler order, optional force re-draw, a
+    :func:`train_step` per batch, error-score update. Returns the new state and the epoch's
+    training metrics (global RMSE/MAE over every draw, measured before each step)."""
+    state, order = plan_epoch(state, train, config)
+    n_batches = math.ceil(order.numel() / config.batch_size)
     sums: ErrorSums = error_sums_init()
     drawn_errors = []
-    n_batches = math.ceil(order.numel() / config.batch_size)
-    for k in range(n_batches):
-        selection = order[k * config.batch_size : (k + 1) * config.batch_size]
-        batch = take_structures(train, selection, force_mask)
+    for k, batch in enumerate(epoch_batches(state, order, train, config)):
         state, (errors, differences) = train_step(state, batch, config)
         sums = accumulate_errors(sums, errors, differences, batch.force_atoms)
-        drawn_errors.append(errors.detach().abs())
+        drawn_errors.append(errors.detach())
         if on_batch is not None:
             on_batch(k + 1, n_batches)
-    if config.sampling_policy == "error_weighted":
-        scores = error_scores_update(sampler.scores, order, torch.cat(drawn_errors))
-        sampler = attrs.evolve(sampler, scores=scores)
-    state = attrs.evolve(state, sampler=sampler, rng=generator.get_state())
-    return state, metrics_from_sums(sums)
+    return finish_epoch(state, order, drawn_errors, config), metrics_from_sums(sums)
 
 
 def end_of_epoch(

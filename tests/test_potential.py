@@ -82,7 +82,17 @@ def test_local_derivative_forces_equal_autodiff_forces(seed):
     )
     e_auto, f_auto = energy_and_forces(model, collate(structures, species=PARAMS.species))
     torch.testing.assert_close(e_local, e_auto, rtol=1e-13, atol=1e-9)
-    torch.testing.assert_close(f_local, f_auto, rtol=1e-10, atol=1e-11)
+    torch.testing.assert_close(f_local, f_auto[batch.atom_index], rtol=1e-10, atol=1e-11)
+    _, f_blocks = energy_and_forces_from_derivatives(
+        model,
+        batch.features,
+        batch.species_index,
+        batch.structure_index,
+        batch.n_structures,
+        batch.local,
+        batch.species_blocks,
+    )
+    torch.testing.assert_close(f_blocks, f_local, rtol=0, atol=1e-14)
 
 
 def _with_forces(structure: Structure) -> Structure:

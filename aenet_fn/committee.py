@@ -1,0 +1,270 @@
+"""Committees (ensembles) trained together with ``torch.func.vmap`` on one device.
+
+Members are independent models that share the descriptor, the normalisation and the training
+split. Each keeps its own :class:`~aenet_fn.train.TrainState` (seed, generator, sampler, optimiser,
+scheduler, best model, history); for the optimisation steps their parameters and optimiser states
+are stacked along a leading axis and :func:`~aenet_fn.train.member_step` is ``vmap``-ed over them.
+Each member draws its own batches; the batches are gathered from the one featurized set
+(features and local derivatives computed once) and stacked with padding
+(:func:`~aenet_fn.featurized.stack_batches`), which changes no number. Nothing couples the
+members inside a step, so member ``i`` ends exactly where it would have trained alone with the
+same seed (up to float round-off).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import torch
+from torch.func import vmap
+from torch.utils._pytree import tree_map
+
+from aenet_fn.batch import Batch
+from aenet_fn.descriptor import ChebyshevParams, build_graph
+from aenet_fn.featurized import FeaturizedSet, stack_batches, take_structures
+from aenet_fn.loss import accumulate_errors, error_sums_init, metrics_from_sums
+from aenet_fn.network import Architecture, NetworkParams
+from aenet_fn.potential import Model, energy, energy_forces_stress
+from aenet_fn.train import (
+    TrainConfig,
+    TrainState,
+    batch_loss,
+    end_of_epoch,
+    epoch_batches,
+    finish_epoch,
+    init_model,
+    init_train_state,
+    member_step,
+    plan_epoch,
+)
+
+
+def member_seeds(
+    n_members: int, base_seed: int = 0, seeds: Sequence[int] | None = None
+) -> list[int]:
+    """Seeds of the members: ``base_seed + i``, or the explicit ``seeds`` (one per member,
+    distinct)."""
+    if n_members < 1:
+        raise ValueError(f"a committee needs at least one member, got {n_members}")
+    if seeds is None:
+        return [base_seed + i for i in range(n_members)]
+    seeds = [int(s) for s in seeds]
+    if len(seeds) != n_members:
+        raise ValueError(f"{len(seeds)} member seeds given for {n_members} members")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"member seeds must be distinct, got {seeds}")
+    return seeds
+
+
+def stack_members(networks: Sequence[NetworkParams]) -> NetworkParams:
+    """One :class:`NetworkParams` whose ``values`` are the members' stacked, ``[M, P]``."""
+    first = networks[0]
+    for k, network in enumerate(networks[1:], start=1):
+        if (network.sizes, network.activations, network.species) != (
+            first.sizes,
+            first.activations,
+            first.species,
+        ):
+            raise ValueError(f"committee member {k} has a different network layout from member 0")
+    return attrs.evolve(first, values=torch.stack([n.values for n in networks]))
+
+
+def unstack_members(stacked: NetworkParams) -> list[NetworkParams]:
+    """The members of :func:`stack_members`' result."""
+    return [attrs.evolve(stacked, values=values) for values in stacked.values.unbind(0)]
+
+
+def check_shared_parts(models: Sequence[Model]) -> None:
+    """Members must share the descriptor and the normalisation; raises ``ValueError`` naming the
+    first member that differs."""
+    first = models[0]
+    for k, model in enumerate(models[1:], start=1):
+        if model.descriptor != first.descriptor:
+            raise ValueError(f"committee member {k} has a different descriptor from member 0")
+        norm, ref = model.normalization, first.normalization
+        for field in attrs.fields(type(norm)):
+            if not torch.equal(getattr(norm, field.name), getattr(ref, field.name)):
+                raise ValueError(
+                    f"committee member {k} has a different normalisation ({field.name}) "
+                    "from member 0"
+                )
+
+
+def init_committee(
+    descriptor: ChebyshevParams,
+    arch: Architecture,
+    train: FeaturizedSet,
+    config: TrainConfig,
+    seeds: Sequence[int],
+    **model_options: Any,
+) -> tuple[TrainState, ...]:
+    """One :class:`TrainState` per seed: network initialisation, shuffling, weighted sampling
+    and force subsets all follow the member's seed; the normalisation is shared."""
+    return tuple(
+        init_train_state(
+            init_model(descriptor, arch, train, seed=seed, **model_options),
+            train,
+            attrs.evolve(config, seed=seed),
+        )
+        for seed in seeds
+    )
+
+
+def _stack(trees: Sequence[Any]) -> Any:
+    return tree_map(lambda *leaves: torch.stack(leaves), *trees)
+
+
+def _member(tree: Any, index: int) -> Any:
+    return tree_map(lambda leaf: leaf[index], tree)
+
+
+def committee_epoch(
+    members: Sequence[TrainState],
+    train: FeaturizedSet,
+    config: TrainConfig,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> tuple[tuple[TrainState, ...], list[dict[str, float]]]:
+    """One epoch of every member, the optimisation steps ``vmap``-ed over the members.
+    Returns the new states and each member's training metrics."""
+    check_shared_parts([m.model for m in members])
+    planned = [plan_epoch(member, train, config) for member in members]
+    members = [state for state, _ in planned]
+    orders = [order for _, order in planned]
+    template = members[0].model
+    step = vmap(
+        lambda values, opt_state, lr, batch: member_step(
+            template, values, opt_state, lr, batch, config
+        )
+    )
+    values = torch.stack([m.model.network.values for m in members])
+    opt_state = _stack([m.opt_state for m in members])
+    lrs = torch.tensor([m.lr for m in members], dtype=values.dtype)
+    sums = [error_sums_init() for _ in members]
+    drawn: list[list[torch.Tensor]] = [[] for _ in members]
+    n_batches = math.ceil(orders[0].numel() / config.batch_size)
+    streams = [epoch_batches(m, o, train, config) for m, o in zip(members, orders)]
+    for k, batches in enumerate(zip(*streams)):
+        stacked = stack_batches(batches)
+        values, opt_state, (errors, differences) = step(values, opt_state, lrs, stacked)
+        for i in range(len(members)):
+            sums[i] = accumulate_errors(sums[i], errors[i], differences[i], stacked.force_atoms[i])
+            drawn[i].append(errors[i].detach())
+        if on_batch is not None:
+            on_batch(k + 1, n_batches)
+    new_members = []
+    for i, member in enumerate(members):
+        network = attrs.evolve(member.model.network, values=values[i].clone())
+        member = attrs.evolve(
+            member,
+            model=attrs.evolve(member.model, network=network),
+            opt_state=tree_map(lambda leaf: leaf.clone(), _member(opt_state, i)),
+        )
+        new_members.append(finish_epoch(member, orders[i], drawn[i], config))
+    return tuple(new_members), [metrics_from_sums(s) for s in sums]
+
+
+def committee_evaluate(
+    members: Sequence[TrainState], data: FeaturizedSet, with_forces: bool, batch_size: int = 256
+) -> list[dict[str, float]]:
+    """Exact metrics of every member over ``data`` (see :func:`~aenet_fn.train.evaluate`), the
+    members evaluated together by one ``vmap`` per batch."""
+    template = members[0].model
+    values = torch.stack([m.model.network.values for m in members])
+    loss = vmap(lambda v, batch: batch_loss(template, v, batch, 0.0, False)[1], in_dims=(0, None))
+    sums = [error_sums_init() for _ in members]
+    everything = data.has_forces if with_forces else None
+    for selection in torch.arange(data.n_structures).split(batch_size):
+        batch = take_structures(data, selection, everything)
+        with torch.no_grad():
+            errors, differences = loss(values, batch)
+        sums = [
+            accumulate_errors(s, errors[i], differences[i], batch.force_atoms)
+            for i, s in enumerate(sums)
+        ]
+    return [metrics_from_sums(s) for s in sums]
+
+
+def committee_fit(
+    members: Sequence[TrainState],
+    train: FeaturizedSet,
+    test: FeaturizedSet | None,
+    config: TrainConfig,
+    callbacks: Sequence[Callable[[tuple[TrainState, ...]], None]] = (),
+    on_batch: Callable[[int, int], None] | None = None,
+) -> tuple[TrainState, ...]:
+    """``config.epochs`` more epochs of every member together; after each epoch every member
+    records its own history, best model and scheduler step (nothing is shared), then the
+    callbacks get the tuple of member states."""
+    members = tuple(members)
+    for _ in range(config.epochs):
+        start = time.perf_counter()
+        members, train_metrics = committee_epoch(members, train, config, on_batch)
+        test_metrics: list[dict[str, float] | None] = (
+            [None] * len(members)
+            if test is None
+            else committee_evaluate(members, test, config.uses_forces)
+        )
+        seconds = time.perf_counter() - start
+        members = tuple(
+            end_of_epoch(member, metrics, test, config, seconds)
+            for member, metrics, test in zip(members, train_metrics, test_metrics)
+        )
+        for callback in callbacks:
+            callback(members)
+    return members
+
+
+@attrs.frozen
+class CommitteePrediction:
+    """Committee prediction for a batch of ``B`` structures (``N`` atoms), ``M`` members.
+
+    Attributes:
+        member_energies: ``[M, B]`` (eV); energy_mean / energy_std ``[B]``.
+        member_forces: ``[M, N, 3]`` (eV/Å) or None; force_mean / force_std ``[N, 3]`` or None.
+    """
+
+    member_energies: torch.Tensor
+    energy_mean: torch.Tensor
+    energy_std: torch.Tensor
+    member_forces: torch.Tensor | None
+    force_mean: torch.Tensor | None
+    force_std: torch.Tensor | None
+
+
+def committee_predict(
+    models: Sequence[Model], batch: Batch, *, eval_forces: bool = True
+) -> CommitteePrediction:
+    """Energies (and forces) of every member in one ``vmap``-ed pass: the graph is built once,
+    the members' forces come from one vmapped ``torch.func`` gradient. Standard deviations are
+    the population std over members (0 for a single member)."""
+    check_shared_parts(models)
+    template = models[0]
+    stacked = stack_members([m.network for m in models]).values
+    graph = build_graph(template.descriptor, batch)
+
+    def model_of(values: torch.Tensor) -> Model:
+        return attrs.evolve(template, network=attrs.evolve(template.network, values=values))
+
+    def energies_and_forces(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        result = energy_forces_stress(model_of(values), batch, graph)
+        return result.energy, result.forces
+
+    forces = force_mean = force_std = None
+    if eval_forces:
+        energies, forces = vmap(energies_and_forces)(stacked)
+        force_mean, force_std = forces.mean(0), forces.std(0, unbiased=False)
+    else:
+        with torch.no_grad():
+            energies = vmap(lambda values: energy(model_of(values), batch, graph))(stacked)
+    return CommitteePrediction(
+        member_energies=energies,
+        energy_mean=energies.mean(0),
+        energy_std=energies.std(0, unbiased=False),
+        member_forces=forces,
+        force_mean=force_mean,
+        force_std=force_std,
+    )

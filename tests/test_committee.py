@@ -1,0 +1,165 @@
+"""Committees trained together by vmap: each member equals the member trained alone."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+import torch
+
+import aenet_fn as af
+from aenet_fn.committee import (
+    check_shared_parts,
+    committee_evaluate,
+    committee_fit,
+    committee_predict,
+    init_committee,
+    member_seeds,
+    stack_members,
+    unstack_members,
+)
+from aenet_fn.featurized import stack_batches
+from aenet_fn.train import batch_loss
+
+PARAMS = af.ChebyshevParams(
+    species=["Ti", "O"], rad_order=8, rad_cutoff=5.0, ang_order=3, ang_cutoff=3.5, min_cutoff=0.5
+)
+ARCH = {"Ti": [(8, "tanh"), (8, "tanh")], "O": [(8, "tanh")]}
+E_ATOM = {"Ti": -1604.604515075, "O": -432.503149303}
+
+
+@pytest.fixture(scope="module")
+def data(shared_data):
+    structures = af.read_structures(sorted((shared_data / "tio2").glob("*.xsf"))[:40])
+    train = af.featurize_structures(PARAMS, structures[:30], with_derivatives=True)
+    test = af.featurize_structures(PARAMS, structures[30:], with_derivatives=True)
+    return structures, train, test
+
+
+@pytest.mark.parametrize("policy", ["uniform", "error_weighted", "energy_weighted"])
+def test_each_member_equals_the_member_trained_alone(data, policy):
+    _, train, test = data
+    config = af.TrainConfig(
+        epochs=3,
+        batch_size=8,
+        force_weight=0.3,
+        force_fraction=0.5,
+        force_resample_num_epochs=1,
+        force_scale_unbiased=True,
+        sampling_policy=policy,
+        use_scheduler=True,
+    )
+    seeds = member_seeds(3, base_seed=20)
+    members = committee_fit(
+        init_committee(PARAMS, ARCH, train, config, seeds, atomic_energies=E_ATOM),
+        train,
+        test,
+        config,
+    )
+    for seed, member in zip(seeds, members):
+        model = af.init_model(PARAMS, ARCH, train, seed=seed, atomic_energies=E_ATOM)
+        alone_config = attrs.evolve(config, seed=seed)
+        alone = af.fit(af.init_train_state(model, train, alone_config), train, test, alone_config)
+        torch.testing.assert_close(
+            member.model.network.values, alone.model.network.values, rtol=0, atol=1e-12
+        )
+        torch.testing.assert_close(member.sampler.scores, alone.sampler.scores, rtol=0, atol=1e-12)
+        assert torch.equal(member.sampler.force_subset, alone.sampler.force_subset)
+        for a, b in zip(member.history, alone.history):
+            for key in (
+                "RMSE_train",
+                "RMSE_test",
+                "RMSE_force_train",
+                "RMSE_force_test",
+                "learning_rate",
+            ):
+                assert a[key] == pytest.approx(b[key], rel=1e-9, nan_ok=True)
+    assert not torch.equal(members[0].model.network.values, members[1].model.network.values)
+
+
+def test_padding_of_stacked_batches_changes_nothing(data):
+    _, train, _ = data
+    model = af.init_model(PARAMS, ARCH, train, seed=1, atomic_energies=E_ATOM)
+    forces = torch.ones(train.n_structures, dtype=torch.bool)
+    batches = [
+        af.take_structures(train, torch.tensor([0, 5, 9]), forces),
+        af.take_structures(train, torch.tensor([3, 3, 20]), None),
+        af.take_structures(train, torch.tensor([11, 1, 28]), forces),
+    ]
+    stacked = stack_batches(batches)
+    values = model.network.values
+    together = torch.func.vmap(
+        lambda batch: batch_loss(model, values, batch, 0.4, True), in_dims=(0,)
+    )(stacked)
+    for k, batch in enumerate(batches):
+        loss, (errors, differences) = batch_loss(model, values, batch, 0.4, True)
+        torch.testing.assert_close(together[0][k], loss, rtol=1e-14, atol=1e-14)
+        torch.testing.assert_close(together[1][0][k], errors, rtol=1e-14, atol=1e-14)
+        n = batch.features.shape[0]
+        kept = stacked.atom_index[k] >= 0
+        assert int(kept.sum()) == n
+        by_atom = dict(zip(batch.atom_index.tolist(), differences))
+        for position in torch.nonzero(kept).flatten().tolist():
+            atom = int(stacked.atom_index[k, position])
+            torch.testing.assert_close(
+                together[1][1][k, position], by_atom[atom], rtol=1e-12, atol=1e-12
+            )
+
+
+def test_committee_prediction_is_the_members_in_one_pass(data):
+    structures, train, _ = data
+    models = [af.init_model(PARAMS, ARCH, train, seed=s, atomic_energies=E_ATOM) for s in range(3)]
+    batch = af.collate(structures[:4], species=PARAMS.species)
+    prediction = committee_predict(models, batch)
+    energies, forces = zip(*(af.energy_and_forces(m, batch) for m in models))
+    energies, forces = torch.stack(energies), torch.stack(forces)
+    torch.testing.assert_close(prediction.member_energies, energies, rtol=1e-13, atol=1e-9)
+    torch.testing.assert_close(prediction.member_forces, forces, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(prediction.energy_std, energies.std(0, unbiased=False))
+    torch.testing.assert_close(prediction.force_mean, forces.mean(0))
+    energy_only = committee_predict(models, batch, eval_forces=False)
+    assert energy_only.member_forces is None
+    torch.testing.assert_close(energy_only.energy_mean, prediction.energy_mean)
+
+
+def test_vmapped_evaluation_equals_per_member_evaluation(data):
+    _, train, test = data
+    config = af.TrainConfig(epochs=1, batch_size=8, force_weight=0.2)
+    members = init_committee(PARAMS, ARCH, train, config, [1, 2], atomic_energies=E_ATOM)
+    together = committee_evaluate(members, test, with_forces=True)
+    for member, metrics in zip(members, together):
+        assert metrics == pytest.approx(
+            af.evaluate(member.model, test, with_forces=True), rel=1e-10
+        )
+
+
+def test_stack_and_unstack_members(data):
+    _, train, _ = data
+    networks = [af.init_model(PARAMS, ARCH, train, seed=s).network for s in range(2)]
+    stacked = stack_members(networks)
+    assert stacked.values.shape == (2, networks[0].values.shape[0])
+    assert all(torch.equal(a.values, b.values) for a, b in zip(unstack_members(stacked), networks))
+    other = af.init_model(PARAMS, {"Ti": [(4, "tanh")], "O": [(4, "tanh")]}, train).network
+    with pytest.raises(ValueError, match="member 1 has a different network layout"):
+        stack_members([networks[0], other])
+
+
+def test_members_must_share_descriptor_and_normalisation(data):
+    _, train, _ = data
+    model = af.init_model(PARAMS, ARCH, train, seed=0)
+    other_descriptor = attrs.evolve(PARAMS, rad_cutoff=4.5)
+    with pytest.raises(ValueError, match="member 1 has a different descriptor"):
+        check_shared_parts([model, attrs.evolve(model, descriptor=other_descriptor)])
+    shifted = attrs.evolve(model.normalization, energy_shift=model.normalization.energy_shift + 1)
+    with pytest.raises(ValueError, match="different normalisation"):
+        check_shared_parts([model, attrs.evolve(model, normalization=shifted)])
+
+
+def test_member_seeds():
+    assert member_seeds(3, base_seed=5) == [5, 6, 7]
+    assert member_seeds(2, seeds=[9, 4]) == [9, 4]
+    with pytest.raises(ValueError, match="at least one member"):
+        member_seeds(0)
+    with pytest.raises(ValueError, match="2 member seeds given for 3 members"):
+        member_seeds(3, seeds=[1, 2])
+    with pytest.raises(ValueError, match="distinct"):
+        member_seeds(2, seeds=[1, 1])
