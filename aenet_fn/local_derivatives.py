@@ -71,18 +71,21 @@ def local_derivatives(
 ) -> LocalDerivatives:
     """Local derivative blocks of the descriptor at ``positions`` ``[N, 3]`` (Å)."""
 
+    # Distances are kept 1-element (not 0-d) tensors: forward-mode AD promotes 0-d tensors
+    # times Python floats to float64, which would break float32 training.
     def radial_of_vector(vector: torch.Tensor) -> torch.Tensor:
-        return radial_basis(params, vector.norm())
+        return radial_basis(params, vector.norm(dim=-1, keepdim=True))[0]
 
     def angular_of_vectors(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-        d_first, d_second = first.norm(), second.norm()
-        cosine = ((first @ second) / (d_first * d_second)).clamp(-1.0, 1.0)
+        d_first = first.norm(dim=-1, keepdim=True)
+        d_second = second.norm(dim=-1, keepdim=True)
+        cosine = ((first * second).sum(-1, keepdim=True) / (d_first * d_second)).clamp(-1.0, 1.0)
         return angular_basis(
             params,
             cosine,
             cutoff_function(d_first, params.ang_cutoff),
             cutoff_function(d_second, params.ang_cutoff),
-        )
+        )[0]
 
     centers, neighbours = graph.pairs.centers, graph.pairs.neighbors
     with torch.no_grad():

@@ -244,3 +244,28 @@ def test_autograd_and_torch_func_gradients_agree(tio2, force_weight):
     by_autograd, aux_autograd = autograd_gradient(loss, values)
     torch.testing.assert_close(by_autograd, by_func, rtol=1e-13, atol=1e-15)
     torch.testing.assert_close(aux_autograd[0], aux_func[0], rtol=0, atol=0)
+
+
+def test_float32_training_runs_and_learns(shared_data):
+    structures = af.read_structures(sorted((shared_data / "tio2").glob("*.xsf"))[:30])
+    train = af.featurize_structures(PARAMS, structures, with_derivatives=True, dtype=torch.float32)
+    model = af.init_model(PARAMS, ARCH, train, seed=0, atomic_energies=E_ATOM)
+    assert model.network.values.dtype == torch.float32
+    config = af.TrainConfig(
+        epochs=8, batch_size=8, force_weight=0.2, optimizer=af.AdamConfig(lr=3e-3)
+    )
+    state = af.fit(af.init_train_state(model, train, config), train, None, config)
+    assert state.model.network.values.dtype == torch.float32
+    assert state.history[-1]["RMSE_train"] < 0.5 * state.history[0]["RMSE_train"]
+
+
+def test_progress_bar_shows_epochs_and_metrics(tio2):
+    from aenet_fn.progress import EpochProgress
+
+    train, test, model = tio2
+    config = af.TrainConfig(epochs=2, batch_size=32)
+    bar = EpochProgress(config.epochs, show_batches=True)
+    af.fit(af.init_train_state(model, train, config), train, test, config, [bar], bar.on_batch)
+    assert bar.bar.n == 2 and "E_test" in bar.bar.postfix
+    assert bar.batch_bar.n == bar.batch_bar.total == 3
+    bar.close()
