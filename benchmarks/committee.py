@@ -47,7 +47,7 @@ def rows_for(
         sequential = (
             sum(
                 _timed(
-                    lambda m=m: af.fit(
+                    lambda m=m, s=s: af.fit(
                         m, train, None, config if shared else attrs.evolve(config, seed=s)
                     )
                 )
