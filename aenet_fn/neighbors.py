@@ -190,8 +190,8 @@ def batch_neighbor_list(
     n_offsets = _BIN_OFFSETS.shape[0]
     offsets = _BIN_OFFSETS.to(device)
 
-    def search(centre_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Entries (centre, point index, squared distance) of the centres ``centre_ids``."""
+    def search(centre_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Entries (centre, neighbour, shift, squared distance) of the centres ``centre_ids``."""
         around = centre_bins[centre_ids, None, :] + offsets[None]  # [n, n_offsets, 3]
         centre_structure = structure_index[centre_ids, None].expand(-1, n_offsets)
         valid = ((around >= 0) & (around < dims[centre_structure])).all(dim=-1)
@@ -208,21 +208,18 @@ def batch_neighbor_list(
         gap = points.index_select(0, point) - centre_points.index_select(0, centre)
         distance2 = (gap * gap).sum(dim=1)
         close = torch.nonzero(distance2 <= cutoff * cutoff).flatten()
-        return centre[close], point[close], distance2[close]
+        centre, point, distance2 = centre[close], point[close], distance2[close]
+        neighbour, shift = atom[point], translation[point]
+        keep = (neighbour != centre) | (shift != 0).any(dim=1)  # drop (i, i, T = 0)
+        centre, neighbour, shift = centre[keep], neighbour[keep], shift[keep]
+        shift = shift - wraps[neighbour].long() + wraps[centre].long()  # relative to r as given
+        return centre, neighbour, shift, distance2[keep]
 
     chunks = [
         search(torch.arange(low, min(low + _CENTRE_CHUNK, n_atoms), device=device))
         for low in range(0, n_atoms, _CENTRE_CHUNK)
     ]
-    centre, point, distance2 = (torch.cat(parts) for parts in zip(*chunks))
-    neighbour, translation = atom[point], translation[point]
-    keep = (neighbour != centre) | (translation != 0).any(dim=1)
-    centre, neighbour, translation, distance2 = (
-        centre[keep],
-        neighbour[keep],
-        translation[keep],
-        distance2[keep],
-    )
+    centre, neighbour, shifts, distance2 = (torch.cat(parts) for parts in zip(*chunks))
 
     if distance2.numel() and float(distance2.min()) < OVERLAP_DISTANCE**2:
         k = int(torch.argmin(distance2))
@@ -231,7 +228,6 @@ def batch_neighbor_list(
             f"neighbor_list: atoms {i} and {j} (structure {int(structure_index[i])}) overlap: "
             f"distance {float(distance2[k]) ** 0.5:.3g} Å"
         )
-    shifts = translation - wraps[neighbour].long() + wraps[centre].long()
     return Neighbors(centers=centre, neighbors=neighbour, shifts=shifts)
 
 
