@@ -230,6 +230,11 @@ def angular_basis(
     )
 
 
+_PAIRS_PER_CHUNK = 1 << 18
+"""Pairs featurized at a time: bounds the temporaries, so the cost per atom stays flat for large
+systems (the result is the same; chunks split at atom boundaries)."""
+
+
 def features_from_graph(
     params: ChebyshevParams,
     positions: torch.Tensor,
@@ -241,9 +246,44 @@ def features_from_graph(
     ``cells`` ``[B, 3, 3]`` (Å); dtype of ``positions``. ``graph`` comes from
     :func:`build_graph` for the same atoms."""
     n_atoms = positions.shape[0]
+    centers = graph.pairs.centers
+    if centers.shape[0] <= _PAIRS_PER_CHUNK:
+        return _chunk_features(params, positions, cells, structure_index, graph, 0, n_atoms)
+    per_atom = torch.bincount(centers, minlength=n_atoms).cumsum(0)
+    targets = torch.arange(
+        _PAIRS_PER_CHUNK, int(per_atom[-1]), _PAIRS_PER_CHUNK, device=centers.device
+    )
+    cuts = torch.searchsorted(per_atom, targets, right=True).tolist()
+    bounds = sorted({0, *cuts, n_atoms})
+    parts = []
+    for low, high in zip(bounds[:-1], bounds[1:]):
+        p0, p1 = torch.searchsorted(
+            centers, torch.tensor([low, high], device=centers.device)
+        ).tolist()
+        r0, r1 = torch.searchsorted(
+            graph.radial, torch.tensor([p0, p1], device=centers.device)
+        ).tolist()
+        t0, t1 = torch.searchsorted(
+            graph.triplet_first, torch.tensor([p0, p1], device=centers.device)
+        ).tolist()
+        piece = DescriptorGraph(
+            pairs=graph.pairs.select(slice(p0, p1)),
+            radial=graph.radial[r0:r1] - p0,
+            triplet_first=graph.triplet_first[t0:t1] - p0,
+            triplet_second=graph.triplet_second[t0:t1] - p0,
+            typespin=graph.typespin,
+        )
+        parts.append(_chunk_features(params, positions, cells, structure_index, piece, low, high))
+    return torch.cat(parts)
+
+
+def _chunk_features(params, positions, cells, structure_index, graph, first_atom, end_atom):
+    """Features of atoms ``first_atom .. end_atom - 1`` from the pairs (centred on them) and
+    triplets of ``graph``."""
+    n_atoms = end_atom - first_atom
     vectors = pair_vectors(positions, cells, structure_index, graph.pairs)
     distance = vectors.norm(dim=1)
-    centers, neighbours = graph.pairs.centers, graph.pairs.neighbors
+    centers, neighbours = graph.pairs.centers - first_atom, graph.pairs.neighbors
 
     radial_terms = radial_basis(params, distance[graph.radial])
     rad_centre = centers[graph.radial]

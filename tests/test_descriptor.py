@@ -238,3 +238,14 @@ def test_invalid_descriptor_parameters(changes, message):
     arguments.update(changes)
     with pytest.raises(ValueError, match=message):
         ChebyshevParams(**arguments)
+
+
+def test_chunked_featurization_equals_one_pass(monkeypatch):
+    import aenet_fn.descriptor as descriptor
+
+    structures = [random_structure(s, 6, periodic=s % 2 == 0) for s in range(4)]
+    batch = collate(structures, species=PARAMS.species)
+    whole = featurize(PARAMS, batch)
+    monkeypatch.setattr(descriptor, "_PAIRS_PER_CHUNK", 7)
+    chunked = featurize(PARAMS, batch)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-13)
