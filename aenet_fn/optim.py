@@ -17,7 +17,7 @@ tuple, ...). ``update`` never modifies its inputs; it returns new parameters and
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Union
 
@@ -342,15 +342,12 @@ class PlateauConfig:
     eps: float = static_field(default=1e-8, validator=_non_negative)
 
 
-_PLATEAU_FIELDS = ("lr", "best", "num_bad_epochs", "cooldown_counter")
-
-
 @pytree_record
 @attrs.frozen
 class PlateauState:
     """State of the plateau scheduler: plain Python numbers (all static, so ``tree_map`` over a
-    training state leaves it untouched); :meth:`to_tree`/:meth:`from_tree` convert it for
-    checkpoints.
+    training state leaves it untouched; checkpoints store it through
+    :mod:`aenet_fn.serialization`).
 
     Attributes:
         lr: current learning rate.
@@ -363,23 +360,6 @@ class PlateauState:
     best: float = static_field()
     num_bad_epochs: int = static_field(default=0)
     cooldown_counter: int = static_field(default=0)
-
-    def to_tree(self) -> dict[str, float | int]:
-        """The state as a dict of plain numbers (for a checkpoint)."""
-        return {name: getattr(self, name) for name in _PLATEAU_FIELDS}
-
-    @classmethod
-    def from_tree(cls, tree: Mapping[str, Any]) -> PlateauState:
-        """Rebuild a state from :meth:`to_tree`'s dict (values may be numbers or 0-d tensors)."""
-        missing = [name for name in _PLATEAU_FIELDS if name not in tree]
-        if missing:
-            raise ValueError(f"plateau scheduler state lacks {missing}")
-        return cls(
-            lr=float(tree["lr"]),
-            best=float(tree["best"]),
-            num_bad_epochs=int(tree["num_bad_epochs"]),
-            cooldown_counter=int(tree["cooldown_counter"]),
-        )
 
 
 def plateau_init(config: PlateauConfig, lr: float) -> PlateauState:
