@@ -1,0 +1,20 @@
+"""``aenet_fn.torch_training``: the ænet Python tools' training API over the functional core.
+
+Change ``aenet`` to ``aenet_fn`` in the imports of existing scripts.
+"""
+
+from aenet_fn.io.train import TrainOut
+from aenet_fn.structure import Structure
+from aenet_fn.torch_training.config import SGD, Adam, TorchTrainingConfig, TrainingMethod
+from aenet_fn.torch_training.trainer import TorchANNPotential, convert_to_structures
+
+__all__ = [
+    "SGD",
+    "Adam",
+    "Structure",
+    "TorchANNPotential",
+    "TorchTrainingConfig",
+    "TrainOut",
+    "TrainingMethod",
+    "convert_to_structures",
+]

@@ -1,0 +1,274 @@
+"""``TorchTrainingConfig`` and the training-method records of the ænet Python tools.
+
+Same field names, defaults and validation as the reference (spec reference-api.md §1.1); each
+config translates to the functional core's :class:`~aenet_fn.train.TrainConfig` with
+:meth:`TorchTrainingConfig.to_train_config`. Options that only make sense for the reference's data
+loaders are accepted and validated; what aenet_fn does with each is documented on the field.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+
+from aenet_fn.optim import AdamConfig, PlateauConfig, SGDConfig
+from aenet_fn.train import TrainConfig
+
+
+@dataclass
+class TrainingMethod:
+    """Base class of the training methods (``Adam``, ``SGD``)."""
+
+    @property
+    def method_name(self) -> str:
+        """Name of the method (``"adam"``, ``"sgd"``)."""
+        raise NotImplementedError("TrainingMethod is abstract: use Adam or SGD")
+
+    def to_params_dict(self) -> dict[str, Any]:
+        """The method's public fields as a dict."""
+        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+
+
+@dataclass
+class Adam(TrainingMethod):
+    """Adam with L2 weight decay (``torch.optim.Adam``); ``mu`` is the learning rate and
+    ``batchsize`` the number of structures per batch."""
+
+    mu: float = 0.001
+    batchsize: int = 32
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    epsilon: float = 1e-8
+
+    @property
+    def method_name(self) -> str:
+        """``"adam"``."""
+        return "adam"
+
+    def to_core(self) -> AdamConfig:
+        """The functional core's optimiser configuration."""
+        return AdamConfig(
+            lr=self.mu,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            epsilon=self.epsilon,
+            weight_decay=self.weight_decay,
+        )
+
+
+@dataclass
+class SGD(TrainingMethod):
+    """Stochastic gradient descent with momentum and L2 weight decay (``torch.optim.SGD``)."""
+
+    lr: float = 0.01
+    batchsize: int = 32
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    @property
+    def method_name(self) -> str:
+        """``"sgd"``."""
+        return "sgd"
+
+    def to_core(self) -> SGDConfig:
+        """The functional core's optimiser configuration."""
+        return SGDConfig(lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+
+
+_CHOICES = {
+    "sampling_policy": ("uniform", "energy_weighted", "error_weighted"),
+    "force_sampling": ("random", "fixed"),
+    "cache_scope": ("train", "val", "all"),
+    "memory_mode": ("cpu", "gpu", "mixed"),
+    "precision": ("auto", "float32", "float64"),
+}
+
+
+@dataclass
+class TorchTrainingConfig:
+    """Training options (spec reference-api.md §1.1 lists all 48 with their semantics).
+
+    Differences from the reference, on purpose: ``force_fraction`` and the cache bounds are
+    validated as there, but the runtime caches are not needed (features and local derivatives
+    are computed once per run); ``precision`` selects the training dtype (the reference ignores
+    it); ``save_forces`` and ``cache_persist_dir`` are accepted for compatibility.
+    """
+
+    iterations: int = 100
+    method: TrainingMethod | None = None
+    testpercent: float = 10
+    seed: int | None = None
+    split_seed: int | None = None
+    force_weight: float = 0.0
+    force_fraction: float = 1.0
+    sampling_policy: str = "uniform"
+    force_sampling: str = "random"
+    force_resample_num_epochs: int = 0
+    force_min_structures_per_epoch: int | None = 1
+    force_scale_unbiased: bool = False
+    cache_features: bool = False
+    cache_feature_max_entries: int | None = 1024
+    cache_neighbors: bool = False
+    cache_neighbor_max_entries: int | None = 512
+    cache_force_triplets: bool = False
+    cache_force_triplet_max_entries: int | None = 256
+    cache_persist_dir: str | None = None
+    cache_scope: str = "all"
+    cache_warmup: bool = False
+    memory_mode: str = "gpu"
+    max_energy: float | None = None
+    max_forces: float | None = None
+    save_energies: bool = False
+    save_forces: bool = False
+    timing: bool = False
+    device: str | None = None
+    precision: str = "auto"
+    atomic_energies: dict[str, float] | None = None
+    normalize_features: bool = True
+    normalize_energy: bool = True
+    num_workers: int = 0
+    prefetch_factor: int = 2
+    persistent_workers: bool = True
+    feature_stats: dict[str, Any] | None = None
+    E_shift: float | None = None
+    E_scaling: float | None = None
+    show_progress: bool = True
+    show_batch_progress: bool = False
+    checkpoint_dir: str | None = "checkpoints"
+    checkpoint_interval: int = 1
+    max_checkpoints: int | None = None
+    save_best: bool = True
+    use_scheduler: bool = False
+    scheduler_patience: int = 10
+    scheduler_factor: float = 0.5
+    scheduler_min_lr: float = 1e-6
+    _alpha: float | None = field(default=None, repr=False)
+
+    def __init__(self, **kwargs: Any) -> None:
+        if "alpha" in kwargs:
+            if "force_weight" in kwargs:
+                raise ValueError("give force_weight or its alias alpha, not both")
+            kwargs["force_weight"] = kwargs.pop("alpha")
+        for old in ("force_resample_each_epoch", "epochs_per_force_window"):
+            if old in kwargs:
+                raise ValueError(
+                    f"{old} was replaced by force_resample_num_epochs (0: draw once, N: redraw "
+                    "every N epochs)"
+                )
+        names = {f.name for f in fields(self) if not f.name.startswith("_")}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"TorchTrainingConfig got unknown options {unknown}")
+        for f in fields(self):
+            if not f.name.startswith("_"):
+                setattr(self, f.name, kwargs.get(f.name, f.default))
+        self.validate()
+
+    @property
+    def alpha(self) -> float:
+        """Alias of ``force_weight``."""
+        return self.force_weight
+
+    @property
+    def batch_size(self) -> int:
+        """Structures per batch, from the method."""
+        return int(getattr(self.method, "batchsize", getattr(self.method, "batch_size", 32)))
+
+    def validate(self) -> None:
+        """Check every option; raises ``ValueError`` (``NotImplementedError`` for
+        ``memory_mode='mixed'``) naming the option and the allowed values."""
+        if self.method is None:
+            self.method = Adam()
+        if not isinstance(self.method, (Adam, SGD)):
+            raise ValueError(f"method must be Adam(...) or SGD(...), got {self.method!r}")
+        _integer("iterations", self.iterations, minimum=0)
+        if not _is_number(self.testpercent) or not 0 <= self.testpercent <= 100:
+            raise ValueError(f"testpercent must lie in [0, 100], got {self.testpercent!r}")
+        for name in ("seed", "split_seed"):
+            value = getattr(self, name)
+            if value is not None:
+                _integer(name, value)
+        for name in ("force_weight", "force_fraction"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0 <= value <= 1:
+                raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.memory_mode == "mixed":
+            raise NotImplementedError("memory_mode='mixed' is not implemented; use 'cpu' or 'gpu'")
+        _integer("force_resample_num_epochs", self.force_resample_num_epochs, minimum=0)
+        if self.force_min_structures_per_epoch is not None:
+            _integer(
+                "force_min_structures_per_epoch", self.force_min_structures_per_epoch, minimum=0
+            )
+        for name in (
+            "cache_feature_max_entries",
+            "cache_neighbor_max_entries",
+            "cache_force_triplet_max_entries",
+        ):
+            if getattr(self, name) is not None:
+                _integer(name, getattr(self, name), minimum=0)
+        _integer("num_workers", self.num_workers, minimum=0)
+        _integer("prefetch_factor", self.prefetch_factor, minimum=1)
+        _integer("checkpoint_interval", self.checkpoint_interval, minimum=0)
+        _integer("scheduler_patience", self.scheduler_patience, minimum=0)
+        for name in ("max_energy", "max_forces", "E_shift", "E_scaling"):
+            value = getattr(self, name)
+            if value is not None and (not _is_number(value) or not math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number or None, got {value!r}")
+        if self.E_scaling is not None and self.E_scaling <= 0:
+            raise ValueError(f"E_scaling must be > 0, got {self.E_scaling!r}")
+        if not 0 < self.scheduler_factor < 1:
+            raise ValueError(f"scheduler_factor must lie in (0, 1), got {self.scheduler_factor!r}")
+        if self.atomic_energies is not None:
+            for symbol, value in dict(self.atomic_energies).items():
+                if not _is_number(value) or not math.isfinite(value):
+                    raise ValueError(
+                        f"atomic_energies[{symbol!r}] must be a finite number, got {value!r}"
+                    )
+
+    def resolved_device(self) -> torch.device:
+        """``device``, or CUDA when available and CPU otherwise."""
+        if self.device is None:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def to_train_config(self) -> TrainConfig:
+        """The functional core's :class:`~aenet_fn.train.TrainConfig` for these options."""
+        self.validate()
+        return TrainConfig(
+            epochs=self.iterations,
+            batch_size=self.batch_size,
+            optimizer=self.method.to_core(),
+            force_weight=float(self.force_weight),
+            force_fraction=float(self.force_fraction),
+            force_sampling=self.force_sampling,
+            force_resample_num_epochs=self.force_resample_num_epochs,
+            force_min_structures_per_epoch=self.force_min_structures_per_epoch,
+            force_scale_unbiased=bool(self.force_scale_unbiased),
+            sampling_policy=self.sampling_policy,
+            use_scheduler=bool(self.use_scheduler),
+            scheduler=PlateauConfig(
+                factor=self.scheduler_factor,
+                patience=self.scheduler_patience,
+                min_lr=self.scheduler_min_lr,
+            ),
+            seed=0 if self.seed is None else int(self.seed),
+        )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _integer(name: str, value: Any, minimum: int | None = None) -> None:
+    integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not integral:
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")

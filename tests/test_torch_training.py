@@ -1,0 +1,224 @@
+"""The ænet-style facade: the guide's examples, model files, config validation."""
+
+from __future__ import annotations
+
+import doctest
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import aenet_fn as af
+from aenet_fn.torch_featurize import ChebyshevDescriptor
+from aenet_fn.torch_training import Adam, Structure, TorchANNPotential, TorchTrainingConfig
+from tests.conftest import SHARED
+
+GUIDE = SHARED / "spec" / "torch-training-guide.txt"
+
+
+def test_every_doctest_example_of_the_guide_runs():
+    text = GUIDE.read_text().replace("aenet.", "aenet_fn.")
+    test = doctest.DocTestParser().get_doctest(text, {}, "guide", str(GUIDE), 0)
+    assert len(test.examples) >= 30
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    report: list[str] = []
+    result = runner.run(test, out=report.append)
+    assert result.failed == 0, "".join(report)
+
+
+def _tiny_structures():
+    return [
+        Structure(
+            positions=np.array([[0.0, 0.0, 0.0], [0.9, 0.0, 0.0], [0.0, 0.9, 0.0]]),
+            species=["H", "H", "H"],
+            energy=0.0,
+        ),
+        Structure(
+            positions=np.array([[0.1, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]),
+            species=["H", "H", "H"],
+            energy=0.5,
+        ),
+    ]
+
+
+def test_the_guides_first_example_trains_and_reports(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    descriptor = ChebyshevDescriptor(
+        species=["H"],
+        rad_order=1,
+        rad_cutoff=2.0,
+        ang_order=0,
+        ang_cutoff=2.0,
+        min_cutoff=0.1,
+        device="cpu",
+        dtype=torch.float64,
+    )
+    mlp = TorchANNPotential({"H": [(4, "tanh")]}, descriptor=descriptor)
+    config = TorchTrainingConfig(
+        iterations=1,
+        method=Adam(mu=0.001, batchsize=1),
+        testpercent=50,
+        force_weight=0.0,
+        atomic_energies={"H": 0.0},
+        normalize_features=False,
+        normalize_energy=False,
+        memory_mode="cpu",
+        device="cpu",
+        checkpoint_dir=None,
+        checkpoint_interval=0,
+        max_checkpoints=None,
+        save_best=False,
+        use_scheduler=False,
+    )
+    results = mlp.train(structures=_tiny_structures(), config=config)
+    last = results.errors[["RMSE_train", "RMSE_test"]].tail(1)
+    assert last.shape == (1, 2) and np.isfinite(last.to_numpy()).all()
+    assert "Training statistics:" in str(results)
+
+
+@pytest.fixture(scope="module")
+def trained(shared_data):
+    structures = af.read_structures(sorted((shared_data / "tio2").glob("*.xsf"))[:24])
+    descriptor = ChebyshevDescriptor(["Ti", "O"], 6, 5.0, 3, 3.5, min_cutoff=0.5)
+    potential = TorchANNPotential({"Ti": [(6, "tanh")], "O": [(6, "tanh")]}, descriptor)
+    config = TorchTrainingConfig(
+        iterations=3,
+        method=Adam(mu=0.003, batchsize=8),
+        testpercent=25,
+        force_weight=0.2,
+        atomic_energies={"Ti": -1604.604515075, "O": -432.503149303},
+        seed=3,
+        split_seed=1,
+        checkpoint_dir=None,
+        show_progress=False,
+    )
+    potential.train(structures=structures, config=config)
+    return potential, structures
+
+
+def test_predict_equals_the_core_model(trained):
+    potential, structures = trained
+    out = potential.predict(structures[:3], eval_forces=True)
+    energies, forces = af.energy_and_forces(
+        potential.model, af.collate(structures[:3], ["Ti", "O"])
+    )
+    np.testing.assert_allclose(out.total_energy, energies.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(np.concatenate(out.forces), forces.numpy(), rtol=1e-10, atol=1e-12)
+    sums = [float(e.sum()) for e in out.atom_energies]
+    np.testing.assert_allclose(sums, out.total_energy, rtol=1e-12)  # atomic energies in eV
+    reference = [
+        -1604.604515075 * s.species.count("Ti") - 432.503149303 * s.species.count("O")
+        for s in structures[:3]
+    ]
+    np.testing.assert_allclose(
+        out.cohesive_energy, np.array(out.total_energy) - reference, rtol=1e-12
+    )
+
+
+def test_saved_and_reloaded_model_predicts_the_same(trained, tmp_path):
+    potential, structures = trained
+    path = tmp_path / "model.pt"
+    potential.save(path)
+    loaded = TorchANNPotential.from_file(path)
+    before = potential.predict(structures[:4], eval_forces=True)
+    after = loaded.predict(structures[:4], eval_forces=True)
+    assert before.total_energy == after.total_energy
+    assert all(np.array_equal(a, b) for a, b in zip(before.forces, after.forces))
+    assert loaded.metadata["descriptor_config"]["species"] == ["Ti", "O"]
+
+
+def test_model_files_and_checkpoints_are_not_interchangeable(trained, tmp_path):
+    potential, _ = trained
+    path = tmp_path / "model.pt"
+    potential.save(path)
+    with pytest.raises(ValueError, match="not an aenet_fn-checkpoint file"):
+        af.load_checkpoint(path)
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="not an aenet_fn-model file"):
+        TorchANNPotential.from_file(tmp_path / "foreign.pt")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"iterations": -1}, ValueError, "iterations must be >= 0"),
+        ({"testpercent": 101}, ValueError, r"testpercent must lie in \[0, 100\]"),
+        ({"seed": 1.5}, ValueError, "seed must be an integer"),
+        ({"split_seed": True}, ValueError, "split_seed must be an integer"),
+        ({"force_weight": 2.0}, ValueError, r"force_weight must lie in \[0, 1\]"),
+        ({"force_fraction": -0.5}, ValueError, r"force_fraction must lie in \[0, 1\]"),
+        ({"force_sampling": "often"}, ValueError, "force_sampling must be one of"),
+        ({"sampling_policy": "best"}, ValueError, "sampling_policy must be one of"),
+        ({"force_min_structures_per_epoch": -1}, ValueError, "must be >= 0"),
+        ({"memory_mode": "disk"}, ValueError, "memory_mode must be one of"),
+        ({"memory_mode": "mixed"}, NotImplementedError, "mixed"),
+        ({"cache_scope": "some"}, ValueError, "cache_scope must be one of"),
+        ({"cache_feature_max_entries": -1}, ValueError, "must be >= 0"),
+        ({"force_resample_num_epochs": -2}, ValueError, "must be >= 0"),
+        ({"precision": "half"}, ValueError, "precision must be one of"),
+        ({"num_workers": -1}, ValueError, "num_workers must be >= 0"),
+        ({"prefetch_factor": 0}, ValueError, "prefetch_factor must be >= 1"),
+        ({"force_resample_each_epoch": True}, ValueError, "force_resample_num_epochs"),
+        ({"atomic_energies": {"H": float("nan")}}, ValueError, "must be a finite number"),
+        ({"method": "adam"}, ValueError, "method must be Adam"),
+        ({"E_scaling": 0.0}, ValueError, "E_scaling must be > 0"),
+        ({"unknown_option": 1}, TypeError, "unknown options"),
+    ],
+)
+def test_config_validation(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        TorchTrainingConfig(**kwargs)
+
+
+def test_alpha_alias_and_batch_size():
+    config = TorchTrainingConfig(alpha=0.3, method=Adam(batchsize=7))
+    assert (config.force_weight, config.alpha, config.batch_size) == (0.3, 0.3, 7)
+    assert TorchTrainingConfig().method.method_name == "adam"
+
+
+def test_training_inputs_are_checked():
+    descriptor = ChebyshevDescriptor(["H"], 1, 2.0, 0, 2.0, min_cutoff=0.1)
+    potential = TorchANNPotential({"H": [(4, "tanh")]}, descriptor)
+    quiet = TorchTrainingConfig(iterations=1, checkpoint_dir=None, show_progress=False)
+    with pytest.raises(ValueError, match="needs structures="):
+        potential.train(config=quiet)
+    with pytest.raises(ValueError, match="no structures"):
+        potential.train(structures=[], config=quiet)
+    unlabelled = Structure(np.zeros((1, 3)), ["H"], name="nolabel")
+    with pytest.raises(ValueError, match="'nolabel'"):
+        potential.train(structures=[unlabelled], config=quiet)
+    with pytest.raises(RuntimeError, match="not been trained"):
+        potential.predict(_tiny_structures())
+    with pytest.raises(ValueError, match="no network for species"):
+        TorchANNPotential({"O": [(4, "tanh")]}, descriptor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=r"\['O'\] are not in the descriptor's species"):
+            potential.train(
+                structures=[Structure(np.zeros((1, 3)), ["O"], energy=1.0)], config=quiet
+            )
+
+
+def test_save_energies_writes_one_line_per_structure(shared_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    paths = sorted((shared_data / "tio2").glob("*.xsf"))[:8]
+    descriptor = ChebyshevDescriptor(["Ti", "O"], 4, 4.0, 2, 3.0, min_cutoff=0.5)
+    potential = TorchANNPotential({"Ti": [(4, "tanh")], "O": [(4, "tanh")]}, descriptor)
+    config = TorchTrainingConfig(
+        iterations=1,
+        testpercent=25,
+        save_energies=True,
+        checkpoint_dir="run",
+        show_progress=False,
+        atomic_energies={"Ti": -1604.604515075, "O": -432.503149303},
+        split_seed=0,
+    )
+    results = potential.train(structures=[str(p) for p in paths], config=config)
+    energies = results.energies
+    assert len(energies.energies_train) == 6 and len(energies.energies_test) == 2
+    written = set(energies.energies_train.iloc[:, -1]) | set(energies.energies_test.iloc[:, -1])
+    assert written == {str(p) for p in paths}
+    assert (tmp_path / "run" / "history.json").is_file() and (
+        tmp_path / "run" / "history.csv"
+    ).is_file()
