@@ -5,6 +5,13 @@ Change ``aenet`` to ``aenet_fn`` in the imports of existing scripts.
 
 from aenet_fn.io.train import TrainOut
 from aenet_fn.structure import Structure
+from aenet_fn.torch_training.committee import (
+    TorchCommitteeConfig,
+    TorchCommitteeMemberResult,
+    TorchCommitteePotential,
+    TorchCommitteePredictResult,
+    TorchCommitteeTrainResult,
+)
 from aenet_fn.torch_training.config import SGD, Adam, TorchTrainingConfig, TrainingMethod
 from aenet_fn.torch_training.trainer import TorchANNPotential, convert_to_structures
 
@@ -13,6 +20,11 @@ __all__ = [
     "Adam",
     "Structure",
     "TorchANNPotential",
+    "TorchCommitteeConfig",
+    "TorchCommitteeMemberResult",
+    "TorchCommitteePotential",
+    "TorchCommitteePredictResult",
+    "TorchCommitteeTrainResult",
     "TorchTrainingConfig",
     "TrainOut",
     "TrainingMethod",

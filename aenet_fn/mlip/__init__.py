@@ -1,0 +1,5 @@
+"""``aenet_fn.mlip``: committee (ensemble) result types with the ænet tools' names."""
+
+from aenet_fn.mlip.ensemble import AenetEnsembleResult, validate_aggregation_mode
+
+__all__ = ["AenetEnsembleResult", "validate_aggregation_mode"]

@@ -1,0 +1,528 @@
+"""Committee facade with the ænet tools' names, over :mod:`aenet_fn.committee`.
+
+``TorchCommitteePotential.train`` resolves the split once, featurizes once, and trains every
+member together with ``vmap`` (``execution="vmap"``, the default) or one after another
+(``"sequential"``); either way each member gets its own seed (``base_seed + i`` or
+``member_seeds``) and ends in the stable output layout::
+
+    output_dir/committee_metadata.json
+    output_dir/member_000/{model.pt, history.json, history.csv, summary.json}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import pandas as pd
+import torch
+
+from aenet_fn.batch import collate
+from aenet_fn.committee import (
+    check_shared_parts,
+    committee_fit,
+    committee_predict,
+    init_committee,
+    member_seeds,
+)
+from aenet_fn.data import filter_structures, split_structures
+from aenet_fn.featurized import featurize_structures
+from aenet_fn.io.predict import PredictOut
+from aenet_fn.io.train import TrainOut, read_history, write_history
+from aenet_fn.mlip.ensemble import AenetEnsembleResult, validate_aggregation_mode
+from aenet_fn.progress import EpochProgress
+from aenet_fn.torch_featurize.chebyshev import ChebyshevDescriptor
+from aenet_fn.torch_training.config import TorchTrainingConfig
+from aenet_fn.torch_training.trainer import TorchANNPotential, convert_to_structures
+from aenet_fn.train import fit
+
+EXECUTION_MODES = ("vmap", "sequential")
+
+
+@dataclass
+class TorchCommitteeConfig:
+    """How to train a committee.
+
+    Attributes:
+        num_members: number of members (>= 1).
+        base_seed: member ``i`` uses seed ``base_seed + i`` (default: the training seed, else 0).
+        member_seeds: explicit distinct seeds, one per member (overrides base_seed).
+        max_parallel: accepted for compatibility (members train together by vmap instead).
+        devices: accepted for compatibility; all members train on one device.
+        output_dir: where the committee is written (default ``./committee_run``).
+        execution: ``"vmap"`` (members stacked, one vmapped step) or ``"sequential"``.
+        shared_batches: with vmap, let every member see the same batches (faster with forces;
+            members still differ by initialisation).
+    """
+
+    num_members: int
+    base_seed: int | None = None
+    member_seeds: Sequence[int] | None = None
+    max_parallel: int = 1
+    devices: Sequence[str] | None = None
+    output_dir: str | os.PathLike | None = None
+    execution: str = "vmap"
+    shared_batches: bool = False
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.num_members, bool)
+            or not isinstance(self.num_members, int)
+            or self.num_members < 1
+        ):
+            raise ValueError(f"num_members must be an integer >= 1, got {self.num_members!r}")
+        if self.base_seed is not None and (
+            isinstance(self.base_seed, bool) or not isinstance(self.base_seed, int)
+        ):
+            raise ValueError(f"base_seed must be an integer, got {self.base_seed!r}")
+        if self.member_seeds is not None:
+            member_seeds(self.num_members, seeds=self.member_seeds)
+        if self.max_parallel < 1:
+            raise ValueError(f"max_parallel must be >= 1, got {self.max_parallel}")
+        if self.devices is not None and len(self.devices) == 0:
+            raise ValueError("devices must not be an empty list")
+        if self.execution not in EXECUTION_MODES:
+            raise ValueError(f"execution must be one of {EXECUTION_MODES}, got {self.execution!r}")
+        self.output_dir = Path("committee_run" if self.output_dir is None else self.output_dir)
+
+    def seeds(self, training_seed: int | None) -> list[int]:
+        """The members' seeds."""
+        base = self.base_seed if self.base_seed is not None else (training_seed or 0)
+        return member_seeds(self.num_members, base, self.member_seeds)
+
+
+@dataclass
+class TorchCommitteeMemberResult:
+    """One trained member: where its files are and its final metrics."""
+
+    member_index: int
+    seed: int
+    split_seed: int | None
+    member_dir: Path
+    model_path: Path
+    history_json_path: Path
+    history_csv_path: Path
+    summary_path: Path
+    metrics: dict[str, float]
+    status: str = "completed"
+    error: str | None = None
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Finite metrics."""
+        return {
+            k: v
+            for k, v in self.metrics.items()
+            if isinstance(v, (int, float)) and math.isfinite(v)
+        }
+
+    @property
+    def trainout(self) -> TrainOut | None:
+        """The member's TrainOut, rebuilt from its history.json."""
+        if not self.history_json_path.is_file():
+            return None
+        return TrainOut.from_torch_history(read_history(self.history_json_path))
+
+    def to_metadata(self) -> dict[str, Any]:
+        """A JSON-ready description."""
+        return {
+            "member_index": self.member_index,
+            "seed": self.seed,
+            "split_seed": self.split_seed,
+            "member_dir": str(self.member_dir),
+            "model_path": str(self.model_path),
+            "history_json_path": str(self.history_json_path),
+            "history_csv_path": str(self.history_csv_path),
+            "summary_path": str(self.summary_path),
+            "status": self.status,
+            "metrics": _json_ready(self.metrics),
+            "error": self.error,
+        }
+
+
+@dataclass
+class TorchCommitteeTrainResult:
+    """Result of :meth:`TorchCommitteePotential.train`."""
+
+    output_dir: Path
+    metadata_path: Path
+    members: list[TorchCommitteeMemberResult]
+    execution_mode: str
+
+    @property
+    def completed_members(self) -> list[TorchCommitteeMemberResult]:
+        """Members that finished."""
+        return [m for m in self.members if m.status == "completed"]
+
+    @property
+    def failed_members(self) -> list[TorchCommitteeMemberResult]:
+        """Members that failed."""
+        return [m for m in self.members if m.status != "completed"]
+
+    @property
+    def trainouts(self) -> list[TrainOut | None]:
+        """Each member's TrainOut."""
+        return [m.trainout for m in self.members]
+
+    @property
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Per metric over completed members: mean, std (population), min, max, n."""
+        table: dict[str, list[float]] = {}
+        for member in self.completed_members:
+            for key, value in member.stats.items():
+                table.setdefault(key, []).append(float(value))
+        return {
+            key: {
+                "mean": float(np.mean(v)),
+                "std": float(np.std(v)),
+                "min": float(np.min(v)),
+                "max": float(np.max(v)),
+                "n": len(v),
+            }
+            for key, v in table.items()
+        }
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per member."""
+        return pd.DataFrame(
+            [
+                {
+                    "member_index": m.member_index,
+                    "seed": m.seed,
+                    "status": m.status,
+                    "model_path": str(m.model_path),
+                    "error": m.error,
+                    **m.metrics,
+                }
+                for m in self.members
+            ]
+        )
+
+    def __str__(self) -> str:
+        lines = ["Training statistics:"]
+        lines += [f"{k}: {v['mean']:.6g} ± {v['std']:.3g}" for k, v in self.stats.items()]
+        lines += [
+            f"completed members: {len(self.completed_members)}",
+            f"failed members: {len(self.failed_members)}",
+            f"execution_mode: {self.execution_mode}",
+            f"output_dir: {self.output_dir}",
+        ]
+        return "\n".join(lines)
+
+
+@dataclass
+class TorchCommitteePredictResult:
+    """List-like committee predictions: one :class:`AenetEnsembleResult` per structure, plus
+    each member's :class:`PredictOut` in ``member_outputs``."""
+
+    predictions: list[AenetEnsembleResult]
+    member_outputs: list[PredictOut]
+    identifiers: list[str | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.predictions)
+
+    def __iter__(self) -> Iterator[AenetEnsembleResult]:
+        return iter(self.predictions)
+
+    def __getitem__(self, index: int) -> AenetEnsembleResult:
+        return self.predictions[index]
+
+    @property
+    def energy_mean(self) -> np.ndarray:
+        """Mean energies (eV)."""
+        return np.array([p.energy_mean for p in self.predictions])
+
+    @property
+    def energy_std(self) -> np.ndarray:
+        """Energy standard deviations over members (eV)."""
+        return np.array([p.energy_std for p in self.predictions])
+
+    @property
+    def max_force_uncertainty(self) -> np.ndarray:
+        """Per structure, the largest atomic force uncertainty (eV/Å; NaN without forces)."""
+        return np.array(
+            [
+                np.nan if p.force_uncertainty is None else p.force_uncertainty.max()
+                for p in self.predictions
+            ]
+        )
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per structure with energies and uncertainties."""
+        return pd.DataFrame(
+            {
+                "index": range(len(self)),
+                "identifier": self.identifiers or [None] * len(self),
+                "energy": [p.energy for p in self.predictions],
+                "energy_mean": self.energy_mean,
+                "energy_std": self.energy_std,
+                "member_energies": [p.member_energies.tolist() for p in self.predictions],
+                "max_force_uncertainty": self.max_force_uncertainty,
+                "num_members": [p.num_members for p in self.predictions],
+            }
+        )
+
+    def sort_by(self, column: str = "energy_std", *, ascending: bool = False) -> pd.DataFrame:
+        """The table sorted by ``column``."""
+        return self.to_dataframe().sort_values(column, ascending=ascending)
+
+    def top_uncertain(self, n: int = 10, *, metric: str = "energy_std") -> pd.DataFrame:
+        """The ``n`` most uncertain structures by ``metric``."""
+        return self.sort_by(metric).head(n)
+
+
+class TorchCommitteePotential:
+    """A committee of :class:`TorchANNPotential` members sharing descriptor and split."""
+
+    def __init__(
+        self, arch: Mapping[str, Sequence[tuple[int, str]]], descriptor: ChebyshevDescriptor
+    ):
+        TorchANNPotential(arch, descriptor)  # validates arch against the descriptor
+        self.arch = {s: list(layers) for s, layers in arch.items()}
+        self.descriptor = descriptor
+        self.members: list[TorchANNPotential] = []
+
+    def train(
+        self,
+        structures: Any = None,
+        dataset: Any = None,
+        train_dataset: Any = None,
+        test_dataset: Any = None,
+        config: TorchTrainingConfig | None = None,
+        committee_config: TorchCommitteeConfig | None = None,
+    ) -> TorchCommitteeTrainResult:
+        """Train the committee on ``structures`` and write the output layout."""
+        config = TorchTrainingConfig() if config is None else config
+        committee_config = committee_config or TorchCommitteeConfig(num_members=2)
+        config.validate()
+        if structures is None:
+            raise ValueError("TorchCommitteePotential.train needs structures=")
+        structures = convert_to_structures(structures)
+        kept, _ = filter_structures(
+            structures, config.atomic_energies, config.max_energy, config.max_forces
+        )
+        train_structures, test_structures = split_structures(
+            kept, config.testpercent, config.split_seed
+        )
+        params = self.descriptor.params
+        forces = config.force_weight > 0
+        train = featurize_structures(
+            params, train_structures, with_derivatives=forces, dtype=self.descriptor.dtype
+        )
+        test = (
+            featurize_structures(
+                params, test_structures, with_derivatives=forces, dtype=self.descriptor.dtype
+            )
+            if test_structures
+            else None
+        )
+        seeds = committee_config.seeds(config.seed)
+        core = config.to_train_config()
+        options = {
+            "atomic_energies": config.atomic_energies,
+            "normalize_features": config.normalize_features,
+            "normalize_energy": config.normalize_energy,
+            "feature_stats": config.feature_stats,
+            "energy_shift": config.E_shift,
+            "energy_scaling": config.E_scaling,
+        }
+        states = init_committee(
+            params, self.arch, train, core, seeds, committee_config.shared_batches, **options
+        )
+        progress = EpochProgress(core.epochs, disable=not config.show_progress)
+        try:
+            if committee_config.execution == "vmap":
+                states = committee_fit(
+                    states, train, test, core, [lambda members: progress(members[0])]
+                )
+            else:
+                states = tuple(
+                    fit(state, train, test, attrs.evolve(core, seed=state_seed))
+                    for state, state_seed in zip(states, seeds)
+                )
+        finally:
+            progress.close()
+        return self._write(states, seeds, config, committee_config)
+
+    def _write(self, states, seeds, config, committee_config) -> TorchCommitteeTrainResult:
+        output = Path(committee_config.output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        self.members, results = [], []
+        for index, (state, seed) in enumerate(zip(states, seeds)):
+            member_dir = output / f"member_{index:03d}"
+            member = TorchANNPotential(self.arch, self.descriptor)
+            member.model, member.history, member._training_config = (
+                state.model,
+                state.history,
+                config,
+            )
+            member.best_val = None if state.best_epoch < 0 else state.best_monitor
+            model_path = member_dir / "model.pt"
+            member_dir.mkdir(parents=True, exist_ok=True)
+            member.save(
+                model_path,
+                {
+                    "committee_member_index": index,
+                    "committee_seed": seed,
+                    "committee_split_seed": config.split_seed,
+                },
+            )
+            json_path, csv_path = write_history(state.history, member_dir)
+            metrics = dict(TrainOut.from_torch_history(state.history).stats)
+            metrics["best_val_loss"] = member.best_val if member.best_val is not None else math.nan
+            metrics["epochs_recorded"] = len(state.history)
+            summary_path = member_dir / "summary.json"
+            summary_path.write_text(json.dumps(_json_ready(metrics), indent=2))
+            self.members.append(member)
+            results.append(
+                TorchCommitteeMemberResult(
+                    index,
+                    seed,
+                    config.split_seed,
+                    member_dir,
+                    model_path,
+                    json_path,
+                    csv_path,
+                    summary_path,
+                    metrics,
+                )
+            )
+        metadata_path = output / "committee_metadata.json"
+        metadata = {
+            "schema_version": "1.0",
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "execution_mode": committee_config.execution,
+            "output_dir": str(output),
+            "committee_config": {
+                "num_members": committee_config.num_members,
+                "base_seed": committee_config.base_seed,
+                "member_seeds": seeds,
+                "execution": committee_config.execution,
+                "shared_batches": committee_config.shared_batches,
+            },
+            "architecture": {
+                s: [list(layer) for layer in layers] for s, layers in self.arch.items()
+            },
+            "descriptor_config": repr(self.descriptor),
+            "members": [r.to_metadata() for r in results],
+            "failures": [],
+        }
+        metadata_path.write_text(json.dumps(_json_ready(metadata), indent=2))
+        return TorchCommitteeTrainResult(output, metadata_path, results, committee_config.execution)
+
+    @staticmethod
+    def member_model_paths(directory: str | os.PathLike) -> list[Path]:
+        """The members' model files of a committee directory (from its
+        committee_metadata.json: ``member_XXX/model.pt`` for each listed member)."""
+        metadata_path = Path(directory) / "committee_metadata.json"
+        if not metadata_path.is_file():
+            raise FileNotFoundError(f"{metadata_path}: no committee metadata")
+        try:
+            members = json.loads(metadata_path.read_text())["members"]
+            indices = [int(m["member_index"]) for m in members]
+        except (KeyError, ValueError, TypeError) as error:
+            raise ValueError(f"{metadata_path}: corrupt committee metadata ({error})") from error
+        return [Path(directory) / f"member_{i:03d}" / "model.pt" for i in indices]
+
+    @classmethod
+    def from_files(
+        cls, model_paths: Sequence[str | os.PathLike], device: Any = None
+    ) -> TorchCommitteePotential:
+        """A committee from member model files; they must share architecture, descriptor and
+        normalisation (a missing or corrupt file raises an error naming it)."""
+        members = [TorchANNPotential.from_file(path, device) for path in model_paths]
+        if not members:
+            raise ValueError("no member model files given")
+        first = members[0]
+        for path, member in zip(model_paths, members):
+            if member.arch != first.arch or member.descriptor.params != first.descriptor.params:
+                raise ValueError(
+                    f"{path}: its architecture or descriptor differs from the first member's"
+                )
+        check_shared_parts([m.model for m in members])
+        committee = cls(first.arch, first.descriptor)
+        committee.members = members
+        return committee
+
+    @classmethod
+    def from_directory(cls, path: str | os.PathLike, device: Any = None) -> TorchCommitteePotential:
+        """A committee from an output directory written by :meth:`train`."""
+        return cls.from_files(cls.member_model_paths(path), device)
+
+    def predict(
+        self,
+        structures: Any,
+        eval_forces: bool = False,
+        config: Any = None,
+        aggregation: str = "mean",
+        reference_member: int = 0,
+    ) -> TorchCommitteePredictResult:
+        """Committee predictions: all members in one vmapped pass per batch."""
+        if not self.members:
+            raise RuntimeError("the committee has not been trained or loaded")
+        validate_aggregation_mode(aggregation, reference_member, len(self.members))
+        structures = convert_to_structures(structures)
+        models = [m.model for m in self.members]
+        batch = collate(
+            structures, species=models[0].descriptor.species, dtype=self.descriptor.dtype
+        )
+        prediction = committee_predict(models, batch, eval_forces=eval_forces)
+        energies = prediction.member_energies.detach().numpy()
+        forces = (
+            None if prediction.member_forces is None else prediction.member_forces.detach().numpy()
+        )
+        index = batch.structure_index.numpy()
+        results = [
+            AenetEnsembleResult.from_member_predictions(
+                energies[:, k],
+                None if forces is None else forces[:, index == k],
+                aggregation,
+                reference_member,
+            )
+            for k in range(len(structures))
+        ]
+        reference = models[0].normalization.atomic_energies  # batch species = model species
+        offsets = torch.zeros(len(structures), dtype=reference.dtype)
+        offsets = offsets.index_add(
+            0, batch.structure_index, reference[batch.species_index]
+        ).numpy()
+        member_outputs = [
+            PredictOut(
+                coords=[s.positions.numpy().copy() for s in structures],
+                forces=[None] * len(structures)
+                if forces is None
+                else [forces[m, index == k] for k in range(len(structures))],
+                atom_types=[list(s.species) for s in structures],
+                atom_energies=[None] * len(structures),
+                cohesive_energy=(energies[m] - offsets).tolist(),
+                total_energy=energies[m].tolist(),
+                structure_paths=[s.name for s in structures],
+            )
+            for m in range(len(models))
+        ]
+        return TorchCommitteePredictResult(results, member_outputs, [s.name for s in structures])
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (np.floating, np.integer)):
+        return _json_ready(value.item())
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return value

@@ -1,0 +1,152 @@
+"""The committee facade: the guide's example, output layout, reload, prediction, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import aenet_fn as af
+from aenet_fn.torch_featurize import ChebyshevDescriptor
+from aenet_fn.torch_training import (
+    Adam,
+    TorchANNPotential,
+    TorchCommitteeConfig,
+    TorchCommitteePotential,
+    TorchTrainingConfig,
+)
+
+E_ATOM = {"Ti": -1604.604515075, "O": -432.503149303}
+
+
+@pytest.fixture(scope="module")
+def setup(shared_data, tmp_path_factory):
+    structures = af.read_structures(sorted((shared_data / "tio2").glob("*.xsf"))[:16])
+    descriptor = ChebyshevDescriptor(["Ti", "O"], 4, 4.0, 2, 3.0, min_cutoff=0.5)
+    arch = {"Ti": [(5, "tanh")], "O": [(5, "tanh")]}
+    config = TorchTrainingConfig(
+        iterations=2,
+        method=Adam(mu=0.003, batchsize=4),
+        testpercent=25,
+        split_seed=7,
+        force_weight=0.2,
+        atomic_energies=E_ATOM,
+        checkpoint_dir=None,
+        show_progress=False,
+    )
+    runs = {}
+    for execution in ("vmap", "sequential"):
+        committee = TorchCommitteePotential(arch, descriptor)
+        output = tmp_path_factory.mktemp(execution) / "committee_run"
+        result = committee.train(
+            structures=structures,
+            config=config,
+            committee_config=TorchCommitteeConfig(
+                num_members=3, base_seed=11, output_dir=output, execution=execution
+            ),
+        )
+        runs[execution] = (committee, result)
+    return structures, runs
+
+
+def test_output_layout_and_result(setup):
+    _, runs = setup
+    _, result = runs["vmap"]
+    assert [m.seed for m in result.members] == [11, 12, 13]
+    for member in result.members:
+        for name in ("model.pt", "history.json", "history.csv", "summary.json"):
+            assert (member.member_dir / name).is_file()
+    metadata = json.loads(result.metadata_path.read_text())
+    assert metadata["committee_config"]["member_seeds"] == [11, 12, 13]
+    assert len(result.to_dataframe()) == 3
+    assert result.stats["final_RMSE_train"]["n"] == 3
+    assert "Training statistics:" in str(result) and "completed members: 3" in str(result)
+    assert all(len(t.errors) == 2 for t in result.trainouts)
+
+
+def test_vmapped_members_equal_sequential_members(setup):
+    _, runs = setup
+    together, _ = runs["vmap"]
+    alone, _ = runs["sequential"]
+    for a, b in zip(together.members, alone.members):
+        torch.testing.assert_close(
+            a.model.network.values, b.model.network.values, rtol=0, atol=1e-12
+        )
+
+
+def test_reloaded_committee_predicts_the_members_mean_and_spread(setup):
+    structures, runs = setup
+    _, result = runs["vmap"]
+    committee = TorchCommitteePotential.from_directory(result.output_dir)
+    predictions = committee.predict(structures[:3], eval_forces=True)
+    singles = [
+        TorchANNPotential.from_file(m.model_path).predict(structures[:3], eval_forces=True)
+        for m in result.members
+    ]
+    member_energies = np.array([s.total_energy for s in singles])
+    np.testing.assert_allclose(predictions.energy_mean, member_energies.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(
+        predictions.energy_std, member_energies.std(0), rtol=1e-9, atol=1e-12
+    )
+    forces = np.array([s.forces[0] for s in singles])
+    np.testing.assert_allclose(predictions[0].forces_std, forces.std(0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        predictions.member_outputs[1].total_energy, singles[1].total_energy, rtol=1e-12
+    )
+    top = predictions.top_uncertain(n=2)
+    assert len(top) == 2 and top["energy_std"].iloc[0] >= top["energy_std"].iloc[1]
+    reference = committee.predict(structures[:3], aggregation="reference", reference_member=2)
+    np.testing.assert_allclose([r.energy for r in reference], member_energies[2], rtol=1e-12)
+
+
+def test_missing_or_corrupt_member_files_are_named(setup, tmp_path):
+    _, runs = setup
+    _, result = runs["vmap"]
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(result.output_dir, broken)
+    (broken / "member_001" / "model.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="member_001"):
+        TorchCommitteePotential.from_directory(broken)
+    (broken / "member_001" / "model.pt").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="member_001"):
+        TorchCommitteePotential.from_directory(broken)
+    with pytest.raises(FileNotFoundError, match=r"committee_metadata\.json"):
+        TorchCommitteePotential.from_directory(tmp_path / "nowhere")
+
+
+def test_members_with_different_descriptors_are_refused(setup, tmp_path):
+    structures, runs = setup
+    _, result = runs["vmap"]
+    other = TorchANNPotential(
+        {"Ti": [(5, "tanh")], "O": [(5, "tanh")]},
+        ChebyshevDescriptor(["Ti", "O"], 3, 4.0, 2, 3.0, min_cutoff=0.5),
+    )
+    other.train(
+        structures=structures,
+        config=TorchTrainingConfig(
+            iterations=1, checkpoint_dir=None, show_progress=False, atomic_energies=E_ATOM
+        ),
+    )
+    other.save(tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"other\.pt"):
+        TorchCommitteePotential.from_files([result.members[0].model_path, tmp_path / "other.pt"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_members": 0}, "num_members must be an integer >= 1"),
+        ({"num_members": 2, "base_seed": "1"}, "base_seed must be an integer"),
+        ({"num_members": 2, "member_seeds": [1]}, "1 member seeds given for 2 members"),
+        ({"num_members": 2, "max_parallel": 0}, "max_parallel must be >= 1"),
+        ({"num_members": 2, "devices": []}, "devices must not be an empty list"),
+        ({"num_members": 2, "execution": "parallel"}, "execution must be one of"),
+    ],
+)
+def test_committee_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TorchCommitteeConfig(**kwargs)
