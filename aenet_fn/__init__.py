@@ -7,6 +7,7 @@ The core is pure functions over frozen ``attrs`` records (registered as pytrees)
 ...                             ang_order=3, ang_cutoff=3.5, min_cutoff=0.5)
 """
 
+from aenet_fn.ascii_potential import read_aenet_ascii, write_aenet_ascii
 from aenet_fn.batch import Batch, collate
 from aenet_fn.checkpoint import CheckpointWriter, load_checkpoint, save_checkpoint
 from aenet_fn.descriptor import (
@@ -83,6 +84,7 @@ __all__ = [
     "load_checkpoint",
     "neighbor_list",
     "pair_vectors",
+    "read_aenet_ascii",
     "read_structures",
     "run_epoch",
     "save_checkpoint",
@@ -90,5 +92,6 @@ __all__ = [
     "take_structures",
     "train_step",
     "value_and_forces",
+    "write_aenet_ascii",
     "write_xsf",
 ]
