@@ -13,12 +13,20 @@ from aenet_fn.torch_training.committee import (
     TorchCommitteeTrainResult,
 )
 from aenet_fn.torch_training.config import SGD, Adam, TorchTrainingConfig, TrainingMethod
+from aenet_fn.torch_training.dataset import (
+    CachedStructureDataset,
+    StructureDataset,
+    train_test_split,
+    train_test_split_dataset,
+)
 from aenet_fn.torch_training.trainer import TorchANNPotential, convert_to_structures
 
 __all__ = [
     "SGD",
     "Adam",
+    "CachedStructureDataset",
     "Structure",
+    "StructureDataset",
     "TorchANNPotential",
     "TorchCommitteeConfig",
     "TorchCommitteeMemberResult",
@@ -29,4 +37,6 @@ __all__ = [
     "TrainOut",
     "TrainingMethod",
     "convert_to_structures",
+    "train_test_split",
+    "train_test_split_dataset",
 ]

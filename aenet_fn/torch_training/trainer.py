@@ -10,7 +10,7 @@ import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,17 @@ from aenet_fn.checkpoint import (
     safe_torch_load,
 )
 from aenet_fn.data import filter_structures, split_structures
-from aenet_fn.featurized import featurize_structures
+from aenet_fn.featurized import FeaturizedSet, featurize_structures
 from aenet_fn.io.ase_io import from_ase, read_structures
 from aenet_fn.io.predict import PredictOut
 from aenet_fn.io.train import TrainOut, write_energies, write_history
 from aenet_fn.network import check_architecture
-from aenet_fn.potential import Model, atomic_energies, energy_forces_stress
+from aenet_fn.potential import (
+    Model,
+    atomic_energies,
+    atomic_energies_from_features,
+    energy_forces_stress,
+)
 from aenet_fn.progress import EpochProgress
 from aenet_fn.serialization import from_tree, to_tree
 from aenet_fn.structure import Structure
@@ -118,19 +123,47 @@ class TorchANNPotential:
         config: TorchTrainingConfig | None = None,
         resume_from: str | os.PathLike | None = None,
     ) -> TrainOut:
-        """Train on ``structures`` (records, ASE Atoms or file paths); returns a
-        :class:`~aenet_fn.io.train.TrainOut`. With ``resume_from`` a checkpoint continues for
-        ``config.iterations`` more epochs, exactly as the uninterrupted run would have. With a
-        ``checkpoint_dir`` the history is also written there as ``history.json`` and
-        ``history.csv``."""
+        """Train and return a :class:`~aenet_fn.io.train.TrainOut`.
+
+        Data sources, in priority order: (a) ``train_dataset`` (+ optional ``test_dataset``;
+        ``testpercent`` ignored); (b) ``dataset``, split by ``testpercent``/``split_seed`` unless
+        ``test_dataset`` is given; (c) ``structures`` (records, ASE Atoms or file paths), filtered
+        by ``max_energy``/``max_forces`` and split. Prebuilt datasets own their
+        ``atomic_energies`` (a conflicting ``config.atomic_energies`` raises ``ValueError``).
+        With ``resume_from`` a checkpoint continues for ``config.iterations`` more epochs, exactly
+        as the uninterrupted run would have. With a ``checkpoint_dir`` the history is also
+        written there as ``history.json`` and ``history.csv``."""
         config = TorchTrainingConfig() if config is None else config
         config.validate()
-        if dataset is not None or train_dataset is not None:
-            raise NotImplementedError(
-                "dataset inputs arrive with the dataset classes; pass structures="
+        dtype = _training_dtype(config, self.dtype)
+        with_forces = config.force_weight > 0
+        if train_dataset is not None or dataset is not None:
+            data = self._data_from_datasets(
+                dataset, train_dataset, test_dataset, config, dtype, with_forces
             )
-        if structures is None:
+        elif structures is not None:
+            data = self._data_from_structures(structures, config, dtype, with_forces)
+        else:
             raise ValueError("train() needs structures=, dataset= or train_dataset=")
+        if config.seed is None:
+            config.seed = int(torch.Generator().seed() % 2**31)
+        core = config.to_train_config()
+        state = self._initial_state(data, config, core, resume_from)
+        state = self._run_fit(state, data, config, core)
+        self.model, self.history = state.model, state.history
+        if config.checkpoint_dir is not None:
+            write_history(self.history, config.checkpoint_dir)
+        self.best_val = None if state.best_epoch < 0 else state.best_monitor
+        self._training_config = config
+        files = self._energies_files(data) if config.save_energies else (None, None)
+        return TrainOut.from_torch_history(
+            self.history, config=config, energies_train_files=files[0], energies_test_files=files[1]
+        )
+
+    def _data_from_structures(
+        self, structures: Any, config: TorchTrainingConfig, dtype: torch.dtype, with_forces: bool
+    ) -> _TrainingData:
+        """Source (c): convert, filter and split ``structures``, then featurize both splits."""
         structures = convert_to_structures(structures)
         if not structures:
             raise ValueError("train(): no structures given")
@@ -138,16 +171,15 @@ class TorchANNPotential:
         if missing:
             raise ValueError(f"structures without an energy cannot be trained on: {missing[:5]}")
         if not config.atomic_energies:
-            warnings.warn("No atomic_energies provided: training on total energies", stacklevel=2)
+            warnings.warn("No atomic_energies provided: training on total energies", stacklevel=3)
         kept, _ = filter_structures(
             structures, config.atomic_energies, config.max_energy, config.max_forces
         )
         if not kept:
             raise ValueError("every structure was removed by max_energy / max_forces")
-        split_seed = config.split_seed
-        train_structures, test_structures = split_structures(kept, config.testpercent, split_seed)
-        dtype = _training_dtype(config, self.dtype)
-        with_forces = config.force_weight > 0
+        train_structures, test_structures = split_structures(
+            kept, config.testpercent, config.split_seed
+        )
         params = self.descriptor.params
         train = featurize_structures(
             params, train_structures, with_derivatives=with_forces, dtype=dtype
@@ -157,28 +189,143 @@ class TorchANNPotential:
             if test_structures
             else None
         )
-        if config.seed is None:
-            config.seed = int(torch.Generator().seed() % 2**31)
-        core = config.to_train_config()
+        return _TrainingData(train, test, config.atomic_energies, train_structures, test_structures)
+
+    def _data_from_datasets(
+        self,
+        dataset: Any,
+        train_dataset: Any,
+        test_dataset: Any,
+        config: TorchTrainingConfig,
+        dtype: torch.dtype,
+        with_forces: bool,
+    ) -> _TrainingData:
+        """Sources (a) and (b): pick or split the datasets, resolve the atomic references they
+        own and take their (cached) featurized sets."""
+        from aenet_fn.torch_training.dataset import (
+            check_descriptor,
+            featurized_of,
+            train_test_split,
+        )
+
+        if train_dataset is not None:
+            if dataset is not None:
+                warnings.warn(
+                    "train(): dataset= is ignored because train_dataset= is given", stacklevel=3
+                )
+            train_source, test_source = train_dataset, test_dataset
+        elif test_dataset is None and config.testpercent > 0:
+            train_source, test_source = train_test_split(
+                dataset, config.testpercent / 100, config.split_seed
+            )
+        else:
+            train_source, test_source = dataset, test_dataset
+        if config.max_energy is not None or config.max_forces is not None:
+            warnings.warn(
+                "TorchTrainingConfig.max_energy / max_forces are ignored for prebuilt datasets: "
+                "filter when constructing the dataset instead",
+                UserWarning,
+                stacklevel=3,
+            )
+        if len(train_source) == 0:
+            raise ValueError(
+                "the training dataset is empty (no structures, or all removed by its filters)"
+            )
+        if test_source is not None and len(test_source) == 0:
+            test_source = None
+        for source in (train_source, test_source):
+            if source is not None:
+                check_descriptor(source, self.descriptor)
+        references = self._dataset_references(train_source, test_source, config)
+        train = featurized_of(train_source, self.descriptor, with_forces, dtype)
+        test = (
+            None
+            if test_source is None
+            else featurized_of(test_source, self.descriptor, with_forces, dtype)
+        )
+        for label, data in (("training", train), ("test", test)):
+            if data is not None and not bool(torch.isfinite(data.energies).all()):
+                names = [n for n, e in zip(data.names, data.energies.tolist()) if e != e]
+                raise ValueError(
+                    f"{label} structures without an energy cannot be trained on: {names[:5]}"
+                )
+        return _TrainingData(train, test, references, train_source, test_source)
+
+    def _dataset_references(
+        self, train_source: Any, test_source: Any, config: TorchTrainingConfig
+    ) -> dict[str, float] | None:
+        """Atomic references owned by the datasets (spec §1.2 step 4): train and test must
+        agree, and so must ``config.atomic_energies`` when both give them; config values with
+        a dataset that owns none are ignored with a warning."""
+        from aenet_fn.torch_training.dataset import owned_atomic_energies
+
+        species = self.descriptor.species
+
+        def per_species(values: Mapping[str, float]) -> list[float]:
+            return [float(values.get(s, 0.0)) for s in species]
+
+        owned_train = owned_atomic_energies(train_source)
+        owned_test = None if test_source is None else owned_atomic_energies(test_source)
+        if (
+            owned_train is not None
+            and owned_test is not None
+            and per_species(owned_train) != per_species(owned_test)
+        ):
+            raise ValueError(
+                "the training and test datasets have conflicting atomic_energies: "
+                f"{owned_train} vs {owned_test}"
+            )
+        owned = owned_train if owned_train is not None else owned_test
+        if config.atomic_energies:
+            if owned is None:
+                warnings.warn(
+                    "TorchTrainingConfig.atomic_energies is ignored: the prebuilt dataset owns "
+                    "no atomic_energies (give them to the dataset instead)",
+                    UserWarning,
+                    stacklevel=4,
+                )
+            elif per_species(owned) != per_species(config.atomic_energies):
+                raise ValueError(
+                    f"config.atomic_energies {dict(config.atomic_energies)} conflict with the "
+                    f"dataset's atomic_energies {owned}"
+                )
+        if not owned:
+            warnings.warn("No atomic_energies provided: training on total energies", stacklevel=4)
+        return owned
+
+    def _initial_state(
+        self,
+        data: _TrainingData,
+        config: TorchTrainingConfig,
+        core: Any,
+        resume_from: str | os.PathLike | None,
+    ) -> Any:
+        """The state to train from: a loaded checkpoint, or a fresh model fitted to the
+        training split's statistics."""
         if resume_from is not None:
             try:
                 state, _ = load_checkpoint(resume_from)
             except (OSError, ValueError) as error:
                 raise RuntimeError(f"Failed to load checkpoint {resume_from}: {error}") from error
-        else:
-            model = init_model(
-                params,
-                self.arch,
-                train,
-                seed=config.seed,
-                atomic_energies=config.atomic_energies,
-                normalize_features=config.normalize_features,
-                normalize_energy=config.normalize_energy,
-                feature_stats=config.feature_stats,
-                energy_shift=config.E_shift,
-                energy_scaling=config.E_scaling,
-            )
-            state = init_train_state(model, train, core)
+            return state
+        model = init_model(
+            self.descriptor.params,
+            self.arch,
+            data.train,
+            seed=config.seed,
+            atomic_energies=data.atomic_energies,
+            normalize_features=config.normalize_features,
+            normalize_energy=config.normalize_energy,
+            feature_stats=config.feature_stats,
+            energy_shift=config.E_shift,
+            energy_scaling=config.E_scaling,
+        )
+        return init_train_state(model, data.train, core)
+
+    def _run_fit(
+        self, state: Any, data: _TrainingData, config: TorchTrainingConfig, core: Any
+    ) -> Any:
+        """Run the core training loop with the progress bar and checkpoint callbacks."""
         callbacks, progress = [], None
         if config.show_progress:
             progress = EpochProgress(core.epochs, show_batches=config.show_batch_progress)
@@ -192,29 +339,43 @@ class TorchANNPotential:
                     max_checkpoints=config.max_checkpoints
                     if (config.max_checkpoints or 0) > 0
                     else None,
-                    save_best=config.save_best and test is not None,
+                    save_best=config.save_best and data.test is not None,
                 )
             )
         try:
-            state = fit(
-                state, train, test, core, callbacks, progress.on_batch if progress else None
+            return fit(
+                state,
+                data.train,
+                data.test,
+                core,
+                callbacks,
+                progress.on_batch if progress else None,
             )
         finally:
             if progress is not None:
                 progress.close()
-        self.model, self.history = state.model, state.history
-        if config.checkpoint_dir is not None:
-            write_history(self.history, config.checkpoint_dir)
-        self.best_val = None if state.best_epoch < 0 else state.best_monitor
-        self._training_config = config
-        files = (
-            self._save_energies(train_structures, test_structures)
-            if config.save_energies
-            else (None, None)
-        )
-        return TrainOut.from_torch_history(
-            self.history, config=config, energies_train_files=files[0], energies_test_files=files[1]
-        )
+
+    def _energies_files(self, data: _TrainingData):
+        """``save_energies``: the energies files of both splits, or ``(None, None)`` with a
+        warning when a dataset cannot expose its structures."""
+        from aenet_fn.torch_training.dataset import structures_of
+
+        splits = []
+        for source in (data.train_source, data.test_source):
+            if source is None or isinstance(source, list):
+                splits.append(source or [])
+                continue
+            structures = structures_of(source)
+            if structures is None:
+                warnings.warn(
+                    "save_energies: the dataset cannot expose its structures; no energies "
+                    "files written",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                return None, None
+            splits.append(structures)
+        return self._save_energies(splits[0], splits[1])
 
     def _require_model(self) -> Model:
         if self.model is None:
@@ -291,6 +452,76 @@ class TorchANNPotential:
             structure_paths=paths,
         )
 
+    def predict_dataset(
+        self, dataset: Any, eval_forces: bool = False, config: Any = None
+    ) -> PredictOut:
+        """:meth:`predict` for a dataset (``StructureDataset``, ``CachedStructureDataset``,
+        their subsets, or a dataset whose samples carry ``features``). Energy-only prediction
+        reuses the dataset's cached features; ``eval_forces`` materialises the structures
+        (``get_structure``, ``structures`` or a Subset of such a dataset) and calls
+        :meth:`predict`. Raises ``ValueError`` when the structures or coordinates needed cannot
+        be obtained."""
+        from aenet_fn.torch_training.dataset import (
+            dataset_descriptor,
+            featurized_of,
+            structures_of,
+        )
+
+        model = self._require_model()
+        if len(dataset) == 0:
+            raise ValueError("predict_dataset(): the dataset is empty")
+        structures = structures_of(dataset)
+        if eval_forces:
+            if structures is None:
+                raise ValueError(
+                    "predict_dataset(eval_forces=True) needs a dataset exposing its structures "
+                    "(get_structure(), structures, or a Subset of such a dataset)"
+                )
+            return self.predict(structures, eval_forces=True, config=config)
+        if structures is not None or dataset_descriptor(dataset) is not None:
+            data = featurized_of(dataset, self.descriptor, False, self.dtype)
+            features, species_index, n_atoms = data.features, data.species_index, data.n_atoms
+            if structures is None:
+                structures = [None] * len(dataset)
+            coords = [None if s is None else s.positions.numpy().copy() for s in structures]
+            types = [None if s is None else list(s.species) for s in structures]
+            names = list(data.names)
+        else:
+            features, species_index, n_atoms, coords, types, names = _features_from_samples(
+                dataset, list(model.descriptor.species), self.dtype
+            )
+        if any(c is None for c in coords):
+            raise ValueError("predict_dataset(): the dataset does not give atomic coordinates")
+        batch_size = int(getattr(config, "batch_size", 32) or 32)
+        atom_start = torch.cumsum(n_atoms, 0) - n_atoms
+        atomic: list[torch.Tensor] = []
+        with torch.no_grad():
+            for first in range(0, len(n_atoms), batch_size):
+                last = min(first + batch_size, len(n_atoms)) - 1
+                lo, hi = int(atom_start[first]), int(atom_start[last] + n_atoms[last])
+                atomic.append(
+                    atomic_energies_from_features(
+                        model, features[lo:hi].to(self.dtype), species_index[lo:hi]
+                    )
+                )
+        per_atom = torch.cat(atomic).split(n_atoms.tolist())
+        reference = dict(
+            zip(model.descriptor.species, model.normalization.atomic_energies.tolist())
+        )
+        totals = [float(a.sum()) for a in per_atom]
+        cohesive = [
+            total - sum(reference[s] for s in symbols) for total, symbols in zip(totals, types)
+        ]
+        return PredictOut(
+            coords=coords,
+            forces=[None] * len(totals),
+            atom_types=types,
+            atom_energies=[a.numpy().copy() for a in per_atom],
+            cohesive_energy=cohesive,
+            total_energy=totals,
+            structure_paths=names if all(names) else None,
+        )
+
     def cohesive_energy(
         self, structure: Structure, atomic_energies: Mapping[str, float] | None = None
     ) -> float:
@@ -363,6 +594,55 @@ class TorchANNPotential:
         potential.best_val = payload.get("best_val_loss")
         potential._metadata = {k: v for k, v in payload.items() if k != "model"}
         return potential
+
+
+@dataclass
+class _TrainingData:
+    """The featurized splits of one training run, the atomic references in force and where the
+    splits came from (structure lists or datasets, for ``save_energies``)."""
+
+    train: FeaturizedSet
+    test: FeaturizedSet | None
+    atomic_energies: Mapping[str, float] | None
+    train_source: Any
+    test_source: Any
+
+
+def _features_from_samples(dataset: Any, species: list[str], dtype: torch.dtype):
+    """Features, species indices, atom counts, coordinates, symbols and names from the samples
+    of a dataset without structures; samples must carry ``features`` and ``species``."""
+    features, species_index, n_atoms, coords, types, names = [], [], [], [], [], []
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        structure = sample.get("structure")
+        symbols = sample.get("species")
+        if symbols is None and structure is not None:
+            symbols = list(structure.species)
+        if sample.get("features") is None or symbols is None:
+            raise ValueError(
+                f"predict_dataset(): sample {i} carries no features or species; give a dataset "
+                "exposing its structures"
+            )
+        unknown = sorted(set(symbols) - set(species))
+        if unknown:
+            raise ValueError(f"species {unknown} are not in the descriptor's species {species}")
+        positions = sample.get("positions")
+        if positions is None and structure is not None:
+            positions = structure.positions
+        features.append(torch.as_tensor(sample["features"], dtype=dtype))
+        species_index.append(torch.tensor([species.index(s) for s in symbols]))
+        n_atoms.append(len(symbols))
+        coords.append(None if positions is None else np.asarray(positions, dtype=float).copy())
+        types.append(list(symbols))
+        names.append(sample.get("name") or (structure.name if structure is not None else None))
+    return (
+        torch.cat(features),
+        torch.cat(species_index),
+        torch.tensor(n_atoms),
+        coords,
+        types,
+        names,
+    )
 
 
 def _training_dtype(config: TorchTrainingConfig, descriptor_dtype: torch.dtype) -> torch.dtype:

@@ -1,0 +1,507 @@
+"""Datasets of the ænet Python tools: ``StructureDataset``, ``CachedStructureDataset`` and splits.
+
+A dataset owns filtered :class:`~aenet_fn.Structure` records, a descriptor and (optionally) the
+atomic reference energies its structures were filtered with. Besides the torch-style sample
+interface (``len``, ``dataset[i]``) each dataset hands the functional core a
+:class:`~aenet_fn.featurized.FeaturizedSet` of its structures (:meth:`StructureDataset.featurized`),
+computed once per ``(with_derivatives, dtype)`` and cached, so that training the same dataset
+again, or on splits of it, never featurizes a structure twice. Splits
+(:func:`train_test_split`, :func:`train_test_split_dataset`) are :class:`StructureSubset`\\ s that
+slice the parent's cached set.
+
+Differences from the reference, on purpose: unknown species raise ``ValueError`` naming them (the
+reference's ``KeyError``); the train/test draw is the one of ``TorchTrainingConfig.split_seed``
+for ``structures=`` input (a ``torch`` generator), so a dataset and the same structures split
+identically; ``CachedStructureDataset`` can also be trained with forces (the derivatives are
+computed on first use and cached).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+from torch.utils.data import Dataset, Subset
+
+from aenet_fn.data import filter_structures
+from aenet_fn.featurized import FeaturizedSet, featurize_structures, ranges
+from aenet_fn.local_derivatives import LocalDerivatives
+from aenet_fn.structure import Structure
+from aenet_fn.torch_featurize.chebyshev import ChebyshevDescriptor
+from aenet_fn.torch_training.trainer import convert_to_structures
+
+__all__ = [
+    "CachedStructureDataset",
+    "StructureDataset",
+    "StructureSubset",
+    "convert_to_structures",
+    "select_structures",
+    "train_test_split",
+    "train_test_split_dataset",
+]
+
+_ATOM_FIELDS = (
+    "radial_centre",
+    "radial_neighbour",
+    "triplet_centre",
+    "triplet_first",
+    "triplet_second",
+)
+
+
+def _check_species(structures: Sequence[Structure], descriptor: ChebyshevDescriptor) -> None:
+    known = set(descriptor.species)
+    unknown: dict[str, str | None] = {}
+    for structure in structures:
+        for symbol in set(structure.species) - known:
+            unknown.setdefault(symbol, structure.name)
+    if unknown:
+        first = next(iter(unknown.values()))
+        raise ValueError(
+            f"species {sorted(unknown)} are not in the descriptor's species "
+            f"{list(descriptor.species)} (first seen in structure {first!r})"
+        )
+
+
+def _plain_energies(atomic_energies: Mapping[str, float] | None) -> dict[str, float] | None:
+    if atomic_energies is None:
+        return None
+    return {str(k): float(v) for k, v in dict(atomic_energies).items()}
+
+
+def _position(index: int, length: int) -> int:
+    """``index`` as a non-negative position (negative indices count from the end)."""
+    index = int(index)
+    position = index + length if index < 0 else index
+    if not 0 <= position < length:
+        raise IndexError(f"index {index} out of range for a dataset of {length} structures")
+    return position
+
+
+class StructureDataset(Dataset):
+    """Structures with features computed on the fly (torch map-style dataset).
+
+    Args:
+        structures: :class:`~aenet_fn.Structure` records, ASE Atoms or file paths (see
+            :func:`convert_to_structures`).
+        descriptor: the :class:`~aenet_fn.torch_featurize.ChebyshevDescriptor`.
+        max_energy: drop structures whose referenced energy per atom exceeds it (eV/atom).
+        max_forces: drop structures with a force component above it (eV/Å).
+        atomic_energies: atomic reference energies (eV) owned by the dataset; the trainer uses
+            them for the training targets.
+        seed: accepted for compatibility; unused.
+
+    A ``UserWarning`` says how many structures the filters removed. A species unknown to the
+    descriptor raises ``ValueError``.
+    """
+
+    def __init__(
+        self,
+        structures: Any,
+        descriptor: ChebyshevDescriptor,
+        max_energy: float | None = None,
+        max_forces: float | None = None,
+        atomic_energies: Mapping[str, float] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if not isinstance(descriptor, ChebyshevDescriptor):
+            raise TypeError(
+                f"descriptor must be a ChebyshevDescriptor, got {type(descriptor).__name__}"
+            )
+        given = convert_to_structures(structures if structures is not None else [])
+        _check_species(given, descriptor)
+        self.descriptor = descriptor
+        self.max_energy = max_energy
+        self.max_forces = max_forces
+        self.atomic_energies = _plain_energies(atomic_energies)
+        self.seed = seed
+        kept, removed = filter_structures(given, self.atomic_energies, max_energy, max_forces)
+        if removed:
+            warnings.warn(
+                f"{type(self).__name__}: {len(removed)} of {len(given)} structures removed by "
+                f"max_energy={max_energy} / max_forces={max_forces}",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.structures: list[Structure] = kept
+        self._featurized: dict[tuple[bool, torch.dtype], FeaturizedSet] = {}
+
+    def __len__(self) -> int:
+        return len(self.structures)
+
+    def get_structure(self, index: int) -> Structure:
+        """The :class:`~aenet_fn.Structure` at ``index``."""
+        return self.structures[_position(index, len(self))]
+
+    def get_structure_identifier(self, index: int) -> str:
+        """The structure's name, else ``structure_{index:06d}``."""
+        return self.get_structure(index).name or f"structure_{_position(index, len(self)):06d}"
+
+    @property
+    def force_structures(self) -> list[Structure]:
+        """Structures with force labels."""
+        return [s for s in self.structures if s.has_forces()]
+
+    @property
+    def energy_only_structures(self) -> list[Structure]:
+        """Structures without force labels."""
+        return [s for s in self.structures if not s.has_forces()]
+
+    def get_force_indices(self) -> list[int]:
+        """Indices of the structures with force labels."""
+        return [i for i, s in enumerate(self.structures) if s.has_forces()]
+
+    def get_statistics(self) -> dict[str, Any]:
+        """Counts of structures, force labels, atoms and species."""
+        n_atoms = [s.n_atoms for s in self.structures]
+        n_force = len(self.get_force_indices())
+        return {
+            "n_total": len(self),
+            "n_force": n_force,
+            "n_energy_only": len(self) - n_force,
+            "n_force_selected": n_force,
+            "total_atoms": sum(n_atoms),
+            "avg_atoms": sum(n_atoms) / len(n_atoms) if n_atoms else 0.0,
+            "species": sorted({x for s in self.structures for x in s.species}),
+        }
+
+    def _features_of(self, position: int) -> torch.Tensor:
+        """``[N, F]`` features of one structure (descriptor dtype): from a cached set when one
+        exists, else computed."""
+        cached = self._featurized.get((False, self.descriptor.dtype))
+        if cached is None:
+            cached = self._featurized.get((True, self.descriptor.dtype))
+        if cached is not None:
+            start = int(cached.atom_start[position])
+            return cached.features[start : start + int(cached.n_atoms[position])]
+        return self.descriptor.featurize(self.structures[position])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Sample dict: ``structure``, ``features`` ``[N, F]``, ``species``,
+        ``species_indices`` (descriptor order), ``positions``, ``cell``, ``pbc``, ``energy``,
+        ``forces``, ``has_forces``, ``n_atoms``, ``name``."""
+        position = _position(index, len(self))
+        structure = self.structures[position]
+        lookup = self.descriptor.species_to_idx
+        return {
+            "structure": structure,
+            "features": self._features_of(position),
+            "species": list(structure.species),
+            "species_indices": torch.tensor([lookup[s] for s in structure.species]),
+            "positions": structure.positions,
+            "cell": structure.cell,
+            "pbc": structure.pbc,
+            "energy": structure.energy,
+            "forces": structure.forces,
+            "has_forces": structure.has_forces(),
+            "n_atoms": structure.n_atoms,
+            "name": structure.name or f"struct_{position}",
+        }
+
+    def featurized(
+        self, with_derivatives: bool = False, dtype: torch.dtype | None = None
+    ) -> FeaturizedSet:
+        """The core :class:`~aenet_fn.featurized.FeaturizedSet` of all structures (dtype default:
+        the descriptor's), computed once per ``(with_derivatives, dtype)``. An energy-only view
+        is taken from a cached set with derivatives when there is one."""
+        dtype = self.descriptor.dtype if dtype is None else dtype
+        key = (bool(with_derivatives), dtype)
+        if key not in self._featurized:
+            if not self.structures:
+                raise ValueError(f"{type(self).__name__} is empty: there is nothing to featurize")
+            full = self._featurized.get((True, dtype))
+            if not with_derivatives and full is not None:
+                self._featurized[key] = energy_view(full)
+            else:
+                self._featurized[key] = featurize_structures(
+                    self.descriptor.params,
+                    self.structures,
+                    with_derivatives=bool(with_derivatives),
+                    dtype=dtype,
+                )
+        return self._featurized[key]
+
+    def warmup_caches(self, show_progress: bool = True) -> None:
+        """Compute the energy-only features now (cached for training and prediction)."""
+        if self.structures:
+            self.featurized(False)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} structures, species={self.descriptor.species})"
+
+
+class CachedStructureDataset(StructureDataset):
+    """A :class:`StructureDataset` whose energy-only features are computed eagerly at
+    construction (same arguments; ``show_progress`` is accepted and unused). Force training
+    computes the local derivatives on first use and caches them too."""
+
+    def __init__(
+        self,
+        structures: Any,
+        descriptor: ChebyshevDescriptor,
+        max_energy: float | None = None,
+        max_forces: float | None = None,
+        atomic_energies: Mapping[str, float] | None = None,
+        seed: int | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        super().__init__(structures, descriptor, max_energy, max_forces, atomic_energies, seed)
+        self.warmup_caches(show_progress)
+
+
+class StructureSubset(Subset):
+    """The structures ``indices`` of ``dataset``, with the dataset interface.
+
+    ``featurized`` slices the parent's cached set (so the parent featurizes everything once);
+    ``atomic_energies`` and ``descriptor`` are the root dataset's.
+    """
+
+    def __init__(self, dataset: Any, indices: Sequence[int]) -> None:
+        length = len(dataset)
+        super().__init__(dataset, [_position(i, length) for i in indices])
+        self._featurized: dict[tuple[bool, torch.dtype], FeaturizedSet] = {}
+
+    @property
+    def atomic_energies(self) -> dict[str, float] | None:
+        """The root dataset's atomic reference energies."""
+        return owned_atomic_energies(self.dataset)
+
+    @property
+    def descriptor(self) -> ChebyshevDescriptor | None:
+        """The root dataset's descriptor."""
+        return dataset_descriptor(self.dataset)
+
+    @property
+    def structures(self) -> list[Structure]:
+        """The subset's structures, in subset order."""
+        return [self.get_structure(i) for i in range(len(self))]
+
+    def get_structure(self, index: int) -> Structure:
+        """The :class:`~aenet_fn.Structure` at subset position ``index``."""
+        return self.dataset.get_structure(self.indices[_position(index, len(self))])
+
+    def get_structure_identifier(self, index: int) -> str:
+        """The parent's identifier of the structure at ``index``."""
+        parent_index = self.indices[_position(index, len(self))]
+        if hasattr(self.dataset, "get_structure_identifier"):
+            return self.dataset.get_structure_identifier(parent_index)
+        return self.get_structure(index).name or f"structure_{parent_index:06d}"
+
+    def get_force_indices(self) -> list[int]:
+        """Subset positions of the structures with force labels."""
+        return [i for i in range(len(self)) if self.get_structure(i).has_forces()]
+
+    def featurized(
+        self, with_derivatives: bool = False, dtype: torch.dtype | None = None
+    ) -> FeaturizedSet:
+        """The subset's :class:`~aenet_fn.featurized.FeaturizedSet`, sliced from the parent's."""
+        descriptor = self.descriptor
+        if dtype is None:
+            dtype = torch.float64 if descriptor is None else descriptor.dtype
+        key = (bool(with_derivatives), dtype)
+        if key not in self._featurized:
+            if not self.indices:
+                raise ValueError("the subset is empty: there is nothing to featurize")
+            if hasattr(self.dataset, "featurized"):
+                parent = self.dataset.featurized(with_derivatives, dtype)
+                self._featurized[key] = select_structures(parent, self.indices)
+            elif descriptor is not None:
+                self._featurized[key] = featurize_structures(
+                    descriptor.params,
+                    self.structures,
+                    with_derivatives=with_derivatives,
+                    dtype=dtype,
+                )
+            else:
+                raise TypeError("the subset's dataset has neither featurized() nor a descriptor")
+        return self._featurized[key]
+
+    def __repr__(self) -> str:
+        return f"StructureSubset({len(self)} of {len(self.dataset)} structures)"
+
+
+def energy_view(data: FeaturizedSet) -> FeaturizedSet:
+    """``data`` without local derivatives."""
+    empty = torch.zeros(0, dtype=torch.long)
+    return attrs.evolve(
+        data,
+        local=None,
+        radial_start=empty,
+        radial_count=empty,
+        triplet_start=empty,
+        triplet_count=empty,
+    )
+
+
+def select_structures(data: FeaturizedSet, indices: Sequence[int]) -> FeaturizedSet:
+    """The :class:`~aenet_fn.featurized.FeaturizedSet` of structures ``indices`` of ``data``
+    (repeats allowed), local derivatives re-indexed to the new atom numbering."""
+    selection = torch.as_tensor(list(indices), dtype=torch.long)
+    if selection.numel() == 0:
+        raise ValueError("select_structures: no structures selected")
+    counts = data.n_atoms[selection]
+    atoms = ranges(data.atom_start[selection], counts)
+    new_start = torch.cumsum(counts, 0) - counts
+    local = None
+    empty = torch.zeros(0, dtype=torch.long)
+    radial_start = radial_count = triplet_start = triplet_count = empty
+    if data.local is not None:
+        shift = new_start - data.atom_start[selection]
+        radial_count = data.radial_count[selection]
+        triplet_count = data.triplet_count[selection]
+        radial = ranges(data.radial_start[selection], radial_count)
+        triplet = ranges(data.triplet_start[selection], triplet_count)
+        r_shift = torch.repeat_interleave(shift, radial_count)
+        t_shift = torch.repeat_interleave(shift, triplet_count)
+        values = {}
+        for field in attrs.fields(LocalDerivatives):
+            column = getattr(data.local, field.name)
+            entries = radial if field.name.startswith("radial") else triplet
+            value = column[entries]
+            if field.name in _ATOM_FIELDS:
+                value = value + (r_shift if field.name.startswith("radial") else t_shift)
+            values[field.name] = value
+        local = LocalDerivatives(**values)
+        radial_start = torch.cumsum(radial_count, 0) - radial_count
+        triplet_start = torch.cumsum(triplet_count, 0) - triplet_count
+    return FeaturizedSet(
+        features=data.features[atoms],
+        species_index=data.species_index[atoms],
+        atom_start=new_start,
+        n_atoms=counts,
+        energies=data.energies[selection],
+        forces=data.forces[atoms],
+        species_counts=data.species_counts[selection],
+        local=local,
+        radial_start=radial_start,
+        radial_count=radial_count,
+        triplet_start=triplet_start,
+        triplet_count=triplet_count,
+        names=tuple(data.names[i] for i in selection.tolist()),
+    )
+
+
+def _draw(n: int, test_fraction: float, seed: int | None) -> tuple[list[int], list[int]]:
+    """``(train, test)`` positions in drawn order: a permutation of ``range(n)`` by a torch
+    generator seeded with ``seed`` (None: fresh entropy) whose first ``floor(n · f)`` entries are
+    the test split (the draw of :func:`aenet_fn.data.split_structures`)."""
+    if isinstance(test_fraction, bool) or not 0.0 <= float(test_fraction) < 1.0:
+        raise ValueError(f"test_fraction must lie in [0, 1), got {test_fraction!r}")
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(int(seed))
+    order = torch.randperm(n, generator=generator).tolist()
+    n_test = int(n * float(test_fraction))
+    return order[n_test:], order[:n_test]
+
+
+def train_test_split(
+    dataset: Any, test_fraction: float = 0.1, seed: int | None = None
+) -> tuple[StructureSubset, StructureSubset]:
+    """Random ``(train, test)`` :class:`StructureSubset`\\ s of ``dataset`` with
+    ``floor(n · test_fraction)`` test structures; both keep the original order. The same seed
+    splits as ``TorchTrainingConfig.split_seed`` does for ``structures=`` input."""
+    train, test = _draw(len(dataset), test_fraction, seed)
+    return StructureSubset(dataset, sorted(train)), StructureSubset(dataset, sorted(test))
+
+
+def train_test_split_dataset(
+    dataset: Any, test_fraction: float = 0.1, seed: int | None = None
+) -> tuple[StructureSubset, StructureSubset]:
+    """The draw of :func:`train_test_split`, each subset in the drawn (shuffled) order."""
+    train, test = _draw(len(dataset), test_fraction, seed)
+    return StructureSubset(dataset, train), StructureSubset(dataset, test)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers for the trainer: any dataset (ours, torch Subsets of it, or a foreign one exposing
+# structures) to structures, features and owned atomic energies.
+
+
+def _layers(dataset: Any):
+    """``dataset`` and the datasets it wraps (``.dataset`` chains)."""
+    seen = 0
+    while dataset is not None and seen < 64:
+        yield dataset
+        dataset = getattr(dataset, "dataset", None)
+        seen += 1
+
+
+def owned_atomic_energies(dataset: Any) -> dict[str, float] | None:
+    """The atomic energies owned by ``dataset`` or the first layer below it that has the
+    attribute (through Subset or wrapper layers), else None."""
+    for layer in _layers(dataset):
+        if isinstance(layer, StructureSubset):
+            continue
+        if hasattr(layer, "atomic_energies"):
+            return _plain_energies(layer.atomic_energies)
+    return None
+
+
+def dataset_descriptor(dataset: Any) -> ChebyshevDescriptor | None:
+    """The descriptor of ``dataset`` or of the dataset it wraps, else None."""
+    for layer in _layers(dataset):
+        if isinstance(layer, StructureSubset):
+            continue
+        descriptor = getattr(layer, "descriptor", None)
+        if descriptor is not None:
+            return descriptor
+    return None
+
+
+def structures_of(dataset: Any) -> list[Structure] | None:
+    """The structures of ``dataset`` in dataset order (``get_structure``, a torch ``Subset`` of
+    a dataset that has them, or ``.structures``), else None."""
+    if hasattr(dataset, "get_structure"):
+        return [dataset.get_structure(i) for i in range(len(dataset))]
+    if isinstance(dataset, Subset):
+        parent = structures_of(dataset.dataset)
+        return None if parent is None else [parent[i] for i in dataset.indices]
+    structures = getattr(dataset, "structures", None)
+    return None if structures is None else list(structures)
+
+
+def check_descriptor(dataset: Any, descriptor: ChebyshevDescriptor) -> None:
+    """Raise ``ValueError`` when ``dataset`` (or the dataset it wraps) was built with a
+    descriptor whose parameters differ from ``descriptor``'s."""
+    own = dataset_descriptor(dataset)
+    if own is not None and own.params != descriptor.params:
+        raise ValueError(
+            f"the dataset's descriptor {own!r} differs from the potential's {descriptor!r}"
+        )
+
+
+def featurized_of(
+    dataset: Any,
+    descriptor: ChebyshevDescriptor,
+    with_derivatives: bool,
+    dtype: torch.dtype,
+) -> FeaturizedSet:
+    """The :class:`~aenet_fn.featurized.FeaturizedSet` of ``dataset`` for a model over
+    ``descriptor``: the dataset's cached one when it has ``featurized`` (its descriptor must
+    match), a slice of the parent's for a torch ``Subset``, else computed from its structures."""
+    check_descriptor(dataset, descriptor)
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty")
+    if hasattr(dataset, "featurized"):
+        return dataset.featurized(with_derivatives, dtype)
+    if isinstance(dataset, Subset) and (
+        hasattr(dataset.dataset, "featurized") or isinstance(dataset.dataset, Subset)
+    ):
+        parent = featurized_of(dataset.dataset, descriptor, with_derivatives, dtype)
+        return select_structures(parent, dataset.indices)
+    structures = structures_of(dataset)
+    if structures is None:
+        raise TypeError(
+            f"cannot featurize a {type(dataset).__name__}: it exposes neither featurized(), "
+            "get_structure() nor structures"
+        )
+    _check_species(structures, descriptor)
+    return featurize_structures(
+        descriptor.params, structures, with_derivatives=with_derivatives, dtype=dtype
+    )
