@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_map
 
 from aenet_fn._records import pytree_record, serializable, static_field
 from aenet_fn.descriptor import ChebyshevParams
+from aenet_fn.energy_gradient import energy_loss_gradient
 from aenet_fn.featurized import FeaturizedSet, MiniBatch, take_structures
 from aenet_fn.loss import (
     ErrorSums,
@@ -336,15 +337,14 @@ def member_step(
     lr: float,
     batch: MiniBatch,
     config: TrainConfig,
-    differentiate: Callable[[LossFunction, torch.Tensor], tuple[torch.Tensor, Any]] = func_gradient,
 ) -> tuple[torch.Tensor, Any, tuple[torch.Tensor, torch.Tensor]]:
-    """One optimiser step of one model's parameters ``values``; pure and, with the default
-    ``differentiate``, ``vmap``-able over ``values`` and ``opt_state`` (committees)."""
+    """One optimiser step of one model's parameters ``values`` with ``torch.func.grad``; pure
+    and ``vmap``-able over ``values`` and ``opt_state`` (committees)."""
 
     def loss(v: torch.Tensor) -> tuple[torch.Tensor, Any]:
         return batch_loss(model, v, batch, config.force_weight, config.force_scale_unbiased)
 
-    gradient, aux = differentiate(loss, values)
+    gradient, aux = func_gradient(loss, values)
     new_values, new_state = optimizer_of(config).update(gradient, opt_state, values, lr)
     return new_values, new_state, aux
 
@@ -353,16 +353,20 @@ def train_step(
     state: TrainState, batch: MiniBatch, config: TrainConfig
 ) -> tuple[TrainState, tuple[torch.Tensor, torch.Tensor]]:
     """One optimiser step on ``batch``; returns the new state and the batch's per-atom energy
-    errors ``[b]`` and supervised force differences (measured before the step)."""
-    values, opt_state, aux = member_step(
-        state.model,
-        state.model.network.values,
-        state.opt_state,
-        state.lr,
-        batch,
-        config,
-        differentiate=autograd_gradient,
-    )
+    errors ``[b]`` and supervised force differences (measured before the step). Energy-only
+    batches take the hand-derived gradient of :mod:`aenet_fn.energy_gradient`, others
+    ``torch.autograd`` (both equal ``torch.func.grad`` to round-off; tested)."""
+    values = state.model.network.values
+    if batch.local is None:
+        gradient, aux = energy_loss_gradient(state.model, values, batch, config.force_weight)
+    else:
+        gradient, aux = autograd_gradient(
+            lambda v: batch_loss(
+                state.model, v, batch, config.force_weight, config.force_scale_unbiased
+            ),
+            values,
+        )
+    values, opt_state = optimizer_of(config).update(gradient, state.opt_state, values, state.lr)
     model = attrs.evolve(state.model, network=attrs.evolve(state.model.network, values=values))
     return attrs.evolve(state, model=model, opt_state=opt_state), aux
 
