@@ -75,6 +75,27 @@ def combined_loss(
     return (1.0 - force_weight) * rmse_energy + force_term
 
 
+def loss_from_sums(
+    energy_squared: torch.Tensor,
+    n_energies: torch.Tensor | float,
+    force_squared: torch.Tensor,
+    n_supervised: torch.Tensor,
+    n_labelled: torch.Tensor,
+    force_weight: float,
+    unbiased: bool,
+) -> torch.Tensor:
+    """The training loss ``(1 − α) RMSE_E + α RMSE_F`` of a batch from its sums: Σ (ΔE/N)²
+    over ``n_energies`` structures, Σ ΔF² over the components of ``n_supervised`` supervised
+    atoms (``n_labelled`` atoms of the batch carry labels; used by ``unbiased``, see
+    :func:`force_unbiased_factor`). Sums rather than residuals, so that processes holding parts
+    of one batch can add theirs (data-parallel training)."""
+    rmse_energy = _safe_sqrt(energy_squared / n_energies)
+    rmse_forces = _safe_sqrt(force_squared / (3 * n_supervised.clamp_min(1)))
+    if unbiased:
+        rmse_forces = rmse_forces * force_unbiased_factor(n_supervised, n_labelled)
+    return combined_loss(rmse_energy, rmse_forces, n_supervised > 0, force_weight)
+
+
 @pytree_record
 @attrs.frozen(eq=False)
 class ErrorSums:

@@ -26,11 +26,9 @@ from aenet_fn.featurized import FeaturizedSet, MiniBatch, take_structures
 from aenet_fn.loss import (
     ErrorSums,
     accumulate_errors,
-    combined_loss,
     energy_error_per_atom,
     error_sums_init,
-    force_rmse,
-    force_unbiased_factor,
+    loss_from_sums,
     masked_force_differences,
     metrics_from_sums,
 )
@@ -269,13 +267,13 @@ def _draw_force_subset(
     return attrs.evolve(sampler, force_subset=mask)
 
 
-def batch_loss(
-    model: Model, values: torch.Tensor, batch: MiniBatch, force_weight: float, unbiased: bool
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Loss of ``batch`` for network parameters ``values`` ``[P]``, with the per-atom energy
-    errors ``[b]`` and the force differences ``[n, 3]`` of the supervised atoms (0 elsewhere)
-    as auxiliary output. Written without data-dependent shapes, so it ``vmap``s over members
-    (and over padded, stacked batches)."""
+def batch_residuals(
+    model: Model, values: torch.Tensor, batch: MiniBatch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-atom energy errors ``[b]`` (eV/atom) and force differences ``[n, 3]`` (eV/Å) of the
+    supervised atoms (0 elsewhere, and everywhere when the batch supervises no force) of
+    ``batch`` for network parameters ``values`` ``[P]``. Written without data-dependent shapes,
+    so it ``vmap``s over members (and over padded, stacked batches)."""
     model = attrs.evolve(model, network=attrs.evolve(model.network, values=values))
     slots = batch.n_structures + 1  # the last slot collects padding atoms of stacked batches
     if batch.local is None:
@@ -283,7 +281,7 @@ def batch_loss(
             model, batch.features, batch.species_index, batch.species_blocks
         )
         energies = sum_by_structure(atomic, batch.structure_index, slots)
-        forces = None
+        differences = batch.forces.new_zeros(batch.force_atoms.shape[0], 3)
     else:
         energies, forces = energy_and_forces_from_derivatives(
             model,
@@ -294,20 +292,27 @@ def batch_loss(
             batch.local,
             batch.species_blocks,
         )
-    energies = energies[: batch.n_structures]
-    errors = energy_error_per_atom(energies, batch.energies, batch.n_atoms)
-    rmse_energy = torch.sqrt((errors * errors).mean().clamp_min(torch.finfo(errors.dtype).tiny))
-    supervised = batch.force_atoms
-    if forces is None:
-        return (1.0 - force_weight) * rmse_energy, (
-            errors,
-            batch.forces.new_zeros(supervised.shape[0], 3),
-        )
-    differences = masked_force_differences(forces, batch.forces, supervised)
-    rmse_forces = force_rmse(differences, supervised)
-    if unbiased:
-        rmse_forces = rmse_forces * force_unbiased_factor(supervised.sum(), batch.n_force_labelled)
-    loss = combined_loss(rmse_energy, rmse_forces, supervised.any(), force_weight)
+        differences = masked_force_differences(forces, batch.forces, batch.force_atoms)
+    errors = energy_error_per_atom(energies[: batch.n_structures], batch.energies, batch.n_atoms)
+    return errors, differences
+
+
+def batch_loss(
+    model: Model, values: torch.Tensor, batch: MiniBatch, force_weight: float, unbiased: bool
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Loss of ``batch`` for network parameters ``values`` ``[P]`` (see
+    :func:`~aenet_fn.loss.loss_from_sums`), with :func:`batch_residuals` as auxiliary
+    output."""
+    errors, differences = batch_residuals(model, values, batch)
+    loss = loss_from_sums(
+        (errors * errors).sum(),
+        errors.shape[-1],
+        (differences * differences).sum(),
+        batch.force_atoms.sum(),
+        batch.n_force_labelled,
+        force_weight,
+        unbiased,
+    )
     return loss, (errors, differences)
 
 
