@@ -57,8 +57,17 @@ class AenetEnsembleResult:
     ) -> AenetEnsembleResult:
         """Aggregate the members' energies (eV) and forces (eV/Å) of one structure."""
         energies = np.asarray(member_energies, dtype=float)
+        if energies.ndim != 1 or energies.size == 0:
+            raise ValueError(
+                f"member_energies must be 1-D with one energy per member, got shape "
+                f"{energies.shape}"
+            )
         validate_aggregation_mode(aggregation, reference_member, len(energies))
         forces = None if member_forces is None else np.asarray(member_forces, dtype=float)
+        if forces is not None and (forces.ndim != 3 or forces.shape[2] != 3):
+            raise ValueError(f"member_forces must have shape [M, n, 3], got {forces.shape}")
+        if forces is not None and len(forces) != len(energies):
+            raise ValueError(f"{len(forces)} members' forces for {len(energies)} members' energies")
         mean_f = std_f = uncertainty = reported_f = None
         if forces is not None:
             mean_f, std_f = forces.mean(axis=0), forces.std(axis=0)

@@ -13,6 +13,16 @@ from aenet_fn.descriptor import ChebyshevParams, featurize
 from aenet_fn.structure import Structure
 
 
+def as_device(name: str, value: Any) -> torch.device:
+    """``value`` as a ``torch.device``; ``ValueError`` naming ``name`` when it is not one."""
+    try:
+        return torch.device(value)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(
+            f"{name} must be a torch device such as 'cpu' or 'cuda:0', got {value!r}"
+        ) from error
+
+
 class ChebyshevDescriptor:
     """The Chebyshev (AUC) descriptor: ``species`` order defines the typespin weights.
 
@@ -44,7 +54,7 @@ class ChebyshevDescriptor:
         )
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        self.device = torch.device(device)
+        self.device = as_device("ChebyshevDescriptor: device", device)
         self.dtype = dtype
 
     @classmethod

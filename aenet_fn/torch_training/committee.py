@@ -41,7 +41,11 @@ from aenet_fn.mlip.ensemble import AenetEnsembleResult, validate_aggregation_mod
 from aenet_fn.progress import EpochProgress
 from aenet_fn.torch_featurize.chebyshev import ChebyshevDescriptor
 from aenet_fn.torch_training.config import TorchTrainingConfig
-from aenet_fn.torch_training.trainer import TorchANNPotential, convert_to_structures
+from aenet_fn.torch_training.trainer import (
+    TorchANNPotential,
+    check_reference_species,
+    convert_to_structures,
+)
 from aenet_fn.train import fit
 
 EXECUTION_MODES = ("vmap", "sequential")
@@ -304,6 +308,9 @@ class TorchCommitteePotential:
         config = TorchTrainingConfig() if config is None else config
         committee_config = committee_config or TorchCommitteeConfig(num_members=2)
         config.validate()
+        check_reference_species(
+            config.atomic_energies, self.descriptor.species, "TorchTrainingConfig.atomic_energies"
+        )
         if structures is None:
             raise ValueError("TorchCommitteePotential.train needs structures=")
         structures = convert_to_structures(structures)

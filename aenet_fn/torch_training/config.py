@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from aenet_fn.optim import AdamConfig, PlateauConfig, SGDConfig
+from aenet_fn.torch_featurize.chebyshev import as_device
 from aenet_fn.train import TrainConfig
 
 
@@ -225,6 +226,8 @@ class TorchTrainingConfig:
             raise ValueError(f"E_scaling must be > 0, got {self.E_scaling!r}")
         if not 0 < self.scheduler_factor < 1:
             raise ValueError(f"scheduler_factor must lie in (0, 1), got {self.scheduler_factor!r}")
+        if self.device is not None:
+            as_device("device", self.device)
         if self.atomic_energies is not None:
             for symbol, value in dict(self.atomic_energies).items():
                 if not _is_number(value) or not math.isfinite(value):

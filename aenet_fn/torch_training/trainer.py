@@ -6,6 +6,7 @@ this class only converts inputs, keeps the model between calls, writes files and
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
 import warnings
@@ -135,6 +136,9 @@ class TorchANNPotential:
         written there as ``history.json`` and ``history.csv``."""
         config = TorchTrainingConfig() if config is None else config
         config.validate()
+        check_reference_species(
+            config.atomic_energies, self.descriptor.species, "TorchTrainingConfig.atomic_energies"
+        )
         dtype = _training_dtype(config, self.dtype)
         with_forces = config.force_weight > 0
         if train_dataset is not None or dataset is not None:
@@ -276,6 +280,7 @@ class TorchANNPotential:
                 f"{owned_train} vs {owned_test}"
             )
         owned = owned_train if owned_train is not None else owned_test
+        check_reference_species(owned, species, "the dataset's atomic_energies")
         if config.atomic_energies:
             if owned is None:
                 warnings.warn(
@@ -307,6 +312,7 @@ class TorchANNPotential:
                 state, _ = load_checkpoint(resume_from)
             except (OSError, ValueError) as error:
                 raise RuntimeError(f"Failed to load checkpoint {resume_from}: {error}") from error
+            self._check_resumable(state.model, resume_from)
             return state
         model = init_model(
             self.descriptor.params,
@@ -321,6 +327,22 @@ class TorchANNPotential:
             energy_scaling=config.E_scaling,
         )
         return init_train_state(model, data.train, core)
+
+    def _check_resumable(self, model: Model, path: str | os.PathLike) -> None:
+        """Raise ``RuntimeError`` when a checkpoint's model does not belong to this potential
+        (other descriptor or architecture): training on would silently replace the model."""
+        wanted = check_architecture(self.arch, self.descriptor.species)
+        found = check_architecture(model.network.architecture(), model.descriptor.species)
+        if model.descriptor != self.descriptor.params:
+            problem = (
+                f"its descriptor {model.descriptor} differs from the potential's "
+                f"{self.descriptor.params}"
+            )
+        elif found != wanted:
+            problem = f"its architecture {found} differs from the potential's {wanted}"
+        else:
+            return
+        raise RuntimeError(f"Failed to load checkpoint {path}: {problem}")
 
     def _run_fit(
         self, state: Any, data: _TrainingData, config: TorchTrainingConfig, core: Any
@@ -414,7 +436,7 @@ class TorchANNPotential:
         structures = convert_to_structures(structures)
         if not structures:
             raise ValueError("predict(): no structures given")
-        batch_size = int(getattr(config, "batch_size", 32) or 32)
+        batch_size = _prediction_batch_size(config)
         reference = dict(
             zip(model.descriptor.species, model.normalization.atomic_energies.tolist())
         )
@@ -492,7 +514,7 @@ class TorchANNPotential:
             )
         if any(c is None for c in coords):
             raise ValueError("predict_dataset(): the dataset does not give atomic coordinates")
-        batch_size = int(getattr(config, "batch_size", 32) or 32)
+        batch_size = _prediction_batch_size(config)
         atom_start = torch.cumsum(n_atoms, 0) - n_atoms
         atomic: list[torch.Tensor] = []
         with torch.no_grad():
@@ -643,6 +665,29 @@ def _features_from_samples(dataset: Any, species: list[str], dtype: torch.dtype)
         types,
         names,
     )
+
+
+def check_reference_species(
+    atomic_energies: Mapping[str, float] | None, species: Sequence[str], what: str
+) -> None:
+    """Raise ``ValueError`` when ``atomic_energies`` is given (non-empty) but lacks some of the
+    descriptor's ``species``: a missing reference would silently count as 0 eV."""
+    if atomic_energies:
+        missing = [s for s in species if s not in atomic_energies]
+        if missing:
+            raise ValueError(
+                f"{what} has no reference energy for species {missing} (descriptor species "
+                f"{list(species)}); give every species, 0.0 for total-energy targets"
+            )
+
+
+def _prediction_batch_size(config: Any) -> int:
+    """``config.batch_size`` (default 32) checked to be an integer >= 1."""
+    batch_size = getattr(config, "batch_size", 32)
+    integral = isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool)
+    if not integral or batch_size < 1:
+        raise ValueError(f"prediction batch_size must be an integer >= 1, got {batch_size!r}")
+    return int(batch_size)
 
 
 def _training_dtype(config: TorchTrainingConfig, descriptor_dtype: torch.dtype) -> torch.dtype:
