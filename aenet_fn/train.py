@@ -125,7 +125,8 @@ class TrainConfig:
             f"force_weight must lie in [0, 1], got {self.force_weight!r}",
         )
         _check(
-            0.0 < self.force_fraction, f"force_fraction must be > 0, got {self.force_fraction!r}"
+            0.0 <= self.force_fraction <= 1.0,
+            f"force_fraction must lie in [0, 1], got {self.force_fraction!r}",
         )
         _check(
             self.force_sampling in FORCE_SAMPLING,

@@ -203,7 +203,8 @@ def test_plateau_scheduler_and_best_model_follow_the_monitor(tio2):
         ({"force_weight": -0.1}, r"force_weight must lie in \[0, 1\]"),
         ({"sampling_policy": "best"}, "sampling_policy must be one of"),
         ({"force_sampling": "sometimes"}, "force_sampling must be one of"),
-        ({"force_fraction": 0.0}, "force_fraction must be > 0"),
+        ({"force_fraction": -0.1}, r"force_fraction must lie in \[0, 1\]"),
+        ({"force_fraction": 1.5}, r"force_fraction must lie in \[0, 1\]"),
     ],
 )
 def test_bad_config_is_rejected(changes, message):
@@ -269,3 +270,15 @@ def test_progress_bar_shows_epochs_and_metrics(tio2):
     assert bar.bar.n == 2 and "E_test" in bar.bar.postfix
     assert bar.batch_bar.n == bar.batch_bar.total == 3
     bar.close()
+
+
+def test_zero_force_fraction_supervises_only_the_minimum(tio2):
+    train, _, model = tio2
+    config = af.TrainConfig(
+        force_weight=0.5, force_fraction=0.0, force_min_structures_per_epoch=None
+    )
+    assert not af.init_train_state(model, train, config).sampler.force_subset.any()
+    at_least = af.TrainConfig(
+        force_weight=0.5, force_fraction=0.0, force_min_structures_per_epoch=3
+    )
+    assert int(af.init_train_state(model, train, at_least).sampler.force_subset.sum()) == 3
