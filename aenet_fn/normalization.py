@@ -89,8 +89,49 @@ def referenced_energy_per_atom(
     return (energies - counts @ atomic_energies) / counts.sum(dim=1)
 
 
+@attrs.frozen(eq=False)
+class FeatureMoments:
+    """Pooled moments of features over atoms, mergeable chunk by chunk (so statistics of a
+    training set larger than memory can be gathered in one pass).
+
+    Attributes:
+        count: number of atoms.
+        total, total_squares: ``[F]`` sums of ``G`` and ``G²``.
+        minimum, maximum: ``[F]`` extrema.
+    """
+
+    count: int
+    total: torch.Tensor
+    total_squares: torch.Tensor
+    minimum: torch.Tensor
+    maximum: torch.Tensor
+
+    @classmethod
+    def of(cls, features: torch.Tensor) -> FeatureMoments:
+        """Moments of ``features`` ``[N > 0, F]``."""
+        if features.ndim != 2 or features.shape[0] == 0:
+            raise ValueError(f"feature moments need features [N>0, F], got {tuple(features.shape)}")
+        return cls(
+            count=features.shape[0],
+            total=features.sum(dim=0),
+            total_squares=(features * features).sum(dim=0),
+            minimum=features.min(dim=0).values,
+            maximum=features.max(dim=0).values,
+        )
+
+    def merge(self, other: FeatureMoments) -> FeatureMoments:
+        """Moments of both sets of atoms together."""
+        return FeatureMoments(
+            count=self.count + other.count,
+            total=self.total + other.total,
+            total_squares=self.total_squares + other.total_squares,
+            minimum=torch.minimum(self.minimum, other.minimum),
+            maximum=torch.maximum(self.maximum, other.maximum),
+        )
+
+
 def fit_normalization(
-    features: torch.Tensor,
+    features: torch.Tensor | FeatureMoments,
     energies: torch.Tensor,
     species_counts: torch.Tensor,
     atomic_energies: torch.Tensor,
@@ -104,7 +145,8 @@ def fit_normalization(
     """Normalisation constants from the training split.
 
     Args:
-        features: ``[N_train, F]`` raw features of every training atom.
+        features: ``[N_train, F]`` raw features of every training atom, or their
+            :class:`FeatureMoments` (gathered chunk by chunk for large sets).
         energies: ``[B]`` total energies (eV) of the training structures.
         species_counts: ``[B, M]`` atoms of each species per structure.
         atomic_energies: ``[M]`` reference energies (eV).
@@ -112,28 +154,42 @@ def fit_normalization(
         feature_stats: user override ``{"mean": [F], "std": [F]}`` (optionally ``min``/``max``).
         energy_shift / energy_scaling: user override, honoured only when both are given.
     """
-    if features.ndim != 2 or features.shape[0] == 0:
-        raise ValueError(f"fit_normalization: need features [N>0, F], got {tuple(features.shape)}")
+    if isinstance(features, torch.Tensor):
+        if features.ndim != 2 or features.shape[0] == 0:
+            raise ValueError(
+                f"fit_normalization: need features [N>0, F], got {tuple(features.shape)}"
+            )
+        moments = None
+    else:
+        moments = features
     if energies.numel() == 0:
         raise ValueError("fit_normalization: no training structures")
     if not torch.isfinite(energies).all():
         raise ValueError("fit_normalization: training energies must be finite")
-    dtype = features.dtype
-    result = identity_normalization(features.shape[1], atomic_energies.to(dtype))
+    dtype = features.dtype if moments is None else moments.total.dtype
+    n_features = features.shape[1] if moments is None else moments.total.shape[0]
+    result = identity_normalization(n_features, atomic_energies.to(dtype))
     n_species = result.atomic_energies.shape[0]
 
     def per_species(row: torch.Tensor) -> torch.Tensor:
         return row.expand(n_species, -1).clone()
 
-    stats = {
-        "feature_min": features.min(dim=0).values,
-        "feature_max": features.max(dim=0).values,
-    }
+    if moments is None:
+        stats = {
+            "feature_min": features.min(dim=0).values,
+            "feature_max": features.max(dim=0).values,
+        }
+    else:
+        stats = {"feature_min": moments.minimum, "feature_max": moments.maximum}
     if feature_stats is not None:
-        stats.update(_feature_override(feature_stats, features.shape[1], dtype))
+        stats.update(_feature_override(feature_stats, n_features, dtype))
     elif normalize_features:
-        mean = features.mean(dim=0)
-        variance = ((features * features).mean(dim=0) - mean * mean).clamp_min(0.0)
+        if moments is None:
+            mean, mean_square = features.mean(dim=0), (features * features).mean(dim=0)
+        else:
+            mean = moments.total / moments.count
+            mean_square = moments.total_squares / moments.count
+        variance = (mean_square - mean * mean).clamp_min(0.0)
         stats.update(feature_mean=mean, feature_std=torch.sqrt(variance + 1e-12))
     result = attrs.evolve(result, **{k: per_species(v) for k, v in stats.items()})
     if energy_shift is not None and energy_scaling is not None:

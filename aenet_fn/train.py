@@ -21,8 +21,18 @@ from torch.utils._pytree import tree_map
 
 from aenet_fn._records import pytree_record, serializable, static_field
 from aenet_fn.descriptor import ChebyshevParams
+from aenet_fn.distributed import (
+    World,
+    all_reduce_sum,
+    current_world,
+    gather_parts,
+    global_batch_loss,
+    reduce_error_sums,
+    shares,
+)
 from aenet_fn.energy_gradient import energy_loss_gradient
-from aenet_fn.featurized import FeaturizedSet, MiniBatch, take_structures
+from aenet_fn.featurized import MiniBatch
+from aenet_fn.loader import Split, batch_stream, normalization_features, take_batch
 from aenet_fn.loss import (
     ErrorSums,
     accumulate_errors,
@@ -95,6 +105,9 @@ class TrainConfig:
         use_scheduler: reduce the learning rate on a validation plateau.
         scheduler: plateau scheduler settings.
         seed: seeds shuffling, weighted sampling and force subsets of this run.
+        num_workers: DataLoader worker processes preparing batches ahead of the step (0:
+            in this process); results do not depend on it.
+        prefetch_factor: batches prepared ahead per worker.
     """
 
     epochs: int = 100
@@ -110,6 +123,8 @@ class TrainConfig:
     use_scheduler: bool = False
     scheduler: PlateauConfig = attrs.field(factory=PlateauConfig)
     seed: int = 0
+    num_workers: int = 0
+    prefetch_factor: int = 2
 
     def __attrs_post_init__(self) -> None:
         _check(
@@ -137,6 +152,12 @@ class TrainConfig:
             f"sampling_policy must be one of {SAMPLING_POLICIES}, got {self.sampling_policy!r}",
         )
         _check(self.force_resample_num_epochs >= 0, "force_resample_num_epochs must be >= 0")
+        for name in ("num_workers", "prefetch_factor"):
+            value, low = getattr(self, name), 0 if name == "num_workers" else 1
+            _check(
+                isinstance(value, int) and not isinstance(value, bool) and value >= low,
+                f"{name} must be an integer >= {low}, got {value!r}",
+            )
         _check(
             isinstance(self.optimizer, (AdamConfig, SGDConfig)),
             f"optimizer must be AdamConfig or SGDConfig, got {type(self.optimizer).__name__}",
@@ -183,7 +204,7 @@ class TrainState:
 def init_model(
     descriptor: ChebyshevParams,
     arch: Architecture,
-    train: FeaturizedSet,
+    train: Split,
     *,
     seed: int = 0,
     atomic_energies: Mapping[str, float] | None = None,
@@ -196,12 +217,12 @@ def init_model(
     """A fresh model for ``train``: networks initialised from ``seed``, normalisation fitted
     on the training split (spec §4.2–§4.3; overrides as in
     :func:`~aenet_fn.normalization.fit_normalization`)."""
-    dtype = train.features.dtype
+    dtype = train.energies.dtype
     reference = reference_energy_vector(descriptor.species, atomic_energies, dtype)
     if not bool(torch.isfinite(train.energies).all()):
         raise ValueError("init_model: every training structure needs a finite energy")
     normalization = fit_normalization(
-        train.features,
+        normalization_features(train),
         train.energies,
         train.species_counts,
         reference,
@@ -227,7 +248,7 @@ def optimizer_of(config: TrainConfig):
     )
 
 
-def init_train_state(model: Model, train: FeaturizedSet, config: TrainConfig) -> TrainState:
+def init_train_state(model: Model, train: Split, config: TrainConfig) -> TrainState:
     """The state before the first epoch: fresh optimiser, sampler and generator from
     ``config.seed``; the initial force subset is drawn here."""
     if train.n_structures == 0:
@@ -253,7 +274,7 @@ def init_train_state(model: Model, train: FeaturizedSet, config: TrainConfig) ->
 
 
 def _draw_force_subset(
-    sampler: SamplerState, train: FeaturizedSet, config: TrainConfig, generator: torch.Generator
+    sampler: SamplerState, train: Split, config: TrainConfig, generator: torch.Generator
 ) -> SamplerState:
     mask = torch.zeros(train.n_structures, dtype=torch.bool)
     if config.uses_forces:
@@ -377,20 +398,54 @@ def train_step(
     return attrs.evolve(state, model=model, opt_state=opt_state), aux
 
 
+def data_parallel_step(
+    state: TrainState, batch: MiniBatch, config: TrainConfig, world: World
+) -> tuple[TrainState, tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`train_step` for one process's share ``batch`` of a global batch split over the
+    processes of ``world``: the loss is that of the global batch, the gradients of all shares
+    are summed (all-reduce), and every process applies the same update (see
+    :mod:`aenet_fn.distributed`). Returns this share's residuals."""
+
+    def loss(values: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        errors, differences = batch_residuals(state.model, values, batch)
+        value = global_batch_loss(
+            errors,
+            differences,
+            batch.force_atoms,
+            batch.n_force_labelled,
+            config.force_weight,
+            config.force_scale_unbiased,
+            world,
+        )
+        return value, (errors, differences)
+
+    values = state.model.network.values
+    gradient, aux = autograd_gradient(loss, values)
+    gradient = all_reduce_sum(gradient, world)
+    values, opt_state = optimizer_of(config).update(gradient, state.opt_state, values, state.lr)
+    model = attrs.evolve(state.model, network=attrs.evolve(state.model.network, values=values))
+    return attrs.evolve(state, model=model, opt_state=opt_state), aux
+
+
 def evaluate(
-    model: Model, data: FeaturizedSet, with_forces: bool, batch_size: int = 256
+    model: Model, data: Split, with_forces: bool, batch_size: int = 256
 ) -> dict[str, float]:
     """Exact metrics of ``model`` over all of ``data``: per-atom energy RMSE and MAE (eV/atom)
-    over every structure, force RMSE (eV/Å) over every labelled component when ``with_forces``."""
+    over every structure, force RMSE (eV/Å) over every labelled component when ``with_forces``.
+    In a data-parallel run each process evaluates its share and the sums are reduced."""
+    world = current_world()
     sums = error_sums_init()
     everything = data.has_forces if with_forces else None
     for first in range(0, data.n_structures, batch_size):
         selection = torch.arange(first, min(first + batch_size, data.n_structures))
-        batch = take_structures(data, selection, everything)
+        share = shares(selection, world)[world.rank]
+        if share.numel() == 0:
+            continue
+        batch = take_batch(data, share, everything)
         with torch.no_grad():
-            _, (errors, differences) = batch_loss(model, model.network.values, batch, 0.0, False)
+            errors, differences = batch_residuals(model, model.network.values, batch)
         sums = accumulate_errors(sums, errors, differences, batch.force_atoms)
-    return metrics_from_sums(sums)
+    return metrics_from_sums(reduce_error_sums(sums, world))
 
 
 def _monitor(metrics: dict[str, float], force_weight: float) -> float:
@@ -401,7 +456,7 @@ def _monitor(metrics: dict[str, float], force_weight: float) -> float:
 
 
 def plan_epoch(
-    state: TrainState, train: FeaturizedSet, config: TrainConfig
+    state: TrainState, train: Split, config: TrainConfig
 ) -> tuple[TrainState, torch.Tensor]:
     """Draw one epoch's plan from the state's generator: the force subset (re-drawn when due)
     and the order of structures. Returns the state with sampler and generator advanced, and the
@@ -421,13 +476,22 @@ def plan_epoch(
 
 
 def epoch_batches(
-    state: TrainState, order: torch.Tensor, train: FeaturizedSet, config: TrainConfig
+    state: TrainState, order: torch.Tensor, train: Split, config: TrainConfig
 ) -> Iterator[MiniBatch]:
     """The mini-batches of ``order`` (``batch_size`` structures each, last one partial), built
-    lazily so that only one batch's derivative entries are in memory at a time."""
+    lazily (in DataLoader workers when ``config.num_workers > 0``) so that only a few batches'
+    derivative entries are in memory at a time. In a data-parallel run, this process's share of
+    each batch."""
+    world = current_world()
     force_mask = state.sampler.force_subset if config.uses_forces else None
-    for selection in order.split(config.batch_size):
-        yield take_structures(train, selection, force_mask)
+    selections = [shares(s, world)[world.rank] for s in order.split(config.batch_size)]
+    return batch_stream(
+        train,
+        selections,
+        force_mask,
+        num_workers=config.num_workers,
+        prefetch_factor=config.prefetch_factor,
+    )
 
 
 def finish_epoch(
@@ -442,23 +506,32 @@ def finish_epoch(
 
 def run_epoch(
     state: TrainState,
-    train: FeaturizedSet,
+    train: Split,
     config: TrainConfig,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
     """One epoch over the training split: sampler order, optional force re-draw, a
-    :func:`train_step` per batch, error-score update. Returns the new state and the epoch's
-    training metrics (global RMSE/MAE over every draw, measured before each step)."""
+    :func:`train_step` per batch (:func:`data_parallel_step` under ``torch.distributed``),
+    error-score update. Returns the new state and the epoch's training metrics (global
+    RMSE/MAE over every draw, measured before each step)."""
+    world = current_world()
     state, order = plan_epoch(state, train, config)
     n_batches = math.ceil(order.numel() / config.batch_size)
     sums: ErrorSums = error_sums_init()
     drawn_errors = []
-    for k, batch in enumerate(epoch_batches(state, order, train, config)):
-        state, (errors, differences) = train_step(state, batch, config)
+    batches = epoch_batches(state, order, train, config)
+    for k, (selection, batch) in enumerate(zip(order.split(config.batch_size), batches)):
+        if world.size == 1:
+            state, (errors, differences) = train_step(state, batch, config)
+        else:
+            state, (errors, differences) = data_parallel_step(state, batch, config, world)
+            sizes = [part.numel() for part in shares(selection, world)]
         sums = accumulate_errors(sums, errors, differences, batch.force_atoms)
-        drawn_errors.append(errors.detach())
+        errors = errors.detach()
+        drawn_errors.append(errors if world.size == 1 else gather_parts(errors, sizes, world))
         if on_batch is not None:
             on_batch(k + 1, n_batches)
+    sums = reduce_error_sums(sums, world)
     return finish_epoch(state, order, drawn_errors, config), metrics_from_sums(sums)
 
 
@@ -500,15 +573,18 @@ def end_of_epoch(
 
 def fit(
     state: TrainState,
-    train: FeaturizedSet,
-    test: FeaturizedSet | None,
+    train: Split,
+    test: Split | None,
     config: TrainConfig,
     callbacks: Sequence[Callable[[TrainState], None]] = (),
     on_batch: Callable[[int, int], None] | None = None,
 ) -> TrainState:
     """Run ``config.epochs`` more epochs from ``state``; after each, evaluate the test split
     (exact metrics), record history/best/scheduler and call every callback with the new state
-    (progress bars, checkpoints, logs)."""
+    (progress bars, checkpoints, logs). Under ``torch.distributed`` every process runs this
+    same loop on its shares; callbacks and ``on_batch`` run on rank 0 only."""
+    if not current_world().is_main:
+        callbacks, on_batch = (), None
     for _ in range(config.epochs):
         start = time.perf_counter()
         state, train_metrics = run_epoch(state, train, config, on_batch)

@@ -1,0 +1,176 @@
+"""Where the training loop's mini-batches come from: in memory, or prepared lazily in workers.
+
+The driver needs two things of a training split: per-structure metadata for the sampler
+(energies, atom and species counts, which structures carry forces) and, for each drawn
+selection, a :class:`~aenet_fn.featurized.MiniBatch`. Two kinds of split provide both:
+
+* :class:`~aenet_fn.featurized.FeaturizedSet`: every feature (and derivative) in memory,
+  batches sliced out of it (:func:`~aenet_fn.featurized.take_structures`);
+* :class:`StructureSource`: only the structures (a list, or a lazy sequence such as an HDF5
+  database), each batch featurized when it is drawn; memory stays bounded by the batch, not by
+  the data set.
+
+:func:`batch_stream` turns an epoch's selections into batches, in this process or in
+``torch.utils.data.DataLoader`` worker processes (``num_workers > 0``) that read and featurize
+ahead of the training step. The batches are the same either way, so results do not depend on
+the number of workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Protocol, Union
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from aenet_fn.descriptor import ChebyshevParams, species_lookup
+from aenet_fn.featurized import FeaturizedSet, MiniBatch, featurize_structures, take_structures
+from aenet_fn.normalization import FeatureMoments
+from aenet_fn.structure import Structure
+
+
+class StructureSequence(Protocol):
+    """Random access to structures: ``len(s)`` and ``s[i] -> Structure``."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Structure: ...
+
+
+class StructureSource:
+    """A training or test split featurized batch by batch, when drawn.
+
+    Args:
+        params: the descriptor.
+        structures: the structures (a list, or any lazy :class:`StructureSequence`); read once
+            here for the metadata, then again for each batch that draws them.
+        with_derivatives: whether force-supervised batches need local derivatives.
+        dtype: floating dtype of features and labels.
+
+    Attributes (as :class:`~aenet_fn.featurized.FeaturizedSet`): ``energies`` ``[B]`` (eV),
+    ``n_atoms`` ``[B]``, ``species_counts`` ``[B, M]``, ``has_forces`` ``[B]``, ``names``.
+    """
+
+    def __init__(
+        self,
+        params: ChebyshevParams,
+        structures: StructureSequence,
+        *,
+        with_derivatives: bool,
+        dtype: torch.dtype = torch.float64,
+    ) -> None:
+        if len(structures) == 0:
+            raise ValueError("StructureSource: no structures")
+        self.params, self.structures = params, structures
+        self.with_derivatives, self.dtype = with_derivatives, dtype
+        energies, n_atoms, has_forces, names = [], [], [], []
+        counts = torch.zeros(len(structures), len(params.species), dtype=torch.long)
+        for k in range(len(structures)):
+            structure = structures[k]
+            lookup = species_lookup(params, structure.species)
+            counts[k] = torch.bincount(lookup, minlength=len(params.species))
+            energies.append(float("nan") if structure.energy is None else structure.energy)
+            n_atoms.append(structure.n_atoms)
+            has_forces.append(
+                structure.forces is not None and bool(torch.isfinite(structure.forces).all())
+            )
+            names.append(structure.name)
+        self.energies = torch.tensor(energies, dtype=dtype)
+        self.n_atoms = torch.tensor(n_atoms)
+        self.species_counts = counts
+        self.has_forces = torch.tensor(has_forces)
+        self.names = tuple(names)
+
+    @property
+    def n_structures(self) -> int:
+        """Number of structures ``B``."""
+        return len(self.names)
+
+    def featurized(self, indices: Sequence[int], with_derivatives: bool) -> FeaturizedSet:
+        """The structures ``indices`` featurized (in that order)."""
+        chosen = [self.structures[int(i)] for i in indices]
+        return featurize_structures(
+            self.params, chosen, with_derivatives=with_derivatives, dtype=self.dtype
+        )
+
+    def take(self, selection: torch.Tensor, force_selected: torch.Tensor | None) -> MiniBatch:
+        """The mini-batch of ``selection`` ``[b]`` (repeats allowed), as
+        :func:`~aenet_fn.featurized.take_structures` would cut it from the whole featurized
+        split; only the drawn structures are featurized."""
+        unique, inverse = torch.unique(selection, return_inverse=True)
+        mask = None if force_selected is None else force_selected[unique]
+        derivatives = (
+            self.with_derivatives
+            and mask is not None
+            and bool((mask & self.has_forces[unique]).any())
+        )
+        return take_structures(self.featurized(unique.tolist(), derivatives), inverse, mask)
+
+    def feature_moments(self, chunk: int = 256) -> FeatureMoments:
+        """Pooled feature moments of every atom, featurized ``chunk`` structures at a time."""
+        moments = None
+        for first in range(0, self.n_structures, chunk):
+            indices = range(first, min(first + chunk, self.n_structures))
+            part = FeatureMoments.of(self.featurized(indices, False).features)
+            moments = part if moments is None else moments.merge(part)
+        return moments
+
+
+Split = Union[FeaturizedSet, StructureSource]
+
+
+def take_batch(
+    data: Split, selection: torch.Tensor, force_selected: torch.Tensor | None
+) -> MiniBatch:
+    """The mini-batch of structures ``selection`` ``[b]`` of ``data``; ``force_selected``
+    ``[B]`` marks the force-supervised structures (None: energies only)."""
+    if isinstance(data, StructureSource):
+        return data.take(selection, force_selected)
+    return take_structures(data, selection, force_selected)
+
+
+def normalization_features(data: Split) -> torch.Tensor | FeatureMoments:
+    """What :func:`~aenet_fn.normalization.fit_normalization` needs of a training split: the
+    features in memory, or moments gathered batch by batch."""
+    return data.feature_moments() if isinstance(data, StructureSource) else data.features
+
+
+class _Batches(Dataset):
+    """Map-style dataset whose items are ``(selection, force_selected)`` pairs → batches."""
+
+    def __init__(self, data: Split) -> None:
+        self.data = data
+
+    def __getitem__(self, item: tuple[torch.Tensor, torch.Tensor | None]) -> MiniBatch:
+        return take_batch(self.data, *item)
+
+
+def _unchanged(batch: MiniBatch) -> MiniBatch:
+    return batch
+
+
+def batch_stream(
+    data: Split,
+    selections: Sequence[torch.Tensor],
+    force_selected: torch.Tensor | None,
+    *,
+    num_workers: int = 0,
+    prefetch_factor: int = 2,
+) -> Iterator[MiniBatch]:
+    """The mini-batches of ``selections`` in order: built here when ``num_workers == 0``,
+    otherwise ``prefetch_factor`` batches ahead per worker in ``num_workers`` DataLoader
+    processes (each worker reads, featurizes and builds graphs itself)."""
+    if num_workers == 0:
+        for selection in selections:
+            yield take_batch(data, selection, force_selected)
+        return
+    loader = DataLoader(
+        _Batches(data),
+        sampler=[(selection, force_selected) for selection in selections],
+        batch_size=None,
+        collate_fn=_unchanged,
+        num_workers=num_workers,
+        prefetch_factor=prefetch_factor,
+    )
+    yield from loader

@@ -1,0 +1,102 @@
+"""Batches from lazy structure sources and DataLoader workers equal in-memory batches."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+import torch
+
+import aenet_fn as af
+from aenet_fn.loader import StructureSource, batch_stream, take_batch
+from aenet_fn.normalization import FeatureMoments, fit_normalization
+
+PARAMS = af.ChebyshevParams(["Ti", "O"], 6, 5.0, 3, 3.5, min_cutoff=0.5)
+ARCH = {"Ti": [(5, "tanh")], "O": [(5, "tanh")]}
+REFERENCES = {"Ti": -1604.604515075, "O": -432.503149303}
+
+
+@pytest.fixture(scope="module")
+def splits(shared_data):
+    structures = af.read_structures(sorted((shared_data / "tio2").glob("*.xsf"))[:14])
+    in_memory = af.featurize_structures(PARAMS, structures, with_derivatives=True)
+    lazy = StructureSource(PARAMS, structures, with_derivatives=True)
+    return structures, in_memory, lazy
+
+
+def test_lazy_batches_equal_in_memory_batches(splits):
+    _, in_memory, lazy = splits
+    selection = torch.tensor([5, 2, 5, 11, 0])
+    mask = torch.zeros(in_memory.n_structures, dtype=torch.bool)
+    mask[[2, 11]] = True
+    expected, got = take_batch(in_memory, selection, mask), take_batch(lazy, selection, mask)
+    for field in attrs.fields(type(expected)):
+        if field.name in ("atom_index", "local"):
+            continue
+        a, b = getattr(expected, field.name), getattr(got, field.name)
+        assert torch.equal(a, b) if torch.is_tensor(a) else a == b, field.name
+    for field in attrs.fields(type(expected.local)):
+        a, b = getattr(expected.local, field.name), getattr(got.local, field.name)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-14, msg=field.name)
+    assert torch.equal(lazy.has_forces, in_memory.has_forces)
+    assert torch.equal(lazy.species_counts, in_memory.species_counts)
+
+
+def test_normalization_from_moments_equals_normalization_from_features(splits):
+    _, in_memory, lazy = splits
+    reference = torch.tensor([-1604.604515075, -432.503149303], dtype=torch.float64)
+    args = (in_memory.energies, in_memory.species_counts, reference)
+    direct = fit_normalization(in_memory.features, *args)
+    streamed = fit_normalization(lazy.feature_moments(chunk=4), *args)
+    for field in attrs.fields(type(direct)):
+        a, b = getattr(direct, field.name), getattr(streamed, field.name)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=field.name)
+    halves = FeatureMoments.of(in_memory.features[:30]).merge(
+        FeatureMoments.of(in_memory.features[30:])
+    )
+    assert halves.count == in_memory.features.shape[0]
+    torch.testing.assert_close(halves.maximum, in_memory.features.max(dim=0).values)
+
+
+@pytest.mark.parametrize("policy", ["uniform", "error_weighted"])
+def test_training_from_a_lazy_source_equals_training_in_memory(splits, policy):
+    _, in_memory, lazy = splits
+    model = af.init_model(PARAMS, ARCH, in_memory, seed=1, atomic_energies=REFERENCES)
+    config = af.TrainConfig(
+        epochs=2, batch_size=4, force_weight=0.2, force_fraction=0.5, sampling_policy=policy
+    )
+    memory_run = af.fit(af.init_train_state(model, in_memory, config), in_memory, None, config)
+    lazy_run = af.fit(af.init_train_state(model, lazy, config), lazy, None, config)
+    torch.testing.assert_close(
+        lazy_run.model.network.values, memory_run.model.network.values, rtol=0, atol=1e-12
+    )
+    assert torch.equal(lazy_run.sampler.force_subset, memory_run.sampler.force_subset)
+
+
+def test_worker_processes_give_the_same_batches_and_training(splits):
+    _, _, lazy = splits
+    selections = [torch.tensor([0, 3]), torch.tensor([7, 7, 1]), torch.tensor([13])]
+    mask = torch.ones(lazy.n_structures, dtype=torch.bool)
+    here = list(batch_stream(lazy, selections, mask))
+    workers = list(batch_stream(lazy, selections, mask, num_workers=2))
+    assert len(here) == len(workers) == 3
+    for a, b in zip(here, workers):
+        assert torch.equal(a.features, b.features) and torch.equal(a.local.radial, b.local.radial)
+    model = af.init_model(PARAMS, ARCH, lazy, seed=0, atomic_energies=REFERENCES)
+    runs = []
+    for num_workers in (0, 2):
+        config = af.TrainConfig(epochs=1, batch_size=5, force_weight=0.1, num_workers=num_workers)
+        runs.append(af.fit(af.init_train_state(model, lazy, config), lazy, lazy, config))
+    assert torch.equal(runs[0].model.network.values, runs[1].model.network.values)
+    assert runs[0].history[0]["RMSE_test"] == runs[1].history[0]["RMSE_test"]
+
+
+def test_bad_sources_and_options_are_refused():
+    with pytest.raises(ValueError, match="StructureSource: no structures"):
+        StructureSource(PARAMS, [], with_derivatives=False)
+    copper = af.Structure([[0.0, 0, 0]], ["Cu"], energy=-3.0)
+    with pytest.raises(ValueError, match=r"\['Cu'\]"):
+        StructureSource(PARAMS, [copper], with_derivatives=False)
+    with pytest.raises(ValueError, match="num_workers must be an integer >= 0"):
+        af.TrainConfig(num_workers=-1)
+    with pytest.raises(ValueError, match="prefetch_factor must be an integer >= 1"):
+        af.TrainConfig(prefetch_factor=0)
