@@ -262,6 +262,8 @@ class TorchTrainingConfig:
                 min_lr=self.scheduler_min_lr,
             ),
             seed=0 if self.seed is None else int(self.seed),
+            num_workers=int(self.num_workers),
+            prefetch_factor=int(self.prefetch_factor),
         )
 
 

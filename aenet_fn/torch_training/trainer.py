@@ -31,6 +31,7 @@ from aenet_fn.featurized import FeaturizedSet, featurize_structures
 from aenet_fn.io.ase_io import from_ase, read_structures
 from aenet_fn.io.predict import PredictOut
 from aenet_fn.io.train import TrainOut, write_energies, write_history
+from aenet_fn.loader import StructureSource
 from aenet_fn.network import check_architecture
 from aenet_fn.potential import (
     Model,
@@ -184,16 +185,24 @@ class TorchANNPotential:
         train_structures, test_structures = split_structures(
             kept, config.testpercent, config.split_seed
         )
-        params = self.descriptor.params
-        train = featurize_structures(
-            params, train_structures, with_derivatives=with_forces, dtype=dtype
-        )
-        test = (
-            featurize_structures(params, test_structures, with_derivatives=with_forces, dtype=dtype)
-            if test_structures
-            else None
-        )
+        train = self._split(train_structures, config, dtype, with_forces)
+        test = self._split(test_structures, config, dtype, with_forces) if test_structures else None
         return _TrainingData(train, test, config.atomic_energies, train_structures, test_structures)
+
+    def _split(
+        self,
+        structures: list[Structure],
+        config: TorchTrainingConfig,
+        dtype: torch.dtype,
+        with_forces: bool,
+    ) -> FeaturizedSet | StructureSource:
+        """A split featurized once and kept in memory (DataLoader workers, if any, slice its
+        batches) or, with ``num_workers > 0`` and ``cache_features=False``, a lazy source
+        whose batches the workers featurize when drawn (memory bounded by the batches)."""
+        params = self.descriptor.params
+        if config.num_workers > 0 and not config.cache_features:
+            return StructureSource(params, structures, with_derivatives=with_forces, dtype=dtype)
+        return featurize_structures(params, structures, with_derivatives=with_forces, dtype=dtype)
 
     def _data_from_datasets(
         self,
@@ -623,8 +632,8 @@ class _TrainingData:
     """The featurized splits of one training run, the atomic references in force and where the
     splits came from (structure lists or datasets, for ``save_energies``)."""
 
-    train: FeaturizedSet
-    test: FeaturizedSet | None
+    train: FeaturizedSet | StructureSource
+    test: FeaturizedSet | StructureSource | None
     atomic_energies: Mapping[str, float] | None
     train_source: Any
     test_source: Any
