@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_map
 
 from aenet_fn.batch import Batch
 from aenet_fn.descriptor import ChebyshevParams, build_graph
+from aenet_fn.distributed import World
 from aenet_fn.featurized import FeaturizedSet, stack_batches, take_structures
 from aenet_fn.loss import accumulate_errors, error_sums_init, metrics_from_sums
 from aenet_fn.network import Architecture, NetworkParams
@@ -155,7 +156,8 @@ def committee_epoch(
     sums = [error_sums_init() for _ in members]
     drawn: list[list[torch.Tensor]] = [[] for _ in members]
     n_batches = math.ceil(orders[0].numel() / config.batch_size)
-    streams = [epoch_batches(m, o, train, config) for m, o in zip(members, orders)]
+    # members of one process: a committee spreads its members over ranks, not its batches
+    streams = [epoch_batches(m, o, train, config, World()) for m, o in zip(members, orders)]
     shared = all(torch.equal(orders[0], order) for order in orders) and all(
         torch.equal(members[0].sampler.force_subset, m.sampler.force_subset) for m in members
     )

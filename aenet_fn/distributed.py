@@ -115,3 +115,30 @@ def global_batch_loss(
     total = all_reduce_sum(local.detach(), world)
     sums = local + (total - local.detach())  # value: the global sums; gradient: this share's
     return loss_from_sums(sums[0], sums[4], sums[1], sums[2], sums[3], force_weight, unbiased)
+
+
+def agreed_seed(seed: int | None, world: World) -> int:
+    """``seed``, or (when None) a fresh random seed; in a data-parallel run rank 0's value,
+    broadcast so that every process draws the same split and plan."""
+    value = torch.tensor(
+        int(torch.Generator().seed() % 2**31) if seed is None else int(seed), dtype=torch.int64
+    )
+    if world.size > 1:
+        dist.broadcast(value, src=0)
+    return int(value)
+
+
+def members_of(n_members: int, world: World) -> list[int]:
+    """Indices of the committee members this process trains when members are spread over the
+    processes (round robin: rank ``r`` takes ``r, r + size, ...``)."""
+    return list(range(world.rank, n_members, world.size))
+
+
+def all_gather_objects(values: list, world: World) -> list:
+    """The concatenation, in rank order, of every process's list ``values`` (plain picklable
+    records exchanged between the run's own processes)."""
+    if world.size == 1:
+        return list(values)
+    gathered: list = [None] * world.size
+    dist.all_gather_object(gathered, values)
+    return [value for part in gathered for value in part]

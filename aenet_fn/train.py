@@ -428,12 +428,17 @@ def data_parallel_step(
 
 
 def evaluate(
-    model: Model, data: Split, with_forces: bool, batch_size: int = 256
+    model: Model,
+    data: Split,
+    with_forces: bool,
+    batch_size: int = 256,
+    world: World | None = None,
 ) -> dict[str, float]:
     """Exact metrics of ``model`` over all of ``data``: per-atom energy RMSE and MAE (eV/atom)
     over every structure, force RMSE (eV/Å) over every labelled component when ``with_forces``.
-    In a data-parallel run each process evaluates its share and the sums are reduced."""
-    world = current_world()
+    In a data-parallel run (``world``; default: the current process group) each process
+    evaluates its share and the sums are reduced."""
+    world = current_world() if world is None else world
     sums = error_sums_init()
     everything = data.has_forces if with_forces else None
     for first in range(0, data.n_structures, batch_size):
@@ -476,13 +481,17 @@ def plan_epoch(
 
 
 def epoch_batches(
-    state: TrainState, order: torch.Tensor, train: Split, config: TrainConfig
+    state: TrainState,
+    order: torch.Tensor,
+    train: Split,
+    config: TrainConfig,
+    world: World | None = None,
 ) -> Iterator[MiniBatch]:
     """The mini-batches of ``order`` (``batch_size`` structures each, last one partial), built
     lazily (in DataLoader workers when ``config.num_workers > 0``) so that only a few batches'
     derivative entries are in memory at a time. In a data-parallel run, this process's share of
     each batch."""
-    world = current_world()
+    world = current_world() if world is None else world
     force_mask = state.sampler.force_subset if config.uses_forces else None
     selections = [shares(s, world)[world.rank] for s in order.split(config.batch_size)]
     return batch_stream(
@@ -509,17 +518,19 @@ def run_epoch(
     train: Split,
     config: TrainConfig,
     on_batch: Callable[[int, int], None] | None = None,
+    world: World | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
     """One epoch over the training split: sampler order, optional force re-draw, a
     :func:`train_step` per batch (:func:`data_parallel_step` under ``torch.distributed``),
     error-score update. Returns the new state and the epoch's training metrics (global
-    RMSE/MAE over every draw, measured before each step)."""
-    world = current_world()
+    RMSE/MAE over every draw, measured before each step). ``world``: the processes sharing
+    each batch (default: the current process group)."""
+    world = current_world() if world is None else world
     state, order = plan_epoch(state, train, config)
     n_batches = math.ceil(order.numel() / config.batch_size)
     sums: ErrorSums = error_sums_init()
     drawn_errors = []
-    batches = epoch_batches(state, order, train, config)
+    batches = epoch_batches(state, order, train, config, world)
     for k, (selection, batch) in enumerate(zip(order.split(config.batch_size), batches)):
         if world.size == 1:
             state, (errors, differences) = train_step(state, batch, config)
@@ -578,17 +589,23 @@ def fit(
     config: TrainConfig,
     callbacks: Sequence[Callable[[TrainState], None]] = (),
     on_batch: Callable[[int, int], None] | None = None,
+    world: World | None = None,
 ) -> TrainState:
     """Run ``config.epochs`` more epochs from ``state``; after each, evaluate the test split
     (exact metrics), record history/best/scheduler and call every callback with the new state
     (progress bars, checkpoints, logs). Under ``torch.distributed`` every process runs this
-    same loop on its shares; callbacks and ``on_batch`` run on rank 0 only."""
-    if not current_world().is_main:
+    same loop on its shares; callbacks and ``on_batch`` run on rank 0 only. ``world``: the
+    processes sharing each batch (default: the current process group; ``World()`` trains in
+    this process alone, e.g. committee members spread over ranks)."""
+    world = current_world() if world is None else world
+    if not world.is_main:
         callbacks, on_batch = (), None
     for _ in range(config.epochs):
         start = time.perf_counter()
-        state, train_metrics = run_epoch(state, train, config, on_batch)
-        test_metrics = None if test is None else evaluate(state.model, test, config.uses_forces)
+        state, train_metrics = run_epoch(state, train, config, on_batch, world)
+        test_metrics = (
+            None if test is None else evaluate(state.model, test, config.uses_forces, world=world)
+        )
         state = end_of_epoch(
             state, train_metrics, test_metrics, config, time.perf_counter() - start
         )

@@ -50,6 +50,38 @@ def run_cases() -> dict[str, dict[str, object]]:
     return results
 
 
+def train_committee(output_dir: Path) -> list[torch.Tensor]:
+    """Train a 3-member committee (vmapped per process) into ``output_dir``; under torchrun
+    its members are spread over the ranks. Returns the member weights."""
+    from aenet_fn.torch_featurize import ChebyshevDescriptor
+    from aenet_fn.torch_training import (
+        Adam,
+        TorchCommitteeConfig,
+        TorchCommitteePotential,
+        TorchTrainingConfig,
+    )
+
+    structures = af.read_structures(sorted(DATA.glob("*.xsf"))[:10])
+    descriptor = ChebyshevDescriptor(["Ti", "O"], 6, 5.0, 3, 3.5, min_cutoff=0.5)
+    committee = TorchCommitteePotential({"Ti": [(4, "tanh")], "O": [(4, "tanh")]}, descriptor)
+    config = TorchTrainingConfig(
+        iterations=2,
+        method=Adam(mu=0.003, batchsize=4),
+        testpercent=20,
+        split_seed=2,
+        force_weight=0.1,
+        atomic_energies={"Ti": -1604.604515075, "O": -432.503149303},
+        show_progress=False,
+    )
+    result = committee.train(
+        structures=structures,
+        config=config,
+        committee_config=TorchCommitteeConfig(num_members=3, base_seed=7, output_dir=output_dir),
+    )
+    assert len(result.members) == 3
+    return [member.model.network.values for member in committee.members]
+
+
 def main(out: str) -> None:
     """Join the process group torchrun set up, train, and save the results on rank 0."""
     torch.set_num_threads(1)
@@ -57,6 +89,7 @@ def main(out: str) -> None:
     try:
         results = run_cases()
         results["world_size"] = dist.get_world_size()
+        results["committee"] = train_committee(Path(out).parent / "committee")
         if dist.get_rank() == 0:
             torch.save(results, out)
     finally:

@@ -13,7 +13,8 @@ import torch
 
 import aenet_fn as af
 from aenet_fn.distributed import World, gather_parts, shares
-from tests.distributed_fit import CASES, run_cases
+from aenet_fn.torch_training import TorchCommitteePotential
+from tests.distributed_fit import CASES, run_cases, train_committee
 
 HERE = Path(__file__).resolve().parent
 
@@ -47,6 +48,13 @@ def test_two_gloo_processes_equal_one(tmp_path):
         for row_two, row_one in zip(two[name]["history"], one[name]["history"]):
             for a, b in zip(row_two, row_one):
                 assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-8)
+    # committee members spread over the two ranks equal the members trained in one process,
+    # and rank 0 wrote the metadata of all of them
+    alone = train_committee(tmp_path / "one")
+    spread = TorchCommitteePotential.from_directory(tmp_path / "committee")
+    for together, by_rank, member in zip(alone, two["committee"], spread.members):
+        torch.testing.assert_close(by_rank, together, rtol=0, atol=1e-12)
+        torch.testing.assert_close(member.model.network.values, together, rtol=0, atol=1e-12)
     # the runs really trained: weights moved from the common initial model
     assert not torch.equal(one["uniform-forces"]["values"], one["error-weighted-energy"]["values"])
 

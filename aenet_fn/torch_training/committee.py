@@ -34,9 +34,11 @@ from aenet_fn.committee import (
     member_seeds,
 )
 from aenet_fn.data import filter_structures, split_structures
+from aenet_fn.distributed import World, agreed_seed, all_gather_objects, current_world, members_of
 from aenet_fn.featurized import featurize_structures
 from aenet_fn.io.predict import PredictOut
 from aenet_fn.io.train import TrainOut, read_history, write_history
+from aenet_fn.io.train import _atomic_write_text as atomic_write_text
 from aenet_fn.mlip.ensemble import AenetEnsembleResult, validate_aggregation_mode
 from aenet_fn.progress import EpochProgress
 from aenet_fn.torch_featurize.chebyshev import ChebyshevDescriptor
@@ -313,13 +315,13 @@ class TorchCommitteePotential:
         )
         if structures is None:
             raise ValueError("TorchCommitteePotential.train needs structures=")
+        world = current_world()
+        split_seed = agreed_seed(config.split_seed, world)
         structures = convert_to_structures(structures)
         kept, _ = filter_structures(
             structures, config.atomic_energies, config.max_energy, config.max_forces
         )
-        train_structures, test_structures = split_structures(
-            kept, config.testpercent, config.split_seed
-        )
+        train_structures, test_structures = split_structures(kept, config.testpercent, split_seed)
         params = self.descriptor.params
         forces = config.force_weight > 0
         train = featurize_structures(
@@ -332,7 +334,8 @@ class TorchCommitteePotential:
             if test_structures
             else None
         )
-        seeds = committee_config.seeds(config.seed)
+        seeds = committee_config.seeds(agreed_seed(config.seed, world))
+        mine = members_of(len(seeds), world)
         core = config.to_train_config()
         options = {
             "atomic_energies": config.atomic_energies,
@@ -342,29 +345,39 @@ class TorchCommitteePotential:
             "energy_shift": config.E_shift,
             "energy_scaling": config.E_scaling,
         }
-        states = init_committee(
-            params, self.arch, train, core, seeds, committee_config.shared_batches, **options
+        my_seeds = [seeds[i] for i in mine]
+        states = (
+            init_committee(
+                params, self.arch, train, core, my_seeds, committee_config.shared_batches, **options
+            )
+            if my_seeds
+            else ()
         )
-        progress = EpochProgress(core.epochs, disable=not config.show_progress)
+        progress = EpochProgress(core.epochs, disable=not config.show_progress or not world.is_main)
         try:
-            if committee_config.execution == "vmap":
+            if committee_config.execution == "vmap" and states:
                 states = committee_fit(
                     states, train, test, core, [lambda members: progress(members[0])]
                 )
             else:
                 states = tuple(
-                    fit(state, train, test, attrs.evolve(core, seed=state_seed))
-                    for state, state_seed in zip(states, seeds)
+                    fit(state, train, test, attrs.evolve(core, seed=state_seed), world=World())
+                    for state, state_seed in zip(states, my_seeds)
                 )
         finally:
             progress.close()
-        return self._write(states, seeds, config, committee_config)
+        return self._write(states, mine, seeds, split_seed, config, committee_config, world)
 
-    def _write(self, states, seeds, config, committee_config) -> TorchCommitteeTrainResult:
+    def _write(
+        self, states, mine, seeds, split_seed, config, committee_config, world
+    ) -> TorchCommitteeTrainResult:
+        """Write this process's members (``mine``: their indices), then, on rank 0, the
+        committee metadata over every process's members."""
         output = Path(committee_config.output_dir)
         output.mkdir(parents=True, exist_ok=True)
         self.members, results = [], []
-        for index, (state, seed) in enumerate(zip(states, seeds)):
+        for index, state in zip(mine, states):
+            seed = seeds[index]
             member_dir = output / f"member_{index:03d}"
             member = TorchANNPotential(self.arch, self.descriptor)
             member.model, member.history, member._training_config = (
@@ -380,7 +393,7 @@ class TorchCommitteePotential:
                 {
                     "committee_member_index": index,
                     "committee_seed": seed,
-                    "committee_split_seed": config.split_seed,
+                    "committee_split_seed": split_seed,
                 },
             )
             json_path, csv_path = write_history(state.history, member_dir)
@@ -388,13 +401,13 @@ class TorchCommitteePotential:
             metrics["best_val_loss"] = member.best_val if member.best_val is not None else math.nan
             metrics["epochs_recorded"] = len(state.history)
             summary_path = member_dir / "summary.json"
-            summary_path.write_text(json.dumps(_json_ready(metrics), indent=2))
+            atomic_write_text(summary_path, json.dumps(_json_ready(metrics), indent=2))
             self.members.append(member)
             results.append(
                 TorchCommitteeMemberResult(
                     index,
                     seed,
-                    config.split_seed,
+                    split_seed,
                     member_dir,
                     model_path,
                     json_path,
@@ -403,6 +416,14 @@ class TorchCommitteePotential:
                     metrics,
                 )
             )
+        results = sorted(all_gather_objects(results, world), key=lambda r: r.member_index)
+        loaded = {index: member for index, member in zip(mine, self.members)}
+        self.members = [
+            loaded[r.member_index]
+            if r.member_index in loaded
+            else TorchANNPotential.from_file(r.model_path)
+            for r in results
+        ]
         metadata_path = output / "committee_metadata.json"
         metadata = {
             "schema_version": "1.0",
@@ -423,7 +444,10 @@ class TorchCommitteePotential:
             "members": [r.to_metadata() for r in results],
             "failures": [],
         }
-        metadata_path.write_text(json.dumps(_json_ready(metadata), indent=2))
+        if world.is_main:
+            atomic_write_text(metadata_path, json.dumps(_json_ready(metadata), indent=2))
+        if world.size > 1:
+            torch.distributed.barrier()
         return TorchCommitteeTrainResult(output, metadata_path, results, committee_config.execution)
 
     @staticmethod
