@@ -19,12 +19,14 @@ from aenet_fn.torch_training.dataset import (
     train_test_split,
     train_test_split_dataset,
 )
+from aenet_fn.torch_training.hdf5_dataset import HDF5StructureDataset
 from aenet_fn.torch_training.trainer import TorchANNPotential, convert_to_structures
 
 __all__ = [
     "SGD",
     "Adam",
     "CachedStructureDataset",
+    "HDF5StructureDataset",
     "Structure",
     "StructureDataset",
     "TorchANNPotential",
