@@ -537,3 +537,20 @@ def test_bad_arguments(tio2_files, descriptor, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         HDF5StructureDataset(descriptor, tmp_path / "zlib.h5", tio2_files[:1], compression="zlib")
+
+
+def test_training_from_hdf5_in_workers_equals_training_in_memory(persisted, descriptor):
+    """With ``num_workers > 0`` and ``cache_features=False`` the split stays on disk: worker
+    processes read and featurize each drawn batch (memory bounded by the batches)."""
+    runs = []
+    for workers in (0, 2):
+        dataset = HDF5StructureDataset(None, persisted, mode="load", atomic_energies=REFERENCES)
+        potential = TorchANNPotential(ARCH, descriptor)
+        potential.train(dataset=dataset, config=_config(force_weight=0.1, num_workers=workers))
+        runs.append(potential)
+        dataset.close()
+    # the lazy split fits its feature statistics from streamed moments: equal to round-off
+    torch.testing.assert_close(
+        runs[1].model.network.values, runs[0].model.network.values, rtol=0, atol=1e-10
+    )
+    assert runs[1].history[-1]["RMSE_test"] == pytest.approx(runs[0].history[-1]["RMSE_test"])

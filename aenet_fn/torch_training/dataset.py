@@ -466,6 +466,24 @@ def structures_of(dataset: Any) -> list[Structure] | None:
     return None if structures is None else list(structures)
 
 
+class LazyStructures:
+    """The structures of a dataset read one at a time on access (``len``, ``[i]``): what a
+    lazy :class:`~aenet_fn.loader.StructureSource` needs of an HDF5 database or a subset."""
+
+    def __init__(self, dataset: Any) -> None:
+        if not (hasattr(dataset, "get_structure") or isinstance(dataset, Subset)):
+            raise TypeError(f"a {type(dataset).__name__} cannot be read structure by structure")
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Structure:
+        if isinstance(self.dataset, Subset):
+            return LazyStructures(self.dataset.dataset)[self.dataset.indices[index]]
+        return self.dataset.get_structure(index)
+
+
 def check_descriptor(dataset: Any, descriptor: ChebyshevDescriptor) -> None:
     """Raise ``ValueError`` when ``dataset`` (or the dataset it wraps) was built with a
     descriptor whose parameters differ from ``descriptor``'s."""

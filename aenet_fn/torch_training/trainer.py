@@ -216,6 +216,7 @@ class TorchANNPotential:
         """Sources (a) and (b): pick or split the datasets, resolve the atomic references they
         own and take their (cached) featurized sets."""
         from aenet_fn.torch_training.dataset import (
+            LazyStructures,
             check_descriptor,
             featurized_of,
             train_test_split,
@@ -250,12 +251,19 @@ class TorchANNPotential:
             if source is not None:
                 check_descriptor(source, self.descriptor)
         references = self._dataset_references(train_source, test_source, config)
-        train = featurized_of(train_source, self.descriptor, with_forces, dtype)
-        test = (
-            None
-            if test_source is None
-            else featurized_of(test_source, self.descriptor, with_forces, dtype)
-        )
+
+        def split_of(source: Any) -> FeaturizedSet | StructureSource:
+            if config.num_workers > 0 and not config.cache_features:
+                return StructureSource(
+                    self.descriptor.params,
+                    LazyStructures(source),
+                    with_derivatives=with_forces,
+                    dtype=dtype,
+                )
+            return featurized_of(source, self.descriptor, with_forces, dtype)
+
+        train = split_of(train_source)
+        test = None if test_source is None else split_of(test_source)
         for label, data in (("training", train), ("test", test)):
             if data is not None and not bool(torch.isfinite(data.energies).all()):
                 names = [n for n, e in zip(data.names, data.energies.tolist()) if e != e]
