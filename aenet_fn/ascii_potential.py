@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from aenet_fn.atomic import atomic_write_text
 from aenet_fn.descriptor import ChebyshevParams
 from aenet_fn.network import NetworkParams
 from aenet_fn.normalization import Normalization
@@ -592,20 +592,6 @@ def _training_section(
     return "\n".join(lines)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_aenet_ascii(
     model: Model,
     directory: PathLike,
@@ -702,6 +688,6 @@ def write_aenet_ascii(
     written = []
     for symbol, text in zip(species, texts):
         path = directory / f"{prefix}.{symbol}.nn.ascii"
-        _atomic_write_text(path, text)
+        atomic_write_text(path, text, newline="\n")
         written.append(path)
     return written

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from aenet_fn.atomic import replacing
 from aenet_fn.serialization import from_tree, to_tree
 
 CHECKPOINT_FORMAT = "aenet_fn-checkpoint"
@@ -26,19 +26,11 @@ _NUMBERED = re.compile(r"^checkpoint_epoch_(\d+)\.pt$")
 
 
 def atomic_torch_save(payload: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to ``path`` through a temporary file in the same folder and a rename."""
+    """``torch.save`` to ``path`` atomically (see :mod:`aenet_fn.atomic`); creates the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with replacing(path) as temporary, open(temporary, "xb") as stream:
+        torch.save(payload, stream)
     return path
 
 

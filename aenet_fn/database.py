@@ -44,7 +44,6 @@ import json
 import math
 import multiprocessing
 import os
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -61,6 +60,7 @@ import torch
 from ase.data import atomic_numbers, chemical_symbols
 from tqdm.auto import tqdm
 
+from aenet_fn.atomic import replacing
 from aenet_fn.data import referenced_energies_per_atom
 from aenet_fn.descriptor import ChebyshevParams
 from aenet_fn.featurized import FeaturizedSet, featurize_structures
@@ -685,9 +685,7 @@ def build_database(
     ]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # not mkstemp: its 0600 mode would survive the rename; this name is created exclusively
-    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
+    with replacing(path) as temporary:
         with (
             _chunks(tasks, build_workers) as chunks,  # workers fork before any thread starts
             tqdm(total=len(items), desc=path.name, unit="source", disable=not show_progress) as bar,
@@ -703,12 +701,6 @@ def build_database(
                 n_atoms = int(writer.file["structures/atom_offset"][-1])
             finally:
                 writer.close()
-        with open(temporary, "rb+") as stream:
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
     return BuildSummary(path, writer.n_sources, writer.n_structures, n_atoms, writer.n_removed)
 
 

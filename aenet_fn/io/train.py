@@ -32,13 +32,11 @@ Errors in a file raise ``ValueError`` as ``"<file>, line <n>: <what was expected
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
 import os
-import uuid
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -46,6 +44,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+
+from aenet_fn.atomic import atomic_write_text
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -87,25 +87,6 @@ _ALIASES = {
 
 # --------------------------------------------------------------------------------------------
 # small helpers
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, then ``os.replace`` it into place."""
-    directory = path.parent
-    if not directory.is_dir():
-        raise FileNotFoundError(f"the directory {str(directory)!r} does not exist")
-    temporary = directory / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
 
 
 def _parse_float(token: str) -> float:
@@ -302,13 +283,13 @@ def write_history(history: Any, directory: PathLike) -> tuple[Path, Path]:
         f" {json.dumps(name)}: {json.dumps(values, allow_nan=False)}"
         for name, values in by_column.items()
     )
-    _atomic_write_text(json_path, "{\n" + body + "\n}\n")
+    atomic_write_text(json_path, "{\n" + body + "\n}\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(names)
     for row in rows:
         writer.writerow(repr(v) if isinstance(v, float) else v for v in row)
-    _atomic_write_text(csv_path, buffer.getvalue())
+    atomic_write_text(csv_path, buffer.getvalue())
     return json_path, csv_path
 
 
@@ -856,7 +837,7 @@ def write_energies(
             + f" {name}"
         )
     target = Path(os.fspath(path))
-    _atomic_write_text(target, "\n".join(lines) + "\n")
+    atomic_write_text(target, "\n".join(lines) + "\n")
     return target
 
 

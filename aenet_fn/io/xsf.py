@@ -18,16 +18,15 @@ truncated blocks are reported at the line of the keyword or count that announced
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 from ase.data import chemical_symbols
 
+from aenet_fn.atomic import replacing
 from aenet_fn.structure import ELEMENT_SYMBOLS, Structure
 
 __all__ = ["read_xsf", "write_xsf"]
@@ -476,30 +475,20 @@ def write_xsf(
     directory = target.parent
     if not directory.is_dir():
         raise FileNotFoundError(f"write_xsf: the directory {str(directory)!r} does not exist")
-    temporary = directory / f".{target.name}.{uuid.uuid4().hex}.tmp"
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            if comment is not None:
-                for line in comment.splitlines() or [""]:
-                    handle.write(f"# {line}".rstrip() + "\n")
-                handle.write("\n")
-            if len(frames) == 1:
-                _write_energy(handle, frames[0])
-                if dimension is not None:
-                    handle.write(f"{dimension}\n")
-                _write_block(handle, frames[0], dimension, None)
-            else:
-                handle.write(f"ANIMSTEPS {len(frames)}\n")
-                if dimension is not None:
-                    handle.write(f"{dimension}\n")
-                for step, structure in enumerate(frames, start=1):
-                    _write_energy(handle, structure)
-                    _write_block(handle, structure, dimension, step)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    with replacing(target) as temporary, open(temporary, "x", encoding="utf-8") as handle:
+        if comment is not None:
+            for line in comment.splitlines() or [""]:
+                handle.write(f"# {line}".rstrip() + "\n")
+            handle.write("\n")
+        if len(frames) == 1:
+            _write_energy(handle, frames[0])
+            if dimension is not None:
+                handle.write(f"{dimension}\n")
+            _write_block(handle, frames[0], dimension, None)
+        else:
+            handle.write(f"ANIMSTEPS {len(frames)}\n")
+            if dimension is not None:
+                handle.write(f"{dimension}\n")
+            for step, structure in enumerate(frames, start=1):
+                _write_energy(handle, structure)
+                _write_block(handle, structure, dimension, step)

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from aenet_fn.atomic import atomic_write_text
 from aenet_fn.batch import collate
 from aenet_fn.committee import (
     check_shared_parts,
@@ -38,7 +39,6 @@ from aenet_fn.distributed import World, agreed_seed, all_gather_objects, current
 from aenet_fn.featurized import featurize_structures
 from aenet_fn.io.predict import PredictOut
 from aenet_fn.io.train import TrainOut, read_history, write_history
-from aenet_fn.io.train import _atomic_write_text as atomic_write_text
 from aenet_fn.mlip.ensemble import AenetEnsembleResult, validate_aggregation_mode
 from aenet_fn.progress import EpochProgress
 from aenet_fn.torch_featurize.chebyshev import ChebyshevDescriptor
