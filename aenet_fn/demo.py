@@ -1,79 +1,209 @@
-"""The main job: train a potential on the built-in EMT alloy data set and summarise it."""
+"""The main job, ``aenet-fn demo``: a committee trained on energies and forces of the built-in
+EMT Cu/Ni/Au data set, its errors, plots and a short molecular-dynamics check.
+
+The demo goes through the same path as ``aenet-fn train``: it writes the generated structures
+(``data/emt-alloys.xsf``) and a configuration (``demo.toml``) into the output folder, validates
+the configuration and trains from it, so ``aenet-fn train aenet-fn-output/demo.toml --overwrite``
+repeats the training. Then it runs NVE molecular dynamics (velocity Verlet) of a new, unrattled
+alloy cell with the committee as ASE calculator and reports the energy drift and the committee's
+force spread.
+"""
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+from ase import units
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+from ase.md.verlet import VelocityVerlet
 
-from aenet_fn.batch import collate
-from aenet_fn.descriptor import ChebyshevParams
+from aenet_fn.atomic import atomic_write_text
+from aenet_fn.calculator import AenetCalculator
+from aenet_fn.cli import format_summary, parse_config, run_training
 from aenet_fn.examples import ALLOY_SPECIES, emt_alloys
-from aenet_fn.featurized import featurize_structures
-from aenet_fn.optim import AdamConfig
-from aenet_fn.potential import energy_and_forces
-from aenet_fn.progress import EpochProgress
-from aenet_fn.sampling import split_indices
-from aenet_fn.train import TrainConfig, evaluate, fit, init_model, init_train_state
+from aenet_fn.io.ase_io import to_ase
+from aenet_fn.io.xsf import write_xsf
+from aenet_fn.structure import Structure
 
-DEMO_DESCRIPTOR = ChebyshevParams(
-    species=ALLOY_SPECIES, rad_order=8, rad_cutoff=5.0, ang_order=4, ang_cutoff=4.0, min_cutoff=0.5
-)
-DEMO_ARCH = {s: [(16, "tanh"), (16, "tanh")] for s in ALLOY_SPECIES}
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How much the demo does: structures, their repeats of the 4-atom fcc cell, epochs, MD
+    steps."""
+
+    n_structures: int
+    repeats: tuple[tuple[int, int, int], ...]
+    epochs: int
+    md_steps: int
+
+
+DEFAULT = DemoSize(n_structures=80, repeats=((2, 2, 2), (2, 2, 3)), epochs=100, md_steps=300)
+FAST = DemoSize(n_structures=12, repeats=((2, 2, 2),), epochs=3, md_steps=20)
+MEMBERS = 4
+MD_TIMESTEP_FS = 1.0
+MD_TEMPERATURE_K = 300.0
+
+
+def demo_tables(size: DemoSize, seed: int = 0) -> dict[str, Any]:
+    """The demo's configuration (the tables of ``demo.toml``), relative to the output folder."""
+    return {
+        "data": {"paths": ["data/emt-alloys.xsf"]},
+        "descriptor": {
+            "species": list(ALLOY_SPECIES),
+            "rad_order": 6,
+            "rad_cutoff": 4.5,
+            "ang_order": 2,
+            "ang_cutoff": 3.5,
+            "min_cutoff": 0.5,
+        },
+        "network": {"default": [[12, "tanh"], [12, "tanh"]]},
+        "training": {
+            "iterations": size.epochs,
+            "testpercent": 20,
+            "split_seed": seed,
+            "seed": seed,
+            "force_weight": 0.5,
+            "use_scheduler": True,
+            "scheduler_patience": 5,
+            # EMT energies are relative to the elemental fcc crystals already
+            "atomic_energies": dict.fromkeys(ALLOY_SPECIES, 0.0),
+            "checkpoint_dir": False,
+            "method": "adam",
+            "adam": {"mu": 0.01, "batchsize": 16},
+        },
+        "committee": {"members": MEMBERS, "base_seed": seed, "shared_batches": True},
+        "output": {"directory": "."},
+    }
+
+
+def toml_text(tables: Mapping[str, Any]) -> str:
+    """``tables`` as TOML: one ``[section]`` per top-level key, nested mappings as sub-tables;
+    values are strings, numbers, booleans or lists of them."""
+    lines: list[str] = []
+
+    def table(name: str, values: Mapping[str, Any]) -> None:
+        lines.append(f"[{name}]")
+        lines.extend(
+            f"{key} = {json.dumps(value)}"
+            for key, value in values.items()
+            if not isinstance(value, Mapping)
+        )
+        for key, value in values.items():
+            if isinstance(value, Mapping):
+                lines.append("")
+                table(f"{name}.{key}", value)
+
+    for section, values in tables.items():
+        if lines:
+            lines.append("")
+        table(section, values)
+    return "\n".join(lines) + "\n"
+
+
+def md_check(potential: Any, structure: Structure, steps: int, seed: int = 0) -> dict[str, float]:
+    """NVE velocity-Verlet MD of ``structure`` with ``potential`` as ASE calculator
+    (:data:`MD_TIMESTEP_FS` fs steps, Maxwell-Boltzmann start at :data:`MD_TEMPERATURE_K` K).
+
+    Returns ``drift`` (final minus initial total energy per atom, eV/atom), ``max_deviation``
+    (largest ``|E_tot − E_tot(0)|`` per atom, eV/atom), the final ``temperature`` (K) and the
+    mean committee force spread ``force_uncertainty`` (eV/Å; NaN for a single potential)."""
+    atoms = to_ase(structure)
+    atoms.calc = AenetCalculator(potential)
+    MaxwellBoltzmannDistribution(
+        atoms, temperature_K=MD_TEMPERATURE_K, rng=np.random.default_rng(seed)
+    )
+    Stationary(atoms)
+    totals, spreads = [], []
+
+    def observe() -> None:
+        totals.append(atoms.get_total_energy())
+        if "forces_std" in atoms.calc.results:
+            spreads.append(float(np.mean(atoms.calc.results["forces_std"])))
+
+    dynamics = VelocityVerlet(atoms, timestep=MD_TIMESTEP_FS * units.fs)
+    dynamics.attach(observe, interval=1)
+    observe()
+    dynamics.run(steps)
+    n = len(atoms)
+    return {
+        "atoms": n,
+        "steps": steps,
+        "drift": (totals[-1] - totals[0]) / n,
+        "max_deviation": max(abs(e - totals[0]) for e in totals) / n,
+        "temperature": float(atoms.get_temperature()),
+        "force_uncertainty": float(np.mean(spreads)) if spreads else math.nan,
+    }
 
 
 def run_demo(
-    n_structures: int = 80, epochs: int = 60, seed: int = 0, show_progress: bool = True
-) -> dict:
-    """Generate ``n_structures`` EMT alloy cells, train on energies and forces for ``epochs``,
-    print a summary and return the final metrics."""
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
-    start = time.perf_counter()
-    print(f"aenet_fn demo: {n_structures} Cu/Ni/Au cells labelled with ASE's EMT calculator")
-    structures = emt_alloys(n_structures, seed=seed)
-    train_idx, test_idx = split_indices(
-        len(structures), 0.2, generator=torch.Generator().manual_seed(seed)
-    )
-    train_structures = [structures[i] for i in train_idx]
-    test_structures = [structures[i] for i in test_idx]
-    train = featurize_structures(DEMO_DESCRIPTOR, train_structures, with_derivatives=True)
-    test = featurize_structures(DEMO_DESCRIPTOR, test_structures, with_derivatives=True)
-    print(
-        f"featurized {int(train.n_atoms.sum()) + int(test.n_atoms.sum())} atoms "
-        f"({DEMO_DESCRIPTOR.n_features} features each) in {time.perf_counter() - start:.1f} s"
-    )
-    model = init_model(DEMO_DESCRIPTOR, DEMO_ARCH, train, seed=seed)
-    config = TrainConfig(
-        epochs=epochs, batch_size=8, force_weight=0.1, optimizer=AdamConfig(lr=5e-3), seed=seed
-    )
-    progress = EpochProgress(epochs, disable=not show_progress)
+    fast: bool = False,
+    show_progress: bool = True,
+    output: str | Path = "aenet-fn-output",
+    seed: int = 0,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Generate the EMT data set, train a :data:`MEMBERS`-member committee with forces
+    (vmapped), print the errors table, write the plots and run the MD check. Returns
+    ``{"metrics": per split, "md": md_check(...), "seconds": wall time}``.
+
+    ``threads`` sets torch's intra-op threads: one by default, because the demo's tensors are
+    small (the steps are bound by per-operation overhead) and several threads stall badly when
+    the cores are shared with other work."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        state = fit(init_train_state(model, train, config), train, test, config, [progress])
+        return _run(FAST if fast else DEFAULT, show_progress, Path(output).resolve(), seed)
     finally:
-        progress.close()
-    final = {"train": evaluate(state.model, train, True), "test": evaluate(state.model, test, True)}
-    energies, forces = energy_and_forces(
-        state.model, collate(test_structures, DEMO_DESCRIPTOR.species)
-    )
-    reference = torch.tensor([s.energy for s in test_structures], dtype=energies.dtype)
-    seconds = time.perf_counter() - start
-    print()
-    header = ("split", "structures", "RMSE E (meV/atom)", "MAE E (meV/atom)", "RMSE F (eV/Å)")
-    print(f"{header[0]:<7}{header[1]:>11}{header[2]:>19}{header[3]:>18}{header[4]:>15}")
-    for name, data in (("train", train), ("test", test)):
-        m = final[name]
-        print(
-            f"{name:<7}{data.n_structures:>11}{1000 * m['rmse_energy']:>19.1f}"
-            f"{1000 * m['mae_energy']:>18.1f}{m['rmse_forces']:>15.3f}"
-        )
-    worst = int(torch.argmax((energies - reference).abs()))
+        torch.set_num_threads(before)
+
+
+def _run(size: DemoSize, show_progress: bool, out: Path, seed: int) -> dict[str, Any]:
+    start = time.perf_counter()
     print(
-        f"largest test error: {test_structures[worst].name} "
-        f"{float(energies[worst] - reference[worst]):+.3f} eV; "
-        f"mean |F| {float(forces.norm(dim=1).mean()):.3f} eV/Å"
+        f"aenet_fn demo: {size.n_structures} Cu/Ni/Au cells labelled with ASE's EMT calculator, "
+        f"a committee of {MEMBERS} trained on energies and forces for {size.epochs} epochs"
     )
-    print(f"trained {epochs} epochs in {seconds:.1f} s in all")
-    if not all(math.isfinite(v) for v in final["test"].values()):
-        raise RuntimeError("demo: training produced non-finite errors")
-    return final
+    structures = emt_alloys(size.n_structures, seed=seed, repeats=size.repeats)
+    n_atoms = sum(s.n_atoms for s in structures)
+    print(f"generated {n_atoms} atoms in {time.perf_counter() - start:.1f} s")
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    write_xsf(out / "data" / "emt-alloys.xsf", structures)
+    tables = demo_tables(size, seed)
+    config_path = out / "demo.toml"
+    header = (
+        "# Written by `aenet-fn demo`; repeat the training with\n"
+        f"#   aenet-fn train {config_path} --overwrite\n\n"
+    )
+    atomic_write_text(config_path, header + toml_text(tables))
+    run = parse_config(tables, out, str(config_path))
+    result = run_training(run, overwrite=True, show_progress=show_progress)
+    print(f"featurized, trained and evaluated in {result.seconds:.1f} s\n")
+    print(format_summary(result.metrics))
+    md_start = time.perf_counter()
+    cell = emt_alloys(1, seed=seed + 1, repeats=((2, 2, 2),), rattle=0.0)[0]
+    md = md_check(result.potential, cell, size.md_steps, seed)
+    print(
+        f"\nMD check (NVE, {md['atoms']} atoms, {md['steps']} steps of {MD_TIMESTEP_FS} fs from "
+        f"{MD_TEMPERATURE_K:.0f} K, {time.perf_counter() - md_start:.1f} s): energy drift "
+        f"{1000 * md['drift']:+.4f} meV/atom (largest deviation "
+        f"{1000 * md['max_deviation']:.4f} meV/atom), final {md['temperature']:.0f} K, "
+        f"mean committee force spread {md['force_uncertainty']:.4f} eV/Å"
+    )
+    seconds = time.perf_counter() - start
+    print(
+        f"\nwrote {out}: committee (committee_metadata.json, member_*/model.pt), "
+        f"training_summary.png, parity.png, energies.*.0, metrics.json, demo.toml "
+        f"in {seconds:.1f} s"
+    )
+    test = result.metrics.get("test", {})
+    if not all(math.isfinite(v) for v in (*test.values(), md["drift"])):
+        raise RuntimeError("demo: training or MD produced non-finite numbers")
+    return {"metrics": result.metrics, "md": md, "seconds": seconds}

@@ -1,0 +1,305 @@
+"""The ``aenet-fn`` command line: train → predict → export-ascii → import-ascii → predict on tiny
+data, committees, featurize, configuration errors, the fast demo and the entry point."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aenet_fn.cli import CONFIG_EXAMPLE, main
+from aenet_fn.demo import toml_text
+from aenet_fn.torch_training import TorchANNPotential, TorchCommitteePotential
+
+PNG = b"\x89PNG\r\n\x1a\n"
+TOML = sys.version_info >= (3, 11)  # tomllib; JSON configurations (same schema) otherwise
+
+
+def tables(data: Path, committee: bool = False) -> dict:
+    """A tiny configuration on eight TiO2 structures of ``data`` (the shared folder)."""
+    config = {
+        "data": {"paths": [str(data / "tio2" / "structure-00[1-8].xsf")]},
+        "descriptor": {
+            "species": ["Ti", "O"],
+            "rad_order": 4,
+            "rad_cutoff": 4.0,
+            "ang_order": 2,
+            "ang_cutoff": 3.0,
+            "min_cutoff": 0.5,
+        },
+        "network": {"default": [[5, "tanh"]]},
+        "training": {
+            "iterations": 2,
+            "testpercent": 25,
+            "split_seed": 3,
+            "seed": 1,
+            "force_weight": 0.1,
+            "atomic_energies": {"Ti": -1604.604515075, "O": -432.503149303},
+            "checkpoint_dir": False,
+            "method": "adam",
+            "adam": {"mu": 0.003, "batchsize": 4},
+        },
+        "output": {"directory": "run"},
+    }
+    if committee:
+        config["committee"] = {"members": 2, "base_seed": 5, "execution": "vmap"}
+    return config
+
+
+def write_config(folder: Path, config: dict, toml: bool = TOML) -> Path:
+    """``config`` as ``folder/config.toml`` (or ``config.json``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if toml:
+        path = folder / "config.toml"
+        path.write_text(toml_text(config))
+    else:
+        path = folder / "config.json"
+        path.write_text(json.dumps(config))
+    return path
+
+
+def structure_files(shared_data: Path, count: int = 3) -> list[str]:
+    return [str(p) for p in sorted((shared_data / "tio2").glob("*.xsf"))[:count]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is as fast and does not stall on shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def single(shared_data, tmp_path_factory):
+    config = write_config(tmp_path_factory.mktemp("single"), tables(shared_data))
+    assert main(["train", str(config), "--no-progress"]) == 0
+    return config.parent / "run"
+
+
+@pytest.fixture(scope="module")
+def committee(shared_data, tmp_path_factory):
+    config = write_config(tmp_path_factory.mktemp("committee"), tables(shared_data, True))
+    assert main(["train", str(config), "--no-progress"]) == 0
+    return config.parent / "run"
+
+
+def test_train_writes_model_history_energies_and_plots(single):
+    for name in ("model.pt", "history.json", "history.csv", "energies.train.0", "metrics.json"):
+        assert (single / name).is_file(), name
+    for name in ("training_summary.png", "parity.png"):
+        assert (single / name).read_bytes()[:8] == PNG
+    history = json.loads((single / "history.json").read_text())
+    assert len(history["RMSE_train"]) == 2
+    metrics = json.loads((single / "metrics.json").read_text())
+    assert metrics["train"]["n_structures"] == 6 and metrics["test"]["n_structures"] == 2
+    assert metrics["test"]["rmse_forces"] > 0
+
+
+def test_predict_csv_and_json_equal_the_facade(single, shared_data, tmp_path):
+    files = structure_files(shared_data)
+    expected = TorchANNPotential.from_file(single / "model.pt").predict(files, eval_forces=True)
+    table = tmp_path / "out.csv"
+    assert main(["predict", str(single / "model.pt"), *files, "--format", "csv",
+                 "--output", str(table)]) == 0  # fmt: skip
+    rows = list(csv.DictReader(table.open()))
+    assert [r["name"] for r in rows] == files
+    assert [float(r["energy"]) for r in rows] == expected.total_energy
+    assert [int(r["n_atoms"]) for r in rows] == [len(t) for t in expected.atom_types]
+    document = tmp_path / "out.json"
+    assert main(["predict", str(single / "model.pt"), *files, "--format", "json", "--forces",
+                 "--output", str(document)]) == 0  # fmt: skip
+    structures = json.loads(document.read_text())["structures"]
+    assert [s["energy"] for s in structures] == expected.total_energy
+    for record, forces in zip(structures, expected.forces):
+        np.testing.assert_array_equal(np.array(record["forces"]), forces)
+        assert record["energy_per_atom"] == record["energy"] / record["n_atoms"]
+
+
+def test_predict_table_to_stdout(single, shared_data, capsys):
+    files = structure_files(shared_data, 2)
+    assert main(["predict", str(single / "model.pt"), *files, "--forces"]) == 0
+    printed = capsys.readouterr().out
+    assert "E/atom (eV)" in printed and files[1] in printed and "forces (eV/Å)" in printed
+
+
+def test_ascii_export_import_round_trip(single, shared_data, tmp_path, capsys):
+    files = structure_files(shared_data)
+    model = str(single / "model.pt")
+    assert main(["export-ascii", model, str(tmp_path / "ascii"), "--prefix", "tio2",
+                 "--structures", *files]) == 0  # fmt: skip
+    written = sorted((tmp_path / "ascii").glob("tio2.*.nn.ascii"))
+    assert [p.name for p in written] == ["tio2.O.nn.ascii", "tio2.Ti.nn.ascii"]
+    imported = tmp_path / "imported.pt"
+    assert main(["import-ascii", *map(str, written), "--output", str(imported)]) == 0
+    energies = []
+    for path in (model, str(imported)):
+        capsys.readouterr()
+        assert main(["predict", path, *files, "--format", "json"]) == 0
+        energies.append([s["energy"] for s in json.loads(capsys.readouterr().out)["structures"]])
+    np.testing.assert_allclose(energies[1], energies[0], rtol=0, atol=1e-8)
+    reloaded = TorchANNPotential.from_file(imported).predict(files)
+    np.testing.assert_allclose(reloaded.total_energy, energies[0], rtol=0, atol=1e-8)
+
+
+def test_committee_train_predict_and_export(committee, shared_data, tmp_path):
+    assert (committee / "committee_metadata.json").is_file()
+    for name in ("training_summary.png", "parity.png"):
+        assert (committee / name).read_bytes()[:8] == PNG
+    files = structure_files(shared_data)
+    table = tmp_path / "committee.csv"
+    assert main(["predict", str(committee), *files, "--format", "csv",
+                 "--output", str(table)]) == 0  # fmt: skip
+    rows = list(csv.DictReader(table.open()))
+    expected = TorchCommitteePotential.from_directory(committee).predict(files)
+    np.testing.assert_allclose([float(r["energy"]) for r in rows], expected.energy_mean, 0, 1e-9)
+    np.testing.assert_allclose([float(r["energy_std"]) for r in rows], expected.energy_std, 0, 1e-9)
+    assert all(float(r["energy_std"]) > 0 for r in rows)
+    per_atom = tmp_path / "forces.csv"
+    assert main(["predict", str(committee), files[0], "--format", "csv", "--forces",
+                 "--output", str(per_atom)]) == 0  # fmt: skip
+    atoms = list(csv.DictReader(per_atom.open()))
+    assert len(atoms) == 23 and float(atoms[0]["force_uncertainty"]) > 0
+    assert main(["export-ascii", str(committee), str(tmp_path / "ascii")]) == 0
+    for member in ("member_000", "member_001"):
+        assert (tmp_path / "ascii" / member / "potential.Ti.nn.ascii").is_file()
+
+
+def test_featurize_then_train_from_the_database(shared_data, tmp_path):
+    config = tables(shared_data)
+    descriptor = write_config(tmp_path, config)
+    database = tmp_path / "tio2.h5"
+    assert main(["featurize", *structure_files(shared_data, 8), "--output", str(database),
+                 "--descriptor", str(descriptor), "--forces", "--no-progress"]) == 0  # fmt: skip
+    from aenet_fn.torch_training.hdf5_dataset import HDF5StructureDataset
+
+    with HDF5StructureDataset(None, database, mode="load") as dataset:
+        assert len(dataset) == 8
+        assert dataset.has_persisted_features() and dataset.has_persisted_force_derivatives()
+    config["data"] = {"hdf5": "tio2.h5"}
+    assert main(["train", str(write_config(tmp_path, config)), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]["n_structures"] == 2
+
+
+def _rename(section: str, old: str, new: str):
+    return lambda t: t[section].__setitem__(new, t[section].pop(old))
+
+
+def _set(section: str, key: str, value):
+    return lambda t: t[section].__setitem__(key, value)
+
+
+def _delete(section: str):
+    return lambda t: t.pop(section)
+
+
+def _move(section: str, new: str):
+    return lambda t: t.__setitem__(new, t.pop(section))
+
+
+ERRORS = {
+    "unknown key": (
+        _rename("training", "iterations", "iteration"),
+        ["[training] unknown key 'iteration'", "did you mean 'iterations'?"],
+    ),
+    "wrong type": (
+        _set("training", "iterations", "2"),
+        ["[training] iterations must be an integer"],
+    ),
+    "bad value": (
+        _set("training", "sampling_policy", "random"),
+        ["[training] sampling_policy must be one of", "'uniform'", "'error_weighted'", "'random'"],
+    ),
+    "bad choice": (
+        _set("committee", "execution", "pmap"),
+        ["[committee] execution", "'sequential'"],
+    ),
+    "bad method value": (
+        lambda t: t["training"]["adam"].__setitem__("mu", -1.0),
+        ["[training.adam] mu must be > 0"],
+    ),
+    "unknown section": (_move("network", "networks"), ["unknown section [networks]", "[network]?"]),
+    "missing section": (_delete("descriptor"), ["the section [descriptor] is required"]),
+    "no matching files": (_set("data", "paths", ["no-such-*.xsf"]), ["[data] paths", "matches no"]),
+    "missing file": (_set("data", "paths", "missing.xsf"), ["[data] paths", "does not exist"]),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_configuration_errors_name_the_key(shared_data, tmp_path, capsys, case):
+    change, expected = ERRORS[case]
+    config = tables(shared_data, committee=True)
+    change(config)
+    path = write_config(tmp_path, config)
+    assert main(["train", str(path)]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith("aenet-fn train: error: ") and "Traceback" not in message
+    for part in expected:
+        assert part in message
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_check_validates_without_writing_and_existing_output_is_kept(single, capsys):
+    config = next(single.parent.glob("config.*"))
+    assert main(["train", str(config), "--check", "--output", str(single.parent / "x")]) == 0
+    assert "valid" in capsys.readouterr().out and not (single.parent / "x").exists()
+    before = (single / "model.pt").read_bytes()
+    assert main(["train", str(config)]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert (single / "model.pt").read_bytes() == before
+
+
+def test_json_configuration_has_the_same_schema(shared_data, tmp_path, capsys):
+    config = tables(shared_data)
+    path = write_config(tmp_path, config, toml=False)
+    assert main(["train", str(path), "--check"]) == 0
+    assert f"output: {tmp_path / 'run'}" in capsys.readouterr().out
+    config["training"]["adam"]["batch_size"] = 4
+    assert main(["train", str(write_config(tmp_path, config, toml=False)), "--check"]) == 2
+    assert "[training.adam] unknown key 'batch_size'; did you mean 'batchsize'?" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.skipif(not TOML, reason="TOML configurations need Python >= 3.11")
+def test_the_example_configuration_of_the_help_is_valid(shared_data, tmp_path, capsys):
+    (tmp_path / "structures").mkdir()
+    for source in structure_files(shared_data):
+        (tmp_path / "structures" / Path(source).name).write_bytes(Path(source).read_bytes())
+    (tmp_path / "example.toml").write_text(CONFIG_EXAMPLE)
+    assert main(["train", str(tmp_path / "example.toml"), "--check"]) == 0
+    assert "(single potential, 3 data path(s))" in capsys.readouterr().out
+
+
+def test_missing_model_is_a_clear_error(tmp_path, capsys):
+    assert main(["predict", str(tmp_path / "none.pt"), str(tmp_path / "x.xsf")]) == 1
+    assert "none.pt: no such model file or committee directory" in capsys.readouterr().err
+
+
+def test_fast_demo_writes_plots_and_prints_the_summary(tmp_path, capsys):
+    assert main(["demo", "--fast", "--no-progress", "--output", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    for part in ("E RMSE", "meV/atom", "spread F", "train", "test", "MD check", "energy drift"):
+        assert part in printed
+    for name in ("training_summary.png", "parity.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG
+    assert (tmp_path / "committee_metadata.json").is_file()
+    assert len(list(tmp_path.glob("member_*/model.pt"))) == 4
+    if TOML:
+        assert main(["train", str(tmp_path / "demo.toml"), "--check", "--overwrite"]) == 0
+
+
+def test_python_m_entry_point():
+    done = subprocess.run(
+        [sys.executable, "-m", "aenet_fn", "--help"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    for command in ("train", "predict", "export-ascii", "import-ascii", "featurize", "demo"):
+        assert command in done.stdout
