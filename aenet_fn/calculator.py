@@ -58,7 +58,7 @@ COMMITTEE_PROPERTIES = (
 COMMITTEE_METADATA = "committee_metadata.json"
 
 
-def _load_path(path: Path) -> TorchANNPotential | TorchCommitteePotential:
+def load_potential(path: Path) -> TorchANNPotential | TorchCommitteePotential:
     """The potential stored at ``path``: a committee directory or a model file."""
     if path.is_dir():
         if not (path / COMMITTEE_METADATA).is_file():
@@ -80,7 +80,7 @@ def _load_path(path: Path) -> TorchANNPotential | TorchCommitteePotential:
 def _members(potential: PotentialLike) -> tuple[tuple[Model, ...], bool]:
     """The member models of ``potential`` and whether it is a committee."""
     if isinstance(potential, (str, os.PathLike)):
-        potential = _load_path(Path(potential))
+        potential = load_potential(Path(potential))
     if isinstance(potential, Model):
         return (potential,), False
     if isinstance(potential, TorchANNPotential):

@@ -58,9 +58,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from aenet_fn import calculator
 from aenet_fn.ascii_potential import read_aenet_ascii, write_aenet_ascii
 from aenet_fn.atomic import atomic_write_text
-from aenet_fn.calculator import _load_path
 from aenet_fn.data import filter_structures, referenced_energies_per_atom, split_structures
 from aenet_fn.io.ase_io import read_structures
 from aenet_fn.io.train import TrainOut, write_energies, write_history
@@ -567,7 +567,7 @@ Potential = TorchANNPotential | TorchCommitteePotential
 def load_potential(path: str | os.PathLike) -> Potential:
     """A model file (``TorchANNPotential.save``) or a committee directory."""
     try:
-        return _load_path(Path(path))
+        return calculator.load_potential(Path(path))
     except (ValueError, FileNotFoundError) as error:
         raise CLIError(str(error)) from error
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import settings
 
 from aenet_fn import Structure
@@ -15,6 +16,10 @@ DATA = SHARED / "data"
 
 settings.register_profile("default", max_examples=25, deadline=None)
 settings.load_profile("default")
+
+# The tests' tensors are small: one thread avoids thread start-up costs and, on a shared
+# machine, contention between threads (results do not depend on the thread count).
+torch.set_num_threads(1)
 
 
 def random_cell(rng: np.random.Generator, low: float = 3.0, high: float = 7.0) -> np.ndarray:
