@@ -215,6 +215,90 @@ def _concat_local(parts: list[LocalDerivatives]) -> LocalDerivatives:
     )
 
 
+def select_structures(data: FeaturizedSet, indices: Sequence[int]) -> FeaturizedSet:
+    """The :class:`~aenet_fn.featurized.FeaturizedSet` of structures ``indices`` of ``data``
+    (repeats allowed), local derivatives re-indexed to the new atom numbering."""
+    selection = torch.as_tensor(list(indices), dtype=torch.long)
+    if selection.numel() == 0:
+        raise ValueError("select_structures: no structures selected")
+    counts = data.n_atoms[selection]
+    atoms = ranges(data.atom_start[selection], counts)
+    new_start = torch.cumsum(counts, 0) - counts
+    local = None
+    empty = torch.zeros(0, dtype=torch.long)
+    radial_start = radial_count = triplet_start = triplet_count = empty
+    if data.local is not None:
+        shift = new_start - data.atom_start[selection]
+        radial_count = data.radial_count[selection]
+        triplet_count = data.triplet_count[selection]
+        radial = ranges(data.radial_start[selection], radial_count)
+        triplet = ranges(data.triplet_start[selection], triplet_count)
+        r_shift = torch.repeat_interleave(shift, radial_count)
+        t_shift = torch.repeat_interleave(shift, triplet_count)
+        values = {}
+        for field in attrs.fields(LocalDerivatives):
+            column = getattr(data.local, field.name)
+            entries = radial if field.name.startswith("radial") else triplet
+            value = column[entries]
+            if field.name in _ATOM_FIELDS:
+                value = value + (r_shift if field.name.startswith("radial") else t_shift)
+            values[field.name] = value
+        local = LocalDerivatives(**values)
+        radial_start = torch.cumsum(radial_count, 0) - radial_count
+        triplet_start = torch.cumsum(triplet_count, 0) - triplet_count
+    return FeaturizedSet(
+        features=data.features[atoms],
+        species_index=data.species_index[atoms],
+        atom_start=new_start,
+        n_atoms=counts,
+        energies=data.energies[selection],
+        forces=data.forces[atoms],
+        species_counts=data.species_counts[selection],
+        local=local,
+        radial_start=radial_start,
+        radial_count=radial_count,
+        triplet_start=triplet_start,
+        triplet_count=triplet_count,
+        names=tuple(data.names[i] for i in selection.tolist()),
+    )
+
+
+def concatenate(sets: Sequence[FeaturizedSet]) -> FeaturizedSet:
+    """The structures of ``sets`` one after another in one :class:`FeaturizedSet` (local
+    derivatives re-indexed); all sets with derivatives, or none."""
+    if not sets:
+        raise ValueError("concatenate: no featurized sets")
+    with_local = [s.local is not None for s in sets]
+    if any(with_local) and not all(with_local):
+        raise ValueError("concatenate: some sets carry local derivatives and some do not")
+    n_atoms = torch.cat([s.n_atoms for s in sets])
+    local = None
+    empty = torch.zeros(0, dtype=torch.long)
+    radial_start = radial_count = triplet_start = triplet_count = empty
+    if all(with_local):
+        offsets = torch.cumsum(torch.tensor([0] + [int(s.n_atoms.sum()) for s in sets]), 0)
+        local = _concat_local([_offset_atoms(s.local, int(o)) for s, o in zip(sets, offsets)])
+        radial_count = torch.cat([s.radial_count for s in sets])
+        triplet_count = torch.cat([s.triplet_count for s in sets])
+        radial_start = torch.cumsum(radial_count, 0) - radial_count
+        triplet_start = torch.cumsum(triplet_count, 0) - triplet_count
+    return FeaturizedSet(
+        features=torch.cat([s.features for s in sets]),
+        species_index=torch.cat([s.species_index for s in sets]),
+        atom_start=torch.cumsum(n_atoms, 0) - n_atoms,
+        n_atoms=n_atoms,
+        energies=torch.cat([s.energies for s in sets]),
+        forces=torch.cat([s.forces for s in sets]),
+        species_counts=torch.cat([s.species_counts for s in sets]),
+        local=local,
+        radial_start=radial_start,
+        radial_count=radial_count,
+        triplet_start=triplet_start,
+        triplet_count=triplet_count,
+        names=tuple(name for s in sets for name in s.names),
+    )
+
+
 def take_structures(
     data: FeaturizedSet, selection: torch.Tensor, force_selected: torch.Tensor | None = None
 ) -> MiniBatch:

@@ -24,8 +24,16 @@ from typing import Protocol, Union
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from aenet_fn.cache import LRUCache
 from aenet_fn.descriptor import ChebyshevParams, species_lookup
-from aenet_fn.featurized import FeaturizedSet, MiniBatch, featurize_structures, take_structures
+from aenet_fn.featurized import (
+    FeaturizedSet,
+    MiniBatch,
+    concatenate,
+    featurize_structures,
+    select_structures,
+    take_structures,
+)
 from aenet_fn.normalization import FeatureMoments
 from aenet_fn.structure import Structure
 
@@ -47,6 +55,8 @@ class StructureSource:
             here for the metadata, then again for each batch that draws them.
         with_derivatives: whether force-supervised batches need local derivatives.
         dtype: floating dtype of features and labels.
+        cache_entries: featurized structures kept per process (DataLoader workers each keep
+            their own) in a least-recently-used cache; 0 (default) keeps none, None all.
 
     Attributes (as :class:`~aenet_fn.featurized.FeaturizedSet`): ``energies`` ``[B]`` (eV),
     ``n_atoms`` ``[B]``, ``species_counts`` ``[B, M]``, ``has_forces`` ``[B]``, ``names``.
@@ -59,6 +69,7 @@ class StructureSource:
         *,
         with_derivatives: bool,
         dtype: torch.dtype = torch.float64,
+        cache_entries: int | None = 0,
     ) -> None:
         if len(structures) == 0:
             raise ValueError("StructureSource: no structures")
@@ -81,6 +92,12 @@ class StructureSource:
         self.species_counts = counts
         self.has_forces = torch.tensor(has_forces)
         self.names = tuple(names)
+        self._cache: LRUCache = LRUCache(cache_entries)
+        self._loader: tuple[int, DataLoader, _Plan] | None = None
+
+    def __getstate__(self) -> dict:
+        """Pickled (for DataLoader workers) without this process's loader."""
+        return {**self.__dict__, "_loader": None}
 
     @property
     def n_structures(self) -> int:
@@ -105,7 +122,21 @@ class StructureSource:
             and mask is not None
             and bool((mask & self.has_forces[unique]).any())
         )
-        return take_structures(self.featurized(unique.tolist(), derivatives), inverse, mask)
+        return take_structures(self._cached(unique.tolist(), derivatives), inverse, mask)
+
+    def _cached(self, indices: list[int], derivatives: bool) -> FeaturizedSet:
+        """:meth:`featurized` of ``indices`` through the cache: only the structures not cached
+        are featurized (together), then kept one by one."""
+        if self._cache.capacity == 0:
+            return self.featurized(indices, derivatives)
+        pieces = {i: self._cache.get((i, derivatives)) for i in indices}
+        missing = [i for i, piece in pieces.items() if piece is None]
+        if missing:
+            fresh = self.featurized(missing, derivatives)
+            for k, i in enumerate(missing):
+                pieces[i] = select_structures(fresh, [k])
+                self._cache.put((i, derivatives), pieces[i])
+        return concatenate([pieces[i] for i in indices])
 
     def feature_moments(self, chunk: int = 256) -> FeatureMoments:
         """Pooled feature moments of every atom, featurized ``chunk`` structures at a time."""
@@ -136,6 +167,20 @@ def normalization_features(data: Split) -> torch.Tensor | FeatureMoments:
     return data.feature_moments() if isinstance(data, StructureSource) else data.features
 
 
+class _Plan:
+    """A DataLoader sampler whose items (one epoch's ``(selection, force_selected)`` pairs) are
+    replaced before each epoch, so that persistent workers serve every epoch."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
 class _Batches(Dataset):
     """Map-style dataset whose items are ``(selection, force_selected)`` pairs → batches."""
 
@@ -157,20 +202,31 @@ def batch_stream(
     *,
     num_workers: int = 0,
     prefetch_factor: int = 2,
+    persistent_workers: bool = False,
 ) -> Iterator[MiniBatch]:
     """The mini-batches of ``selections`` in order: built here when ``num_workers == 0``,
     otherwise ``prefetch_factor`` batches ahead per worker in ``num_workers`` DataLoader
-    processes (each worker reads, featurizes and builds graphs itself)."""
+    processes (each worker reads, featurizes and builds graphs itself). With
+    ``persistent_workers`` a :class:`StructureSource` keeps its workers (and their caches)
+    from one epoch to the next."""
+    items = [(selection, force_selected) for selection in selections]
     if num_workers == 0:
-        for selection in selections:
-            yield take_batch(data, selection, force_selected)
-        return
-    loader = DataLoader(
-        _Batches(data),
-        sampler=[(selection, force_selected) for selection in selections],
-        batch_size=None,
-        collate_fn=_unchanged,
-        num_workers=num_workers,
-        prefetch_factor=prefetch_factor,
-    )
-    yield from loader
+        return (take_batch(data, *item) for item in items)
+    keep = persistent_workers and isinstance(data, StructureSource)
+    if keep and data._loader is not None and data._loader[0] == num_workers:
+        _, loader, plan = data._loader
+    else:
+        plan = _Plan()
+        loader = DataLoader(
+            _Batches(data),
+            sampler=plan,
+            batch_size=None,
+            collate_fn=_unchanged,
+            num_workers=num_workers,
+            prefetch_factor=prefetch_factor,
+            persistent_workers=keep,
+        )
+        if keep:
+            data._loader = (num_workers, loader, plan)
+    plan.items = items
+    return iter(loader)

@@ -108,6 +108,8 @@ class TrainConfig:
         num_workers: DataLoader worker processes preparing batches ahead of the step (0:
             in this process); results do not depend on it.
         prefetch_factor: batches prepared ahead per worker.
+        persistent_workers: keep the workers (and their caches) of a lazy split from one
+            epoch to the next.
     """
 
     epochs: int = 100
@@ -125,6 +127,7 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     prefetch_factor: int = 2
+    persistent_workers: bool = False
 
     def __attrs_post_init__(self) -> None:
         _check(
@@ -500,6 +503,7 @@ def epoch_batches(
         force_mask,
         num_workers=config.num_workers,
         prefetch_factor=config.prefetch_factor,
+        persistent_workers=config.persistent_workers,
     )
 
 

@@ -20,14 +20,15 @@ from torch.utils.data import DataLoader
 
 import aenet_fn as af
 from aenet_fn import database
+from aenet_fn.cache import lru_evictions
 from aenet_fn.data import filter_structures
 from aenet_fn.database import DatabaseError, build_database, entry_identifier, open_database
-from aenet_fn.featurized import featurize_structures
+from aenet_fn.featurized import featurize_structures, select_structures
 from aenet_fn.local_derivatives import LocalDerivatives
 from aenet_fn.torch_featurize import ChebyshevDescriptor
 from aenet_fn.torch_training import Adam, TorchANNPotential, TorchTrainingConfig
-from aenet_fn.torch_training.dataset import select_structures, train_test_split_dataset
-from aenet_fn.torch_training.hdf5_dataset import HDF5StructureDataset, lru_evictions
+from aenet_fn.torch_training.dataset import train_test_split_dataset
+from aenet_fn.torch_training.hdf5_dataset import HDF5StructureDataset
 
 REFERENCES = {"Ti": -1604.604515075, "O": -432.503149303}
 ARCH = {"Ti": [(4, "tanh")], "O": [(4, "tanh")]}

@@ -127,3 +127,37 @@ def test_the_facade_trains_with_workers_like_without(splits):
         weights.append(potential.model.network.values)
     # lazy splits fit the feature statistics from streamed moments: equal to round-off
     torch.testing.assert_close(weights[1], weights[0], rtol=0, atol=1e-10)
+
+
+def test_runtime_caches_are_bounded_and_change_nothing(splits):
+    from aenet_fn.cache import LRUCache, lru_evictions
+
+    assert lru_evictions(["a", "b", "c"], 2) == ["a"]
+    assert lru_evictions(["a", "b"], None) == [] and lru_evictions(["a"], 0) == ["a"]
+    structures, in_memory, _ = splits
+    cached = StructureSource(PARAMS, structures, with_derivatives=True, cache_entries=4)
+    mask = torch.ones(in_memory.n_structures, dtype=torch.bool)
+    for selection in (torch.tensor([1, 2, 3]), torch.tensor([3, 9, 1, 1]), torch.tensor([12])):
+        expected, got = take_batch(in_memory, selection, mask), take_batch(cached, selection, mask)
+        assert torch.equal(expected.features, got.features)
+        torch.testing.assert_close(got.local.radial, expected.local.radial, rtol=0, atol=1e-14)
+        assert torch.equal(got.local.triplet_first, expected.local.triplet_first)
+        assert len(cached._cache) <= 4
+    assert cached._cache.get((12, True)) is not None and cached._cache.get((2, True)) is None
+    with pytest.raises(ValueError, match="cache capacity"):
+        LRUCache(-1)
+
+
+def test_persistent_cached_workers_train_like_one_process(splits):
+    _, _, lazy = splits
+    structures = splits[0]
+    model = af.init_model(PARAMS, ARCH, lazy, seed=3, atomic_energies=REFERENCES)
+    plain = af.TrainConfig(epochs=3, batch_size=4, force_weight=0.2)
+    expected = af.fit(af.init_train_state(model, lazy, plain), lazy, None, plain)
+    source = StructureSource(PARAMS, structures, with_derivatives=True, cache_entries=None)
+    workers = attrs.evolve(plain, num_workers=2, persistent_workers=True)
+    got = af.fit(af.init_train_state(model, source, workers), source, None, workers)
+    torch.testing.assert_close(
+        got.model.network.values, expected.model.network.values, rtol=0, atol=1e-12
+    )
+    assert source._loader is not None  # the same workers served all three epochs

@@ -241,6 +241,16 @@ class TorchTrainingConfig:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
+    def runtime_cache_entries(self) -> int | None:
+        """Entries of the per-process (per-worker) runtime cache of a split read lazily
+        (``num_workers > 0``): ``cache_force_triplet_max_entries`` for force training with
+        ``cache_force_triplets`` (an entry holds features, neighbour pairs, triplets and their
+        derivatives, so it also serves ``cache_neighbors``), ``cache_feature_max_entries`` with
+        ``cache_features``; 0 (nothing kept) otherwise. None: unbounded."""
+        if self.force_weight > 0:
+            return self.cache_force_triplet_max_entries if self.cache_force_triplets else 0
+        return self.cache_feature_max_entries if self.cache_features else 0
+
     def to_train_config(self) -> TrainConfig:
         """The functional core's :class:`~aenet_fn.train.TrainConfig` for these options."""
         self.validate()
@@ -264,6 +274,7 @@ class TorchTrainingConfig:
             seed=0 if self.seed is None else int(self.seed),
             num_workers=int(self.num_workers),
             prefetch_factor=int(self.prefetch_factor),
+            persistent_workers=bool(self.persistent_workers),
         )
 
 

@@ -27,8 +27,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from aenet_fn.data import filter_structures
-from aenet_fn.featurized import FeaturizedSet, featurize_structures, ranges
-from aenet_fn.local_derivatives import LocalDerivatives
+from aenet_fn.featurized import FeaturizedSet, featurize_structures, select_structures
 from aenet_fn.structure import Structure
 from aenet_fn.torch_featurize.chebyshev import ChebyshevDescriptor
 from aenet_fn.torch_training.trainer import convert_to_structures
@@ -42,14 +41,6 @@ __all__ = [
     "train_test_split",
     "train_test_split_dataset",
 ]
-
-_ATOM_FIELDS = (
-    "radial_centre",
-    "radial_neighbour",
-    "triplet_centre",
-    "triplet_first",
-    "triplet_second",
-)
 
 
 def _check_species(structures: Sequence[Structure], descriptor: ChebyshevDescriptor) -> None:
@@ -333,54 +324,6 @@ def energy_view(data: FeaturizedSet) -> FeaturizedSet:
         radial_count=empty,
         triplet_start=empty,
         triplet_count=empty,
-    )
-
-
-def select_structures(data: FeaturizedSet, indices: Sequence[int]) -> FeaturizedSet:
-    """The :class:`~aenet_fn.featurized.FeaturizedSet` of structures ``indices`` of ``data``
-    (repeats allowed), local derivatives re-indexed to the new atom numbering."""
-    selection = torch.as_tensor(list(indices), dtype=torch.long)
-    if selection.numel() == 0:
-        raise ValueError("select_structures: no structures selected")
-    counts = data.n_atoms[selection]
-    atoms = ranges(data.atom_start[selection], counts)
-    new_start = torch.cumsum(counts, 0) - counts
-    local = None
-    empty = torch.zeros(0, dtype=torch.long)
-    radial_start = radial_count = triplet_start = triplet_count = empty
-    if data.local is not None:
-        shift = new_start - data.atom_start[selection]
-        radial_count = data.radial_count[selection]
-        triplet_count = data.triplet_count[selection]
-        radial = ranges(data.radial_start[selection], radial_count)
-        triplet = ranges(data.triplet_start[selection], triplet_count)
-        r_shift = torch.repeat_interleave(shift, radial_count)
-        t_shift = torch.repeat_interleave(shift, triplet_count)
-        values = {}
-        for field in attrs.fields(LocalDerivatives):
-            column = getattr(data.local, field.name)
-            entries = radial if field.name.startswith("radial") else triplet
-            value = column[entries]
-            if field.name in _ATOM_FIELDS:
-                value = value + (r_shift if field.name.startswith("radial") else t_shift)
-            values[field.name] = value
-        local = LocalDerivatives(**values)
-        radial_start = torch.cumsum(radial_count, 0) - radial_count
-        triplet_start = torch.cumsum(triplet_count, 0) - triplet_count
-    return FeaturizedSet(
-        features=data.features[atoms],
-        species_index=data.species_index[atoms],
-        atom_start=new_start,
-        n_atoms=counts,
-        energies=data.energies[selection],
-        forces=data.forces[atoms],
-        species_counts=data.species_counts[selection],
-        local=local,
-        radial_start=radial_start,
-        radial_count=radial_count,
-        triplet_start=triplet_start,
-        triplet_count=triplet_count,
-        names=tuple(data.names[i] for i in selection.tolist()),
     )
 
 

@@ -21,33 +21,24 @@ from __future__ import annotations
 import os
 import warnings
 from collections import OrderedDict
-from collections.abc import Collection, Mapping
-from itertools import islice
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
 from aenet_fn import database
+from aenet_fn.cache import lru_evictions
 from aenet_fn.featurized import FeaturizedSet, featurize_structures
 from aenet_fn.local_derivatives import LocalDerivatives
 from aenet_fn.structure import Structure
 from aenet_fn.torch_featurize.chebyshev import ChebyshevDescriptor
 from aenet_fn.torch_training.dataset import energy_view
 
-__all__ = ["HDF5StructureDataset", "lru_evictions"]
+__all__ = ["HDF5StructureDataset"]
 
 _MODES = ("auto", "build", "load")
-
-K = TypeVar("K")
-
-
-def lru_evictions(recency: Collection[K], capacity: int) -> list[K]:
-    """Keys to evict so that at most ``capacity`` remain, given the cached keys ordered from
-    least to most recently used: the oldest ones."""
-    excess = len(recency) - max(int(capacity), 0)
-    return list(islice(recency, excess)) if excess > 0 else []
 
 
 class HDF5StructureDataset(Dataset):

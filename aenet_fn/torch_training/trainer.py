@@ -31,7 +31,7 @@ from aenet_fn.featurized import FeaturizedSet, featurize_structures
 from aenet_fn.io.ase_io import from_ase, read_structures
 from aenet_fn.io.predict import PredictOut
 from aenet_fn.io.train import TrainOut, write_energies, write_history
-from aenet_fn.loader import StructureSource
+from aenet_fn.loader import StructureSequence, StructureSource
 from aenet_fn.network import check_architecture
 from aenet_fn.potential import (
     Model,
@@ -191,17 +191,24 @@ class TorchANNPotential:
 
     def _split(
         self,
-        structures: list[Structure],
+        structures: StructureSequence,
         config: TorchTrainingConfig,
         dtype: torch.dtype,
         with_forces: bool,
     ) -> FeaturizedSet | StructureSource:
-        """A split featurized once and kept in memory (DataLoader workers, if any, slice its
-        batches) or, with ``num_workers > 0`` and ``cache_features=False``, a lazy source
-        whose batches the workers featurize when drawn (memory bounded by the batches)."""
+        """A split featurized once and kept in memory or, with ``num_workers > 0``, a lazy
+        source whose batches the DataLoader workers read and featurize when drawn, keeping
+        :meth:`~TorchTrainingConfig.runtime_cache_entries` of them each (memory bounded by the
+        batches and the caches)."""
         params = self.descriptor.params
-        if config.num_workers > 0 and not config.cache_features:
-            return StructureSource(params, structures, with_derivatives=with_forces, dtype=dtype)
+        if config.num_workers > 0:
+            return StructureSource(
+                params,
+                structures,
+                with_derivatives=with_forces,
+                dtype=dtype,
+                cache_entries=config.runtime_cache_entries(),
+            )
         return featurize_structures(params, structures, with_derivatives=with_forces, dtype=dtype)
 
     def _data_from_datasets(
@@ -253,13 +260,8 @@ class TorchANNPotential:
         references = self._dataset_references(train_source, test_source, config)
 
         def split_of(source: Any) -> FeaturizedSet | StructureSource:
-            if config.num_workers > 0 and not config.cache_features:
-                return StructureSource(
-                    self.descriptor.params,
-                    LazyStructures(source),
-                    with_derivatives=with_forces,
-                    dtype=dtype,
-                )
+            if config.num_workers > 0:
+                return self._split(LazyStructures(source), config, dtype, with_forces)
             return featurized_of(source, self.descriptor, with_forces, dtype)
 
         train = split_of(train_source)
