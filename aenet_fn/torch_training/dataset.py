@@ -72,6 +72,29 @@ def _position(index: int, length: int) -> int:
     return position
 
 
+def structure_sample(
+    structure: Structure, descriptor: ChebyshevDescriptor, features: torch.Tensor, name: str
+) -> dict[str, Any]:
+    """The reference's sample dict of one structure: ``structure``, ``features`` ``[N, F]``,
+    ``species``, ``species_indices`` (descriptor order), ``positions``, ``cell``, ``pbc``,
+    ``energy``, ``forces``, ``has_forces``, ``n_atoms``, ``name``."""
+    lookup = descriptor.species_to_idx
+    return {
+        "structure": structure,
+        "features": features,
+        "species": list(structure.species),
+        "species_indices": torch.tensor([lookup[s] for s in structure.species]),
+        "positions": structure.positions,
+        "cell": structure.cell,
+        "pbc": structure.pbc,
+        "energy": structure.energy,
+        "forces": structure.forces,
+        "has_forces": structure.has_forces(),
+        "n_atoms": structure.n_atoms,
+        "name": name,
+    }
+
+
 class StructureDataset(Dataset):
     """Structures with features computed on the fly (torch map-style dataset).
 
@@ -176,21 +199,12 @@ class StructureDataset(Dataset):
         ``forces``, ``has_forces``, ``n_atoms``, ``name``."""
         position = _position(index, len(self))
         structure = self.structures[position]
-        lookup = self.descriptor.species_to_idx
-        return {
-            "structure": structure,
-            "features": self._features_of(position),
-            "species": list(structure.species),
-            "species_indices": torch.tensor([lookup[s] for s in structure.species]),
-            "positions": structure.positions,
-            "cell": structure.cell,
-            "pbc": structure.pbc,
-            "energy": structure.energy,
-            "forces": structure.forces,
-            "has_forces": structure.has_forces(),
-            "n_atoms": structure.n_atoms,
-            "name": structure.name or f"struct_{position}",
-        }
+        return structure_sample(
+            structure,
+            self.descriptor,
+            self._features_of(position),
+            structure.name or f"struct_{position}",
+        )
 
     def featurized(
         self, with_derivatives: bool = False, dtype: torch.dtype | None = None

@@ -34,7 +34,7 @@ from aenet_fn.featurized import FeaturizedSet, featurize_structures
 from aenet_fn.local_derivatives import LocalDerivatives
 from aenet_fn.structure import Structure
 from aenet_fn.torch_featurize.chebyshev import ChebyshevDescriptor
-from aenet_fn.torch_training.dataset import energy_view
+from aenet_fn.torch_training.dataset import energy_view, structure_sample
 
 __all__ = ["HDF5StructureDataset"]
 
@@ -281,21 +281,12 @@ class HDF5StructureDataset(Dataset):
         features = self.load_persisted_features(position)
         if features is None:
             features = descriptor.featurize(structure)
-        lookup = descriptor.species_to_idx
-        return {
-            "structure": structure,
-            "features": features,
-            "species": list(structure.species),
-            "species_indices": torch.tensor([lookup[s] for s in structure.species]),
-            "positions": structure.positions,
-            "cell": structure.cell,
-            "pbc": structure.pbc,
-            "energy": structure.energy,
-            "forces": structure.forces,
-            "has_forces": structure.has_forces(),
-            "n_atoms": structure.n_atoms,
-            "name": structure.name or self.get_structure_identifier(position),
-        }
+        return structure_sample(
+            structure,
+            descriptor,
+            features,
+            structure.name or self.get_structure_identifier(position),
+        )
 
     # -- persisted descriptor data -------------------------------------------------------------
 
