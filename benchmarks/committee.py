@@ -3,9 +3,9 @@
 Run: ``python -m benchmarks.committee [--sizes 1 2 4 8 16] [--epochs 2]``. Prints JSON, then a
 table. Same setup as ``benchmarks.train`` (TiO2 set, [Ti, O] rad 10/6.0 Å, ang 3/3.5 Å, min
 0.5 Å, 2×(10, tanh), Adam, batch 16, float64, CPU, 2 threads). For each committee size and for
-energy-only and force training (force_weight 0.1, all forces): seconds per epoch of the vmapped
-committee, of the sequential loop over the same members, their ratio, and the vmapped cost
-relative to one member alone.
+energy-only and force training (force_weight 0.1, all forces), with batches shared by the
+members or drawn per member: seconds per epoch of the vmapped committee, of the sequential loop
+over the same members, their ratio, and the vmapped cost relative to one member alone.
 """
 
 from __future__ import annotations
@@ -18,12 +18,20 @@ import torch
 
 import aenet_fn as af
 from aenet_fn.committee import committee_fit, init_committee, member_seeds
-from benchmarks._common import SHARED_DATA, report, setup_info
-
-PARAMS = af.ChebyshevParams(
-    species=["Ti", "O"], rad_order=10, rad_cutoff=6.0, ang_order=3, ang_cutoff=3.5, min_cutoff=0.5
+from benchmarks._common import (
+    ARCH,
+    ARCH_TEXT,
+    DESCRIPTOR,
+    PARAMS,
+    data_description,
+    report,
+    setup_info,
+    tio2_structures,
 )
-ARCH = {"Ti": [(10, "tanh"), (10, "tanh")], "O": [(10, "tanh"), (10, "tanh")]}
+
+BATCH_SIZE = 16
+QUICK_SIZES = [1, 4, 8]
+FULL_SIZES = [1, 2, 4, 8, 16]
 
 
 def _timed(function) -> float:
@@ -36,7 +44,9 @@ def rows_for(
     train: af.FeaturizedSet, forces: bool, shared: bool, sizes: list[int], epochs: int
 ) -> list[dict]:
     """Per-epoch times of vmapped and sequential committees of each size."""
-    config = af.TrainConfig(epochs=epochs, batch_size=16, force_weight=0.1 if forces else 0.0)
+    config = af.TrainConfig(
+        epochs=epochs, batch_size=BATCH_SIZE, force_weight=0.1 if forces else 0.0
+    )
     warm = init_committee(PARAMS, ARCH, train, attrs.evolve(config, epochs=1), [0, 1])
     committee_fit(warm, train, None, attrs.evolve(config, epochs=1))
     rows, single = [], None
@@ -70,24 +80,43 @@ def rows_for(
     return rows
 
 
-def main() -> None:
-    """Run the benchmark and print JSON plus a table."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--epochs", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    structures = af.read_structures(SHARED_DATA / "tio2")
+def committee_rows(structures: list[af.Structure], sizes: list[int], epochs: int) -> list[dict]:
+    """:func:`rows_for` for energy and force training, shared and per-member batches."""
     train = af.featurize_structures(PARAMS, structures, with_derivatives=True)
-    rows = [
+    return [
         row
         for forces in (False, True)
         for shared in (True, False)
-        for row in rows_for(train, forces, shared, args.sizes, args.epochs)
+        for row in rows_for(train, forces, shared, sizes, epochs)
     ]
-    report(
-        "committee", setup_info(dtype="float64", device="cpu", arch="2x(10,tanh)", batch=16), rows
+
+
+def committee_setup(structures: list[af.Structure], epochs: int) -> dict:
+    """The setup of :func:`committee_rows`."""
+    return setup_info(
+        dtype="float64",
+        device="cpu",
+        data=data_description(structures),
+        descriptor=DESCRIPTOR,
+        arch=ARCH_TEXT,
+        optimizer="adam",
+        batch=BATCH_SIZE,
+        force_weight=0.1,
+        epochs_timed=epochs,
     )
+
+
+def main() -> None:
+    """Run the benchmark and print JSON plus a table."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=FULL_SIZES)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    structures = tio2_structures()
+    rows = committee_rows(structures, args.sizes, args.epochs)
+    report("committee", committee_setup(structures, args.epochs), rows)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Featurization throughput on the TiO2 reference set and scaling with system size.
 
-Run: ``python benchmarks/featurize.py [--quick]``. Prints JSON, then a table.
+Run: ``python -m benchmarks.featurize [--quick]``. Prints JSON, then a table.
 
 * TiO2 set (../shared/data/tio2, 100 structures, 2105 atoms), species [Ti, O], rad 10/6.0 Å,
   ang 3/3.5 Å, min 0.5 Å, float64, CPU, 2 threads: atoms/s for the energy view (neighbour list +
@@ -17,20 +17,27 @@ from functools import partial
 
 import torch
 
-from aenet_fn import ChebyshevParams, Structure, build_graph, collate, features_from_graph
+from aenet_fn import Structure, build_graph, collate, features_from_graph
 from aenet_fn.forces import value_and_forces
-from aenet_fn.io import read_structures
 from aenet_fn.neighbors import batch_neighbor_list
-from benchmarks._common import SHARED_DATA, best_time, report, setup_info
-
-PARAMS = ChebyshevParams(
-    species=["Ti", "O"], rad_order=10, rad_cutoff=6.0, ang_order=3, ang_cutoff=3.5, min_cutoff=0.5
+from benchmarks._common import (
+    DESCRIPTOR,
+    PARAMS,
+    best_time,
+    data_description,
+    report,
+    setup_info,
+    tio2_structures,
 )
 
+BOX_SPACING = 2.3
+QUICK_SIZES = [100, 1000, 10_000]
+FULL_SIZES = [100, 1000, 10_000, 100_000]
 
-def tio2_rows(repeats: int) -> list[dict]:
-    """Throughput on the TiO2 reference set."""
-    batch = collate(read_structures(sorted((SHARED_DATA / "tio2").glob("*.xsf"))), PARAMS.species)
+
+def tio2_rows(structures: list[Structure], repeats: int) -> list[dict]:
+    """Throughput on the TiO2 reference set (or the given part of it)."""
+    batch = collate(structures, PARAMS.species)
     n_atoms = batch.positions.shape[0]
     graph = build_graph(PARAMS, batch)
     weights = torch.randn(
@@ -83,12 +90,11 @@ def box(n_target: int, seed: int = 0) -> Structure:
     """A jittered simple-cubic TiO-like periodic box of about ``n_target`` atoms."""
     generator = torch.Generator().manual_seed(seed)
     side = max(2, round(n_target ** (1 / 3)))
-    spacing = 2.3
     grid = torch.stack(torch.meshgrid(*[torch.arange(side)] * 3, indexing="ij"), -1).reshape(-1, 3)
-    positions = (grid + 0.1 * torch.rand(grid.shape, generator=generator)) * spacing
+    positions = (grid + 0.1 * torch.rand(grid.shape, generator=generator)) * BOX_SPACING
     species = ["Ti" if k % 3 == 0 else "O" for k in range(grid.shape[0])]
     return Structure(
-        positions.double(), species, cell=torch.eye(3, dtype=torch.float64) * side * spacing
+        positions.double(), species, cell=torch.eye(3, dtype=torch.float64) * side * BOX_SPACING
     )
 
 
@@ -127,6 +133,23 @@ def scaling_rows(sizes: list[int], repeats: int) -> list[dict]:
     return rows
 
 
+def tio2_setup(structures: list[Structure]) -> dict:
+    """The setup of :func:`tio2_rows`."""
+    return setup_info(
+        dtype="float64", device="cpu", data=data_description(structures), descriptor=DESCRIPTOR
+    )
+
+
+def scaling_setup() -> dict:
+    """The setup of :func:`scaling_rows`."""
+    return setup_info(
+        dtype="float64",
+        device="cpu",
+        data=f"jittered simple-cubic periodic boxes, {BOX_SPACING} Å spacing, 1/3 Ti",
+        descriptor=DESCRIPTOR,
+    )
+
+
 def main() -> None:
     """Run the benchmark and print JSON plus a table."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -135,12 +158,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     repeats = 2 if args.quick else 5
-    sizes = [100, 1000, 10_000] if args.quick else [100, 1000, 10_000, 100_000]
-    setup = setup_info(
-        dtype="float64", device="cpu", descriptor="[Ti,O] rad 10/6.0 ang 3/3.5 min 0.5"
-    )
-    report("featurize", setup, tio2_rows(repeats))
-    report("featurize-scaling", setup, scaling_rows(sizes, repeats))
+    structures = tio2_structures()
+    report("featurize", tio2_setup(structures), tio2_rows(structures, repeats))
+    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    report("featurize-scaling", scaling_setup(), scaling_rows(sizes, repeats))
 
 
 if __name__ == "__main__":

@@ -17,32 +17,35 @@ import time
 
 import torch
 
-from benchmarks._common import SHARED_DATA, peak_rss_mib, report, setup_info
+import aenet_fn as af
+from benchmarks._common import (
+    ARCH,
+    ARCH_TEXT,
+    DESCRIPTOR,
+    PARAMS,
+    ROOT,
+    peak_rss_mib,
+    report,
+    setup_info,
+    tio2_description,
+    tio2_structures,
+)
 
-ARCH = {"Ti": [(10, "tanh"), (10, "tanh")], "O": [(10, "tanh"), (10, "tanh")]}
+MODES = ("energy", "forces")
+BATCH_SIZE = 16
 
 
-def measure(mode: str, epochs: int) -> dict:
+def measure(mode: str, epochs: int, n_structures: int | None = None) -> dict:
     """Featurize the set, then time ``epochs`` epochs of ``mode`` (after one warm-up epoch)."""
-    import aenet_fn as af
-
-    params = af.ChebyshevParams(
-        species=["Ti", "O"],
-        rad_order=10,
-        rad_cutoff=6.0,
-        ang_order=3,
-        ang_cutoff=3.5,
-        min_cutoff=0.5,
-    )
-    structures = af.read_structures(SHARED_DATA / "tio2")
+    structures = tio2_structures(n_structures)
     forces = mode == "forces"
     start = time.perf_counter()
-    train = af.featurize_structures(params, structures, with_derivatives=forces)
+    train = af.featurize_structures(PARAMS, structures, with_derivatives=forces)
     featurize_s = time.perf_counter() - start
-    model = af.init_model(params, ARCH, train, seed=0)
-    config = af.TrainConfig(epochs=1, batch_size=16, force_weight=0.1 if forces else 0.0)
+    model = af.init_model(PARAMS, ARCH, train, seed=0)
+    config = af.TrainConfig(epochs=1, batch_size=BATCH_SIZE, force_weight=0.1 if forces else 0.0)
     state = af.fit(af.init_train_state(model, train, config), train, None, config)
-    config = af.TrainConfig(epochs=epochs, batch_size=16, force_weight=config.force_weight)
+    config = af.TrainConfig(epochs=epochs, batch_size=BATCH_SIZE, force_weight=config.force_weight)
     start = time.perf_counter()
     state = af.fit(state, train, None, config)
     seconds = (time.perf_counter() - start) / epochs
@@ -57,27 +60,51 @@ def measure(mode: str, epochs: int) -> dict:
     }
 
 
+def train_rows(epochs: int, threads: int, n_structures: int | None = None) -> list[dict]:
+    """:func:`measure` of each mode, each in a fresh process (its own peak RSS)."""
+    rows = []
+    for mode in MODES:
+        command = [sys.executable, "-m", "benchmarks.train", "--mode", mode]
+        command += ["--epochs", str(epochs), "--threads", str(threads)]
+        if n_structures is not None:
+            command += ["--structures", str(n_structures)]
+        output = subprocess.run(
+            command, check=True, capture_output=True, text=True, cwd=ROOT
+        ).stdout
+        rows.append(json.loads(output.strip().splitlines()[-1]))
+    return rows
+
+
+def train_setup(rows: list[dict], epochs: int) -> dict:
+    """The setup of :func:`train_rows` (``rows``: its result)."""
+    return setup_info(
+        dtype="float64",
+        device="cpu",
+        data=tio2_description(rows[0]["structures"], rows[0]["atoms"]),
+        descriptor=DESCRIPTOR,
+        arch=ARCH_TEXT,
+        optimizer="adam",
+        batch=BATCH_SIZE,
+        force_weight=0.1,
+        epochs_timed=epochs,
+        process="one fresh process per mode",
+    )
+
+
 def main() -> None:
     """Run each mode in a subprocess and print JSON plus a table."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--mode", choices=["energy", "forces"], help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--structures", type=int, help="use only the first N structures")
+    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if args.mode:
-        print(json.dumps(measure(args.mode, args.epochs)))
+        print(json.dumps(measure(args.mode, args.epochs, args.structures)))
         return
-    rows = []
-    for mode in ("energy", "forces"):
-        command = [sys.executable, "-m", "benchmarks.train", "--mode", mode]
-        command += ["--epochs", str(args.epochs)]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(output.strip().splitlines()[-1]))
-    report(
-        "train",
-        setup_info(dtype="float64", device="cpu", arch="2x(10,tanh)", optimizer="adam", batch=16),
-        rows,
-    )
+    rows = train_rows(args.epochs, args.threads, args.structures)
+    report("train", train_setup(rows, args.epochs), rows)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+from tests.markdown_examples import ROOT, python_blocks, run_block
+
+BLOCKS = python_blocks(ROOT / "README.md")
 
 
 def test_the_readme_has_python_examples():
@@ -17,13 +16,8 @@ def test_the_readme_has_python_examples():
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_example_runs(index, shared_data, capsys):
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), {})
-    finally:
-        os.chdir(cwd)
+def test_readme_example_runs(index, shared_data, capsys, monkeypatch):
+    run_block(BLOCKS[index], f"README.md block {index}", {}, monkeypatch)
     if "evaluate" in BLOCKS[index]:
         printed = capsys.readouterr().out.strip().splitlines()
         rmse = [float(re.search(r"'rmse_energy': ([0-9.e-]+)", line).group(1)) for line in printed]

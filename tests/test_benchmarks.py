@@ -1,0 +1,66 @@
+"""benchmarks/run.py: a tiny run yields every section with its setup, its Markdown and the doc
+tables it rewrites (the timings themselves are not checked)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.run import (
+    DOC,
+    SECTIONS,
+    Settings,
+    markdown_report,
+    run_benchmarks,
+    update_doc,
+)
+
+TINY = Settings(
+    repeats=1,
+    scaling_sizes=(27,),
+    train_epochs=1,
+    committee_sizes=(1, 2),
+    committee_epochs=1,
+    inference_members=2,
+    structures=6,
+)
+SETUP_KEYS = {"torch", "python", "cpu", "threads", "date", "load_average", "dtype", "data"}
+
+
+@pytest.fixture(scope="module")
+def results(shared_data):
+    return run_benchmarks(TINY, threads=1)
+
+
+def test_every_section_has_its_setup_and_rows(results):
+    assert list(results["sections"]) == list(SECTIONS)
+    for name, section in results["sections"].items():
+        assert SETUP_KEYS <= set(section["setup"]), name
+        assert section["setup"]["threads"] == 1
+        assert section["results"], name
+        columns = {key for key, _ in SECTIONS[name].columns}
+        assert all(columns <= set(row) for row in section["results"]), name
+    inference = results["sections"]["inference"]["results"]
+    assert {(r["api"], r["members"], r["forces"]) for r in inference} == {
+        (api, members, forces)
+        for api in ("core", "facade")
+        for members in (1, 2)
+        for forces in (False, True)
+    }
+    assert results["sections"]["train"]["setup"]["data"] == "tio2: 6 structures, 185 atoms"
+    json.dumps(results)  # the JSON file can be written
+
+
+def test_markdown_and_doc_tables(results):
+    report = markdown_report(results, "python -m benchmarks.run")
+    assert report.count("\n| ") >= sum(len(s["results"]) for s in results["sections"].values())
+    doc = DOC.read_text(encoding="utf-8")
+    updated = update_doc(doc, results)
+    for name in SECTIONS:
+        block = updated.split(f"<!-- benchmark:{name} -->\n")[1].split("<!-- /benchmark")[0]
+        data = results["sections"][name]["setup"]["data"]
+        assert block.startswith("Measured ") and f"{data}; 1 thread, float64" in block, name
+    assert update_doc(updated, results) == updated  # markers survive a rewrite
+    with pytest.raises(ValueError, match="benchmark:scaling"):
+        update_doc(doc.replace("<!-- /benchmark:scaling -->", ""), results)
