@@ -82,6 +82,29 @@ def train_committee(output_dir: Path) -> list[torch.Tensor]:
     return [member.model.network.values for member in committee.members]
 
 
+def facade_seeds() -> list[tuple[int, int]]:
+    """Train the facade with ``seed`` and ``split_seed`` left unset; returns every rank's
+    ``(seed, split_seed)``, which must agree (rank 0's draw, broadcast)."""
+    from aenet_fn.distributed import all_gather_objects, current_world
+    from aenet_fn.torch_featurize import ChebyshevDescriptor
+    from aenet_fn.torch_training import Adam, TorchANNPotential, TorchTrainingConfig
+
+    structures = af.read_structures(sorted(DATA.glob("*.xsf"))[:8])
+    descriptor = ChebyshevDescriptor(["Ti", "O"], 4, 4.0, 2, 3.0, min_cutoff=0.5)
+    config = TorchTrainingConfig(
+        iterations=1,
+        method=Adam(mu=0.003, batchsize=4),
+        testpercent=25,
+        atomic_energies={"Ti": -1604.604515075, "O": -432.503149303},
+        checkpoint_dir=None,
+        show_progress=False,
+    )
+    TorchANNPotential({"Ti": [(3, "tanh")], "O": [(3, "tanh")]}, descriptor).train(
+        structures=structures, config=config
+    )
+    return all_gather_objects([(config.seed, config.split_seed)], current_world())
+
+
 def main(out: str) -> None:
     """Join the process group torchrun set up, train, and save the results on rank 0."""
     torch.set_num_threads(1)
@@ -90,6 +113,7 @@ def main(out: str) -> None:
         results = run_cases()
         results["world_size"] = dist.get_world_size()
         results["committee"] = train_committee(Path(out).parent / "committee")
+        results["facade_seeds"] = facade_seeds()
         if dist.get_rank() == 0:
             torch.save(results, out)
     finally:

@@ -55,6 +55,9 @@ def test_two_gloo_processes_equal_one(tmp_path):
     for together, by_rank, member in zip(alone, two["committee"], spread.members):
         torch.testing.assert_close(by_rank, together, rtol=0, atol=1e-12)
         torch.testing.assert_close(member.model.network.values, together, rtol=0, atol=1e-12)
+    # the facade's unset seeds are drawn once and shared, so both ranks split alike
+    (seed_0, split_0), (seed_1, split_1) = two["facade_seeds"]
+    assert (seed_0, split_0) == (seed_1, split_1) and split_0 is not None
     # the runs really trained: weights moved from the common initial model
     assert not torch.equal(one["uniform-forces"]["values"], one["error-weighted-energy"]["values"])
 

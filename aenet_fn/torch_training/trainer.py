@@ -27,6 +27,7 @@ from aenet_fn.checkpoint import (
     safe_torch_load,
 )
 from aenet_fn.data import filter_structures, split_structures
+from aenet_fn.distributed import agreed_seed, current_world
 from aenet_fn.featurized import FeaturizedSet, featurize_structures
 from aenet_fn.io.ase_io import from_ase, read_structures
 from aenet_fn.io.predict import PredictOut
@@ -140,6 +141,9 @@ class TorchANNPotential:
         check_reference_species(
             config.atomic_energies, self.descriptor.species, "TorchTrainingConfig.atomic_energies"
         )
+        world = current_world()
+        if world.size > 1:  # every process must draw the same split (rank 0's seed)
+            config.split_seed = agreed_seed(config.split_seed, world)
         dtype = _training_dtype(config, self.dtype)
         with_forces = config.force_weight > 0
         if train_dataset is not None or dataset is not None:
@@ -150,13 +154,12 @@ class TorchANNPotential:
             data = self._data_from_structures(structures, config, dtype, with_forces)
         else:
             raise ValueError("train() needs structures=, dataset= or train_dataset=")
-        if config.seed is None:
-            config.seed = int(torch.Generator().seed() % 2**31)
+        config.seed = agreed_seed(config.seed, world)
         core = config.to_train_config()
         state = self._initial_state(data, config, core, resume_from)
         state = self._run_fit(state, data, config, core)
         self.model, self.history = state.model, state.history
-        if config.checkpoint_dir is not None:
+        if config.checkpoint_dir is not None and world.is_main:
             write_history(self.history, config.checkpoint_dir)
         self.best_val = None if state.best_epoch < 0 else state.best_monitor
         self._training_config = config
