@@ -36,10 +36,12 @@ import numpy as np
 import torch
 
 from aenet_fn.atomic import atomic_write_text
+from aenet_fn.data import referenced_energies_per_atom
 from aenet_fn.descriptor import ChebyshevParams
 from aenet_fn.network import NetworkParams
 from aenet_fn.normalization import Normalization
 from aenet_fn.potential import Model
+from aenet_fn.structure import Structure
 
 PathLike = str | os.PathLike
 ACTIVATION_CODES: dict[str, int] = {"linear": 0, "tanh": 1, "sigmoid": 2, "mtanh": 3, "twist": 4}
@@ -590,6 +592,21 @@ def _training_section(
         _fmt_floats([info["e_min"], info["e_max"], info["e_avg"]]),
     ]
     return "\n".join(lines)
+
+
+def training_info(
+    structures: Sequence[Structure], atomic_energies: Mapping[str, float]
+) -> dict[str, Any]:
+    """The training-set section of ``.nn.ascii`` files: atoms, structures and the minimum,
+    maximum and mean referenced energy per atom (eV/atom) of ``structures``."""
+    per_atom = referenced_energies_per_atom(structures, atomic_energies)
+    return {
+        "natomtot": sum(s.n_atoms for s in structures),
+        "nstrucs": len(structures),
+        "e_min": float(per_atom.min()),
+        "e_max": float(per_atom.max()),
+        "e_avg": float(per_atom.mean()),
+    }
 
 
 def write_aenet_ascii(

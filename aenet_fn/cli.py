@@ -59,9 +59,9 @@ import numpy as np
 import torch
 
 from aenet_fn import calculator
-from aenet_fn.ascii_potential import read_aenet_ascii, write_aenet_ascii
+from aenet_fn.ascii_potential import read_aenet_ascii, training_info, write_aenet_ascii
 from aenet_fn.atomic import atomic_write_text
-from aenet_fn.data import filter_structures, referenced_energies_per_atom, split_structures
+from aenet_fn.data import filter_structures, split_structures
 from aenet_fn.io.ase_io import read_structures
 from aenet_fn.io.train import TrainOut, write_energies, write_history
 from aenet_fn.network import check_architecture
@@ -1021,21 +1021,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # export-ascii / import-ascii
-
-
-def training_info(
-    structures: Sequence[Structure], atomic_energies: Mapping[str, float]
-) -> dict[str, Any]:
-    """The training-set section of ``.nn.ascii`` files: atoms, structures and the minimum,
-    maximum and mean referenced energy per atom (eV/atom) of ``structures``."""
-    per_atom = referenced_energies_per_atom(structures, atomic_energies)
-    return {
-        "natomtot": sum(s.n_atoms for s in structures),
-        "nstrucs": len(structures),
-        "e_min": float(per_atom.min()),
-        "e_max": float(per_atom.max()),
-        "e_avg": float(per_atom.mean()),
-    }
 
 
 def _cmd_export_ascii(args: argparse.Namespace) -> int:

@@ -150,3 +150,40 @@ def test_members_with_different_descriptors_are_refused(setup, tmp_path):
 def test_committee_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TorchCommitteeConfig(**kwargs)
+
+
+def test_dataset_predictions_equal_structure_predictions(setup):
+    from torch.utils.data import Subset
+
+    from aenet_fn.torch_training import StructureDataset
+
+    structures, runs = setup
+    committee, _ = runs["vmap"]
+    dataset = StructureDataset(structures[:6], committee.descriptor)
+    subset = Subset(Subset(dataset, [5, 1, 3, 0]), [2, 0])  # root indices 3 and 5
+    direct = committee.predict([structures[3], structures[5]], eval_forces=True)
+    for eval_forces in (False, True):
+        by_dataset = committee.predict_dataset(subset, eval_forces=eval_forces)
+        assert by_dataset.source_indices == [3, 5]
+        np.testing.assert_allclose(by_dataset.energy_mean, direct.energy_mean, rtol=1e-12)
+        np.testing.assert_allclose(by_dataset.energy_std, direct.energy_std, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(by_dataset[1].forces_std, direct[1].forces_std, atol=1e-12)
+    assert by_dataset.to_dataframe()["source_index"].tolist() == [3, 5]
+
+
+def test_committee_ascii_export_reproduces_every_member(setup, tmp_path):
+    structures, runs = setup
+    committee, _ = runs["vmap"]
+    manifests = committee.to_aenet_ascii(tmp_path, prefix="committee", structures=structures)
+    assert len(manifests) == 3 and set(manifests[0]) == {"Ti", "O"}
+    assert manifests[1]["O"].endswith("member_001/committee.O.nn.ascii")
+    batch = af.collate(structures[:4], species=["Ti", "O"])
+    for manifest, member in zip(manifests, committee.members):
+        model = af.read_aenet_ascii([manifest["Ti"], manifest["O"]])
+        torch.testing.assert_close(
+            af.energy(model, batch), af.energy(member.model, batch), rtol=1e-12, atol=1e-8
+        )
+    text = open(manifests[0]["Ti"]).read()
+    assert str(len(structures)) in text  # the training-set section counts the structures
+    with pytest.raises(ValueError, match="descriptor_stats cannot be written"):
+        committee.members[0].to_aenet_ascii(tmp_path / "x", descriptor_stats={"mean": [0.0]})

@@ -232,6 +232,7 @@ class TorchCommitteePredictResult:
     predictions: list[AenetEnsembleResult]
     member_outputs: list[PredictOut]
     identifiers: list[str | None] = field(default_factory=list)
+    source_indices: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.predictions)
@@ -267,6 +268,7 @@ class TorchCommitteePredictResult:
         return pd.DataFrame(
             {
                 "index": range(len(self)),
+                "source_index": self.source_indices or list(range(len(self))),
                 "identifier": self.identifiers or [None] * len(self),
                 "energy": [p.energy for p in self.predictions],
                 "energy_mean": self.energy_mean,
@@ -541,6 +543,67 @@ class TorchCommitteePotential:
             for m in range(len(models))
         ]
         return TorchCommitteePredictResult(results, member_outputs, [s.name for s in structures])
+
+    def predict_dataset(
+        self,
+        dataset: Any,
+        eval_forces: bool = False,
+        config: Any = None,
+        aggregation: str = "mean",
+        reference_member: int = 0,
+    ) -> TorchCommitteePredictResult:
+        """:meth:`predict` for a dataset: each member's
+        :meth:`TorchANNPotential.predict_dataset` (cached features for energies), combined per
+        structure. ``source_indices`` give each structure's index in the root dataset of
+        torch ``Subset`` chains."""
+        if not self.members:
+            raise RuntimeError("the committee has not been trained or loaded")
+        validate_aggregation_mode(aggregation, reference_member, len(self.members))
+        outputs = [m.predict_dataset(dataset, eval_forces, config) for m in self.members]
+        energies = np.array([out.total_energy for out in outputs])
+        results = [
+            AenetEnsembleResult.from_member_predictions(
+                energies[:, k],
+                np.stack([out.forces[k] for out in outputs]) if eval_forces else None,
+                aggregation,
+                reference_member,
+            )
+            for k in range(energies.shape[1])
+        ]
+        return TorchCommitteePredictResult(
+            results, outputs, list(outputs[0].structure_paths), _source_indices(dataset)
+        )
+
+    def to_aenet_ascii(
+        self,
+        output_dir: str | os.PathLike,
+        prefix: str = "potential",
+        descriptor_stats: Mapping[str, Any] | None = None,
+        structures: Any = None,
+        compute_stats: bool = True,
+    ) -> list[dict[str, str]]:
+        """Write every member as ``output_dir/member_XXX/{prefix}.{SPECIES}.nn.ascii`` (see
+        :meth:`TorchANNPotential.to_aenet_ascii`); returns one ``{species: path}`` manifest
+        per member."""
+        if not self.members:
+            raise RuntimeError("the committee has not been trained or loaded")
+        output = Path(output_dir)
+        manifests = []
+        for index, member in enumerate(self.members):
+            paths = member.to_aenet_ascii(
+                output / f"member_{index:03d}", prefix, descriptor_stats, structures, compute_stats
+            )
+            manifests.append(dict(zip(member.descriptor.species, map(str, paths))))
+        return manifests
+
+
+def _source_indices(dataset: Any) -> list[int]:
+    """Index of each of ``dataset``'s items in the root dataset of a ``Subset`` chain."""
+    indices = list(range(len(dataset)))
+    while isinstance(dataset, torch.utils.data.Subset):
+        indices = [int(dataset.indices[i]) for i in indices]
+        dataset = dataset.dataset
+    return indices
 
 
 def _json_ready(value: Any) -> Any:

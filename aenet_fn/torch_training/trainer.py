@@ -19,6 +19,7 @@ import ase
 import numpy as np
 import torch
 
+from aenet_fn.ascii_potential import training_info, write_aenet_ascii
 from aenet_fn.batch import collate
 from aenet_fn.checkpoint import (
     CheckpointWriter,
@@ -496,6 +497,30 @@ class TorchANNPotential:
             structure_paths=paths,
         )
 
+    def to_aenet_ascii(
+        self,
+        output_dir: str | os.PathLike,
+        prefix: str = "potential",
+        descriptor_stats: Mapping[str, Any] | None = None,
+        structures: Any = None,
+        compute_stats: bool = True,
+    ) -> list[Path]:
+        """Write the model as ænet Fortran ``{prefix}.{SPECIES}.nn.ascii`` files (one per
+        species) into ``output_dir``; returns their paths. The feature statistics written are
+        the model's own (fitted on its training split), so the Fortran potential computes the
+        same energies; ``structures`` (with ``compute_stats``) fill the training-set section
+        (atoms, structures, referenced energy range per atom). ``descriptor_stats`` is refused:
+        other statistics would make the Fortran potential differ from this one."""
+        if descriptor_stats is not None:
+            raise ValueError(
+                "to_aenet_ascii: descriptor_stats cannot be written: the files carry the model's "
+                "own feature statistics (pass structures= for the training-set section)"
+            )
+        model = self._require_model()
+        return write_aenet_ascii(
+            model, output_dir, prefix, _ascii_info(model, structures, compute_stats)
+        )
+
     def predict_dataset(
         self, dataset: Any, eval_forces: bool = False, config: Any = None
     ) -> PredictOut:
@@ -638,6 +663,14 @@ class TorchANNPotential:
         potential.best_val = payload.get("best_val_loss")
         potential._metadata = {k: v for k, v in payload.items() if k != "model"}
         return potential
+
+
+def _ascii_info(model: Model, structures: Any, compute_stats: bool) -> dict[str, Any] | None:
+    """The ``.nn.ascii`` training-set section of ``structures`` for ``model`` (None: none)."""
+    if structures is None or not compute_stats:
+        return None
+    references = dict(zip(model.descriptor.species, model.normalization.atomic_energies.tolist()))
+    return training_info(convert_to_structures(structures), references)
 
 
 @dataclass
