@@ -161,3 +161,46 @@ def test_persistent_cached_workers_train_like_one_process(splits):
         got.model.network.values, expected.model.network.values, rtol=0, atol=1e-12
     )
     assert source._loader is not None  # the same workers served all three epochs
+
+
+class _Unreadable:
+    """Structures whose item ``bad`` cannot be read (a corrupt entry of a lazy database)."""
+
+    def __init__(self, structures, bad):
+        self.structures, self.bad, self.reads = structures, bad, 0
+
+    def __len__(self):
+        return len(self.structures)
+
+    def __getitem__(self, index):
+        self.reads += 1
+        if index == self.bad and self.reads > len(self.structures):  # after the metadata pass
+            raise ValueError(f"entry {index}: unreadable")
+        return self.structures[index]
+
+
+def test_a_worker_that_raises_stops_training_with_its_error(splits):
+    structures, _, _ = splits
+    source = StructureSource(PARAMS, _Unreadable(structures, 6), with_derivatives=False)
+    model = af.init_model(
+        PARAMS, ARCH, af.featurize_structures(PARAMS, structures, with_derivatives=False), seed=0
+    )
+    config = af.TrainConfig(epochs=1, batch_size=4, num_workers=2)
+    with pytest.raises(ValueError, match="entry 6: unreadable"):
+        af.fit(af.init_train_state(model, source, config), source, None, config)
+
+
+def test_cache_scope_selects_the_cached_splits(splits):
+    from aenet_fn.torch_featurize import ChebyshevDescriptor
+    from aenet_fn.torch_training import TorchANNPotential, TorchTrainingConfig
+
+    structures, _, _ = splits
+    descriptor = ChebyshevDescriptor(["Ti", "O"], 6, 5.0, 3, 3.5, min_cutoff=0.5)
+    potential = TorchANNPotential(ARCH, descriptor=descriptor)
+    for scope, expected in (("all", (7, 7)), ("train", (7, 0)), ("val", (0, 7))):
+        config = TorchTrainingConfig(
+            num_workers=1, cache_features=True, cache_feature_max_entries=7, cache_scope=scope
+        )
+        train = potential._split(structures, config, torch.float64, False, "train")
+        test = potential._split(structures, config, torch.float64, False, "val")
+        assert (train._cache.capacity, test._cache.capacity) == expected

@@ -93,10 +93,12 @@ _CHOICES = {
 class TorchTrainingConfig:
     """Training options (spec reference-api.md §1.1 lists all 48 with their semantics).
 
-    Differences from the reference, on purpose: ``force_fraction`` and the cache bounds are
-    validated as there, but the runtime caches are not needed (features and local derivatives
-    are computed once per run); ``precision`` selects the training dtype (the reference ignores
-    it); ``save_forces`` and ``cache_persist_dir`` are accepted for compatibility.
+    Differences from the reference, on purpose: with ``num_workers = 0`` a split is featurized
+    once and kept in memory (every runtime cache is then moot); with ``num_workers > 0`` it is
+    read lazily and the runtime caches (``cache_*``, bounded per worker, ``cache_scope``) apply;
+    ``precision`` selects the training dtype (the reference ignores it); ``save_forces`` and
+    ``cache_persist_dir`` are accepted for compatibility (features and derivatives persist in
+    HDF5 databases instead: ``HDF5StructureDataset.build_database(persist_features=True)``).
     """
 
     iterations: int = 100

@@ -189,8 +189,12 @@ class TorchANNPotential:
         train_structures, test_structures = split_structures(
             kept, config.testpercent, config.split_seed
         )
-        train = self._split(train_structures, config, dtype, with_forces)
-        test = self._split(test_structures, config, dtype, with_forces) if test_structures else None
+        train = self._split(train_structures, config, dtype, with_forces, "train")
+        test = (
+            self._split(test_structures, config, dtype, with_forces, "val")
+            if test_structures
+            else None
+        )
         return _TrainingData(train, test, config.atomic_energies, train_structures, test_structures)
 
     def _split(
@@ -199,11 +203,13 @@ class TorchANNPotential:
         config: TorchTrainingConfig,
         dtype: torch.dtype,
         with_forces: bool,
+        role: str,
     ) -> FeaturizedSet | StructureSource:
         """A split featurized once and kept in memory or, with ``num_workers > 0``, a lazy
         source whose batches the DataLoader workers read and featurize when drawn, keeping
-        :meth:`~TorchTrainingConfig.runtime_cache_entries` of them each (memory bounded by the
-        batches and the caches)."""
+        :meth:`~TorchTrainingConfig.runtime_cache_entries` of them each when ``cache_scope``
+        covers the split's ``role`` (``"train"`` or ``"val"``; memory bounded by the batches and
+        the caches)."""
         params = self.descriptor.params
         if config.num_workers > 0:
             return StructureSource(
@@ -211,7 +217,9 @@ class TorchANNPotential:
                 structures,
                 with_derivatives=with_forces,
                 dtype=dtype,
-                cache_entries=config.runtime_cache_entries(),
+                cache_entries=config.runtime_cache_entries()
+                if config.cache_scope in ("all", role)
+                else 0,
             )
         return featurize_structures(params, structures, with_derivatives=with_forces, dtype=dtype)
 
@@ -263,13 +271,13 @@ class TorchANNPotential:
                 check_descriptor(source, self.descriptor)
         references = self._dataset_references(train_source, test_source, config)
 
-        def split_of(source: Any) -> FeaturizedSet | StructureSource:
+        def split_of(source: Any, role: str) -> FeaturizedSet | StructureSource:
             if config.num_workers > 0:
-                return self._split(LazyStructures(source), config, dtype, with_forces)
+                return self._split(LazyStructures(source), config, dtype, with_forces, role)
             return featurized_of(source, self.descriptor, with_forces, dtype)
 
-        train = split_of(train_source)
-        test = None if test_source is None else split_of(test_source)
+        train = split_of(train_source, "train")
+        test = None if test_source is None else split_of(test_source, "val")
         for label, data in (("training", train), ("test", test)):
             if data is not None and not bool(torch.isfinite(data.energies).all()):
                 names = [n for n, e in zip(data.names, data.energies.tolist()) if e != e]
