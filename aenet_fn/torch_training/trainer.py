@@ -28,6 +28,7 @@ from aenet_fn.checkpoint import (
     safe_torch_load,
 )
 from aenet_fn.data import filter_structures, split_structures
+from aenet_fn.descriptor import build_graph
 from aenet_fn.distributed import agreed_seed, current_world
 from aenet_fn.featurized import FeaturizedSet, featurize_structures
 from aenet_fn.io.ase_io import from_ase, read_structures
@@ -475,11 +476,11 @@ class TorchANNPotential:
         for first in range(0, len(structures), batch_size):
             chunk = structures[first : first + batch_size]
             batch = collate(chunk, species=model.descriptor.species, dtype=self.dtype)
+            graph = build_graph(model.descriptor, batch)  # shared by forces and atomic energies
             if eval_forces:
-                result = energy_forces_stress(model, batch)
-                forces = result.forces.detach()
+                forces = energy_forces_stress(model, batch, graph).forces.detach()
             with torch.no_grad():
-                atomic = atomic_energies(model, batch)
+                atomic = atomic_energies(model, batch, graph)
             totals = torch.zeros(len(chunk), dtype=atomic.dtype).index_add(
                 0, batch.structure_index, atomic
             )
