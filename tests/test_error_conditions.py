@@ -6,7 +6,8 @@ reference, or checks something the reference cannot reach, the case says so in `
 Conditions 109–120 (reference energies) are cases of
 ``tests/test_reference_energies.py::test_invalid_input_is_rejected``; conditions of features
 aenet_fn does not have, or not yet, are listed with the reason in ``NOT_APPLICABLE`` and
-``NOT_YET``. :func:`test_every_condition_is_accounted_for` keeps the three lists complete.
+``NOT_YET``; HDF5 conditions are tested in tests/test_database.py (``TESTED_IN_DATABASE_TESTS``).
+:func:`test_every_condition_is_accounted_for` keeps the lists complete.
 """
 
 from __future__ import annotations
@@ -462,13 +463,27 @@ def test_error_condition(case: Case, context: Context) -> None:
         case.trigger(context)
 
 
+DATABASE = "tests/test_database.py::"
+TESTED_IN_DATABASE_TESTS = {
+    59: DATABASE + "test_bad_arguments (unknown mode)",
+    60: DATABASE + "test_missing_foreign_truncated_and_non_hdf5_files (FileNotFoundError)",
+    61: DATABASE + "test_bad_arguments (no sources given / created without sources)",
+    62: DATABASE + "test_bad_arguments (negative build_workers)",
+    64: DATABASE + "test_bad_arguments (persisting without a descriptor)",
+    66: DATABASE + "test_a_failing_build_leaves_the_old_database (names the source file)",
+    68: DATABASE + "test_a_failing_build_leaves_the_old_database[2 workers] (old database kept)",
+    71: DATABASE + "test_missing_foreign_truncated_and_non_hdf5_files (missing dataset)",
+    73: DATABASE + "test_missing_foreign_truncated_and_non_hdf5_files (unknown schema)",
+    74: DATABASE + "test_another_descriptor_is_refused (at load)",
+    76: DATABASE + "test_another_descriptor_is_refused (on a features read)",
+    78: DATABASE + "test_bad_arguments (requires a descriptor)",
+    81: DATABASE + "test_bad_arguments (unsupported source type)",
+}
+
 NOT_YET = {
-    **dict.fromkeys(range(59, 80), "HDF5 datasets (hdf5_dataset.py in progress)"),
-    **dict.fromkeys(range(80, 84), "build sources (part of the HDF5 dataset work)"),
     89: "parallel (process) committee training: members train together by vmap on one device",
     90: "parallel (process) committee training with custom datasets",
     91: "member failures in parallel training (a vmapped committee fails as a whole)",
-    97: "committee to_aenet_ascii is not built yet",
     99: "normalize_ensemble_members is not built yet",
     105: "PredictOut.to_structures is not built yet",
     106: "PredictOut.from_file (predict.x output) is not built yet",
@@ -476,6 +491,19 @@ NOT_YET = {
 }
 
 NOT_APPLICABLE = {
+    63: "every build source supports parallel builds (paths, records, Atoms; no tar streams)",
+    65: "the one descriptor always has local derivatives",
+    67: "payloads are typed arrays written by the parent; a failing source is 66",
+    69: "HDF5 variable-length strings: no byte limits on names",
+    70: "persisted values are always float64 (cast on reading)",
+    72: "the energy filter is stored as typed attributes; malformed files fail the schema (73)",
+    75: "no separate torch cache group: features/derivatives carry their descriptor hash (76)",
+    77: "derivatives carry their descriptor hash and are checked on open (71, 76)",
+    79: "feature shapes come from the descriptor record, not from metadata",
+    80: "sources are paths, records or Atoms: no user loader that could return a non-Structure",
+    82: "no chunked record iterators (sources are read per task of 16)",
+    83: "no tar sources",
+    97: "to_aenet_ascii names files {prefix}.{species}.nn.ascii from the model's species",
     33: "no CSR collate: feature sets and mini-batches are built internally",
     39: "no Predictor class (TorchANNPotential.predict_dataset with forces works, see 37)",
     44: "no EnergyModelAdapter: networks are pure functions of the model record",
@@ -500,6 +528,12 @@ NOT_APPLICABLE = {
 def test_every_condition_is_accounted_for() -> None:
     tested = {c.condition for c in CASES if isinstance(c.condition, int)}
     tested_elsewhere = {number for number, *_ in REFERENCE_ENERGY_CASES if number is not None}
-    groups = [tested, tested_elsewhere, set(NOT_YET), set(NOT_APPLICABLE)]
+    groups = [
+        tested,
+        tested_elsewhere,
+        set(TESTED_IN_DATABASE_TESTS),
+        set(NOT_YET),
+        set(NOT_APPLICABLE),
+    ]
     assert set().union(*groups) == set(range(1, 127))
     assert sum(len(g) for g in groups) == 126, "a condition is listed twice"
