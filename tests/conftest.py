@@ -69,3 +69,41 @@ def shared_data() -> Path:
     if not DATA.is_dir():
         pytest.fail(f"reference data not found at {DATA}: ../shared must sit beside the project")
     return DATA
+
+
+def facade_config(**overrides):
+    """A quick, quiet ``TorchTrainingConfig``: 2 epochs of Adam (batch 4), 30 % test split with
+    fixed seeds, no checkpoints, no progress bar; ``overrides`` replace any option."""
+    from aenet_fn.torch_training import Adam, TorchTrainingConfig
+
+    options = {
+        "iterations": 2,
+        "method": Adam(mu=0.01, batchsize=4),
+        "testpercent": 30,
+        "split_seed": 1,
+        "seed": 2,
+        "checkpoint_dir": None,
+        "show_progress": False,
+    }
+    options.update(overrides)
+    return TorchTrainingConfig(**options)
+
+
+def assert_same_featurized(a, b, **tolerance) -> None:
+    """Field-by-field equality of two FeaturizedSets (``tolerance``: ``rtol``/``atol`` of
+    ``torch.testing.assert_close``; NaN equals NaN)."""
+    import attrs
+
+    from aenet_fn.local_derivatives import LocalDerivatives
+
+    for field in attrs.fields(type(a)):
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        if field.name == "local":
+            assert (x is None) == (y is None)
+            if x is not None:
+                for g in attrs.fields(LocalDerivatives):
+                    torch.testing.assert_close(getattr(x, g.name), getattr(y, g.name), **tolerance)
+        elif isinstance(x, torch.Tensor):
+            torch.testing.assert_close(x, y, equal_nan=True, **tolerance)
+        else:
+            assert x == y, field.name

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pickle
 import warnings
+from functools import partial
 
 import ase
 import ase.io
@@ -26,9 +27,10 @@ from aenet_fn.database import DatabaseError, build_database, entry_identifier, o
 from aenet_fn.featurized import featurize_structures, select_structures
 from aenet_fn.local_derivatives import LocalDerivatives
 from aenet_fn.torch_featurize import ChebyshevDescriptor
-from aenet_fn.torch_training import Adam, TorchANNPotential, TorchTrainingConfig
+from aenet_fn.torch_training import TorchANNPotential
 from aenet_fn.torch_training.dataset import train_test_split_dataset
 from aenet_fn.torch_training.hdf5_dataset import HDF5StructureDataset
+from tests.conftest import assert_same_featurized, facade_config
 
 REFERENCES = {"Ti": -1604.604515075, "O": -432.503149303}
 ARCH = {"Ti": [(4, "tanh")], "O": [(4, "tanh")]}
@@ -73,6 +75,10 @@ def persisted(tio2_files, tmp_path_factory):
     return path
 
 
+# FeaturizedSets equal to 1e-14 (exactly, in practice; same dtypes, NaN where the other has NaN)
+_same_sets = partial(assert_same_featurized, rtol=0, atol=1e-14)
+
+
 def _same_structure(a: af.Structure, b: af.Structure) -> None:
     assert torch.equal(a.positions, b.positions)
     assert a.species == b.species and a.pbc == b.pbc and a.name == b.name
@@ -81,24 +87,6 @@ def _same_structure(a: af.Structure, b: af.Structure) -> None:
         assert (x is None) == (y is None)
         if x is not None:
             assert torch.equal(x, y)
-
-
-def _same_sets(a, b) -> None:
-    """Field-by-field equality of FeaturizedSets: same dtypes, values equal to 1e-14 (exactly,
-    in practice), NaN where the other has NaN."""
-    for field in attrs.fields(type(a)):
-        x, y = getattr(a, field.name), getattr(b, field.name)
-        if field.name == "local":
-            assert (x is None) == (y is None)
-            if x is not None:
-                for g in attrs.fields(LocalDerivatives):
-                    torch.testing.assert_close(
-                        getattr(x, g.name), getattr(y, g.name), rtol=0, atol=1e-14
-                    )
-        elif isinstance(x, torch.Tensor):
-            torch.testing.assert_close(x, y, rtol=0, atol=1e-14, equal_nan=True)
-        else:
-            assert x == y, field.name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,20 +294,6 @@ def _attributes(item) -> dict[str, bytes]:
 # The facade
 
 
-def _config(**overrides) -> TorchTrainingConfig:
-    options = {
-        "iterations": 2,
-        "method": Adam(mu=0.01, batchsize=4),
-        "testpercent": 30,
-        "split_seed": 1,
-        "seed": 2,
-        "checkpoint_dir": None,
-        "show_progress": False,
-    }
-    options.update(overrides)
-    return TorchTrainingConfig(**options)
-
-
 @pytest.mark.parametrize(
     ("persist", "force_weight"), [(True, 0.1), (False, 0.0)], ids=["persisted", "computed"]
 )
@@ -337,10 +311,10 @@ def test_training_from_hdf5_equals_training_from_structures(
         dataset.build_database(show_progress=False)
         assert not dataset.has_persisted_features()
     direct = TorchANNPotential(ARCH, descriptor)
-    config = _config(atomic_energies=REFERENCES, force_weight=force_weight)
+    config = facade_config(atomic_energies=REFERENCES, force_weight=force_weight)
     direct.train(structures=structures, config=config)
     from_dataset = TorchANNPotential(ARCH, descriptor)
-    from_dataset.train(dataset=dataset, config=_config(force_weight=force_weight))
+    from_dataset.train(dataset=dataset, config=facade_config(force_weight=force_weight))
     assert torch.equal(from_dataset.model.network.values, direct.model.network.values)
     assert from_dataset.history[-1]["RMSE_train"] == direct.history[-1]["RMSE_train"]
     by_dataset = from_dataset.predict_dataset(dataset)
@@ -547,7 +521,9 @@ def test_training_from_hdf5_in_workers_equals_training_in_memory(persisted, desc
     for workers in (0, 2):
         dataset = HDF5StructureDataset(None, persisted, mode="load", atomic_energies=REFERENCES)
         potential = TorchANNPotential(ARCH, descriptor)
-        potential.train(dataset=dataset, config=_config(force_weight=0.1, num_workers=workers))
+        potential.train(
+            dataset=dataset, config=facade_config(force_weight=0.1, num_workers=workers)
+        )
         runs.append(potential)
         dataset.close()
     # the lazy split fits its feature statistics from streamed moments: equal to round-off

@@ -15,9 +15,8 @@ import aenet_fn as af
 import aenet_fn.torch_training.dataset as dataset_module
 from aenet_fn.data import split_structures
 from aenet_fn.featurized import featurize_structures
-from aenet_fn.local_derivatives import LocalDerivatives
 from aenet_fn.torch_featurize import ChebyshevDescriptor
-from aenet_fn.torch_training import Adam, Structure, TorchANNPotential, TorchTrainingConfig
+from aenet_fn.torch_training import Structure, TorchANNPotential
 from aenet_fn.torch_training.dataset import (
     CachedStructureDataset,
     StructureDataset,
@@ -27,6 +26,7 @@ from aenet_fn.torch_training.dataset import (
     train_test_split_dataset,
 )
 from aenet_fn.torch_training.trainer import convert_to_structures as trainer_convert
+from tests.conftest import assert_same_featurized, facade_config
 
 REFERENCES = {"Ti": -1604.604515075, "O": -432.503149303}
 ARCH = {"Ti": [(4, "tanh")], "O": [(4, "tanh")]}
@@ -43,39 +43,11 @@ def descriptor():
     return ChebyshevDescriptor(["Ti", "O"], 4, 4.0, 2, 3.0, min_cutoff=0.5)
 
 
-def _config(**overrides) -> TorchTrainingConfig:
-    options = {
-        "iterations": 2,
-        "method": Adam(mu=0.01, batchsize=4),
-        "testpercent": 30,
-        "split_seed": 1,
-        "seed": 2,
-        "checkpoint_dir": None,
-        "show_progress": False,
-    }
-    options.update(overrides)
-    return TorchTrainingConfig(**options)
-
-
-def _assert_same_sets(a, b) -> None:
-    for field in attrs.fields(type(a)):
-        x, y = getattr(a, field.name), getattr(b, field.name)
-        if field.name == "local":
-            assert (x is None) == (y is None)
-            if x is not None:
-                for g in attrs.fields(LocalDerivatives):
-                    torch.testing.assert_close(getattr(x, g.name), getattr(y, g.name))
-        elif isinstance(x, torch.Tensor):
-            torch.testing.assert_close(x, y, equal_nan=True)
-        else:
-            assert x == y, field.name
-
-
 @pytest.fixture(scope="module")
 def trained(structures, descriptor):
     dataset = StructureDataset(structures, descriptor, atomic_energies=REFERENCES)
     potential = TorchANNPotential(ARCH, descriptor)
-    potential.train(dataset=dataset, config=_config())
+    potential.train(dataset=dataset, config=facade_config())
     return potential, dataset
 
 
@@ -109,7 +81,7 @@ def test_featurized_sets_are_cached_per_view(structures, descriptor):
     assert energy_only.local is None
     single = dataset.featurized(False, torch.float32)
     assert single.features.dtype == torch.float32 and single is not energy_only
-    _assert_same_sets(
+    assert_same_featurized(
         energy_only, featurize_structures(descriptor.params, structures[:4], with_derivatives=False)
     )
     # the sample features come from the cached set once there is one
@@ -145,7 +117,7 @@ def test_subsets_behave_like_datasets(structures, descriptor):
     assert train[1]["structure"] is structures[train.indices[1]]
     assert train.get_structure_identifier(0) == structures[train.indices[0]].name
     # featurized slices the parent's cached set: equal to featurizing the subset directly
-    _assert_same_sets(
+    assert_same_featurized(
         test.featurized(True),
         featurize_structures(descriptor.params, test.structures, with_derivatives=True),
     )
@@ -153,7 +125,7 @@ def test_subsets_behave_like_datasets(structures, descriptor):
     nested = StructureSubset(train, [2, 0])
     assert nested.structures == [train.get_structure(2), train.get_structure(0)]
     assert nested.atomic_energies == REFERENCES
-    _assert_same_sets(
+    assert_same_featurized(
         nested.featurized(False),
         featurize_structures(descriptor.params, nested.structures, with_derivatives=False),
     )
@@ -166,27 +138,27 @@ def test_subsets_behave_like_datasets(structures, descriptor):
 
 def test_training_from_a_dataset_equals_training_from_structures(structures, descriptor):
     direct = TorchANNPotential(ARCH, descriptor)
-    direct.train(structures=structures, config=_config(atomic_energies=REFERENCES))
+    direct.train(structures=structures, config=facade_config(atomic_energies=REFERENCES))
     dataset = StructureDataset(structures, descriptor, atomic_energies=REFERENCES)
     from_dataset = TorchANNPotential(ARCH, descriptor)
-    out = from_dataset.train(dataset=dataset, config=_config())
+    out = from_dataset.train(dataset=dataset, config=facade_config())
     _same_metrics(from_dataset.history, direct.history)
     assert np.isfinite(out.errors[["RMSE_train", "RMSE_test"]].to_numpy()).all()
     # explicit splits: testpercent is ignored; the same split gives the same run
     train, test = train_test_split(dataset, 0.3, seed=1)
     explicit = TorchANNPotential(ARCH, descriptor)
-    explicit.train(train_dataset=train, test_dataset=test, config=_config(testpercent=90))
+    explicit.train(train_dataset=train, test_dataset=test, config=facade_config(testpercent=90))
     _same_metrics(explicit.history, direct.history)
     # dataset + test_dataset: the dataset is not split
     whole = TorchANNPotential(ARCH, descriptor)
-    whole.train(dataset=train, test_dataset=test, config=_config(testpercent=50))
+    whole.train(dataset=train, test_dataset=test, config=facade_config(testpercent=50))
     _same_metrics(whole.history, direct.history)
     # a torch Subset of a dataset works too
     plain = TorchANNPotential(ARCH, descriptor)
     plain.train(
         train_dataset=Subset(dataset, train.indices),
         test_dataset=Subset(dataset, test.indices),
-        config=_config(),
+        config=facade_config(),
     )
     _same_metrics(plain.history, direct.history)
 
@@ -213,13 +185,13 @@ def test_cached_dataset_featurizes_once(structures, descriptor, monkeypatch):
     assert len(dataset) == 9 and dataset[0]["structure"] is structures[0]
     potential = TorchANNPotential(ARCH, descriptor)
     for _ in range(2):
-        out = potential.train(dataset=dataset, config=_config())
+        out = potential.train(dataset=dataset, config=facade_config())
     assert calls == [False]  # splits and repeated runs reuse the eager features
     assert np.isfinite(out.errors["RMSE_train"].to_numpy()).all()
     potential.predict_dataset(dataset)
     assert calls == [False]
-    potential.train(dataset=dataset, config=_config(force_weight=0.5, iterations=1))
-    potential.train(dataset=dataset, config=_config(force_weight=0.5, iterations=1))
+    potential.train(dataset=dataset, config=facade_config(force_weight=0.5, iterations=1))
+    potential.train(dataset=dataset, config=facade_config(force_weight=0.5, iterations=1))
     assert calls == [False, True]  # force training: derivatives once, then cached
     assert np.isfinite(potential.history[-1]["RMSE_force_train"])
 
@@ -281,7 +253,7 @@ def test_predict_dataset_from_samples_and_its_errors(trained, structures):
 def test_dataset_errors(structures, descriptor):
     potential = TorchANNPotential(ARCH, descriptor)
     with pytest.raises(ValueError, match="needs structures=, dataset= or train_dataset="):
-        potential.train(config=_config())
+        potential.train(config=facade_config())
     stray = Structure(np.zeros((1, 3)), ["Zr"], energy=1.0, name="stray")
     for cls in (StructureDataset, CachedStructureDataset):
         with pytest.raises(ValueError, match=r"\['Zr'\].*'stray'"):
@@ -289,14 +261,14 @@ def test_dataset_errors(structures, descriptor):
     empty = StructureDataset([], descriptor)
     assert len(empty) == 0
     with pytest.raises(ValueError, match="training dataset is empty"):
-        potential.train(dataset=empty, config=_config(atomic_energies=None))
+        potential.train(dataset=empty, config=facade_config(atomic_energies=None))
     with pytest.warns(UserWarning, match="9 of 9 structures removed"):
         filtered = CachedStructureDataset(structures, descriptor, max_forces=1e-9)
     with pytest.raises(ValueError, match="training dataset is empty"):
-        potential.train(train_dataset=filtered, config=_config())
+        potential.train(train_dataset=filtered, config=facade_config())
     other = ChebyshevDescriptor(["Ti", "O"], 3, 4.0, 2, 3.0, min_cutoff=0.5)
     with pytest.raises(ValueError, match="differs from the potential's"):
-        potential.train(dataset=StructureDataset(structures, other), config=_config())
+        potential.train(dataset=StructureDataset(structures, other), config=facade_config())
 
 
 def test_atomic_energy_ownership(structures, descriptor):
@@ -304,20 +276,20 @@ def test_atomic_energy_ownership(structures, descriptor):
     owned = StructureDataset(structures, descriptor, atomic_energies=REFERENCES)
     conflicting = {"Ti": -1600.0, "O": -430.0}
     with pytest.raises(ValueError, match="conflict with the dataset's atomic_energies"):
-        potential.train(dataset=owned, config=_config(atomic_energies=conflicting))
+        potential.train(dataset=owned, config=facade_config(atomic_energies=conflicting))
     with warnings.catch_warnings():  # matching values are allowed, silently
         warnings.simplefilter("error")
-        potential.train(dataset=owned, config=_config(atomic_energies=dict(REFERENCES)))
+        potential.train(dataset=owned, config=facade_config(atomic_energies=dict(REFERENCES)))
     assert potential.model.normalization.atomic_energies.tolist() == [
         REFERENCES["Ti"],
         REFERENCES["O"],
     ]
     other = StructureDataset(structures[:3], descriptor, atomic_energies=conflicting)
     with pytest.raises(ValueError, match="conflicting atomic_energies"):
-        potential.train(train_dataset=owned, test_dataset=other, config=_config())
+        potential.train(train_dataset=owned, test_dataset=other, config=facade_config())
     bare = StructureDataset(structures, descriptor)
     with pytest.warns(UserWarning) as record:
-        potential.train(dataset=bare, config=_config(atomic_energies=REFERENCES))
+        potential.train(dataset=bare, config=facade_config(atomic_energies=REFERENCES))
     messages = [str(w.message) for w in record]
     assert any("atomic_energies is ignored" in m for m in messages)
     assert any("No atomic_energies provided" in m for m in messages)
@@ -326,7 +298,7 @@ def test_atomic_energy_ownership(structures, descriptor):
     potential.train(
         train_dataset=owned,
         test_dataset=StructureDataset(structures[:2], descriptor),
-        config=_config(),
+        config=facade_config(),
     )
     with pytest.warns(UserWarning, match="max_energy / max_forces are ignored"):
-        potential.train(dataset=owned, config=_config(max_energy=10.0))
+        potential.train(dataset=owned, config=facade_config(max_energy=10.0))
