@@ -28,7 +28,7 @@ import torch
 
 from aenet_fn._records import pytree_record, static_field
 from aenet_fn.batch import Batch
-from aenet_fn.neighbors import Neighbors, batch_neighbor_list, pair_vectors
+from aenet_fn.neighbors import Neighbors, neighbors_with_distances, pair_vectors
 from aenet_fn.structure import check_species_symbols
 
 
@@ -131,14 +131,14 @@ class DescriptorGraph:
         radial: ``[E_r]`` indices into ``pairs`` of the radial entries (``d <= Rr``).
         triplet_first, triplet_second: ``[P]`` indices into ``pairs`` of the two legs ``(i→j,
             i→k)`` of each angular triplet (``d <= Ra``, each unordered pair once).
-        typespin: ``[N]`` typespin weight of every atom (float, in the batch dtype).
+        species: ``[N]`` int64 index of every atom's element in ``ChebyshevParams.species``.
     """
 
     pairs: Neighbors
     radial: torch.Tensor
     triplet_first: torch.Tensor
     triplet_second: torch.Tensor
-    typespin: torch.Tensor
+    species: torch.Tensor
 
 
 def species_lookup(params: ChebyshevParams, batch_species: Sequence[str]) -> torch.Tensor:
@@ -175,17 +175,11 @@ def build_graph(params: ChebyshevParams, batch: Batch) -> DescriptorGraph:
     training run on fixed structures, or for finite-difference checks).
     """
     lookup = species_lookup(params, batch.species).to(batch.positions.device)
-    weights = torch.tensor(
-        params.typespin, dtype=batch.positions.dtype, device=batch.positions.device
-    )
-    neighbors = batch_neighbor_list(
+    neighbors, distance = neighbors_with_distances(
         batch.positions, batch.cells, batch.pbc, batch.structure_index, params.cutoff
     )
-    distance = pair_vectors(batch.positions, batch.cells, batch.structure_index, neighbors).norm(
-        dim=1
-    )
-    pairs = neighbors.select(distance > params.min_cutoff)
-    distance = distance[distance > params.min_cutoff]
+    beyond_minimum = torch.nonzero(distance > params.min_cutoff).flatten()
+    pairs, distance = neighbors.select(beyond_minimum), distance[beyond_minimum]
     radial = torch.nonzero(distance <= params.rad_cutoff).flatten()
     angular = torch.nonzero(distance <= params.ang_cutoff).flatten()
     first, second = _triplets(pairs.centers[angular], batch.positions.shape[0])
@@ -194,16 +188,23 @@ def build_graph(params: ChebyshevParams, batch: Batch) -> DescriptorGraph:
         radial=radial,
         triplet_first=angular[first],
         triplet_second=angular[second],
-        typespin=weights[lookup[batch.species_index]],
+        species=lookup[batch.species_index],
     )
 
 
-def chebyshev_polynomials(x: torch.Tensor, order: int) -> torch.Tensor:
-    """``[..., order + 1]`` values ``T_0(x) .. T_order(x)`` by the three-term recurrence."""
-    values = [torch.ones_like(x), x]
+def scaled_chebyshev(x: torch.Tensor, scale: torch.Tensor, order: int) -> torch.Tensor:
+    """``[order + 1, *x.shape]`` values ``scale · T_n(x)``, ``n = 0..order``, by the three-term
+    recurrence (which is linear, so it carries the scale). Orders come first: each is one
+    contiguous row, which makes building and summing them cheap."""
+    values = [scale, x * scale]
     for _ in range(2, order + 1):
         values.append(2 * x * values[-1] - values[-2])
-    return torch.stack(values[: order + 1], dim=-1)
+    return torch.stack(values[: order + 1])
+
+
+def chebyshev_polynomials(x: torch.Tensor, order: int) -> torch.Tensor:
+    """``[..., order + 1]`` values ``T_0(x) .. T_order(x)``."""
+    return scaled_chebyshev(x, torch.ones_like(x), order).movedim(0, -1)
 
 
 def cutoff_function(distance: torch.Tensor, cutoff: float) -> torch.Tensor:
@@ -212,10 +213,17 @@ def cutoff_function(distance: torch.Tensor, cutoff: float) -> torch.Tensor:
     return torch.where(distance < cutoff, value, torch.zeros_like(value))
 
 
+def _radial_rows(params: ChebyshevParams, distance: torch.Tensor) -> torch.Tensor:
+    return scaled_chebyshev(
+        2 * distance / params.rad_cutoff - 1,
+        cutoff_function(distance, params.rad_cutoff),
+        params.rad_order,
+    )
+
+
 def radial_basis(params: ChebyshevParams, distance: torch.Tensor) -> torch.Tensor:
     """``[..., rad_order + 1]`` radial terms ``T_n(2d/Rr − 1) fc(d; Rr)`` of distances ``d`` (Å)."""
-    terms = chebyshev_polynomials(2 * distance / params.rad_cutoff - 1, params.rad_order)
-    return terms * cutoff_function(distance, params.rad_cutoff)[..., None]
+    return _radial_rows(params, distance).movedim(0, -1)
 
 
 def angular_basis(
@@ -225,9 +233,7 @@ def angular_basis(
     cutoff_second: torch.Tensor,
 ) -> torch.Tensor:
     """``[..., ang_order + 1]`` angular terms ``T_n(cos θ) fc(d_ij; Ra) fc(d_ik; Ra)``."""
-    return (
-        chebyshev_polynomials(cosine, params.ang_order) * (cutoff_first * cutoff_second)[..., None]
-    )
+    return scaled_chebyshev(cosine, cutoff_first * cutoff_second, params.ang_order).movedim(0, -1)
 
 
 _PAIRS_PER_CHUNK = 1 << 18
@@ -271,7 +277,7 @@ def features_from_graph(
             radial=graph.radial[r0:r1] - p0,
             triplet_first=graph.triplet_first[t0:t1] - p0,
             triplet_second=graph.triplet_second[t0:t1] - p0,
-            typespin=graph.typespin,
+            species=graph.species,
         )
         parts.append(_chunk_features(params, positions, cells, structure_index, piece, low, high))
     return torch.cat(parts)
@@ -279,40 +285,45 @@ def features_from_graph(
 
 def _chunk_features(params, positions, cells, structure_index, graph, first_atom, end_atom):
     """Features of atoms ``first_atom .. end_atom - 1`` from the pairs (centred on them) and
-    triplets of ``graph``."""
-    n_atoms = end_atom - first_atom
-    vectors = pair_vectors(positions, cells, structure_index, graph.pairs)
-    distance = vectors.norm(dim=1)
-    centers, neighbours = graph.pairs.centers - first_atom, graph.pairs.neighbors
+    triplets of ``graph``.
 
-    radial_terms = radial_basis(params, distance[graph.radial])
-    rad_centre = centers[graph.radial]
+    Terms are summed per centre *and* neighbour species (radial) or species pair (angular) in
+    one scatter each; the plain and typespin-weighted sums are then small combinations of these
+    channels (``Σ_j s(j) φ_j = Σ_t s_t Σ_{j of species t} φ_j``)."""
+    n_atoms = end_atom - first_atom
+    n_species = len(params.species) if params.multi else 1
+    vectors = pair_vectors(positions, cells, structure_index, graph.pairs)
+    distance = torch.linalg.vector_norm(vectors, dim=1)
+    centers = graph.pairs.centers - first_atom
+    neighbour_species = graph.species[graph.pairs.neighbors] if params.multi else None
+
+    radial_terms = _radial_rows(params, distance[graph.radial])  # [n_rad, E_r]
+    radial_channel = centers[graph.radial] * n_species
+    if params.multi:
+        radial_channel = radial_channel + neighbour_species[graph.radial]
+    radial = radial_terms.new_zeros(radial_terms.shape[0], n_atoms * n_species)
+    radial = radial.index_add(1, radial_channel, radial_terms)
 
     units = vectors / distance[:, None]
     first, second = graph.triplet_first, graph.triplet_second
     cosine = (units[first] * units[second]).sum(dim=1).clamp(-1.0, 1.0)
     fc_ang = cutoff_function(distance, params.ang_cutoff)
-    angular_terms = angular_basis(params, cosine, fc_ang[first], fc_ang[second])
-    ang_centre = centers[first]
+    angular_terms = scaled_chebyshev(cosine, fc_ang[first] * fc_ang[second], params.ang_order)
+    angular_channel = centers[first] * n_species**2
+    if params.multi:
+        angular_channel = angular_channel + (
+            neighbour_species[first] * n_species + neighbour_species[second]
+        )
+    angular = angular_terms.new_zeros(angular_terms.shape[0], n_atoms * n_species**2)
+    angular = angular.index_add(1, angular_channel, angular_terms)
 
-    if params.multi:  # append the typespin-weighted copies: one scatter per block
-        spin = graph.typespin
-        rad_weight = spin[neighbours[graph.radial]]
-        ang_weight = spin[neighbours[first]] * spin[neighbours[second]]
-        radial_terms = torch.cat([radial_terms, radial_terms * rad_weight[:, None]], dim=1)
-        angular_terms = torch.cat([angular_terms, angular_terms * ang_weight[:, None]], dim=1)
-    radial = radial_terms.new_zeros(n_atoms, radial_terms.shape[1]).index_add(
-        0, rad_centre, radial_terms
-    )
-    angular = angular_terms.new_zeros(n_atoms, angular_terms.shape[1]).index_add(
-        0, ang_centre, angular_terms
-    )
-    if not params.multi:
-        return torch.cat([radial, angular], dim=1)
-    n_rad, n_ang = params.rad_order + 1, params.ang_order + 1
-    return torch.cat(
-        [radial[:, :n_rad], angular[:, :n_ang], radial[:, n_rad:], angular[:, n_ang:]], dim=1
-    )
+    radial = radial.view(-1, n_atoms, n_species)
+    angular = angular.view(-1, n_atoms, n_species**2)
+    blocks = [radial.sum(dim=2), angular.sum(dim=2)]
+    if params.multi:
+        spin = torch.tensor(params.typespin, dtype=positions.dtype, device=positions.device)
+        blocks += [radial @ spin, angular @ torch.outer(spin, spin).flatten()]
+    return torch.cat(blocks).T
 
 
 def featurize(

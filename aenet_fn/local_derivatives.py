@@ -88,6 +88,8 @@ def local_derivatives(
         )[0]
 
     centers, neighbours = graph.pairs.centers, graph.pairs.neighbors
+    weights = torch.tensor(params.typespin, dtype=positions.dtype, device=positions.device)
+    typespin = weights[graph.species]
     with torch.no_grad():
         vectors = pair_vectors(positions, cells, structure_index, graph.pairs)
         radial = vmap(jacfwd(radial_of_vector))(vectors[graph.radial])
@@ -100,9 +102,9 @@ def local_derivatives(
         triplet_centre=centers[graph.triplet_first],
         triplet_first=neighbours[graph.triplet_first],
         triplet_second=neighbours[graph.triplet_second],
-        radial_spin=graph.typespin[neighbours[graph.radial]],
-        triplet_spin=graph.typespin[neighbours[graph.triplet_first]]
-        * graph.typespin[neighbours[graph.triplet_second]],
+        radial_spin=typespin[neighbours[graph.radial]],
+        triplet_spin=typespin[neighbours[graph.triplet_first]]
+        * typespin[neighbours[graph.triplet_second]],
         radial=radial,
         angular_first=first,
         angular_second=second,

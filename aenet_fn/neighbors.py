@@ -29,10 +29,9 @@ _BINS_PER_CUTOFF = 2
 """Bin edge = cutoff / this; each atom scans (2·this + 1)³ bins around its own."""
 _CENTRE_CHUNK = 4096
 """Centre atoms searched at a time: keeps the temporaries of a chunk in cache."""
-_BIN_OFFSETS = torch.stack(
-    torch.meshgrid(*(torch.arange(-_BINS_PER_CUTOFF, _BINS_PER_CUTOFF + 1),) * 3, indexing="ij"),
-    dim=-1,
-).reshape(-1, 3)
+_DENSE_BINS_PER_POINT = 16
+_DENSE_BINS_MIN = 1 << 16
+"""Bins are looked up in a dense table up to this many per binned point (plus the minimum)."""
 
 
 @pytree_record
@@ -99,24 +98,42 @@ def _ghost_points(frac, pbc, basis, structure_index, cutoff):
     n_images = torch.where(pbc, torch.ceil(cutoff / widths), 0).long()
     margin = cutoff / widths * (1 + 1e-9) + 1e-12
 
-    sizes = 2 * n_images + 1  # candidate translations per axis, per structure
-    per_atom = sizes.prod(dim=1)[structure_index]
+    # Per atom and axis, the translations T that keep f + T within the margin of the cell
+    # (``-margin <= f + T < 1 + margin``, ``|T| <= n_images``); none along non-periodic axes.
+    images = n_images[structure_index]
+    bound = margin[structure_index]
+    lowest = torch.maximum(torch.ceil(-bound - frac).long(), -images)
+    highest = torch.minimum(torch.ceil(1 + bound - frac).long() - 1, images)
+    sizes = torch.where(pbc[structure_index], highest - lowest + 1, 1).clamp(min=0)
+    lowest = torch.where(pbc[structure_index], lowest, 0)
+    per_atom = sizes.prod(dim=1)
     atom = torch.repeat_interleave(torch.arange(frac.shape[0], device=frac.device), per_atom)
     start = torch.cumsum(per_atom, 0) - per_atom
     local = torch.arange(atom.shape[0], device=frac.device) - start[atom]
-    structure = structure_index[atom]
-    size = sizes[structure]
+    size = sizes[atom]
     digits_z = local % size[:, 2]
     digits_y = (local // size[:, 2]) % size[:, 1]
     digits_x = local // (size[:, 2] * size[:, 1])
-    translation = torch.stack([digits_x, digits_y, digits_z], dim=1) - n_images[structure]
-    shifted = frac[atom] + translation
-    bound = margin[structure]
-    inside = (shifted >= -bound) & (shifted < 1 + bound) | ~pbc[structure]
-    keep = inside.all(dim=1)
-    atom, translation, structure = atom[keep], translation[keep], structure[keep]
-    points = torch.einsum("pi,pij->pj", shifted[keep], basis[structure])
+    translation = torch.stack([digits_x, digits_y, digits_z], dim=1) + lowest[atom]
+    structure = structure_index[atom]
+    points = torch.einsum("pi,pij->pj", frac[atom] + translation, basis[structure])
     return atom, translation, structure, points
+
+
+def _bin_lookup(sorted_keys: torch.Tensor, n_keys: int):
+    """A function from bin keys to (position of the bin's first point in ``sorted_keys``, number
+    of points in the bin). A dense table when the key space is small next to the number of
+    points, binary search otherwise (e.g. a molecule with a stray atom far away)."""
+    if n_keys <= _DENSE_BINS_PER_POINT * sorted_keys.numel() + _DENSE_BINS_MIN:
+        counts = torch.bincount(sorted_keys, minlength=n_keys)
+        starts = torch.cumsum(counts, 0) - counts
+        return lambda keys: (starts[keys], counts[keys])
+
+    def binary_search(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        first = torch.searchsorted(sorted_keys, keys)
+        return first, torch.searchsorted(sorted_keys, keys, right=True) - first
+
+    return binary_search
 
 
 @torch.no_grad()
@@ -141,6 +158,18 @@ def batch_neighbor_list(
         :class:`Neighbors` sorted by centre atom. Not differentiable (integer data); get
         differentiable displacements with :func:`pair_vectors`.
     """
+    return neighbors_with_distances(positions, cells, pbc, structure_index, cutoff)[0]
+
+
+@torch.no_grad()
+def neighbors_with_distances(
+    positions: torch.Tensor,
+    cells: torch.Tensor,
+    pbc: torch.Tensor,
+    structure_index: torch.Tensor,
+    cutoff: float,
+) -> tuple[Neighbors, torch.Tensor]:
+    """:func:`batch_neighbor_list` and the ``[E]`` float64 distance (Å) of every entry."""
     pbc = torch.as_tensor(pbc, dtype=torch.bool, device=positions.device)
     _check_inputs(positions, cells, pbc, structure_index, cutoff)
     device = positions.device
@@ -157,27 +186,25 @@ def batch_neighbor_list(
     atom, translation, structure, points = _ghost_points(frac, pbc, basis, structure_index, cutoff)
 
     # Bin all points on a per-structure grid of cubes (edge = cutoff / 2); keys are unique per
-    # (structure, bin) and only occupied bins exist (sorted keys + searchsorted, no dense grid).
+    # (structure, bin), and the points are stored sorted by key.
     n_structures = cells.shape[0]
     fill = torch.full((n_structures, 3), float("inf"), dtype=torch.float64, device=device)
     origin = fill.scatter_reduce(0, structure[:, None].expand(-1, 3), points, "amin")
     bin_edge = cutoff / _BINS_PER_CUTOFF
-    bins = torch.floor((points - origin[structure]) / bin_edge).long()
-    dims = torch.zeros((n_structures, 3), dtype=torch.long, device=device)
+    bins = torch.floor((points - origin[structure]) / bin_edge)
+    dims = torch.zeros((n_structures, 3), dtype=torch.float64, device=device)
     dims = dims.scatter_reduce(0, structure[:, None].expand(-1, 3), bins + 1, "amax")
-    per_structure = dims.prod(dim=1)
-    if float(per_structure.double().sum()) > 2.0**62:
+    if float(dims.prod(dim=1).sum()) > 2.0**62:
         raise ValueError(
             "neighbor_list: the atoms are spread over too large a region for binning "
             f"(cutoff {cutoff} Å); check the coordinates for stray atoms"
         )
+    bins, dims = bins.long(), dims.long()
+    per_structure = dims.prod(dim=1)
     key_offset = torch.cumsum(per_structure, 0) - per_structure
 
-    def bin_key(ijk: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        d = dims[s]
-        return key_offset[s] + (ijk[..., 0] * d[..., 1] + ijk[..., 1]) * d[..., 2] + ijk[..., 2]
-
-    keys = bin_key(bins, structure)
+    d = dims[structure]
+    keys = key_offset[structure] + (bins[:, 0] * d[:, 1] + bins[:, 1]) * d[:, 2] + bins[:, 2]
     order = torch.argsort(keys, stable=True)  # store points bin by bin: gathers stay local
     sorted_keys, points, atom, translation = (
         keys[order],
@@ -186,49 +213,69 @@ def batch_neighbor_list(
         translation[order],
     )
 
-    centre_bins = torch.floor((centre_points - origin[structure_index]) / bin_edge).long()
-    n_offsets = _BIN_OFFSETS.shape[0]
-    offsets = _BIN_OFFSETS.to(device)
+    centre_bins_real = (centre_points - origin[structure_index]) / bin_edge
+    centre_bins = torch.floor(centre_bins_real).long()
+    # Where each centre sits inside its bin (0..1 per axis), to skip the bins around it that lie
+    # entirely beyond the cutoff; the slack keeps round-off in the binning from dropping a pair.
+    centre_fraction = centre_bins_real - centre_bins
+    reach2 = (_BINS_PER_CUTOFF * (1 + 1e-9)) ** 2 + 1e-12
+    steps = torch.arange(-_BINS_PER_CUTOFF, _BINS_PER_CUTOFF + 1, device=device)
+    strides = torch.stack([dims[:, 1] * dims[:, 2], dims[:, 2], torch.ones_like(dims[:, 2])], 1)
+    bin_ranges = _bin_lookup(sorted_keys, int(per_structure.sum()))
+    wraps = wraps.long()
 
-    def search(centre_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Entries (centre, neighbour, shift, squared distance) of the centres ``centre_ids``."""
-        around = centre_bins[centre_ids, None, :] + offsets[None]  # [n, n_offsets, 3]
-        centre_structure = structure_index[centre_ids, None].expand(-1, n_offsets)
-        valid = ((around >= 0) & (around < dims[centre_structure])).all(dim=-1)
-        around_keys = bin_key(around, centre_structure)
-        first = torch.searchsorted(sorted_keys, around_keys, right=False)
-        last = torch.searchsorted(sorted_keys, around_keys, right=True)
-        counts = torch.where(valid, last - first, 0).flatten()
-        centre = torch.repeat_interleave(centre_ids.repeat_interleave(n_offsets), counts)
-        run_start = torch.cumsum(counts, 0) - counts
-        within = torch.arange(centre.shape[0], device=device) - torch.repeat_interleave(
-            run_start, counts
+    def search(low: int, high: int) -> tuple[torch.Tensor, ...]:
+        """Entries (centre, neighbour, shift, distance) of the centres ``low .. high - 1``."""
+        own = structure_index[low:high]
+        # Per axis: the bins scanned around each centre, whether they exist, their distance
+        # from the centre (in bin edges) and their part of the key; [n, 3, steps].
+        around = centre_bins[low:high, :, None] + steps
+        exists = (around >= 0) & (around < dims[own][:, :, None])
+        fraction = centre_fraction[low:high, :, None]
+        gap = (steps - fraction).clamp(min=0) + (fraction - 1 - steps).clamp(min=0)
+        gap2 = gap * gap
+        key_part = around * strides[own][:, :, None]
+        scanned = (
+            exists[:, 0, :, None, None] & exists[:, 1, None, :, None] & exists[:, 2, None, None, :]
+        ) & (
+            gap2[:, 0, :, None, None] + gap2[:, 1, None, :, None] + gap2[:, 2, None, None, :]
+            <= reach2
         )
-        point = torch.repeat_interleave(first.flatten(), counts) + within
+        key_table = (
+            key_part[:, 0, :, None, None]
+            + key_part[:, 1, None, :, None]
+            + key_part[:, 2, None, None, :]
+        ) + key_offset[own][:, None, None, None]
+        scanned_bins = torch.nonzero(scanned.flatten()).flatten()
+        first, counts = bin_ranges(key_table.flatten()[scanned_bins])
+        centre = torch.repeat_interleave(scanned_bins // steps.shape[0] ** 3 + low, counts)
+        run_start = torch.cumsum(counts, 0) - counts
+        point = torch.arange(centre.shape[0], device=device) + torch.repeat_interleave(
+            first - run_start, counts
+        )
         gap = points.index_select(0, point) - centre_points.index_select(0, centre)
-        distance2 = (gap * gap).sum(dim=1)
-        close = torch.nonzero(distance2 <= cutoff * cutoff).flatten()
-        centre, point, distance2 = centre[close], point[close], distance2[close]
+        distance = torch.linalg.vector_norm(gap, dim=1)
+        close = torch.nonzero(distance <= cutoff).flatten()
+        centre, point, distance = centre[close], point[close], distance[close]
         neighbour, shift = atom[point], translation[point]
         keep = (neighbour != centre) | (shift != 0).any(dim=1)  # drop (i, i, T = 0)
         centre, neighbour, shift = centre[keep], neighbour[keep], shift[keep]
-        shift = shift - wraps[neighbour].long() + wraps[centre].long()  # relative to r as given
-        return centre, neighbour, shift, distance2[keep]
+        shift = shift - wraps[neighbour] + wraps[centre]  # relative to r as given
+        return centre, neighbour, shift, distance[keep]
 
     chunks = [
-        search(torch.arange(low, min(low + _CENTRE_CHUNK, n_atoms), device=device))
-        for low in range(0, n_atoms, _CENTRE_CHUNK)
+        search(low, min(low + _CENTRE_CHUNK, n_atoms)) for low in range(0, n_atoms, _CENTRE_CHUNK)
     ]
-    centre, neighbour, shifts, distance2 = (torch.cat(parts) for parts in zip(*chunks))
+    centre, neighbour, shifts, distance = (torch.cat(parts) for parts in zip(*chunks))
 
-    if distance2.numel() and float(distance2.min()) < OVERLAP_DISTANCE**2:
-        k = int(torch.argmin(distance2))
+    if distance.numel() and float(distance.min()) < OVERLAP_DISTANCE:
+        k = int(torch.argmin(distance))
         i, j = int(centre[k]), int(neighbour[k])
         raise ValueError(
             f"neighbor_list: atoms {i} and {j} (structure {int(structure_index[i])}) overlap: "
-            f"distance {float(distance2[k]) ** 0.5:.3g} Å"
+            f"distance {float(distance[k]):.3g} Å"
         )
-    return Neighbors(centers=centre, neighbors=neighbour, shifts=shifts)
+    return Neighbors(centers=centre, neighbors=neighbour, shifts=shifts), distance
 
 
 def neighbor_list(

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aenet_fn import batch_neighbor_list, collate, neighbor_list, pair_vectors
+from aenet_fn import neighbors as neighbors_module
 from tests.conftest import random_structure
 
 BOUNDARY = 1e-9  # pairs this close to the cutoff are left out of set comparisons
@@ -81,6 +82,33 @@ def test_cells_thinner_than_cutoff_match_ase(seed, thin_axis, width):
 @given(seed=st.integers(0, 10**6), n_atoms=st.integers(1, 12), cutoff=st.floats(1.0, 6.0))
 def test_isolated_molecules_match_ase(seed, n_atoms, cutoff):
     _assert_same_as_ase(random_structure(seed, n_atoms, periodic=False), cutoff)
+
+
+@given(seed=st.integers(0, 10**6), n_atoms=st.integers(1, 8), far=st.floats(200.0, 5000.0))
+def test_molecule_with_a_distant_atom_matches_ase(seed, n_atoms, far):
+    """A stray atom far away makes the bin grid sparse: bins are then found by binary search."""
+    molecule = random_structure(seed, n_atoms, periodic=False)
+    positions = torch.cat([molecule.positions, torch.tensor([[far, -far / 3, far / 7]])])
+    stray = type(molecule)(positions, [*molecule.species, molecule.species[0]])
+    _assert_same_as_ase(stray, 4.0)
+
+
+@given(seed=st.integers(0, 10**6), n_atoms=st.integers(1, 8), cutoff=st.floats(1.0, 6.0))
+def test_binary_search_and_dense_bin_table_agree(seed, n_atoms, cutoff):
+    structure = random_structure(seed, n_atoms, outside=1.0)
+    dense = neighbor_list(structure.positions, structure.cell, None, cutoff)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(neighbors_module, "_DENSE_BINS_PER_POINT", 0)
+        patch.setattr(neighbors_module, "_DENSE_BINS_MIN", 0)
+        searched = neighbor_list(structure.positions, structure.cell, None, cutoff)
+    for field in ("centers", "neighbors", "shifts"):
+        assert torch.equal(getattr(dense, field), getattr(searched, field))
+
+
+def test_atoms_spread_too_far_for_binning_are_reported():
+    positions = torch.tensor([[0.0, 0.0, 0.0], [1e19, 1e19, 1e19]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="too large a region"):
+        neighbor_list(positions, None, None, 3.0)
 
 
 def test_self_images_are_neighbours():
