@@ -177,11 +177,20 @@ class Optimizer:
         init: ``init(params) -> state``.
         update: ``update(grads, state, params, lr=None) -> (new_params, new_state)``.
         config: the bound configuration (:class:`AdamConfig` or :class:`SGDConfig`).
+        eager_update: an optional faster form of ``update`` for use outside transforms.
     """
 
     init: Callable[[PyTree], Any]
     update: Callable[..., tuple[PyTree, Any]]
     config: Any = None
+    eager_update: Callable[..., tuple[PyTree, Any]] | None = None
+
+    def update_eagerly(
+        self, grads: PyTree, state: Any, params: PyTree, lr: LearningRate | None = None
+    ) -> tuple[PyTree, Any]:
+        """``update`` for one model outside ``torch.func`` transforms, by the optimiser's
+        faster eager form where it has one (same numbers as ``torch.optim``)."""
+        return (self.eager_update or self.update)(grads, state, params, lr)
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,16 +238,54 @@ def adam_update(
 
     new_params, new_mu, new_nu = [], [], []
     for p, g, m, v in zip(param_leaves, grad_leaves, mu_leaves, nu_leaves):
-        if config.weight_decay != 0.0:
-            g = torch.add(g, p, alpha=config.weight_decay)
-        m = torch.lerp(m, g, 1.0 - config.beta1)
-        v = torch.addcmul(v * config.beta2, g, g, value=1.0 - config.beta2)
+        m, v = _adam_moments(config, g, p, m, v)
         denom = v.sqrt() / bias_correction2_sqrt.to(p.dtype) + config.epsilon
         new_params.append(p + neg_step_size.to(p.dtype) * m / denom)
         new_mu.append(m)
         new_nu.append(v)
     new_state = AdamState(
         step=step,
+        mu=pytree.tree_unflatten(new_mu, spec),
+        nu=pytree.tree_unflatten(new_nu, spec),
+    )
+    return pytree.tree_unflatten(new_params, spec), new_state
+
+
+def _adam_moments(config: AdamConfig, g, p, m, v) -> tuple[torch.Tensor, torch.Tensor]:
+    """New first and second moments of one leaf (L2 weight decay folded into ``g``)."""
+    if config.weight_decay != 0.0:
+        g = torch.add(g, p, alpha=config.weight_decay)
+    m = torch.lerp(m, g, 1.0 - config.beta1)
+    return m, torch.addcmul(v * config.beta2, g, g, value=1.0 - config.beta2)
+
+
+def adam_update_eager(
+    config: AdamConfig,
+    grads: PyTree,
+    state: AdamState,
+    params: PyTree,
+    lr: LearningRate | None = None,
+) -> tuple[PyTree, AdamState]:
+    """:func:`adam_update` for one model outside ``torch.func`` transforms: the step count is
+    read and the bias corrections are Python numbers, exactly as ``torch.optim.Adam`` forms
+    them, which saves a dozen small tensor operations per step (reading the count is a host
+    synchronisation on accelerators). Not ``vmap``-able."""
+    param_leaves, spec = pytree.tree_flatten(params)
+    grad_leaves = _flatten_like(grads, spec, "grads")
+    mu_leaves = _flatten_like(state.mu, spec, "state.mu")
+    nu_leaves = _flatten_like(state.nu, spec, "state.nu")
+    step = int(state.step) + 1
+    step_size = _number("lr", config.lr if lr is None else float(lr)) / (1 - config.beta1**step)
+    bias_correction2_sqrt = (1 - config.beta2**step) ** 0.5
+    new_params, new_mu, new_nu = [], [], []
+    for p, g, m, v in zip(param_leaves, grad_leaves, mu_leaves, nu_leaves):
+        m, v = _adam_moments(config, g, p, m, v)
+        denom = (v.sqrt() / bias_correction2_sqrt).add_(config.epsilon)
+        new_params.append(torch.addcdiv(p, m, denom, value=-step_size))
+        new_mu.append(m)
+        new_nu.append(v)
+    new_state = AdamState(
+        step=state.step + 1,
         mu=pytree.tree_unflatten(new_mu, spec),
         nu=pytree.tree_unflatten(new_nu, spec),
     )
@@ -303,7 +350,12 @@ def sgd_update(
 def adam(config: AdamConfig | None = None) -> Optimizer:
     """Adam as an :class:`Optimizer` (``init(params)``, ``update(grads, state, params, lr)``)."""
     config = AdamConfig() if config is None else config
-    return Optimizer(init=adam_init, update=partial(adam_update, config), config=config)
+    return Optimizer(
+        init=adam_init,
+        update=partial(adam_update, config),
+        config=config,
+        eager_update=partial(adam_update_eager, config),
+    )
 
 
 def sgd(config: SGDConfig | None = None) -> Optimizer:

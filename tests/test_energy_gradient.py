@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._pytree import tree_map
 
 import aenet_fn as af
-from aenet_fn.energy_gradient import energy_loss_gradient
+from aenet_fn.energy_gradient import (
+    energy_loss_gradient,
+    energy_plan,
+    energy_table,
+    plan_gradient,
+)
 from aenet_fn.network import ACTIVATIONS
 from aenet_fn.train import batch_loss, func_gradient
 
@@ -21,6 +27,37 @@ def tio2_structures(shared_data):
 PARAMS = af.ChebyshevParams(["Ti", "O"], 6, 5.0, 3, 3.5, min_cutoff=0.5)
 
 
+def _in_float64(tree):
+    return tree_map(
+        lambda t: t.to(torch.float64) if torch.is_tensor(t) and t.is_floating_point() else t, tree
+    )
+
+
+def _assert_gradient_of(model, batch, gradient, errors, force_weight):
+    """``gradient`` and ``errors`` equal torch.func's of ``batch_loss``, evaluated in float64
+    on the same (widened) numbers: float32 results are held to float32 round-off of the truth."""
+    model64, batch64 = _in_float64(model), _in_float64(batch)
+    values64 = model64.network.values
+    expected, (expected_errors, _) = func_gradient(
+        lambda v: batch_loss(model64, v, batch64, force_weight, False), values64
+    )
+    dtype = gradient.dtype
+    tolerance = 1e-11 if dtype == torch.float64 else 2e-4
+    scale = float(expected.abs().max())
+    assert scale > 0
+    torch.testing.assert_close(gradient.double(), expected, rtol=0, atol=tolerance * scale)
+    # the errors are differences of total energies (~1e4 eV here): their round-off, per atom
+    energy_round_off = 8 * torch.finfo(torch.float64).eps * float(batch64.energies.abs().max())
+    if dtype == torch.float32:
+        energy_round_off += 8 * torch.finfo(dtype).eps * float(expected_errors.abs().max())
+    torch.testing.assert_close(
+        errors.double(),
+        expected_errors,
+        rtol=0,
+        atol=energy_round_off / float(batch.n_atoms.min()) + 1e-12,
+    )
+
+
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_hand_gradient_equals_torch_func(tio2_structures, activation, dtype):
@@ -31,15 +68,51 @@ def test_hand_gradient_equals_torch_func(tio2_structures, activation, dtype):
     train = af.featurize_structures(PARAMS, tio2_structures, with_derivatives=False, dtype=dtype)
     model = af.init_model(PARAMS, arch, train, seed=2, atomic_energies=REFERENCES)
     batch = af.take_structures(train, torch.tensor([3, 0, 7, 7, 12, 19, 5]))
-    values = model.network.values
-    expected, (errors, _) = func_gradient(lambda v: batch_loss(model, v, batch, 0.3, False), values)
-    gradient, (hand_errors, differences) = energy_loss_gradient(model, values, batch, 0.3)
-    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
-    scale = float(expected.abs().max())
-    assert scale > 0
-    torch.testing.assert_close(gradient, expected, rtol=0, atol=tolerance * scale)
-    torch.testing.assert_close(hand_errors, errors, rtol=0, atol=0)
+    gradient, (errors, differences) = energy_loss_gradient(model, model.network.values, batch, 0.3)
+    _assert_gradient_of(model, batch, gradient, errors, 0.3)
     assert gradient.dtype == dtype and not differences.any()
+
+
+@pytest.mark.parametrize("activation", ["tanh", "twist", "silu"])
+@pytest.mark.parametrize("batch_size", [1, 3, 7])
+def test_plan_of_consecutive_batches_with_stacked_species(tio2_structures, activation, batch_size):
+    """Both species share one architecture (one batched product per layer, padded atoms);
+    every batch of the plan, the short last one included, equals its own mini-batch's loss."""
+    arch = {s: [(6, activation), (4, "tanh")] for s in ("Ti", "O")}
+    train = af.featurize_structures(PARAMS, tio2_structures, with_derivatives=False)
+    model = af.init_model(PARAMS, arch, train, seed=5, atomic_energies=REFERENCES)
+    order = torch.tensor([5, 5, 11, 0, 18, 2, 9, 12, 16, 6, 17, 3])  # 23-24 atoms each
+    plan = energy_plan(energy_table(model, train), model.network, order, batch_size)
+    assert plan.groups == ((0, 2),) and sum(plan.sizes) == order.numel()
+    for k, selection in enumerate(order.split(batch_size)):
+        gradient, errors = plan_gradient(model.network, plan, k, 0.2)
+        _assert_gradient_of(model, af.take_structures(train, selection), gradient, errors, 0.2)
+
+
+def _spread_molecule(species: list[str], seed: int) -> af.Structure:
+    """Atoms on a jittered line, 1.2 Å apart (no overlaps)."""
+    jitter = 0.2 * torch.rand(len(species), 3, generator=torch.Generator().manual_seed(seed))
+    line = torch.arange(len(species), dtype=torch.float64)[:, None] * torch.tensor([1.2, 0, 0])
+    return af.Structure(line + jitter.double(), species, energy=-3.0 * len(species))
+
+
+@pytest.mark.parametrize(
+    ("species", "stacked"),
+    [
+        (["O", "H", "H", "C"], True),  # widest species 2: 3 × 2 padded ≤ 2 × 4 real atoms
+        (["O", "C"] + ["H"] * 10, False),  # 3 × 10 padded > 2 × 12 real atoms
+    ],
+)
+def test_species_with_very_unequal_counts_are_not_padded_together(species, stacked):
+    params = af.ChebyshevParams(["O", "H", "C"], 4, 4.0, 2, 3.0, min_cutoff=0.1)
+    structure = _spread_molecule(species, seed=len(species))
+    train = af.featurize_structures(params, [structure], with_derivatives=False)
+    model = af.init_model(params, {s: [(3, "tanh")] for s in "OHC"}, train, seed=0)
+    batch = af.take_structures(train, torch.tensor([0]))
+    plan = energy_plan(energy_table(model, train), model.network, torch.tensor([0]), 1)
+    assert plan.groups == (((0, 3),) if stacked else ((0, 1), (1, 1), (2, 1)))
+    gradient, errors = plan_gradient(model.network, plan, 0, 0.0)
+    _assert_gradient_of(model, batch, gradient, errors, 0.0)
 
 
 def test_force_batches_are_refused(tio2_structures):

@@ -75,15 +75,18 @@ def _compare_with_torch(
     x, y, params = _problem(dtype)
     reference = [params.w.clone().requires_grad_(True), params.b.clone().requires_grad_(True)]
     torch_opt = make_torch(reference, **torch_kwargs)
-    state = opt.init(params)
+    state = eager_state = opt.init(params)
+    eager = params
     for _ in range(N_STEPS):
         torch_opt.zero_grad()
         _loss(_Params(*reference), x, y).backward()
         torch_opt.step()
         params, state = opt.update(_grads(params, x, y), state, params)
-        _assert_close(params.w, reference[0].detach(), TOLERANCE[dtype])
-        _assert_close(params.b, reference[1].detach(), TOLERANCE[dtype])
-    assert int(state.step) == N_STEPS
+        eager, eager_state = opt.update_eagerly(_grads(eager, x, y), eager_state, eager)
+        for ours in (params, eager):
+            _assert_close(ours.w, reference[0].detach(), TOLERANCE[dtype])
+            _assert_close(ours.b, reference[1].detach(), TOLERANCE[dtype])
+    assert int(state.step) == int(eager_state.step) == N_STEPS
 
 
 ADAM_GRID = list(
@@ -138,7 +141,8 @@ def test_lr_override_matches_changing_torch_lr(
     torch_opt = make_torch(reference, lr=0.1, weight_decay=0.01)
     if make_torch is torch.optim.SGD:
         torch_opt.param_groups[0]["momentum"] = 0.9
-    state = opt.init(params)
+    state = eager_state = opt.init(params)
+    eager = params
     for k in range(N_STEPS):
         lr = 0.1 * 0.7**k
         torch_opt.param_groups[0]["lr"] = lr
@@ -147,8 +151,10 @@ def test_lr_override_matches_changing_torch_lr(
         torch_opt.step()
         step_lr = torch.tensor(lr, dtype=torch.float64) if lr_as_tensor else lr
         params, state = opt.update(_grads(params, x, y), state, params, step_lr)
-        _assert_close(params.w, reference[0].detach(), 1e-12)
-        _assert_close(params.b, reference[1].detach(), 1e-12)
+        eager, eager_state = opt.update_eagerly(_grads(eager, x, y), eager_state, eager, step_lr)
+        for ours in (params, eager):
+            _assert_close(ours.w, reference[0].detach(), 1e-12)
+            _assert_close(ours.b, reference[1].detach(), 1e-12)
 
 
 def test_dict_and_tuple_pytrees() -> None:
