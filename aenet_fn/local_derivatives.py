@@ -111,61 +111,144 @@ def local_derivatives(
     )
 
 
-class _Contract(torch.autograd.Function):
-    """``v[..., e, k] = Σ_n c[..., e, n] J[e, n, k]`` with shared blocks ``J`` ``[E, n, 3]``.
+_FIELDS = tuple(f.name for f in attrs.fields(LocalDerivatives))
 
-    A linear map, so its backward is the transposed contraction (:class:`_ContractT`, whose
-    backward is this one again, so any order of differentiation works). The point is the
-    ``vmap`` rule: coefficients batched over committee members meet the one shared ``J`` in a
-    single contraction with a member axis, instead of ``vmap``'s generic rule for ``einsum``,
-    which is several times slower here."""
+
+def _members_inner(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """``[..., n, k]`` → ``[n, M, k]`` (leading dims flattened into ``M``), and those dims."""
+    lead = x.shape[:-2]
+    return x.reshape(-1, *x.shape[-2:]).movedim(0, 1).contiguous(), lead
+
+
+def _members_outer(x: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of :func:`_members_inner`."""
+    return x.movedim(1, 0).reshape(*lead, *x.shape[::2])
+
+
+def _split_columns(g: torch.Tensor, n_rad: int, n_ang: int, multi: bool):
+    """The radial and the angular columns of ``∂E/∂G`` ``[N, M, F]`` (each with its
+    typespin-weighted half appended), contiguous for row gathers."""
+    offset = n_rad + n_ang
+    if not multi:
+        return g[..., :n_rad].contiguous(), g[..., n_rad:].contiguous()
+    radial = torch.cat([g[..., :n_rad], g[..., offset : offset + n_rad]], -1)
+    return radial, torch.cat([g[..., n_rad:offset], g[..., offset + n_rad :]], -1)
+
+
+def _entry_coefficients(
+    columns: torch.Tensor, centres: torch.Tensor, spin: torch.Tensor, multi: bool
+) -> torch.Tensor:
+    """``[E, M, n]`` coefficients of each entry: its centre's plain columns, plus (``multi``)
+    its typespin weight times the weighted ones."""
+    rows = columns.index_select(0, centres)
+    if not multi:
+        return rows
+    n = rows.shape[-1] // 2
+    return torch.addcmul(rows[..., :n], spin[:, None, None], rows[..., n:])
+
+
+def _to_positions(layout: tuple[int, int, bool], g: torch.Tensor, *fields) -> torch.Tensor:
+    """``∂E/∂r`` ``[..., N, 3]`` from ``∂E/∂G`` ``[..., N, F]`` (any leading member dims).
+
+    Members sit inside each atom's row, so every gather and scatter moves whole rows and each
+    entry's block meets all members in one small matrix product."""
+    n_rad, n_ang, multi = layout
+    local = LocalDerivatives(**dict(zip(_FIELDS, fields)))
+    g, lead = _members_inner(g)
+    radial_columns, angular_columns = _split_columns(g, n_rad, n_ang, multi)
+    coeff = _entry_coefficients(radial_columns, local.radial_centre, local.radial_spin, multi)
+    radial = torch.bmm(coeff, local.radial)  # [E, M, 3]
+    coeff = _entry_coefficients(angular_columns, local.triplet_centre, local.triplet_spin, multi)
+    on_j, on_k = torch.bmm(coeff, local.angular_first), torch.bmm(coeff, local.angular_second)
+    out = g.new_zeros(g.shape[0], g.shape[1], 3)
+    out = out.index_add(0, local.radial_neighbour, radial).index_add(
+        0, local.radial_centre, -radial
+    )
+    out = out.index_add(0, local.triplet_first, on_j).index_add(0, local.triplet_second, on_k)
+    out = out.index_add(0, local.triplet_centre, -(on_j + on_k))
+    return _members_outer(out, lead)
+
+
+def _from_positions(layout: tuple[int, int, bool], d: torch.Tensor, *fields) -> torch.Tensor:
+    """The transpose of :func:`_to_positions`: ``[..., N, 3]`` → ``[..., N, F]``."""
+    multi = layout[2]
+    local = LocalDerivatives(**dict(zip(_FIELDS, fields)))
+    d, lead = _members_inner(d)
+    at = d.index_select
+    pair = at(0, local.radial_neighbour) - at(0, local.radial_centre)  # [E, M, 3]
+    radial = torch.bmm(pair, local.radial.transpose(1, 2))  # [E, M, n_rad]
+    first = at(0, local.triplet_first) - at(0, local.triplet_centre)
+    second = at(0, local.triplet_second) - at(0, local.triplet_centre)
+    angular = torch.bmm(first, local.angular_first.transpose(1, 2)) + torch.bmm(
+        second, local.angular_second.transpose(1, 2)
+    )
+    blocks = [(local.radial_centre, radial), (local.triplet_centre, angular)]
+    if multi:
+        blocks += [
+            (local.radial_centre, radial * local.radial_spin[:, None, None]),
+            (local.triplet_centre, angular * local.triplet_spin[:, None, None]),
+        ]
+    columns = [
+        d.new_zeros(d.shape[0], d.shape[1], values.shape[-1]).index_add(0, centre, values)
+        for centre, values in blocks
+    ]
+    return _members_outer(torch.cat(columns, dim=-1), lead)
+
+
+class _ToPositions(torch.autograd.Function):
+    """:func:`_to_positions` as a linear map whose backward is :class:`_FromPositions` (and
+    back), so any order of differentiation works. Its ``vmap`` rule keeps committee members
+    that share the derivative data inside the rows (one product per entry for all members)."""
 
     @staticmethod
-    def forward(coeff: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("...en,enk->...ek", coeff, blocks)
+    def forward(layout, g, *fields):
+        return _to_positions(layout, g, *fields)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(inputs[1])
+        ctx.layout = inputs[0]
+        ctx.save_for_backward(*inputs[2:])
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        (blocks,) = ctx.saved_tensors
-        return _ContractT.apply(grad_out, blocks), None
+    def backward(ctx, grad_out):
+        fields = ctx.saved_tensors
+        return None, _FromPositions.apply(ctx.layout, grad_out, *fields), *([None] * len(fields))
 
     @staticmethod
-    def vmap(info, in_dims, coeff, blocks):
-        return _batched(_Contract, "...en,...enk->...ek", in_dims, coeff, blocks)
+    def vmap(info, in_dims, layout, g, *fields):
+        return _members_rule(_ToPositions, _to_positions, in_dims, layout, g, fields)
 
 
-class _ContractT(torch.autograd.Function):
-    """``c[..., e, n] = Σ_k v[..., e, k] J[e, n, k]``: the transpose of :class:`_Contract`."""
+class _FromPositions(torch.autograd.Function):
+    """:func:`_from_positions`; its backward is :class:`_ToPositions`."""
 
     @staticmethod
-    def forward(grad: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("...ek,enk->...en", grad, blocks)
+    def forward(layout, d, *fields):
+        return _from_positions(layout, d, *fields)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(inputs[1])
+        ctx.layout = inputs[0]
+        ctx.save_for_backward(*inputs[2:])
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        (blocks,) = ctx.saved_tensors
-        return _Contract.apply(grad_out, blocks), None
+    def backward(ctx, grad_out):
+        fields = ctx.saved_tensors
+        return None, _ToPositions.apply(ctx.layout, grad_out, *fields), *([None] * len(fields))
 
     @staticmethod
-    def vmap(info, in_dims, grad, blocks):
-        return _batched(_ContractT, "...ek,...enk->...en", in_dims, grad, blocks)
+    def vmap(info, in_dims, layout, x, *fields):
+        return _members_rule(_FromPositions, _from_positions, in_dims, layout, x, fields)
 
 
-def _batched(function, batched_equation, in_dims, values, blocks):
-    """vmap rule shared by both contractions: shared blocks keep the fast path."""
-    values_dim, blocks_dim = in_dims
-    if blocks_dim is None:
-        return function.apply(values.movedim(values_dim, 0), blocks), 0
-    values = values if values_dim is None else values.movedim(values_dim, 0)
-    return torch.einsum(batched_equation, values, blocks.movedim(blocks_dim, 0)), 0
+def _members_rule(function, plain, in_dims, layout, x, fields):
+    """vmap rule of both maps: with shared derivative data the member axis joins the leading
+    member dims; with per-member data (stacked batches) the plain map is vmapped."""
+    x_dim, field_dims = in_dims[1], in_dims[2:]
+    if all(dim is None for dim in field_dims):
+        return function.apply(layout, x.movedim(x_dim, 0), *fields), 0
+    mapped = torch.vmap(lambda v, *f: plain(layout, v, *f), in_dims=(x_dim, *field_dims))
+    return mapped(x, *fields), 0
 
 
 def position_gradient(
@@ -173,21 +256,5 @@ def position_gradient(
 ) -> torch.Tensor:
     """``∂E/∂r`` ``[N, 3]`` (eV/Å) from ``∂E/∂G`` ``feature_gradient`` ``[N, F]`` (raw, not
     normalised features). Differentiable in ``feature_gradient``; forces are the negative."""
-    n_rad, n_ang = params.rad_order + 1, params.ang_order + 1
-    rad_i, rad_j = local.radial_centre, local.radial_neighbour
-    ang_i, ang_j, ang_k = local.triplet_centre, local.triplet_first, local.triplet_second
-    rad_coeff = feature_gradient[rad_i, :n_rad]
-    ang_coeff = feature_gradient[ang_i, n_rad : n_rad + n_ang]
-    if params.multi:
-        offset = n_rad + n_ang
-        rad_weighted = feature_gradient[rad_i, offset : offset + n_rad]
-        ang_weighted = feature_gradient[ang_i, offset + n_rad :]
-        rad_coeff = rad_coeff + local.radial_spin[:, None] * rad_weighted
-        ang_coeff = ang_coeff + local.triplet_spin[:, None] * ang_weighted
-    radial = _Contract.apply(rad_coeff, local.radial)
-    on_j = _Contract.apply(ang_coeff, local.angular_first)
-    on_k = _Contract.apply(ang_coeff, local.angular_second)
-    gradient = feature_gradient.new_zeros(feature_gradient.shape[0], 3)
-    gradient = gradient.index_add(0, rad_j, radial).index_add(0, rad_i, -radial)
-    gradient = gradient.index_add(0, ang_j, on_j).index_add(0, ang_k, on_k)
-    return gradient.index_add(0, ang_i, -(on_j + on_k))
+    layout = (params.rad_order + 1, params.ang_order + 1, params.multi)
+    return _ToPositions.apply(layout, feature_gradient, *(getattr(local, f) for f in _FIELDS))
