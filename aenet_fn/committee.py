@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_map
 from aenet_fn.batch import Batch
 from aenet_fn.descriptor import ChebyshevParams, build_graph
 from aenet_fn.distributed import World
+from aenet_fn.energy_gradient import energy_plan, energy_table, plan_chunks, plan_gradient
 from aenet_fn.featurized import FeaturizedSet, stack_batches, take_structures
 from aenet_fn.loss import accumulate_errors, error_sums_init, metrics_from_sums
 from aenet_fn.network import Architecture, NetworkParams
@@ -40,6 +41,7 @@ from aenet_fn.train import (
     init_model,
     init_train_state,
     member_step,
+    optimizer_of,
     plan_epoch,
 )
 
@@ -133,47 +135,41 @@ def committee_epoch(
     config: TrainConfig,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> tuple[tuple[TrainState, ...], list[dict[str, float]]]:
-    """One epoch of every member, the optimisation steps ``vmap``-ed over the members.
-    Returns the new states and each member's training metrics."""
+    """One epoch of every member, the optimisation steps ``vmap``-ed over the members
+    (energy-only epochs: the members' networks stacked into the batched products of
+    :mod:`aenet_fn.energy_gradient`). Returns the new states and each member's training
+    metrics."""
     check_shared_parts([m.model for m in members])
     planned = [plan_epoch(member, train, config) for member in members]
     members = [state for state, _ in planned]
     orders = [order for _, order in planned]
-    template = members[0].model
-
-    def step(values, opt_state, lrs, batch, shared):
-        batch_dims = tree_map(
-            lambda leaf: 0 if isinstance(leaf, torch.Tensor) and not shared else None, batch
-        )
-        return vmap(
-            lambda v, s, lr, b: member_step(template, v, s, lr, b, config),
-            in_dims=(0, 0, 0, batch_dims),
-        )(values, opt_state, lrs, batch)
-
-    values = torch.stack([m.model.network.values for m in members])
-    opt_state = _stack([m.opt_state for m in members])
-    lrs = torch.tensor([m.lr for m in members], dtype=values.dtype)
-    sums = [error_sums_init() for _ in members]
-    drawn: list[list[torch.Tensor]] = [[] for _ in members]
-    n_batches = math.ceil(orders[0].numel() / config.batch_size)
-    # members of one process: a committee spreads its members over ranks, not its batches
-    streams = [epoch_batches(m, o, train, config, World()) for m, o in zip(members, orders)]
     shared = all(torch.equal(orders[0], order) for order in orders) and all(
         torch.equal(members[0].sampler.force_subset, m.sampler.force_subset) for m in members
     )
-    if shared:  # every member draws the same batches: share them instead of stacking
-        streams = streams[:1]
-    for k, batches in enumerate(zip(*streams)):
-        batch = batches[0] if shared else stack_batches(batches)
-        values, opt_state, (errors, differences) = step(values, opt_state, lrs, batch, shared)
+    values = torch.stack([m.model.network.values for m in members])
+    opt_state = _stack([m.opt_state for m in members])
+    lrs = torch.tensor([m.lr for m in members], dtype=values.dtype)
+    if config.uses_forces:
+        steps = _vmapped_steps(members, orders, shared, values, opt_state, lrs, train, config)
+    else:
+        steps = _energy_steps(members, orders, shared, values, opt_state, lrs, train, config)
+    sums = [error_sums_init() for _ in members]
+    drawn: list[list[torch.Tensor]] = [[] for _ in members]
+    n_batches = math.ceil(orders[0].numel() / config.batch_size)
+    for k, step in enumerate(steps):
+        values, opt_state, errors, forces = step
         for i in range(len(members)):
-            mask = batch.force_atoms if shared else batch.force_atoms[i]
-            sums[i] = accumulate_errors(sums[i], errors[i], differences[i], mask)
             drawn[i].append(errors[i].detach())
+            if forces is not None:
+                differences, mask = forces
+                mask = mask if shared else mask[i]
+                sums[i] = accumulate_errors(sums[i], errors.new_zeros(0), differences[i], mask)
         if on_batch is not None:
             on_batch(k + 1, n_batches)
+    no_forces = torch.zeros(0, 3), torch.zeros(0, dtype=torch.bool)
     new_members = []
     for i, member in enumerate(members):
+        sums[i] = accumulate_errors(sums[i], torch.cat(drawn[i]), *no_forces)
         network = attrs.evolve(member.model.network, values=values[i].clone())
         member = attrs.evolve(
             member,
@@ -182,6 +178,48 @@ def committee_epoch(
         )
         new_members.append(finish_epoch(member, orders[i], drawn[i], config))
     return tuple(new_members), [metrics_from_sums(s) for s in sums]
+
+
+def _vmapped_steps(members, orders, shared, values, opt_state, lrs, train, config):
+    """Steps of :func:`~aenet_fn.train.member_step` vmapped over the members, on batches
+    shared by them or stacked: after each, the stacked values and optimiser states, the
+    members' per-atom energy errors and (force differences, supervised atoms)."""
+    template = members[0].model
+
+    def step(values, opt_state, lrs, batch):
+        batch_dims = tree_map(
+            lambda leaf: 0 if isinstance(leaf, torch.Tensor) and not shared else None, batch
+        )
+        return vmap(
+            lambda v, s, lr, b: member_step(template, v, s, lr, b, config),
+            in_dims=(0, 0, 0, batch_dims),
+        )(values, opt_state, lrs, batch)
+
+    # members of one process: a committee spreads its members over ranks, not its batches
+    streams = [epoch_batches(m, o, train, config, World()) for m, o in zip(members, orders)]
+    if shared:  # every member draws the same batches: share them instead of stacking
+        streams = streams[:1]
+    for batches in zip(*streams):
+        batch = batches[0] if shared else stack_batches(batches)
+        values, opt_state, (errors, differences) = step(values, opt_state, lrs, batch)
+        yield values, opt_state, errors, (differences, batch.force_atoms)
+
+
+def _energy_steps(members, orders, shared, values, opt_state, lrs, train, config):
+    """Energy-only steps of all members at once: plans of their orders (one shared order, or
+    one per member) and one stacked gradient per batch; the update is vmapped."""
+    template = members[0].model
+    table = energy_table(template, train)
+    update = vmap(optimizer_of(config).update)
+    draws = orders[0] if shared else torch.stack(orders)
+    for chunk in plan_chunks(table, draws, config.batch_size):
+        network = attrs.evolve(template.network, values=values)
+        plan = energy_plan(table, network, chunk, config.batch_size)
+        for k in range(len(plan.sizes)):
+            network = attrs.evolve(template.network, values=values)
+            gradient, errors = plan_gradient(network, plan, k, config.force_weight)
+            values, opt_state = update(gradient, opt_state, values, lrs)
+            yield values, opt_state, errors, None
 
 
 def committee_evaluate(

@@ -53,16 +53,17 @@ _MAX_PADDING = 2.0
 @attrs.frozen(eq=False)
 class EnergyPlan:
     """``K`` consecutive energy-only mini-batches of ``batch_size`` structures (the last may
-    be shorter), laid out for :func:`plan_gradient`.
+    be shorter), laid out for :func:`plan_gradient`; for ``W`` committee members with their own
+    orders at once, or for one order (``W = 1``) that any number of members share.
 
     Attributes:
         inputs: per species group, normalised features with a trailing 1 (the bias input),
-            ``[K, S_g, n_max, F + 1]``; rows of zero features pad each species of each batch
-            to ``n_max`` atoms.
-        slots: per group, ``[K, S_g, n_max]`` position of each atom's structure in its batch
+            ``[K, W·S_g, n_max, F + 1]`` (member-major); rows of zero features pad each
+            species of each batch to ``n_max`` atoms.
+        slots: per group, ``[K, W·S_g, n_max]`` position of each atom's structure in its batch
             (``batch_size`` for padding).
-        output_scale: ``[K, batch_size]`` ``1 / (E_scaling N)`` of each structure (1/atom).
-        offset: ``[K, batch_size]`` ``(Σ_atoms (E_shift + E_atomic) − E_ref) / N`` (eV/atom).
+        output_scale: ``[K, W, batch_size]`` ``1 / (E_scaling N)`` of each structure (1/atom).
+        offset: ``[K, W, batch_size]`` ``(Σ_atoms (E_shift + E_atomic) − E_ref) / N`` (eV/atom).
         groups: ``(first species, number of species)`` of each group (static).
         sizes: structures in each batch (static).
     """
@@ -77,6 +78,11 @@ class EnergyPlan:
     @property
     def batch_size(self) -> int:
         """Structures per (full) batch."""
+        return int(self.output_scale.shape[-1])
+
+    @property
+    def n_orders(self) -> int:
+        """``W``: member orders laid out (1: one order for every member)."""
         return int(self.output_scale.shape[1])
 
 
@@ -150,49 +156,52 @@ def energy_table(model: Model, data: FeaturizedSet | MiniBatch) -> EnergyTable:
 def energy_plan(
     table: EnergyTable, network: NetworkParams, draws: torch.Tensor, batch_size: int
 ) -> EnergyPlan:
-    """Lay out the structures ``draws`` ``[D]`` (indices into ``table``, repeats allowed) as
-    ``ceil(D / batch_size)`` consecutive mini-batches of ``batch_size`` structures for
-    :func:`plan_gradient`; each batch's atoms in the order of
-    :func:`~aenet_fn.featurized.take_structures`."""
-    n_draws = draws.shape[0]
+    """Lay out the structures ``draws`` (indices into ``table``, repeats allowed; ``[D]``, or
+    ``[W, D]``: one order per committee member) as ``ceil(D / batch_size)`` consecutive
+    mini-batches of ``batch_size`` structures for :func:`plan_gradient`; each batch's atoms in
+    the order of :func:`~aenet_fn.featurized.take_structures`."""
+    orders = draws.reshape(-1, draws.shape[-1])
+    n_orders, n_draws = orders.shape
     n_batches = math.ceil(n_draws / batch_size)
     padding = n_batches * batch_size - n_draws
-    counts = table.species_counts[draws]  # [D, M]
-    per_batch = torch.cat([counts, counts.new_zeros(padding, counts.shape[1])])
-    per_batch = per_batch.view(n_batches, batch_size, -1).sum(1)  # [K, M]
-    most, totals = per_batch.max(0).values.tolist(), counts.sum(0).tolist()
+    counts = table.species_counts[orders]  # [W, D, M]
+    per_batch = torch.cat([counts, counts.new_zeros(n_orders, padding, counts.shape[2])], 1)
+    per_batch = per_batch.view(n_orders, n_batches, batch_size, -1).sum(2)  # [W, K, M]
+    most, totals = per_batch.amax((0, 1)).tolist(), counts.sum((0, 1)).tolist()
 
     groups = []
     for first, count in _architecture_runs(network):
         members = range(first, first + count)
-        padded = n_batches * count * max(most[s] for s in members)
+        padded = n_orders * n_batches * count * max(most[s] for s in members)
         if count > 1 and padded > _MAX_PADDING * sum(totals[s] for s in members):
             groups += [(s, 1) for s in members]
         else:
             groups.append((first, count))
 
     draw_ids = torch.arange(n_draws, device=draws.device)
-    starts = table.species_start[draws]
+    starts = table.species_start[orders]
     pad_row = table.rows.shape[0] - 1
     inputs, slots = [], []
     for first, count in groups:
         width = max(most[s] for s in range(first, first + count))
-        rows = draws.new_full((n_batches * count * width,), pad_row)
-        where = draws.new_full((n_batches * count * width,), batch_size)
-        for local, s in enumerate(range(first, first + count)):
-            draw = torch.repeat_interleave(draw_ids, counts[:, s])
-            k = draw // batch_size
-            first_of_batch = torch.cumsum(per_batch[:, s], 0) - per_batch[:, s]
-            position = torch.arange(draw.shape[0], device=draws.device) - first_of_batch[k]
-            target = (k * count + local) * width + position
-            rows[target] = ranges(starts[:, s], counts[:, s])
-            where[target] = draw % batch_size
-        inputs.append(table.rows[rows].view(n_batches, count, width, -1))
-        slots.append(where.view(n_batches, count, width))
+        stack = n_orders * count
+        rows = draws.new_full((n_batches * stack * width,), pad_row)
+        where = draws.new_full((n_batches * stack * width,), batch_size)
+        for w in range(n_orders):
+            for local, s in enumerate(range(first, first + count)):
+                draw = torch.repeat_interleave(draw_ids, counts[w, :, s])
+                k = draw // batch_size
+                first_of_batch = torch.cumsum(per_batch[w, :, s], 0) - per_batch[w, :, s]
+                position = torch.arange(draw.shape[0], device=draws.device) - first_of_batch[k]
+                target = (k * stack + w * count + local) * width + position
+                rows[target] = ranges(starts[w, :, s], counts[w, :, s])
+                where[target] = draw % batch_size
+        inputs.append(table.rows[rows].view(n_batches, stack, width, -1))
+        slots.append(where.view(n_batches, stack, width))
 
     def per_draw(values: torch.Tensor, fill: float) -> torch.Tensor:
-        padded = torch.cat([values[draws], values.new_full((padding,), fill)])
-        return padded.view(n_batches, batch_size)
+        padded = torch.cat([values[orders], values.new_full((n_orders, padding), fill)], 1)
+        return padded.view(n_orders, n_batches, batch_size).transpose(0, 1)
 
     return EnergyPlan(
         inputs=tuple(inputs),
@@ -204,18 +213,35 @@ def energy_plan(
     )
 
 
+_PLAN_ATOMS = 1 << 16
+"""Atoms (per member order) laid out by one plan: bounds the copy of their features."""
+
+
+def plan_chunks(
+    table: EnergyTable, draws: torch.Tensor, batch_size: int
+) -> tuple[torch.Tensor, ...]:
+    """``draws`` (``[D]`` or ``[W, D]``) split along the draws into whole batches of about
+    2¹⁶ atoms each, one :func:`energy_plan` apiece."""
+    atoms_per_structure = table.rows.shape[0] / table.species_counts.shape[0]
+    per_plan = max(1, int(_PLAN_ATOMS / (atoms_per_structure * batch_size)))
+    return draws.split(per_plan * batch_size, dim=-1)
+
+
 def _group_layers(network: NetworkParams, first: int, count: int) -> list[torch.Tensor]:
-    """Augmented weights ``[S, in + 1, out]`` (the bias is the last row) of each layer of
-    species ``first .. first + count - 1`` (one architecture). The flat layout stores each
-    weight ``[in, out]`` row-major followed by its bias, so these are strided views of
-    ``network.values``: nothing is copied."""
+    """Augmented weights ``[W·S, in + 1, out]`` (the bias is the last row) of each layer of
+    species ``first .. first + count - 1`` (one architecture), for values ``[P]`` (``W = 1``)
+    or stacked committee values ``[W, P]``. The flat layout stores each weight ``[in, out]``
+    row-major followed by its bias, so these are strided views of ``network.values`` (copied
+    only where the member and species axes cannot merge)."""
     values = network.values.contiguous()
+    lead, lead_strides = values.shape[:-1], values.stride()[:-1]
     per_species = [sum(i * o + o for i, o in zip(sizes[:-1], sizes[1:])) for sizes in network.sizes]
     offset = values.storage_offset() + sum(per_species[:first])
     layers = []
     for fan_in, fan_out in zip(network.sizes[first][:-1], network.sizes[first][1:]):
-        shape, strides = (count, fan_in + 1, fan_out), (per_species[first], fan_out, 1)
-        layers.append(values.as_strided(shape, strides, offset))
+        shape = (*lead, count, fan_in + 1, fan_out)
+        strides = (*lead_strides, per_species[first], fan_out, 1)
+        layers.append(values.as_strided(shape, strides, offset).reshape(-1, fan_in + 1, fan_out))
         offset += (fan_in + 1) * fan_out
     return layers
 
@@ -223,17 +249,23 @@ def _group_layers(network: NetworkParams, first: int, count: int) -> list[torch.
 def plan_gradient(
     network: NetworkParams, plan: EnergyPlan, k: int, force_weight: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient ``[P]`` of the energy-only loss ``(1 − α)·RMSE_E`` of batch ``k`` of ``plan``
-    with respect to ``network.values``, and the batch's per-atom energy errors ``[b_k]``
-    (eV/atom, before the step). Eager: reads the batch's mean square error to the host."""
-    size = plan.sizes[k]
-    sums = plan.offset.new_zeros(plan.batch_size + 1)
+    """Gradient of the energy-only loss ``(1 − α)·RMSE_E`` of batch ``k`` of ``plan`` with
+    respect to ``network.values`` (``[P]``, or ``[W, P]`` for committee members, each with its
+    own loss), and the batch's per-atom energy errors ``[b_k]`` (``[W, b_k]``; eV/atom, before
+    the step)."""
+    values = network.values
+    n_members = values.shape[0] if values.ndim == 2 else 1
+    size, slots_per_batch = plan.sizes[k], plan.batch_size + 1
+    member_offset = torch.arange(n_members, device=values.device)[:, None] * slots_per_batch
+    sums = plan.offset.new_zeros(n_members * slots_per_batch)
     passes = []
     for g, (first, count) in enumerate(plan.groups):
         layers = _group_layers(network, first, count)
         activations = network.activations[first]
-        inputs = [plan.inputs[g][k]]  # each with a trailing column of ones (the bias input)
-        preactivations = []
+        x = plan.inputs[g][k]  # each layer input with a trailing column of ones (the bias input)
+        if plan.n_orders != n_members:  # one order shared by every member
+            x = x.expand(n_members, *x.shape).reshape(-1, *x.shape[1:])
+        inputs, preactivations = [x], []
         for weight, name in zip(layers[:-1], activations):
             z = torch.bmm(inputs[-1], weight)
             preactivations.append(z)
@@ -241,20 +273,24 @@ def plan_gradient(
             augmented[..., :-1] = ACTIVATIONS[name](z)
             inputs.append(augmented)
         outputs = torch.bmm(inputs[-1], layers[-1])
-        sums.index_add_(0, plan.slots[g][k].flatten(), outputs.flatten())
-        passes.append((layers, activations, inputs, preactivations))
+        slots = (plan.slots[g][k].view(plan.n_orders, -1) + member_offset).flatten()
+        sums.index_add_(0, slots, outputs.flatten())
+        passes.append((layers, activations, inputs, preactivations, slots))
 
-    errors = torch.addcmul(plan.offset[k, :size], sums[:size], plan.output_scale[k, :size])
-    mean_square = float(torch.dot(errors, errors)) / size
+    sums = sums.view(n_members, slots_per_batch)
+    scale = plan.output_scale[k, :, :size]
+    errors = torch.addcmul(plan.offset[k, :, :size], sums[:, :size], scale)  # [W, b_k]
+    mean_square = (errors * errors).mean(1, keepdim=True)
     # d[(1 − α) rmse]/d errors; zero where autograd's clamp_min(tiny) would be active
     tiny = torch.finfo(errors.dtype).tiny
-    scale = (1.0 - force_weight) / (math.sqrt(mean_square) * size) if mean_square >= tiny else 0.0
-    output_grad = sums.new_zeros(plan.batch_size + 1)
-    torch.mul(errors, plan.output_scale[k, :size], out=output_grad[:size]).mul_(scale)
+    factor = (1.0 - force_weight) / size * (mean_square >= tiny).to(errors.dtype)
+    factor = factor * torch.rsqrt(mean_square.clamp_min(tiny))
+    output_grad = sums.new_zeros(n_members, slots_per_batch)
+    output_grad[:, :size] = errors * scale * factor
 
     pieces = []
-    for g, (layers, activations, inputs, preactivations) in enumerate(passes):
-        delta = output_grad[plan.slots[g][k]].unsqueeze(-1)  # [S, n, 1]
+    for layers, activations, inputs, preactivations, slots in passes:
+        delta = output_grad.view(-1)[slots].view(inputs[0].shape[0], -1, 1)  # [W·S, n, 1]
         grads = []
         for layer in reversed(range(len(layers))):
             if layer < len(activations):
@@ -264,9 +300,11 @@ def plan_gradient(
             grads.append(torch.bmm(inputs[layer].transpose(1, 2), delta))
             if layer > 0:
                 delta = torch.bmm(delta, layers[layer][:, :-1].transpose(1, 2))
-        count = layers[0].shape[0]
-        pieces.append(torch.cat([grad.reshape(count, -1) for grad in reversed(grads)], 1))
-    return torch.cat([piece.reshape(-1) for piece in pieces]), errors
+        count = inputs[0].shape[0] // n_members
+        per_species = [grad.reshape(n_members, count, -1) for grad in reversed(grads)]
+        pieces.append(torch.cat(per_species, 2).reshape(n_members, -1))
+    gradient = torch.cat(pieces, 1).view(values.shape)
+    return gradient, errors.view(*values.shape[:-1], size)
 
 
 def energy_loss_gradient(

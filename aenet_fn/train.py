@@ -35,6 +35,7 @@ from aenet_fn.energy_gradient import (
     energy_loss_gradient,
     energy_plan,
     energy_table,
+    plan_chunks,
     plan_gradient,
 )
 from aenet_fn.featurized import FeaturizedSet, MiniBatch
@@ -528,8 +529,6 @@ def finish_epoch(
     return attrs.evolve(state, sampler=attrs.evolve(state.sampler, scores=scores))
 
 
-_PLAN_ATOMS = 1 << 16
-"""Atoms laid out at a time by the energy-only epoch (bounds the copy of their features)."""
 _TABLE_ELEMENTS = 1 << 25
 """Largest featurized set (atoms × features) whose energy-only epochs use an EnergyTable."""
 
@@ -554,9 +553,7 @@ def _energy_steps(
     """The steps of an energy-only epoch from :class:`EnergyPlan` s of many batches each:
     after each batch, the state and the batch's per-atom energy errors (as :func:`train_step`
     gives them)."""
-    atoms_per_structure = table.rows.shape[0] / table.species_counts.shape[0]
-    per_plan = max(1, int(_PLAN_ATOMS / (atoms_per_structure * config.batch_size)))
-    for draws in order.split(per_plan * config.batch_size):
+    for draws in plan_chunks(table, order, config.batch_size):
         plan = energy_plan(table, state.model.network, draws, config.batch_size)
         for k in range(len(plan.sizes)):
             network = state.model.network

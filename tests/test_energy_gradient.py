@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import torch
 from torch.utils._pytree import tree_map
@@ -87,6 +88,33 @@ def test_plan_of_consecutive_batches_with_stacked_species(tio2_structures, activ
     for k, selection in enumerate(order.split(batch_size)):
         gradient, errors = plan_gradient(model.network, plan, k, 0.2)
         _assert_gradient_of(model, af.take_structures(train, selection), gradient, errors, 0.2)
+
+
+@pytest.mark.parametrize("own_orders", [False, True])
+def test_committee_members_in_one_plan_equal_each_member_alone(tio2_structures, own_orders):
+    """Stacked member values: with one shared order or an order per member, every member's
+    gradient and errors equal those of its own single-member plan."""
+    arch = {s: [(5, "tanh"), (4, "twist")] for s in ("Ti", "O")}
+    train = af.featurize_structures(PARAMS, tio2_structures, with_derivatives=False)
+    members = [
+        af.init_model(PARAMS, arch, train, seed=s, atomic_energies=REFERENCES) for s in (1, 2, 3)
+    ]
+    stacked = attrs.evolve(
+        members[0].network, values=torch.stack([m.network.values for m in members])
+    )
+    table = energy_table(members[0], train)
+    generator = torch.Generator().manual_seed(4)
+    orders = torch.stack([torch.randperm(20, generator=generator)[:11] for _ in members])
+    draws = orders if own_orders else orders[0]
+    plan = energy_plan(table, stacked, draws, 4)
+    assert plan.n_orders == (3 if own_orders else 1)
+    for k in range(len(plan.sizes)):
+        gradients, errors = plan_gradient(stacked, plan, k, 0.1)
+        for i, member in enumerate(members):
+            alone = energy_plan(table, member.network, orders[i] if own_orders else draws, 4)
+            expected_gradient, expected_errors = plan_gradient(member.network, alone, k, 0.1)
+            torch.testing.assert_close(gradients[i], expected_gradient, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(errors[i], expected_errors, rtol=1e-12, atol=1e-14)
 
 
 def _spread_molecule(species: list[str], seed: int) -> af.Structure:
