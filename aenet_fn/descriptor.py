@@ -179,15 +179,16 @@ def build_graph(params: ChebyshevParams, batch: Batch) -> DescriptorGraph:
         batch.positions, batch.cells, batch.pbc, batch.structure_index, params.cutoff
     )
     beyond_minimum = torch.nonzero(distance > params.min_cutoff).flatten()
-    pairs, distance = neighbors.select(beyond_minimum), distance[beyond_minimum]
+    pairs = neighbors.select(beyond_minimum)
+    distance = distance.index_select(0, beyond_minimum)
     radial = torch.nonzero(distance <= params.rad_cutoff).flatten()
     angular = torch.nonzero(distance <= params.ang_cutoff).flatten()
     first, second = _triplets(pairs.centers[angular], batch.positions.shape[0])
     return DescriptorGraph(
         pairs=pairs,
         radial=radial,
-        triplet_first=angular[first],
-        triplet_second=angular[second],
+        triplet_first=angular.index_select(0, first),
+        triplet_second=angular.index_select(0, second),
         species=lookup[batch.species_index],
     )
 
@@ -295,24 +296,29 @@ def _chunk_features(params, positions, cells, structure_index, graph, first_atom
     vectors = pair_vectors(positions, cells, structure_index, graph.pairs)
     distance = torch.linalg.vector_norm(vectors, dim=1)
     centers = graph.pairs.centers - first_atom
-    neighbour_species = graph.species[graph.pairs.neighbors] if params.multi else None
+    neighbour_species = (
+        graph.species.index_select(0, graph.pairs.neighbors) if params.multi else None
+    )
 
-    radial_terms = _radial_rows(params, distance[graph.radial])  # [n_rad, E_r]
-    radial_channel = centers[graph.radial] * n_species
+    radial_terms = _radial_rows(params, distance.index_select(0, graph.radial))  # [n_rad, E_r]
+    radial_channel = centers.index_select(0, graph.radial) * n_species
     if params.multi:
-        radial_channel = radial_channel + neighbour_species[graph.radial]
+        radial_channel = radial_channel + neighbour_species.index_select(0, graph.radial)
     radial = radial_terms.new_zeros(radial_terms.shape[0], n_atoms * n_species)
     radial = radial.index_add(1, radial_channel, radial_terms)
 
     units = vectors / distance[:, None]
     first, second = graph.triplet_first, graph.triplet_second
-    cosine = (units[first] * units[second]).sum(dim=1).clamp(-1.0, 1.0)
+    cosine = (units.index_select(0, first) * units.index_select(0, second)).sum(dim=1)
+    cosine = cosine.clamp(-1.0, 1.0)
     fc_ang = cutoff_function(distance, params.ang_cutoff)
-    angular_terms = scaled_chebyshev(cosine, fc_ang[first] * fc_ang[second], params.ang_order)
-    angular_channel = centers[first] * n_species**2
+    fc_pair = fc_ang.index_select(0, first) * fc_ang.index_select(0, second)
+    angular_terms = scaled_chebyshev(cosine, fc_pair, params.ang_order)
+    angular_channel = centers.index_select(0, first) * n_species**2
     if params.multi:
         angular_channel = angular_channel + (
-            neighbour_species[first] * n_species + neighbour_species[second]
+            neighbour_species.index_select(0, first) * n_species
+            + neighbour_species.index_select(0, second)
         )
     angular = angular_terms.new_zeros(angular_terms.shape[0], n_atoms * n_species**2)
     angular = angular.index_add(1, angular_channel, angular_terms)

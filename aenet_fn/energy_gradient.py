@@ -196,7 +196,7 @@ def energy_plan(
                 target = (k * stack + w * count + local) * width + position
                 rows[target] = ranges(starts[w, :, s], counts[w, :, s])
                 where[target] = draw % batch_size
-        inputs.append(table.rows[rows].view(n_batches, stack, width, -1))
+        inputs.append(table.rows.index_select(0, rows).view(n_batches, stack, width, -1))
         slots.append(where.view(n_batches, stack, width))
 
     def per_draw(values: torch.Tensor, fill: float) -> torch.Tensor:

@@ -53,11 +53,14 @@ class Neighbors:
     def __len__(self) -> int:
         return int(self.centers.shape[0])
 
-    def select(self, mask_or_index: torch.Tensor) -> Neighbors:
-        """The entries picked by a boolean mask or an index tensor."""
-        return Neighbors(
-            self.centers[mask_or_index], self.neighbors[mask_or_index], self.shifts[mask_or_index]
-        )
+    def select(self, mask_or_index: torch.Tensor | slice) -> Neighbors:
+        """The entries picked by a boolean mask, an index tensor or a slice."""
+        indices = isinstance(mask_or_index, torch.Tensor) and mask_or_index.dtype != torch.bool
+
+        def pick(values: torch.Tensor) -> torch.Tensor:
+            return values.index_select(0, mask_or_index) if indices else values[mask_or_index]
+
+        return Neighbors(pick(self.centers), pick(self.neighbors), pick(self.shifts))
 
 
 def pair_vectors(
@@ -67,9 +70,10 @@ def pair_vectors(
 
     Differentiable in ``positions`` ``[N, 3]`` and ``cells`` ``[B, 3, 3]``.
     """
-    cell_of_pair = cells[structure_index[pairs.centers]]
+    cell_of_pair = cells.index_select(0, structure_index.index_select(0, pairs.centers))
     lattice = torch.einsum("ei,eij->ej", pairs.shifts.to(positions.dtype), cell_of_pair)
-    return positions[pairs.neighbors] - positions[pairs.centers] + lattice
+    ends = positions.index_select(0, pairs.neighbors) - positions.index_select(0, pairs.centers)
+    return ends + lattice
 
 
 def _check_inputs(positions, cells, pbc, structure_index, cutoff) -> None:
@@ -256,12 +260,15 @@ def neighbors_with_distances(
         gap = points.index_select(0, point) - centre_points.index_select(0, centre)
         distance = torch.linalg.vector_norm(gap, dim=1)
         close = torch.nonzero(distance <= cutoff).flatten()
-        centre, point, distance = centre[close], point[close], distance[close]
-        neighbour, shift = atom[point], translation[point]
+        centre, point, distance = (x.index_select(0, close) for x in (centre, point, distance))
+        neighbour, shift = atom.index_select(0, point), translation.index_select(0, point)
         keep = (neighbour != centre) | (shift != 0).any(dim=1)  # drop (i, i, T = 0)
-        centre, neighbour, shift = centre[keep], neighbour[keep], shift[keep]
-        shift = shift - wraps[neighbour] + wraps[centre]  # relative to r as given
-        return centre, neighbour, shift, distance[keep]
+        keep = torch.nonzero(keep).flatten()
+        centre, neighbour, shift, distance = (
+            x.index_select(0, keep) for x in (centre, neighbour, shift, distance)
+        )
+        shift = shift - wraps.index_select(0, neighbour) + wraps.index_select(0, centre)
+        return centre, neighbour, shift, distance  # shifts relative to r as given
 
     chunks = [
         search(low, min(low + _CENTRE_CHUNK, n_atoms)) for low in range(0, n_atoms, _CENTRE_CHUNK)
