@@ -243,12 +243,18 @@ class _FromPositions(torch.autograd.Function):
 
 def _members_rule(function, plain, in_dims, layout, x, fields):
     """vmap rule of both maps: with shared derivative data the member axis joins the leading
-    member dims; with per-member data (stacked batches) the plain map is vmapped."""
+    member dims; with per-member data (stacked batches) the plain map runs per member."""
     x_dim, field_dims = in_dims[1], in_dims[2:]
     if all(dim is None for dim in field_dims):
         return function.apply(layout, x.movedim(x_dim, 0), *fields), 0
-    mapped = torch.vmap(lambda v, *f: plain(layout, v, *f), in_dims=(x_dim, *field_dims))
-    return mapped(x, *fields), 0
+    size = next(f.shape[d] for f, d in zip(fields, field_dims) if d is not None)
+    x = x.unsqueeze(0).expand(size, *x.shape) if x_dim is None else x.movedim(x_dim, 0)
+    fields = [f if d is None else f.movedim(d, 0) for f, d in zip(fields, field_dims)]
+    members = [
+        plain(layout, x[m], *(f if d is None else f[m] for f, d in zip(fields, field_dims)))
+        for m in range(size)
+    ]  # one plain map per member: unbatched indices keep the fast gather/scatter kernels
+    return torch.stack(members), 0
 
 
 def position_gradient(
