@@ -224,10 +224,6 @@ def adam_update(
     Returns:
         ``(new_params, new_state)``; the inputs are not modified.
     """
-    param_leaves, spec = pytree.tree_flatten(params)
-    grad_leaves = _flatten_like(grads, spec, "grads")
-    mu_leaves = _flatten_like(state.mu, spec, "state.mu")
-    nu_leaves = _flatten_like(state.nu, spec, "state.nu")
     step = state.step + 1
     # torch evaluates the bias corrections in double precision from the step count
     step_f = step.to(torch.float64)
@@ -236,11 +232,26 @@ def adam_update(
     lr_t = _lr_tensor(config.lr if lr is None else lr, step)
     neg_step_size = -(lr_t / bias_correction1)
 
+    def new_leaf(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        denom = v.sqrt() / bias_correction2_sqrt.to(p.dtype) + config.epsilon
+        return p + neg_step_size.to(p.dtype) * m / denom
+
+    return _adam_leaves(config, grads, state, params, step, new_leaf)
+
+
+def _adam_leaves(config: AdamConfig, grads, state: AdamState, params, step, new_leaf):
+    """The per-leaf loop of both Adam forms: new moments, then ``new_leaf(p, m, v)``."""
+    param_leaves, spec = pytree.tree_flatten(params)
+    grad_leaves = _flatten_like(grads, spec, "grads")
+    mu_leaves = _flatten_like(state.mu, spec, "state.mu")
+    nu_leaves = _flatten_like(state.nu, spec, "state.nu")
     new_params, new_mu, new_nu = [], [], []
     for p, g, m, v in zip(param_leaves, grad_leaves, mu_leaves, nu_leaves):
-        m, v = _adam_moments(config, g, p, m, v)
-        denom = v.sqrt() / bias_correction2_sqrt.to(p.dtype) + config.epsilon
-        new_params.append(p + neg_step_size.to(p.dtype) * m / denom)
+        if config.weight_decay != 0.0:
+            g = torch.add(g, p, alpha=config.weight_decay)
+        m = torch.lerp(m, g, 1.0 - config.beta1)
+        v = torch.addcmul(v * config.beta2, g, g, value=1.0 - config.beta2)
+        new_params.append(new_leaf(p, m, v))
         new_mu.append(m)
         new_nu.append(v)
     new_state = AdamState(
@@ -249,14 +260,6 @@ def adam_update(
         nu=pytree.tree_unflatten(new_nu, spec),
     )
     return pytree.tree_unflatten(new_params, spec), new_state
-
-
-def _adam_moments(config: AdamConfig, g, p, m, v) -> tuple[torch.Tensor, torch.Tensor]:
-    """New first and second moments of one leaf (L2 weight decay folded into ``g``)."""
-    if config.weight_decay != 0.0:
-        g = torch.add(g, p, alpha=config.weight_decay)
-    m = torch.lerp(m, g, 1.0 - config.beta1)
-    return m, torch.addcmul(v * config.beta2, g, g, value=1.0 - config.beta2)
 
 
 def adam_update_eager(
@@ -270,26 +273,15 @@ def adam_update_eager(
     read and the bias corrections are Python numbers, exactly as ``torch.optim.Adam`` forms
     them, which saves a dozen small tensor operations per step (reading the count is a host
     synchronisation on accelerators). Not ``vmap``-able."""
-    param_leaves, spec = pytree.tree_flatten(params)
-    grad_leaves = _flatten_like(grads, spec, "grads")
-    mu_leaves = _flatten_like(state.mu, spec, "state.mu")
-    nu_leaves = _flatten_like(state.nu, spec, "state.nu")
     step = int(state.step) + 1
     step_size = _number("lr", config.lr if lr is None else float(lr)) / (1 - config.beta1**step)
     bias_correction2_sqrt = (1 - config.beta2**step) ** 0.5
-    new_params, new_mu, new_nu = [], [], []
-    for p, g, m, v in zip(param_leaves, grad_leaves, mu_leaves, nu_leaves):
-        m, v = _adam_moments(config, g, p, m, v)
+
+    def new_leaf(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         denom = (v.sqrt() / bias_correction2_sqrt).add_(config.epsilon)
-        new_params.append(torch.addcdiv(p, m, denom, value=-step_size))
-        new_mu.append(m)
-        new_nu.append(v)
-    new_state = AdamState(
-        step=state.step + 1,
-        mu=pytree.tree_unflatten(new_mu, spec),
-        nu=pytree.tree_unflatten(new_nu, spec),
-    )
-    return pytree.tree_unflatten(new_params, spec), new_state
+        return torch.addcdiv(p, m, denom, value=-step_size)
+
+    return _adam_leaves(config, grads, state, params, state.step + 1, new_leaf)
 
 
 # --------------------------------------------------------------------------------------------

@@ -418,3 +418,20 @@ def test_plateau_state_serialises_and_is_static() -> None:
     state = PlateauState(lr=0.1, best=math.inf, num_bad_epochs=3, cooldown_counter=1)
     assert from_tree(to_tree(state)) == state
     assert pytree.tree_leaves(state) == []  # tree_map over a training state leaves it alone
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_eager_adam_is_bitwise_torch_optim(weight_decay: float) -> None:
+    """The eager form forms the bias corrections as Python numbers, as torch.optim does."""
+    generator = torch.Generator().manual_seed(3)
+    params = torch.randn(40, dtype=torch.float64, generator=generator)
+    reference = params.clone().requires_grad_(True)
+    torch_opt = torch.optim.Adam([reference], lr=0.02, weight_decay=weight_decay)
+    opt = adam(AdamConfig(lr=0.02, weight_decay=weight_decay))
+    state = opt.init(params)
+    for _ in range(15):
+        grads = torch.randn(40, dtype=torch.float64, generator=generator)
+        reference.grad = grads.clone()
+        torch_opt.step()
+        params, state = opt.update_eagerly(grads, state, params)
+        assert torch.equal(params, reference.detach())
