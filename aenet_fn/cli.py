@@ -61,7 +61,6 @@ import torch
 from aenet_fn import calculator
 from aenet_fn.ascii_potential import read_aenet_ascii, training_info, write_aenet_ascii
 from aenet_fn.atomic import atomic_write_text
-from aenet_fn.data import filter_structures, split_structures
 from aenet_fn.io.ase_io import read_structures
 from aenet_fn.io.train import TrainOut, write_energies, write_history
 from aenet_fn.network import check_architecture
@@ -407,13 +406,6 @@ def parse_config(
     data = _check_section(raw["data"], "data", _DATA_KEYS, source)
     if ("paths" in data) == ("hdf5" in data):
         raise ConfigError(f"{source}: [data] give either 'paths' or 'hdf5'")
-    if committee is not None:
-        for name in ("test_paths", "hdf5"):
-            if name in data:
-                raise ConfigError(
-                    f"{source}: [data] {name} is not supported with [committee] (the committee "
-                    "trainer splits the structures of 'paths' by [training] testpercent)"
-                )
     if "hdf5" in data and ("test_paths" in data or "format" in data):
         raise ConfigError(f"{source}: [data] 'hdf5' excludes 'test_paths' and 'format'")
     hdf5 = None
@@ -748,11 +740,12 @@ def run_training(
     return TrainingRun(potential, train_s, test_s, metrics, files, time.perf_counter() - start)
 
 
-def _train_single(run: RunConfig):
-    """A single potential from datasets: the split is drawn here (as the trainer would), so
-    that the output can report it."""
+def _datasets(run: RunConfig):
+    """The training and test datasets of ``run`` and their structures: the split is drawn here
+    (as the trainer would), so that the output can report it."""
     config = run.training
     descriptor = run.descriptor
+    filters = {"max_energy": config.max_energy, "max_forces": config.max_forces}
     if run.hdf5 is not None:
         from aenet_fn.torch_training.hdf5_dataset import HDF5StructureDataset
 
@@ -766,7 +759,6 @@ def _train_single(run: RunConfig):
     else:
         structures = read_structure_files(run.paths, run.format)
         _check_labels(structures, descriptor, "[data] paths")
-        filters = {"max_energy": config.max_energy, "max_forces": config.max_forces}
         config.max_energy = config.max_forces = None  # the datasets filter
         dataset = StructureDataset(
             structures, descriptor, atomic_energies=config.atomic_energies, **filters
@@ -785,25 +777,27 @@ def _train_single(run: RunConfig):
         )
         train_s = [structures[i] for i in train_dataset.indices]
         test_s = [structures[i] for i in test_dataset.indices]
-    if not test_s:
-        test_dataset = None
-    potential = TorchANNPotential(run.arch, descriptor)
-    potential.train(train_dataset=train_dataset, test_dataset=test_dataset, config=config)
+    return train_dataset, test_dataset if test_s else None, train_s, test_s
+
+
+def _train_single(run: RunConfig):
+    """A single potential trained on the datasets of ``run``."""
+    train_dataset, test_dataset, train_s, test_s = _datasets(run)
+    potential = TorchANNPotential(run.arch, run.descriptor)
+    potential.train(train_dataset=train_dataset, test_dataset=test_dataset, config=run.training)
     return potential, train_s, test_s, [TrainOut.from_torch_history(potential.history)]
 
 
 def _train_committee(run: RunConfig):
-    """A committee trained together (vmap by default); the split is the trainer's own, drawn
-    again from the same seed for the report."""
-    config = run.training
-    structures = read_structure_files(run.paths, run.format)
-    _check_labels(structures, run.descriptor, "[data] paths")
+    """A committee trained together (vmap by default) on the datasets of ``run``."""
+    train_dataset, test_dataset, train_s, test_s = _datasets(run)
     committee = TorchCommitteePotential(run.arch, run.descriptor)
-    result = committee.train(structures=structures, config=config, committee_config=run.committee)
-    kept, _ = filter_structures(
-        structures, config.atomic_energies, config.max_energy, config.max_forces
+    result = committee.train(
+        train_dataset=train_dataset,
+        test_dataset=test_dataset,
+        config=run.training,
+        committee_config=run.committee,
     )
-    train_s, test_s = split_structures(kept, config.testpercent, config.split_seed)
     return committee, train_s, test_s, result.trainouts
 
 

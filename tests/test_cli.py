@@ -186,6 +186,19 @@ def test_featurize_then_train_from_the_database(shared_data, tmp_path):
     config["data"] = {"hdf5": "tio2.h5"}
     assert main(["train", str(write_config(tmp_path, config)), "--no-progress"]) == 0
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]["n_structures"] == 2
+    config["committee"] = {"members": 2, "base_seed": 5}
+    config["output"] = {"directory": "committee"}
+    assert main(["train", str(write_config(tmp_path, config)), "--no-progress"]) == 0
+    assert (tmp_path / "committee" / "committee_metadata.json").is_file()
+    assert json.loads((tmp_path / "committee" / "metrics.json").read_text())["train"]
+
+
+def test_committee_with_separate_test_files(shared_data, tmp_path):
+    config = tables(shared_data, committee=True)
+    config["data"]["test_paths"] = [str(shared_data / "tio2" / "structure-009.xsf")]
+    assert main(["train", str(write_config(tmp_path, config)), "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["test"]["n_structures"] == 1 and metrics["train"]["n_structures"] == 8
 
 
 def _rename(section: str, old: str, new: str):

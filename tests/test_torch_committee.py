@@ -187,3 +187,47 @@ def test_committee_ascii_export_reproduces_every_member(setup, tmp_path):
     assert str(len(structures)) in text  # the training-set section counts the structures
     with pytest.raises(ValueError, match="descriptor_stats cannot be written"):
         committee.members[0].to_aenet_ascii(tmp_path / "x", descriptor_stats={"mean": [0.0]})
+
+
+def test_committee_trains_on_datasets_like_on_structures(setup, tmp_path):
+    """train_dataset/test_dataset holding the structures path's own split train the same
+    members; dataset= is split once for all members; the datasets own the references."""
+    from aenet_fn.data import split_structures
+    from aenet_fn.torch_training import StructureDataset
+
+    structures, runs = setup
+    committee, expected = runs["vmap"]
+    descriptor = committee.descriptor
+    config = TorchTrainingConfig(
+        iterations=2,
+        method=Adam(mu=0.003, batchsize=4),
+        testpercent=25,
+        split_seed=7,
+        force_weight=0.2,
+        checkpoint_dir=None,
+        show_progress=False,
+    )
+    train_part, test_part = split_structures(structures, 25, 7)
+    on_datasets = TorchCommitteePotential(committee.arch, descriptor)
+    result = on_datasets.train(
+        train_dataset=StructureDataset(train_part, descriptor, atomic_energies=E_ATOM),
+        test_dataset=StructureDataset(test_part, descriptor, atomic_energies=E_ATOM),
+        config=config,
+        committee_config=TorchCommitteeConfig(
+            num_members=3, base_seed=11, output_dir=tmp_path / "datasets"
+        ),
+    )
+    assert [m.seed for m in result.members] == [11, 12, 13]
+    for mine, reference in zip(on_datasets.members, committee.members):
+        torch.testing.assert_close(
+            mine.model.network.values, reference.model.network.values, rtol=0, atol=1e-12
+        )
+    whole = TorchCommitteePotential(committee.arch, descriptor)
+    split_once = whole.train(
+        dataset=StructureDataset(structures, descriptor, atomic_energies=E_ATOM),
+        config=config,
+        committee_config=TorchCommitteeConfig(num_members=2, output_dir=tmp_path / "whole"),
+    )
+    assert all(np.isfinite(t.errors["RMSE_test"]).all() for t in split_once.trainouts)
+    with pytest.raises(ValueError, match="needs structures=, dataset= or train_dataset="):
+        whole.train(config=config, committee_config=TorchCommitteeConfig(num_members=2))

@@ -11,6 +11,7 @@ member together with ``vmap`` (``execution="vmap"``, the default) or one after a
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -34,9 +35,8 @@ from aenet_fn.committee import (
     init_committee,
     member_seeds,
 )
-from aenet_fn.data import filter_structures, split_structures
 from aenet_fn.distributed import World, agreed_seed, all_gather_objects, current_world, members_of
-from aenet_fn.featurized import featurize_structures
+from aenet_fn.featurized import FeaturizedSet
 from aenet_fn.io.predict import PredictOut
 from aenet_fn.io.train import TrainOut, read_history, write_history
 from aenet_fn.mlip.ensemble import AenetEnsembleResult, validate_aggregation_mode
@@ -45,6 +45,7 @@ from aenet_fn.torch_featurize.chebyshev import ChebyshevDescriptor
 from aenet_fn.torch_training.config import TorchTrainingConfig
 from aenet_fn.torch_training.trainer import (
     TorchANNPotential,
+    _training_dtype,
     check_reference_species,
     convert_to_structures,
 )
@@ -308,39 +309,45 @@ class TorchCommitteePotential:
         config: TorchTrainingConfig | None = None,
         committee_config: TorchCommitteeConfig | None = None,
     ) -> TorchCommitteeTrainResult:
-        """Train the committee on ``structures`` and write the output layout."""
+        """Train the committee and write the output layout. Data sources as
+        :meth:`TorchANNPotential.train`: ``train_dataset`` (+ ``test_dataset``), ``dataset``
+        (split by ``testpercent``/``split_seed`` unless ``test_dataset`` is given) or
+        ``structures``; the split is resolved once and shared by every member, and prebuilt
+        datasets own their ``atomic_energies``."""
         config = TorchTrainingConfig() if config is None else config
         committee_config = committee_config or TorchCommitteeConfig(num_members=2)
         config.validate()
         check_reference_species(
             config.atomic_energies, self.descriptor.species, "TorchTrainingConfig.atomic_energies"
         )
-        if structures is None:
-            raise ValueError("TorchCommitteePotential.train needs structures=")
         world = current_world()
         split_seed = agreed_seed(config.split_seed, world)
-        structures = convert_to_structures(structures)
-        kept, _ = filter_structures(
-            structures, config.atomic_energies, config.max_energy, config.max_forces
-        )
-        train_structures, test_structures = split_structures(kept, config.testpercent, split_seed)
-        params = self.descriptor.params
-        forces = config.force_weight > 0
-        train = featurize_structures(
-            params, train_structures, with_derivatives=forces, dtype=self.descriptor.dtype
-        )
-        test = (
-            featurize_structures(
-                params, test_structures, with_derivatives=forces, dtype=self.descriptor.dtype
+        config = copy.copy(config)  # the caller's config keeps its own split_seed
+        config.split_seed = split_seed
+        resolver = TorchANNPotential(self.arch, self.descriptor)
+        dtype, forces = _training_dtype(config, self.descriptor.dtype), config.force_weight > 0
+        if train_dataset is not None or dataset is not None:
+            data = resolver._data_from_datasets(
+                dataset, train_dataset, test_dataset, config, dtype, forces
             )
-            if test_structures
-            else None
-        )
+        elif structures is not None:
+            data = resolver._data_from_structures(structures, config, dtype, forces)
+        else:
+            raise ValueError(
+                "TorchCommitteePotential.train needs structures=, dataset= or train_dataset="
+            )
+        train, test = data.train, data.test
+        if committee_config.execution == "vmap" and not isinstance(train, FeaturizedSet):
+            raise ValueError(
+                "vmapped committees train on featurized sets in memory: use num_workers=0, or "
+                'TorchCommitteeConfig(execution="sequential") for DataLoader workers'
+            )
+        params = self.descriptor.params
         seeds = committee_config.seeds(agreed_seed(config.seed, world))
         mine = members_of(len(seeds), world)
         core = config.to_train_config()
         options = {
-            "atomic_energies": config.atomic_energies,
+            "atomic_energies": data.atomic_energies,
             "normalize_features": config.normalize_features,
             "normalize_energy": config.normalize_energy,
             "feature_stats": config.feature_stats,
