@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import aenet_fn as af
+from aenet_fn.io.predict import PredictOutAnalyzer
 from aenet_fn.mlip.ensemble import AenetEnsembleResult
 from aenet_fn.torch_featurize import ChebyshevDescriptor
 from aenet_fn.torch_training import (
@@ -396,6 +397,20 @@ CASES = [
     Case(104, "plot-force-errors-energy-only", ValueError, "has no force errors",
          lambda c: TrainOut.from_torch_history(c.potential.history).plot_force_errors(),
          note="an energy-only run has no force data (reference: NaN columns, §6 quirk 7)"),
+    Case(105, "to-structures-without-files", ValueError, "'triangle-0' is not a structure file",
+         lambda c: c.potential.predict(c.structures).to_structures()),
+    Case(107, "analyzer-structure-counts", ValueError, "prediction 1 has 1 structures",
+         lambda c: PredictOutAnalyzer(
+             [c.potential.predict(c.structures[:2]), c.potential.predict(c.structures[:1])]
+         )),
+    Case(107, "analyzer-different-structures", ValueError, "structure 0 of prediction 1 differs",
+         lambda c: PredictOutAnalyzer(
+             [c.potential.predict(c.structures[:1]), c.potential.predict(c.structures[1:2])]
+         )),
+    Case(107, "analyzer-empty", ValueError, "no predictions given",
+         lambda c: PredictOutAnalyzer([])),
+    Case(107, "analyzer-forces-missing", ValueError, "predicted without forces",
+         lambda c: PredictOutAnalyzer([c.potential.predict(c.structures[:1])]).force_stats(0)),
     Case(108, "prediction-batch-size", ValueError, "batch_size must be an integer >= 1",
          lambda c: c.potential.predict(c.structures, config=SimpleNamespace(batch_size=0)),
          note="no PredictionConfig yet; predict checks the batch_size it uses"),
@@ -485,9 +500,7 @@ NOT_YET = {
     90: "parallel (process) committee training with custom datasets",
     91: "member failures in parallel training (a vmapped committee fails as a whole)",
     99: "normalize_ensemble_members is not built yet",
-    105: "PredictOut.to_structures is not built yet",
     106: "PredictOut.from_file (predict.x output) is not built yet",
-    107: "PredictOutAnalyzer is not built yet",
 }
 
 NOT_APPLICABLE = {

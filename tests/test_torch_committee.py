@@ -196,7 +196,7 @@ def test_committee_trains_on_datasets_like_on_structures(setup, tmp_path):
     from aenet_fn.torch_training import StructureDataset
 
     structures, runs = setup
-    committee, expected = runs["vmap"]
+    committee, _ = runs["vmap"]
     descriptor = committee.descriptor
     config = TorchTrainingConfig(
         iterations=2,
@@ -231,3 +231,48 @@ def test_committee_trains_on_datasets_like_on_structures(setup, tmp_path):
     assert all(np.isfinite(t.errors["RMSE_test"]).all() for t in split_once.trainouts)
     with pytest.raises(ValueError, match="needs structures=, dataset= or train_dataset="):
         whole.train(config=config, committee_config=TorchCommitteeConfig(num_members=2))
+
+
+def test_members_predicting_one_by_one_analysed_like_the_committee(setup, shared_data, tmp_path):
+    """PredictOutAnalyzer over the members' own predictions of files gives the committee's
+    energy mean/spread and force uncertainty; to_structures reads the files again; the PDB
+    carries each atom's uncertainty."""
+    from ase.io import read
+
+    from aenet_fn.io.predict import PredictOutAnalyzer
+
+    _, runs = setup
+    _, result = runs["vmap"]
+    files = [str(p) for p in sorted((shared_data / "tio2").glob("*.xsf"))[:3]]
+    committee = TorchCommitteePotential.from_directory(result.output_dir)
+    together = committee.predict(files, eval_forces=True)
+    outputs = [
+        TorchANNPotential.from_file(m.model_path).predict(files, eval_forces=True)
+        for m in result.members
+    ]
+    analyzer = PredictOutAnalyzer(outputs)
+    stats = analyzer.all_energy_stats(normalize=False)
+    np.testing.assert_allclose(stats[:, 2], together.energy_mean, rtol=1e-12)
+    np.testing.assert_allclose(stats[:, 3], together.energy_std, rtol=1e-9, atol=1e-12)
+    members = np.array([out.total_energy for out in outputs])
+    np.testing.assert_allclose(stats[:, 0], members.min(0), rtol=1e-12)
+    per_atom = analyzer.energy_stats(1)
+    assert per_atom[2] == pytest.approx(stats[1, 2] / outputs[0].num_atoms(1), rel=1e-12)
+    np.testing.assert_allclose(
+        analyzer.force_uncertainty(0), together[0].force_uncertainty, rtol=1e-9, atol=1e-12
+    )
+    magnitudes = np.linalg.norm(np.stack([out.forces[2] for out in outputs]), axis=-1)
+    np.testing.assert_allclose(analyzer.force_stats(2)[:, 1], magnitudes.max(0), rtol=1e-12)
+    again = outputs[0].to_structures()
+    read_back = af.read_structures(files)
+    assert [s.name for s in again] == [s.name for s in read_back]
+    assert all(torch.equal(a.positions, b.positions) for a, b in zip(again, read_back))
+    mean = analyzer.structure(0)
+    assert mean.cell is not None and mean.energy == pytest.approx(stats[0, 2], rel=1e-12)
+    pdb = tmp_path / "uncertainty.pdb"
+    analyzer.write_pdb_with_force_uncertainty(0, pdb)
+    atoms = read(pdb)
+    np.testing.assert_allclose(
+        atoms.get_array("bfactor"), analyzer.force_uncertainty(0), rtol=0, atol=0.006
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["uncertainty.pdb"]
