@@ -21,21 +21,26 @@ from aenet_fn.torch_training import (
 E_ATOM = {"Ti": -1604.604515075, "O": -432.503149303}
 
 
+def _config(**options) -> TorchTrainingConfig:
+    """The committees' quick training configuration."""
+    defaults = {
+        "iterations": 2,
+        "method": Adam(mu=0.003, batchsize=4),
+        "testpercent": 25,
+        "split_seed": 7,
+        "force_weight": 0.2,
+        "checkpoint_dir": None,
+        "show_progress": False,
+    }
+    return TorchTrainingConfig(**{**defaults, **options})
+
+
 @pytest.fixture(scope="module")
 def setup(shared_data, tmp_path_factory):
     structures = af.read_structures(sorted((shared_data / "tio2").glob("*.xsf"))[:16])
     descriptor = ChebyshevDescriptor(["Ti", "O"], 4, 4.0, 2, 3.0, min_cutoff=0.5)
     arch = {"Ti": [(5, "tanh")], "O": [(5, "tanh")]}
-    config = TorchTrainingConfig(
-        iterations=2,
-        method=Adam(mu=0.003, batchsize=4),
-        testpercent=25,
-        split_seed=7,
-        force_weight=0.2,
-        atomic_energies=E_ATOM,
-        checkpoint_dir=None,
-        show_progress=False,
-    )
+    config = _config(atomic_energies=E_ATOM)
     runs = {}
     for execution in ("vmap", "sequential"):
         committee = TorchCommitteePotential(arch, descriptor)
@@ -198,15 +203,7 @@ def test_committee_trains_on_datasets_like_on_structures(setup, tmp_path):
     structures, runs = setup
     committee, _ = runs["vmap"]
     descriptor = committee.descriptor
-    config = TorchTrainingConfig(
-        iterations=2,
-        method=Adam(mu=0.003, batchsize=4),
-        testpercent=25,
-        split_seed=7,
-        force_weight=0.2,
-        checkpoint_dir=None,
-        show_progress=False,
-    )
+    config = _config()  # the datasets own the atomic energies
     train_part, test_part = split_structures(structures, 25, 7)
     on_datasets = TorchCommitteePotential(committee.arch, descriptor)
     result = on_datasets.train(

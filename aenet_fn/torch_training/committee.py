@@ -326,16 +326,10 @@ class TorchCommitteePotential:
         config.split_seed = split_seed
         resolver = TorchANNPotential(self.arch, self.descriptor)
         dtype, forces = _training_dtype(config, self.descriptor.dtype), config.force_weight > 0
-        if train_dataset is not None or dataset is not None:
-            data = resolver._data_from_datasets(
-                dataset, train_dataset, test_dataset, config, dtype, forces
-            )
-        elif structures is not None:
-            data = resolver._data_from_structures(structures, config, dtype, forces)
-        else:
-            raise ValueError(
-                "TorchCommitteePotential.train needs structures=, dataset= or train_dataset="
-            )
+        sources = (structures, dataset, train_dataset, test_dataset)
+        data = resolver._training_data(
+            sources, config, dtype, forces, "TorchCommitteePotential.train"
+        )
         train, test = data.train, data.test
         if committee_config.execution == "vmap" and not isinstance(train, FeaturizedSet):
             raise ValueError(

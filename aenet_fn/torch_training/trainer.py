@@ -148,14 +148,13 @@ class TorchANNPotential:
             config.split_seed = agreed_seed(config.split_seed, world)
         dtype = _training_dtype(config, self.dtype)
         with_forces = config.force_weight > 0
-        if train_dataset is not None or dataset is not None:
-            data = self._data_from_datasets(
-                dataset, train_dataset, test_dataset, config, dtype, with_forces
-            )
-        elif structures is not None:
-            data = self._data_from_structures(structures, config, dtype, with_forces)
-        else:
-            raise ValueError("train() needs structures=, dataset= or train_dataset=")
+        data = self._training_data(
+            (structures, dataset, train_dataset, test_dataset),
+            config,
+            dtype,
+            with_forces,
+            "train()",
+        )
         config.seed = agreed_seed(config.seed, world)
         core = config.to_train_config()
         state = self._initial_state(data, config, core, resume_from)
@@ -169,6 +168,25 @@ class TorchANNPotential:
         return TrainOut.from_torch_history(
             self.history, config=config, energies_train_files=files[0], energies_test_files=files[1]
         )
+
+    def _training_data(
+        self,
+        sources: tuple[Any, Any, Any, Any],
+        config: TorchTrainingConfig,
+        dtype: torch.dtype,
+        with_forces: bool,
+        caller: str,
+    ) -> _TrainingData:
+        """The splits from ``(structures, dataset, train_dataset, test_dataset)``, in the
+        priority order of :meth:`train`."""
+        structures, dataset, train_dataset, test_dataset = sources
+        if train_dataset is not None or dataset is not None:
+            return self._data_from_datasets(
+                dataset, train_dataset, test_dataset, config, dtype, with_forces
+            )
+        if structures is not None:
+            return self._data_from_structures(structures, config, dtype, with_forces)
+        raise ValueError(f"{caller} needs structures=, dataset= or train_dataset=")
 
     def _data_from_structures(
         self, structures: Any, config: TorchTrainingConfig, dtype: torch.dtype, with_forces: bool
