@@ -195,50 +195,41 @@ def _from_positions(layout: tuple[int, int, bool], d: torch.Tensor, *fields) -> 
     return _members_outer(torch.cat(columns, dim=-1), lead)
 
 
-class _ToPositions(torch.autograd.Function):
-    """:func:`_to_positions` as a linear map whose backward is :class:`_FromPositions` (and
-    back), so any order of differentiation works. Its ``vmap`` rule keeps committee members
-    that share the derivative data inside the rows (one product per entry for all members)."""
+def _linear_pair(forward_map, transpose_map) -> type[torch.autograd.Function]:
+    """A custom Function for the linear map ``forward_map(layout, x, *fields)`` whose backward
+    is the Function of ``transpose_map`` and back, so any order of differentiation works.
+    Their ``vmap`` rule keeps committee members that share the derivative data inside the rows
+    (one product per entry for all members)."""
 
-    @staticmethod
-    def forward(layout, g, *fields):
-        return _to_positions(layout, g, *fields)
+    def make(plain, name):
+        class Map(torch.autograd.Function):
+            @staticmethod
+            def forward(layout, x, *fields):
+                return plain(layout, x, *fields)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.layout = inputs[0]
-        ctx.save_for_backward(*inputs[2:])
+            @staticmethod
+            def setup_context(ctx, inputs, output) -> None:
+                ctx.layout = inputs[0]
+                ctx.save_for_backward(*inputs[2:])
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        fields = ctx.saved_tensors
-        return None, _FromPositions.apply(ctx.layout, grad_out, *fields), *([None] * len(fields))
+            @staticmethod
+            def backward(ctx, grad_out):
+                fields = ctx.saved_tensors
+                other = maps["transpose" if plain is forward_map else "forward"]
+                return None, other.apply(ctx.layout, grad_out, *fields), *([None] * len(fields))
 
-    @staticmethod
-    def vmap(info, in_dims, layout, g, *fields):
-        return _members_rule(_ToPositions, _to_positions, in_dims, layout, g, fields)
+            @staticmethod
+            def vmap(info, in_dims, layout, x, *fields):
+                return _members_rule(Map, plain, in_dims, layout, x, fields)
 
+        Map.__name__ = Map.__qualname__ = name
+        return Map
 
-class _FromPositions(torch.autograd.Function):
-    """:func:`_from_positions`; its backward is :class:`_ToPositions`."""
-
-    @staticmethod
-    def forward(layout, d, *fields):
-        return _from_positions(layout, d, *fields)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.layout = inputs[0]
-        ctx.save_for_backward(*inputs[2:])
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        fields = ctx.saved_tensors
-        return None, _ToPositions.apply(ctx.layout, grad_out, *fields), *([None] * len(fields))
-
-    @staticmethod
-    def vmap(info, in_dims, layout, x, *fields):
-        return _members_rule(_FromPositions, _from_positions, in_dims, layout, x, fields)
+    maps = {
+        "forward": make(forward_map, f"_{forward_map.__name__}"),
+        "transpose": make(transpose_map, f"_{transpose_map.__name__}"),
+    }
+    return maps["forward"]
 
 
 def _members_rule(function, plain, in_dims, layout, x, fields):
@@ -255,6 +246,9 @@ def _members_rule(function, plain, in_dims, layout, x, fields):
         for m in range(size)
     ]  # one plain map per member: unbatched indices keep the fast gather/scatter kernels
     return torch.stack(members), 0
+
+
+_ToPositions = _linear_pair(_to_positions, _from_positions)
 
 
 def position_gradient(
