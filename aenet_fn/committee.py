@@ -26,7 +26,13 @@ from torch.utils._pytree import tree_map
 from aenet_fn.batch import Batch
 from aenet_fn.descriptor import ChebyshevParams, build_graph
 from aenet_fn.distributed import World
-from aenet_fn.energy_gradient import energy_plan, energy_table, plan_chunks, plan_gradient
+from aenet_fn.energy_gradient import (
+    EnergyTable,
+    energy_plan,
+    energy_table,
+    plan_chunks,
+    plan_gradient,
+)
 from aenet_fn.featurized import FeaturizedSet, stack_batches, take_structures
 from aenet_fn.loss import accumulate_errors, error_sums_init, metrics_from_sums
 from aenet_fn.network import Architecture, NetworkParams
@@ -134,11 +140,12 @@ def committee_epoch(
     train: FeaturizedSet,
     config: TrainConfig,
     on_batch: Callable[[int, int], None] | None = None,
+    table: EnergyTable | None = None,
 ) -> tuple[tuple[TrainState, ...], list[dict[str, float]]]:
     """One epoch of every member, the optimisation steps ``vmap``-ed over the members
     (energy-only epochs: the members' networks stacked into the batched products of
-    :mod:`aenet_fn.energy_gradient`). Returns the new states and each member's training
-    metrics."""
+    :mod:`aenet_fn.energy_gradient`, gathering from ``table``, built here when not given).
+    Returns the new states and each member's training metrics."""
     check_shared_parts([m.model for m in members])
     planned = [plan_epoch(member, train, config) for member in members]
     members = [state for state, _ in planned]
@@ -152,7 +159,8 @@ def committee_epoch(
     if config.uses_forces:
         steps = _vmapped_steps(members, orders, shared, values, opt_state, lrs, train, config)
     else:
-        steps = _energy_steps(members, orders, shared, values, opt_state, lrs, train, config)
+        table = energy_table(members[0].model, train) if table is None else table
+        steps = _energy_steps(members, orders, shared, values, opt_state, lrs, table, config)
     sums = [error_sums_init() for _ in members]
     drawn: list[list[torch.Tensor]] = [[] for _ in members]
     n_batches = math.ceil(orders[0].numel() / config.batch_size)
@@ -205,11 +213,11 @@ def _vmapped_steps(members, orders, shared, values, opt_state, lrs, train, confi
         yield values, opt_state, errors, (differences, batch.force_atoms)
 
 
-def _energy_steps(members, orders, shared, values, opt_state, lrs, train, config):
+def _energy_steps(members, orders, shared, values, opt_state, lrs, table, config):
     """Energy-only steps of all members at once: plans of their orders (one shared order, or
-    one per member) and one stacked gradient per batch; the update is vmapped."""
+    one per member) from ``table`` and one stacked gradient per batch; the update is
+    vmapped."""
     template = members[0].model
-    table = energy_table(template, train)
     update = vmap(optimizer_of(config).update)
     draws = orders[0] if shared else torch.stack(orders)
     for chunk in plan_chunks(table, draws, config.batch_size):
@@ -255,9 +263,11 @@ def committee_fit(
     records its own history, best model and scheduler step (nothing is shared), then the
     callbacks get the tuple of member states."""
     members = tuple(members)
+    # one per run: the members share the normalisation, which training does not change
+    table = None if config.uses_forces else energy_table(members[0].model, train)
     for _ in range(config.epochs):
         start = time.perf_counter()
-        members, train_metrics = committee_epoch(members, train, config, on_batch)
+        members, train_metrics = committee_epoch(members, train, config, on_batch, table)
         test_metrics: list[dict[str, float] | None] = (
             [None] * len(members)
             if test is None
