@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -26,6 +27,8 @@ PARAMS = af.ChebyshevParams(
 DESCRIPTOR = "[Ti,O] rad 10/6.0 ang 3/3.5 min 0.5 (30 features)"
 ARCH = {"Ti": [(10, "tanh"), (10, "tanh")], "O": [(10, "tanh"), (10, "tanh")]}
 ARCH_TEXT = "2x(10,tanh) per species"
+BATCH_SIZE = 16
+FORCE_WEIGHT = 0.1
 
 
 def tio2_structures(limit: int | None = None) -> list[af.Structure]:
@@ -79,6 +82,33 @@ def setup_info(**extra: Any) -> dict[str, Any]:
         "load_average": round(os.getloadavg()[0], 2),
         **extra,
     }
+
+
+def tio2_setup_info(data: str, **extra: Any) -> dict[str, Any]:
+    """:func:`setup_info` of a benchmark with the common descriptor, in float64 on the CPU."""
+    return setup_info(dtype="float64", device="cpu", data=data, descriptor=DESCRIPTOR, **extra)
+
+
+def training_setup_info(data: str, epochs: int, **extra: Any) -> dict[str, Any]:
+    """:func:`tio2_setup_info` of a training benchmark (the common networks, Adam, batch,
+    force weight) timed over ``epochs`` epochs."""
+    return tio2_setup_info(
+        data,
+        arch=ARCH_TEXT,
+        optimizer="adam",
+        batch=BATCH_SIZE,
+        force_weight=FORCE_WEIGHT,
+        epochs_timed=epochs,
+        **extra,
+    )
+
+
+def parse_benchmark_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """``parser`` with ``--threads`` (default 2) added, parsed; torch set to those threads."""
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def peak_rss_mib() -> float:

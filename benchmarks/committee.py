@@ -14,22 +14,21 @@ import argparse
 import time
 
 import attrs
-import torch
 
 import aenet_fn as af
 from aenet_fn.committee import committee_fit, init_committee, member_seeds
 from benchmarks._common import (
     ARCH,
-    ARCH_TEXT,
-    DESCRIPTOR,
+    BATCH_SIZE,
+    FORCE_WEIGHT,
     PARAMS,
     data_description,
+    parse_benchmark_arguments,
     report,
-    setup_info,
     tio2_structures,
+    training_setup_info,
 )
 
-BATCH_SIZE = 16
 QUICK_SIZES = [1, 4, 8]
 FULL_SIZES = [1, 2, 4, 8, 16]
 
@@ -45,7 +44,7 @@ def rows_for(
 ) -> list[dict]:
     """Per-epoch times of vmapped and sequential committees of each size."""
     config = af.TrainConfig(
-        epochs=epochs, batch_size=BATCH_SIZE, force_weight=0.1 if forces else 0.0
+        epochs=epochs, batch_size=BATCH_SIZE, force_weight=FORCE_WEIGHT if forces else 0.0
     )
     warm = init_committee(PARAMS, ARCH, train, attrs.evolve(config, epochs=1), [0, 1])
     committee_fit(warm, train, None, attrs.evolve(config, epochs=1))
@@ -93,17 +92,7 @@ def committee_rows(structures: list[af.Structure], sizes: list[int], epochs: int
 
 def committee_setup(structures: list[af.Structure], epochs: int) -> dict:
     """The setup of :func:`committee_rows`."""
-    return setup_info(
-        dtype="float64",
-        device="cpu",
-        data=data_description(structures),
-        descriptor=DESCRIPTOR,
-        arch=ARCH_TEXT,
-        optimizer="adam",
-        batch=BATCH_SIZE,
-        force_weight=0.1,
-        epochs_timed=epochs,
-    )
+    return training_setup_info(data_description(structures), epochs)
 
 
 def main() -> None:
@@ -111,9 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=FULL_SIZES)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_benchmark_arguments(parser)
     structures = tio2_structures()
     rows = committee_rows(structures, args.sizes, args.epochs)
     report("committee", committee_setup(structures, args.epochs), rows)

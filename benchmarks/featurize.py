@@ -21,12 +21,12 @@ from aenet_fn import Structure, build_graph, collate, features_from_graph
 from aenet_fn.forces import value_and_forces
 from aenet_fn.neighbors import batch_neighbor_list
 from benchmarks._common import (
-    DESCRIPTOR,
     PARAMS,
     best_time,
     data_description,
+    parse_benchmark_arguments,
     report,
-    setup_info,
+    tio2_setup_info,
     tio2_structures,
 )
 
@@ -135,28 +135,19 @@ def scaling_rows(sizes: list[int], repeats: int) -> list[dict]:
 
 def tio2_setup(structures: list[Structure]) -> dict:
     """The setup of :func:`tio2_rows`."""
-    return setup_info(
-        dtype="float64", device="cpu", data=data_description(structures), descriptor=DESCRIPTOR
-    )
+    return tio2_setup_info(data_description(structures))
 
 
 def scaling_setup() -> dict:
     """The setup of :func:`scaling_rows`."""
-    return setup_info(
-        dtype="float64",
-        device="cpu",
-        data=f"jittered simple-cubic periodic boxes, {BOX_SPACING} Å spacing, 1/3 Ti",
-        descriptor=DESCRIPTOR,
-    )
+    return tio2_setup_info(f"jittered simple-cubic periodic boxes, {BOX_SPACING} Å spacing, 1/3 Ti")
 
 
 def main() -> None:
     """Run the benchmark and print JSON plus a table."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller boxes, fewer repeats")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_benchmark_arguments(parser)
     repeats = 2 if args.quick else 5
     structures = tio2_structures()
     report("featurize", tio2_setup(structures), tio2_rows(structures, repeats))

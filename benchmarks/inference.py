@@ -24,12 +24,12 @@ from aenet_fn.torch_training import TorchANNPotential, TorchCommitteePotential
 from benchmarks._common import (
     ARCH,
     ARCH_TEXT,
-    DESCRIPTOR,
     PARAMS,
     best_time,
     data_description,
+    parse_benchmark_arguments,
     report,
-    setup_info,
+    tio2_setup_info,
     tio2_structures,
 )
 
@@ -114,11 +114,8 @@ def inference_rows(structures: list[af.Structure], members: int, repeats: int) -
 
 def inference_setup(structures: list[af.Structure], members: int) -> dict:
     """The setup of :func:`inference_rows`."""
-    return setup_info(
-        dtype="float64",
-        device="cpu",
-        data=data_description(structures) + ", all in one call",
-        descriptor=DESCRIPTOR,
+    return tio2_setup_info(
+        data_description(structures) + ", all in one call",
         arch=ARCH_TEXT,
         committee_members=members,
     )
@@ -129,9 +126,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--members", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_benchmark_arguments(parser)
     structures = tio2_structures()
     rows = inference_rows(structures, args.members, args.repeats)
     report("inference", inference_setup(structures, args.members), rows)

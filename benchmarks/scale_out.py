@@ -32,6 +32,21 @@ REPEATS = ((2, 1, 1), (2, 2, 1), (2, 2, 2), (2, 2, 3), (2, 2, 4))  # 8–64 atom
 ARCH = "2x(16,tanh) per species"
 
 
+NETWORK = [(16, "tanh"), (16, "tanh")]
+"""Hidden layers of every species' network in the training measurements."""
+
+
+def _row(mode: str, n_structures: int, seconds: float) -> dict:
+    """One result row: throughput and this process's peak memory so far."""
+    return {
+        "mode": mode,
+        "structures": n_structures,
+        "seconds": seconds,
+        "structures_per_s": n_structures / seconds,
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
 def _descriptor():
     import aenet_fn as af
     from aenet_fn.examples import ALLOY_SPECIES
@@ -47,14 +62,7 @@ def build(folder: Path, n_structures: int) -> dict:
     start = time.perf_counter()
     structures = emt_alloys(n_structures, seed=0, repeats=REPEATS)
     generate_s = time.perf_counter() - start
-    rows = [
-        {
-            "mode": "generate (EMT)",
-            "structures": n_structures,
-            "seconds": generate_s,
-            "structures_per_s": n_structures / generate_s,
-        }
-    ]
+    rows = [_row("generate (EMT)", n_structures, generate_s)]
     for name, persist in (("plain", False), ("features", True)):
         start = time.perf_counter()
         build_database(
@@ -65,16 +73,8 @@ def build(folder: Path, n_structures: int) -> dict:
             show_progress=False,
         )
         seconds = time.perf_counter() - start
-        rows.append(
-            {
-                "mode": f"build, {'persisted features' if persist else 'structures only'}",
-                "structures": n_structures,
-                "seconds": seconds,
-                "structures_per_s": n_structures / seconds,
-            }
-        )
-    for row in rows:
-        row["peak_rss_mib"] = peak_rss_mib()
+        mode = f"build, {'persisted features' if persist else 'structures only'}"
+        rows.append(_row(mode, n_structures, seconds))
     return rows
 
 
@@ -92,20 +92,15 @@ def train_from_disk(path: Path, workers: int, epochs: int, limit: int | None) ->
     params = _descriptor()
     source = StructureSource(params, structures, with_derivatives=False)
     start = time.perf_counter()
-    arch = {s: [(16, "tanh"), (16, "tanh")] for s in params.species}
+    arch = {s: NETWORK for s in params.species}
     model = af.init_model(params, arch, source, seed=0)
     statistics_s = time.perf_counter() - start
     config = af.TrainConfig(epochs=epochs, batch_size=32, num_workers=workers, prefetch_factor=4)
     start = time.perf_counter()
     af.fit(af.init_train_state(model, source, config), source, None, config)
     seconds = (time.perf_counter() - start) / epochs
-    return {
-        "mode": f"epoch from disk, {workers} workers (statistics pass {statistics_s:.1f} s)",
-        "structures": source.n_structures,
-        "seconds": seconds,
-        "structures_per_s": source.n_structures / seconds,
-        "peak_rss_mib": peak_rss_mib(),
-    }
+    mode = f"epoch from disk, {workers} workers (statistics pass {statistics_s:.1f} s)"
+    return _row(mode, source.n_structures, seconds)
 
 
 def train_in_memory(path: Path, epochs: int) -> dict:
@@ -122,7 +117,7 @@ def train_in_memory(path: Path, epochs: int) -> dict:
     dataset = HDF5StructureDataset(None, path, mode="load")
     data = dataset.featurized(False, torch.float64)
     params = dataset.descriptor.params
-    arch = {s: [(16, "tanh"), (16, "tanh")] for s in params.species}
+    arch = {s: NETWORK for s in params.species}
     model = af.init_model(params, arch, data, seed=0)
     config = af.TrainConfig(epochs=epochs, batch_size=32)
     state = af.init_train_state(model, data, config)
@@ -132,13 +127,11 @@ def train_in_memory(path: Path, epochs: int) -> dict:
     world = dist.get_world_size() if distributed else 1
     if distributed:
         dist.destroy_process_group()
-    return {
-        "mode": f"epoch in memory, {world} gloo process{'es' if world > 1 else ''}",
-        "structures": data.n_structures,
-        "seconds": seconds,
-        "structures_per_s": data.n_structures / seconds,
-        "peak_rss_mib": peak_rss_mib(),
-    }
+    return _row(
+        f"epoch in memory, {world} gloo process{'es' if world > 1 else ''}",
+        data.n_structures,
+        seconds,
+    )
 
 
 def _child(*arguments: str, torchrun: bool = False) -> dict | list:

@@ -15,24 +15,22 @@ import subprocess
 import sys
 import time
 
-import torch
-
 import aenet_fn as af
 from benchmarks._common import (
     ARCH,
-    ARCH_TEXT,
-    DESCRIPTOR,
+    BATCH_SIZE,
+    FORCE_WEIGHT,
     PARAMS,
     ROOT,
+    parse_benchmark_arguments,
     peak_rss_mib,
     report,
-    setup_info,
     tio2_description,
     tio2_structures,
+    training_setup_info,
 )
 
 MODES = ("energy", "forces")
-BATCH_SIZE = 16
 
 
 def measure(mode: str, epochs: int, n_structures: int | None = None) -> dict:
@@ -43,7 +41,9 @@ def measure(mode: str, epochs: int, n_structures: int | None = None) -> dict:
     train = af.featurize_structures(PARAMS, structures, with_derivatives=forces)
     featurize_s = time.perf_counter() - start
     model = af.init_model(PARAMS, ARCH, train, seed=0)
-    config = af.TrainConfig(epochs=1, batch_size=BATCH_SIZE, force_weight=0.1 if forces else 0.0)
+    config = af.TrainConfig(
+        epochs=1, batch_size=BATCH_SIZE, force_weight=FORCE_WEIGHT if forces else 0.0
+    )
     state = af.fit(af.init_train_state(model, train, config), train, None, config)
     config = af.TrainConfig(epochs=epochs, batch_size=BATCH_SIZE, force_weight=config.force_weight)
     start = time.perf_counter()
@@ -77,16 +77,9 @@ def train_rows(epochs: int, threads: int, n_structures: int | None = None) -> li
 
 def train_setup(rows: list[dict], epochs: int) -> dict:
     """The setup of :func:`train_rows` (``rows``: its result)."""
-    return setup_info(
-        dtype="float64",
-        device="cpu",
-        data=tio2_description(rows[0]["structures"], rows[0]["atoms"]),
-        descriptor=DESCRIPTOR,
-        arch=ARCH_TEXT,
-        optimizer="adam",
-        batch=BATCH_SIZE,
-        force_weight=0.1,
-        epochs_timed=epochs,
+    return training_setup_info(
+        tio2_description(rows[0]["structures"], rows[0]["atoms"]),
+        epochs,
         process="one fresh process per mode",
     )
 
@@ -95,11 +88,9 @@ def main() -> None:
     """Run each mode in a subprocess and print JSON plus a table."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--structures", type=int, help="use only the first N structures")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_benchmark_arguments(parser)
     if args.mode:
         print(json.dumps(measure(args.mode, args.epochs, args.structures)))
         return
