@@ -27,11 +27,11 @@ from aenet_fn.batch import Batch
 from aenet_fn.descriptor import ChebyshevParams, build_graph
 from aenet_fn.distributed import World
 from aenet_fn.energy_gradient import (
+    EnergySteps,
     EnergyTable,
     energy_plan,
     energy_table,
     plan_chunks,
-    plan_gradient,
 )
 from aenet_fn.featurized import FeaturizedSet, stack_batches, take_structures
 from aenet_fn.loss import accumulate_errors, error_sums_init, metrics_from_sums
@@ -215,18 +215,19 @@ def _vmapped_steps(members, orders, shared, values, opt_state, lrs, train, confi
 
 def _energy_steps(members, orders, shared, values, opt_state, lrs, table, config):
     """Energy-only steps of all members at once: plans of their orders (one shared order, or
-    one per member) from ``table`` and one stacked gradient per batch; the update is
-    vmapped."""
-    template = members[0].model
+    one per member) from ``table`` and one stacked gradient per batch (``values``: this
+    epoch's stacked copy, updated in place); the update is vmapped."""
     update = vmap(optimizer_of(config).update)
+    network = attrs.evolve(members[0].model.network, values=values)
     draws = orders[0] if shared else torch.stack(orders)
     for chunk in plan_chunks(table, draws, config.batch_size):
-        network = attrs.evolve(template.network, values=values)
-        plan = energy_plan(table, network, chunk, config.batch_size)
-        for k in range(len(plan.sizes)):
-            network = attrs.evolve(template.network, values=values)
-            gradient, errors = plan_gradient(network, plan, k, config.force_weight)
-            values, opt_state = update(gradient, opt_state, values, lrs)
+        steps = EnergySteps(
+            network, energy_plan(table, network, chunk, config.batch_size), config.force_weight
+        )
+        for k in range(len(steps.plan.sizes)):
+            gradient, errors = steps.gradient(k)
+            new_values, opt_state = update(gradient, opt_state, values, lrs)
+            values.copy_(new_values)
             yield values, opt_state, errors, None
 
 

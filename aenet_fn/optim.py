@@ -184,6 +184,7 @@ class Optimizer:
     update: Callable[..., tuple[PyTree, Any]]
     config: Any = None
     eager_update: Callable[..., tuple[PyTree, Any]] | None = None
+    in_place_update: Callable[..., Any] | None = None
 
     def update_eagerly(
         self, grads: PyTree, state: Any, params: PyTree, lr: LearningRate | None = None
@@ -191,6 +192,19 @@ class Optimizer:
         """``update`` for one model outside ``torch.func`` transforms, by the optimiser's
         faster eager form where it has one (same numbers as ``torch.optim``)."""
         return (self.eager_update or self.update)(grads, state, params, lr)
+
+    def update_in_place(
+        self, grads: PyTree, state: Any, params: PyTree, lr: LearningRate | None = None
+    ) -> Any:
+        """:meth:`update_eagerly` that writes the new parameters into ``params`` and returns
+        the new state, for working copies that the caller owns: the optimiser's in-place form
+        where it has one (which also updates the tensors of ``state`` in place), else the
+        eager update copied back. The same numbers as :meth:`update_eagerly`."""
+        if self.in_place_update is not None:
+            return self.in_place_update(grads, state, params, lr)
+        new_params, state = self.update_eagerly(grads, state, params, lr)
+        pytree.tree_map(lambda target, new: target.copy_(new), params, new_params)
+        return state
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,8 +253,11 @@ def adam_update(
     return _adam_leaves(config, grads, state, params, step, new_leaf)
 
 
-def _adam_leaves(config: AdamConfig, grads, state: AdamState, params, step, new_leaf):
-    """The per-leaf loop of both Adam forms: new moments, then ``new_leaf(p, m, v)``."""
+def _adam_leaves(
+    config: AdamConfig, grads, state: AdamState, params, step, new_leaf, in_place: bool = False
+):
+    """The per-leaf loop of every Adam form: new moments (written into the state's tensors
+    when ``in_place``), then ``new_leaf(p, m, v)``."""
     param_leaves, spec = pytree.tree_flatten(params)
     grad_leaves = _flatten_like(grads, spec, "grads")
     mu_leaves = _flatten_like(state.mu, spec, "state.mu")
@@ -249,8 +266,12 @@ def _adam_leaves(config: AdamConfig, grads, state: AdamState, params, step, new_
     for p, g, m, v in zip(param_leaves, grad_leaves, mu_leaves, nu_leaves):
         if config.weight_decay != 0.0:
             g = torch.add(g, p, alpha=config.weight_decay)
-        m = torch.lerp(m, g, 1.0 - config.beta1)
-        v = torch.addcmul(v * config.beta2, g, g, value=1.0 - config.beta2)
+        if in_place:
+            m.lerp_(g, 1.0 - config.beta1)
+            v.mul_(config.beta2).addcmul_(g, g, value=1.0 - config.beta2)
+        else:
+            m = torch.lerp(m, g, 1.0 - config.beta1)
+            v = torch.addcmul(v * config.beta2, g, g, value=1.0 - config.beta2)
         new_params.append(new_leaf(p, m, v))
         new_mu.append(m)
         new_nu.append(v)
@@ -273,15 +294,36 @@ def adam_update_eager(
     read and the bias corrections are Python numbers, exactly as ``torch.optim.Adam`` forms
     them, which saves a dozen small tensor operations per step (reading the count is a host
     synchronisation on accelerators). Not ``vmap``-able."""
+    return _adam_with_numbers(config, grads, state, params, lr, in_place=False)
+
+
+def adam_update_in_place(
+    config: AdamConfig,
+    grads: PyTree,
+    state: AdamState,
+    params: PyTree,
+    lr: LearningRate | None = None,
+) -> AdamState:
+    """:func:`adam_update_eager` that writes the new parameters into ``params`` and the new
+    moments into ``state.mu`` / ``state.nu`` (tensors the caller owns; bitwise the same
+    numbers, as ``torch.optim.Adam`` updates its own tensors in place). Returns the new state
+    (the same moment tensors, the step count plus one)."""
+    return _adam_with_numbers(config, grads, state, params, lr, in_place=True)[1]
+
+
+def _adam_with_numbers(config: AdamConfig, grads, state: AdamState, params, lr, in_place: bool):
+    """Adam with the step count read and the bias corrections as Python numbers."""
     step = int(state.step) + 1
     step_size = _number("lr", config.lr if lr is None else float(lr)) / (1 - config.beta1**step)
     bias_correction2_sqrt = (1 - config.beta2**step) ** 0.5
 
     def new_leaf(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         denom = (v.sqrt() / bias_correction2_sqrt).add_(config.epsilon)
+        if in_place:
+            return p.addcdiv_(m, denom, value=-step_size)
         return torch.addcdiv(p, m, denom, value=-step_size)
 
-    return _adam_leaves(config, grads, state, params, state.step + 1, new_leaf)
+    return _adam_leaves(config, grads, state, params, state.step + 1, new_leaf, in_place)
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,6 +389,7 @@ def adam(config: AdamConfig | None = None) -> Optimizer:
         update=partial(adam_update, config),
         config=config,
         eager_update=partial(adam_update_eager, config),
+        in_place_update=partial(adam_update_in_place, config),
     )
 
 

@@ -31,12 +31,12 @@ from aenet_fn.distributed import (
     shares,
 )
 from aenet_fn.energy_gradient import (
+    EnergySteps,
     EnergyTable,
     energy_loss_gradient,
     energy_plan,
     energy_table,
     plan_chunks,
-    plan_gradient,
 )
 from aenet_fn.featurized import FeaturizedSet, MiniBatch
 from aenet_fn.loader import Split, batch_stream, normalization_features, take_batch
@@ -547,28 +547,50 @@ def energy_epoch_table(
     return energy_table(state.model, train)
 
 
-def _energy_steps(
-    state: TrainState, order: torch.Tensor, table: EnergyTable, config: TrainConfig
-) -> Iterator[tuple[TrainState, torch.Tensor, torch.Tensor, Any]]:
-    """The steps of an energy-only epoch from :class:`EnergyPlan` s of many batches each:
-    after each batch, the state and the batch's per-atom energy errors (as :func:`train_step`
-    gives them)."""
+StepReport = Callable[[torch.Tensor, torch.Tensor, Any], None]
+"""Called after each step with this process's per-atom energy errors, those of the whole
+batch, and (force differences, supervised atoms) or None."""
+
+
+def _energy_epoch(
+    state: TrainState,
+    order: torch.Tensor,
+    table: EnergyTable,
+    config: TrainConfig,
+    on_step: StepReport,
+) -> TrainState:
+    """The steps of an energy-only epoch from :class:`EnergyPlan` s of many batches each,
+    on working copies of the parameters and optimiser state updated in place; returns the
+    state after the last step (the same numbers as :func:`train_step` on each batch)."""
+    optimizer = optimizer_of(config)
+    network = state.model.network
+    network = attrs.evolve(
+        network, values=network.values.clone(memory_format=torch.contiguous_format)
+    )
+    opt_state = tree_map(torch.clone, state.opt_state)
     for draws in plan_chunks(table, order, config.batch_size):
-        plan = energy_plan(table, state.model.network, draws, config.batch_size)
-        for k in range(len(plan.sizes)):
-            network = state.model.network
-            gradient, errors = plan_gradient(network, plan, k, config.force_weight)
-            state = apply_gradient(state, gradient, config)
-            yield state, errors, errors, None
+        steps = EnergySteps(
+            network, energy_plan(table, network, draws, config.batch_size), config.force_weight
+        )
+        for k in range(len(steps.plan.sizes)):
+            gradient, errors = steps.gradient(k)
+            opt_state = optimizer.update_in_place(gradient, opt_state, network.values, state.lr)
+            on_step(errors, errors, None)
+    model = attrs.evolve(state.model, network=network)
+    return attrs.evolve(state, model=model, opt_state=opt_state)
 
 
-def _batch_steps(
-    state: TrainState, order: torch.Tensor, train: Split, config: TrainConfig, world: World
-) -> Iterator[tuple[TrainState, torch.Tensor, torch.Tensor, Any]]:
+def _batch_epoch(
+    state: TrainState,
+    order: torch.Tensor,
+    train: Split,
+    config: TrainConfig,
+    world: World,
+    on_step: StepReport,
+) -> TrainState:
     """The steps of an epoch over assembled mini-batches (:func:`train_step`, or
-    :func:`data_parallel_step` under ``torch.distributed``): after each, the state, this
-    process's per-atom energy errors, those of the whole batch, and the force differences with
-    their supervised atoms (None when the batch supervises no force)."""
+    :func:`data_parallel_step` under ``torch.distributed``); returns the state after the
+    last step."""
     batches = epoch_batches(state, order, train, config, world)
     for selection, batch in zip(order.split(config.batch_size), batches):
         if world.size == 1:
@@ -578,8 +600,8 @@ def _batch_steps(
             state, (errors, differences) = data_parallel_step(state, batch, config, world)
             sizes = [part.numel() for part in shares(selection, world)]
             drawn = gather_parts(errors.detach(), sizes, world)
-        forces = None if batch.local is None else (differences, batch.force_atoms)
-        yield state, errors, drawn, forces
+        on_step(errors, drawn, None if batch.local is None else (differences, batch.force_atoms))
+    return state
 
 
 def run_epoch(
@@ -604,24 +626,27 @@ def run_epoch(
     n_batches = math.ceil(order.numel() / config.batch_size)
     if table is None:
         table = energy_epoch_table(state, train, config, world)
-    if table is not None:
-        steps = _energy_steps(state, order, table, config)
-    else:
-        steps = _batch_steps(state, order, train, config, world)
     sums: ErrorSums = error_sums_init()
-    own_errors, drawn_errors = [], []
-    for k, (stepped, errors, drawn, forces) in enumerate(steps):
-        state = stepped
+    own_errors: list[torch.Tensor] = []
+    drawn_errors: list[torch.Tensor] = []
+
+    def on_step(errors: torch.Tensor, drawn: torch.Tensor, forces: Any) -> None:
+        nonlocal sums
         own_errors.append(errors.detach())
         drawn_errors.append(drawn)
         if forces is not None:
             sums = accumulate_errors(sums, errors.new_zeros(0), *forces)
         if on_batch is not None:
-            on_batch(k + 1, n_batches)
+            on_batch(len(own_errors), n_batches)
+
+    if table is not None:
+        stepped = _energy_epoch(state, order, table, config, on_step)
+    else:
+        stepped = _batch_epoch(state, order, train, config, world, on_step)
     no_forces = torch.zeros(0, 3), torch.zeros(0, dtype=torch.bool)
     sums = accumulate_errors(sums, torch.cat(own_errors), *no_forces)
     sums = reduce_error_sums(sums, world)
-    return finish_epoch(state, order, drawn_errors, config), metrics_from_sums(sums)
+    return finish_epoch(stepped, order, drawn_errors, config), metrics_from_sums(sums)
 
 
 def end_of_epoch(

@@ -5,9 +5,10 @@ from __future__ import annotations
 import attrs
 import pytest
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 import aenet_fn as af
+import aenet_fn.train as train_module
 from aenet_fn.energy_gradient import (
     energy_loss_gradient,
     energy_plan,
@@ -26,6 +27,7 @@ def tio2_structures(shared_data):
 
 
 PARAMS = af.ChebyshevParams(["Ti", "O"], 6, 5.0, 3, 3.5, min_cutoff=0.5)
+ARCH = {"Ti": [(6, "tanh"), (5, "tanh")], "O": [(6, "tanh"), (5, "tanh")]}
 
 
 def _in_float64(tree):
@@ -149,3 +151,35 @@ def test_force_batches_are_refused(tio2_structures):
     batch = af.take_structures(train, torch.arange(3), torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="supervises forces"):
         energy_loss_gradient(model, model.network.values, batch, 0.1)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "policy"),
+    [
+        (af.AdamConfig(lr=0.01, weight_decay=0.01), "uniform"),
+        (af.AdamConfig(lr=0.01), "error_weighted"),
+        (af.SGDConfig(lr=0.01, momentum=0.9), "energy_weighted"),
+    ],
+)
+def test_energy_route_epochs_equal_train_step_epochs(
+    tio2_structures, optimizer, policy, monkeypatch
+):
+    """Epochs on the energy-only route (plans, in-place updates of working copies) reach the
+    weights, history and sampler scores of one train_step per assembled batch, and leave the
+    state they started from untouched."""
+    train = af.featurize_structures(PARAMS, tio2_structures, with_derivatives=False)
+    model = af.init_model(PARAMS, ARCH, train, seed=2, atomic_energies=REFERENCES)
+    config = af.TrainConfig(epochs=3, batch_size=6, optimizer=optimizer, sampling_policy=policy)
+    start = af.init_train_state(model, train, config)
+    before = start.model.network.values.clone()
+    fast = af.fit(start, train, None, config)
+    assert torch.equal(start.model.network.values, before)
+    monkeypatch.setattr(train_module, "energy_epoch_table", lambda *args, **kwargs: None)
+    slow = af.fit(start, train, None, config)
+    values = fast.model.network.values
+    torch.testing.assert_close(values, slow.model.network.values, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(fast.sampler.scores, slow.sampler.scores, rtol=1e-9, atol=1e-12)
+    for ours, theirs in zip(fast.history, slow.history):
+        assert ours["RMSE_train"] == pytest.approx(theirs["RMSE_train"], rel=1e-10)
+    for ours, theirs in zip(tree_leaves(fast.opt_state), tree_leaves(slow.opt_state)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-13)

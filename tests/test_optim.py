@@ -420,18 +420,40 @@ def test_plateau_state_serialises_and_is_static() -> None:
     assert pytree.tree_leaves(state) == []  # tree_map over a training state leaves it alone
 
 
+@pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_eager_adam_is_bitwise_torch_optim(weight_decay: float) -> None:
-    """The eager form forms the bias corrections as Python numbers, as torch.optim does."""
+def test_eager_adam_is_bitwise_torch_optim(weight_decay: float, in_place: bool) -> None:
+    """The eager and in-place forms form the bias corrections as Python numbers, as
+    torch.optim does; the in-place form writes into the parameters and moments it is given."""
     generator = torch.Generator().manual_seed(3)
     params = torch.randn(40, dtype=torch.float64, generator=generator)
     reference = params.clone().requires_grad_(True)
     torch_opt = torch.optim.Adam([reference], lr=0.02, weight_decay=weight_decay)
     opt = adam(AdamConfig(lr=0.02, weight_decay=weight_decay))
     state = opt.init(params)
-    for _ in range(15):
+    for step in range(15):
         grads = torch.randn(40, dtype=torch.float64, generator=generator)
         reference.grad = grads.clone()
         torch_opt.step()
-        params, state = opt.update_eagerly(grads, state, params)
+        if in_place:
+            moments = state.mu
+            state = opt.update_in_place(grads, state, params)
+            assert state.mu is moments and int(state.step) == step + 1
+        else:
+            params, state = opt.update_eagerly(grads, state, params)
         assert torch.equal(params, reference.detach())
+
+
+def test_in_place_update_without_an_in_place_form_copies_the_eager_update() -> None:
+    """SGD (no in-place form): ``update_in_place`` writes ``update_eagerly``'s parameters."""
+    generator = torch.Generator().manual_seed(5)
+    opt = sgd(SGDConfig(lr=0.1, momentum=0.9))
+    params = torch.randn(12, dtype=torch.float64, generator=generator)
+    eager, buffer = params.clone(), params
+    state = eager_state = opt.init(params)
+    for _ in range(4):
+        grads = torch.randn(12, dtype=torch.float64, generator=generator)
+        eager, eager_state = opt.update_eagerly(grads, eager_state, eager)
+        state = opt.update_in_place(grads, state, buffer)
+        assert buffer is params and torch.equal(buffer, eager)
+        assert torch.equal(state.momentum_buffer, eager_state.momentum_buffer)
