@@ -63,8 +63,9 @@ class EnergyPlan:
     padding columns (zero features) up to the widest species of the group in that batch.
 
     Attributes:
-        columns: per species group, ``[F + 1, Σ_k W·S_g·widths[g][k]]`` normalised features
-            with a trailing 1 (the bias input) of every column of every batch, batch after batch.
+        features: per species group, ``[Σ_k W·S_g·widths[g][k], F + 1]`` normalised features
+            with a trailing 1 (the bias input) of every column of every batch, batch after
+            batch (gathered as rows; each batch is used through a transposed view).
         assign: per group, the 0/1 matrices ``[W, S_g·widths[g][k], batch_size]`` of every
             batch, flat and batch after batch, that sum atom outputs into their structure
             (padding rows are zero).
@@ -75,7 +76,7 @@ class EnergyPlan:
         sizes: structures in each batch (static).
     """
 
-    columns: tuple[torch.Tensor, ...]
+    features: tuple[torch.Tensor, ...]
     assign: tuple[torch.Tensor, ...]
     output_scale: torch.Tensor
     offset: torch.Tensor
@@ -95,11 +96,11 @@ class EnergyPlan:
 
     def batch_inputs(self, g: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``k`` of group ``g``: its inputs ``[W·S_g, F + 1, n_k]`` (a strided view of
-        :attr:`columns`) and its assignment matrices ``[W, S_g·n_k, batch_size]``."""
+        :attr:`features`) and its assignment matrices ``[W, S_g·n_k, batch_size]``."""
         width, stack = self.widths[g][k], self.n_orders * self.groups[g][1]
         start = stack * sum(self.widths[g][:k])
-        block = self.columns[g][:, start : start + stack * width]
-        inputs = block.view(block.shape[0], stack, width).permute(1, 0, 2)
+        block = self.features[g][start : start + stack * width]
+        inputs = block.view(stack, width, block.shape[1]).transpose(1, 2)
         assign = self.assign[g][start * self.batch_size : (start + stack * width) * self.batch_size]
         return inputs, assign.view(self.n_orders, -1, self.batch_size)
 
@@ -186,7 +187,8 @@ def energy_plan(
     def per_slot(values: torch.Tensor) -> torch.Tensor:
         """``values[orders]`` ``[W, D, M]`` as ``[W, M, K·batch_size]`` (zero for padding)."""
         padded = values.new_zeros(n_orders, values.shape[1], slots)
-        padded[:, :, :n_draws] = values[orders].transpose(1, 2)
+        drawn = values.index_select(0, orders.flatten()).view(n_orders, n_draws, -1)
+        padded[:, :, :n_draws] = drawn.transpose(1, 2)
         return padded
 
     counts, starts = per_slot(table.species_counts), per_slot(table.species_start)
@@ -205,36 +207,40 @@ def energy_plan(
             groups.append((first, count))
 
     pad_row = table.rows.shape[0] - 1
-    columns, assign, widths = [], [], []
+    slot_in_batch = torch.arange(batch_size, device=draws.device)
+    features, assign, widths = [], [], []
     for first, count in groups:
         width = widths_of(first, count)
         stack = n_orders * count
         width_of = torch.tensor(width, dtype=draws.dtype, device=draws.device)
         batch_start = torch.cumsum(width_of, 0) * stack - width_of * stack
-        # atoms of each (member order, species, draw slot), in that order
-        atoms = counts[:, first : first + count].reshape(-1)
-        first_atom = torch.cumsum(atoms, 0) - atoms
-        owner = torch.repeat_interleave(atoms)  # (order, species, slot) of each atom
-        index = torch.arange(owner.numel(), device=draws.device)
-        block = owner // batch_size  # (order · S_g + species) · K + batch
-        batch, stacked = block % n_batches, block // n_batches
-        column = index - first_atom.view(-1, batch_size)[:, 0][block]
-        target = batch_start[batch] + stacked * width_of[batch] + column
+        # per (member order · S_g + species, batch, slot): its atoms, and, less the index of
+        # its first atom among all the group's atoms, that atom's column and table row; its
+        # slot in the batch
+        atoms = counts[:, first : first + count].reshape(stack, n_batches, batch_size)
+        first_atom = (torch.cumsum(atoms.flatten(), 0) - atoms.flatten()).view(atoms.shape)
+        block_start = batch_start + torch.arange(stack, device=draws.device)[:, None] * width_of
+        column = (block_start[:, :, None] - first_atom[:, :, :1]).expand(atoms.shape)
+        row = starts[:, first : first + count].reshape(atoms.shape) - first_atom
+        per_slot_bases = torch.stack([column, row, slot_in_batch.expand(atoms.shape)], -1)
+        bases = torch.repeat_interleave(per_slot_bases.view(-1, 3), atoms.flatten(), dim=0)
+        index = torch.arange(bases.shape[0], device=draws.device)
+        target = bases[:, 0] + index
         rows = draws.new_full((stack * sum(width),), pad_row)
-        atom_row = starts[:, first : first + count].reshape(-1)[owner] + index - first_atom[owner]
-        rows[target] = atom_row
-        columns.append(table.rows.index_select(0, rows).T.contiguous())
+        rows.index_copy_(0, target, bases[:, 1] + index)
+        features.append(table.rows.index_select(0, rows))
         ones = table.rows.new_zeros(rows.numel() * batch_size)
-        ones[target * batch_size + owner % batch_size] = 1.0
+        ones.index_fill_(0, target * batch_size + bases[:, 2], 1.0)
         assign.append(ones)
         widths.append(tuple(width))
 
     def per_draw(values: torch.Tensor, fill: float) -> torch.Tensor:
-        padded = torch.cat([values[orders], values.new_full((n_orders, slots - n_draws), fill)], 1)
+        drawn = values.index_select(0, orders.flatten()).view(n_orders, n_draws)
+        padded = torch.cat([drawn, values.new_full((n_orders, slots - n_draws), fill)], 1)
         return padded.view(n_orders, n_batches, batch_size).transpose(0, 1)
 
     return EnergyPlan(
-        columns=tuple(columns),
+        features=tuple(features),
         assign=tuple(assign),
         output_scale=per_draw(table.output_scale, 1.0),
         offset=per_draw(table.offset, 0.0),
@@ -303,7 +309,15 @@ class EnergySteps:
         self.shared_order = plan.n_orders != self.n_members
         # ∂[(1 − α) rmse]/∂errors = errors · (1 − α) / (√b_k ‖errors‖); the constant part
         sizes = torch.tensor(plan.sizes, dtype=values.dtype, device=values.device)
-        self.error_scale = plan.output_scale * ((1.0 - force_weight) / sizes.sqrt())[:, None, None]
+        error_scale = plan.output_scale * ((1.0 - force_weight) / sizes.sqrt())[:, None, None]
+        # per batch [W, b_k] views (one unbind per plan rather than slices per step)
+        self.per_structure = [
+            tuple(t if size == plan.batch_size else t[:, :size] for t in per_batch)
+            for size, per_batch in zip(
+                plan.sizes,
+                zip(*(t.unbind(0) for t in (plan.offset, plan.output_scale, error_scale))),
+            )
+        ]
         self.gradient_buffer = torch.empty_like(values)
         self.layers = []  # per group, per layer: (weightsᵀ, weights without bias, gradient)
         self.hidden = []  # per group, per hidden layer: [W·S, out + 1, widest] buffers
@@ -336,7 +350,9 @@ class EnergySteps:
 
     def _atoms(self, per_structure: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
         """``[W, b_k]`` structure values spread onto their atoms ``[W, S·n]``."""
-        assign = assign[:, :, : per_structure.shape[1]].transpose(1, 2)
+        if per_structure.shape[1] < assign.shape[2]:
+            assign = assign[:, :, : per_structure.shape[1]]
+        assign = assign.transpose(1, 2)
         if self.shared_order:
             return torch.mm(per_structure, assign[0])
         return torch.bmm(per_structure.unsqueeze(1), assign).squeeze(1)
@@ -352,33 +368,36 @@ class EnergySteps:
             if self.shared_order and n_members > 1:
                 x = x.expand(n_members, *x.shape).reshape(-1, *x.shape[1:])
             activations = self.network.activations[first]
-            inputs, preactivations = [x], []
+            inputs, preactivations, outputs = [x], [], []
             for (weight, _, _), name, buffer in zip(self.layers[g], activations, self.hidden[g]):
                 z = torch.bmm(weight.merged(), inputs[-1])
                 preactivations.append(z)
                 augmented = buffer[:, :, : x.shape[2]]  # the last row stays ones (bias input)
-                _activate_into(name, z, augmented[:, :-1])
+                outputs.append(augmented[:, :-1])
+                _activate_into(name, z, outputs[-1])
                 inputs.append(augmented)
-            outputs = torch.bmm(self.layers[g][-1][0].merged(), inputs[-1])
-            part = self._structures(outputs.view(n_members, -1), assign)
+            energies = torch.bmm(self.layers[g][-1][0].merged(), inputs[-1])
+            part = self._structures(energies.view(n_members, -1), assign)
             sums = part if sums is None else sums + part
-            passes.append((activations, inputs, preactivations, assign))
+            passes.append((activations, inputs, preactivations, outputs, assign))
 
-        errors = torch.addcmul(
-            plan.offset[k, :, :size], sums[:, :size], plan.output_scale[k, :, :size]
-        )  # [W, b_k]
+        offset, output_scale, error_scale = self.per_structure[k]
+        if size < plan.batch_size:
+            sums = sums[:, :size]
+        errors = torch.addcmul(offset, sums, output_scale)  # [W, b_k]
         norm = torch.linalg.vector_norm(errors, dim=1, keepdim=True)
         # zero where autograd's clamp_min(tiny) of the mean square is active (x / inf = 0)
         limit = math.sqrt(size * torch.finfo(errors.dtype).tiny)
-        output_grad = errors.div(torch.where(norm >= limit, norm, math.inf))
-        output_grad.mul_(self.error_scale[k, :, :size])
+        output_grad = errors.div(torch.where(norm >= limit, norm, math.inf)).mul_(error_scale)
 
-        for layers, (activations, inputs, preactivations, assign) in zip(self.layers, passes):
+        for layers, (activations, inputs, preactivations, outputs, assign) in zip(
+            self.layers, passes
+        ):
             delta = self._atoms(output_grad, assign).view(inputs[0].shape[0], 1, -1)
             for layer in reversed(range(len(layers))):
                 if layer < len(activations):
                     delta = _BACKWARD[activations[layer]](
-                        delta, preactivations[layer], inputs[layer + 1][:, :-1]
+                        delta, preactivations[layer], outputs[layer]
                     )
                 layers[layer][2].write(torch.bmm, inputs[layer], delta.transpose(1, 2))
                 if layer > 0:

@@ -258,10 +258,14 @@ def _adam_leaves(
 ):
     """The per-leaf loop of every Adam form: new moments (written into the state's tensors
     when ``in_place``), then ``new_leaf(p, m, v)``."""
-    param_leaves, spec = pytree.tree_flatten(params)
-    grad_leaves = _flatten_like(grads, spec, "grads")
-    mu_leaves = _flatten_like(state.mu, spec, "state.mu")
-    nu_leaves = _flatten_like(state.nu, spec, "state.nu")
+    if isinstance(params, torch.Tensor) and isinstance(grads, torch.Tensor):  # one flat vector
+        param_leaves, spec = [params], None
+        grad_leaves, mu_leaves, nu_leaves = [grads], [state.mu], [state.nu]
+    else:
+        param_leaves, spec = pytree.tree_flatten(params)
+        grad_leaves = _flatten_like(grads, spec, "grads")
+        mu_leaves = _flatten_like(state.mu, spec, "state.mu")
+        nu_leaves = _flatten_like(state.nu, spec, "state.nu")
     new_params, new_mu, new_nu = [], [], []
     for p, g, m, v in zip(param_leaves, grad_leaves, mu_leaves, nu_leaves):
         if config.weight_decay != 0.0:
@@ -275,6 +279,8 @@ def _adam_leaves(
         new_params.append(new_leaf(p, m, v))
         new_mu.append(m)
         new_nu.append(v)
+    if spec is None:
+        return new_params[0], AdamState(step=step, mu=new_mu[0], nu=new_nu[0])
     new_state = AdamState(
         step=step,
         mu=pytree.tree_unflatten(new_mu, spec),
