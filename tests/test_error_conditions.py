@@ -26,7 +26,7 @@ import torch
 
 import aenet_fn as af
 from aenet_fn.io.predict import PredictOutAnalyzer
-from aenet_fn.mlip.ensemble import AenetEnsembleResult
+from aenet_fn.mlip.ensemble import AenetEnsembleResult, normalize_ensemble_members
 from aenet_fn.torch_featurize import ChebyshevDescriptor
 from aenet_fn.torch_training import (
     Structure,
@@ -376,6 +376,15 @@ CASES = [
          lambda c: TorchCommitteePotential.from_files([])),
     Case(95, "members-differ", ValueError, r"other\.pt: its architecture or descriptor differs",
          lambda c: TorchCommitteePotential.from_files([c.model_path, c.other_model_path])),
+    Case(99, "ensemble-empty", ValueError, "an ensemble needs at least one member",
+         lambda c: normalize_ensemble_members([])),
+    Case(99, "ensemble-no-types", ValueError, "ensemble member 1 names no atom types",
+         lambda c: normalize_ensemble_members([{"Ti": "a", "O": "b"}, {}])),
+    Case(99, "ensemble-not-a-mapping", ValueError, "member 0 must map atom types .* got list",
+         lambda c: normalize_ensemble_members([["Ti.nn.ascii"]])),
+    Case(99, "ensemble-types-differ", ValueError,
+         r"ensemble member 1 has atom types \['O'\], member 0 has \['O', 'Ti'\]",
+         lambda c: normalize_ensemble_members([{"Ti": "a", "O": "b"}, {"O": "c"}])),
     Case(100, "aggregation", ValueError, "aggregation must be one of",
          lambda c: _committee_predict(c, aggregation="median")),
     Case(100, "reference-member", ValueError, r"reference_member 2 is not in 0\.\.1",
@@ -499,7 +508,6 @@ NOT_YET = {
     89: "parallel (process) committee training: members train together by vmap on one device",
     90: "parallel (process) committee training with custom datasets",
     91: "member failures in parallel training (a vmapped committee fails as a whole)",
-    99: "normalize_ensemble_members is not built yet",
     106: "PredictOut.from_file (predict.x output) is not built yet",
 }
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import aenet_fn as af
+from aenet_fn.mlip import normalize_ensemble_members
 from aenet_fn.torch_featurize import ChebyshevDescriptor
 from aenet_fn.torch_training import (
     Adam,
@@ -181,6 +183,12 @@ def test_committee_ascii_export_reproduces_every_member(setup, tmp_path):
     committee, _ = runs["vmap"]
     manifests = committee.to_aenet_ascii(tmp_path, prefix="committee", structures=structures)
     assert len(manifests) == 3 and set(manifests[0]) == {"Ti", "O"}
+    assert normalize_ensemble_members(manifests) == manifests
+    # paths become strings, every member takes the first member's order of atom types
+    mixed = [{"O": Path(m["O"]), "Ti": Path(m["Ti"])} if i else m for i, m in enumerate(manifests)]
+    normalized = normalize_ensemble_members(mixed)
+    assert normalized == manifests and all(list(m) == list(manifests[0]) for m in normalized)
+    assert all(isinstance(path, str) for m in normalized for path in m.values())
     assert manifests[1]["O"].endswith("member_001/committee.O.nn.ascii")
     batch = af.collate(structures[:4], species=["Ti", "O"])
     for manifest, member in zip(manifests, committee.members):

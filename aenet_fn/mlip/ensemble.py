@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,37 @@ def validate_aggregation_mode(aggregation: str, reference_member: int, num_membe
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
     if not 0 <= reference_member < num_members:
         raise ValueError(f"reference_member {reference_member} is not in 0..{num_members - 1}")
+
+
+def normalize_ensemble_members(
+    members: Iterable[Mapping[str, str | os.PathLike]],
+) -> list[dict[str, str]]:
+    """The members of an ensemble of potential files, one ``{atom type: path}`` mapping each
+    (as :meth:`TorchCommitteePotential.to_aenet_ascii` returns them), as plain dicts of
+    strings with every member's types in the first member's order.
+
+    Raises ``ValueError`` for no members, a member that is not a mapping or names no atom
+    type, and members whose sets of atom types differ."""
+    normalized = []
+    for index, member in enumerate(members):
+        if not isinstance(member, Mapping):
+            raise ValueError(
+                f"ensemble member {index} must map atom types to potential files, "
+                f"got {type(member).__name__}"
+            )
+        if not member:
+            raise ValueError(f"ensemble member {index} names no atom types")
+        normalized.append({str(kind): os.fspath(path) for kind, path in member.items()})
+    if not normalized:
+        raise ValueError("an ensemble needs at least one member")
+    order = list(normalized[0])
+    for index, member in enumerate(normalized[1:], start=1):
+        if set(member) != set(order):
+            raise ValueError(
+                f"ensemble member {index} has atom types {sorted(member)}, "
+                f"member 0 has {sorted(order)}"
+            )
+    return [{kind: member[kind] for kind in order} for member in normalized]
 
 
 @dataclass

@@ -39,7 +39,11 @@ from aenet_fn.distributed import World, agreed_seed, all_gather_objects, current
 from aenet_fn.featurized import FeaturizedSet
 from aenet_fn.io.predict import PredictOut
 from aenet_fn.io.train import TrainOut, read_history, write_history
-from aenet_fn.mlip.ensemble import AenetEnsembleResult, validate_aggregation_mode
+from aenet_fn.mlip.ensemble import (
+    AenetEnsembleResult,
+    normalize_ensemble_members,
+    validate_aggregation_mode,
+)
 from aenet_fn.progress import EpochProgress
 from aenet_fn.torch_featurize.chebyshev import ChebyshevDescriptor
 from aenet_fn.torch_training.config import TorchTrainingConfig
@@ -595,7 +599,7 @@ class TorchCommitteePotential:
                 output / f"member_{index:03d}", prefix, descriptor_stats, structures, compute_stats
             )
             manifests.append(dict(zip(member.descriptor.species, map(str, paths))))
-        return manifests
+        return normalize_ensemble_members(manifests)
 
 
 def _source_indices(dataset: Any) -> list[int]:
