@@ -325,7 +325,7 @@ def take_structures(
             if data.local is None:
                 raise ValueError("take_structures: forces requested but the set has no derivatives")
             force_atoms = take(supervised, 0, structure_index)
-            local = _select_local(data, selection, supervised, new_start, position)
+            local = _select_local(data, selection, supervised, new_start, position, order)
     n_species = data.species_counts.shape[1]
     return MiniBatch(
         features=take(data.features, 0, atoms),
@@ -342,19 +342,30 @@ def take_structures(
     )
 
 
-def _select_local(data, selection, supervised, new_start, position) -> LocalDerivatives:
-    """Derivative entries of the supervised structures, in batch atom numbering: a global atom
+def _select_local(data, selection, supervised, new_start, position, order) -> LocalDerivatives:
+    """Derivative entries of the supervised structures, in batch atom numbering (a global atom
     maps to its structure-major batch position, then through ``position`` to the species-major
-    one."""
+    one) and sorted by centre atom like the set's own (for
+    :func:`~aenet_fn.local_derivatives.centre_sums`): each centre's entries are one run in
+    the set, so sorting permutes runs (``order``: species-major position → structure-major)."""
     take = torch.Tensor.index_select  # much faster than advanced indexing on CPU
     chosen = selection[supervised]
     shift = new_start[supervised] - take(data.atom_start, 0, chosen)  # global → structure-major
     local = data.local
     r_count, t_count = take(data.radial_count, 0, chosen), take(data.triplet_count, 0, chosen)
-    radial = ranges(take(data.radial_start, 0, chosen), r_count)
-    triplet = ranges(take(data.triplet_start, 0, chosen), t_count)
-    r_shift = torch.repeat_interleave(shift, r_count)
-    t_shift = torch.repeat_interleave(shift, t_count)
+
+    def by_centre(starts: torch.Tensor, counts: torch.Tensor, centres: torch.Tensor):
+        """The set's entries of the chosen structures, sorted by species-major centre, and
+        the global → structure-major shift of each."""
+        entries = ranges(starts, counts)
+        entry_shift = torch.repeat_interleave(shift, counts)
+        runs = torch.bincount(take(centres, 0, entries) + entry_shift, minlength=order.shape[0])
+        run_start = torch.cumsum(runs, 0) - runs
+        permutation = ranges(take(run_start, 0, order), take(runs, 0, order))
+        return take(entries, 0, permutation), take(entry_shift, 0, permutation)
+
+    radial, r_shift = by_centre(take(data.radial_start, 0, chosen), r_count, local.radial_centre)
+    triplet, t_shift = by_centre(take(data.triplet_start, 0, chosen), t_count, local.triplet_centre)
 
     def atom(field: torch.Tensor, entries: torch.Tensor, entry_shift: torch.Tensor):
         return take(position, 0, take(field, 0, entries) + entry_shift)

@@ -17,6 +17,9 @@ is never recomputed.
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import attrs
 import torch
 from torch.func import jacfwd, vmap
@@ -169,6 +172,48 @@ def _to_positions(layout: tuple[int, int, bool], g: torch.Tensor, *fields) -> to
     return _members_outer(out, lead)
 
 
+_CSR_WIDEST = 64
+"""Widest rows summed by CSR products (measured: 2–7× faster than index_add up to 64 values
+per row, 2× slower at 88)."""
+
+
+def centre_sums(
+    centres: torch.Tensor, n_atoms: int, values: torch.Tensor, *weights: torch.Tensor
+) -> list[torch.Tensor]:
+    """``Σ_e values[e]`` over the entries ``e`` of each centre atom, then the same sums with
+    each entry weighted by each of ``weights`` (``[E]`` each): ``[n_atoms, ...]`` tensors from
+    ``values`` ``[E, ...]`` and ``centres`` ``[E]``. Entries sorted by centre (as featurized
+    sets and mini-batches hold them) with rows of at most 64 values are summed as sparse (CSR)
+    matrix products, 2–7× faster than ``index_add`` on CPU (which wins for wider rows); others
+    by ``index_add``. Either way in a fixed order (deterministic)."""
+    flat = values.reshape(values.shape[0], math.prod(values.shape[1:]))
+    shape = (n_atoms, *values.shape[1:])
+    if flat.shape[1] > _CSR_WIDEST or not _sorted(centres):
+        return [
+            flat.new_zeros(n_atoms, flat.shape[1])
+            .index_add_(0, centres, flat if w is None else flat * w[:, None])
+            .view(shape)
+            for w in (None, *weights)
+        ]
+    counts = torch.bincount(centres, minlength=n_atoms)
+    rows = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    entries = torch.arange(centres.shape[0], device=centres.device)
+    sums = []
+    for w in (flat.new_ones(centres.shape[0]), *weights):
+        with warnings.catch_warnings():  # "CSR support is in beta": plain products only here
+            warnings.simplefilter("ignore", UserWarning)
+            matrix = torch.sparse_csr_tensor(
+                rows, entries, w.to(flat.dtype), (n_atoms, centres.shape[0]), check_invariants=False
+            )
+        sums.append((matrix @ flat).view(shape))
+    return sums
+
+
+def _sorted(index: torch.Tensor) -> bool:
+    """Whether ``index`` ``[E]`` never decreases (and is not empty)."""
+    return index.shape[0] > 0 and bool((index[1:] >= index[:-1]).all())
+
+
 def _from_positions(layout: tuple[int, int, bool], d: torch.Tensor, *fields) -> torch.Tensor:
     """The transpose of :func:`_to_positions`: ``[..., N, 3]`` → ``[..., N, F]``."""
     multi = layout[2]
@@ -182,16 +227,10 @@ def _from_positions(layout: tuple[int, int, bool], d: torch.Tensor, *fields) -> 
     angular = torch.bmm(first, local.angular_first.transpose(1, 2)) + torch.bmm(
         second, local.angular_second.transpose(1, 2)
     )
-    blocks = [(local.radial_centre, radial), (local.triplet_centre, angular)]
-    if multi:
-        blocks += [
-            (local.radial_centre, radial * local.radial_spin[:, None, None]),
-            (local.triplet_centre, angular * local.triplet_spin[:, None, None]),
-        ]
-    columns = [
-        d.new_zeros(d.shape[0], d.shape[1], values.shape[-1]).index_add(0, centre, values)
-        for centre, values in blocks
-    ]
+    radial_spin, angular_spin = ((local.radial_spin,), (local.triplet_spin,)) if multi else ((), ())
+    radial_sums = centre_sums(local.radial_centre, d.shape[0], radial, *radial_spin)
+    angular_sums = centre_sums(local.triplet_centre, d.shape[0], angular, *angular_spin)
+    columns = [radial_sums[0], angular_sums[0], *radial_sums[1:], *angular_sums[1:]]
     return _members_outer(torch.cat(columns, dim=-1), lead)
 
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from aenet_fn import ChebyshevParams, Structure, collate, featurize
 from aenet_fn.featurized import featurize_structures, take_structures
+from aenet_fn.local_derivatives import centre_sums
 from aenet_fn.network import atomic_outputs, init_network
 from aenet_fn.normalization import Normalization
 from aenet_fn.potential import (
@@ -93,6 +94,76 @@ def test_local_derivative_forces_equal_autodiff_forces(seed):
         batch.species_blocks,
     )
     torch.testing.assert_close(f_blocks, f_local, rtol=0, atol=1e-14)
+
+
+@given(seed=st.integers(0, 10**5))
+def test_batches_of_any_selection_hold_entries_by_centre_and_give_autodiff_forces(seed):
+    """A shuffled selection with a repeat and one unsupervised structure: the batch's entries
+    are sorted by centre (the CSR sums' fast path) and its forces and the transposed map (the
+    loss-gradient direction) equal autodiff."""
+    model = make_model(seed)
+    structures = _structures(seed, 4)
+    data = featurize_structures(
+        PARAMS, [_with_forces(s) for s in structures], with_derivatives=True
+    )
+    generator = torch.Generator().manual_seed(seed)
+    selection = torch.cat([torch.randperm(4, generator=generator), torch.tensor([seed % 4])])
+    supervised = torch.ones(4, dtype=torch.bool)
+    supervised[(seed + 1) % 4] = False
+    batch = take_structures(data, selection, supervised)
+    for centres in (batch.local.radial_centre, batch.local.triplet_centre):
+        assert bool((centres[1:] >= centres[:-1]).all())
+    values = model.network.values.detach().requires_grad_(True)
+
+    def forces_of(values, local_batch, atom_forces):
+        m = attrs.evolve(model, network=attrs.evolve(model.network, values=values))
+        _, forces = energy_and_forces_from_derivatives(
+            m,
+            local_batch.features,
+            local_batch.species_index,
+            local_batch.structure_index,
+            local_batch.n_structures,
+            local_batch.local,
+        )
+        return forces[local_batch.force_atoms], atom_forces
+
+    everything = collate(structures, species=PARAMS.species)  # the set's atom order
+    supervised_atoms = batch.atom_index[batch.force_atoms]
+    f_local, _ = forces_of(values, batch, None)
+    _, f_auto = energy_and_forces(model, everything)
+    torch.testing.assert_close(f_local, f_auto[supervised_atoms], rtol=1e-10, atol=1e-11)
+    weights = torch.randn(f_local.shape, generator=generator, dtype=f_local.dtype)
+    (gradient,) = torch.autograd.grad((f_local * weights).sum(), values)
+
+    def autodiff_loss(values):
+        m = attrs.evolve(model, network=attrs.evolve(model.network, values=values))
+        _, forces = energy_and_forces(m, everything)
+        return (forces[supervised_atoms] * weights).sum()
+
+    (expected_gradient,) = torch.autograd.grad(autodiff_loss(values), values)
+    torch.testing.assert_close(gradient, expected_gradient, rtol=1e-9, atol=1e-10)
+
+
+@given(
+    seed=st.integers(0, 10**5),
+    n_entries=st.integers(0, 40),
+    width=st.sampled_from([1, 3, 11, 65]),
+    shuffled=st.booleans(),
+)
+def test_centre_sums_equal_index_add(seed, n_entries, width, shuffled):
+    """Sorted or not, narrow (CSR products) or wide rows, weighted or not: index_add's sums."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randint(0, 7, (n_entries,), generator=generator).sort().values
+    if shuffled:
+        centres = centres[torch.randperm(n_entries, generator=generator)]
+    values = torch.randn(n_entries, width, dtype=torch.float64, generator=generator)
+    spin = torch.randn(n_entries, dtype=torch.float64, generator=generator)
+    plain, weighted = centre_sums(centres, 7, values.view(n_entries, 1, width), spin)
+    zeros = torch.zeros(7, width, dtype=torch.float64)
+    expected = zeros.index_add(0, centres, values)
+    torch.testing.assert_close(plain, expected.view(7, 1, width), rtol=1e-14, atol=1e-14)
+    weighted_expected = zeros.index_add(0, centres, values * spin[:, None])
+    torch.testing.assert_close(weighted.view(7, width), weighted_expected, rtol=1e-14, atol=1e-14)
 
 
 def _with_forces(structure: Structure) -> Structure:
