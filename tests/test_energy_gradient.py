@@ -92,11 +92,15 @@ def test_plan_of_consecutive_batches_with_stacked_species(tio2_structures, activ
         _assert_gradient_of(model, af.take_structures(train, selection), gradient, errors, 0.2)
 
 
+@pytest.mark.parametrize("mixed", [False, True])
 @pytest.mark.parametrize("own_orders", [False, True])
-def test_committee_members_in_one_plan_equal_each_member_alone(tio2_structures, own_orders):
+def test_committee_members_in_one_plan_equal_each_member_alone(tio2_structures, own_orders, mixed):
     """Stacked member values: with one shared order or an order per member, every member's
-    gradient and errors equal those of its own single-member plan."""
+    gradient and errors equal those of its own single-member plan; also where the species'
+    architectures differ (one group per species: member weights that do not merge)."""
     arch = {s: [(5, "tanh"), (4, "twist")] for s in ("Ti", "O")}
+    if mixed:
+        arch["O"] = [(3, "sigmoid")]
     train = af.featurize_structures(PARAMS, tio2_structures, with_derivatives=False)
     members = [
         af.init_model(PARAMS, arch, train, seed=s, atomic_energies=REFERENCES) for s in (1, 2, 3)
@@ -110,6 +114,7 @@ def test_committee_members_in_one_plan_equal_each_member_alone(tio2_structures, 
     draws = orders if own_orders else orders[0]
     plan = energy_plan(table, stacked, draws, 4)
     assert plan.n_orders == (3 if own_orders else 1)
+    assert plan.groups == (((0, 1), (1, 1)) if mixed else ((0, 2),))
     for k in range(len(plan.sizes)):
         gradients, errors = plan_gradient(stacked, plan, k, 0.1)
         for i, member in enumerate(members):
