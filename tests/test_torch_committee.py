@@ -281,3 +281,43 @@ def test_members_predicting_one_by_one_analysed_like_the_committee(setup, shared
         atoms.get_array("bfactor"), analyzer.force_uncertainty(0), rtol=0, atol=0.006
     )
     assert [p.name for p in tmp_path.iterdir()] == ["uncertainty.pdb"]
+
+
+def test_a_failing_sequential_member_keeps_the_others(setup, tmp_path, monkeypatch):
+    """One member's training raises: the others are written and reload as a committee, the
+    metadata records the failure, and train raises RuntimeError naming the member after
+    writing everything (the reference's condition 91)."""
+    import aenet_fn.torch_training.committee as facade
+
+    structures, runs = setup
+    trained, _ = runs["sequential"]
+    real_fit = facade.fit
+
+    def fit_failing_seed_12(state, train, test, config, **options):
+        if config.seed == 12:
+            raise FloatingPointError("loss became NaN at epoch 1")
+        return real_fit(state, train, test, config, **options)
+
+    monkeypatch.setattr(facade, "fit", fit_failing_seed_12)
+    committee = TorchCommitteePotential(trained.arch, trained.descriptor)
+    output = tmp_path / "run"
+    with pytest.raises(RuntimeError, match=r"1 of 3 committee members failed \(member 1: "):
+        committee.train(
+            structures=structures,
+            config=_config(atomic_energies=E_ATOM),
+            committee_config=TorchCommitteeConfig(
+                num_members=3, base_seed=11, output_dir=output, execution="sequential"
+            ),
+        )
+    metadata = json.loads((output / "committee_metadata.json").read_text())
+    assert [m["status"] for m in metadata["members"]] == ["completed", "failed", "completed"]
+    assert metadata["failures"][0]["member_index"] == 1
+    assert "loss became NaN" in metadata["failures"][0]["error"]
+    assert not (output / "member_001" / "model.pt").exists()
+    reloaded = TorchCommitteePotential.from_directory(output)
+    assert len(reloaded.members) == 2
+    alone = TorchANNPotential.from_file(output / "member_002" / "model.pt")
+    torch.testing.assert_close(reloaded.members[1].model.network.values, alone.model.network.values)
+    # the completed members are those of the run without a failure (same seeds, same split)
+    expected = trained.members[2].model.network.values
+    torch.testing.assert_close(reloaded.members[1].model.network.values, expected)

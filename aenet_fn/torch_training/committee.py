@@ -368,7 +368,7 @@ class TorchCommitteePotential:
                 )
             else:
                 states = tuple(
-                    fit(state, train, test, attrs.evolve(core, seed=state_seed), world=World())
+                    _member_outcome(state, train, test, attrs.evolve(core, seed=state_seed))
                     for state, state_seed in zip(states, my_seeds)
                 )
         finally:
@@ -382,10 +382,18 @@ class TorchCommitteePotential:
         committee metadata over every process's members."""
         output = Path(committee_config.output_dir)
         output.mkdir(parents=True, exist_ok=True)
-        self.members, results = [], []
+        written, results = {}, []
         for index, state in zip(mine, states):
             seed = seeds[index]
             member_dir = output / f"member_{index:03d}"
+            if isinstance(state, Exception):  # recorded, not written: the others are kept
+                paths = [member_dir / name for name in _MEMBER_FILES]
+                results.append(
+                    TorchCommitteeMemberResult(
+                        index, seed, split_seed, member_dir, *paths, {}, "failed", repr(state)
+                    )
+                )
+                continue
             member = TorchANNPotential(self.arch, self.descriptor)
             member.model, member.history, member._training_config = (
                 state.model,
@@ -409,7 +417,7 @@ class TorchCommitteePotential:
             metrics["epochs_recorded"] = len(state.history)
             summary_path = member_dir / "summary.json"
             atomic_write_text(summary_path, json.dumps(_json_ready(metrics), indent=2))
-            self.members.append(member)
+            written[index] = member
             results.append(
                 TorchCommitteeMemberResult(
                     index,
@@ -424,12 +432,18 @@ class TorchCommitteePotential:
                 )
             )
         results = sorted(all_gather_objects(results, world), key=lambda r: r.member_index)
-        loaded = {index: member for index, member in zip(mine, self.members)}
+        completed = [r.member_index for r in results if r.status == "completed"]
         self.members = [
-            loaded[r.member_index]
-            if r.member_index in loaded
+            written[r.member_index]
+            if r.member_index in written
             else TorchANNPotential.from_file(r.model_path)
             for r in results
+            if r.status == "completed"
+        ]
+        failures = [
+            {"member_index": r.member_index, "seed": r.seed, "error": r.error}
+            for r in results
+            if r.status != "completed"
         ]
         metadata_path = output / "committee_metadata.json"
         metadata = {
@@ -449,12 +463,18 @@ class TorchCommitteePotential:
             },
             "descriptor_config": repr(self.descriptor),
             "members": [r.to_metadata() for r in results],
-            "failures": [],
+            "failures": failures,
         }
         if world.is_main:
             atomic_write_text(metadata_path, json.dumps(_json_ready(metadata), indent=2))
         if world.size > 1:
             torch.distributed.barrier()
+        if failures:
+            described = "; ".join(f"member {f['member_index']}: {f['error']}" for f in failures)
+            raise RuntimeError(
+                f"{len(failures)} of {len(results)} committee members failed ({described}); "
+                f"the {len(completed)} completed members and {metadata_path.name} are in {output}"
+            )
         return TorchCommitteeTrainResult(output, metadata_path, results, committee_config.execution)
 
     @staticmethod
@@ -466,8 +486,12 @@ class TorchCommitteePotential:
             raise FileNotFoundError(f"{metadata_path}: no committee metadata")
         try:
             members = json.loads(metadata_path.read_text())["members"]
-            indices = [int(m["member_index"]) for m in members]
-        except (KeyError, ValueError, TypeError) as error:
+            indices = [
+                int(m["member_index"])
+                for m in members
+                if m.get("status", "completed") == "completed"
+            ]
+        except (KeyError, ValueError, TypeError, AttributeError) as error:
             raise ValueError(f"{metadata_path}: corrupt committee metadata ({error})") from error
         return [Path(directory) / f"member_{i:03d}" / "model.pt" for i in indices]
 
@@ -600,6 +624,19 @@ class TorchCommitteePotential:
             )
             manifests.append(dict(zip(member.descriptor.species, map(str, paths))))
         return normalize_ensemble_members(manifests)
+
+
+_MEMBER_FILES = ("model.pt", "history.json", "history.csv", "summary.json")
+
+
+def _member_outcome(state, train, test, config) -> Any:
+    """One sequential member's trained state, or the exception that stopped it (so that one
+    failing member does not lose the others; :meth:`TorchCommitteePotential.train` reports
+    the failures after writing everything else)."""
+    try:
+        return fit(state, train, test, config, world=World())
+    except Exception as error:  # any failure of one member is recorded
+        return error
 
 
 def _source_indices(dataset: Any) -> list[int]:
