@@ -61,7 +61,7 @@ class Settings:
 FULL = Settings(
     repeats=5,
     scaling_sizes=tuple(featurize.FULL_SIZES),
-    train_epochs=20,
+    train_epochs=60,
     committee_sizes=tuple(committee.FULL_SIZES),
     committee_epochs=2,
     inference_members=8,

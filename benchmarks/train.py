@@ -87,7 +87,7 @@ def train_setup(rows: list[dict], epochs: int) -> dict:
 def main() -> None:
     """Run each mode in a subprocess and print JSON plus a table."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--structures", type=int, help="use only the first N structures")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = parse_benchmark_arguments(parser)
