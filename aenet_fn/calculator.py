@@ -26,6 +26,7 @@ import attrs
 import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.md import velocitydistribution
 from ase.stress import full_3x3_to_voigt_6_stress
 from torch.func import vmap
 
@@ -37,7 +38,13 @@ from aenet_fn.potential import Model, atomic_energies, energy_forces_stress
 from aenet_fn.torch_training.committee import TorchCommitteePotential
 from aenet_fn.torch_training.trainer import TorchANNPotential
 
-__all__ = ["COMMITTEE_PROPERTIES", "PROPERTIES", "AenetCalculator", "PotentialLike"]
+__all__ = [
+    "COMMITTEE_PROPERTIES",
+    "PROPERTIES",
+    "AenetCalculator",
+    "PotentialLike",
+    "thermalize_momenta",
+]
 
 PotentialLike = Model | TorchANNPotential | TorchCommitteePotential | str | os.PathLike[str]
 """What :class:`AenetCalculator` accepts as its potential."""
@@ -274,3 +281,15 @@ class AenetCalculator(Calculator):
             results["member_stresses"] = member_stresses
             results["stress_std"] = member_stresses.std(0)
         return results
+
+
+def thermalize_momenta(
+    atoms: ase.Atoms, temperature_K: float, rng: np.random.Generator | None = None
+) -> None:
+    """Set the momenta of ``atoms`` to a Maxwell–Boltzmann distribution at ``temperature_K``
+    (K): ASE's ``thermalize_momenta`` (ASE ≥ 3.29), else its ``MaxwellBoltzmannDistribution``
+    (the same distribution; deprecated from 3.29)."""
+    thermalize = getattr(velocitydistribution, "thermalize_momenta", None)
+    if thermalize is None:
+        thermalize = velocitydistribution.MaxwellBoltzmannDistribution
+    thermalize(atoms, temperature_K=temperature_K, rng=rng)

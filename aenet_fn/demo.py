@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 from ase import units
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+from ase.md.velocitydistribution import Stationary
 from ase.md.verlet import VelocityVerlet
 
 from aenet_fn.atomic import atomic_write_text
-from aenet_fn.calculator import AenetCalculator
+from aenet_fn.calculator import AenetCalculator, thermalize_momenta
 from aenet_fn.cli import format_summary, parse_config, run_training
 from aenet_fn.examples import ALLOY_SPECIES, emt_alloys
 from aenet_fn.io.ase_io import to_ase
@@ -117,9 +117,7 @@ def md_check(potential: Any, structure: Structure, steps: int, seed: int = 0) ->
     mean committee force spread ``force_uncertainty`` (eV/Å; NaN for a single potential)."""
     atoms = to_ase(structure)
     atoms.calc = AenetCalculator(potential)
-    MaxwellBoltzmannDistribution(
-        atoms, temperature_K=MD_TEMPERATURE_K, rng=np.random.default_rng(seed)
-    )
+    thermalize_momenta(atoms, MD_TEMPERATURE_K, rng=np.random.default_rng(seed))
     Stationary(atoms)
     totals, spreads = [], []
 

@@ -4,6 +4,9 @@ committee uncertainties, loading from files, caching and bad input."""
 
 from __future__ import annotations
 
+import warnings
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -11,12 +14,12 @@ from ase import Atoms, units
 from ase.build import bulk
 from ase.calculators.calculator import PropertyNotImplementedError
 from ase.calculators.emt import EMT
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+from ase.md.velocitydistribution import Stationary
 from ase.md.verlet import VelocityVerlet
 
 import aenet_fn as af
 import aenet_fn.calculator as calculator_module
-from aenet_fn.calculator import COMMITTEE_PROPERTIES, AenetCalculator
+from aenet_fn.calculator import COMMITTEE_PROPERTIES, AenetCalculator, thermalize_momenta
 from aenet_fn.committee import committee_predict
 from aenet_fn.io.ase_io import from_ase, to_ase
 from aenet_fn.torch_featurize import ChebyshevDescriptor
@@ -222,7 +225,7 @@ def test_nve_molecular_dynamics_conserves_the_total_energy(fortran_model):
     total energy stays within MD_TOLERANCE per atom of its start at every step."""
     atoms = rutile()
     atoms.calc = AenetCalculator(fortran_model)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    thermalize_momenta(atoms, 300, rng=np.random.default_rng(0))
     Stationary(atoms)
     start_positions = atoms.positions.copy()
     start_kinetic = atoms.get_kinetic_energy()
@@ -333,3 +336,24 @@ def test_bad_input_raises_clear_errors(fortran_model, committee_run, tmp_path):
     untrained = TorchANNPotential(committee.arch, committee.descriptor)
     with pytest.raises(ValueError, match="has not been trained"):
         AenetCalculator(untrained)
+
+
+def test_thermalize_momenta_uses_what_the_installed_ase_has(monkeypatch):
+    """ASE ≥ 3.29's thermalize_momenta, or before it MaxwellBoltzmannDistribution: the same
+    momenta from the same generator, at the requested temperature on average."""
+    from ase.md import velocitydistribution
+
+    atoms = bulk("Cu", cubic=True) * (4, 4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # the current form, where it exists
+        thermalize_momenta(atoms, 500, rng=np.random.default_rng(3))
+    assert atoms.get_temperature() == pytest.approx(500, rel=0.2)
+    first = atoms.get_momenta()
+    older_ase = SimpleNamespace(
+        MaxwellBoltzmannDistribution=velocitydistribution.MaxwellBoltzmannDistribution
+    )
+    monkeypatch.setattr(calculator_module, "velocitydistribution", older_ase)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # ASE ≥ 3.29 deprecates it
+        thermalize_momenta(atoms, 500, rng=np.random.default_rng(3))
+    np.testing.assert_array_equal(atoms.get_momenta(), first)
