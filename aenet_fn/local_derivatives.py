@@ -173,8 +173,9 @@ def _to_positions(layout: tuple[int, int, bool], g: torch.Tensor, *fields) -> to
 
 
 _CSR_WIDEST = 64
-"""Widest rows summed by CSR products (measured: 2–7× faster than index_add up to 64 values
-per row, 2× slower at 88)."""
+"""Widest rows whose plain sums are CSR products (measured: 2–7× faster than index_add up to
+64 values per row, 2× slower at 88). Weighted sums are CSR products at any width: the weights
+are the matrix values, where index_add needs a weighted copy (up to 4× slower)."""
 
 
 def centre_sums(
@@ -183,30 +184,38 @@ def centre_sums(
     """``Σ_e values[e]`` over the entries ``e`` of each centre atom, then the same sums with
     each entry weighted by each of ``weights`` (``[E]`` each): ``[n_atoms, ...]`` tensors from
     ``values`` ``[E, ...]`` and ``centres`` ``[E]``. Entries sorted by centre (as featurized
-    sets and mini-batches hold them) with rows of at most 64 values are summed as sparse (CSR)
-    matrix products, 2–7× faster than ``index_add`` on CPU (which wins for wider rows); others
-    by ``index_add``. Either way in a fixed order (deterministic)."""
+    sets and mini-batches hold them) are summed as sparse (CSR) matrix products where that is
+    faster on CPU (see ``_CSR_WIDEST``), others by ``index_add``; either way in a fixed order
+    (deterministic)."""
     flat = values.reshape(values.shape[0], math.prod(values.shape[1:]))
     shape = (n_atoms, *values.shape[1:])
-    if flat.shape[1] > _CSR_WIDEST or not _sorted(centres):
+    if not _sorted(centres):
         return [
-            flat.new_zeros(n_atoms, flat.shape[1])
-            .index_add_(0, centres, flat if w is None else flat * w[:, None])
-            .view(shape)
+            _index_sums(centres, n_atoms, flat if w is None else flat * w[:, None]).view(shape)
             for w in (None, *weights)
         ]
     counts = torch.bincount(centres, minlength=n_atoms)
     rows = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
     entries = torch.arange(centres.shape[0], device=centres.device)
-    sums = []
-    for w in (flat.new_ones(centres.shape[0]), *weights):
+
+    def product(w: torch.Tensor) -> torch.Tensor:
         with warnings.catch_warnings():  # "CSR support is in beta": plain products only here
             warnings.simplefilter("ignore", UserWarning)
             matrix = torch.sparse_csr_tensor(
                 rows, entries, w.to(flat.dtype), (n_atoms, centres.shape[0]), check_invariants=False
             )
-        sums.append((matrix @ flat).view(shape))
-    return sums
+        return (matrix @ flat).view(shape)
+
+    if flat.shape[1] > _CSR_WIDEST:
+        plain = _index_sums(centres, n_atoms, flat).view(shape)
+    else:
+        plain = product(flat.new_ones(centres.shape[0]))
+    return [plain, *(product(w) for w in weights)]
+
+
+def _index_sums(centres: torch.Tensor, n_atoms: int, flat: torch.Tensor) -> torch.Tensor:
+    """``[n_atoms, C]`` sums of the rows of ``flat`` ``[E, C]`` by ``index_add``."""
+    return flat.new_zeros(n_atoms, flat.shape[1]).index_add_(0, centres, flat)
 
 
 def _sorted(index: torch.Tensor) -> bool:
