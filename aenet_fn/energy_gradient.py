@@ -7,15 +7,18 @@ back-propagation, with no autograd graph, and with as few operations as it can:
 
 * an :class:`EnergyPlan` lays out ``K`` consecutive mini-batches at once (one gather for a
   whole epoch), with normalised features and every per-structure constant precomputed;
-* species whose networks share an architecture (and sit next to each other in the species
-  order) are evaluated together, as one batched matrix product per layer, on features padded
-  to the same number of atoms per species; the weights of such a group are strided views of
-  the flat parameter vector, so nothing is copied;
-* a structure's energy is ``Σ outputs / E_scaling + (constant of its atoms)``, so the
-  normalisation costs one fused multiply-add per batch.
+* atoms are columns, so each layer is one batched product ``Wᵀ @ X`` along the long axis;
+  species whose networks share an architecture (and sit next to each other in the species
+  order) are stacked in that product, each batch padded to its own widest species; the
+  weights are strided views of the flat parameter vector, so nothing is copied;
+* a structure's energy is ``Σ outputs / E_scaling + (constant of its atoms)``: one product
+  with a 0/1 assignment matrix and one fused multiply-add per batch;
+* :class:`EnergySteps` sets up the weight views, activation buffers and gradient buffer once
+  per plan, for parameters that the caller updates in place between steps
+  (:func:`plan_gradient` is the pure form of one step).
 
 It is checked against ``torch.func.grad`` of :func:`~aenet_fn.train.batch_loss` in the tests;
-force training and committees (``vmap``) keep autodiff.
+force training and committees with forces (``vmap``) keep autodiff.
 """
 
 from __future__ import annotations
