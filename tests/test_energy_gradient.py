@@ -188,3 +188,25 @@ def test_energy_route_epochs_equal_train_step_epochs(
         assert ours["RMSE_train"] == pytest.approx(theirs["RMSE_train"], rel=1e-10)
     for ours, theirs in zip(tree_leaves(fast.opt_state), tree_leaves(slow.opt_state)):
         torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_batches_missing_a_species_entirely(batch_size):
+    """Batches with no atom of a species (zero-width blocks), stacked or per-species groups:
+    every batch's gradient equals autodiff's."""
+    params = af.ChebyshevParams(["O", "H", "C"], 4, 4.0, 2, 3.0, min_cutoff=0.1)
+    molecules = [["O"] * 3, ["H"] * 4, ["C", "O"], ["H", "H", "C"]]
+    structures = [_spread_molecule(species, seed) for seed, species in enumerate(molecules)]
+    train = af.featurize_structures(params, structures, with_derivatives=False)
+    order = torch.tensor([3, 0, 1, 2])
+    zero_widths = 0
+    for arch in ({s: [(3, "tanh")] for s in "OHC"}, {"O": [(3, "tanh")], "H": [(2, "sigmoid")]}):
+        arch = {"C": [(3, "tanh")], **arch}
+        model = af.init_model(params, arch, train, seed=0)
+        plan = energy_plan(energy_table(model, train), model.network, order, batch_size)
+        zero_widths += sum(width == 0 for widths in plan.widths for width in widths)
+        for k in range(len(plan.sizes)):
+            gradient, errors = plan_gradient(model.network, plan, k, 0.1)
+            batch = af.take_structures(train, order[k * batch_size : (k + 1) * batch_size])
+            _assert_gradient_of(model, batch, gradient, errors, 0.1)
+    assert zero_widths > 0
