@@ -231,3 +231,13 @@ def test_unknown_species_in_a_batch_is_named():
     model = make_model()
     with pytest.raises(ValueError, match=r"\['Cu'\]"):
         energy(model, collate([random_structure(1, 3, species=("Ti", "Cu"))]))
+
+
+def test_centre_sums_elsewhere_than_cpu_and_cuda_use_index_add():
+    """Devices without the CSR path (here the shape-only "meta" device, where building a CSR
+    matrix or reading a value would fail) take index_add."""
+    centres = torch.tensor([0, 0, 2, 3], device="meta")
+    values = torch.empty(4, 1, 5, dtype=torch.float64, device="meta")
+    spin = torch.empty(4, dtype=torch.float64, device="meta")
+    plain, weighted = centre_sums(centres, 6, values, spin)
+    assert plain.shape == weighted.shape == (6, 1, 5) and plain.device.type == "meta"
