@@ -294,21 +294,70 @@ def _activate_into(name: str, z: torch.Tensor, out: torch.Tensor) -> None:
         out.copy_(ACTIVATIONS[name](z))
 
 
+class EnergyWorkspace:
+    """What the energy-only steps of one network reuse from plan to plan: the network, whose
+    parameter values are one contiguous buffer that the caller updates in place between steps,
+    the gradient buffer, the weight and gradient views of each species group, and activation
+    buffers (with their rows of ones; reallocated when a plan's widest batch differs). Mutable:
+    for one training run at a time."""
+
+    def __init__(self, network: NetworkParams):
+        if not network.values.is_contiguous():
+            raise ValueError("EnergyWorkspace needs contiguous network values")
+        self.network = network
+        self.n_members = network.values.shape[0] if network.values.ndim == 2 else 1
+        self.gradient = torch.empty_like(network.values)
+        self._layers: dict[tuple[int, int], list[tuple[_Weights, _Weights, _Weights]]] = {}
+        self._hidden: dict[tuple[int, int], list[torch.Tensor]] = {}
+
+    def layers(self, first: int, count: int) -> list[tuple[_Weights, _Weights, _Weights]]:
+        """Per layer of species ``first .. first + count - 1``: the transposed augmented
+        weights, the weights without bias and the gradient's view."""
+        if (first, count) not in self._layers:
+            weights = _layer_views(self.network.values, self.network, first, count)
+            gradients = _layer_views(self.gradient, self.network, first, count)
+            self._layers[first, count] = [
+                (_Weights(weight.transpose(2, 3)), _Weights(weight[:, :, :-1]), _Weights(grad))
+                for weight, grad in zip(weights, gradients)
+            ]
+        return self._layers[first, count]
+
+    def hidden(self, first: int, count: int, width: int) -> list[torch.Tensor]:
+        """Per hidden layer of that group, a ``[W·S, out + 1, width]`` buffer whose last row
+        is ones (the next layer's bias input). Exactly ``width`` wide: the products' strides,
+        hence their rounding, then depend on the plan alone, not on the plans before."""
+        buffers = self._hidden.get((first, count))
+        if buffers is None or buffers[0].shape[-1] != width:
+            buffers = [
+                self.network.values.new_ones(self.n_members * count, fan_out + 1, width)
+                for fan_out in self.network.sizes[first][1:-1]
+            ]
+            self._hidden[first, count] = buffers
+        return buffers
+
+
 class EnergySteps:
     """The energy-only gradient of each batch of one :class:`EnergyPlan`, for a network
     whose parameter values live in one contiguous buffer that the caller updates in place
-    between steps (an in-place optimiser step, or ``copy_``): the weight views, the
-    activation buffers (with their rows of ones) and the gradient buffer are set up once.
+    between steps (an in-place optimiser step, or ``copy_``), with the views and buffers of an
+    :class:`EnergyWorkspace` (a new one, or one kept from plan to plan).
 
-    Not a pure function: :meth:`gradient` returns this object's gradient buffer, which the
+    Not a pure function: :meth:`gradient` returns the workspace's gradient buffer, which the
     next call overwrites (:func:`plan_gradient` is the pure form)."""
 
-    def __init__(self, network: NetworkParams, plan: EnergyPlan, force_weight: float):
+    def __init__(
+        self,
+        network: NetworkParams,
+        plan: EnergyPlan,
+        force_weight: float,
+        workspace: EnergyWorkspace | None = None,
+    ):
+        workspace = EnergyWorkspace(network) if workspace is None else workspace
+        if workspace.network.values.data_ptr() != network.values.data_ptr():
+            raise ValueError("EnergySteps: the workspace holds another parameter buffer")
         values = network.values
-        if not values.is_contiguous():
-            raise ValueError("EnergySteps needs contiguous network values")
         self.network, self.plan = network, plan
-        self.n_members = values.shape[0] if values.ndim == 2 else 1
+        self.n_members = workspace.n_members
         self.shared_order = plan.n_orders != self.n_members
         # ∂[(1 − α) rmse]/∂errors = errors · (1 − α) / (√b_k ‖errors‖); the constant part
         sizes = torch.tensor(plan.sizes, dtype=values.dtype, device=values.device)
@@ -321,29 +370,14 @@ class EnergySteps:
                 zip(*(t.unbind(0) for t in (plan.offset, plan.output_scale, error_scale))),
             )
         ]
-        self.gradient_buffer = torch.empty_like(values)
-        self.layers = []  # per group, per layer: (weightsᵀ, weights without bias, gradient)
-        self.hidden = []  # per group, per hidden layer: [W·S, out + 1, widest] buffers
-        for g, (first, count) in enumerate(plan.groups):
-            weights = _layer_views(values, network, first, count)
-            gradients = _layer_views(self.gradient_buffer, network, first, count)
-            self.layers.append(
-                [
-                    (
-                        _Weights(weight.transpose(2, 3)),
-                        _Weights(weight[:, :, :-1]),
-                        _Weights(gradient),
-                    )
-                    for weight, gradient in zip(weights, gradients)
-                ]
-            )
-            widest = max(plan.widths[g], default=0)
-            self.hidden.append(
-                [
-                    values.new_ones(self.n_members * count, fan_out + 1, widest)
-                    for fan_out in network.sizes[first][1:-1]
-                ]
-            )
+        self.gradient_buffer = workspace.gradient
+        # per group, per layer: (weightsᵀ, weights without bias, gradient); per hidden layer
+        # a [W·S, out + 1, widest] activation buffer
+        self.layers = [workspace.layers(first, count) for first, count in plan.groups]
+        self.hidden = [
+            workspace.hidden(first, count, max(widths, default=0))
+            for (first, count), widths in zip(plan.groups, plan.widths)
+        ]
 
     def _structures(self, per_atom: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
         """``[W, S·n]`` per-atom values summed into ``[W, batch_size]`` structure values."""

@@ -33,6 +33,7 @@ from aenet_fn.distributed import (
 from aenet_fn.energy_gradient import (
     EnergySteps,
     EnergyTable,
+    EnergyWorkspace,
     energy_loss_gradient,
     energy_plan,
     energy_table,
@@ -552,30 +553,41 @@ StepReport = Callable[[torch.Tensor, torch.Tensor, Any], None]
 batch, and (force differences, supervised atoms) or None."""
 
 
+def energy_workspace(state: TrainState) -> EnergyWorkspace:
+    """An :class:`~aenet_fn.energy_gradient.EnergyWorkspace` for the energy-only epochs of a
+    run from ``state`` (its network's parameters copied into the workspace's own buffer)."""
+    network = state.model.network
+    values = network.values.clone(memory_format=torch.contiguous_format)
+    return EnergyWorkspace(attrs.evolve(network, values=values))
+
+
 def _energy_epoch(
     state: TrainState,
     order: torch.Tensor,
     table: EnergyTable,
     config: TrainConfig,
     on_step: StepReport,
+    workspace: EnergyWorkspace | None,
 ) -> TrainState:
     """The steps of an energy-only epoch from :class:`EnergyPlan` s of many batches each,
-    on working copies of the parameters and optimiser state updated in place; returns the
-    state after the last step (the same numbers as :func:`train_step` on each batch)."""
+    on working copies of the parameters (in ``workspace``, kept from epoch to epoch, or a new
+    one) and optimiser state, updated in place; returns the state after the last step (the
+    same numbers as :func:`train_step` on each batch)."""
     optimizer = optimizer_of(config)
-    network = state.model.network
-    network = attrs.evolve(
-        network, values=network.values.clone(memory_format=torch.contiguous_format)
-    )
+    if workspace is None:
+        workspace = energy_workspace(state)
+    else:
+        workspace.network.values.copy_(state.model.network.values)
+    network = workspace.network
     opt_state = tree_map(torch.clone, state.opt_state)
     for draws in plan_chunks(table, order, config.batch_size):
-        steps = EnergySteps(
-            network, energy_plan(table, network, draws, config.batch_size), config.force_weight
-        )
-        for k in range(len(steps.plan.sizes)):
+        plan = energy_plan(table, network, draws, config.batch_size)
+        steps = EnergySteps(network, plan, config.force_weight, workspace)
+        for k in range(len(plan.sizes)):
             gradient, errors = steps.gradient(k)
             opt_state = optimizer.update_in_place(gradient, opt_state, network.values, state.lr)
             on_step(errors, errors, None)
+    network = attrs.evolve(network, values=network.values.clone())  # the workspace's own stays
     model = attrs.evolve(state.model, network=network)
     return attrs.evolve(state, model=model, opt_state=opt_state)
 
@@ -611,6 +623,7 @@ def run_epoch(
     on_batch: Callable[[int, int], None] | None = None,
     world: World | None = None,
     table: EnergyTable | None = None,
+    workspace: EnergyWorkspace | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
     """One epoch over the training split: sampler order, optional force re-draw, a
     :func:`train_step` per batch (:func:`data_parallel_step` under ``torch.distributed``),
@@ -620,7 +633,8 @@ def run_epoch(
 
     Energy-only epochs on a featurized set in one process take a faster route to the same
     steps: the batches of many steps are laid out at once from ``table``
-    (:func:`energy_epoch_table`, built here when not given; :mod:`aenet_fn.energy_gradient`)."""
+    (:func:`energy_epoch_table`, built here when not given; :mod:`aenet_fn.energy_gradient`),
+    with the buffers of ``workspace`` (:func:`energy_workspace`; a new one when not given)."""
     world = current_world() if world is None else world
     state, order = plan_epoch(state, train, config)
     n_batches = math.ceil(order.numel() / config.batch_size)
@@ -640,7 +654,7 @@ def run_epoch(
             on_batch(len(own_errors), n_batches)
 
     if table is not None:
-        stepped = _energy_epoch(state, order, table, config, on_step)
+        stepped = _energy_epoch(state, order, table, config, on_step, workspace)
     else:
         stepped = _batch_epoch(state, order, train, config, world, on_step)
     no_forces = torch.zeros(0, 3), torch.zeros(0, dtype=torch.bool)
@@ -704,9 +718,10 @@ def fit(
     if not world.is_main:
         callbacks, on_batch = (), None
     table = energy_epoch_table(state, train, config, world)  # one per run: fixed normalisation
+    workspace = None if table is None else energy_workspace(state)
     for _ in range(config.epochs):
         start = time.perf_counter()
-        state, train_metrics = run_epoch(state, train, config, on_batch, world, table)
+        state, train_metrics = run_epoch(state, train, config, on_batch, world, table, workspace)
         test_metrics = (
             None if test is None else evaluate(state.model, test, config.uses_forces, world=world)
         )

@@ -210,3 +210,23 @@ def test_batches_missing_a_species_entirely(batch_size):
             batch = af.take_structures(train, order[k * batch_size : (k + 1) * batch_size])
             _assert_gradient_of(model, batch, gradient, errors, 0.1)
     assert zero_widths > 0
+
+
+def test_a_workspace_kept_across_epochs_changes_nothing(tio2_structures):
+    """Epochs sharing one EnergyWorkspace (as fit runs them) are bit for bit those with a new
+    one each; the states they return do not alias its buffer."""
+    train = af.featurize_structures(PARAMS, tio2_structures, with_derivatives=False)
+    model = af.init_model(PARAMS, ARCH, train, seed=5, atomic_energies=REFERENCES)
+    config = af.TrainConfig(epochs=1, batch_size=6, sampling_policy="error_weighted")
+    state = af.init_train_state(model, train, config)
+    table = train_module.energy_epoch_table(state, train, config)
+    workspace = train_module.energy_workspace(state)
+    kept, fresh = state, state
+    for _ in range(3):
+        kept, _ = train_module.run_epoch(kept, train, config, table=table, workspace=workspace)
+        fresh, _ = train_module.run_epoch(fresh, train, config, table=table)
+        assert torch.equal(kept.model.network.values, fresh.model.network.values)
+        assert torch.equal(kept.sampler.scores, fresh.sampler.scores)
+    before = kept.model.network.values.clone()
+    workspace.network.values.add_(1.0)
+    assert torch.equal(kept.model.network.values, before)
