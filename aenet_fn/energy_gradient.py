@@ -13,9 +13,10 @@ back-propagation, with no autograd graph, and with as few operations as it can:
   weights are strided views of the flat parameter vector, so nothing is copied;
 * a structure's energy is ``Σ outputs / E_scaling + (constant of its atoms)``: one product
   with a 0/1 assignment matrix and one fused multiply-add per batch;
-* :class:`EnergySteps` sets up the weight views, activation buffers and gradient buffer once
-  per plan, for parameters that the caller updates in place between steps
-  (:func:`plan_gradient` is the pure form of one step).
+* :class:`EnergySteps` runs the steps of a plan with the weight views, activation buffers and
+  gradient buffer of an :class:`EnergyWorkspace` (kept by ``fit`` for a whole run), for
+  parameters that the caller updates in place between steps (:func:`plan_gradient` is the
+  pure form of one step).
 
 It is checked against ``torch.func.grad`` of :func:`~aenet_fn.train.batch_loss` in the tests;
 force training and committees with forces (``vmap``) keep autodiff.
