@@ -172,8 +172,9 @@ def _to_positions(layout: tuple[int, int, bool], g: torch.Tensor, *fields) -> to
     return _members_outer(out, lead)
 
 
-_CSR_DEVICES = ("cpu", "cuda")
-"""Devices whose sparse CSR matrix products the centre sums use (others: ``index_add``)."""
+_CSR_DEVICES = ("cpu",)
+"""Devices whose sparse CSR matrix products the centre sums use, where they were measured
+faster (others, accelerators included, keep ``index_add``)."""
 
 _CSR_WIDEST = 64
 """Widest rows whose plain sums are CSR products (measured: 2–7× faster than index_add up to
@@ -188,8 +189,8 @@ def centre_sums(
     each entry weighted by each of ``weights`` (``[E]`` each): ``[n_atoms, ...]`` tensors from
     ``values`` ``[E, ...]`` and ``centres`` ``[E]``. Entries sorted by centre (as featurized
     sets and mini-batches hold them) are summed as sparse (CSR) matrix products where that is
-    faster on CPU (see ``_CSR_WIDEST``; on CPU and CUDA devices), others by ``index_add``;
-    either way in a fixed order (deterministic)."""
+    faster on CPU (see ``_CSR_WIDEST``; CPU only), others by ``index_add``; either way in a
+    fixed order on CPU (deterministic)."""
     flat = values.reshape(values.shape[0], math.prod(values.shape[1:]))
     shape = (n_atoms, *values.shape[1:])
     if centres.device.type not in _CSR_DEVICES or not _sorted(centres):

@@ -233,8 +233,8 @@ def test_unknown_species_in_a_batch_is_named():
         energy(model, collate([random_structure(1, 3, species=("Ti", "Cu"))]))
 
 
-def test_centre_sums_elsewhere_than_cpu_and_cuda_use_index_add():
-    """Devices without the CSR path (here the shape-only "meta" device, where building a CSR
+def test_centre_sums_off_the_cpu_use_index_add():
+    """Devices other than the CPU (here the shape-only "meta" device, where building a CSR
     matrix or reading a value would fail) take index_add."""
     centres = torch.tensor([0, 0, 2, 3], device="meta")
     values = torch.empty(4, 1, 5, dtype=torch.float64, device="meta")
