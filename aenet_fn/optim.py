@@ -178,13 +178,15 @@ class Optimizer:
         update: ``update(grads, state, params, lr=None) -> (new_params, new_state)``.
         config: the bound configuration (:class:`AdamConfig` or :class:`SGDConfig`).
         eager_update: an optional faster form of ``update`` for use outside transforms.
+        in_place_update: an optional ``eager_update`` that writes into the parameters and state
+            tensors it is given (same signature and result).
     """
 
     init: Callable[[PyTree], Any]
     update: Callable[..., tuple[PyTree, Any]]
     config: Any = None
     eager_update: Callable[..., tuple[PyTree, Any]] | None = None
-    in_place_update: Callable[..., Any] | None = None
+    in_place_update: Callable[..., tuple[PyTree, Any]] | None = None
 
     def update_eagerly(
         self, grads: PyTree, state: Any, params: PyTree, lr: LearningRate | None = None
@@ -201,7 +203,7 @@ class Optimizer:
         where it has one (which also updates the tensors of ``state`` in place), else the
         eager update copied back. The same numbers as :meth:`update_eagerly`."""
         if self.in_place_update is not None:
-            return self.in_place_update(grads, state, params, lr)
+            return self.in_place_update(grads, state, params, lr)[1]
         new_params, state = self.update_eagerly(grads, state, params, lr)
         pytree.tree_map(lambda target, new: target.copy_(new), params, new_params)
         return state
@@ -295,30 +297,15 @@ def adam_update_eager(
     state: AdamState,
     params: PyTree,
     lr: LearningRate | None = None,
+    *,
+    in_place: bool = False,
 ) -> tuple[PyTree, AdamState]:
     """:func:`adam_update` for one model outside ``torch.func`` transforms: the step count is
     read and the bias corrections are Python numbers, exactly as ``torch.optim.Adam`` forms
     them, which saves a dozen small tensor operations per step (reading the count is a host
-    synchronisation on accelerators). Not ``vmap``-able."""
-    return _adam_with_numbers(config, grads, state, params, lr, in_place=False)
-
-
-def adam_update_in_place(
-    config: AdamConfig,
-    grads: PyTree,
-    state: AdamState,
-    params: PyTree,
-    lr: LearningRate | None = None,
-) -> AdamState:
-    """:func:`adam_update_eager` that writes the new parameters into ``params`` and the new
-    moments into ``state.mu`` / ``state.nu`` (tensors the caller owns; bitwise the same
-    numbers, as ``torch.optim.Adam`` updates its own tensors in place). Returns the new state
-    (the same moment tensors, the step count plus one)."""
-    return _adam_with_numbers(config, grads, state, params, lr, in_place=True)[1]
-
-
-def _adam_with_numbers(config: AdamConfig, grads, state: AdamState, params, lr, in_place: bool):
-    """Adam with the step count read and the bias corrections as Python numbers."""
+    synchronisation on accelerators). Not ``vmap``-able. With ``in_place`` the new parameters
+    and moments are written into ``params`` and ``state.mu`` / ``state.nu`` (tensors the
+    caller owns; bitwise the same numbers, as ``torch.optim.Adam`` updates its own tensors)."""
     step = int(state.step) + 1
     step_size = _number("lr", config.lr if lr is None else float(lr)) / (1 - config.beta1**step)
     bias_correction2_sqrt = (1 - config.beta2**step) ** 0.5
@@ -395,7 +382,7 @@ def adam(config: AdamConfig | None = None) -> Optimizer:
         update=partial(adam_update, config),
         config=config,
         eager_update=partial(adam_update_eager, config),
-        in_place_update=partial(adam_update_in_place, config),
+        in_place_update=partial(adam_update_eager, config, in_place=True),
     )
 
 
