@@ -26,13 +26,7 @@ from torch.utils._pytree import tree_map
 from aenet_fn.batch import Batch
 from aenet_fn.descriptor import ChebyshevParams, build_graph
 from aenet_fn.distributed import World
-from aenet_fn.energy_gradient import (
-    EnergySteps,
-    EnergyTable,
-    energy_plan,
-    energy_table,
-    plan_chunks,
-)
+from aenet_fn.energy_gradient import EnergyTable, energy_gradients, energy_table
 from aenet_fn.featurized import FeaturizedSet, stack_batches, take_structures
 from aenet_fn.loss import accumulate_errors, error_sums_init, metrics_from_sums
 from aenet_fn.network import Architecture, NetworkParams
@@ -220,15 +214,11 @@ def _energy_steps(members, orders, shared, values, opt_state, lrs, table, config
     update = vmap(optimizer_of(config).update)
     network = attrs.evolve(members[0].model.network, values=values)
     draws = orders[0] if shared else torch.stack(orders)
-    for chunk in plan_chunks(table, draws, config.batch_size):
-        steps = EnergySteps(
-            network, energy_plan(table, network, chunk, config.batch_size), config.force_weight
-        )
-        for k in range(len(steps.plan.sizes)):
-            gradient, errors = steps.gradient(k)
-            new_values, opt_state = update(gradient, opt_state, values, lrs)
-            values.copy_(new_values)
-            yield values, opt_state, errors, None
+    steps = energy_gradients(table, network, draws, config.batch_size, config.force_weight)
+    for gradient, errors in steps:
+        new_values, opt_state = update(gradient, opt_state, values, lrs)
+        values.copy_(new_values)
+        yield values, opt_state, errors, None
 
 
 def committee_evaluate(

@@ -25,7 +25,7 @@ force training and committees with forces (``vmap``) keep autodiff.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import attrs
 import torch
@@ -465,6 +465,27 @@ class _Weights:
             product(*operands, out=self.flat)
         else:
             self.view.copy_(product(*operands).view(self.view.shape))
+
+
+def energy_gradients(
+    table: EnergyTable,
+    network: NetworkParams,
+    draws: torch.Tensor,
+    batch_size: int,
+    force_weight: float,
+    workspace: EnergyWorkspace | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The energy-only gradient and per-atom errors (as :meth:`EnergySteps.gradient` gives
+    them) of each batch of ``batch_size`` structures of ``draws`` (``[D]``, or ``[W, D]`` for
+    committee members' own orders), batch after batch: plans of about 2¹⁶ atoms each, with the
+    buffers of ``workspace`` (one is made for ``network`` when not given). The caller updates
+    ``network.values`` in place between batches."""
+    workspace = EnergyWorkspace(network) if workspace is None else workspace
+    for chunk in plan_chunks(table, draws, batch_size):
+        plan = energy_plan(table, network, chunk, batch_size)
+        steps = EnergySteps(network, plan, force_weight, workspace)
+        for k in range(len(plan.sizes)):
+            yield steps.gradient(k)
 
 
 def plan_gradient(

@@ -31,13 +31,11 @@ from aenet_fn.distributed import (
     shares,
 )
 from aenet_fn.energy_gradient import (
-    EnergySteps,
     EnergyTable,
     EnergyWorkspace,
+    energy_gradients,
     energy_loss_gradient,
-    energy_plan,
     energy_table,
-    plan_chunks,
 )
 from aenet_fn.featurized import FeaturizedSet, MiniBatch
 from aenet_fn.loader import Split, batch_stream, normalization_features, take_batch
@@ -580,13 +578,12 @@ def _energy_epoch(
         workspace.network.values.copy_(state.model.network.values)
     network = workspace.network
     opt_state = tree_map(torch.clone, state.opt_state)
-    for draws in plan_chunks(table, order, config.batch_size):
-        plan = energy_plan(table, network, draws, config.batch_size)
-        steps = EnergySteps(network, plan, config.force_weight, workspace)
-        for k in range(len(plan.sizes)):
-            gradient, errors = steps.gradient(k)
-            opt_state = optimizer.update_in_place(gradient, opt_state, network.values, state.lr)
-            on_step(errors, errors, None)
+    steps = energy_gradients(
+        table, network, order, config.batch_size, config.force_weight, workspace
+    )
+    for gradient, errors in steps:
+        opt_state = optimizer.update_in_place(gradient, opt_state, network.values, state.lr)
+        on_step(errors, errors, None)
     network = attrs.evolve(network, values=network.values.clone())  # the workspace's own stays
     model = attrs.evolve(state.model, network=network)
     return attrs.evolve(state, model=model, opt_state=opt_state)
