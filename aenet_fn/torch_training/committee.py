@@ -385,12 +385,13 @@ class TorchCommitteePotential:
         written, results = {}, []
         for index, state in zip(mine, states):
             seed = seeds[index]
-            member_dir = output / f"member_{index:03d}"
+            member_dir = _member_dir(output, index)
+            paths = [member_dir / name for name in _MEMBER_FILES]
             if isinstance(state, Exception):  # recorded, not written: the others are kept
-                paths = [member_dir / name for name in _MEMBER_FILES]
+                failure = ({}, "failed", repr(state))
                 results.append(
                     TorchCommitteeMemberResult(
-                        index, seed, split_seed, member_dir, *paths, {}, "failed", repr(state)
+                        index, seed, split_seed, member_dir, *paths, *failure
                     )
                 )
                 continue
@@ -401,7 +402,7 @@ class TorchCommitteePotential:
                 config,
             )
             member.best_val = None if state.best_epoch < 0 else state.best_monitor
-            model_path = member_dir / "model.pt"
+            model_path, _, _, summary_path = paths
             member_dir.mkdir(parents=True, exist_ok=True)
             member.save(
                 model_path,
@@ -411,25 +412,14 @@ class TorchCommitteePotential:
                     "committee_split_seed": split_seed,
                 },
             )
-            json_path, csv_path = write_history(state.history, member_dir)
+            write_history(state.history, member_dir)  # history.json, history.csv
             metrics = dict(TrainOut.from_torch_history(state.history).stats)
             metrics["best_val_loss"] = member.best_val if member.best_val is not None else math.nan
             metrics["epochs_recorded"] = len(state.history)
-            summary_path = member_dir / "summary.json"
             atomic_write_text(summary_path, json.dumps(_json_ready(metrics), indent=2))
             written[index] = member
             results.append(
-                TorchCommitteeMemberResult(
-                    index,
-                    seed,
-                    split_seed,
-                    member_dir,
-                    model_path,
-                    json_path,
-                    csv_path,
-                    summary_path,
-                    metrics,
-                )
+                TorchCommitteeMemberResult(index, seed, split_seed, member_dir, *paths, metrics)
             )
         results = sorted(all_gather_objects(results, world), key=lambda r: r.member_index)
         completed = [r.member_index for r in results if r.status == "completed"]
@@ -493,7 +483,7 @@ class TorchCommitteePotential:
             ]
         except (KeyError, ValueError, TypeError, AttributeError) as error:
             raise ValueError(f"{metadata_path}: corrupt committee metadata ({error})") from error
-        return [Path(directory) / f"member_{i:03d}" / "model.pt" for i in indices]
+        return [_member_dir(Path(directory), i) / _MEMBER_FILES[0] for i in indices]
 
     @classmethod
     def from_files(
@@ -620,13 +610,20 @@ class TorchCommitteePotential:
         manifests = []
         for index, member in enumerate(self.members):
             paths = member.to_aenet_ascii(
-                output / f"member_{index:03d}", prefix, descriptor_stats, structures, compute_stats
+                _member_dir(output, index), prefix, descriptor_stats, structures, compute_stats
             )
             manifests.append(dict(zip(member.descriptor.species, map(str, paths))))
         return normalize_ensemble_members(manifests)
 
 
+def _member_dir(output: Path, index: int) -> Path:
+    """Member ``index``'s folder of a committee's output directory."""
+    return output / f"member_{index:03d}"
+
+
 _MEMBER_FILES = ("model.pt", "history.json", "history.csv", "summary.json")
+"""A member folder's files, in the order of :class:`TorchCommitteeMemberResult`'s paths (the
+history files are those :func:`~aenet_fn.io.train.write_history` names)."""
 
 
 def _member_outcome(state, train, test, config) -> Any:
