@@ -19,22 +19,17 @@ from aenet_fn.torch_training import (
     TorchCommitteePotential,
     TorchTrainingConfig,
 )
+from tests.conftest import facade_config
 
 E_ATOM = {"Ti": -1604.604515075, "O": -432.503149303}
 
 
 def _config(**options) -> TorchTrainingConfig:
-    """The committees' quick training configuration."""
-    defaults = {
-        "iterations": 2,
-        "method": Adam(mu=0.003, batchsize=4),
-        "testpercent": 25,
-        "split_seed": 7,
-        "force_weight": 0.2,
-        "checkpoint_dir": None,
-        "show_progress": False,
-    }
-    return TorchTrainingConfig(**{**defaults, **options})
+    """The committees' quick training configuration (:func:`facade_config` with a smaller
+    step, a 25 % split and force training)."""
+    committee = {"method": Adam(mu=0.003, batchsize=4), "testpercent": 25, "split_seed": 7}
+    committee["seed"] = None  # member seeds come from TorchCommitteeConfig
+    return facade_config(**{**committee, "force_weight": 0.2, **options})
 
 
 @pytest.fixture(scope="module")
