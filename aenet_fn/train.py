@@ -572,10 +572,11 @@ def _energy_epoch(
     one) and optimiser state, updated in place; returns the state after the last step (the
     same numbers as :func:`train_step` on each batch)."""
     optimizer = optimizer_of(config)
-    if workspace is None:
-        workspace = energy_workspace(state)
-    else:
+    kept = workspace is not None
+    if kept:
         workspace.network.values.copy_(state.model.network.values)
+    else:
+        workspace = energy_workspace(state)
     network = workspace.network
     opt_state = tree_map(torch.clone, state.opt_state)
     steps = energy_gradients(
@@ -584,7 +585,8 @@ def _energy_epoch(
     for gradient, errors in steps:
         opt_state = optimizer.update_in_place(gradient, opt_state, network.values, state.lr)
         on_step(errors, errors, None)
-    network = attrs.evolve(network, values=network.values.clone())  # the workspace's own stays
+    if kept:  # the workspace's buffer serves the next epoch: the state gets its own copy
+        network = attrs.evolve(network, values=network.values.clone())
     model = attrs.evolve(state.model, network=network)
     return attrs.evolve(state, model=model, opt_state=opt_state)
 
