@@ -139,3 +139,9 @@ def collate(
         names=tuple(s.name for s in structures),
     )
     return batch.to(device=device, dtype=dtype)
+
+
+def ranges(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Concatenation of ``arange(start, start + count)`` for each pair (int64)."""
+    offsets = torch.repeat_interleave(starts - (torch.cumsum(counts, 0) - counts), counts)
+    return torch.arange(int(counts.sum()), device=starts.device) + offsets

@@ -3,10 +3,12 @@
 Members are independent models that share the descriptor, the normalisation and the training
 split. Each keeps its own :class:`~aenet_fn.train.TrainState` (seed, generator, sampler, optimiser,
 scheduler, best model, history); for the optimisation steps their parameters and optimiser states
-are stacked along a leading axis and :func:`~aenet_fn.train.member_step` is ``vmap``-ed over them.
-Each member draws its own batches; the batches are gathered from the one featurized set
-(features and local derivatives computed once) and stacked with padding
-(:func:`~aenet_fn.featurized.stack_batches`), which changes no number. Nothing couples the
+are stacked along a leading axis and :func:`~aenet_fn.train.member_step` is ``vmap``-ed over them
+(:func:`committee_step`). Each member draws its own batches; the batches are gathered from the
+one featurized set (features and local derivatives computed once) and stacked with padding
+(:func:`~aenet_fn.featurized.stack_batches`), which changes no number. Members drawing the same
+batches (``shared_batches``) share each batch instead, and its forces go through one assembled
+sparse Jacobian with the members as columns (:mod:`aenet_fn.position_jacobian`). Nothing couples the
 members inside a step, so member ``i`` ends exactly where it would have trained alone with the
 same seed (up to float round-off).
 """
@@ -27,20 +29,22 @@ from aenet_fn.batch import Batch
 from aenet_fn.descriptor import ChebyshevParams, build_graph
 from aenet_fn.distributed import World
 from aenet_fn.energy_gradient import EnergyTable, energy_gradients, energy_table
-from aenet_fn.featurized import FeaturizedSet, stack_batches, take_structures
+from aenet_fn.featurized import FeaturizedSet, MiniBatch, stack_batches, take_structures
 from aenet_fn.loss import accumulate_errors, error_sums_init, metrics_from_sums
 from aenet_fn.network import Architecture, NetworkParams
+from aenet_fn.position_jacobian import PairBlocks
 from aenet_fn.potential import Model, energy, energy_forces_stress
 from aenet_fn.train import (
     TrainConfig,
     TrainState,
+    autograd_gradient,
     batch_loss,
     end_of_epoch,
     epoch_batches,
     finish_epoch,
+    force_blocks,
     init_model,
     init_train_state,
-    member_step,
     optimizer_of,
     plan_epoch,
 )
@@ -135,11 +139,14 @@ def committee_epoch(
     config: TrainConfig,
     on_batch: Callable[[int, int], None] | None = None,
     table: EnergyTable | None = None,
+    blocks: PairBlocks | None = None,
 ) -> tuple[tuple[TrainState, ...], list[dict[str, float]]]:
     """One epoch of every member, the optimisation steps ``vmap``-ed over the members
     (energy-only epochs: the members' networks stacked into the batched products of
     :mod:`aenet_fn.energy_gradient`, gathering from ``table``, built here when not given).
-    Returns the new states and each member's training metrics."""
+    Force batches shared by the members take assembled Jacobians from ``blocks``
+    (:func:`~aenet_fn.train.force_blocks` of ``train``), the members as the columns of
+    one sparse product. Returns the new states and each member's training metrics."""
     check_shared_parts([m.model for m in members])
     planned = [plan_epoch(member, train, config) for member in members]
     members = [state for state, _ in planned]
@@ -151,7 +158,9 @@ def committee_epoch(
     opt_state = _stack([m.opt_state for m in members])
     lrs = torch.tensor([m.lr for m in members], dtype=values.dtype)
     if config.uses_forces:
-        steps = _vmapped_steps(members, orders, shared, values, opt_state, lrs, train, config)
+        steps = _vmapped_steps(
+            members, orders, shared, values, opt_state, lrs, train, config, blocks
+        )
     else:
         table = energy_table(members[0].model, train) if table is None else table
         steps = _energy_steps(members, orders, shared, values, opt_state, lrs, table, config)
@@ -182,25 +191,52 @@ def committee_epoch(
     return tuple(new_members), [metrics_from_sums(s) for s in sums]
 
 
-def _vmapped_steps(members, orders, shared, values, opt_state, lrs, train, config):
-    """Steps of :func:`~aenet_fn.train.member_step` vmapped over the members, on batches
+def committee_step(
+    model: Model,
+    values: torch.Tensor,
+    opt_state: Any,
+    lrs: torch.Tensor,
+    batch: MiniBatch,
+    config: TrainConfig,
+    stacked: bool = False,
+) -> tuple[torch.Tensor, Any, tuple[torch.Tensor, torch.Tensor]]:
+    """One optimiser step of every member: ``vmap`` of :func:`~aenet_fn.train.member_step`
+    over the stacked ``values`` ``[M, P]``, ``opt_state`` and learning rates ``lrs`` ``[M]``,
+    on a ``batch`` shared by the members or (``stacked``) stacked along a leading member axis
+    (:func:`~aenet_fn.featurized.stack_batches`). The gradients come from ``torch.autograd``
+    through the vmapped losses (members are independent, so the gradient of their sum is each
+    member's own): the same numbers as vmapping ``torch.func.grad`` to round-off (tested),
+    with the batching overhead paid on the forward pass only."""
+    batch_dims = tree_map(
+        lambda leaf: 0 if stacked and isinstance(leaf, torch.Tensor) else None, batch
+    )
+
+    def member_loss(v: torch.Tensor, b: MiniBatch) -> tuple[torch.Tensor, Any]:
+        return batch_loss(model, v, b, config.force_weight, config.force_scale_unbiased)
+
+    def summed_loss(leaf: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        losses, aux = vmap(member_loss, in_dims=(0, batch_dims))(leaf, batch)
+        return losses.sum(), aux
+
+    gradient, aux = autograd_gradient(summed_loss, values)
+    new_values, new_state = vmap(optimizer_of(config).update)(gradient, opt_state, values, lrs)
+    return new_values, new_state, aux
+
+
+def _vmapped_steps(members, orders, shared, values, opt_state, lrs, train, config, blocks):
+    """Steps of :func:`committee_step` (``member_step`` vmapped over the members), on batches
     shared by them or stacked: after each, the stacked values and optimiser states, the
     members' per-atom energy errors and (force differences, supervised atoms)."""
     template = members[0].model
 
     def step(values, opt_state, lrs, batch):
-        batch_dims = tree_map(
-            lambda leaf: 0 if isinstance(leaf, torch.Tensor) and not shared else None, batch
-        )
-        return vmap(
-            lambda v, s, lr, b: member_step(template, v, s, lr, b, config),
-            in_dims=(0, 0, 0, batch_dims),
-        )(values, opt_state, lrs, batch)
+        return committee_step(template, values, opt_state, lrs, batch, config, stacked=not shared)
 
     # members of one process: a committee spreads its members over ranks, not its batches
-    streams = [epoch_batches(m, o, train, config, World()) for m, o in zip(members, orders)]
     if shared:  # every member draws the same batches: share them instead of stacking
-        streams = streams[:1]
+        streams = [epoch_batches(members[0], orders[0], train, config, World(), blocks)]
+    else:  # stacked batches need the derivative entries
+        streams = [epoch_batches(m, o, train, config, World()) for m, o in zip(members, orders)]
     for batches in zip(*streams):
         batch = batches[0] if shared else stack_batches(batches)
         values, opt_state, (errors, differences) = step(values, opt_state, lrs, batch)
@@ -222,17 +258,22 @@ def _energy_steps(members, orders, shared, values, opt_state, lrs, table, config
 
 
 def committee_evaluate(
-    members: Sequence[TrainState], data: FeaturizedSet, with_forces: bool, batch_size: int = 256
+    members: Sequence[TrainState],
+    data: FeaturizedSet,
+    with_forces: bool,
+    batch_size: int = 256,
+    blocks: PairBlocks | None = None,
 ) -> list[dict[str, float]]:
     """Exact metrics of every member over ``data`` (see :func:`~aenet_fn.train.evaluate`), the
-    members evaluated together by one ``vmap`` per batch."""
+    members evaluated together by one ``vmap`` per batch (forces through assembled Jacobians
+    with ``blocks``, :func:`~aenet_fn.train.force_blocks` of ``data``)."""
     template = members[0].model
     values = torch.stack([m.model.network.values for m in members])
     loss = vmap(lambda v, batch: batch_loss(template, v, batch, 0.0, False)[1], in_dims=(0, None))
     sums = [error_sums_init() for _ in members]
     everything = data.has_forces if with_forces else None
     for selection in torch.arange(data.n_structures).split(batch_size):
-        batch = take_structures(data, selection, everything)
+        batch = take_structures(data, selection, everything, blocks)
         with torch.no_grad():
             errors, differences = loss(values, batch)
         sums = [
@@ -255,14 +296,16 @@ def committee_fit(
     callbacks get the tuple of member states."""
     members = tuple(members)
     # one per run: the members share the normalisation, which training does not change
-    table = None if config.uses_forces else energy_table(members[0].model, train)
+    template = members[0].model
+    table = None if config.uses_forces else energy_table(template, train)
+    blocks, test_blocks = (force_blocks(template, split, config) for split in (train, test))
     for _ in range(config.epochs):
         start = time.perf_counter()
-        members, train_metrics = committee_epoch(members, train, config, on_batch, table)
+        members, train_metrics = committee_epoch(members, train, config, on_batch, table, blocks)
         test_metrics: list[dict[str, float] | None] = (
             [None] * len(members)
             if test is None
-            else committee_evaluate(members, test, config.uses_forces)
+            else committee_evaluate(members, test, config.uses_forces, blocks=test_blocks)
         )
         seconds = time.perf_counter() - start
         members = tuple(

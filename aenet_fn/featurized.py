@@ -15,9 +15,10 @@ import attrs
 import torch
 
 from aenet_fn._records import pytree_record, static_field
-from aenet_fn.batch import collate
+from aenet_fn.batch import collate, ranges
 from aenet_fn.descriptor import ChebyshevParams, build_graph, features_from_graph, species_lookup
 from aenet_fn.local_derivatives import LocalDerivatives, local_derivatives
+from aenet_fn.position_jacobian import PairBlocks, PositionJacobian, batch_jacobian, pair_blocks
 from aenet_fn.structure import Structure
 
 
@@ -87,8 +88,8 @@ class MiniBatch:
         structure_index: ``[n]`` position of each atom's structure in the selection; padding
             atoms of stacked batches (:func:`stack_batches`) use the spare slot ``b``.
         force_atoms: ``[n]`` bool, atoms whose forces are supervised in this batch.
-        local: derivative entries of the force-supervised structures in batch atom numbering,
-            or None when no force is supervised.
+        local: derivative data of the force-supervised structures in batch atom numbering
+            (entries, or their assembled Jacobian), or None when no force is supervised.
         n_force_labelled: ``[]`` atoms of the batch with force labels (for the unbiased scale).
         atom_index: ``[n]`` index of each atom in the featurized set (-1 for padding).
         species_blocks: atoms of each species, in order (static).
@@ -101,7 +102,7 @@ class MiniBatch:
     energies: torch.Tensor
     forces: torch.Tensor
     force_atoms: torch.Tensor
-    local: LocalDerivatives | None
+    local: LocalDerivatives | PositionJacobian | None
     n_force_labelled: torch.Tensor
     atom_index: torch.Tensor
     species_blocks: tuple[int, ...] = static_field()
@@ -110,12 +111,6 @@ class MiniBatch:
     def n_structures(self) -> int:
         """Number of structures ``b``."""
         return int(self.n_atoms.shape[0])
-
-
-def ranges(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Concatenation of ``arange(start, start + count)`` for each pair (int64)."""
-    offsets = torch.repeat_interleave(starts - (torch.cumsum(counts, 0) - counts), counts)
-    return torch.arange(int(counts.sum()), device=starts.device) + offsets
 
 
 def _entry_ranges(owner: torch.Tensor, n_structures: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,11 +295,15 @@ def concatenate(sets: Sequence[FeaturizedSet]) -> FeaturizedSet:
 
 
 def take_structures(
-    data: FeaturizedSet, selection: torch.Tensor, force_selected: torch.Tensor | None = None
+    data: FeaturizedSet,
+    selection: torch.Tensor,
+    force_selected: torch.Tensor | None = None,
+    blocks: PairBlocks | None = None,
 ) -> MiniBatch:
     """The mini-batch of structures ``selection`` ``[b]`` (indices into ``data``, repeats
     allowed). ``force_selected`` ``[B]`` bool marks the structures whose forces are supervised;
-    their local derivatives are included (``data`` must carry them)."""
+    their local derivatives are included (``data`` must carry them): as derivative entries, or
+    with ``blocks`` (:func:`set_pair_blocks` of ``data``) as the batch's assembled Jacobian."""
     take = torch.Tensor.index_select  # much faster than advanced indexing on CPU
     counts = take(data.n_atoms, 0, selection)
     atoms = ranges(take(data.atom_start, 0, selection), counts)
@@ -325,7 +324,10 @@ def take_structures(
             if data.local is None:
                 raise ValueError("take_structures: forces requested but the set has no derivatives")
             force_atoms = take(supervised, 0, structure_index)
-            local = _select_local(data, selection, supervised, new_start, position, order)
+            if blocks is None:
+                local = _select_local(data, selection, supervised, new_start, position, order)
+            else:
+                local = batch_jacobian(blocks, atoms, order, position, force_atoms)
     n_species = data.species_counts.shape[1]
     return MiniBatch(
         features=take(data.features, 0, atoms),
@@ -340,6 +342,14 @@ def take_structures(
         atom_index=atoms,
         species_blocks=tuple(torch.bincount(species, minlength=n_species).tolist()),
     )
+
+
+def set_pair_blocks(params: ChebyshevParams, data: FeaturizedSet) -> PairBlocks:
+    """The :class:`~aenet_fn.position_jacobian.PairBlocks` of ``data`` (which must carry local
+    derivatives), for :func:`take_structures`."""
+    if data.local is None:
+        raise ValueError("set_pair_blocks: the featurized set has no local derivatives")
+    return pair_blocks(params, data.local, data.species_index, data.structure_index)
 
 
 def _select_local(data, selection, supervised, new_start, position, order) -> LocalDerivatives:

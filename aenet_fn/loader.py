@@ -35,6 +35,7 @@ from aenet_fn.featurized import (
     take_structures,
 )
 from aenet_fn.normalization import FeatureMoments
+from aenet_fn.position_jacobian import PairBlocks
 from aenet_fn.structure import Structure
 
 
@@ -152,13 +153,18 @@ Split = Union[FeaturizedSet, StructureSource]
 
 
 def take_batch(
-    data: Split, selection: torch.Tensor, force_selected: torch.Tensor | None
+    data: Split,
+    selection: torch.Tensor,
+    force_selected: torch.Tensor | None,
+    blocks: PairBlocks | None = None,
 ) -> MiniBatch:
     """The mini-batch of structures ``selection`` ``[b]`` of ``data``; ``force_selected``
-    ``[B]`` marks the force-supervised structures (None: energies only)."""
+    ``[B]`` marks the force-supervised structures (None: energies only). ``blocks``: the
+    :class:`~aenet_fn.position_jacobian.PairBlocks` of a featurized ``data``, to give the
+    batch an assembled Jacobian (see :func:`~aenet_fn.featurized.take_structures`)."""
     if isinstance(data, StructureSource):
         return data.take(selection, force_selected)
-    return take_structures(data, selection, force_selected)
+    return take_structures(data, selection, force_selected, blocks)
 
 
 def normalization_features(data: Split) -> torch.Tensor | FeatureMoments:
@@ -203,15 +209,16 @@ def batch_stream(
     num_workers: int = 0,
     prefetch_factor: int = 2,
     persistent_workers: bool = False,
+    blocks: PairBlocks | None = None,
 ) -> Iterator[MiniBatch]:
-    """The mini-batches of ``selections`` in order: built here when ``num_workers == 0``,
-    otherwise ``prefetch_factor`` batches ahead per worker in ``num_workers`` DataLoader
-    processes (each worker reads, featurizes and builds graphs itself). With
-    ``persistent_workers`` a :class:`StructureSource` keeps its workers (and their caches)
-    from one epoch to the next."""
+    """The mini-batches of ``selections`` in order: built here when ``num_workers == 0``
+    (with ``blocks``: see :func:`take_batch`), otherwise ``prefetch_factor`` batches ahead per
+    worker in ``num_workers`` DataLoader processes (each worker reads, featurizes and builds
+    graphs itself; ``blocks`` are not used there). With ``persistent_workers`` a
+    :class:`StructureSource` keeps its workers (and their caches) from one epoch to the next."""
     items = [(selection, force_selected) for selection in selections]
     if num_workers == 0:
-        return (take_batch(data, *item) for item in items)
+        return (take_batch(data, *item, blocks) for item in items)
     keep = persistent_workers and isinstance(data, StructureSource)
     if keep and data._loader is not None and data._loader[0] == num_workers:
         _, loader, plan = data._loader

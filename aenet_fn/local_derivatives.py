@@ -18,7 +18,6 @@ is never recomputed.
 from __future__ import annotations
 
 import math
-import warnings
 
 import attrs
 import torch
@@ -32,6 +31,7 @@ from aenet_fn.descriptor import (
     cutoff_function,
     radial_basis,
 )
+from aenet_fn.linear_maps import csr_matrix, linear_pair, members_inner, members_outer
 from aenet_fn.neighbors import pair_vectors
 
 
@@ -117,17 +117,6 @@ def local_derivatives(
 _FIELDS = tuple(f.name for f in attrs.fields(LocalDerivatives))
 
 
-def _members_inner(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """``[..., n, k]`` → ``[n, M, k]`` (leading dims flattened into ``M``), and those dims."""
-    lead = x.shape[:-2]
-    return x.reshape(-1, *x.shape[-2:]).movedim(0, 1).contiguous(), lead
-
-
-def _members_outer(x: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
-    """The inverse of :func:`_members_inner`."""
-    return x.movedim(1, 0).reshape(*lead, *x.shape[::2])
-
-
 def _split_columns(g: torch.Tensor, n_rad: int, n_ang: int, multi: bool):
     """The radial and the angular columns of ``∂E/∂G`` ``[N, M, F]`` (each with its
     typespin-weighted half appended), contiguous for row gathers."""
@@ -157,7 +146,7 @@ def _to_positions(layout: tuple[int, int, bool], g: torch.Tensor, *fields) -> to
     entry's block meets all members in one small matrix product."""
     n_rad, n_ang, multi = layout
     local = LocalDerivatives(**dict(zip(_FIELDS, fields)))
-    g, lead = _members_inner(g)
+    g, lead = members_inner(g)
     radial_columns, angular_columns = _split_columns(g, n_rad, n_ang, multi)
     coeff = _entry_coefficients(radial_columns, local.radial_centre, local.radial_spin, multi)
     radial = torch.bmm(coeff, local.radial)  # [E, M, 3]
@@ -169,7 +158,7 @@ def _to_positions(layout: tuple[int, int, bool], g: torch.Tensor, *fields) -> to
     )
     out = out.index_add(0, local.triplet_first, on_j).index_add(0, local.triplet_second, on_k)
     out = out.index_add(0, local.triplet_centre, -(on_j + on_k))
-    return _members_outer(out, lead)
+    return members_outer(out, lead)
 
 
 _CSR_DEVICES = ("cpu",)
@@ -203,11 +192,7 @@ def centre_sums(
     entries = torch.arange(centres.shape[0], device=centres.device)
 
     def product(w: torch.Tensor) -> torch.Tensor:
-        with warnings.catch_warnings():  # "CSR support is in beta": plain products only here
-            warnings.simplefilter("ignore", UserWarning)
-            matrix = torch.sparse_csr_tensor(
-                rows, entries, w.to(flat.dtype), (n_atoms, centres.shape[0]), check_invariants=False
-            )
+        matrix = csr_matrix(rows, entries, w.to(flat.dtype), (n_atoms, centres.shape[0]))
         return (matrix @ flat).view(shape)
 
     if flat.shape[1] > _CSR_WIDEST:
@@ -231,7 +216,7 @@ def _from_positions(layout: tuple[int, int, bool], d: torch.Tensor, *fields) -> 
     """The transpose of :func:`_to_positions`: ``[..., N, 3]`` → ``[..., N, F]``."""
     multi = layout[2]
     local = LocalDerivatives(**dict(zip(_FIELDS, fields)))
-    d, lead = _members_inner(d)
+    d, lead = members_inner(d)
     at = d.index_select
     pair = at(0, local.radial_neighbour) - at(0, local.radial_centre)  # [E, M, 3]
     radial = torch.bmm(pair, local.radial.transpose(1, 2))  # [E, M, n_rad]
@@ -244,63 +229,10 @@ def _from_positions(layout: tuple[int, int, bool], d: torch.Tensor, *fields) -> 
     radial_sums = centre_sums(local.radial_centre, d.shape[0], radial, *radial_spin)
     angular_sums = centre_sums(local.triplet_centre, d.shape[0], angular, *angular_spin)
     columns = [radial_sums[0], angular_sums[0], *radial_sums[1:], *angular_sums[1:]]
-    return _members_outer(torch.cat(columns, dim=-1), lead)
+    return members_outer(torch.cat(columns, dim=-1), lead)
 
 
-def _linear_pair(forward_map, transpose_map) -> type[torch.autograd.Function]:
-    """A custom Function for the linear map ``forward_map(layout, x, *fields)`` whose backward
-    is the Function of ``transpose_map`` and back, so any order of differentiation works.
-    Their ``vmap`` rule keeps committee members that share the derivative data inside the rows
-    (one product per entry for all members)."""
-
-    def make(plain, name):
-        class Map(torch.autograd.Function):
-            @staticmethod
-            def forward(layout, x, *fields):
-                return plain(layout, x, *fields)
-
-            @staticmethod
-            def setup_context(ctx, inputs, output) -> None:
-                ctx.layout = inputs[0]
-                ctx.save_for_backward(*inputs[2:])
-
-            @staticmethod
-            def backward(ctx, grad_out):
-                fields = ctx.saved_tensors
-                other = maps["transpose" if plain is forward_map else "forward"]
-                return None, other.apply(ctx.layout, grad_out, *fields), *([None] * len(fields))
-
-            @staticmethod
-            def vmap(info, in_dims, layout, x, *fields):
-                return _members_rule(Map, plain, in_dims, layout, x, fields)
-
-        Map.__name__ = Map.__qualname__ = name
-        return Map
-
-    maps = {
-        "forward": make(forward_map, f"_{forward_map.__name__}"),
-        "transpose": make(transpose_map, f"_{transpose_map.__name__}"),
-    }
-    return maps["forward"]
-
-
-def _members_rule(function, plain, in_dims, layout, x, fields):
-    """vmap rule of both maps: with shared derivative data the member axis joins the leading
-    member dims; with per-member data (stacked batches) the plain map runs per member."""
-    x_dim, field_dims = in_dims[1], in_dims[2:]
-    if all(dim is None for dim in field_dims):
-        return function.apply(layout, x.movedim(x_dim, 0), *fields), 0
-    size = next(f.shape[d] for f, d in zip(fields, field_dims) if d is not None)
-    x = x.unsqueeze(0).expand(size, *x.shape) if x_dim is None else x.movedim(x_dim, 0)
-    fields = [f if d is None else f.movedim(d, 0) for f, d in zip(fields, field_dims)]
-    members = [
-        plain(layout, x[m], *(f if d is None else f[m] for f, d in zip(fields, field_dims)))
-        for m in range(size)
-    ]  # one plain map per member: unbatched indices keep the fast gather/scatter kernels
-    return torch.stack(members), 0
-
-
-_ToPositions = _linear_pair(_to_positions, _from_positions)
+_ToPositions = linear_pair(_to_positions, _from_positions)
 
 
 def position_gradient(

@@ -25,6 +25,7 @@ from aenet_fn.forces import EnergyForces, value_and_forces
 from aenet_fn.local_derivatives import LocalDerivatives, position_gradient
 from aenet_fn.network import NetworkParams, atomic_outputs
 from aenet_fn.normalization import Normalization
+from aenet_fn.position_jacobian import PositionJacobian, jacobian_position_gradient
 
 
 @pytree_record
@@ -143,7 +144,7 @@ def energy_and_forces_from_derivatives(
     species_index: torch.Tensor,
     structure_index: torch.Tensor,
     n_structures: int,
-    local: LocalDerivatives,
+    local: LocalDerivatives | PositionJacobian,
     species_blocks: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Energies ``[B]`` and forces ``[N, 3]`` from precomputed raw features and local
@@ -156,5 +157,8 @@ def energy_and_forces_from_derivatives(
         return atomic.sum(), atomic
 
     feature_gradient, atomic = grad(total, has_aux=True)(features)
-    forces = -position_gradient(model.descriptor, local, feature_gradient)
+    if isinstance(local, PositionJacobian):
+        forces = -jacobian_position_gradient(local, feature_gradient)
+    else:
+        forces = -position_gradient(model.descriptor, local, feature_gradient)
     return sum_by_structure(atomic, structure_index, n_structures), forces

@@ -37,7 +37,7 @@ from aenet_fn.energy_gradient import (
     energy_loss_gradient,
     energy_table,
 )
-from aenet_fn.featurized import FeaturizedSet, MiniBatch
+from aenet_fn.featurized import FeaturizedSet, MiniBatch, set_pair_blocks
 from aenet_fn.loader import Split, batch_stream, normalization_features, take_batch
 from aenet_fn.loss import (
     ErrorSums,
@@ -64,6 +64,7 @@ from aenet_fn.optim import (
     plateau_step,
     sgd,
 )
+from aenet_fn.position_jacobian import PairBlocks
 from aenet_fn.potential import (
     Model,
     atomic_energies_from_features,
@@ -447,9 +448,11 @@ def evaluate(
     with_forces: bool,
     batch_size: int = 256,
     world: World | None = None,
+    blocks: PairBlocks | None = None,
 ) -> dict[str, float]:
     """Exact metrics of ``model`` over all of ``data``: per-atom energy RMSE and MAE (eV/atom)
-    over every structure, force RMSE (eV/Å) over every labelled component when ``with_forces``.
+    over every structure, force RMSE (eV/Å) over every labelled component when ``with_forces``
+    (with ``blocks``, :func:`force_blocks` of ``data``, through assembled Jacobians).
     In a data-parallel run (``world``; default: the current process group) each process
     evaluates its share and the sums are reduced."""
     world = current_world() if world is None else world
@@ -460,7 +463,7 @@ def evaluate(
         share = shares(selection, world)[world.rank]
         if share.numel() == 0:
             continue
-        batch = take_batch(data, share, everything)
+        batch = take_batch(data, share, everything, blocks)
         with torch.no_grad():
             errors, differences = batch_residuals(model, model.network.values, batch)
         sums = accumulate_errors(sums, errors, differences, batch.force_atoms)
@@ -500,11 +503,13 @@ def epoch_batches(
     train: Split,
     config: TrainConfig,
     world: World | None = None,
+    blocks: PairBlocks | None = None,
 ) -> Iterator[MiniBatch]:
     """The mini-batches of ``order`` (``batch_size`` structures each, last one partial), built
     lazily (in DataLoader workers when ``config.num_workers > 0``) so that only a few batches'
-    derivative entries are in memory at a time. In a data-parallel run, this process's share of
-    each batch."""
+    derivative data are in memory at a time; with ``blocks`` (:func:`force_blocks` of
+    ``train``) their forces go through assembled Jacobians. In a data-parallel run, this
+    process's share of each batch."""
     world = current_world() if world is None else world
     force_mask = state.sampler.force_subset if config.uses_forces else None
     selections = [shares(s, world)[world.rank] for s in order.split(config.batch_size)]
@@ -515,6 +520,7 @@ def epoch_batches(
         num_workers=config.num_workers,
         prefetch_factor=config.prefetch_factor,
         persistent_workers=config.persistent_workers,
+        blocks=blocks,
     )
 
 
@@ -544,6 +550,30 @@ def energy_epoch_table(
     if not isinstance(train, FeaturizedSet) or train.features.numel() > _TABLE_ELEMENTS:
         return None
     return energy_table(state.model, train)
+
+
+_BLOCK_ELEMENTS = 1 << 28
+"""Largest bound on a featurized set's pair-block values (blocks × 3 × features) for which
+force batches use assembled Jacobians (the bound counts one block per derivative entry and
+atom; periodic images and triplets merge, so the blocks are usually several times fewer)."""
+
+
+def force_blocks(model: Model, data: Split | None, config: TrainConfig) -> PairBlocks | None:
+    """The :class:`~aenet_fn.position_jacobian.PairBlocks` of ``data`` that let its force
+    batches apply one assembled sparse Jacobian per component instead of the per-entry maps
+    (the same numbers to round-off, several times faster on CPU; built once per run), or None
+    where that does not apply: energy-only training, DataLoader workers, lazy or missing
+    splits, sets without derivatives, other devices than the CPU (not measured there), or sets
+    whose blocks could be too large (``_BLOCK_ELEMENTS``)."""
+    if not config.uses_forces or config.num_workers > 0 or not isinstance(data, FeaturizedSet):
+        return None
+    local = data.local
+    if local is None or data.features.device.type != "cpu":
+        return None
+    bound = local.radial.shape[0] + 2 * local.angular_first.shape[0] + data.features.shape[0]
+    if bound * 3 * data.features.shape[1] > _BLOCK_ELEMENTS:
+        return None
+    return set_pair_blocks(model.descriptor, data)
 
 
 StepReport = Callable[[torch.Tensor, torch.Tensor, Any], None]
@@ -598,11 +628,12 @@ def _batch_epoch(
     config: TrainConfig,
     world: World,
     on_step: StepReport,
+    blocks: PairBlocks | None,
 ) -> TrainState:
     """The steps of an epoch over assembled mini-batches (:func:`train_step`, or
     :func:`data_parallel_step` under ``torch.distributed``); returns the state after the
     last step."""
-    batches = epoch_batches(state, order, train, config, world)
+    batches = epoch_batches(state, order, train, config, world, blocks)
     for selection, batch in zip(order.split(config.batch_size), batches):
         if world.size == 1:
             state, (errors, differences) = train_step(state, batch, config)
@@ -623,6 +654,7 @@ def run_epoch(
     world: World | None = None,
     table: EnergyTable | None = None,
     workspace: EnergyWorkspace | None = None,
+    blocks: PairBlocks | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
     """One epoch over the training split: sampler order, optional force re-draw, a
     :func:`train_step` per batch (:func:`data_parallel_step` under ``torch.distributed``),
@@ -633,7 +665,9 @@ def run_epoch(
     Energy-only epochs on a featurized set in one process take a faster route to the same
     steps: the batches of many steps are laid out at once from ``table``
     (:func:`energy_epoch_table`, built here when not given; :mod:`aenet_fn.energy_gradient`),
-    with the buffers of ``workspace`` (:func:`energy_workspace`; a new one when not given)."""
+    with the buffers of ``workspace`` (:func:`energy_workspace`; a new one when not given).
+    Force batches take assembled Jacobians from ``blocks`` (:func:`force_blocks` of
+    ``train``, built once per run by :func:`fit`; per-entry maps when not given)."""
     world = current_world() if world is None else world
     state, order = plan_epoch(state, train, config)
     n_batches = math.ceil(order.numel() / config.batch_size)
@@ -655,7 +689,7 @@ def run_epoch(
     if table is not None:
         stepped = _energy_epoch(state, order, table, config, on_step, workspace)
     else:
-        stepped = _batch_epoch(state, order, train, config, world, on_step)
+        stepped = _batch_epoch(state, order, train, config, world, on_step, blocks)
     no_forces = torch.zeros(0, 3), torch.zeros(0, dtype=torch.bool)
     sums = accumulate_errors(sums, torch.cat(own_errors), *no_forces)
     sums = reduce_error_sums(sums, world)
@@ -718,11 +752,16 @@ def fit(
         callbacks, on_batch = (), None
     table = energy_epoch_table(state, train, config, world)  # one per run: fixed normalisation
     workspace = None if table is None else energy_workspace(state)
+    blocks, test_blocks = (force_blocks(state.model, split, config) for split in (train, test))
     for _ in range(config.epochs):
         start = time.perf_counter()
-        state, train_metrics = run_epoch(state, train, config, on_batch, world, table, workspace)
+        state, train_metrics = run_epoch(
+            state, train, config, on_batch, world, table, workspace, blocks
+        )
         test_metrics = (
-            None if test is None else evaluate(state.model, test, config.uses_forces, world=world)
+            None
+            if test is None
+            else evaluate(state.model, test, config.uses_forces, world=world, blocks=test_blocks)
         )
         state = end_of_epoch(
             state, train_metrics, test_metrics, config, time.perf_counter() - start

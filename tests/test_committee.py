@@ -12,13 +12,14 @@ from aenet_fn.committee import (
     committee_evaluate,
     committee_fit,
     committee_predict,
+    committee_step,
     init_committee,
     member_seeds,
     stack_members,
     unstack_members,
 )
 from aenet_fn.featurized import stack_batches
-from aenet_fn.train import batch_loss
+from aenet_fn.train import batch_loss, force_blocks, member_step
 
 PARAMS = af.ChebyshevParams(
     species=["Ti", "O"], rad_order=8, rad_cutoff=5.0, ang_order=3, ang_cutoff=3.5, min_cutoff=0.5
@@ -35,8 +36,19 @@ def data(shared_data):
     return structures, train, test
 
 
-@pytest.mark.parametrize("policy", ["uniform", "error_weighted", "energy_weighted"])
-def test_each_member_equals_the_member_trained_alone(data, policy):
+@pytest.mark.parametrize(
+    ("policy", "shared"),
+    [
+        ("uniform", False),
+        ("error_weighted", False),
+        ("energy_weighted", False),
+        ("uniform", True),
+        ("error_weighted", True),
+    ],
+)
+def test_each_member_equals_the_member_trained_alone(data, policy, shared):
+    """Per-member batches (stacked, derivative entries) or shared batches (assembled
+    Jacobians, the members as columns of one product)."""
     _, train, test = data
     config = af.TrainConfig(
         epochs=3,
@@ -50,14 +62,16 @@ def test_each_member_equals_the_member_trained_alone(data, policy):
     )
     seeds = member_seeds(3, base_seed=20)
     members = committee_fit(
-        init_committee(PARAMS, ARCH, train, config, seeds, atomic_energies=E_ATOM),
+        init_committee(
+            PARAMS, ARCH, train, config, seeds, shared_batches=shared, atomic_energies=E_ATOM
+        ),
         train,
         test,
         config,
     )
     for seed, member in zip(seeds, members):
         model = af.init_model(PARAMS, ARCH, train, seed=seed, atomic_energies=E_ATOM)
-        alone_config = attrs.evolve(config, seed=seed)
+        alone_config = config if shared else attrs.evolve(config, seed=seed)
         alone = af.fit(af.init_train_state(model, train, alone_config), train, test, alone_config)
         torch.testing.assert_close(
             member.model.network.values, alone.model.network.values, rtol=0, atol=1e-12
@@ -121,15 +135,56 @@ def test_committee_prediction_is_the_members_in_one_pass(data):
     torch.testing.assert_close(energy_only.energy_mean, prediction.energy_mean)
 
 
-def test_vmapped_evaluation_equals_per_member_evaluation(data):
+@pytest.mark.parametrize("assembled", [False, True], ids=["entries", "assembled-jacobian"])
+def test_vmapped_evaluation_equals_per_member_evaluation(data, assembled):
     _, train, test = data
     config = af.TrainConfig(epochs=1, batch_size=8, force_weight=0.2)
     members = init_committee(PARAMS, ARCH, train, config, [1, 2], atomic_energies=E_ATOM)
-    together = committee_evaluate(members, test, with_forces=True)
+    blocks = force_blocks(members[0].model, test, config) if assembled else None
+    assert (blocks is not None) == assembled
+    together = committee_evaluate(members, test, with_forces=True, blocks=blocks)
     for member, metrics in zip(members, together):
         assert metrics == pytest.approx(
             af.evaluate(member.model, test, with_forces=True), rel=1e-10
         )
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["shared-batch", "stacked-batches"])
+def test_committee_step_equals_vmapped_member_step(data, stacked):
+    """Gradients by autograd through the vmapped losses equal vmapped ``torch.func.grad``."""
+    _, train, _ = data
+    config = af.TrainConfig(epochs=1, batch_size=8, force_weight=0.4, force_scale_unbiased=True)
+    members = init_committee(PARAMS, ARCH, train, config, [3, 4, 5], atomic_energies=E_ATOM)
+    forces = torch.ones(train.n_structures, dtype=torch.bool)
+    selections = [
+        torch.tensor([0, 5, 9, 5]),
+        torch.tensor([3, 2, 20, 7]),
+        torch.tensor([1, 8, 28, 4]),
+    ]
+    if stacked:
+        batch = stack_batches([af.take_structures(train, s, forces) for s in selections])
+    else:
+        blocks = force_blocks(members[0].model, train, config)
+        batch = af.take_structures(train, selections[0], forces, blocks)
+    values = torch.stack([m.model.network.values for m in members])
+    opt_state = torch.utils._pytree.tree_map(
+        lambda *leaves: torch.stack(leaves), *[m.opt_state for m in members]
+    )
+    lrs = torch.tensor([m.lr for m in members], dtype=values.dtype)
+    template = members[0].model
+    got = committee_step(template, values, opt_state, lrs, batch, config, stacked=stacked)
+    batch_dims = torch.utils._pytree.tree_map(
+        lambda leaf: 0 if stacked and isinstance(leaf, torch.Tensor) else None, batch
+    )
+    expected = torch.func.vmap(
+        lambda v, s, lr, b: member_step(template, v, s, lr, b, config),
+        in_dims=(0, 0, 0, batch_dims),
+    )(values, opt_state, lrs, batch)
+    assert not torch.equal(got[0], values)
+    for a, b in zip(
+        torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected)
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
 
 
 def test_stack_and_unstack_members(data):

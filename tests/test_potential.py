@@ -9,10 +9,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aenet_fn import ChebyshevParams, Structure, collate, featurize
-from aenet_fn.featurized import featurize_structures, take_structures
-from aenet_fn.local_derivatives import centre_sums
+from aenet_fn.featurized import featurize_structures, set_pair_blocks, take_structures
+from aenet_fn.local_derivatives import LocalDerivatives, centre_sums
 from aenet_fn.network import atomic_outputs, init_network
 from aenet_fn.normalization import Normalization
+from aenet_fn.position_jacobian import PositionJacobian
 from aenet_fn.potential import (
     Model,
     energy,
@@ -96,11 +97,12 @@ def test_local_derivative_forces_equal_autodiff_forces(seed):
     torch.testing.assert_close(f_blocks, f_local, rtol=0, atol=1e-14)
 
 
+@pytest.mark.parametrize("assembled", [False, True], ids=["entries", "assembled-jacobian"])
 @given(seed=st.integers(0, 10**5))
-def test_batches_of_any_selection_hold_entries_by_centre_and_give_autodiff_forces(seed):
-    """A shuffled selection with a repeat and one unsupervised structure: the batch's entries
-    are sorted by centre (the CSR sums' fast path) and its forces and the transposed map (the
-    loss-gradient direction) equal autodiff."""
+def test_batches_of_any_selection_give_autodiff_forces(assembled, seed):
+    """A shuffled selection with a repeat and one unsupervised structure, with derivative
+    entries (sorted by centre: the CSR sums' fast path) or the assembled Jacobian: forces and
+    the transposed map (the loss-gradient direction) equal autodiff."""
     model = make_model(seed)
     structures = _structures(seed, 4)
     data = featurize_structures(
@@ -110,9 +112,12 @@ def test_batches_of_any_selection_hold_entries_by_centre_and_give_autodiff_force
     selection = torch.cat([torch.randperm(4, generator=generator), torch.tensor([seed % 4])])
     supervised = torch.ones(4, dtype=torch.bool)
     supervised[(seed + 1) % 4] = False
-    batch = take_structures(data, selection, supervised)
-    for centres in (batch.local.radial_centre, batch.local.triplet_centre):
-        assert bool((centres[1:] >= centres[:-1]).all())
+    blocks = set_pair_blocks(PARAMS, data) if assembled else None
+    batch = take_structures(data, selection, supervised, blocks)
+    assert isinstance(batch.local, PositionJacobian if assembled else LocalDerivatives)
+    if not assembled:
+        for centres in (batch.local.radial_centre, batch.local.triplet_centre):
+            assert bool((centres[1:] >= centres[:-1]).all())
     values = model.network.values.detach().requires_grad_(True)
 
     def forces_of(values, local_batch, atom_forces):
