@@ -60,51 +60,58 @@ def pair_blocks(
     """The :class:`PairBlocks` of a featurized set's local derivatives ``local`` (atom indices
     into ``species_index`` / ``structure_index`` ``[N]``)."""
     n_rad, n_ang, multi = params.rad_order + 1, params.ang_order + 1, params.multi
-    width = (n_rad + n_ang) * (2 if multi else 1)
     n = species_index.shape[0]
     device = species_index.device
     n_species = len(params.species)
     order = torch.argsort(structure_index * n_species + species_index, stable=True)
     rank = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=device))
-    # (moved atom, described atom, first column, block [E, w, 3], typespin weight [E])
+    # (moved atom, described atom, radial (0) or angular (1) columns, block [E, w, 3], weight)
     parts = [
         (local.radial_neighbour, local.radial_centre, 0, local.radial, local.radial_spin),
-        (local.radial_centre, local.radial_centre, 0, -local.radial, local.radial_spin),
-        (local.triplet_first, local.triplet_centre, n_rad, local.angular_first, local.triplet_spin),
-        (
-            local.triplet_second,
-            local.triplet_centre,
-            n_rad,
-            local.angular_second,
-            local.triplet_spin,
-        ),
-        (
-            local.triplet_centre,
-            local.triplet_centre,
-            n_rad,
-            -(local.angular_first + local.angular_second),
-            local.triplet_spin,
-        ),
+        (local.radial_centre, local.radial_centre, 0, local.radial, local.radial_spin),
     ]
-    keys = [moved * n + rank[described] for moved, described, *_ in parts]
-    mirrors = [described * n + rank[moved] for moved, described, *_ in parts]
-    unique, inverse = torch.unique(torch.cat(keys + mirrors), return_inverse=True)
-    row, col = unique // n, order[unique % n]
-    accumulated = torch.zeros(unique.shape[0], width, 3, dtype=local.radial.dtype, device=device)
-    spin_columns = n_rad + n_ang
-    for part, where in zip(
-        parts, inverse[: sum(k.shape[0] for k in keys)].split([k.shape[0] for k in keys])
+    for moved, block in (
+        (local.triplet_first, local.angular_first),
+        (local.triplet_second, local.angular_second),
     ):
-        _, _, first, block, spin = part
-        size = block.shape[1]
-        accumulated[:, first : first + size].index_add_(0, where, block)
+        parts += [
+            (moved, local.triplet_centre, 1, block, local.triplet_spin),
+            (local.triplet_centre, local.triplet_centre, 1, block, local.triplet_spin),
+        ]
+    centres = torch.bincount(local.radial_centre, minlength=n) + torch.bincount(
+        local.triplet_centre, minlength=n
+    )
+    described = torch.nonzero(centres).view(-1)  # atoms with a diagonal block
+    keys = [moved * n + rank[described] for moved, described, *_ in parts]
+    off_diagonal = [k for k, (moved, described, *_) in zip(keys, parts) if moved is not described]
+    unique = torch.unique(torch.cat([*off_diagonal, described * n + rank[described]]))
+    row, col = unique // n, order[unique % n]
+    mirror_keys = col * n + rank[row]
+    mirror = torch.searchsorted(unique, mirror_keys).clamp_(max=max(unique.shape[0] - 1, 0))
+    if not torch.equal(unique[mirror], mirror_keys):  # a block whose mirror has no entry
+        unique = torch.unique(torch.cat([unique, mirror_keys]))
+        row, col = unique // n, order[unique % n]
+        mirror = torch.searchsorted(unique, col * n + rank[row])
+    # one accumulator per column group (radial, angular; plain, weighted): whole-block rows
+    # blocks of the moved atoms (+), and of the centres, which move every pair the other way
+    # (−: summed apart, per centre, and subtracted from the centres' own blocks)
+    slot = torch.zeros(n, dtype=torch.long, device=device)
+    slot[described] = torch.arange(described.shape[0], device=device)
+    sizes = [n_rad, n_ang] * (2 if multi else 1)
+    signed = {
+        sign: [local.radial.new_zeros(rows, size, 3) for size in sizes]
+        for sign, rows in ((1, unique.shape[0]), (-1, described.shape[0]))
+    }
+    for key, (moved, centre, group, block, spin) in zip(keys, parts):
+        sign = -1 if moved is centre else 1
+        where = slot[centre] if sign < 0 else torch.searchsorted(unique, key)
+        signed[sign][group].index_add_(0, where, block)
         if multi:
-            weighted = block * spin[:, None, None]
-            accumulated[:, spin_columns + first : spin_columns + first + size].index_add_(
-                0, where, weighted
-            )
+            signed[sign][group + 2].index_add_(0, where, block * spin[:, None, None])
+    accumulated = torch.cat(signed[1], dim=1)  # [U, F, 3]
+    diagonal = torch.searchsorted(unique, described * n + rank[described])
+    accumulated.index_add_(0, diagonal, torch.cat(signed[-1], dim=1), alpha=-1)
     counts = torch.bincount(row, minlength=n)
-    mirror = torch.searchsorted(unique, col * n + rank[row])
     return PairBlocks(
         values=accumulated.permute(2, 0, 1).contiguous(),
         mirrored=accumulated.index_select(0, mirror).permute(1, 0, 2).contiguous(),
