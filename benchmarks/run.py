@@ -63,7 +63,7 @@ FULL = Settings(
     scaling_sizes=tuple(featurize.FULL_SIZES),
     train_epochs=60,
     committee_sizes=tuple(committee.FULL_SIZES),
-    committee_epochs=2,
+    committee_epochs=3,
     inference_members=8,
 )
 QUICK = Settings(
