@@ -17,7 +17,13 @@ from aenet_fn.descriptor import (
     features_from_graph,
     featurize,
 )
-from aenet_fn.featurized import FeaturizedSet, MiniBatch, featurize_structures, take_structures
+from aenet_fn.featurized import (
+    FeaturizedSet,
+    MiniBatch,
+    featurize_structures,
+    set_pair_blocks,
+    take_structures,
+)
 from aenet_fn.forces import EnergyForces, value_and_forces
 from aenet_fn.io import read_structures, write_xsf
 from aenet_fn.neighbors import Neighbors, batch_neighbor_list, neighbor_list, pair_vectors
@@ -88,6 +94,7 @@ __all__ = [
     "read_structures",
     "run_epoch",
     "save_checkpoint",
+    "set_pair_blocks",
     "split_indices",
     "take_structures",
     "train_step",

@@ -111,10 +111,13 @@ def pair_blocks(
     accumulated = torch.cat(signed[1], dim=1)  # [U, F, 3]
     diagonal = torch.searchsorted(unique, described * n + rank[described])
     accumulated.index_add_(0, diagonal, torch.cat(signed[-1], dim=1), alpha=-1)
+    del signed, keys  # (peak memory)
     counts = torch.bincount(row, minlength=n)
+    values = accumulated.permute(2, 0, 1).contiguous()
+    del accumulated  # (peak memory)
     return PairBlocks(
-        values=accumulated.permute(2, 0, 1).contiguous(),
-        mirrored=accumulated.index_select(0, mirror).permute(1, 0, 2).contiguous(),
+        values=values,
+        mirrored=values.permute(2, 1, 0)[:, mirror].contiguous(),
         row=row,
         col=col,
         row_start=torch.cumsum(counts, 0) - counts,
