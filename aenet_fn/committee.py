@@ -239,8 +239,10 @@ def _vmapped_steps(members, orders, shared, values, opt_state, lrs, train, confi
     # members of one process: a committee spreads its members over ranks, not its batches
     if shared:  # every member draws the same batches: share them instead of stacking
         streams = [epoch_batches(members[0], orders[0], train, config, World(), blocks)]
-    else:  # stacked batches need the derivative entries
-        streams = [epoch_batches(m, o, train, config, World()) for m, o in zip(members, orders)]
+    else:
+        streams = [
+            epoch_batches(m, o, train, config, World(), blocks) for m, o in zip(members, orders)
+        ]
     for batches in zip(*streams):
         batch = batches[0] if shared else stack_batches(batches)
         values, opt_state, (errors, differences) = step(values, opt_state, lrs, batch)

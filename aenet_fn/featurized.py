@@ -18,7 +18,13 @@ from aenet_fn._records import pytree_record, static_field
 from aenet_fn.batch import collate, ranges
 from aenet_fn.descriptor import ChebyshevParams, build_graph, features_from_graph, species_lookup
 from aenet_fn.local_derivatives import LocalDerivatives, local_derivatives
-from aenet_fn.position_jacobian import PairBlocks, PositionJacobian, batch_jacobian, pair_blocks
+from aenet_fn.position_jacobian import (
+    PairBlocks,
+    PositionJacobian,
+    batch_jacobian,
+    pair_blocks,
+    stack_jacobians,
+)
 from aenet_fn.structure import Structure
 
 
@@ -410,7 +416,9 @@ def stack_batches(batches: Sequence[MiniBatch]) -> MiniBatch:
     leading axis for ``vmap``. Each species block is padded to the largest count among the
     members (the last block by one more atom): padding atoms have zero features, no labels and
     sit in the spare structure slot ``b``; derivative entries are padded with zero blocks acting
-    on a padding atom. Padding therefore changes no energy, force or gradient."""
+    on a padding atom, assembled Jacobians with zero entries in a padding atom's row
+    (:func:`~aenet_fn.position_jacobian.stack_jacobians`). Padding therefore changes no
+    energy, force or gradient."""
     sizes = {batch.n_structures for batch in batches}
     if len(sizes) != 1:
         raise ValueError(f"stack_batches: batches hold different numbers of structures {sizes}")
@@ -446,7 +454,13 @@ def stack_batches(batches: Sequence[MiniBatch]) -> MiniBatch:
 
     local = None
     template = next((batch.local for batch in batches if batch.local is not None), None)
-    if template is not None:
+    if isinstance(template, PositionJacobian):
+        if any(isinstance(batch.local, LocalDerivatives) for batch in batches):
+            raise ValueError("stack_batches: batches mix derivative entries and Jacobians")
+        local = stack_jacobians(
+            [batch.local for batch in batches], positions, n_padded, batches[0].features.shape[1]
+        )
+    elif template is not None:
         filled = [
             _empty_like_local(template) if batch.local is None else batch.local for batch in batches
         ]

@@ -16,6 +16,8 @@ for the run); :func:`batch_jacobian` cuts a mini-batch's matrices out of them, a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import attrs
 import torch
 
@@ -169,30 +171,91 @@ def batch_jacobian(
     _, n_set, width = blocks.values.shape
     n_blocks = chosen.shape[0]
     index = torch.int32 if 3 * n_blocks * width < 2**31 else torch.int64
-    ends = torch.cumsum(counts, 0)
-    features = torch.arange(width, device=atoms.device)
-    zero = ends.new_zeros(1)
-    columns = columns.to(index)
-    components = torch.arange(3, dtype=index, device=atoms.device)
 
     def rows(table: torch.Tensor, n_rows: int) -> torch.Tensor:
         """Rows ``chosen`` of each of the ``n_rows`` leading slices of ``table``."""
         where = torch.arange(n_rows, device=atoms.device)[:, None] * n_set + chosen
         return take(table.view(n_rows * n_set, -1), 0, where.view(-1))
 
+    crow, col, transposed_crow, transposed_col = _csr_indices(
+        counts.to(index), columns.to(index), width
+    )
     return PositionJacobian(
-        crow=torch.cat([zero, ends * width]).to(index),
-        col=(columns[:, None] * width + features.to(index)).view(-1),
+        crow=crow,
+        col=col,
         values=rows(blocks.values, 3).view(3, -1),
-        transposed_crow=torch.cat([zero, (features[:, None] * n_blocks + ends).view(-1) * 3]).to(
-            index
-        ),
-        transposed_col=(columns[:, None] * 3 + components)
-        .view(1, -1)
-        .expand(width, -1)
-        .reshape(-1),
+        transposed_crow=transposed_crow,
+        transposed_col=transposed_col,
         transposed_values=rows(blocks.mirrored, width).view(-1),
     )
+
+
+def _csr_indices(
+    counts: torch.Tensor, columns: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CSR indices (crow, col, transposed crow, transposed col) of :class:`PositionJacobian`
+    for rows of ``counts`` ``[n]`` blocks each, whose column atoms are ``columns`` ``[K]``
+    (both of the index dtype)."""
+    index, device = columns.dtype, columns.device
+    ends = torch.cumsum(counts, 0).to(index)
+    features = torch.arange(width, dtype=index, device=device)
+    zero = ends.new_zeros(1)
+    transposed_ends = (features[:, None] * columns.shape[0] + ends).view(-1) * 3
+    components = torch.arange(3, dtype=index, device=device)
+    return (
+        torch.cat([zero, ends * width]),
+        (columns[:, None] * width + features).view(-1),
+        torch.cat([zero, transposed_ends]),
+        (columns[:, None] * 3 + components).view(1, -1).expand(width, -1).reshape(-1),
+    )
+
+
+def stack_jacobians(
+    jacobians: Sequence[PositionJacobian | None],
+    positions: Sequence[torch.Tensor],
+    n_padded: int,
+    width: int,
+) -> PositionJacobian:
+    """The Jacobians of batches stacked for ``vmap`` (:func:`~aenet_fn.featurized.stack_batches`):
+    each batch's rows and columns moved to its atoms' ``positions`` in the padded layout of
+    ``n_padded`` atoms (increasing: the padding keeps the atom order; the last padded atom is a
+    padding atom), the entries padded to the longest with zeros that the last row holds (no
+    effect on any product). ``None`` (a batch without supervised forces) stacks as an empty
+    Jacobian of ``width`` features. Fields ``[M, ...]``."""
+    present = [j for j in jacobians if j is not None]
+    index = torch.int64 if any(j.col.dtype == torch.int64 for j in present) else torch.int32
+    length = max((j.col.shape[0] for j in present), default=0)
+    members = len(jacobians)
+    stacked = PositionJacobian(
+        crow=torch.zeros(members, n_padded + 1, dtype=index),
+        col=torch.empty(members, length, dtype=index),
+        values=present[0].values.new_empty(members, 3, length),
+        transposed_crow=torch.zeros(members, width * n_padded + 1, dtype=index),
+        transposed_col=torch.empty(members, 3 * length, dtype=index),
+        transposed_values=present[0].values.new_empty(members, 3 * length),
+    )
+    for m, (jacobian, position) in enumerate(zip(jacobians, positions)):
+        used = 0
+        if jacobian is not None:
+            position = position.to(index)
+            counts = torch.zeros(n_padded, dtype=index)
+            counts[position] = ((jacobian.crow[1:] - jacobian.crow[:-1]) // width).to(index)
+            columns = position[jacobian.col.view(-1, width)[:, 0].to(index) // width]
+            crow, col, transposed_crow, transposed_col = _csr_indices(counts, columns, width)
+            used = col.shape[0]
+            stacked.crow[m] = crow
+            stacked.transposed_crow[m] = transposed_crow
+            stacked.col[m, :used] = col
+            stacked.transposed_col[m, : 3 * used] = transposed_col
+            stacked.values[m, :, :used] = jacobian.values
+            stacked.transposed_values[m, : 3 * used] = jacobian.transposed_values
+        stacked.col[m, used:] = 0  # padding entries: zeros
+        stacked.values[m, :, used:] = 0
+        stacked.transposed_col[m, 3 * used :] = 0
+        stacked.transposed_values[m, 3 * used :] = 0
+        stacked.crow[m, -1] = length  # the last (padding) row holds the padding entries
+        stacked.transposed_crow[m, -1] = 3 * length
+    return stacked
 
 
 def _rows_to_positions(layout: None, g: torch.Tensor, *fields: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,8 @@ from aenet_fn.committee import (
     stack_members,
     unstack_members,
 )
-from aenet_fn.featurized import stack_batches
+from aenet_fn.featurized import set_pair_blocks, stack_batches
+from aenet_fn.position_jacobian import PositionJacobian
 from aenet_fn.train import batch_loss, force_blocks, member_step
 
 PARAMS = af.ChebyshevParams(
@@ -90,21 +91,31 @@ def test_each_member_equals_the_member_trained_alone(data, policy, shared):
     assert not torch.equal(members[0].model.network.values, members[1].model.network.values)
 
 
-def test_padding_of_stacked_batches_changes_nothing(data):
+@pytest.mark.parametrize("assembled", [False, True], ids=["entries", "assembled-jacobian"])
+def test_padding_of_stacked_batches_changes_nothing(data, assembled):
     _, train, _ = data
     model = af.init_model(PARAMS, ARCH, train, seed=1, atomic_energies=E_ATOM)
     forces = torch.ones(train.n_structures, dtype=torch.bool)
+    blocks = set_pair_blocks(PARAMS, train) if assembled else None
     batches = [
-        af.take_structures(train, torch.tensor([0, 5, 9]), forces),
-        af.take_structures(train, torch.tensor([3, 3, 20]), None),
-        af.take_structures(train, torch.tensor([11, 1, 28]), forces),
+        af.take_structures(train, torch.tensor([0, 5, 9]), forces, blocks),
+        af.take_structures(train, torch.tensor([3, 3, 20]), None, blocks),
+        af.take_structures(train, torch.tensor([11, 1, 28]), forces, blocks),
     ]
     stacked = stack_batches(batches)
+    assert isinstance(stacked.local, PositionJacobian) == assembled
     values = model.network.values
     together = torch.func.vmap(
         lambda batch: batch_loss(model, values, batch, 0.4, True), in_dims=(0,)
     )(stacked)
+
+    def loss_of(v, batch):
+        return batch_loss(model, v, batch, 0.4, True)[0]
+
+    gradients = torch.func.vmap(torch.func.grad(loss_of), in_dims=(None, 0))(values, stacked)
     for k, batch in enumerate(batches):
+        expected = torch.func.grad(loss_of)(values, batch)
+        torch.testing.assert_close(gradients[k], expected, rtol=1e-12, atol=1e-13)
         loss, (errors, differences) = batch_loss(model, values, batch, 0.4, True)
         torch.testing.assert_close(together[0][k], loss, rtol=1e-14, atol=1e-14)
         torch.testing.assert_close(together[1][0][k], errors, rtol=1e-14, atol=1e-14)
