@@ -204,11 +204,13 @@ def committee_step(
     """One optimiser step of every member: ``vmap`` of :func:`~aenet_fn.train.member_step`
     over the stacked ``values`` ``[M, P]``, ``opt_state`` and learning rates ``lrs`` ``[M]``,
     on a ``batch`` shared by the members or (``stacked``) stacked along a leading member axis
-    (:func:`~aenet_fn.featurized.stack_batches`). On a shared batch the gradients come from
-    ``torch.autograd`` through the vmapped losses instead (members are independent, so the
-    gradient of their sum is each member's own): the same numbers to round-off (tested), with
-    the batching overhead paid on the forward pass only (measured 1.5–2× faster with forces;
-    on stacked batches, whose per-member gathers autograd would differentiate, 2× slower)."""
+    (:func:`~aenet_fn.featurized.stack_batches`). On a shared batch the members' losses come
+    from one :func:`~aenet_fn.train.batch_loss` of the stacked values (the members a leading
+    axis of every array, no ``vmap``) and their gradients from ``torch.autograd`` (members are
+    independent, so the gradient of the summed losses is each member's own): the same numbers
+    to round-off (tested), at about the cost of one member's step (``vmap`` of
+    ``torch.func.grad`` cost twice that; on stacked batches, autograd through their per-member
+    gathers measured slower still)."""
     if stacked:
         batch_dims = tree_map(lambda leaf: 0 if isinstance(leaf, torch.Tensor) else None, batch)
         return vmap(
@@ -217,9 +219,9 @@ def committee_step(
         )(values, opt_state, lrs, batch)
 
     def summed_loss(leaf: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        losses, aux = vmap(
-            lambda v: batch_loss(model, v, batch, config.force_weight, config.force_scale_unbiased)
-        )(leaf)
+        losses, aux = batch_loss(
+            model, leaf, batch, config.force_weight, config.force_scale_unbiased
+        )
         return losses.sum(), aux
 
     gradient, aux = autograd_gradient(summed_loss, values)

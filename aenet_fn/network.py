@@ -169,10 +169,14 @@ def init_network(
 def mlp(
     layers: Sequence[tuple[torch.Tensor, torch.Tensor]], activations: Sequence[str], x: torch.Tensor
 ) -> torch.Tensor:
-    """One species' network on inputs ``x`` ``[n, F]`` → ``[n]``."""
+    """One species' network on inputs ``x`` ``[n, F]`` → ``[n]``. Layers of stacked members
+    (weights ``[M, in, out]``, biases ``[M, out]``) give ``[M, n]`` (``x``: ``[n, F]`` or
+    ``[M, n, F]``)."""
     for (weight, bias), name in zip(layers[:-1], activations):
-        x = ACTIVATIONS[name](x @ weight + bias)
+        x = ACTIVATIONS[name](x @ weight + bias.unsqueeze(-2))
     weight, bias = layers[-1]
+    if weight.ndim > 2:  # stacked members
+        return (x @ weight).squeeze(-1) + bias
     return x @ weight.squeeze(-1) + bias
 
 
@@ -184,6 +188,7 @@ def atomic_outputs(
 ) -> torch.Tensor:
     """Network output of every atom, ``[N]``: atom ``a`` goes through the network of species
     ``species_index[a]`` (an index into ``network.species``); the output keeps the input order.
+    With stacked members' values ``[M, P]``: ``[M, N]``.
 
     With ``species_blocks`` (atoms sorted by species, that many of each) every network runs on
     a static slice, with no data-dependent shapes (``vmap``-able over batches); otherwise atoms

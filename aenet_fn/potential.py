@@ -80,8 +80,10 @@ def atomic_energies_from_features(
 def sum_by_structure(
     atomic: torch.Tensor, structure_index: torch.Tensor, n_structures: int
 ) -> torch.Tensor:
-    """``[B]`` sums of per-atom values ``[N]`` over the atoms of each structure."""
-    return atomic.new_zeros(n_structures).index_add(0, structure_index, atomic)
+    """``[B]`` sums of per-atom values ``[N]`` over the atoms of each structure (``[..., B]``
+    from ``[..., N]``: members)."""
+    sums = atomic.new_zeros(*atomic.shape[:-1], n_structures)
+    return sums.index_add(-1, structure_index, atomic)
 
 
 def atomic_energies(
@@ -150,12 +152,15 @@ def energy_and_forces_from_derivatives(
     """Energies ``[B]`` and forces ``[N, 3]`` from precomputed raw features and local
     descriptor derivatives (fixed positions, e.g. training data). Only the network is
     differentiated (``∂E/∂G`` by ``torch.func.grad``), so gradients of a force loss with respect
-    to the network parameters never pass through the descriptor."""
+    to the network parameters never pass through the descriptor. Stacked members' network
+    values ``[M, P]`` give ``[M, B]`` and ``[M, N, 3]`` (each member's ``∂E/∂G`` its own)."""
 
     def total(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         atomic = atomic_energies_from_features(model, raw, species_index, species_blocks)
         return atomic.sum(), atomic
 
+    members = model.network.values.shape[:-1]
+    features = features.expand(*members, *features.shape)  # one copy of the inputs per member
     feature_gradient, atomic = grad(total, has_aux=True)(features)
     if isinstance(local, PositionJacobian):
         forces = -jacobian_position_gradient(local, feature_gradient)

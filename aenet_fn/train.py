@@ -305,7 +305,8 @@ def batch_residuals(
     """Per-atom energy errors ``[b]`` (eV/atom) and force differences ``[n, 3]`` (eV/Å) of the
     supervised atoms (0 elsewhere, and everywhere when the batch supervises no force) of
     ``batch`` for network parameters ``values`` ``[P]``. Written without data-dependent shapes,
-    so it ``vmap``s over members (and over padded, stacked batches)."""
+    so it ``vmap``s over members (and over padded, stacked batches); stacked members' values
+    ``[M, P]`` on one batch give ``[M, b]`` and ``[M, n, 3]`` without ``vmap``."""
     model = attrs.evolve(model, network=attrs.evolve(model.network, values=values))
     slots = batch.n_structures + 1  # the last slot collects padding atoms of stacked batches
     if batch.local is None:
@@ -313,7 +314,7 @@ def batch_residuals(
             model, batch.features, batch.species_index, batch.species_blocks
         )
         energies = sum_by_structure(atomic, batch.structure_index, slots)
-        differences = batch.forces.new_zeros(batch.force_atoms.shape[0], 3)
+        differences = batch.forces.new_zeros(*energies.shape[:-1], batch.force_atoms.shape[0], 3)
     else:
         energies, forces = energy_and_forces_from_derivatives(
             model,
@@ -325,7 +326,9 @@ def batch_residuals(
             batch.species_blocks,
         )
         differences = masked_force_differences(forces, batch.forces, batch.force_atoms)
-    errors = energy_error_per_atom(energies[: batch.n_structures], batch.energies, batch.n_atoms)
+    errors = energy_error_per_atom(
+        energies[..., : batch.n_structures], batch.energies, batch.n_atoms
+    )
     return errors, differences
 
 
@@ -334,12 +337,12 @@ def batch_loss(
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Loss of ``batch`` for network parameters ``values`` ``[P]`` (see
     :func:`~aenet_fn.loss.loss_from_sums`), with :func:`batch_residuals` as auxiliary
-    output."""
+    output; for stacked members' values ``[M, P]``, their losses ``[M]``."""
     errors, differences = batch_residuals(model, values, batch)
     loss = loss_from_sums(
-        (errors * errors).sum(),
+        (errors * errors).sum(-1),
         errors.shape[-1],
-        (differences * differences).sum(),
+        (differences * differences).sum((-2, -1)),
         batch.force_atoms.sum(),
         batch.n_force_labelled,
         force_weight,

@@ -160,6 +160,26 @@ def test_vmapped_evaluation_equals_per_member_evaluation(data, assembled):
         )
 
 
+@pytest.mark.parametrize("kind", ["energies", "entries", "assembled-jacobian"])
+def test_batch_loss_of_stacked_members_is_each_members_loss(data, kind):
+    """``batch_loss`` with values ``[M, P]`` (members as a leading axis, no vmap)."""
+    _, train, _ = data
+    members = [af.init_model(PARAMS, ARCH, train, seed=s, atomic_energies=E_ATOM) for s in (1, 2)]
+    forces = None if kind == "energies" else torch.ones(train.n_structures, dtype=torch.bool)
+    blocks = set_pair_blocks(PARAMS, train) if kind == "assembled-jacobian" else None
+    batch = af.take_structures(train, torch.tensor([4, 0, 13, 4, 21]), forces, blocks)
+    stacked = torch.stack([m.network.values for m in members])
+    losses, (errors, differences) = batch_loss(members[0], stacked, batch, 0.3, True)
+    assert losses.shape == (2,) and differences.shape[0] == 2
+    for k, member in enumerate(members):
+        loss, (own_errors, own_differences) = batch_loss(
+            member, member.network.values, batch, 0.3, True
+        )
+        torch.testing.assert_close(losses[k], loss, rtol=1e-13, atol=1e-14)
+        torch.testing.assert_close(errors[k], own_errors, rtol=1e-13, atol=1e-14)
+        torch.testing.assert_close(differences[k], own_differences, rtol=1e-12, atol=1e-13)
+
+
 def test_committee_step_on_a_shared_batch_equals_vmapped_member_step(data):
     """Gradients by autograd through the vmapped losses equal vmapped ``torch.func.grad``."""
     _, train, _ = data
