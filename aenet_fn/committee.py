@@ -273,11 +273,15 @@ def committee_evaluate(
     blocks: PairBlocks | None = None,
 ) -> list[dict[str, float]]:
     """Exact metrics of every member over ``data`` (see :func:`~aenet_fn.train.evaluate`), the
-    members evaluated together by one ``vmap`` per batch (forces through assembled Jacobians
-    with ``blocks``, :func:`~aenet_fn.train.force_blocks` of ``data``)."""
+    members evaluated together, their stacked values a leading axis of each batch's residuals
+    (forces through assembled Jacobians with ``blocks``, :func:`~aenet_fn.train.force_blocks`
+    of ``data``)."""
     template = members[0].model
     values = torch.stack([m.model.network.values for m in members])
-    loss = vmap(lambda v, batch: batch_loss(template, v, batch, 0.0, False)[1], in_dims=(0, None))
+
+    def loss(values: torch.Tensor, batch: MiniBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch_loss(template, values, batch, 0.0, False)[1]  # members: leading axis
+
     sums = [error_sums_init() for _ in members]
     everything = data.has_forces if with_forces else None
     for selection in torch.arange(data.n_structures).split(batch_size):
