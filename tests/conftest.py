@@ -10,6 +10,7 @@ import torch
 from hypothesis import settings
 
 from aenet_fn import Structure
+from aenet_fn.potential import energy_and_forces_from_derivatives
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DATA = SHARED / "data"
@@ -107,3 +108,16 @@ def assert_same_featurized(a, b, **tolerance) -> None:
             torch.testing.assert_close(x, y, equal_nan=True, **tolerance)
         else:
             assert x == y, field.name
+
+
+def batch_energies_and_forces(model, batch, by_species_blocks: bool = False):
+    """Energies and forces of a mini-batch from its features and derivative data."""
+    return energy_and_forces_from_derivatives(
+        model,
+        batch.features,
+        batch.species_index,
+        batch.structure_index,
+        batch.n_structures,
+        batch.local,
+        batch.species_blocks if by_species_blocks else None,
+    )

@@ -13,9 +13,8 @@ import aenet_fn as af
 from aenet_fn import ChebyshevParams, Structure, collate, featurize
 from aenet_fn.featurized import featurize_structures, set_pair_blocks, take_structures
 from aenet_fn.position_jacobian import PositionJacobian
-from aenet_fn.potential import energy_and_forces_from_derivatives
 from aenet_fn.train import force_blocks, init_model, init_train_state, run_epoch
-from tests.conftest import random_structure
+from tests.conftest import batch_energies_and_forces, random_structure
 
 TWO_SPECIES = ChebyshevParams(
     species=["Ti", "O"], rad_order=5, rad_cutoff=4.0, ang_order=2, ang_cutoff=3.0, min_cutoff=0.5
@@ -116,15 +115,7 @@ def test_float32_assembled_forces_are_close_to_float64(tio2):
     def forces(data, model):
         blocks = set_pair_blocks(params, data)
         batch = take_structures(data, torch.tensor([4, 0, 7, 4]), everything, blocks)
-        _, forces = energy_and_forces_from_derivatives(
-            model,
-            batch.features,
-            batch.species_index,
-            batch.structure_index,
-            batch.n_structures,
-            batch.local,
-        )
-        return forces
+        return batch_energies_and_forces(model, batch)[1]
 
     reference, approximate = forces(train, model), forces(single, model32)
     assert approximate.dtype == torch.float32

@@ -18,10 +18,9 @@ from aenet_fn.potential import (
     Model,
     energy,
     energy_and_forces,
-    energy_and_forces_from_derivatives,
     energy_forces_stress,
 )
-from tests.conftest import random_structure
+from tests.conftest import batch_energies_and_forces, random_structure
 
 PARAMS = ChebyshevParams(
     species=["Ti", "O"], rad_order=6, rad_cutoff=4.5, ang_order=3, ang_cutoff=3.5, min_cutoff=0.5
@@ -74,26 +73,11 @@ def test_local_derivative_forces_equal_autodiff_forces(seed):
     )
     selection = torch.arange(len(structures))
     batch = take_structures(data, selection, torch.ones(len(structures), dtype=torch.bool))
-    e_local, f_local = energy_and_forces_from_derivatives(
-        model,
-        batch.features,
-        batch.species_index,
-        batch.structure_index,
-        batch.n_structures,
-        batch.local,
-    )
+    e_local, f_local = batch_energies_and_forces(model, batch)
     e_auto, f_auto = energy_and_forces(model, collate(structures, species=PARAMS.species))
     torch.testing.assert_close(e_local, e_auto, rtol=1e-13, atol=1e-9)
     torch.testing.assert_close(f_local, f_auto[batch.atom_index], rtol=1e-10, atol=1e-11)
-    _, f_blocks = energy_and_forces_from_derivatives(
-        model,
-        batch.features,
-        batch.species_index,
-        batch.structure_index,
-        batch.n_structures,
-        batch.local,
-        batch.species_blocks,
-    )
+    _, f_blocks = batch_energies_and_forces(model, batch, by_species_blocks=True)
     torch.testing.assert_close(f_blocks, f_local, rtol=0, atol=1e-14)
 
 
@@ -122,14 +106,7 @@ def test_batches_of_any_selection_give_autodiff_forces(assembled, seed):
 
     def forces_of(values, local_batch, atom_forces):
         m = attrs.evolve(model, network=attrs.evolve(model.network, values=values))
-        _, forces = energy_and_forces_from_derivatives(
-            m,
-            local_batch.features,
-            local_batch.species_index,
-            local_batch.structure_index,
-            local_batch.n_structures,
-            local_batch.local,
-        )
+        _, forces = batch_energies_and_forces(m, local_batch)
         return forces[local_batch.force_atoms], atom_forces
 
     everything = collate(structures, species=PARAMS.species)  # the set's atom order
