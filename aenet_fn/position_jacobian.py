@@ -83,10 +83,9 @@ def pair_blocks(
     centres = torch.bincount(local.radial_centre, minlength=n) + torch.bincount(
         local.triplet_centre, minlength=n
     )
-    described = torch.nonzero(centres).view(-1)  # atoms with a diagonal block
-    keys = [moved * n + rank[described] for moved, described, *_ in parts]
-    off_diagonal = [k for k, (moved, described, *_) in zip(keys, parts) if moved is not described]
-    unique = torch.unique(torch.cat([*off_diagonal, described * n + rank[described]]))
+    described = torch.nonzero(centres).view(-1)  # the atoms with a diagonal block
+    keys = [moved * n + rank[centre] for moved, centre, *_ in parts if moved is not centre]
+    unique = torch.unique(torch.cat([*keys, described * n + rank[described]]))
     row, col = unique // n, order[unique % n]
     mirror_keys = col * n + rank[row]
     mirror = torch.searchsorted(unique, mirror_keys).clamp_(max=max(unique.shape[0] - 1, 0))
@@ -94,26 +93,27 @@ def pair_blocks(
         unique = torch.unique(torch.cat([unique, mirror_keys]))
         row, col = unique // n, order[unique % n]
         mirror = torch.searchsorted(unique, col * n + rank[row])
-    # one accumulator per column group (radial, angular; plain, weighted): whole-block rows
-    # blocks of the moved atoms (+), and of the centres, which move every pair the other way
-    # (−: summed apart, per centre, and subtracted from the centres' own blocks)
+    # One accumulator per column group (radial, angular; plain, typespin-weighted), rows of
+    # whole blocks. A moved atom's terms enter its block (+); a centre moves every pair the
+    # other way: its terms are summed per centre and subtracted from its own block.
     slot = torch.zeros(n, dtype=torch.long, device=device)
     slot[described] = torch.arange(described.shape[0], device=device)
     sizes = [n_rad, n_ang] * (2 if multi else 1)
-    signed = {
-        sign: [local.radial.new_zeros(rows, size, 3) for size in sizes]
-        for sign, rows in ((1, unique.shape[0]), (-1, described.shape[0]))
-    }
-    for key, (moved, centre, group, block, spin) in zip(keys, parts):
-        sign = -1 if moved is centre else 1
-        where = slot[centre] if sign < 0 else torch.searchsorted(unique, key)
-        signed[sign][group].index_add_(0, where, block)
+    moving = [local.radial.new_zeros(unique.shape[0], size, 3) for size in sizes]
+    centred = [local.radial.new_zeros(described.shape[0], size, 3) for size in sizes]
+    off_diagonal = iter(keys)
+    for moved, centre, group, block, spin in parts:
+        if moved is centre:
+            accumulators, where = centred, slot[centre]
+        else:
+            accumulators, where = moving, torch.searchsorted(unique, next(off_diagonal))
+        accumulators[group].index_add_(0, where, block)
         if multi:
-            signed[sign][group + 2].index_add_(0, where, block * spin[:, None, None])
-    accumulated = torch.cat(signed[1], dim=1)  # [U, F, 3]
+            accumulators[group + 2].index_add_(0, where, block * spin[:, None, None])
+    accumulated = torch.cat(moving, dim=1)  # [U, F, 3]
     diagonal = torch.searchsorted(unique, described * n + rank[described])
-    accumulated.index_add_(0, diagonal, torch.cat(signed[-1], dim=1), alpha=-1)
-    del signed, keys  # (peak memory)
+    accumulated.index_add_(0, diagonal, torch.cat(centred, dim=1), alpha=-1)
+    del moving, centred, keys  # (peak memory)
     counts = torch.bincount(row, minlength=n)
     values = accumulated.permute(2, 0, 1).contiguous()
     del accumulated  # (peak memory)

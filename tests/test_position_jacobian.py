@@ -6,7 +6,7 @@ import attrs
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import aenet_fn as af
@@ -20,6 +20,9 @@ TWO_SPECIES = ChebyshevParams(
     species=["Ti", "O"], rad_order=5, rad_cutoff=4.0, ang_order=2, ang_cutoff=3.0, min_cutoff=0.5
 )
 ONE_SPECIES = attrs.evolve(TWO_SPECIES, species=["Ti"])
+WIDE_ANGULAR = attrs.evolve(TWO_SPECIES, rad_cutoff=2.5, ang_cutoff=4.0)
+"""Pairs beyond the radial cutoff enter only through triplets: their mirror blocks may have no
+entries and are added as zeros."""
 
 
 def _structures(seed: int, species: tuple[str, ...]) -> list[Structure]:
@@ -34,9 +37,12 @@ def _structures(seed: int, species: tuple[str, ...]) -> list[Structure]:
     ]
 
 
-@pytest.mark.parametrize("params", [TWO_SPECIES, ONE_SPECIES], ids=["Ti-O", "Ti"])
+@pytest.mark.parametrize(
+    "params", [TWO_SPECIES, ONE_SPECIES, WIDE_ANGULAR], ids=["Ti-O", "Ti", "wide-angular"]
+)
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 10**5))
+@example(seed=3)  # wide-angular: a mirror block without entries
 def test_pair_blocks_are_the_dense_position_jacobian(params, seed):
     structures = _structures(seed, tuple(params.species))
     data = featurize_structures(params, structures, with_derivatives=True)
