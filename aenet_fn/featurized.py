@@ -115,8 +115,8 @@ class MiniBatch:
 
     @property
     def n_structures(self) -> int:
-        """Number of structures ``b``."""
-        return int(self.n_atoms.shape[0])
+        """Number of structures ``b`` (of each member's batch, in stacked batches)."""
+        return int(self.n_atoms.shape[-1])
 
 
 def _entry_ranges(owner: torch.Tensor, n_structures: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -416,9 +416,10 @@ def stack_batches(batches: Sequence[MiniBatch]) -> MiniBatch:
     leading axis for ``vmap``. Each species block is padded to the largest count among the
     members (the last block by one more atom): padding atoms have zero features, no labels and
     sit in the spare structure slot ``b``; derivative entries are padded with zero blocks acting
-    on a padding atom, assembled Jacobians with zero entries in a padding atom's row
-    (:func:`~aenet_fn.position_jacobian.stack_jacobians`). Padding therefore changes no
-    energy, force or gradient."""
+    on a padding atom; assembled Jacobians become one block-diagonal Jacobian over the members'
+    padded atoms (:func:`~aenet_fn.position_jacobian.stack_jacobians`: such a batch is used
+    with the members as a leading axis, ``batch_loss`` of values ``[M, P]``, not under
+    ``vmap``). Padding changes no energy, force or gradient."""
     sizes = {batch.n_structures for batch in batches}
     if len(sizes) != 1:
         raise ValueError(f"stack_batches: batches hold different numbers of structures {sizes}")
@@ -457,9 +458,7 @@ def stack_batches(batches: Sequence[MiniBatch]) -> MiniBatch:
     if isinstance(template, PositionJacobian):
         if any(isinstance(batch.local, LocalDerivatives) for batch in batches):
             raise ValueError("stack_batches: batches mix derivative entries and Jacobians")
-        local = stack_jacobians(
-            [batch.local for batch in batches], positions, n_padded, batches[0].features.shape[1]
-        )
+        local = stack_jacobians([batch.local for batch in batches], positions, n_padded)
     elif template is not None:
         filled = [
             _empty_like_local(template) if batch.local is None else batch.local for batch in batches

@@ -46,7 +46,7 @@ def masked_force_differences(
 ) -> torch.Tensor:
     """``[n, 3]`` force differences (eV/Å) of the ``supervised`` ``[n]`` atoms, 0 elsewhere (no
     boolean indexing, so it works under ``vmap``; NaN labels of other atoms are ignored)."""
-    return torch.where(supervised[:, None], predicted - reference, 0.0)
+    return torch.where(supervised[..., None], predicted - reference, 0.0)
 
 
 def force_rmse(differences: torch.Tensor, supervised: torch.Tensor) -> torch.Tensor:

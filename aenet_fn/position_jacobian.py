@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import attrs
 import torch
 
-from aenet_fn._records import pytree_record
+from aenet_fn._records import dynamic_fields, pytree_record, static_field
 from aenet_fn.batch import ranges
 from aenet_fn.descriptor import ChebyshevParams
 from aenet_fn.linear_maps import csr_matrix, linear_pair, members_inner, members_outer
@@ -140,6 +140,9 @@ class PositionJacobian:
         transposed_crow, transposed_col: ``[F n + 1]``, ``[3 F K]`` CSR indices of ``Jᵀ``
             ``[F n, 3 n]`` (row ``f n + i``, column ``3 j + c``).
         transposed_values: ``[3 F K]`` its values.
+        members: the batches of this many committee members stacked into one block-diagonal
+            Jacobian (:func:`stack_jacobians`; ``n`` counts all their atoms), applied to
+            ``[members, n / members, F]`` (1: one batch).
     """
 
     crow: torch.Tensor
@@ -148,6 +151,7 @@ class PositionJacobian:
     transposed_crow: torch.Tensor
     transposed_col: torch.Tensor
     transposed_values: torch.Tensor
+    members: int = static_field(default=1)
 
 
 def batch_jacobian(
@@ -211,57 +215,45 @@ def _csr_indices(
 
 
 def stack_jacobians(
-    jacobians: Sequence[PositionJacobian | None],
-    positions: Sequence[torch.Tensor],
-    n_padded: int,
-    width: int,
+    jacobians: Sequence[PositionJacobian | None], positions: Sequence[torch.Tensor], n_padded: int
 ) -> PositionJacobian:
-    """The Jacobians of batches stacked for ``vmap`` (:func:`~aenet_fn.featurized.stack_batches`):
-    each batch's rows and columns moved to its atoms' ``positions`` in the padded layout of
-    ``n_padded`` atoms (increasing: the padding keeps the atom order; the last padded atom is a
-    padding atom), the entries padded to the longest with zeros that the last row holds (no
-    effect on any product). ``None`` (a batch without supervised forces) stacks as an empty
-    Jacobian of ``width`` features. Fields ``[M, ...]``."""
+    """The Jacobians of the batches of committee members stacked by
+    :func:`~aenet_fn.featurized.stack_batches`, as one block-diagonal Jacobian over all their
+    padded atoms (member ``m``'s atoms ``m n_padded ...``; each batch's atoms moved to its
+    ``positions``, which keep their order). ``None`` (a batch without supervised forces) adds
+    no entries. Its ``members`` axis leads the arrays it is applied to, without ``vmap``."""
     present = [j for j in jacobians if j is not None]
     index = torch.int64 if any(j.col.dtype == torch.int64 for j in present) else torch.int32
-    length = max((j.col.shape[0] for j in present), default=0)
-    members = len(jacobians)
-    stacked = PositionJacobian(
-        crow=torch.zeros(members, n_padded + 1, dtype=index),
-        col=torch.empty(members, length, dtype=index),
-        values=present[0].values.new_empty(members, 3, length),
-        transposed_crow=torch.zeros(members, width * n_padded + 1, dtype=index),
-        transposed_col=torch.empty(members, 3 * length, dtype=index),
-        transposed_values=present[0].values.new_empty(members, 3 * length),
-    )
+    width = (present[0].transposed_crow.shape[0] - 1) // (present[0].crow.shape[0] - 1)
+    counts = torch.zeros(len(jacobians), n_padded, dtype=index)
+    columns, values, transposed_values = [], [], []
     for m, (jacobian, position) in enumerate(zip(jacobians, positions)):
-        used = 0
-        if jacobian is not None:
-            position = position.to(index)
-            counts = torch.zeros(n_padded, dtype=index)
-            counts[position] = ((jacobian.crow[1:] - jacobian.crow[:-1]) // width).to(index)
-            columns = position[jacobian.col.view(-1, width)[:, 0].to(index) // width]
-            crow, col, transposed_crow, transposed_col = _csr_indices(counts, columns, width)
-            used = col.shape[0]
-            stacked.crow[m] = crow
-            stacked.transposed_crow[m] = transposed_crow
-            stacked.col[m, :used] = col
-            stacked.transposed_col[m, : 3 * used] = transposed_col
-            stacked.values[m, :, :used] = jacobian.values
-            stacked.transposed_values[m, : 3 * used] = jacobian.transposed_values
-        stacked.col[m, used:] = 0  # padding entries: zeros
-        stacked.values[m, :, used:] = 0
-        stacked.transposed_col[m, 3 * used :] = 0
-        stacked.transposed_values[m, 3 * used :] = 0
-        stacked.crow[m, -1] = length  # the last (padding) row holds the padding entries
-        stacked.transposed_crow[m, -1] = 3 * length
-    return stacked
+        if jacobian is None:
+            continue
+        position = position.to(index)
+        counts[m, position] = ((jacobian.crow[1:] - jacobian.crow[:-1]) // width).to(index)
+        atoms = jacobian.col.view(-1, width)[:, 0].to(index) // width  # each block's column
+        columns.append(position[atoms] + m * n_padded)
+        values.append(jacobian.values)
+        transposed_values.append(jacobian.transposed_values.view(width, -1))
+    crow, col, transposed_crow, transposed_col = _csr_indices(
+        counts.view(-1), torch.cat(columns), width
+    )
+    return PositionJacobian(
+        crow=crow,
+        col=col,
+        values=torch.cat(values, dim=1),
+        transposed_crow=transposed_crow,
+        transposed_col=transposed_col,
+        transposed_values=torch.cat(transposed_values, dim=1).view(-1),
+        members=len(jacobians),
+    )
 
 
 def _rows_to_positions(layout: None, g: torch.Tensor, *fields: torch.Tensor) -> torch.Tensor:
     """``∂E/∂r`` ``[..., n, 3]`` from ``∂E/∂G`` ``[..., n, F]`` (any leading member dims): one
     CSR product per component, the members as columns."""
-    jacobian = PositionJacobian(*fields)
+    jacobian = PositionJacobian(*fields)  # one batch's (members: the operand's columns)
     g, lead = members_inner(g)  # [n, M, F]
     n, members, width = g.shape
     operand = g.permute(0, 2, 1).reshape(n * width, members)
@@ -299,6 +291,10 @@ def jacobian_position_gradient(
 ) -> torch.Tensor:
     """``∂E/∂r`` ``[n, 3]`` (eV/Å) from ``∂E/∂G`` ``feature_gradient`` ``[n, F]`` (raw
     features) with a batch's assembled Jacobian. Differentiable in ``feature_gradient`` (to any
-    order) and ``vmap``-able over it (committee members share ``jacobian``)."""
-    fields = [getattr(jacobian, f.name) for f in attrs.fields(PositionJacobian)]
-    return _JacobianMap.apply(None, feature_gradient, *fields)
+    order) and ``vmap``-able over it (committee members share ``jacobian``); ``[M, n, F]`` →
+    ``[M, n, 3]`` for the stacked batches of ``M`` members (:func:`stack_jacobians`)."""
+    fields = [getattr(jacobian, name) for name in dynamic_fields(PositionJacobian)]
+    if jacobian.members == 1:
+        return _JacobianMap.apply(None, feature_gradient, *fields)
+    rows = feature_gradient.reshape(-1, feature_gradient.shape[-1])  # all members' atoms
+    return _JacobianMap.apply(None, rows, *fields).view(*feature_gradient.shape[:-1], 3)

@@ -81,8 +81,11 @@ def sum_by_structure(
     atomic: torch.Tensor, structure_index: torch.Tensor, n_structures: int
 ) -> torch.Tensor:
     """``[B]`` sums of per-atom values ``[N]`` over the atoms of each structure (``[..., B]``
-    from ``[..., N]``: members)."""
+    from ``[..., N]``: members; ``structure_index`` ``[N]``, or ``[M, N]`` for stacked
+    batches)."""
     sums = atomic.new_zeros(*atomic.shape[:-1], n_structures)
+    if structure_index.ndim > 1:
+        return sums.scatter_add(-1, structure_index, atomic)
     return sums.index_add(-1, structure_index, atomic)
 
 
@@ -160,7 +163,7 @@ def energy_and_forces_from_derivatives(
         return atomic.sum(), atomic
 
     members = model.network.values.shape[:-1]
-    features = features.expand(*members, *features.shape)  # one copy of the inputs per member
+    features = features.expand(*members, *features.shape[-2:])  # one copy of the inputs each
     feature_gradient, atomic = grad(total, has_aux=True)(features)
     if isinstance(local, PositionJacobian):
         forces = -jacobian_position_gradient(local, feature_gradient)

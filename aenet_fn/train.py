@@ -306,7 +306,8 @@ def batch_residuals(
     supervised atoms (0 elsewhere, and everywhere when the batch supervises no force) of
     ``batch`` for network parameters ``values`` ``[P]``. Written without data-dependent shapes,
     so it ``vmap``s over members (and over padded, stacked batches); stacked members' values
-    ``[M, P]`` on one batch give ``[M, b]`` and ``[M, n, 3]`` without ``vmap``."""
+    ``[M, P]`` on one batch, or on their stacked batches with an assembled Jacobian, give
+    ``[M, b]`` and ``[M, n, 3]`` without ``vmap``."""
     model = attrs.evolve(model, network=attrs.evolve(model.network, values=values))
     slots = batch.n_structures + 1  # the last slot collects padding atoms of stacked batches
     if batch.local is None:
@@ -343,7 +344,7 @@ def batch_loss(
         (errors * errors).sum(-1),
         errors.shape[-1],
         (differences * differences).sum((-2, -1)),
-        batch.force_atoms.sum(),
+        batch.force_atoms.sum(-1),
         batch.n_force_labelled,
         force_weight,
         unbiased,
