@@ -332,6 +332,11 @@ def take_structures(
             force_atoms = take(supervised, 0, structure_index)
             if blocks is None:
                 local = _select_local(data, selection, supervised, new_start, position, order)
+            elif blocks.row_count.shape[0] != data.features.shape[0]:
+                raise ValueError(
+                    f"take_structures: pair blocks of a set of {blocks.row_count.shape[0]} atoms "
+                    f"given for a set of {data.features.shape[0]} (use set_pair_blocks of this set)"
+                )
             else:
                 local = batch_jacobian(blocks, atoms, order, position, force_atoms)
     n_species = data.species_counts.shape[1]
@@ -355,6 +360,11 @@ def set_pair_blocks(params: ChebyshevParams, data: FeaturizedSet) -> PairBlocks:
     derivatives), for :func:`take_structures`."""
     if data.local is None:
         raise ValueError("set_pair_blocks: the featurized set has no local derivatives")
+    if params.n_features != data.features.shape[1]:
+        raise ValueError(
+            f"set_pair_blocks: the descriptor has {params.n_features} features, the featurized "
+            f"set {data.features.shape[1]}: not the descriptor that featurized it"
+        )
     return pair_blocks(params, data.local, data.species_index, data.structure_index)
 
 

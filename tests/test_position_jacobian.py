@@ -143,3 +143,14 @@ def test_force_blocks_only_where_they_apply(tio2, monkeypatch):
         set_pair_blocks(params, energy_only)
     monkeypatch.setattr(af.train, "_BLOCK_ELEMENTS", 1000)
     assert force_blocks(model, train, forces) is None
+
+
+def test_pair_blocks_of_another_descriptor_or_set_are_refused(tio2):
+    params, train, _ = tio2
+    with pytest.raises(ValueError, match="not the descriptor that featurized it"):
+        set_pair_blocks(attrs.evolve(params, rad_order=4), train)
+    smaller = af.featurized.select_structures(train, [0, 1, 2])
+    blocks = set_pair_blocks(params, smaller)
+    everything = torch.ones(train.n_structures, dtype=torch.bool)
+    with pytest.raises(ValueError, match="use set_pair_blocks of this set"):
+        take_structures(train, torch.tensor([0, 1]), everything, blocks)
