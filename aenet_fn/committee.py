@@ -32,7 +32,7 @@ from aenet_fn.energy_gradient import EnergyTable, energy_gradients, energy_table
 from aenet_fn.featurized import FeaturizedSet, MiniBatch, stack_batches, take_structures
 from aenet_fn.loss import accumulate_errors, error_sums_init, metrics_from_sums
 from aenet_fn.network import Architecture, NetworkParams
-from aenet_fn.position_jacobian import PairBlocks, PositionJacobian
+from aenet_fn.position_jacobian import PairBlocks, StackedJacobians
 from aenet_fn.potential import Model, energy, energy_forces_stress
 from aenet_fn.train import (
     TrainConfig,
@@ -211,7 +211,7 @@ def committee_step(
     to round-off (tested), at about the cost of one member's step (``vmap`` of
     ``torch.func.grad`` cost twice that; on stacked batches, autograd through their per-member
     gathers measured slower still)."""
-    if stacked and not isinstance(batch.local, PositionJacobian):
+    if stacked and not isinstance(batch.local, StackedJacobians):
         batch_dims = tree_map(lambda leaf: 0 if isinstance(leaf, torch.Tensor) else None, batch)
         return vmap(
             lambda v, s, lr, b: member_step(model, v, s, lr, b, config),

@@ -21,6 +21,7 @@ from aenet_fn.local_derivatives import LocalDerivatives, local_derivatives
 from aenet_fn.position_jacobian import (
     PairBlocks,
     PositionJacobian,
+    StackedJacobians,
     batch_jacobian,
     pair_blocks,
     stack_jacobians,
@@ -108,7 +109,7 @@ class MiniBatch:
     energies: torch.Tensor
     forces: torch.Tensor
     force_atoms: torch.Tensor
-    local: LocalDerivatives | PositionJacobian | None
+    local: LocalDerivatives | PositionJacobian | StackedJacobians | None
     n_force_labelled: torch.Tensor
     atom_index: torch.Tensor
     species_blocks: tuple[int, ...] = static_field()
@@ -426,10 +427,10 @@ def stack_batches(batches: Sequence[MiniBatch]) -> MiniBatch:
     leading axis for ``vmap``. Each species block is padded to the largest count among the
     members (the last block by one more atom): padding atoms have zero features, no labels and
     sit in the spare structure slot ``b``; derivative entries are padded with zero blocks acting
-    on a padding atom; assembled Jacobians become one block-diagonal Jacobian over the members'
-    padded atoms (:func:`~aenet_fn.position_jacobian.stack_jacobians`: such a batch is used
-    with the members as a leading axis, ``batch_loss`` of values ``[M, P]``, not under
-    ``vmap``). Padding changes no energy, force or gradient."""
+    on a padding atom; assembled Jacobians are kept per member with their atoms' padded
+    positions (:func:`~aenet_fn.position_jacobian.stack_jacobians`: such a batch is used with
+    the members as a leading axis, ``batch_loss`` of values ``[M, P]``, not under ``vmap``).
+    Padding changes no energy, force or gradient."""
     sizes = {batch.n_structures for batch in batches}
     if len(sizes) != 1:
         raise ValueError(f"stack_batches: batches hold different numbers of structures {sizes}")
@@ -468,7 +469,7 @@ def stack_batches(batches: Sequence[MiniBatch]) -> MiniBatch:
     if isinstance(template, PositionJacobian):
         if any(isinstance(batch.local, LocalDerivatives) for batch in batches):
             raise ValueError("stack_batches: batches mix derivative entries and Jacobians")
-        local = stack_jacobians([batch.local for batch in batches], positions, n_padded)
+        local = stack_jacobians([batch.local for batch in batches], positions)
     elif template is not None:
         filled = [
             _empty_like_local(template) if batch.local is None else batch.local for batch in batches

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import attrs
 import torch
 
-from aenet_fn._records import dynamic_fields, pytree_record, static_field
+from aenet_fn._records import pytree_record, static_field
 from aenet_fn.batch import ranges
 from aenet_fn.descriptor import ChebyshevParams
 from aenet_fn.linear_maps import csr_matrix, linear_pair, members_inner, members_outer
@@ -140,9 +140,6 @@ class PositionJacobian:
         transposed_crow, transposed_col: ``[F n + 1]``, ``[3 F K]`` CSR indices of ``Jᵀ``
             ``[F n, 3 n]`` (row ``f n + i``, column ``3 j + c``).
         transposed_values: ``[3 F K]`` its values.
-        members: the batches of this many committee members stacked into one block-diagonal
-            Jacobian (:func:`stack_jacobians`; ``n`` counts all their atoms), applied to
-            ``[members, n / members, F]`` (1: one batch).
     """
 
     crow: torch.Tensor
@@ -151,7 +148,6 @@ class PositionJacobian:
     transposed_crow: torch.Tensor
     transposed_col: torch.Tensor
     transposed_values: torch.Tensor
-    members: int = static_field(default=1)
 
 
 def batch_jacobian(
@@ -214,46 +210,57 @@ def _csr_indices(
     )
 
 
-def stack_jacobians(
-    jacobians: Sequence[PositionJacobian | None], positions: Sequence[torch.Tensor], n_padded: int
-) -> PositionJacobian:
+@pytree_record
+@attrs.frozen(eq=False)
+class StackedJacobians:
     """The Jacobians of the batches of committee members stacked by
-    :func:`~aenet_fn.featurized.stack_batches`, as one block-diagonal Jacobian over all their
-    padded atoms (member ``m``'s atoms ``m n_padded ...``; each batch's atoms moved to its
-    ``positions``, which keep their order). ``None`` (a batch without supervised forces) adds
-    no entries. Its ``members`` axis leads the arrays it is applied to, without ``vmap``."""
-    present = [j for j in jacobians if j is not None]
-    index = torch.int64 if any(j.col.dtype == torch.int64 for j in present) else torch.int32
-    width = (present[0].transposed_crow.shape[0] - 1) // (present[0].crow.shape[0] - 1)
-    counts = torch.zeros(len(jacobians), n_padded, dtype=index)
-    columns, values, transposed_values = [], [], []
-    for m, (jacobian, position) in enumerate(zip(jacobians, positions)):
-        if jacobian is None:
-            continue
-        position = position.to(index)
-        counts[m, position] = ((jacobian.crow[1:] - jacobian.crow[:-1]) // width).to(index)
-        atoms = jacobian.col.view(-1, width)[:, 0].to(index) // width  # each block's column
-        columns.append(position[atoms] + m * n_padded)
-        values.append(jacobian.values)
-        transposed_values.append(jacobian.transposed_values.view(width, -1))
-    crow, col, transposed_crow, transposed_col = _csr_indices(
-        counts.view(-1), torch.cat(columns), width
+    :func:`~aenet_fn.featurized.stack_batches`, each kept in its own batch's numbering.
+
+    Attributes:
+        jacobians: the :class:`PositionJacobian` of each member whose batch supervises forces.
+        positions: ``[n_m]`` each such member's atoms' positions in the padded layout.
+        members: the index of each such member (static); ``n_members`` of them in all.
+    """
+
+    jacobians: tuple[PositionJacobian, ...]
+    positions: tuple[torch.Tensor, ...]
+    members: tuple[int, ...] = static_field()
+    n_members: int = static_field()
+
+
+def stack_jacobians(
+    jacobians: Sequence[PositionJacobian | None], positions: Sequence[torch.Tensor]
+) -> StackedJacobians:
+    """:class:`StackedJacobians` of the members' ``jacobians`` (None: a batch without
+    supervised forces) and their atoms' padded ``positions``. Nothing is copied."""
+    kept = [m for m, jacobian in enumerate(jacobians) if jacobian is not None]
+    return StackedJacobians(
+        jacobians=tuple(jacobians[m] for m in kept),
+        positions=tuple(positions[m] for m in kept),
+        members=tuple(kept),
+        n_members=len(jacobians),
     )
-    return PositionJacobian(
-        crow=crow,
-        col=col,
-        values=torch.cat(values, dim=1),
-        transposed_crow=transposed_crow,
-        transposed_col=transposed_col,
-        transposed_values=torch.cat(transposed_values, dim=1).view(-1),
-        members=len(jacobians),
-    )
+
+
+def stacked_position_gradient(
+    stacked: StackedJacobians, feature_gradient: torch.Tensor
+) -> torch.Tensor:
+    """``∂E/∂r`` ``[M, n, 3]`` of stacked batches from each member's ``∂E/∂G``
+    ``feature_gradient`` ``[M, n, F]`` (padded layout; the members a leading axis, no
+    ``vmap``): each member's rows taken out, its own Jacobian applied, put back. Zero for
+    padding atoms and members without supervised forces; differentiable to any order."""
+    n_members, n_padded = feature_gradient.shape[0], feature_gradient.shape[-2]
+    out = [feature_gradient.new_zeros(n_padded, 3) for _ in range(n_members)]
+    for m, jacobian, position in zip(stacked.members, stacked.jacobians, stacked.positions):
+        rows = feature_gradient[m].index_select(0, position)
+        out[m] = out[m].index_copy(0, position, jacobian_position_gradient(jacobian, rows))
+    return torch.stack(out)
 
 
 def _rows_to_positions(layout: None, g: torch.Tensor, *fields: torch.Tensor) -> torch.Tensor:
     """``∂E/∂r`` ``[..., n, 3]`` from ``∂E/∂G`` ``[..., n, F]`` (any leading member dims): one
     CSR product per component, the members as columns."""
-    jacobian = PositionJacobian(*fields)  # one batch's (members: the operand's columns)
+    jacobian = PositionJacobian(*fields)
     g, lead = members_inner(g)  # [n, M, F]
     n, members, width = g.shape
     operand = g.permute(0, 2, 1).reshape(n * width, members)
@@ -291,10 +298,6 @@ def jacobian_position_gradient(
 ) -> torch.Tensor:
     """``∂E/∂r`` ``[n, 3]`` (eV/Å) from ``∂E/∂G`` ``feature_gradient`` ``[n, F]`` (raw
     features) with a batch's assembled Jacobian. Differentiable in ``feature_gradient`` (to any
-    order) and ``vmap``-able over it (committee members share ``jacobian``); ``[M, n, F]`` →
-    ``[M, n, 3]`` for the stacked batches of ``M`` members (:func:`stack_jacobians`)."""
-    fields = [getattr(jacobian, name) for name in dynamic_fields(PositionJacobian)]
-    if jacobian.members == 1:
-        return _JacobianMap.apply(None, feature_gradient, *fields)
-    rows = feature_gradient.reshape(-1, feature_gradient.shape[-1])  # all members' atoms
-    return _JacobianMap.apply(None, rows, *fields).view(*feature_gradient.shape[:-1], 3)
+    order) and ``vmap``-able over it (committee members share ``jacobian``)."""
+    fields = [getattr(jacobian, f.name) for f in attrs.fields(PositionJacobian)]
+    return _JacobianMap.apply(None, feature_gradient, *fields)

@@ -25,7 +25,12 @@ from aenet_fn.forces import EnergyForces, value_and_forces
 from aenet_fn.local_derivatives import LocalDerivatives, position_gradient
 from aenet_fn.network import NetworkParams, atomic_outputs
 from aenet_fn.normalization import Normalization
-from aenet_fn.position_jacobian import PositionJacobian, jacobian_position_gradient
+from aenet_fn.position_jacobian import (
+    PositionJacobian,
+    StackedJacobians,
+    jacobian_position_gradient,
+    stacked_position_gradient,
+)
 
 
 @pytree_record
@@ -149,7 +154,7 @@ def energy_and_forces_from_derivatives(
     species_index: torch.Tensor,
     structure_index: torch.Tensor,
     n_structures: int,
-    local: LocalDerivatives | PositionJacobian,
+    local: LocalDerivatives | PositionJacobian | StackedJacobians,
     species_blocks: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Energies ``[B]`` and forces ``[N, 3]`` from precomputed raw features and local
@@ -167,6 +172,8 @@ def energy_and_forces_from_derivatives(
     feature_gradient, atomic = grad(total, has_aux=True)(features)
     if isinstance(local, PositionJacobian):
         forces = -jacobian_position_gradient(local, feature_gradient)
+    elif isinstance(local, StackedJacobians):
+        forces = -stacked_position_gradient(local, feature_gradient)
     else:
         forces = -position_gradient(model.descriptor, local, feature_gradient)
     return sum_by_structure(atomic, structure_index, n_structures), forces

@@ -19,7 +19,7 @@ from aenet_fn.committee import (
     unstack_members,
 )
 from aenet_fn.featurized import set_pair_blocks, stack_batches
-from aenet_fn.position_jacobian import PositionJacobian
+from aenet_fn.position_jacobian import StackedJacobians
 from aenet_fn.train import batch_loss, force_blocks, member_step
 
 PARAMS = af.ChebyshevParams(
@@ -103,13 +103,13 @@ def test_padding_of_stacked_batches_changes_nothing(data, assembled):
         af.take_structures(train, torch.tensor([11, 1, 28]), forces, blocks),
     ]
     stacked = stack_batches(batches)
-    assert isinstance(stacked.local, PositionJacobian) == assembled
+    assert isinstance(stacked.local, StackedJacobians) == assembled
     values = model.network.values
 
     def loss_of(v, batch):
         return batch_loss(model, v, batch, 0.4, True)[0]
 
-    if assembled:  # one block-diagonal Jacobian: the members are a leading axis, no vmap
+    if assembled:  # per-member Jacobians: the members are a leading axis, no vmap
         members = values.expand(len(batches), -1).clone().requires_grad_(True)
         together = batch_loss(model, members, stacked, 0.4, True)
         (gradients,) = torch.autograd.grad(together[0].sum(), members)
