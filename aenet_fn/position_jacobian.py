@@ -11,7 +11,9 @@ for one member and 20× for eight, on CPU).
 
 :func:`pair_blocks` builds the blocks of a featurized set once (the training loop keeps them
 for the run); :func:`batch_jacobian` cuts a mini-batch's matrices out of them, and
-:func:`jacobian_position_gradient` applies them, differentiably to any order.
+:func:`jacobian_position_gradient` applies them, differentiably to any order;
+:func:`stack_jacobians` / :func:`stacked_position_gradient` do the same for the stacked
+batches of committee members that draw their own.
 """
 
 from __future__ import annotations
@@ -219,13 +221,12 @@ class StackedJacobians:
     Attributes:
         jacobians: the :class:`PositionJacobian` of each member whose batch supervises forces.
         positions: ``[n_m]`` each such member's atoms' positions in the padded layout.
-        members: the index of each such member (static); ``n_members`` of them in all.
+        members: the index of each such member (static).
     """
 
     jacobians: tuple[PositionJacobian, ...]
     positions: tuple[torch.Tensor, ...]
     members: tuple[int, ...] = static_field()
-    n_members: int = static_field()
 
 
 def stack_jacobians(
@@ -238,7 +239,6 @@ def stack_jacobians(
         jacobians=tuple(jacobians[m] for m in kept),
         positions=tuple(positions[m] for m in kept),
         members=tuple(kept),
-        n_members=len(jacobians),
     )
 
 
