@@ -42,12 +42,12 @@ from aenet_fn.train import (
     end_of_epoch,
     epoch_batches,
     finish_epoch,
-    force_blocks,
     init_model,
     init_train_state,
     member_step,
     optimizer_of,
     plan_epoch,
+    run_blocks,
 )
 
 
@@ -310,7 +310,7 @@ def committee_fit(
     # one per run: the members share the normalisation, which training does not change
     template = members[0].model
     table = None if config.uses_forces else energy_table(template, train)
-    blocks, test_blocks = (force_blocks(template, split, config) for split in (train, test))
+    blocks, test_blocks = run_blocks(template, train, test, config)
     for _ in range(config.epochs):
         start = time.perf_counter()
         members, train_metrics = committee_epoch(members, train, config, on_batch, table, blocks)

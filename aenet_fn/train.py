@@ -583,6 +583,13 @@ def force_blocks(model: Model, data: Split | None, config: TrainConfig) -> PairB
     return set_pair_blocks(model.descriptor, data)
 
 
+def run_blocks(
+    model: Model, train: Split, test: Split | None, config: TrainConfig
+) -> tuple[PairBlocks | None, PairBlocks | None]:
+    """The :func:`force_blocks` of a run's train and test splits."""
+    return force_blocks(model, train, config), force_blocks(model, test, config)
+
+
 StepReport = Callable[[torch.Tensor, torch.Tensor, Any], None]
 """Called after each step with this process's per-atom energy errors, those of the whole
 batch, and (force differences, supervised atoms) or None."""
@@ -747,19 +754,24 @@ def fit(
     callbacks: Sequence[Callable[[TrainState], None]] = (),
     on_batch: Callable[[int, int], None] | None = None,
     world: World | None = None,
+    blocks: tuple[PairBlocks | None, PairBlocks | None] | None = None,
 ) -> TrainState:
     """Run ``config.epochs`` more epochs from ``state``; after each, evaluate the test split
     (exact metrics), record history/best/scheduler and call every callback with the new state
     (progress bars, checkpoints, logs). Under ``torch.distributed`` every process runs this
     same loop on its shares; callbacks and ``on_batch`` run on rank 0 only. ``world``: the
     processes sharing each batch (default: the current process group; ``World()`` trains in
-    this process alone, e.g. committee members spread over ranks)."""
+    this process alone, e.g. committee members spread over ranks). ``blocks``: the
+    :func:`force_blocks` of the train and test splits, when several runs on the same splits
+    share them (built here when not given)."""
     world = current_world() if world is None else world
     if not world.is_main:
         callbacks, on_batch = (), None
     table = energy_epoch_table(state, train, config, world)  # one per run: fixed normalisation
     workspace = None if table is None else energy_workspace(state)
-    blocks, test_blocks = (force_blocks(state.model, split, config) for split in (train, test))
+    if blocks is None:
+        blocks = run_blocks(state.model, train, test, config)
+    blocks, test_blocks = blocks
     for _ in range(config.epochs):
         start = time.perf_counter()
         state, train_metrics = run_epoch(

@@ -278,6 +278,33 @@ def test_members_predicting_one_by_one_analysed_like_the_committee(setup, shared
     assert [p.name for p in tmp_path.iterdir()] == ["uncertainty.pdb"]
 
 
+def test_sequential_members_share_the_pair_blocks_of_the_splits(setup, tmp_path, monkeypatch):
+    """Force training builds each split's pair blocks once for all sequential members."""
+    import aenet_fn.train as driver
+
+    structures, runs = setup
+    trained, _ = runs["sequential"]
+    built = []
+    real = driver.set_pair_blocks
+
+    def counted(params, data):
+        built.append(data.n_structures)
+        return real(params, data)
+
+    monkeypatch.setattr(driver, "set_pair_blocks", counted)
+    committee = TorchCommitteePotential(trained.arch, trained.descriptor)
+    committee.train(
+        structures=structures,
+        config=_config(atomic_energies=E_ATOM),
+        committee_config=TorchCommitteeConfig(
+            num_members=3, base_seed=11, output_dir=tmp_path / "run", execution="sequential"
+        ),
+    )
+    assert sorted(built) == [4, 12]  # the test and the train split, once each
+    for member, expected in zip(committee.members, trained.members):
+        torch.testing.assert_close(member.model.network.values, expected.model.network.values)
+
+
 def test_a_failing_sequential_member_keeps_the_others(setup, tmp_path, monkeypatch):
     """One member's training raises: the others are written and reload as a committee, the
     metadata records the failure, and train raises RuntimeError naming the member after

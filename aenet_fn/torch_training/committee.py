@@ -53,7 +53,7 @@ from aenet_fn.torch_training.trainer import (
     check_reference_species,
     convert_to_structures,
 )
-from aenet_fn.train import fit
+from aenet_fn.train import fit, run_blocks
 
 EXECUTION_MODES = ("vmap", "sequential")
 
@@ -366,9 +366,10 @@ class TorchCommitteePotential:
                 states = committee_fit(
                     states, train, test, core, [lambda members: progress(members[0])]
                 )
-            else:
+            else:  # the members share the splits: their pair blocks are built once
+                blocks = run_blocks(states[0].model, train, test, core) if states else None
                 states = tuple(
-                    _member_outcome(state, train, test, attrs.evolve(core, seed=state_seed))
+                    _member_outcome(state, train, test, attrs.evolve(core, seed=state_seed), blocks)
                     for state, state_seed in zip(states, my_seeds)
                 )
         finally:
@@ -626,12 +627,12 @@ _MEMBER_FILES = ("model.pt", "history.json", "history.csv", "summary.json")
 history files are those :func:`~aenet_fn.io.train.write_history` names)."""
 
 
-def _member_outcome(state, train, test, config) -> Any:
+def _member_outcome(state, train, test, config, blocks) -> Any:
     """One sequential member's trained state, or the exception that stopped it (so that one
     failing member does not lose the others; :meth:`TorchCommitteePotential.train` reports
     the failures after writing everything else)."""
     try:
-        return fit(state, train, test, config, world=World())
+        return fit(state, train, test, config, world=World(), blocks=blocks)
     except Exception as error:  # any failure of one member is recorded
         return error
 
