@@ -3,14 +3,13 @@
 Members are independent models that share the descriptor, the normalisation and the training
 split. Each keeps its own :class:`~aenet_fn.train.TrainState` (seed, generator, sampler, optimiser,
 scheduler, best model, history); for the optimisation steps their parameters and optimiser states
-are stacked along a leading axis and :func:`~aenet_fn.train.member_step` is ``vmap``-ed over them
-(:func:`committee_step`). Each member draws its own batches; the batches are gathered from the
-one featurized set (features and local derivatives computed once) and stacked with padding
-(:func:`~aenet_fn.featurized.stack_batches`), which changes no number. Members drawing the same
-batches (``shared_batches``) share each batch instead, and its forces go through one assembled
-sparse Jacobian with the members as columns (:mod:`aenet_fn.position_jacobian`). Nothing couples the
-members inside a step, so member ``i`` ends exactly where it would have trained alone with the
-same seed (up to float round-off).
+are stacked along a leading axis (:func:`committee_step`). Each member draws its own batches; the
+batches are gathered from the one featurized set (features and local derivatives computed once)
+and stacked with padding (:func:`~aenet_fn.featurized.stack_batches`), which changes no number.
+Members drawing the same batches (``shared_batches``) share each batch instead, and its forces go
+through one assembled sparse Jacobian with the members as columns
+(:mod:`aenet_fn.position_jacobian`). Nothing couples the members inside a step, so member ``i``
+ends exactly where it would have trained alone with the same seed (up to float round-off).
 """
 
 from __future__ import annotations
@@ -142,12 +141,13 @@ def committee_epoch(
     table: EnergyTable | None = None,
     blocks: PairBlocks | None = None,
 ) -> tuple[tuple[TrainState, ...], list[dict[str, float]]]:
-    """One epoch of every member, the optimisation steps ``vmap``-ed over the members
-    (energy-only epochs: the members' networks stacked into the batched products of
-    :mod:`aenet_fn.energy_gradient`, gathering from ``table``, built here when not given).
-    Force batches shared by the members take assembled Jacobians from ``blocks``
-    (:func:`~aenet_fn.train.force_blocks` of ``train``), the members as the columns of
-    one sparse product. Returns the new states and each member's training metrics."""
+    """One epoch of every member, one optimisation step of all members per batch
+    (:func:`committee_step`; energy-only epochs: the members' networks stacked into the
+    batched products of :mod:`aenet_fn.energy_gradient`, gathering from ``table``, built here
+    when not given). Force batches take assembled Jacobians from ``blocks``
+    (:func:`~aenet_fn.train.force_blocks` of ``train``; shared batches: the members as the
+    columns of one sparse product). Returns the new states and each member's training
+    metrics."""
     check_shared_parts([m.model for m in members])
     planned = [plan_epoch(member, train, config) for member in members]
     members = [state for state, _ in planned]
@@ -159,9 +159,7 @@ def committee_epoch(
     opt_state = _stack([m.opt_state for m in members])
     lrs = torch.tensor([m.lr for m in members], dtype=values.dtype)
     if config.uses_forces:
-        steps = _vmapped_steps(
-            members, orders, shared, values, opt_state, lrs, train, config, blocks
-        )
+        steps = _force_steps(members, orders, shared, values, opt_state, lrs, train, config, blocks)
     else:
         table = energy_table(members[0].model, train) if table is None else table
         steps = _energy_steps(members, orders, shared, values, opt_state, lrs, table, config)
@@ -201,16 +199,17 @@ def committee_step(
     config: TrainConfig,
     stacked: bool = False,
 ) -> tuple[torch.Tensor, Any, tuple[torch.Tensor, torch.Tensor]]:
-    """One optimiser step of every member: ``vmap`` of :func:`~aenet_fn.train.member_step`
-    over the stacked ``values`` ``[M, P]``, ``opt_state`` and learning rates ``lrs`` ``[M]``,
-    on a ``batch`` shared by the members or (``stacked``) stacked along a leading member axis
-    (:func:`~aenet_fn.featurized.stack_batches`). On a shared batch the members' losses come
-    from one :func:`~aenet_fn.train.batch_loss` of the stacked values (the members a leading
-    axis of every array, no ``vmap``) and their gradients from ``torch.autograd`` (members are
-    independent, so the gradient of the summed losses is each member's own): the same numbers
-    to round-off (tested), at about the cost of one member's step (``vmap`` of
-    ``torch.func.grad`` cost twice that; on stacked batches, autograd through their per-member
-    gathers measured slower still)."""
+    """One optimiser step of every member, from the stacked ``values`` ``[M, P]``,
+    ``opt_state`` and learning rates ``lrs`` ``[M]``, on a ``batch`` shared by the members or
+    (``stacked``) stacked along a leading member axis (:func:`~aenet_fn.featurized.stack_batches`).
+    The members' losses come from one :func:`~aenet_fn.train.batch_loss` of the stacked values
+    (the members a leading axis of every array, no ``vmap``) and their gradients from
+    ``torch.autograd`` (members are independent, so the gradient of the summed losses is each
+    member's own): the same numbers as vmapping :func:`~aenet_fn.train.member_step` to
+    round-off (tested), at about the cost of one member's step on a shared batch (the vmapped
+    form cost twice that). Stacked batches with derivative entries (no assembled Jacobians)
+    are the exception: they keep the vmapped ``member_step`` (autograd through their
+    per-member gathers measured slower)."""
     if stacked and not isinstance(batch.local, StackedJacobians):
         batch_dims = tree_map(lambda leaf: 0 if isinstance(leaf, torch.Tensor) else None, batch)
         return vmap(
@@ -229,10 +228,10 @@ def committee_step(
     return new_values, new_state, aux
 
 
-def _vmapped_steps(members, orders, shared, values, opt_state, lrs, train, config, blocks):
-    """Steps of :func:`committee_step` (``member_step`` vmapped over the members), on batches
-    shared by them or stacked: after each, the stacked values and optimiser states, the
-    members' per-atom energy errors and (force differences, supervised atoms)."""
+def _force_steps(members, orders, shared, values, opt_state, lrs, train, config, blocks):
+    """Steps of :func:`committee_step` on batches shared by the members or stacked: after
+    each, the stacked values and optimiser states, the members' per-atom energy errors and
+    (force differences, supervised atoms)."""
     template = members[0].model
 
     def step(values, opt_state, lrs, batch):

@@ -168,7 +168,8 @@ def energy_and_forces_from_derivatives(
         return atomic.sum(), atomic
 
     members = model.network.values.shape[:-1]
-    features = features.expand(*members, *features.shape[-2:])  # one copy of the inputs each
+    # a view of the inputs per member, so that each member's ∂E/∂G is its own
+    features = features.expand(*members, *features.shape[-2:])
     feature_gradient, atomic = grad(total, has_aux=True)(features)
     if isinstance(local, PositionJacobian):
         forces = -jacobian_position_gradient(local, feature_gradient)
