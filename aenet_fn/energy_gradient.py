@@ -28,7 +28,9 @@ import math
 from collections.abc import Callable, Iterator
 
 import attrs
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from aenet_fn._records import pytree_record, static_field
 from aenet_fn.featurized import FeaturizedSet, MiniBatch
@@ -70,11 +72,12 @@ class EnergyPlan:
         features: per species group, ``[Σ_k W·S_g·widths[g][k], F + 1]`` normalised features
             with a trailing 1 (the bias input) of every column of every batch, batch after
             batch (gathered as rows; each batch is used through a transposed view).
-        assign: per group, the 0/1 matrices ``[W, S_g·widths[g][k], batch_size]`` of every
-            batch, flat and batch after batch, that sum atom outputs into their structure
-            (padding rows are zero).
-        output_scale: ``[K, W, batch_size]`` ``1 / (E_scaling N)`` of each structure (1/atom).
-        offset: ``[K, W, batch_size]`` ``(Σ_atoms (E_shift + E_atomic) − E_ref) / N`` (eV/atom).
+        assign: per group, the matrices ``[W, S_g·widths[g][k], batch_size]`` of every
+            batch, flat and batch after batch, that sum atom outputs into their structure's
+            error per atom: an atom's row holds ``1 / (E_scaling N)`` of its structure
+            (1/atom) in its structure's column, zero elsewhere (padding rows are zero).
+        offset: ``[K, W, batch_size]`` ``(Σ_atoms (E_shift + E_atomic) − E_ref) / N`` (eV/atom)
+            of each structure, zero for the padding slots of a short last batch.
         groups: ``(first species, number of species)`` of each group (static).
         widths: per group, the block width of each batch (static).
         sizes: structures in each batch (static).
@@ -82,7 +85,6 @@ class EnergyPlan:
 
     features: tuple[torch.Tensor, ...]
     assign: tuple[torch.Tensor, ...]
-    output_scale: torch.Tensor
     offset: torch.Tensor
     groups: tuple[tuple[int, int], ...] = static_field()
     widths: tuple[tuple[int, ...], ...] = static_field()
@@ -91,22 +93,12 @@ class EnergyPlan:
     @property
     def batch_size(self) -> int:
         """Structures per (full) batch."""
-        return int(self.output_scale.shape[-1])
+        return int(self.offset.shape[-1])
 
     @property
     def n_orders(self) -> int:
         """``W``: member orders laid out (1: one order for every member)."""
-        return int(self.output_scale.shape[1])
-
-    def batch_inputs(self, g: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch ``k`` of group ``g``: its inputs ``[W·S_g, F + 1, n_k]`` (a strided view of
-        :attr:`features`) and its assignment matrices ``[W, S_g·n_k, batch_size]``."""
-        width, stack = self.widths[g][k], self.n_orders * self.groups[g][1]
-        start = stack * sum(self.widths[g][:k])
-        block = self.features[g][start : start + stack * width]
-        inputs = block.view(stack, width, block.shape[1]).transpose(1, 2)
-        assign = self.assign[g][start * self.batch_size : (start + stack * width) * self.batch_size]
-        return inputs, assign.view(self.n_orders, -1, self.batch_size)
+        return int(self.offset.shape[1])
 
 
 def _architecture_runs(network: NetworkParams) -> list[tuple[int, int]]:
@@ -176,78 +168,83 @@ def energy_table(model: Model, data: FeaturizedSet | MiniBatch) -> EnergyTable:
     )
 
 
+def _exclusive_cumsum(values: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Sums of the values before each one along ``axis``."""
+    return np.cumsum(values, axis) - values
+
+
+def _group_blocks(values: np.ndarray, first: int, count: int) -> np.ndarray:
+    """``[W, K, b, M]`` per-slot values of species ``first .. first + count - 1`` as
+    ``[W·count, K, b]`` (member-major blocks)."""
+    group = values[..., first : first + count].transpose(0, 3, 1, 2)
+    return group.reshape(-1, *values.shape[1:3])
+
+
 def energy_plan(
     table: EnergyTable, network: NetworkParams, draws: torch.Tensor, batch_size: int
 ) -> EnergyPlan:
     """Lay out the structures ``draws`` (indices into ``table``, repeats allowed; ``[D]``, or
     ``[W, D]``: one order per committee member) as ``ceil(D / batch_size)`` consecutive
     mini-batches of ``batch_size`` structures for :class:`EnergySteps`; each batch's atoms of
-    a species in the order of :func:`~aenet_fn.featurized.take_structures`."""
-    orders = draws.reshape(-1, draws.shape[-1])
+    a species in the order of :func:`~aenet_fn.featurized.take_structures`. The index
+    arithmetic runs in NumPy on the host (a few hundred numbers: cheaper per operation than
+    tensors); the features are gathered on the table's device."""
+    orders = draws.reshape(-1, draws.shape[-1]).cpu().numpy()
     n_orders, n_draws = orders.shape
     n_batches = math.ceil(n_draws / batch_size)
-    slots = n_batches * batch_size  # draw slots, the last batch padded with empty draws
+    n_species = table.species_counts.shape[1]
 
-    def per_slot(values: torch.Tensor) -> torch.Tensor:
-        """``values[orders]`` ``[W, D, M]`` as ``[W, M, K·batch_size]`` (zero for padding)."""
-        padded = values.new_zeros(n_orders, values.shape[1], slots)
-        drawn = values.index_select(0, orders.flatten()).view(n_orders, n_draws, -1)
-        padded[:, :, :n_draws] = drawn.transpose(1, 2)
-        return padded
+    def per_slot(values: torch.Tensor) -> np.ndarray:
+        """``values[orders]`` as ``[W, K, batch_size, M]`` (zero for the padding slots)."""
+        padded = np.zeros((n_orders, n_batches * batch_size, n_species), dtype=np.int64)
+        padded[:, :n_draws] = values.cpu().numpy()[orders]
+        return padded.reshape(n_orders, n_batches, batch_size, n_species)
 
     counts, starts = per_slot(table.species_counts), per_slot(table.species_start)
-    per_batch = counts.view(n_orders, -1, n_batches, batch_size).sum(3)  # [W, M, K]
-    most, totals = per_batch.amax(0).tolist(), per_batch.sum((0, 2)).tolist()
-
-    def widths_of(first: int, count: int) -> list[int]:
-        return [max(column) for column in zip(*most[first : first + count])]
-
+    per_batch = counts.sum(2)  # [W, K, M]
+    most, totals = per_batch.max(0), per_batch.sum((0, 1))  # [K, M], [M]
     groups = []
     for first, count in _architecture_runs(network):
-        padded = n_orders * count * sum(widths_of(first, count))
-        if count > 1 and padded > _MAX_PADDING * sum(totals[first : first + count]):
+        padded = n_orders * count * most[:, first : first + count].max(1).sum()
+        if count > 1 and padded > _MAX_PADDING * totals[first : first + count].sum():
             groups += [(s, 1) for s in range(first, first + count)]
         else:
             groups.append((first, count))
 
-    pad_row = table.rows.shape[0] - 1
-    slot_in_batch = torch.arange(batch_size, device=draws.device)
+    def per_draw(values: torch.Tensor, fill: float) -> np.ndarray:
+        """``values[orders]`` as ``[W, K, batch_size]`` (``fill`` for the padding slots)."""
+        padded = np.full((n_orders, n_batches * batch_size), fill)
+        padded[:, :n_draws] = values.cpu().numpy()[orders]
+        return padded.reshape(n_orders, n_batches, batch_size)
+
+    output_scale, offset = per_draw(table.output_scale, 0.0), per_draw(table.offset, 0.0)
+    device, dtype = table.rows.device, table.rows.dtype
     features, assign, widths = [], [], []
     for first, count in groups:
-        width = widths_of(first, count)
+        width = most[:, first : first + count].max(1)  # [K]
         stack = n_orders * count
-        width_of = torch.tensor(width, dtype=draws.dtype, device=draws.device)
-        batch_start = torch.cumsum(width_of, 0) * stack - width_of * stack
-        # per (member order · S_g + species, batch, slot): its atoms, and, less the index of
-        # its first atom among all the group's atoms, that atom's column and table row; its
-        # slot in the batch
-        atoms = counts[:, first : first + count].reshape(stack, n_batches, batch_size)
-        first_atom = (torch.cumsum(atoms.flatten(), 0) - atoms.flatten()).view(atoms.shape)
-        block_start = batch_start + torch.arange(stack, device=draws.device)[:, None] * width_of
-        column = (block_start[:, :, None] - first_atom[:, :, :1]).expand(atoms.shape)
-        row = starts[:, first : first + count].reshape(atoms.shape) - first_atom
-        per_slot_bases = torch.stack([column, row, slot_in_batch.expand(atoms.shape)], -1)
-        bases = torch.repeat_interleave(per_slot_bases.view(-1, 3), atoms.flatten(), dim=0)
-        index = torch.arange(bases.shape[0], device=draws.device)
-        target = bases[:, 0] + index
-        rows = draws.new_full((stack * sum(width),), pad_row)
-        rows.index_copy_(0, target, bases[:, 1] + index)
-        features.append(table.rows.index_select(0, rows))
-        ones = table.rows.new_zeros(rows.numel() * batch_size)
-        ones.index_fill_(0, target * batch_size + bases[:, 2], 1.0)
-        assign.append(ones)
-        widths.append(tuple(width))
-
-    def per_draw(values: torch.Tensor, fill: float) -> torch.Tensor:
-        drawn = values.index_select(0, orders.flatten()).view(n_orders, n_draws)
-        padded = torch.cat([drawn, values.new_full((n_orders, slots - n_draws), fill)], 1)
-        return padded.view(n_orders, n_batches, batch_size).transpose(0, 1)
+        # the column of the first atom of each (block, batch, slot): its batch's first column,
+        # its block's within the batch, then the atoms of the slots before it in the block
+        atoms = _group_blocks(counts, first, count)
+        batch_start = _exclusive_cumsum(width) * stack
+        block_start = batch_start + np.arange(stack)[:, None] * width
+        column = block_start[:, :, None] + _exclusive_cumsum(atoms)
+        atoms = atoms.ravel()
+        index = np.arange(atoms.sum()) - np.repeat(_exclusive_cumsum(atoms), atoms)
+        target = np.repeat(column.ravel(), atoms) + index
+        rows = np.full(stack * int(width.sum()), table.rows.shape[0] - 1)  # padding: zeros
+        rows[target] = np.repeat(_group_blocks(starts, first, count).ravel(), atoms) + index
+        slot = np.repeat(np.tile(np.arange(batch_size), stack * n_batches), atoms)
+        scales = np.zeros((rows.size, batch_size))
+        scales[target, slot] = np.repeat(np.repeat(output_scale, count, axis=0).ravel(), atoms)
+        features.append(table.rows.index_select(0, torch.from_numpy(rows).to(device)))
+        assign.append(torch.from_numpy(scales.ravel()).to(device=device, dtype=dtype))
+        widths.append(tuple(width.tolist()))
 
     return EnergyPlan(
         features=tuple(features),
         assign=tuple(assign),
-        output_scale=per_draw(table.output_scale, 1.0),
-        offset=per_draw(table.offset, 0.0),
+        offset=torch.from_numpy(offset.transpose(1, 0, 2)).to(device=device, dtype=dtype),
         groups=tuple(groups),
         widths=tuple(widths),
         sizes=tuple(min(batch_size, n_draws - k * batch_size) for k in range(n_batches)),
@@ -295,152 +292,13 @@ def _activate_into(name: str, z: torch.Tensor, out: torch.Tensor) -> None:
         out.copy_(ACTIVATIONS[name](z))
 
 
-class EnergyWorkspace:
-    """What the energy-only steps of one network reuse from plan to plan: the network, whose
-    parameter values are one contiguous buffer that the caller updates in place between steps,
-    the gradient buffer, the weight and gradient views of each species group, and activation
-    buffers (with their rows of ones; reallocated when a plan's widest batch differs). Mutable:
-    for one training run at a time."""
+_USES_PREACTIVATION = frozenset({"twist", "relu", "silu"})
+"""Activations whose derivative reads the pre-activation (the others read only the output)."""
+assert _USES_PREACTIVATION <= _BACKWARD.keys()
 
-    def __init__(self, network: NetworkParams):
-        if not network.values.is_contiguous():
-            raise ValueError("EnergyWorkspace needs contiguous network values")
-        self.network = network
-        self.n_members = network.values.shape[0] if network.values.ndim == 2 else 1
-        self.gradient = torch.empty_like(network.values)
-        self._layers: dict[tuple[int, int], list[tuple[_Weights, _Weights, _Weights]]] = {}
-        self._hidden: dict[tuple[int, int], list[torch.Tensor]] = {}
-
-    def layers(self, first: int, count: int) -> list[tuple[_Weights, _Weights, _Weights]]:
-        """Per layer of species ``first .. first + count - 1``: the transposed augmented
-        weights, the weights without bias and the gradient's view."""
-        if (first, count) not in self._layers:
-            weights = _layer_views(self.network.values, self.network, first, count)
-            gradients = _layer_views(self.gradient, self.network, first, count)
-            self._layers[first, count] = [
-                (_Weights(weight.transpose(2, 3)), _Weights(weight[:, :, :-1]), _Weights(grad))
-                for weight, grad in zip(weights, gradients)
-            ]
-        return self._layers[first, count]
-
-    def hidden(self, first: int, count: int, width: int) -> list[torch.Tensor]:
-        """Per hidden layer of that group, a ``[W·S, out + 1, width]`` buffer whose last row
-        is ones (the next layer's bias input). Exactly ``width`` wide: the products' strides,
-        hence their rounding, then depend on the plan alone, not on the plans before."""
-        buffers = self._hidden.get((first, count))
-        if buffers is None or buffers[0].shape[-1] != width:
-            buffers = [
-                self.network.values.new_ones(self.n_members * count, fan_out + 1, width)
-                for fan_out in self.network.sizes[first][1:-1]
-            ]
-            self._hidden[first, count] = buffers
-        return buffers
-
-
-class EnergySteps:
-    """The energy-only gradient of each batch of one :class:`EnergyPlan`, for a network
-    whose parameter values live in one contiguous buffer that the caller updates in place
-    between steps (an in-place optimiser step, or ``copy_``), with the views and buffers of an
-    :class:`EnergyWorkspace` (a new one, or one kept from plan to plan).
-
-    Not a pure function: :meth:`gradient` returns the workspace's gradient buffer, which the
-    next call overwrites (:func:`plan_gradient` is the pure form)."""
-
-    def __init__(
-        self,
-        network: NetworkParams,
-        plan: EnergyPlan,
-        force_weight: float,
-        workspace: EnergyWorkspace | None = None,
-    ):
-        workspace = EnergyWorkspace(network) if workspace is None else workspace
-        if workspace.network.values.data_ptr() != network.values.data_ptr():
-            raise ValueError("EnergySteps: the workspace holds another parameter buffer")
-        values = network.values
-        self.network, self.plan = network, plan
-        self.n_members = workspace.n_members
-        self.shared_order = plan.n_orders != self.n_members
-        # ∂[(1 − α) rmse]/∂errors = errors · (1 − α) / (√b_k ‖errors‖); the constant part
-        sizes = torch.tensor(plan.sizes, dtype=values.dtype, device=values.device)
-        error_scale = plan.output_scale * ((1.0 - force_weight) / sizes.sqrt())[:, None, None]
-        # per batch [W, b_k] views (one unbind per plan rather than slices per step)
-        self.per_structure = [
-            tuple(t if size == plan.batch_size else t[:, :size] for t in per_batch)
-            for size, per_batch in zip(
-                plan.sizes,
-                zip(*(t.unbind(0) for t in (plan.offset, plan.output_scale, error_scale))),
-            )
-        ]
-        self.gradient_buffer = workspace.gradient
-        # per group, per layer: (weightsᵀ, weights without bias, gradient); per hidden layer
-        # a [W·S, out + 1, widest] activation buffer
-        self.layers = [workspace.layers(first, count) for first, count in plan.groups]
-        self.hidden = [
-            workspace.hidden(first, count, max(widths, default=0))
-            for (first, count), widths in zip(plan.groups, plan.widths)
-        ]
-
-    def _structures(self, per_atom: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
-        """``[W, S·n]`` per-atom values summed into ``[W, batch_size]`` structure values."""
-        if self.shared_order:
-            return torch.mm(per_atom, assign[0])
-        return torch.bmm(per_atom.unsqueeze(1), assign).squeeze(1)
-
-    def _atoms(self, per_structure: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
-        """``[W, b_k]`` structure values spread onto their atoms ``[W, S·n]``."""
-        if per_structure.shape[1] < assign.shape[2]:
-            assign = assign[:, :, : per_structure.shape[1]]
-        assign = assign.transpose(1, 2)
-        if self.shared_order:
-            return torch.mm(per_structure, assign[0])
-        return torch.bmm(per_structure.unsqueeze(1), assign).squeeze(1)
-
-    def gradient(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradient of the energy-only loss ``(1 − α)·RMSE_E`` of batch ``k`` with respect to
-        the network values (shaped like them: ``[P]`` or ``[W, P]``; the buffer of this
-        object) and the batch's per-atom energy errors ``[b_k]`` (``[W, b_k]``; eV/atom)."""
-        plan, n_members, size = self.plan, self.n_members, self.plan.sizes[k]
-        sums, passes = None, []
-        for g, (first, _) in enumerate(plan.groups):
-            x, assign = plan.batch_inputs(g, k)  # [W·S, F + 1, n]
-            if self.shared_order and n_members > 1:
-                x = x.expand(n_members, *x.shape).reshape(-1, *x.shape[1:])
-            activations = self.network.activations[first]
-            inputs, preactivations, outputs = [x], [], []
-            for (weight, _, _), name, buffer in zip(self.layers[g], activations, self.hidden[g]):
-                z = torch.bmm(weight.merged(), inputs[-1])
-                preactivations.append(z)
-                augmented = buffer[:, :, : x.shape[2]]  # the last row stays ones (bias input)
-                outputs.append(augmented[:, :-1])
-                _activate_into(name, z, outputs[-1])
-                inputs.append(augmented)
-            energies = torch.bmm(self.layers[g][-1][0].merged(), inputs[-1])
-            part = self._structures(energies.view(n_members, -1), assign)
-            sums = part if sums is None else sums + part
-            passes.append((activations, inputs, preactivations, outputs, assign))
-
-        offset, output_scale, error_scale = self.per_structure[k]
-        if size < plan.batch_size:
-            sums = sums[:, :size]
-        errors = torch.addcmul(offset, sums, output_scale)  # [W, b_k]
-        norm = torch.linalg.vector_norm(errors, dim=1, keepdim=True)
-        # zero where autograd's clamp_min(tiny) of the mean square is active (x / inf = 0)
-        limit = math.sqrt(size * torch.finfo(errors.dtype).tiny)
-        output_grad = errors.div(torch.where(norm >= limit, norm, math.inf)).mul_(error_scale)
-
-        for layers, (activations, inputs, preactivations, outputs, assign) in zip(
-            self.layers, passes
-        ):
-            delta = self._atoms(output_grad, assign).view(inputs[0].shape[0], 1, -1)
-            for layer in reversed(range(len(layers))):
-                if layer < len(activations):
-                    delta = _BACKWARD[activations[layer]](
-                        delta, preactivations[layer], outputs[layer]
-                    )
-                layers[layer][2].write(torch.bmm, inputs[layer], delta.transpose(1, 2))
-                if layer > 0:
-                    delta = torch.bmm(layers[layer][1].merged(), delta)
-        return self.gradient_buffer, errors.view(*self.gradient_buffer.shape[:-1], size)
+_HIDDEN_ELEMENTS = 1 << 22
+"""Activation-buffer elements a workspace keeps for the batch widths it has seen (all of them
+forgotten beyond: 32 MiB in float64)."""
 
 
 class _Weights:
@@ -465,6 +323,204 @@ class _Weights:
             product(*operands, out=self.flat)
         else:
             self.view.copy_(product(*operands).view(self.view.shape))
+
+
+@attrs.frozen
+class _Layer:
+    """One layer of a species group, as the steps use it: ``forward`` the augmented weights
+    transposed ``[W·S, out, in + 1]`` (outputs = ``forward @ inputs``), ``backward`` the
+    same without the bias column ``[W·S, out, in]`` (input deltas, atoms as rows =
+    ``deltas @ backward``), ``gradient`` the gradient buffer's view ``[W·S, in + 1, out]``."""
+
+    forward: _Weights
+    backward: _Weights
+    gradient: _Weights
+
+
+class EnergyWorkspace:
+    """What the energy-only steps of one network reuse from plan to plan: the network, whose
+    parameter values are one contiguous buffer that the caller updates in place between steps,
+    the gradient buffer, the weight and gradient views of each species group, and activation
+    buffers per batch width (with their rows of ones). Mutable: for one training run at a
+    time."""
+
+    def __init__(self, network: NetworkParams):
+        if not network.values.is_contiguous():
+            raise ValueError("EnergyWorkspace needs contiguous network values")
+        self.network = network
+        self.n_members = network.values.shape[0] if network.values.ndim == 2 else 1
+        self.gradient = torch.empty_like(network.values)
+        self._layers: dict[tuple[int, int], list[_Layer]] = {}
+        self._hidden: dict[tuple[int, int, int], list[tuple[torch.Tensor, ...]]] = {}
+        self._hidden_elements = 0
+
+    def layers(self, first: int, count: int) -> list[_Layer]:
+        """The :class:`_Layer` s of species ``first .. first + count - 1``."""
+        if (first, count) not in self._layers:
+            weights = _layer_views(self.network.values, self.network, first, count)
+            gradients = _layer_views(self.gradient, self.network, first, count)
+            self._layers[first, count] = [
+                _Layer(
+                    _Weights(weight.transpose(2, 3)),
+                    _Weights(weight.transpose(2, 3)[..., :-1]),
+                    _Weights(grad),
+                )
+                for weight, grad in zip(weights, gradients)
+            ]
+        return self._layers[first, count]
+
+    def hidden(self, first: int, count: int, width: int) -> list[tuple[torch.Tensor, ...]]:
+        """Per hidden layer of that group, for batches ``width`` atoms wide: a
+        ``[W·S, out + 1, width]`` buffer whose last row is ones (the next layer's bias input),
+        its activation rows ``[W·S, out, width]`` and their transpose ``[W·S, width, out]``.
+        Exactly ``width`` wide: the products' strides, hence their rounding, depend on the
+        batch alone."""
+        key = (first, count, width)
+        if key not in self._hidden:
+            if self._hidden_elements > _HIDDEN_ELEMENTS:
+                self._hidden.clear()
+                self._hidden_elements = 0
+            buffers = [
+                self.network.values.new_ones(self.n_members * count, fan_out + 1, width)
+                for fan_out in self.network.sizes[first][1:-1]
+            ]
+            self._hidden[key] = [(b, b[:, :-1], b[:, :-1].transpose(1, 2)) for b in buffers]
+            self._hidden_elements += sum(b.numel() for b in buffers)
+        return self._hidden[key]
+
+
+class EnergySteps:
+    """The energy-only gradient of each batch of one :class:`EnergyPlan`, for a network
+    whose parameter values live in one contiguous buffer that the caller updates in place
+    between steps (an in-place optimiser step, or ``copy_``), with the views and buffers of an
+    :class:`EnergyWorkspace` (a new one, or one kept from plan to plan).
+
+    The forward pass keeps atoms as columns (``weightsᵀ @ inputs``); the backward pass
+    carries the deltas with atoms as rows, so that each weight gradient is ``inputs @ deltas``
+    and each input delta ``deltas @ weights`` with no transposed copy. Every per-batch view
+    is made once, here.
+
+    Not a pure function: :meth:`gradient` returns the workspace's gradient buffer, which the
+    next call overwrites (:func:`plan_gradient` is the pure form)."""
+
+    def __init__(
+        self,
+        network: NetworkParams,
+        plan: EnergyPlan,
+        force_weight: float,
+        workspace: EnergyWorkspace | None = None,
+    ):
+        workspace = EnergyWorkspace(network) if workspace is None else workspace
+        if workspace.network.values.data_ptr() != network.values.data_ptr():
+            raise ValueError("EnergySteps: the workspace holds another parameter buffer")
+        values = network.values
+        self.network, self.plan, self.workspace = network, plan, workspace
+        self.n_members = workspace.n_members
+        self.shared_order = plan.n_orders == 1
+        # ∂[(1 − α) rmse]/∂errors = (1 − α) / √b_k · errors / ‖errors‖: the constant part
+        self.error_weights = [(1.0 - force_weight) / math.sqrt(size) for size in plan.sizes]
+        self.offsets = plan.offset.unbind(0)  # per batch [W, batch_size]
+        self._zero = values.new_zeros(())
+        self.layers = [workspace.layers(first, count) for first, count in plan.groups]
+        # per batch, per group: (inputs, summing matrix, spreading matrix)
+        self.batches = list(zip(*(self._group_views(g) for g in range(len(plan.groups)))))
+
+    def _group_views(self, g: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per batch of group ``g``: its inputs ``[W·S_g, F + 1, n]`` (a strided view of
+        the plan's features), the matrix that sums per-atom values into structures
+        (``[S_g·n, batch_size]`` for a shared order, else ``[W, S_g·n, batch_size]``) and the
+        one that spreads structure values onto atoms (``[b_k, S_g·n]`` / ``[W, b_k, S_g·n]``),
+        views of the plan's assignment matrices (the spreading one the transpose of the summing
+        one: padding slots of a short last batch spread zeros). One ``as_strided`` each."""
+        plan, n_orders, size = self.plan, self.plan.n_orders, self.plan.batch_size
+        features, assign, count = plan.features[g], plan.assign[g], plan.groups[g][1]
+        n_features = features.shape[1]
+        views, start = [], 0  # the batch's first feature row
+        for width in plan.widths[g]:
+            rows = count * width  # assignment rows per order
+            inputs = features.as_strided(
+                (n_orders * count, n_features, width),
+                (width * n_features, 1, n_features),
+                features.storage_offset() + start * n_features,
+            )
+            offset = assign.storage_offset() + start * size
+            if self.shared_order:
+                shapes = ((rows, size), (size, 1)), ((size, rows), (1, size))
+            else:
+                shapes = (
+                    ((n_orders, rows, size), (rows * size, size, 1)),
+                    ((n_orders, size, rows), (rows * size, 1, size)),
+                )
+            views.append((inputs, *(assign.as_strided(*shape, offset) for shape in shapes)))
+            start += n_orders * rows
+        return views
+
+    def _errors(
+        self, errors: torch.Tensor, per_atom: torch.Tensor, assign: torch.Tensor
+    ) -> torch.Tensor:
+        """``errors`` ``[W, batch_size]`` plus the ``[W·S, 1, n]`` per-atom outputs summed into
+        their structures' errors per atom by ``assign``."""
+        if self.shared_order:
+            return torch.addmm(errors, per_atom.view(self.n_members, -1), assign)
+        per_member = per_atom.view(self.n_members, 1, -1)
+        return torch.baddbmm(errors.unsqueeze(1), per_member, assign).view(self.n_members, -1)
+
+    def _atoms(self, per_structure: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+        """``[W, batch_size]`` structure values spread onto their atoms ``[W, S·n]``."""
+        if self.shared_order:
+            return torch.mm(per_structure, spread)
+        return torch.bmm(per_structure.unsqueeze(1), spread)
+
+    def gradient(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient of the energy-only loss ``(1 − α)·RMSE_E`` of batch ``k`` with respect to
+        the network values (shaped like them: ``[P]`` or ``[W, P]``; the buffer of this
+        object) and the batch's per-atom energy errors ``[b_k]`` (``[W, b_k]``; eV/atom)."""
+        plan, n_members, size = self.plan, self.n_members, self.plan.sizes[k]
+        errors, passes = self.offsets[k], []
+        for (first, count), layers, (x, assign, spread) in zip(
+            plan.groups, self.layers, self.batches[k]
+        ):
+            if self.shared_order and n_members > 1:  # one order for all members: inputs too
+                x = x.expand(n_members, *x.shape).reshape(-1, *x.shape[1:])
+            activations = self.network.activations[first]
+            hidden = self.workspace.hidden(first, count, x.shape[2])
+            inputs, preactivations = [x], []
+            for layer, (buffer, outputs, _), name in zip(layers, hidden, activations):
+                z = torch.bmm(layer.forward.merged(), inputs[-1])
+                _activate_into(name, z, outputs)
+                preactivations.append(z.transpose(1, 2) if name in _USES_PREACTIVATION else None)
+                inputs.append(buffer)
+            energies = torch.bmm(layers[-1].forward.merged(), inputs[-1])  # [W·S, 1, n]
+            errors = self._errors(errors, energies, assign)
+            passes.append((layers, activations, hidden, inputs, preactivations, spread))
+
+        # [W, batch_size] (zero in padding slots); zero gradient where autograd's
+        # clamp_min(tiny) of the mean square is active (x / inf = 0)
+        norm = torch.linalg.vector_norm(errors, dim=1, keepdim=True)
+        limit = math.sqrt(size * torch.finfo(errors.dtype).tiny)
+        norm = F.threshold(norm, limit, math.inf)
+        output_grad = torch.addcdiv(self._zero, errors, norm, value=self.error_weights[k])
+
+        for layers, activations, hidden, inputs, preactivations, spread in passes:
+            # deltas with atoms as rows: [W·S, n, out]
+            delta = self._atoms(output_grad, spread).view(inputs[0].shape[0], -1, 1)
+            for layer in reversed(range(len(layers))):
+                layers[layer].gradient.write(torch.bmm, inputs[layer], delta)
+                if layer == 0:
+                    break
+                weights = layers[layer].backward.merged()
+                # an output layer (one column) is an outer product: a broadcast multiply
+                delta = delta * weights if weights.shape[1] == 1 else torch.bmm(delta, weights)
+                name = activations[layer - 1]
+                delta = _BACKWARD[name](delta, preactivations[layer - 1], hidden[layer - 1][2])
+        if size < plan.batch_size:
+            errors = errors[:, :size]
+        return self.gradient_buffer, errors.view(*self.gradient_buffer.shape[:-1], size)
+
+    @property
+    def gradient_buffer(self) -> torch.Tensor:
+        """The workspace's gradient buffer (shaped like the network values)."""
+        return self.workspace.gradient
 
 
 def energy_gradients(

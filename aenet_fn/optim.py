@@ -179,7 +179,8 @@ class Optimizer:
         config: the bound configuration (:class:`AdamConfig` or :class:`SGDConfig`).
         eager_update: an optional faster form of ``update`` for use outside transforms.
         in_place_update: an optional ``eager_update`` that writes into the parameters and state
-            tensors it is given (same signature and result).
+            tensors it is given (same signature; its numbers may differ from
+            ``eager_update``'s by round-off, e.g. a fused kernel).
     """
 
     init: Callable[[PyTree], Any]
@@ -200,8 +201,9 @@ class Optimizer:
     ) -> Any:
         """:meth:`update_eagerly` that writes the new parameters into ``params`` and returns
         the new state, for working copies that the caller owns: the optimiser's in-place form
-        where it has one (which also updates the tensors of ``state`` in place), else the
-        eager update copied back. The same numbers as :meth:`update_eagerly`."""
+        where it has one (which also updates the tensors of ``state`` in place; Adam's: torch's
+        fused kernel, equal to :meth:`update_eagerly` to round-off), else the eager update
+        copied back."""
         if self.in_place_update is not None:
             return self.in_place_update(grads, state, params, lr)[1]
         new_params, state = self.update_eagerly(grads, state, params, lr)
@@ -255,29 +257,27 @@ def adam_update(
     return _adam_leaves(config, grads, state, params, step, new_leaf)
 
 
-def _adam_leaves(
-    config: AdamConfig, grads, state: AdamState, params, step, new_leaf, in_place: bool = False
-):
-    """The per-leaf loop of every Adam form: new moments (written into the state's tensors
-    when ``in_place``), then ``new_leaf(p, m, v)``."""
+def _adam_leaf_lists(grads, state: AdamState, params):
+    """``(spec, params, grads, mu, nu)``: the leaves of the four trees (``spec`` None for one
+    flat vector), each checked to have the structure of ``params``."""
     if isinstance(params, torch.Tensor) and isinstance(grads, torch.Tensor):  # one flat vector
-        param_leaves, spec = [params], None
-        grad_leaves, mu_leaves, nu_leaves = [grads], [state.mu], [state.nu]
-    else:
-        param_leaves, spec = pytree.tree_flatten(params)
-        grad_leaves = _flatten_like(grads, spec, "grads")
-        mu_leaves = _flatten_like(state.mu, spec, "state.mu")
-        nu_leaves = _flatten_like(state.nu, spec, "state.nu")
+        return None, [params], [grads], [state.mu], [state.nu]
+    param_leaves, spec = pytree.tree_flatten(params)
+    grad_leaves = _flatten_like(grads, spec, "grads")
+    mu_leaves = _flatten_like(state.mu, spec, "state.mu")
+    nu_leaves = _flatten_like(state.nu, spec, "state.nu")
+    return spec, param_leaves, grad_leaves, mu_leaves, nu_leaves
+
+
+def _adam_leaves(config: AdamConfig, grads, state: AdamState, params, step, new_leaf):
+    """The per-leaf loop of the unfused Adam forms: new moments, then ``new_leaf(p, m, v)``."""
+    spec, param_leaves, grad_leaves, mu_leaves, nu_leaves = _adam_leaf_lists(grads, state, params)
     new_params, new_mu, new_nu = [], [], []
     for p, g, m, v in zip(param_leaves, grad_leaves, mu_leaves, nu_leaves):
         if config.weight_decay != 0.0:
             g = torch.add(g, p, alpha=config.weight_decay)
-        if in_place:
-            m.lerp_(g, 1.0 - config.beta1)
-            v.mul_(config.beta2).addcmul_(g, g, value=1.0 - config.beta2)
-        else:
-            m = torch.lerp(m, g, 1.0 - config.beta1)
-            v = torch.addcmul(v * config.beta2, g, g, value=1.0 - config.beta2)
+        m = torch.lerp(m, g, 1.0 - config.beta1)
+        v = torch.addcmul(v * config.beta2, g, g, value=1.0 - config.beta2)
         new_params.append(new_leaf(p, m, v))
         new_mu.append(m)
         new_nu.append(v)
@@ -297,26 +297,53 @@ def adam_update_eager(
     state: AdamState,
     params: PyTree,
     lr: LearningRate | None = None,
-    *,
-    in_place: bool = False,
 ) -> tuple[PyTree, AdamState]:
     """:func:`adam_update` for one model outside ``torch.func`` transforms: the step count is
     read and the bias corrections are Python numbers, exactly as ``torch.optim.Adam`` forms
     them, which saves a dozen small tensor operations per step (reading the count is a host
-    synchronisation on accelerators). Not ``vmap``-able. With ``in_place`` the new parameters
-    and moments are written into ``params`` and ``state.mu`` / ``state.nu`` (tensors the
-    caller owns; bitwise the same numbers, as ``torch.optim.Adam`` updates its own tensors)."""
+    synchronisation on accelerators). Not ``vmap``-able."""
     step = int(state.step) + 1
     step_size = _number("lr", config.lr if lr is None else float(lr)) / (1 - config.beta1**step)
     bias_correction2_sqrt = (1 - config.beta2**step) ** 0.5
 
     def new_leaf(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         denom = (v.sqrt() / bias_correction2_sqrt).add_(config.epsilon)
-        if in_place:
-            return p.addcdiv_(m, denom, value=-step_size)
         return torch.addcdiv(p, m, denom, value=-step_size)
 
-    return _adam_leaves(config, grads, state, params, state.step + 1, new_leaf, in_place)
+    return _adam_leaves(config, grads, state, params, state.step + 1, new_leaf)
+
+
+def adam_update_fused(
+    config: AdamConfig,
+    grads: PyTree,
+    state: AdamState,
+    params: PyTree,
+    lr: LearningRate | None = None,
+) -> tuple[PyTree, AdamState]:
+    """:func:`adam_update_eager` that writes the new parameters and moments into ``params``
+    and ``state.mu`` / ``state.nu`` (tensors the caller owns) with torch's fused Adam kernel:
+    one operation for all leaves instead of seven per leaf, the numbers of
+    ``torch.optim.Adam(fused=True)`` (the unfused form's to round-off). Returns ``(params,
+    new_state)``. Not ``vmap``-able; CPU and CUDA tensors."""
+    _, param_leaves, grad_leaves, mu_leaves, nu_leaves = _adam_leaf_lists(grads, state, params)
+    step = state.step + 1
+    steps = [step.float()] * len(param_leaves)  # torch keeps fused steps as float32 tensors
+    torch._fused_adam_(
+        param_leaves,
+        grad_leaves,
+        mu_leaves,
+        nu_leaves,
+        [],
+        steps,
+        lr=_number("lr", config.lr if lr is None else float(lr)),
+        beta1=config.beta1,
+        beta2=config.beta2,
+        weight_decay=config.weight_decay,
+        eps=config.epsilon,
+        amsgrad=False,
+        maximize=False,
+    )
+    return params, AdamState(step=step, mu=state.mu, nu=state.nu)
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,7 +409,7 @@ def adam(config: AdamConfig | None = None) -> Optimizer:
         update=partial(adam_update, config),
         config=config,
         eager_update=partial(adam_update_eager, config),
-        in_place_update=partial(adam_update_eager, config, in_place=True),
+        in_place_update=partial(adam_update_fused, config),
     )
 
 

@@ -149,14 +149,16 @@ def sampler_init(policy: str, n: int) -> SamplerState:
 
 
 def epoch_order(
-    state: SamplerState, energy_per_atom: torch.Tensor, *, generator: torch.Generator
+    state: SamplerState, energy_per_atom: torch.Tensor | None, *, generator: torch.Generator
 ) -> torch.Tensor:
     """Indices of the structures visited in one epoch, ``[n]``: a permutation (``uniform``) or
     ``n`` weighted draws with replacement. ``energy_per_atom`` ``[n]`` (referenced, eV/atom) is
-    used by ``energy_weighted``."""
+    used (and needed) by ``energy_weighted`` only."""
     n = state.scores.numel()
     if state.policy == "uniform":
         return torch.randperm(n, generator=generator)
     if state.policy == "energy_weighted":
+        if energy_per_atom is None:
+            raise ValueError("energy_weighted sampling needs the energies per atom")
         return weighted_draw(energy_weights(energy_per_atom), n, generator=generator)
     return weighted_draw(error_weights(state.scores), n, generator=generator)

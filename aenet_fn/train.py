@@ -494,9 +494,11 @@ def plan_epoch(
         state.epoch, 0, config.force_sampling, config.force_resample_num_epochs
     ):
         sampler = _draw_force_subset(sampler, train, config, generator)
-    per_atom = referenced_energy_per_atom(
-        train.energies, train.species_counts, state.model.normalization.atomic_energies
-    )
+    per_atom = None
+    if sampler.policy == "energy_weighted":
+        per_atom = referenced_energy_per_atom(
+            train.energies, train.species_counts, state.model.normalization.atomic_energies
+        )
     order = epoch_order(sampler, per_atom, generator=generator)
     return attrs.evolve(state, sampler=sampler, rng=generator.get_state()), order
 

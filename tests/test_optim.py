@@ -422,17 +422,21 @@ def test_plateau_state_serialises_and_is_static() -> None:
 
 @pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_eager_adam_is_bitwise_torch_optim(weight_decay: float, in_place: bool) -> None:
-    """The eager and in-place forms form the bias corrections as Python numbers, as
-    torch.optim does; the in-place form writes into the parameters and moments it is given."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_eager_adam_is_bitwise_torch_optim(
+    weight_decay: float, in_place: bool, dtype: torch.dtype
+) -> None:
+    """The eager form forms the bias corrections as Python numbers, as torch.optim does; the
+    in-place form is torch.optim's fused Adam, writing into the parameters and moments it is
+    given."""
     generator = torch.Generator().manual_seed(3)
-    params = torch.randn(40, dtype=torch.float64, generator=generator)
+    params = torch.randn(40, dtype=dtype, generator=generator)
     reference = params.clone().requires_grad_(True)
-    torch_opt = torch.optim.Adam([reference], lr=0.02, weight_decay=weight_decay)
+    torch_opt = torch.optim.Adam([reference], lr=0.02, weight_decay=weight_decay, fused=in_place)
     opt = adam(AdamConfig(lr=0.02, weight_decay=weight_decay))
     state = opt.init(params)
     for step in range(15):
-        grads = torch.randn(40, dtype=torch.float64, generator=generator)
+        grads = torch.randn(40, dtype=dtype, generator=generator)
         reference.grad = grads.clone()
         torch_opt.step()
         if in_place:
@@ -442,6 +446,7 @@ def test_eager_adam_is_bitwise_torch_optim(weight_decay: float, in_place: bool) 
         else:
             params, state = opt.update_eagerly(grads, state, params)
         assert torch.equal(params, reference.detach())
+    torch.testing.assert_close(state.nu, torch_opt.state[reference]["exp_avg_sq"], rtol=0, atol=0)
 
 
 def test_in_place_update_without_an_in_place_form_copies_the_eager_update() -> None:

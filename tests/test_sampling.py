@@ -155,5 +155,7 @@ def test_epoch_orders_per_policy():
             sampler_init(policy, 4), per_atom, generator=torch.Generator().manual_seed(0)
         )
         assert order.shape == (4,) and int(order.max()) < 4
+    with pytest.raises(ValueError, match="needs the energies per atom"):
+        epoch_order(sampler_init("energy_weighted", 4), None, generator=torch.Generator())
     with pytest.raises(ValueError, match="is not one of"):
         sampler_init("sometimes", 4)
