@@ -130,15 +130,21 @@ def accumulate_errors(
 ) -> ErrorSums:
     """Add per-atom energy errors ``[b]`` (eV/atom) and the masked force differences
     ``[n, 3]`` (eV/Å) of the ``supervised`` ``[n]`` atoms."""
-    e = energy_errors.detach().to(torch.float64)
-    f = force_differences.detach().to(torch.float64)
-    return ErrorSums(
-        energy_squared=sums.energy_squared + (e * e).sum(),
-        energy_absolute=sums.energy_absolute + e.abs().sum(),
-        n_energies=sums.n_energies + e.numel(),
-        force_squared=sums.force_squared + (f * f).sum(),
-        n_force_components=sums.n_force_components + 3 * supervised.sum(),
-    )
+    changes = {}
+    if energy_errors.numel():  # (empty parts change nothing: skipped)
+        e = energy_errors.detach().to(torch.float64)
+        changes.update(
+            energy_squared=sums.energy_squared + (e * e).sum(),
+            energy_absolute=sums.energy_absolute + e.abs().sum(),
+            n_energies=sums.n_energies + e.numel(),
+        )
+    if supervised.numel():
+        f = force_differences.detach().to(torch.float64)
+        changes.update(
+            force_squared=sums.force_squared + (f * f).sum(),
+            n_force_components=sums.n_force_components + 3 * supervised.sum(),
+        )
+    return attrs.evolve(sums, **changes)
 
 
 def metrics_from_sums(sums: ErrorSums) -> dict[str, float]:
