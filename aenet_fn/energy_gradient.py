@@ -40,8 +40,8 @@ from aenet_fn.potential import Model
 # ∂L/∂input of an activation from ∂L/∂output ``g``, its input ``z`` and its output ``a``
 _BACKWARD: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "linear": lambda g, z, a: g,
-    "tanh": lambda g, z, a: torch.ops.aten.tanh_backward(g, a),
-    "sigmoid": lambda g, z, a: torch.ops.aten.sigmoid_backward(g, a),
+    "tanh": lambda g, z, a: torch.ops.aten.tanh_backward.default(g, a),
+    "sigmoid": lambda g, z, a: torch.ops.aten.sigmoid_backward.default(g, a),
     "mtanh": lambda g, z, a: g * (_MTANH_B * (_MTANH_A - a * a / _MTANH_A)),
     "twist": lambda g, z, a: (
         g * (_MTANH_B * (_MTANH_A - (a - _TWIST_C * z) ** 2 / _MTANH_A) + _TWIST_C)
@@ -419,21 +419,25 @@ class EnergySteps:
         self.shared_order = plan.n_orders == 1
         # ∂[(1 − α) rmse]/∂errors = (1 − α) / √b_k · errors / ‖errors‖: the constant part
         self.error_weights = [(1.0 - force_weight) / math.sqrt(size) for size in plan.sizes]
+        # below it, autograd's clamp_min(tiny) of the mean square zeroes the gradient
+        tiny = torch.finfo(values.dtype).tiny
+        self.norm_limits = [math.sqrt(size * tiny) for size in plan.sizes]
         self.offsets = plan.offset.unbind(0)  # per batch [W, batch_size]
         self._zero = values.new_zeros(())
         self.layers = [workspace.layers(first, count) for first, count in plan.groups]
-        # per batch, per group: (inputs, summing matrix, spreading matrix)
+        # per batch, per group: (inputs, summing matrix, spreading matrix, activation buffers)
         self.batches = list(zip(*(self._group_views(g) for g in range(len(plan.groups)))))
 
-    def _group_views(self, g: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _group_views(self, g: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]]:
         """Per batch of group ``g``: its inputs ``[W·S_g, F + 1, n]`` (a strided view of
         the plan's features), the matrix that sums per-atom values into structures
         (``[S_g·n, batch_size]`` for a shared order, else ``[W, S_g·n, batch_size]``) and the
         one that spreads structure values onto atoms (``[b_k, S_g·n]`` / ``[W, b_k, S_g·n]``),
         views of the plan's assignment matrices (the spreading one the transpose of the summing
-        one: padding slots of a short last batch spread zeros). One ``as_strided`` each."""
+        one: padding slots of a short last batch spread zeros), one ``as_strided`` each; and
+        the workspace's activation buffers for the batch's width."""
         plan, n_orders, size = self.plan, self.plan.n_orders, self.plan.batch_size
-        features, assign, count = plan.features[g], plan.assign[g], plan.groups[g][1]
+        features, assign, (first, count) = plan.features[g], plan.assign[g], plan.groups[g]
         n_features = features.shape[1]
         views, start = [], 0  # the batch's first feature row
         for width in plan.widths[g]:
@@ -451,7 +455,8 @@ class EnergySteps:
                     ((n_orders, rows, size), (rows * size, size, 1)),
                     ((n_orders, size, rows), (rows * size, 1, size)),
                 )
-            views.append((inputs, *(assign.as_strided(*shape, offset) for shape in shapes)))
+            summing, spreading = (assign.as_strided(*shape, offset) for shape in shapes)
+            views.append((inputs, summing, spreading, self.workspace.hidden(first, count, width)))
             start += n_orders * rows
         return views
 
@@ -477,13 +482,12 @@ class EnergySteps:
         object) and the batch's per-atom energy errors ``[b_k]`` (``[W, b_k]``; eV/atom)."""
         plan, n_members, size = self.plan, self.n_members, self.plan.sizes[k]
         errors, passes = self.offsets[k], []
-        for (first, count), layers, (x, assign, spread) in zip(
+        for (first, _), layers, (x, assign, spread, hidden) in zip(
             plan.groups, self.layers, self.batches[k]
         ):
             if self.shared_order and n_members > 1:  # one order for all members: inputs too
                 x = x.expand(n_members, *x.shape).reshape(-1, *x.shape[1:])
             activations = self.network.activations[first]
-            hidden = self.workspace.hidden(first, count, x.shape[2])
             inputs, preactivations = [x], []
             for layer, (buffer, outputs, _), name in zip(layers, hidden, activations):
                 z = torch.bmm(layer.forward.merged(), inputs[-1])
@@ -494,11 +498,9 @@ class EnergySteps:
             errors = self._errors(errors, energies, assign)
             passes.append((layers, activations, hidden, inputs, preactivations, spread))
 
-        # [W, batch_size] (zero in padding slots); zero gradient where autograd's
-        # clamp_min(tiny) of the mean square is active (x / inf = 0)
+        # [W, batch_size] (zero in padding slots); a zero gradient below the limit (x / inf)
         norm = torch.linalg.vector_norm(errors, dim=1, keepdim=True)
-        limit = math.sqrt(size * torch.finfo(errors.dtype).tiny)
-        norm = F.threshold(norm, limit, math.inf)
+        norm = F.threshold(norm, self.norm_limits[k], math.inf)
         output_grad = torch.addcdiv(self._zero, errors, norm, value=self.error_weights[k])
 
         for layers, activations, hidden, inputs, preactivations, spread in passes:
