@@ -224,7 +224,8 @@ def committee_step(
         return losses.sum(), aux
 
     gradient, aux = autograd_gradient(summed_loss, values)
-    new_values, new_state = vmap(optimizer_of(config).update)(gradient, opt_state, values, lrs)
+    new_values, new_state = values.clone(), tree_map(torch.clone, opt_state)
+    new_state = optimizer_of(config).update_members_in_place(gradient, new_state, new_values, lrs)
     return new_values, new_state, aux
 
 
@@ -252,15 +253,14 @@ def _force_steps(members, orders, shared, values, opt_state, lrs, train, config,
 
 def _energy_steps(members, orders, shared, values, opt_state, lrs, table, config):
     """Energy-only steps of all members at once: plans of their orders (one shared order, or
-    one per member) from ``table`` and one stacked gradient per batch (``values``: this
-    epoch's stacked copy, updated in place); the update is vmapped."""
-    update = vmap(optimizer_of(config).update)
+    one per member) from ``table`` and one stacked gradient per batch; ``values`` and
+    ``opt_state`` (this epoch's stacked copies) are updated in place."""
+    optimizer = optimizer_of(config)
     network = attrs.evolve(members[0].model.network, values=values)
     draws = orders[0] if shared else torch.stack(orders)
     steps = energy_gradients(table, network, draws, config.batch_size, config.force_weight)
     for gradient, errors in steps:
-        new_values, opt_state = update(gradient, opt_state, values, lrs)
-        values.copy_(new_values)
+        opt_state = optimizer.update_members_in_place(gradient, opt_state, values, lrs)
         yield values, opt_state, errors, None
 
 

@@ -17,7 +17,7 @@ tuple, ...). ``update`` never modifies its inputs; it returns new parameters and
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Union
 
@@ -181,6 +181,8 @@ class Optimizer:
         in_place_update: an optional ``eager_update`` that writes into the parameters and state
             tensors it is given (same signature; its numbers may differ from
             ``eager_update``'s by round-off, e.g. a fused kernel).
+        members_in_place_update: an optional in-place update of committee members stacked
+            along a leading axis, one learning rate each (``lrs`` ``[W]``).
     """
 
     init: Callable[[PyTree], Any]
@@ -188,6 +190,7 @@ class Optimizer:
     config: Any = None
     eager_update: Callable[..., tuple[PyTree, Any]] | None = None
     in_place_update: Callable[..., tuple[PyTree, Any]] | None = None
+    members_in_place_update: Callable[..., tuple[PyTree, Any]] | None = None
 
     def update_eagerly(
         self, grads: PyTree, state: Any, params: PyTree, lr: LearningRate | None = None
@@ -207,6 +210,21 @@ class Optimizer:
         if self.in_place_update is not None:
             return self.in_place_update(grads, state, params, lr)[1]
         new_params, state = self.update_eagerly(grads, state, params, lr)
+        pytree.tree_map(lambda target, new: target.copy_(new), params, new_params)
+        return state
+
+    def update_members_in_place(
+        self, grads: PyTree, state: Any, params: PyTree, lrs: torch.Tensor
+    ) -> Any:
+        """One step of ``W`` committee members stacked along the leading axis of every leaf
+        (``params``, ``grads``, ``state``), member ``i`` at learning rate ``lrs[i]``, written
+        into ``params`` (and, for an in-place form, the state's tensors); returns the new
+        state. The optimiser's members form where it has one (Adam: torch's fused kernel,
+        about 6× faster than vmapping ``update`` for eight members), else ``vmap(update)``
+        copied back."""
+        if self.members_in_place_update is not None:
+            return self.members_in_place_update(grads, state, params, lrs)[1]
+        new_params, state = torch.func.vmap(self.update)(grads, state, params, lrs)
         pytree.tree_map(lambda target, new: target.copy_(new), params, new_params)
         return state
 
@@ -313,6 +331,23 @@ def adam_update_eager(
     return _adam_leaves(config, grads, state, params, state.step + 1, new_leaf)
 
 
+def _fused_adam(config: AdamConfig, leaves: list[list[torch.Tensor]], steps, lr) -> None:
+    """torch's fused Adam kernel on ``leaves`` (parameters, gradients, first and second
+    moments: four lists of tensors), each tensor with its step count in ``steps``."""
+    torch._fused_adam_(
+        *leaves,
+        [],
+        steps,
+        lr=_number("lr", lr),
+        beta1=config.beta1,
+        beta2=config.beta2,
+        weight_decay=config.weight_decay,
+        eps=config.epsilon,
+        amsgrad=False,
+        maximize=False,
+    )
+
+
 def adam_update_fused(
     config: AdamConfig,
     grads: PyTree,
@@ -325,24 +360,35 @@ def adam_update_fused(
     one operation for all leaves instead of seven per leaf, the numbers of
     ``torch.optim.Adam(fused=True)`` (the unfused form's to round-off). Returns ``(params,
     new_state)``. Not ``vmap``-able; CPU and CUDA tensors."""
-    _, param_leaves, grad_leaves, mu_leaves, nu_leaves = _adam_leaf_lists(grads, state, params)
+    _, *leaves = _adam_leaf_lists(grads, state, params)
     step = state.step + 1
-    steps = [step.float()] * len(param_leaves)  # torch keeps fused steps as float32 tensors
-    torch._fused_adam_(
-        param_leaves,
-        grad_leaves,
-        mu_leaves,
-        nu_leaves,
-        [],
-        steps,
-        lr=_number("lr", config.lr if lr is None else float(lr)),
-        beta1=config.beta1,
-        beta2=config.beta2,
-        weight_decay=config.weight_decay,
-        eps=config.epsilon,
-        amsgrad=False,
-        maximize=False,
-    )
+    steps = [step.float()] * len(leaves[0])  # torch keeps fused steps as float32 tensors
+    _fused_adam(config, leaves, steps, config.lr if lr is None else float(lr))
+    return params, AdamState(step=step, mu=state.mu, nu=state.nu)
+
+
+def adam_update_members_fused(
+    config: AdamConfig,
+    grads: PyTree,
+    state: AdamState,
+    params: PyTree,
+    lrs: torch.Tensor | Sequence[float],
+) -> tuple[PyTree, AdamState]:
+    """:func:`adam_update_fused` of ``W`` committee members stacked along the leading axis
+    of every leaf (state included: ``state.step`` ``[W]``), member ``i`` with learning rate
+    ``lrs[i]``: one fused call per group of members sharing a learning rate, on their rows.
+    Each member's numbers are those of :func:`adam_update_fused` on its own rows."""
+    _, *leaves = _adam_leaf_lists(grads, state, params)
+    rows = [[leaf.unbind(0) for leaf in kind] for kind in leaves]  # [kind][leaf][member]
+    step = state.step + 1
+    member_steps = step.float().unbind(0)
+    groups: dict[float, list[int]] = {}
+    for member, lr in enumerate(lrs.tolist() if isinstance(lrs, torch.Tensor) else lrs):
+        groups.setdefault(float(lr), []).append(member)
+    for lr, members in groups.items():
+        chosen = [[leaf[i] for i in members for leaf in kind] for kind in rows]
+        steps = [member_steps[i] for i in members for _ in leaves[0]]
+        _fused_adam(config, chosen, steps, lr)
     return params, AdamState(step=step, mu=state.mu, nu=state.nu)
 
 
@@ -410,6 +456,7 @@ def adam(config: AdamConfig | None = None) -> Optimizer:
         config=config,
         eager_update=partial(adam_update_eager, config),
         in_place_update=partial(adam_update_fused, config),
+        members_in_place_update=partial(adam_update_members_fused, config),
     )
 
 

@@ -462,3 +462,43 @@ def test_in_place_update_without_an_in_place_form_copies_the_eager_update() -> N
         state = opt.update_in_place(grads, state, buffer)
         assert buffer is params and torch.equal(buffer, eager)
         assert torch.equal(state.momentum_buffer, eager_state.momentum_buffer)
+
+
+@pytest.mark.parametrize(
+    "opt",
+    [
+        adam(AdamConfig(lr=0.1)),
+        adam(AdamConfig(lr=0.1, weight_decay=0.1)),
+        sgd(SGDConfig(lr=0.1, momentum=0.9)),
+    ],
+)
+def test_members_update_in_place_is_each_member_alone(opt: Optimizer) -> None:
+    """Stacked members with their own learning rates (two sharing one) and step counts (two
+    members ahead): the members update writes, for each member, its own in-place
+    update (Adam: the fused members form, bit for bit; SGD, which has none: vmapped)."""
+    generator = torch.Generator().manual_seed(7)
+    lrs = [0.02, 0.005, 0.02, 0.001]
+
+    def randn() -> dict[str, torch.Tensor]:
+        return {"w": torch.randn(5, 2, dtype=torch.float64, generator=generator)}
+
+    members = [randn() for _ in lrs]
+    alone = [opt.init(m) for m in members]
+    for i in (1, 3, 3):  # members 1 and 3 one and two steps ahead
+        alone[i] = opt.update_in_place(randn(), alone[i], members[i], lrs[i])
+    params = pytree.tree_map(lambda *leaves: torch.stack(leaves), *members)
+    state = pytree.tree_map(lambda *leaves: torch.stack(leaves), *alone)
+    for _ in range(4):
+        grads = [randn() for _ in lrs]
+        stacked_grads = pytree.tree_map(lambda *leaves: torch.stack(leaves), *grads)
+        state = opt.update_members_in_place(
+            stacked_grads, state, params, torch.tensor(lrs, dtype=torch.float64)
+        )
+        alone = [
+            opt.update_in_place(g, s, m, lr) for g, s, m, lr in zip(grads, alone, members, lrs)
+        ]
+    for i, member in enumerate(members):
+        torch.testing.assert_close(params["w"][i], member["w"], rtol=1e-15, atol=0)
+        if opt.members_in_place_update is not None:
+            assert torch.equal(params["w"][i], member["w"])
+    assert state.step.tolist() == [4, 5, 4, 6]
