@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterator
 import attrs
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from aenet_fn._records import pytree_record, static_field
 from aenet_fn.featurized import FeaturizedSet, MiniBatch
@@ -284,12 +283,12 @@ def _layer_views(
     return views
 
 
-def _activate_into(name: str, z: torch.Tensor, out: torch.Tensor) -> None:
-    """Write activation ``name`` of ``z`` into ``out`` (a view of the next layer's input)."""
+def _activation_into(name: str) -> Callable[..., torch.Tensor]:
+    """``f(z, out=...)`` writing activation ``name`` of ``z`` into ``out`` (a view of the next
+    layer's input)."""
     if name in ("tanh", "sigmoid"):
-        getattr(torch, name)(z, out=out)
-    else:
-        out.copy_(ACTIVATIONS[name](z))
+        return getattr(torch, name)
+    return lambda z, out: out.copy_(ACTIVATIONS[name](z))
 
 
 _USES_PREACTIVATION = frozenset({"twist", "relu", "silu"})
@@ -425,6 +424,10 @@ class EnergySteps:
         self.offsets = plan.offset.unbind(0)  # per batch [W, batch_size]
         self._zero = values.new_zeros(())
         self.layers = [workspace.layers(first, count) for first, count in plan.groups]
+        self.activate_into = {
+            first: [_activation_into(name) for name in network.activations[first]]
+            for first, _ in plan.groups
+        }
         # per batch, per group: (inputs, summing matrix, spreading matrix, activation buffers)
         self.batches = list(zip(*(self._group_views(g) for g in range(len(plan.groups)))))
 
@@ -489,9 +492,11 @@ class EnergySteps:
                 x = x.expand(n_members, *x.shape).reshape(-1, *x.shape[1:])
             activations = self.network.activations[first]
             inputs, preactivations = [x], []
-            for layer, (buffer, outputs, _), name in zip(layers, hidden, activations):
+            for layer, (buffer, outputs, _), name, activate in zip(
+                layers, hidden, activations, self.activate_into[first]
+            ):
                 z = torch.bmm(layer.forward.merged(), inputs[-1])
-                _activate_into(name, z, outputs)
+                activate(z, out=outputs)
                 preactivations.append(z.transpose(1, 2) if name in _USES_PREACTIVATION else None)
                 inputs.append(buffer)
             energies = torch.bmm(layers[-1].forward.merged(), inputs[-1])  # [W·S, 1, n]
@@ -500,7 +505,7 @@ class EnergySteps:
 
         # [W, batch_size] (zero in padding slots); a zero gradient below the limit (x / inf)
         norm = torch.linalg.vector_norm(errors, dim=1, keepdim=True)
-        norm = F.threshold(norm, self.norm_limits[k], math.inf)
+        norm = torch.threshold(norm, self.norm_limits[k], math.inf)
         output_grad = torch.addcdiv(self._zero, errors, norm, value=self.error_weights[k])
 
         for layers, activations, hidden, inputs, preactivations, spread in passes:
