@@ -11,15 +11,21 @@ back-propagation, with no autograd graph, and with as few operations as it can:
   species whose networks share an architecture (and sit next to each other in the species
   order) are stacked in that product, each batch padded to its own widest species; the
   weights are strided views of the flat parameter vector, so nothing is copied;
-* a structure's energy is ``Σ outputs / E_scaling + (constant of its atoms)``: one product
-  with a 0/1 assignment matrix and one fused multiply-add per batch;
+* a structure's error per atom is ``Σ outputs / (E_scaling N) + (constant of its atoms)``:
+  one ``addmm`` with an assignment matrix holding each atom's ``1 / (E_scaling N)``, whose
+  transpose spreads the loss gradient back onto the atoms;
+* the backward pass carries its deltas with atoms as rows, so that weight gradients and input
+  deltas are products of the stored arrays with no transposed copies; an output layer's
+  delta is a broadcast multiply;
+* the index arithmetic of a plan runs in NumPy (hundreds of numbers: far cheaper per
+  operation than tensors);
 * :class:`EnergySteps` runs the steps of a plan with the weight views, activation buffers and
   gradient buffer of an :class:`EnergyWorkspace` (kept by ``fit`` for a whole run), for
   parameters that the caller updates in place between steps (:func:`plan_gradient` is the
-  pure form of one step).
+  pure form of one step). A step is about twenty tensor operations.
 
 It is checked against ``torch.func.grad`` of :func:`~aenet_fn.train.batch_loss` in the tests;
-force training and committees with forces (``vmap``) keep autodiff.
+force training keeps autodiff.
 """
 
 from __future__ import annotations
