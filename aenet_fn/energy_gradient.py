@@ -185,6 +185,7 @@ def _group_blocks(values: np.ndarray, first: int, count: int) -> np.ndarray:
     return group.reshape(-1, *values.shape[1:3])
 
 
+@torch.inference_mode()
 def energy_plan(
     table: EnergyTable, network: NetworkParams, draws: torch.Tensor, batch_size: int
 ) -> EnergyPlan:
@@ -307,7 +308,7 @@ forgotten beyond: 32 MiB in float64)."""
 
 
 class _Weights:
-    """A ``[W, S, a, b]`` view of stacked weights (or their gradient buffer), used as
+    """A ``[W, S, a, b]`` view of stacked weights, used as
     ``[W·S, a, b]``: a view where the member and species axes merge (one model, or a group
     of all species), else a copy per use (a committee group of some species)."""
 
@@ -322,32 +323,36 @@ class _Weights:
         """The current values as ``[W·S, a, b]``."""
         return self.view.reshape(-1, *self.view.shape[2:]) if self.flat is None else self.flat
 
-    def write(self, product: Callable[..., torch.Tensor], *operands: torch.Tensor) -> None:
-        """Store ``product(*operands)`` (``[W·S, a, b]``) into the view."""
-        if self.flat is not None:
-            product(*operands, out=self.flat)
-        else:
-            self.view.copy_(product(*operands).view(self.view.shape))
-
 
 @attrs.frozen
 class _Layer:
     """One layer of a species group, as the steps use it: ``forward`` the augmented weights
     transposed ``[W·S, out, in + 1]`` (outputs = ``forward @ inputs``), ``backward`` the
     same without the bias column ``[W·S, out, in]`` (input deltas, atoms as rows =
-    ``deltas @ backward``), ``gradient`` the gradient buffer's view ``[W·S, in + 1, out]``."""
+    ``deltas @ backward``)."""
 
     forward: _Weights
     backward: _Weights
-    gradient: _Weights
+
+
+@attrs.frozen
+class _GradientScratch:
+    """Where the steps of plans with one species grouping write their weight gradients:
+    ``blocks[g][layer]``, a contiguous ``[W·S_g, in + 1, out]`` block of ``buffer`` per group
+    and layer (a batched product writes a contiguous result several times faster than a strided
+    one), and ``order``, the index that gathers ``buffer`` into the values' layout."""
+
+    blocks: list[list[torch.Tensor]]
+    buffer: torch.Tensor
+    order: torch.Tensor
 
 
 class EnergyWorkspace:
     """What the energy-only steps of one network reuse from plan to plan: the network, whose
     parameter values are one contiguous buffer that the caller updates in place between steps,
-    the gradient buffer, the weight and gradient views of each species group, and activation
-    buffers per batch width (with their rows of ones). Mutable: for one training run at a
-    time."""
+    the gradient buffer, the weight views of each species group, gradient scratch buffers per
+    species grouping and activation buffers per batch width (with their rows of ones).
+    Mutable: for one training run at a time."""
 
     def __init__(self, network: NetworkParams):
         if not network.values.is_contiguous():
@@ -356,6 +361,7 @@ class EnergyWorkspace:
         self.n_members = network.values.shape[0] if network.values.ndim == 2 else 1
         self.gradient = torch.empty_like(network.values)
         self._layers: dict[tuple[int, int], list[_Layer]] = {}
+        self._scratch: dict[tuple[tuple[int, int], ...], _GradientScratch] = {}
         self._hidden: dict[tuple[int, int, int], list[tuple[torch.Tensor, ...]]] = {}
         self._hidden_elements = 0
 
@@ -363,16 +369,41 @@ class EnergyWorkspace:
         """The :class:`_Layer` s of species ``first .. first + count - 1``."""
         if (first, count) not in self._layers:
             weights = _layer_views(self.network.values, self.network, first, count)
-            gradients = _layer_views(self.gradient, self.network, first, count)
             self._layers[first, count] = [
-                _Layer(
-                    _Weights(weight.transpose(2, 3)),
-                    _Weights(weight.transpose(2, 3)[..., :-1]),
-                    _Weights(grad),
-                )
-                for weight, grad in zip(weights, gradients)
+                _Layer(_Weights(weight.transpose(2, 3)), _Weights(weight.transpose(2, 3)[..., :-1]))
+                for weight in weights
             ]
         return self._layers[first, count]
+
+    def scratch(self, groups: tuple[tuple[int, int], ...]) -> _GradientScratch:
+        """The :class:`_GradientScratch` of the species grouping ``groups`` (one per grouping
+        seen: a plan may split a run of species of one architecture)."""
+        if groups not in self._scratch:
+            network, n_members = self.network, self.n_members
+            per_species = [sum(i * o + o for i, o in zip(n[:-1], n[1:])) for n in network.sizes]
+            n_values = sum(per_species)
+            positions, shapes = [], []  # values' positions of the scratch, block after block
+            for first, count in groups:
+                offset = sum(per_species[:first])
+                for fan_in, fan_out in zip(network.sizes[first][:-1], network.sizes[first][1:]):
+                    size = (fan_in + 1) * fan_out
+                    member = np.arange(n_members)[:, None, None] * n_values
+                    species = np.arange(count)[None, :, None] * per_species[first]
+                    positions.append((member + species + offset + np.arange(size)).ravel())
+                    shapes.append((n_members * count, fan_in + 1, fan_out))
+                    offset += size
+            buffer = self.gradient.new_empty(n_values * n_members)
+            blocks = list(buffer.split([math.prod(shape) for shape in shapes]))
+            blocks = [block.view(shape) for block, shape in zip(blocks, shapes)]
+            per_group = [len(network.sizes[first]) - 1 for first, _ in groups]
+            grouped = [
+                blocks[sum(per_group[:g]) : sum(per_group[: g + 1])] for g in range(len(groups))
+            ]
+            order = np.argsort(np.concatenate(positions))
+            self._scratch[groups] = _GradientScratch(
+                grouped, buffer, torch.from_numpy(order).to(buffer.device)
+            )
+        return self._scratch[groups]
 
     def hidden(self, first: int, count: int, width: int) -> list[tuple[torch.Tensor, ...]]:
         """Per hidden layer of that group, for batches ``width`` atoms wide: a
@@ -408,6 +439,7 @@ class EnergySteps:
     Not a pure function: :meth:`gradient` returns the workspace's gradient buffer, which the
     next call overwrites (:func:`plan_gradient` is the pure form)."""
 
+    @torch.inference_mode()
     def __init__(
         self,
         network: NetworkParams,
@@ -430,6 +462,7 @@ class EnergySteps:
         self.offsets = plan.offset.unbind(0)  # per batch [W, batch_size]
         self._zero = values.new_zeros(())
         self.layers = [workspace.layers(first, count) for first, count in plan.groups]
+        self.scratch = workspace.scratch(plan.groups)
         self.activate_into = {
             first: [_activation_into(name) for name in network.activations[first]]
             for first, _ in plan.groups
@@ -485,6 +518,7 @@ class EnergySteps:
             return torch.mm(per_structure, spread)
         return torch.bmm(per_structure.unsqueeze(1), spread)
 
+    @torch.inference_mode()
     def gradient(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradient of the energy-only loss ``(1 − α)·RMSE_E`` of batch ``k`` with respect to
         the network values (shaped like them: ``[P]`` or ``[W, P]``; the buffer of this
@@ -514,11 +548,13 @@ class EnergySteps:
         norm = torch.threshold(norm, self.norm_limits[k], math.inf)
         output_grad = torch.addcdiv(self._zero, errors, norm, value=self.error_weights[k])
 
-        for layers, activations, hidden, inputs, preactivations, spread in passes:
+        for layers, activations, hidden, inputs, preactivations, spread, gradients in zip(
+            *zip(*passes), self.scratch.blocks
+        ):
             # deltas with atoms as rows: [W·S, n, out]
             delta = self._atoms(output_grad, spread).view(inputs[0].shape[0], -1, 1)
             for layer in reversed(range(len(layers))):
-                layers[layer].gradient.write(torch.bmm, inputs[layer], delta)
+                torch.bmm(inputs[layer], delta, out=gradients[layer])
                 if layer == 0:
                     break
                 weights = layers[layer].backward.merged()
@@ -526,9 +562,11 @@ class EnergySteps:
                 delta = delta * weights if weights.shape[1] == 1 else torch.bmm(delta, weights)
                 name = activations[layer - 1]
                 delta = _BACKWARD[name](delta, preactivations[layer - 1], hidden[layer - 1][2])
+        gradient = self.gradient_buffer
+        torch.index_select(self.scratch.buffer, 0, self.scratch.order, out=gradient.view(-1))
         if size < plan.batch_size:
             errors = errors[:, :size]
-        return self.gradient_buffer, errors.view(*self.gradient_buffer.shape[:-1], size)
+        return gradient, errors.view(*gradient.shape[:-1], size)
 
     @property
     def gradient_buffer(self) -> torch.Tensor:
