@@ -227,3 +227,17 @@ def test_a_workspace_kept_across_epochs_changes_nothing(tio2_structures):
     before = kept.model.network.values.clone()
     workspace.network.values.add_(1.0)
     assert torch.equal(kept.model.network.values, before)
+
+
+def test_energy_route_states_carry_no_inference_tensors(tio2_structures):
+    """The energy route runs in inference mode; what its epochs return is ordinary tensors, so
+    that force training (autograd) and committees can continue from it."""
+    train = af.featurize_structures(PARAMS, tio2_structures[:6], with_derivatives=True)
+    model = af.init_model(PARAMS, ARCH, train, seed=1, atomic_energies=REFERENCES)
+    config = af.TrainConfig(epochs=2, batch_size=4, sampling_policy="error_weighted")
+    state = af.fit(af.init_train_state(model, train, config), train, None, config)
+    leaves = [leaf for leaf in tree_leaves(state) if isinstance(leaf, torch.Tensor)]
+    assert leaves and not any(leaf.is_inference() for leaf in leaves)
+    forces = attrs.evolve(config, force_weight=0.5, epochs=1)
+    after = af.fit(state, train, None, forces)
+    assert not torch.equal(after.model.network.values, state.model.network.values)
