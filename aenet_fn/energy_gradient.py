@@ -601,9 +601,11 @@ def plan_gradient(
     """Gradient of the energy-only loss ``(1 − α)·RMSE_E`` of batch ``k`` of ``plan`` with
     respect to ``network.values`` (``[P]``, or ``[W, P]`` for committee members, each with its
     own loss), and the batch's per-atom energy errors ``[b_k]`` (``[W, b_k]``; eV/atom, before
-    the step). The pure form of :meth:`EnergySteps.gradient`."""
+    the step). The pure form of :meth:`EnergySteps.gradient`: new, ordinary tensors (the
+    steps run in inference mode; their results are cloned out of it)."""
     network = attrs.evolve(network, values=network.values.contiguous())
-    return EnergySteps(network, plan, force_weight).gradient(k)
+    gradient, errors = EnergySteps(network, plan, force_weight).gradient(k)
+    return gradient.clone(), errors.clone()
 
 
 def energy_loss_gradient(

@@ -241,3 +241,10 @@ def test_energy_route_states_carry_no_inference_tensors(tio2_structures):
     forces = attrs.evolve(config, force_weight=0.5, epochs=1)
     after = af.fit(state, train, None, forces)
     assert not torch.equal(after.model.network.values, state.model.network.values)
+    # a custom loop's energy-only step: its gradient and errors may be changed in place
+    batch = af.take_structures(train, torch.tensor([0, 2, 3]))
+    gradient, (errors, _) = energy_loss_gradient(model, model.network.values, batch, 0.0)
+    gradient.clamp_(-1.0, 1.0)
+    errors.mul_(2.0)
+    stepped, (step_errors, _) = af.train_step(state, batch, config)
+    assert not step_errors.is_inference() and not stepped.opt_state.mu.is_inference()
