@@ -375,23 +375,35 @@ class EnergyWorkspace:
             ]
         return self._layers[first, count]
 
-    def scratch(self, groups: tuple[tuple[int, int], ...]) -> _GradientScratch:
+    def scratch(
+        self, groups: tuple[tuple[int, int], ...], members_as_rows: tuple[bool, ...]
+    ) -> _GradientScratch:
         """The :class:`_GradientScratch` of the species grouping ``groups`` (one per grouping
-        seen: a plan may split a run of species of one architecture)."""
-        if groups not in self._scratch:
+        seen: a plan may split a run of species of one architecture). A group marked in
+        ``members_as_rows`` has its first layer's block as ``[S, in + 1, W·out]`` (the members
+        side by side, as :class:`EnergySteps` computes it for a shared order)."""
+        key = (groups, members_as_rows)
+        if key not in self._scratch:
             network, n_members = self.network, self.n_members
             per_species = [sum(i * o + o for i, o in zip(n[:-1], n[1:])) for n in network.sizes]
             n_values = sum(per_species)
             positions, shapes = [], []  # values' positions of the scratch, block after block
-            for first, count in groups:
+            for (first, count), rows in zip(groups, members_as_rows):
                 offset = sum(per_species[:first])
-                for fan_in, fan_out in zip(network.sizes[first][:-1], network.sizes[first][1:]):
-                    size = (fan_in + 1) * fan_out
-                    member = np.arange(n_members)[:, None, None] * n_values
-                    species = np.arange(count)[None, :, None] * per_species[first]
-                    positions.append((member + species + offset + np.arange(size)).ravel())
-                    shapes.append((n_members * count, fan_in + 1, fan_out))
-                    offset += size
+                sizes = network.sizes[first]
+                for layer, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+                    # value of (member w, species s, input i, output o): w·P + s·P_s + i·out + o
+                    member = np.arange(n_members)[:, None, None, None] * n_values
+                    species = np.arange(count)[None, :, None, None] * per_species[first]
+                    entry = np.arange(fan_in + 1)[:, None] * fan_out + np.arange(fan_out)
+                    position = member + species + offset + entry  # [W, S, in + 1, out]
+                    if layer == 0 and rows:  # [S, in + 1, W, out]
+                        position = position.transpose(1, 2, 0, 3)
+                        shapes.append((count, fan_in + 1, n_members * fan_out))
+                    else:
+                        shapes.append((n_members * count, fan_in + 1, fan_out))
+                    positions.append(position.ravel())
+                    offset += (fan_in + 1) * fan_out
             buffer = self.gradient.new_empty(n_values * n_members)
             blocks = list(buffer.split([math.prod(shape) for shape in shapes]))
             blocks = [block.view(shape) for block, shape in zip(blocks, shapes)]
@@ -400,10 +412,10 @@ class EnergyWorkspace:
                 blocks[sum(per_group[:g]) : sum(per_group[: g + 1])] for g in range(len(groups))
             ]
             order = np.argsort(np.concatenate(positions))
-            self._scratch[groups] = _GradientScratch(
+            self._scratch[key] = _GradientScratch(
                 grouped, buffer, torch.from_numpy(order).to(buffer.device)
             )
-        return self._scratch[groups]
+        return self._scratch[key]
 
     def hidden(self, first: int, count: int, width: int) -> list[tuple[torch.Tensor, ...]]:
         """Per hidden layer of that group, for batches ``width`` atoms wide: a
@@ -462,7 +474,13 @@ class EnergySteps:
         self.offsets = plan.offset.unbind(0)  # per batch [W, batch_size]
         self._zero = values.new_zeros(())
         self.layers = [workspace.layers(first, count) for first, count in plan.groups]
-        self.scratch = workspace.scratch(plan.groups)
+        # one order shared by several members: the first layer takes the members as rows of
+        # one weight matrix per species, so the inputs are not copied per member
+        self.members_as_rows = tuple(
+            self.shared_order and self.n_members > 1 and len(network.sizes[first]) > 2
+            for first, _ in plan.groups
+        )
+        self.scratch = workspace.scratch(plan.groups, self.members_as_rows)
         self.activate_into = {
             first: [_activation_into(name) for name in network.activations[first]]
             for first, _ in plan.groups
@@ -525,36 +543,55 @@ class EnergySteps:
         object) and the batch's per-atom energy errors ``[b_k]`` (``[W, b_k]``; eV/atom)."""
         plan, n_members, size = self.plan, self.n_members, self.plan.sizes[k]
         errors, passes = self.offsets[k], []
-        for (first, _), layers, (x, assign, spread, hidden) in zip(
-            plan.groups, self.layers, self.batches[k]
+        for (first, count), rows, layers, (x, assign, spread, hidden) in zip(
+            plan.groups, self.members_as_rows, self.layers, self.batches[k]
         ):
-            if self.shared_order and n_members > 1:  # one order for all members: inputs too
+            if self.shared_order and n_members > 1 and not rows:  # each member its inputs
                 x = x.expand(n_members, *x.shape).reshape(-1, *x.shape[1:])
             activations = self.network.activations[first]
             inputs, preactivations = [x], []
             for layer, (buffer, outputs, _), name, activate in zip(
                 layers, hidden, activations, self.activate_into[first]
             ):
-                z = torch.bmm(layer.forward.merged(), inputs[-1])
-                activate(z, out=outputs)
+                if rows and len(inputs) == 1:  # [S, W·out, in + 1] @ [S, in + 1, n]
+                    weights = layer.forward.view.transpose(0, 1).reshape(count, -1, x.shape[1])
+                    z = torch.bmm(weights, x).view(count, n_members, -1, x.shape[2])
+                    z = z.transpose(0, 1)  # [W, S, out, n]: member-major, as the buffers
+                    activate(z, out=outputs.view(n_members, count, *outputs.shape[1:]))
+                    z = z.reshape(-1, *z.shape[2:]) if name in _USES_PREACTIVATION else z
+                else:
+                    z = torch.bmm(layer.forward.merged(), inputs[-1])
+                    activate(z, out=outputs)
                 preactivations.append(z.transpose(1, 2) if name in _USES_PREACTIVATION else None)
                 inputs.append(buffer)
             energies = torch.bmm(layers[-1].forward.merged(), inputs[-1])  # [W·S, 1, n]
             errors = self._errors(errors, energies, assign)
-            passes.append((layers, activations, hidden, inputs, preactivations, spread))
+            passes.append(
+                (count, rows, layers, activations, hidden, inputs, preactivations, spread)
+            )
 
         # [W, batch_size] (zero in padding slots); a zero gradient below the limit (x / inf)
         norm = torch.linalg.vector_norm(errors, dim=1, keepdim=True)
         norm = torch.threshold(norm, self.norm_limits[k], math.inf)
         output_grad = torch.addcdiv(self._zero, errors, norm, value=self.error_weights[k])
 
-        for layers, activations, hidden, inputs, preactivations, spread, gradients in zip(
-            *zip(*passes), self.scratch.blocks
-        ):
+        for (
+            count,
+            rows,
+            layers,
+            activations,
+            hidden,
+            inputs,
+            preactivations,
+            spread,
+        ), blocks in zip(passes, self.scratch.blocks):
             # deltas with atoms as rows: [W·S, n, out]
-            delta = self._atoms(output_grad, spread).view(inputs[0].shape[0], -1, 1)
+            delta = self._atoms(output_grad, spread).view(n_members * count, -1, 1)
             for layer in reversed(range(len(layers))):
-                torch.bmm(inputs[layer], delta, out=gradients[layer])
+                if layer == 0 and rows:  # the members side by side: [S, n, W·out]
+                    delta = delta.view(n_members, count, *delta.shape[1:]).permute(1, 2, 0, 3)
+                    delta = delta.reshape(count, delta.shape[1], -1)
+                torch.bmm(inputs[layer], delta, out=blocks[layer])
                 if layer == 0:
                     break
                 weights = layers[layer].backward.merged()

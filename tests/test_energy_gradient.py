@@ -89,13 +89,18 @@ def test_plan_of_consecutive_batches_with_stacked_species(tio2_structures, activ
         _assert_gradient_of(model, af.take_structures(train, selection), gradient, errors, 0.2)
 
 
+@pytest.mark.parametrize("first", ["tanh", "silu"])
 @pytest.mark.parametrize("mixed", [False, True])
 @pytest.mark.parametrize("own_orders", [False, True])
-def test_committee_members_in_one_plan_equal_each_member_alone(tio2_structures, own_orders, mixed):
-    """Stacked member values: with one shared order or an order per member, every member's
-    gradient and errors equal those of its own single-member plan; also where the species'
-    architectures differ (one group per species: member weights that do not merge)."""
-    arch = {s: [(5, "tanh"), (4, "twist")] for s in ("Ti", "O")}
+def test_committee_members_in_one_plan_equal_each_member_alone(
+    tio2_structures, own_orders, mixed, first
+):
+    """Stacked member values: with one shared order (the first layer's products with the
+    members as rows) or an order per member, every member's gradient and errors equal those of
+    its own single-member plan; also where the species' architectures differ (one group per
+    species: member weights that do not merge) and with a first activation whose derivative
+    reads its pre-activation."""
+    arch = {s: [(5, first), (4, "twist")] for s in ("Ti", "O")}
     if mixed:
         arch["O"] = [(3, "sigmoid")]
     train = af.featurize_structures(PARAMS, tio2_structures, with_derivatives=False)
