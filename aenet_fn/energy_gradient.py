@@ -492,7 +492,8 @@ class EnergySteps:
         """Per batch of group ``g``: its inputs ``[W·S_g, F + 1, n]`` (a strided view of
         the plan's features), the matrix that sums per-atom values into structures
         (``[S_g·n, batch_size]`` for a shared order, else ``[W, S_g·n, batch_size]``) and the
-        one that spreads structure values onto atoms (``[b_k, S_g·n]`` / ``[W, b_k, S_g·n]``),
+        one that spreads structure values onto atoms (``[batch_size, S_g·n]`` /
+        ``[W, batch_size, S_g·n]``),
         views of the plan's assignment matrices (the spreading one the transpose of the summing
         one: padding slots of a short last batch spread zeros), one ``as_strided`` each; and
         the workspace's activation buffers for the batch's width."""
