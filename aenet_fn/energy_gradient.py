@@ -39,7 +39,14 @@ import torch
 
 from aenet_fn._records import pytree_record, static_field
 from aenet_fn.featurized import FeaturizedSet, MiniBatch
-from aenet_fn.network import _MTANH_A, _MTANH_B, _TWIST_C, ACTIVATIONS, NetworkParams
+from aenet_fn.network import (
+    _MTANH_A,
+    _MTANH_B,
+    _TWIST_C,
+    ACTIVATIONS,
+    NetworkParams,
+    parameter_count,
+)
 from aenet_fn.potential import Model
 
 # ∂L/∂input of an activation from ∂L/∂output ``g``, its input ``z`` and its output ``a``
@@ -279,7 +286,7 @@ def _layer_views(
     or ``[W, P]`` for stacked committee members) in the layout of :class:`NetworkParams`:
     each weight ``[in, out]`` row-major followed by its bias."""
     flat = flat.view(-1, flat.shape[-1])
-    per_species = [sum(i * o + o for i, o in zip(sizes[:-1], sizes[1:])) for sizes in network.sizes]
+    per_species = [parameter_count(sizes) for sizes in network.sizes]
     offset = flat.storage_offset() + sum(per_species[:first])
     views = []
     for fan_in, fan_out in zip(network.sizes[first][:-1], network.sizes[first][1:]):
@@ -384,37 +391,25 @@ class EnergyWorkspace:
         side by side, as :class:`EnergySteps` computes it for a shared order)."""
         key = (groups, members_as_rows)
         if key not in self._scratch:
-            network, n_members = self.network, self.n_members
-            per_species = [sum(i * o + o for i, o in zip(n[:-1], n[1:])) for n in network.sizes]
-            n_values = sum(per_species)
-            positions, shapes = [], []  # values' positions of the scratch, block after block
-            for (first, count), rows in zip(groups, members_as_rows):
-                offset = sum(per_species[:first])
-                sizes = network.sizes[first]
-                for layer, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-                    # value of (member w, species s, input i, output o): w·P + s·P_s + i·out + o
-                    member = np.arange(n_members)[:, None, None, None] * n_values
-                    species = np.arange(count)[None, :, None, None] * per_species[first]
-                    entry = np.arange(fan_in + 1)[:, None] * fan_out + np.arange(fan_out)
-                    position = member + species + offset + entry  # [W, S, in + 1, out]
-                    if layer == 0 and rows:  # [S, in + 1, W, out]
-                        position = position.transpose(1, 2, 0, 3)
-                        shapes.append((count, fan_in + 1, n_members * fan_out))
-                    else:
-                        shapes.append((n_members * count, fan_in + 1, fan_out))
-                    positions.append(position.ravel())
-                    offset += (fan_in + 1) * fan_out
-            buffer = self.gradient.new_empty(n_values * n_members)
-            blocks = list(buffer.split([math.prod(shape) for shape in shapes]))
-            blocks = [block.view(shape) for block, shape in zip(blocks, shapes)]
-            per_group = [len(network.sizes[first]) - 1 for first, _ in groups]
-            grouped = [
-                blocks[sum(per_group[:g]) : sum(per_group[: g + 1])] for g in range(len(groups))
+            # each block's values' positions, in the block's order: the layer views
+            # [W, S, in + 1, out] of the positions themselves, arranged as the block
+            index = torch.arange(self.gradient.numel()).view(self.gradient.shape)
+            views = [
+                [
+                    view.permute(1, 2, 0, 3).flatten(2)  # [S, in + 1, W·out]
+                    if layer == 0 and rows
+                    else view.flatten(0, 1)  # [W·S, in + 1, out]
+                    for layer, view in enumerate(_layer_views(index, self.network, first, count))
+                ]
+                for (first, count), rows in zip(groups, members_as_rows)
             ]
-            order = np.argsort(np.concatenate(positions))
-            self._scratch[key] = _GradientScratch(
-                grouped, buffer, torch.from_numpy(order).to(buffer.device)
-            )
+            flat = [view for group in views for view in group]
+            buffer = self.gradient.new_empty(self.gradient.numel())
+            blocks = iter(buffer.split([view.numel() for view in flat]))
+            grouped = [[next(blocks).view(view.shape) for view in group] for group in views]
+            order = torch.argsort(torch.cat([view.reshape(-1) for view in flat]))
+            order = order.to(buffer.device)
+            self._scratch[key] = _GradientScratch(grouped, buffer, order)
         return self._scratch[key]
 
     def hidden(self, first: int, count: int, width: int) -> list[tuple[torch.Tensor, ...]]:

@@ -123,14 +123,18 @@ class NetworkParams:
         }
 
 
+def parameter_count(sizes: Sequence[int]) -> int:
+    """Number of weights and biases of one network with layer widths ``sizes``."""
+    return sum(fan_in * fan_out + fan_out for fan_in, fan_out in zip(sizes[:-1], sizes[1:]))
+
+
 def network_size(arch: Architecture, species: Sequence[str], n_features: int) -> int:
     """Number of weights and biases of the networks of ``arch``."""
     arch = check_architecture(arch, species)
-    total = 0
-    for symbol in species:
-        sizes = [n_features, *(nodes for nodes, _ in arch[symbol]), 1]
-        total += sum(o * i + o for i, o in zip(sizes[:-1], sizes[1:]))
-    return total
+    return sum(
+        parameter_count([n_features, *(nodes for nodes, _ in arch[symbol]), 1])
+        for symbol in species
+    )
 
 
 def init_network(
