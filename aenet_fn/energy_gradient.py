@@ -538,10 +538,10 @@ class EnergySteps:
         the network values (shaped like them: ``[P]`` or ``[W, P]``; the buffer of this
         object) and the batch's per-atom energy errors ``[b_k]`` (``[W, b_k]``; eV/atom)."""
         plan, n_members, size = self.plan, self.n_members, self.plan.sizes[k]
-        errors, passes = self.offsets[k], []
-        for (first, count), rows, layers, (x, assign, spread, hidden) in zip(
-            plan.groups, self.members_as_rows, self.layers, self.batches[k]
-        ):
+        # per group: (first species, species), members as rows, layers, batch views
+        groups = list(zip(plan.groups, self.members_as_rows, self.layers, self.batches[k]))
+        errors, passes = self.offsets[k], []  # passes: per group, its inputs, pre-activations
+        for (first, count), rows, layers, (x, assign, _, hidden) in groups:
             if self.shared_order and n_members > 1 and not rows:  # each member its inputs
                 x = x.expand(n_members, *x.shape).reshape(-1, *x.shape[1:])
             activations = self.network.activations[first]
@@ -562,25 +562,16 @@ class EnergySteps:
                 inputs.append(buffer)
             energies = torch.bmm(layers[-1].forward.merged(), inputs[-1])  # [W·S, 1, n]
             errors = self._errors(errors, energies, assign)
-            passes.append(
-                (count, rows, layers, activations, hidden, inputs, preactivations, spread)
-            )
+            passes.append((inputs, preactivations))
 
         # [W, batch_size] (zero in padding slots); a zero gradient below the limit (x / inf)
         norm = torch.linalg.vector_norm(errors, dim=1, keepdim=True)
         norm = torch.threshold(norm, self.norm_limits[k], math.inf)
         output_grad = torch.addcdiv(self._zero, errors, norm, value=self.error_weights[k])
 
-        for (
-            count,
-            rows,
-            layers,
-            activations,
-            hidden,
-            inputs,
-            preactivations,
-            spread,
-        ), blocks in zip(passes, self.scratch.blocks):
+        for group, (inputs, preactivations), blocks in zip(groups, passes, self.scratch.blocks):
+            (first, count), rows, layers, (_, _, spread, hidden) = group
+            activations = self.network.activations[first]
             # deltas with atoms as rows: [W·S, n, out]
             delta = self._atoms(output_grad, spread).view(n_members * count, -1, 1)
             for layer in reversed(range(len(layers))):
