@@ -209,9 +209,7 @@ class Optimizer:
         copied back."""
         if self.in_place_update is not None:
             return self.in_place_update(grads, state, params, lr)[1]
-        new_params, state = self.update_eagerly(grads, state, params, lr)
-        pytree.tree_map(lambda target, new: target.copy_(new), params, new_params)
-        return state
+        return _written_back(params, *self.update_eagerly(grads, state, params, lr))
 
     def update_members_in_place(
         self, grads: PyTree, state: Any, params: PyTree, lrs: torch.Tensor
@@ -224,9 +222,13 @@ class Optimizer:
         copied back."""
         if self.members_in_place_update is not None:
             return self.members_in_place_update(grads, state, params, lrs)[1]
-        new_params, state = torch.func.vmap(self.update)(grads, state, params, lrs)
-        pytree.tree_map(lambda target, new: target.copy_(new), params, new_params)
-        return state
+        return _written_back(params, *torch.func.vmap(self.update)(grads, state, params, lrs))
+
+
+def _written_back(params: PyTree, new_params: PyTree, state: Any) -> Any:
+    """Copy ``new_params`` into ``params`` (in place) and return ``state``."""
+    pytree.tree_map(lambda target, new: target.copy_(new), params, new_params)
+    return state
 
 
 # --------------------------------------------------------------------------------------------
