@@ -238,13 +238,10 @@ def _force_steps(members, orders, shared, values, opt_state, lrs, train, config,
     def step(values, opt_state, lrs, batch):
         return committee_step(template, values, opt_state, lrs, batch, config, stacked=not shared)
 
-    # members of one process: a committee spreads its members over ranks, not its batches
-    if shared:  # every member draws the same batches: share them instead of stacking
-        streams = [epoch_batches(members[0], orders[0], train, config, World(), blocks)]
-    else:
-        streams = [
-            epoch_batches(m, o, train, config, World(), blocks) for m, o in zip(members, orders)
-        ]
+    # members of one process: a committee spreads its members over ranks, not its batches;
+    # members drawing the same batches share them instead of stacking them
+    drawing = list(zip(members, orders))[: 1 if shared else None]
+    streams = [epoch_batches(m, o, train, config, World(), blocks) for m, o in drawing]
     for batches in zip(*streams):
         batch = batches[0] if shared else stack_batches(batches)
         values, opt_state, (errors, differences) = step(values, opt_state, lrs, batch)
