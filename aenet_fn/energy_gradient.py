@@ -63,8 +63,16 @@ _BACKWARD: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.
 }
 assert _BACKWARD.keys() == ACTIVATIONS.keys(), "every activation needs its derivative"
 
-_MAX_PADDING = 2.0
-"""Species of one architecture are stacked only while padding at most doubles their atoms."""
+_BLOCK_COST = 4
+"""Estimated cost of one more block in a batch's products, in atom columns (float64 on CPU,
+TiO2-sized layers: a block costs about as much as four more atoms)."""
+
+_GROUP_COST = 256
+"""Estimated cost of one more species group per batch (its own dozen operations per step),
+in atom columns."""
+
+_MAX_SPLIT = 8
+"""Most blocks a species of a stacked group is split into."""
 
 
 @pytree_record
@@ -76,21 +84,25 @@ class EnergyPlan:
 
     Atoms are columns: every layer is one batched product ``weightsᵀ @ inputs`` with the atoms
     along the long, contiguous axis (about twice as fast as atoms-as-rows for these narrow
-    layers on CPU BLAS). Batch ``k`` of group ``g`` holds ``W·S_g`` blocks (member-major) of
-    ``widths[g][k]`` columns, one block per species: the batch's atoms of that species, then
-    padding columns (zero features) up to the widest species of the group in that batch.
+    layers on CPU BLAS). Batch ``k`` of group ``g`` holds ``W·B_g`` blocks (member-major) of
+    ``widths[g][k]`` columns, ``groups[g]`` naming the species of each: a species' atoms of the
+    batch fill its (adjacent) blocks in order, then padding columns (zero features) fill them
+    up. Species of one architecture share a group, each split into as many blocks as balance
+    their widths (TiO2: one block of Ti, two of O), as far as an estimate of the products'
+    cost favours it over smaller groups; species with no atom in the plan have no block.
 
     Attributes:
-        features: per species group, ``[Σ_k W·S_g·widths[g][k], F + 1]`` normalised features
+        features: per species group, ``[Σ_k W·B_g·widths[g][k], F + 1]`` normalised features
             with a trailing 1 (the bias input) of every column of every batch, batch after
             batch (gathered as rows; each batch is used through a transposed view).
-        assign: per group, the matrices ``[W, S_g·widths[g][k], batch_size]`` of every
+        assign: per group, the matrices ``[W, B_g·widths[g][k], batch_size]`` of every
             batch, flat and batch after batch, that sum atom outputs into their structure's
             error per atom: an atom's row holds ``1 / (E_scaling N)`` of its structure
             (1/atom) in its structure's column, zero elsewhere (padding rows are zero).
         offset: ``[K, W, batch_size]`` ``(Σ_atoms (E_shift + E_atomic) − E_ref) / N`` (eV/atom)
             of each structure, zero for the padding slots of a short last batch.
-        groups: ``(first species, number of species)`` of each group (static).
+        groups: per group, the species of each of its ``B_g`` blocks (static; one
+            architecture, species in order, e.g. ``(0, 1, 1)``).
         widths: per group, the block width of each batch (static).
         sizes: structures in each batch (static).
     """
@@ -98,7 +110,7 @@ class EnergyPlan:
     features: tuple[torch.Tensor, ...]
     assign: tuple[torch.Tensor, ...]
     offset: torch.Tensor
-    groups: tuple[tuple[int, int], ...] = static_field()
+    groups: tuple[tuple[int, ...], ...] = static_field()
     widths: tuple[tuple[int, ...], ...] = static_field()
     sizes: tuple[int, ...] = static_field()
 
@@ -185,11 +197,51 @@ def _exclusive_cumsum(values: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.cumsum(values, axis) - values
 
 
-def _group_blocks(values: np.ndarray, first: int, count: int) -> np.ndarray:
-    """``[W, K, b, M]`` per-slot values of species ``first .. first + count - 1`` as
-    ``[W·count, K, b]`` (member-major blocks)."""
-    group = values[..., first : first + count].transpose(0, 3, 1, 2)
+def _group_blocks(values: np.ndarray, species: np.ndarray) -> np.ndarray:
+    """``[W, K, b, M]`` per-slot values of ``species`` (``[c]`` indices) as ``[W·c, K, b]``
+    (member-major)."""
+    group = values[..., species].transpose(0, 3, 1, 2)
     return group.reshape(-1, *values.shape[1:3])
+
+
+def _ceil_div(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """``ceil(numerator / denominator)`` of non-negative integers."""
+    return -(-numerator // denominator)
+
+
+def _species_groups(
+    most: np.ndarray, totals: np.ndarray, network: NetworkParams, n_orders: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The groups of a plan: per group, its species ``[c]`` and the number of blocks of each
+    ``[c]`` (see :class:`EnergyPlan`), from the most atoms of each species in each batch
+    (``most``: ``[K, M]``, over the orders) and their totals (``[M]``, over batches and
+    orders). Each run of species of one architecture becomes one group, its present species
+    split in proportion to their totals (``m`` blocks for the most frequent,
+    ``m = 1 .. _MAX_SPLIT``, the cheapest by the estimate
+    ``blocks · (Σ_k width_k + _BLOCK_COST · K)``), or a group per species where that estimate
+    (with ``_GROUP_COST`` per extra group) is lower."""
+    n_batches, one = most.shape[0], np.ones(1, dtype=np.int64)
+    groups: list[tuple[np.ndarray, np.ndarray]] = []
+    for first, count in _architecture_runs(network):
+        present = np.flatnonzero(totals[first : first + count]) + first
+        if present.size <= 1:
+            groups += [(present, one)] if present.size else []
+            continue
+        widest = most[:, present]  # [K, c]
+        share = totals[present] / totals[present].max()
+        multiples = np.arange(1, _MAX_SPLIT + 1)[:, None]
+        splits = np.maximum(1, np.rint(multiples * share)).astype(np.int64)  # [C, c]
+        widths = _ceil_div(widest[None], splits[:, None]).max(-1)  # [C, K]
+        blocks = splits.sum(1)
+        cost = n_orders * blocks * (widths.sum(1) + _BLOCK_COST * n_batches)
+        best = int(np.argmin(cost))
+        alone = n_orders * (widest.sum() + _BLOCK_COST * n_batches * present.size)
+        alone += _GROUP_COST * n_batches * (present.size - 1)
+        if alone < cost[best]:
+            groups += [(present[i : i + 1], one) for i in range(present.size)]
+        else:
+            groups.append((present, splits[best]))
+    return groups
 
 
 @torch.inference_mode()
@@ -215,14 +267,8 @@ def energy_plan(
 
     counts, starts = per_slot(table.species_counts), per_slot(table.species_start)
     per_batch = counts.sum(2)  # [W, K, M]
-    most, totals = per_batch.max(0), per_batch.sum((0, 1))  # [K, M], [M]
-    groups = []
-    for first, count in _architecture_runs(network):
-        padded = n_orders * count * most[:, first : first + count].max(1).sum()
-        if count > 1 and padded > _MAX_PADDING * totals[first : first + count].sum():
-            groups += [(s, 1) for s in range(first, first + count)]
-        else:
-            groups.append((first, count))
+    most = per_batch.max(0)  # [K, M]
+    groups = _species_groups(most, per_batch.sum((0, 1)), network, n_orders)
 
     def per_draw(values: torch.Tensor, fill: float) -> np.ndarray:
         """``values[orders]`` as ``[W, K, batch_size]`` (``fill`` for the padding slots)."""
@@ -233,23 +279,27 @@ def energy_plan(
     output_scale, offset = per_draw(table.output_scale, 0.0), per_draw(table.offset, 0.0)
     device, dtype = table.rows.device, table.rows.dtype
     features, assign, widths = [], [], []
-    for first, count in groups:
-        width = most[:, first : first + count].max(1)  # [K]
-        stack = n_orders * count
-        # the column of the first atom of each (block, batch, slot): its batch's first column,
-        # its block's within the batch, then the atoms of the slots before it in the block
-        atoms = _group_blocks(counts, first, count)
+    for species, splits in groups:
+        width = _ceil_div(most[:, species], splits).max(1)  # [K]
+        n_blocks = int(splits.sum())
+        stack = n_orders * n_blocks
+        # the column of the first atom of each (species, batch, slot): its batch's first
+        # column, its species' first block's within the batch (member-major), then the atoms
+        # of the slots before it (a species' blocks are adjacent: its atoms run across them)
+        atoms = _group_blocks(counts, species)  # [W·c, K, b]
         batch_start = _exclusive_cumsum(width) * stack
-        block_start = batch_start + np.arange(stack)[:, None] * width
+        first_block = np.arange(n_orders)[:, None] * n_blocks + _exclusive_cumsum(splits)
+        block_start = batch_start + first_block.reshape(-1, 1) * width
         column = block_start[:, :, None] + _exclusive_cumsum(atoms)
         atoms = atoms.ravel()
         index = np.arange(atoms.sum()) - np.repeat(_exclusive_cumsum(atoms), atoms)
         target = np.repeat(column.ravel(), atoms) + index
         rows = np.full(stack * int(width.sum()), table.rows.shape[0] - 1)  # padding: zeros
-        rows[target] = np.repeat(_group_blocks(starts, first, count).ravel(), atoms) + index
-        slot = np.repeat(np.tile(np.arange(batch_size), stack * n_batches), atoms)
+        rows[target] = np.repeat(_group_blocks(starts, species).ravel(), atoms) + index
+        slot = np.repeat(np.tile(np.arange(batch_size), atoms.size // batch_size), atoms)
         scales = np.zeros((rows.size, batch_size))
-        scales[target, slot] = np.repeat(np.repeat(output_scale, count, axis=0).ravel(), atoms)
+        per_species = np.repeat(output_scale, species.size, axis=0)
+        scales[target, slot] = np.repeat(per_species.ravel(), atoms)
         features.append(table.rows.index_select(0, torch.from_numpy(rows).to(device)))
         assign.append(torch.from_numpy(scales.ravel()).to(device=device, dtype=dtype))
         widths.append(tuple(width.tolist()))
@@ -258,7 +308,7 @@ def energy_plan(
         features=tuple(features),
         assign=tuple(assign),
         offset=torch.from_numpy(offset.transpose(1, 0, 2)).to(device=device, dtype=dtype),
-        groups=tuple(groups),
+        groups=tuple(tuple(np.repeat(species, splits).tolist()) for species, splits in groups),
         widths=tuple(widths),
         sizes=tuple(min(batch_size, n_draws - k * batch_size) for k in range(n_batches)),
     )
@@ -278,23 +328,39 @@ def plan_chunks(
     return draws.split(per_plan * batch_size, dim=-1)
 
 
-def _layer_views(
-    flat: torch.Tensor, network: NetworkParams, first: int, count: int
-) -> list[torch.Tensor]:
-    """Per layer of species ``first .. first + count - 1`` (one architecture), the augmented
-    weights ``[W, S, in + 1, out]`` (bias = last row) as strided views of ``flat`` (``[P]``,
-    or ``[W, P]`` for stacked committee members) in the layout of :class:`NetworkParams`:
-    each weight ``[in, out]`` row-major followed by its bias."""
+def _layer_views(flat: torch.Tensor, sizes: tuple[int, ...], count: int) -> list[torch.Tensor]:
+    """Per layer of ``count`` networks of layer widths ``sizes`` whose parameters ``flat``
+    (``[count·p]``, or ``[W, count·p]`` for stacked committee members; a view of a larger
+    vector or not) holds one after another in the layout of :class:`NetworkParams` (each
+    weight ``[in, out]`` row-major followed by its bias), the augmented weights
+    ``[W, count, in + 1, out]`` (bias = last row) as strided views of ``flat``."""
     flat = flat.view(-1, flat.shape[-1])
-    per_species = [parameter_count(sizes) for sizes in network.sizes]
-    offset = flat.storage_offset() + sum(per_species[:first])
+    per_network, offset = parameter_count(sizes), flat.storage_offset()
     views = []
-    for fan_in, fan_out in zip(network.sizes[first][:-1], network.sizes[first][1:]):
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
         shape = (flat.shape[0], count, fan_in + 1, fan_out)
-        strides = (flat.stride(0), per_species[first], fan_out, 1)
+        strides = (flat.stride(0), per_network, fan_out, 1)
         views.append(flat.as_strided(shape, strides, offset))
         offset += (fan_in + 1) * fan_out
     return views
+
+
+def _group_parameters(
+    flat: torch.Tensor, network: NetworkParams, blocks: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The parameters of the networks of ``blocks`` (species indices, one architecture), one
+    after another: ``[B·p]`` (``[W, B·p]``) from ``flat`` (``[P]``, ``[W, P]``), and the
+    positions ``[B·p]`` they were gathered from; a view of ``flat`` (positions None) where
+    the blocks are consecutive distinct species whose member and block axes merge (one
+    member, or all species)."""
+    per_species = [parameter_count(sizes) for sizes in network.sizes]
+    starts, size = _exclusive_cumsum(np.array(per_species)), per_species[blocks[0]]
+    consecutive = blocks == tuple(range(blocks[0], blocks[0] + len(blocks)))
+    if consecutive and (flat.ndim == 1 or len(blocks) * size == flat.shape[-1]):
+        return flat.narrow(-1, int(starts[blocks[0]]), len(blocks) * size), None
+    positions = starts[list(blocks)][:, None] + np.arange(size)
+    positions = torch.from_numpy(positions.ravel()).to(flat.device)
+    return flat.index_select(-1, positions), positions
 
 
 def _activation_into(name: str) -> Callable[..., torch.Tensor]:
@@ -314,44 +380,48 @@ _HIDDEN_ELEMENTS = 1 << 22
 forgotten beyond: 32 MiB in float64)."""
 
 
-class _Weights:
-    """A ``[W, S, a, b]`` view of stacked weights, used as
-    ``[W·S, a, b]``: a view where the member and species axes merge (one model, or a group
-    of all species), else a copy per use (a committee group of some species)."""
-
-    def __init__(self, view: torch.Tensor):
-        self.view = view
-        try:
-            self.flat: torch.Tensor | None = view.view(-1, *view.shape[2:])
-        except RuntimeError:
-            self.flat = None
-
-    def merged(self) -> torch.Tensor:
-        """The current values as ``[W·S, a, b]``."""
-        return self.view.reshape(-1, *self.view.shape[2:]) if self.flat is None else self.flat
-
-
 @attrs.frozen
 class _Layer:
     """One layer of a species group, as the steps use it: ``forward`` the augmented weights
-    transposed ``[W·S, out, in + 1]`` (outputs = ``forward @ inputs``), ``backward`` the
-    same without the bias column ``[W·S, out, in]`` (input deltas, atoms as rows =
-    ``deltas @ backward``)."""
+    transposed ``[W·B, out, in + 1]`` (outputs = ``forward @ inputs``), ``backward`` the
+    same without the bias column ``[W·B, out, in]`` (input deltas, atoms as rows =
+    ``deltas @ backward``); views of the values or of the group's gathered copy of them."""
 
-    forward: _Weights
-    backward: _Weights
+    forward: torch.Tensor
+    backward: torch.Tensor
+
+
+@attrs.frozen
+class _GroupWeights:
+    """The :class:`_Layer` s of one species group and, where they view a gathered copy of the
+    values (a species in several blocks, or some species of committee members), the
+    ``(positions, copy)`` to gather again after each change of the values."""
+
+    layers: list[_Layer]
+    gather: tuple[torch.Tensor, torch.Tensor] | None
 
 
 @attrs.frozen
 class _GradientScratch:
     """Where the steps of plans with one species grouping write their weight gradients:
-    ``blocks[g][layer]``, a contiguous ``[W·S_g, in + 1, out]`` block of ``buffer`` per group
+    ``blocks[g][layer]``, a contiguous ``[W·B_g, in + 1, out]`` block of ``buffer`` per group
     and layer (a batched product writes a contiguous result several times faster than a strided
-    one), and ``order``, the index that gathers ``buffer`` into the values' layout."""
+    one), and how :meth:`reduce_into` brings ``buffer`` into the values' layout: ``order``,
+    the index that gathers it where every value has exactly one block's entry, else
+    ``positions``, each entry's position in the values (summed there; zero for values of no
+    block)."""
 
     blocks: list[list[torch.Tensor]]
     buffer: torch.Tensor
-    order: torch.Tensor
+    order: torch.Tensor | None
+    positions: torch.Tensor
+
+    def reduce_into(self, gradient: torch.Tensor) -> None:
+        """Write the gradient of the values (``[P]`` / ``[W, P]``) from ``buffer``."""
+        if self.order is not None:
+            torch.index_select(self.buffer, 0, self.order, out=gradient.view(-1))
+        else:
+            gradient.view(-1).zero_().index_add_(0, self.positions, self.buffer)
 
 
 class EnergyWorkspace:
@@ -367,65 +437,73 @@ class EnergyWorkspace:
         self.network = network
         self.n_members = network.values.shape[0] if network.values.ndim == 2 else 1
         self.gradient = torch.empty_like(network.values)
-        self._layers: dict[tuple[int, int], list[_Layer]] = {}
-        self._scratch: dict[tuple[tuple[int, int], ...], _GradientScratch] = {}
-        self._hidden: dict[tuple[int, int, int], list[tuple[torch.Tensor, ...]]] = {}
+        self._layers: dict[tuple[int, ...], _GroupWeights] = {}
+        self._scratch: dict[tuple, _GradientScratch] = {}
+        self._hidden: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
         self._hidden_elements = 0
 
-    def layers(self, first: int, count: int) -> list[_Layer]:
-        """The :class:`_Layer` s of species ``first .. first + count - 1``."""
-        if (first, count) not in self._layers:
-            weights = _layer_views(self.network.values, self.network, first, count)
-            self._layers[first, count] = [
-                _Layer(_Weights(weight.transpose(2, 3)), _Weights(weight.transpose(2, 3)[..., :-1]))
-                for weight in weights
-            ]
-        return self._layers[first, count]
+    def layers(self, blocks: tuple[int, ...]) -> _GroupWeights:
+        """The :class:`_GroupWeights` of the group of species ``blocks`` (one per block)."""
+        if blocks not in self._layers:
+            values, n_blocks = self.network.values, len(blocks)
+            parameters, positions = _group_parameters(values, self.network, blocks)
+            layers = []
+            for weight in _layer_views(parameters, self.network.sizes[blocks[0]], n_blocks):
+                forward = weight.transpose(2, 3).flatten(0, 1)  # a view: the axes merge
+                layers.append(_Layer(forward, forward[..., :-1]))
+            gather = None if positions is None else (positions, parameters)
+            self._layers[blocks] = _GroupWeights(layers, gather)
+        return self._layers[blocks]
 
     def scratch(
-        self, groups: tuple[tuple[int, int], ...], members_as_rows: tuple[bool, ...]
+        self, groups: tuple[tuple[int, ...], ...], members_as_rows: tuple[bool, ...]
     ) -> _GradientScratch:
         """The :class:`_GradientScratch` of the species grouping ``groups`` (one per grouping
-        seen: a plan may split a run of species of one architecture). A group marked in
-        ``members_as_rows`` has its first layer's block as ``[S, in + 1, W·out]`` (the members
+        seen: plans group and split species by their atoms). A group marked in
+        ``members_as_rows`` has its first layer's block as ``[B, in + 1, W·out]`` (the members
         side by side, as :class:`EnergySteps` computes it for a shared order)."""
         key = (groups, members_as_rows)
         if key not in self._scratch:
             # each block's values' positions, in the block's order: the layer views
-            # [W, S, in + 1, out] of the positions themselves, arranged as the block
+            # [W, B, in + 1, out] of the positions themselves, arranged as the block
             index = torch.arange(self.gradient.numel()).view(self.gradient.shape)
-            views = [
-                [
-                    view.permute(1, 2, 0, 3).flatten(2)  # [S, in + 1, W·out]
-                    if layer == 0 and rows
-                    else view.flatten(0, 1)  # [W·S, in + 1, out]
-                    for layer, view in enumerate(_layer_views(index, self.network, first, count))
-                ]
-                for (first, count), rows in zip(groups, members_as_rows)
-            ]
+            views = []
+            for blocks, rows in zip(groups, members_as_rows):
+                parameters, _ = _group_parameters(index, self.network, blocks)
+                sizes = self.network.sizes[blocks[0]]
+                views.append(
+                    [
+                        view.permute(1, 2, 0, 3).flatten(2)  # [B, in + 1, W·out]
+                        if layer == 0 and rows
+                        else view.flatten(0, 1)  # [W·B, in + 1, out]
+                        for layer, view in enumerate(_layer_views(parameters, sizes, len(blocks)))
+                    ]
+                )
             flat = [view for group in views for view in group]
-            buffer = self.gradient.new_empty(self.gradient.numel())
+            positions = torch.cat([view.reshape(-1) for view in flat])
+            buffer = self.gradient.new_empty(positions.numel())
             blocks = iter(buffer.split([view.numel() for view in flat]))
             grouped = [[next(blocks).view(view.shape) for view in group] for group in views]
-            order = torch.argsort(torch.cat([view.reshape(-1) for view in flat]))
-            order = order.to(buffer.device)
-            self._scratch[key] = _GradientScratch(grouped, buffer, order)
+            once = bool((torch.bincount(positions, minlength=index.numel()) == 1).all())
+            order = torch.argsort(positions).to(buffer.device) if once else None
+            positions = positions.to(buffer.device)
+            self._scratch[key] = _GradientScratch(grouped, buffer, order, positions)
         return self._scratch[key]
 
-    def hidden(self, first: int, count: int, width: int) -> list[tuple[torch.Tensor, ...]]:
-        """Per hidden layer of that group, for batches ``width`` atoms wide: a
-        ``[W·S, out + 1, width]`` buffer whose last row is ones (the next layer's bias input),
-        its activation rows ``[W·S, out, width]`` and their transpose ``[W·S, width, out]``.
-        Exactly ``width`` wide: the products' strides, hence their rounding, depend on the
-        batch alone."""
-        key = (first, count, width)
+    def hidden(self, blocks: tuple[int, ...], width: int) -> list[tuple[torch.Tensor, ...]]:
+        """Per hidden layer of the group of species ``blocks``, for batches ``width`` atoms
+        wide: a ``[W·B, out + 1, width]`` buffer whose last row is ones (the next layer's bias
+        input), its activation rows ``[W·B, out, width]`` and their transpose
+        ``[W·B, width, out]``. Exactly ``width`` wide: the products' strides, hence their
+        rounding, depend on the batch alone."""
+        key = (blocks, width)
         if key not in self._hidden:
             if self._hidden_elements > _HIDDEN_ELEMENTS:
                 self._hidden.clear()
                 self._hidden_elements = 0
             buffers = [
-                self.network.values.new_ones(self.n_members * count, fan_out + 1, width)
-                for fan_out in self.network.sizes[first][1:-1]
+                self.network.values.new_ones(self.n_members * len(blocks), fan_out + 1, width)
+                for fan_out in self.network.sizes[blocks[0]][1:-1]
             ]
             self._hidden[key] = [(b, b[:, :-1], b[:, :-1].transpose(1, 2)) for b in buffers]
             self._hidden_elements += sum(b.numel() for b in buffers)
@@ -468,38 +546,40 @@ class EnergySteps:
         self.norm_limits = [math.sqrt(size * tiny) for size in plan.sizes]
         self.offsets = plan.offset.unbind(0)  # per batch [W, batch_size]
         self._zero = values.new_zeros(())
-        self.layers = [workspace.layers(first, count) for first, count in plan.groups]
+        weights = [workspace.layers(blocks) for blocks in plan.groups]
+        self.layers = [group.layers for group in weights]
+        self.gathers = [group.gather for group in weights if group.gather is not None]
         # one order shared by several members: the first layer takes the members as rows of
-        # one weight matrix per species, so the inputs are not copied per member
+        # one weight matrix per block, so the inputs are not copied per member
         self.members_as_rows = tuple(
-            self.shared_order and self.n_members > 1 and len(network.sizes[first]) > 2
-            for first, _ in plan.groups
+            self.shared_order and self.n_members > 1 and len(network.sizes[blocks[0]]) > 2
+            for blocks in plan.groups
         )
         self.scratch = workspace.scratch(plan.groups, self.members_as_rows)
-        self.activate_into = {
-            first: [_activation_into(name) for name in network.activations[first]]
-            for first, _ in plan.groups
-        }
+        self.activate_into = [
+            [_activation_into(name) for name in network.activations[blocks[0]]]
+            for blocks in plan.groups
+        ]
         # per batch, per group: (inputs, summing matrix, spreading matrix, activation buffers)
         self.batches = list(zip(*(self._group_views(g) for g in range(len(plan.groups)))))
 
     def _group_views(self, g: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]]:
-        """Per batch of group ``g``: its inputs ``[W·S_g, F + 1, n]`` (a strided view of
+        """Per batch of group ``g``: its inputs ``[W·B_g, F + 1, n]`` (a strided view of
         the plan's features), the matrix that sums per-atom values into structures
-        (``[S_g·n, batch_size]`` for a shared order, else ``[W, S_g·n, batch_size]``) and the
-        one that spreads structure values onto atoms (``[batch_size, S_g·n]`` /
-        ``[W, batch_size, S_g·n]``),
+        (``[B_g·n, batch_size]`` for a shared order, else ``[W, B_g·n, batch_size]``) and the
+        one that spreads structure values onto atoms (``[batch_size, B_g·n]`` /
+        ``[W, batch_size, B_g·n]``),
         views of the plan's assignment matrices (the spreading one the transpose of the summing
         one: padding slots of a short last batch spread zeros), one ``as_strided`` each; and
         the workspace's activation buffers for the batch's width."""
         plan, n_orders, size = self.plan, self.plan.n_orders, self.plan.batch_size
-        features, assign, (first, count) = plan.features[g], plan.assign[g], plan.groups[g]
+        features, assign, blocks = plan.features[g], plan.assign[g], plan.groups[g]
         n_features = features.shape[1]
         views, start = [], 0  # the batch's first feature row
         for width in plan.widths[g]:
-            rows = count * width  # assignment rows per order
+            rows = len(blocks) * width  # assignment rows per order
             inputs = features.as_strided(
-                (n_orders * count, n_features, width),
+                (n_orders * len(blocks), n_features, width),
                 (width * n_features, 1, n_features),
                 features.storage_offset() + start * n_features,
             )
@@ -512,14 +592,14 @@ class EnergySteps:
                     ((n_orders, size, rows), (rows * size, 1, size)),
                 )
             summing, spreading = (assign.as_strided(*shape, offset) for shape in shapes)
-            views.append((inputs, summing, spreading, self.workspace.hidden(first, count, width)))
+            views.append((inputs, summing, spreading, self.workspace.hidden(blocks, width)))
             start += n_orders * rows
         return views
 
     def _errors(
         self, errors: torch.Tensor, per_atom: torch.Tensor, assign: torch.Tensor
     ) -> torch.Tensor:
-        """``errors`` ``[W, batch_size]`` plus the ``[W·S, 1, n]`` per-atom outputs summed into
+        """``errors`` ``[W, batch_size]`` plus the ``[W·B, 1, n]`` per-atom outputs summed into
         their structures' errors per atom by ``assign``."""
         if self.shared_order:
             return torch.addmm(errors, per_atom.view(self.n_members, -1), assign)
@@ -527,7 +607,7 @@ class EnergySteps:
         return torch.baddbmm(errors.unsqueeze(1), per_member, assign).view(self.n_members, -1)
 
     def _atoms(self, per_structure: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
-        """``[W, batch_size]`` structure values spread onto their atoms ``[W, S·n]``."""
+        """``[W, batch_size]`` structure values spread onto their atoms ``[W, B·n]``."""
         if self.shared_order:
             return torch.mm(per_structure, spread)
         return torch.bmm(per_structure.unsqueeze(1), spread)
@@ -538,29 +618,35 @@ class EnergySteps:
         the network values (shaped like them: ``[P]`` or ``[W, P]``; the buffer of this
         object) and the batch's per-atom energy errors ``[b_k]`` (``[W, b_k]``; eV/atom)."""
         plan, n_members, size = self.plan, self.n_members, self.plan.sizes[k]
-        # per group: (first species, species), members as rows, layers, batch views
-        groups = list(zip(plan.groups, self.members_as_rows, self.layers, self.batches[k]))
+        for positions, copy in self.gathers:
+            torch.index_select(self.network.values, -1, positions, out=copy)
+        # per group: blocks' species, members as rows, layers, activations, batch views
+        groups = list(
+            zip(plan.groups, self.members_as_rows, self.layers, self.activate_into, self.batches[k])
+        )
         errors, passes = self.offsets[k], []  # passes: per group, its inputs, pre-activations
-        for (first, count), rows, layers, (x, assign, _, hidden) in groups:
+        for blocks, rows, layers, activate_into, (x, assign, _, hidden) in groups:
+            count = len(blocks)
             if self.shared_order and n_members > 1 and not rows:  # each member its inputs
                 x = x.expand(n_members, *x.shape).reshape(-1, *x.shape[1:])
-            activations = self.network.activations[first]
+            activations = self.network.activations[blocks[0]]
             inputs, preactivations = [x], []
             for layer, (buffer, outputs, _), name, activate in zip(
-                layers, hidden, activations, self.activate_into[first]
+                layers, hidden, activations, activate_into
             ):
-                if rows and len(inputs) == 1:  # [S, W·out, in + 1] @ [S, in + 1, n]
-                    weights = layer.forward.view.transpose(0, 1).reshape(count, -1, x.shape[1])
+                if rows and len(inputs) == 1:  # [B, W·out, in + 1] @ [B, in + 1, n]
+                    weights = layer.forward.view(n_members, count, *layer.forward.shape[1:])
+                    weights = weights.transpose(0, 1).reshape(count, -1, x.shape[1])
                     z = torch.bmm(weights, x).view(count, n_members, -1, x.shape[2])
-                    z = z.transpose(0, 1)  # [W, S, out, n]: member-major, as the buffers
+                    z = z.transpose(0, 1)  # [W, B, out, n]: member-major, as the buffers
                     activate(z, out=outputs.view(n_members, count, *outputs.shape[1:]))
                     z = z.reshape(-1, *z.shape[2:]) if name in _USES_PREACTIVATION else z
                 else:
-                    z = torch.bmm(layer.forward.merged(), inputs[-1])
+                    z = torch.bmm(layer.forward, inputs[-1])
                     activate(z, out=outputs)
                 preactivations.append(z.transpose(1, 2) if name in _USES_PREACTIVATION else None)
                 inputs.append(buffer)
-            energies = torch.bmm(layers[-1].forward.merged(), inputs[-1])  # [W·S, 1, n]
+            energies = torch.bmm(layers[-1].forward, inputs[-1])  # [W·B, 1, n]
             errors = self._errors(errors, energies, assign)
             passes.append((inputs, preactivations))
 
@@ -569,25 +655,25 @@ class EnergySteps:
         norm = torch.threshold(norm, self.norm_limits[k], math.inf)
         output_grad = torch.addcdiv(self._zero, errors, norm, value=self.error_weights[k])
 
-        for group, (inputs, preactivations), blocks in zip(groups, passes, self.scratch.blocks):
-            (first, count), rows, layers, (_, _, spread, hidden) = group
-            activations = self.network.activations[first]
-            # deltas with atoms as rows: [W·S, n, out]
+        for group, (inputs, preactivations), scratch in zip(groups, passes, self.scratch.blocks):
+            blocks, rows, layers, _, (_, _, spread, hidden) = group
+            count, activations = len(blocks), self.network.activations[blocks[0]]
+            # deltas with atoms as rows: [W·B, n, out]
             delta = self._atoms(output_grad, spread).view(n_members * count, -1, 1)
             for layer in reversed(range(len(layers))):
-                if layer == 0 and rows:  # the members side by side: [S, n, W·out]
+                if layer == 0 and rows:  # the members side by side: [B, n, W·out]
                     delta = delta.view(n_members, count, *delta.shape[1:]).permute(1, 2, 0, 3)
                     delta = delta.reshape(count, delta.shape[1], -1)
-                torch.bmm(inputs[layer], delta, out=blocks[layer])
+                torch.bmm(inputs[layer], delta, out=scratch[layer])
                 if layer == 0:
                     break
-                weights = layers[layer].backward.merged()
+                weights = layers[layer].backward
                 # an output layer (one column) is an outer product: a broadcast multiply
                 delta = delta * weights if weights.shape[1] == 1 else torch.bmm(delta, weights)
                 name = activations[layer - 1]
                 delta = _BACKWARD[name](delta, preactivations[layer - 1], hidden[layer - 1][2])
         gradient = self.gradient_buffer
-        torch.index_select(self.scratch.buffer, 0, self.scratch.order, out=gradient.view(-1))
+        self.scratch.reduce_into(gradient)
         if size < plan.batch_size:
             errors = errors[:, :size]
         return gradient, errors.view(*gradient.shape[:-1], size)

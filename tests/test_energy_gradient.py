@@ -76,14 +76,15 @@ def test_hand_gradient_equals_torch_func(tio2_structures, activation, dtype):
 @pytest.mark.parametrize("activation", ["tanh", "twist", "silu"])
 @pytest.mark.parametrize("batch_size", [1, 3, 7])
 def test_plan_of_consecutive_batches_with_stacked_species(tio2_structures, activation, batch_size):
-    """Both species share one architecture (one batched product per layer, padded atoms);
-    every batch of the plan, the short last one included, equals its own mini-batch's loss."""
+    """Both species share one architecture (one batched product per layer, padded atoms; O,
+    twice as frequent as Ti, in two blocks); every batch of the plan, the short last one
+    included, equals its own mini-batch's loss."""
     arch = {s: [(6, activation), (4, "tanh")] for s in ("Ti", "O")}
     train = af.featurize_structures(PARAMS, tio2_structures, with_derivatives=False)
     model = af.init_model(PARAMS, arch, train, seed=5, atomic_energies=REFERENCES)
     order = torch.tensor([5, 5, 11, 0, 18, 2, 9, 12, 16, 6, 17, 3])  # 23-24 atoms each
     plan = energy_plan(energy_table(model, train), model.network, order, batch_size)
-    assert plan.groups == ((0, 2),) and sum(plan.sizes) == order.numel()
+    assert plan.groups == ((0, 1, 1),) and sum(plan.sizes) == order.numel()
     for k, selection in enumerate(order.split(batch_size)):
         gradient, errors = plan_gradient(model.network, plan, k, 0.2)
         _assert_gradient_of(model, af.take_structures(train, selection), gradient, errors, 0.2)
@@ -116,7 +117,7 @@ def test_committee_members_in_one_plan_equal_each_member_alone(
     draws = orders if own_orders else orders[0]
     plan = energy_plan(table, stacked, draws, 4)
     assert plan.n_orders == (3 if own_orders else 1)
-    assert plan.groups == (((0, 1), (1, 1)) if mixed else ((0, 2),))
+    assert plan.groups == (((0,), (1,)) if mixed else ((0, 1, 1),))
     for k in range(len(plan.sizes)):
         gradients, errors = plan_gradient(stacked, plan, k, 0.1)
         for i, member in enumerate(members):
@@ -134,22 +135,28 @@ def _spread_molecule(species: list[str], seed: int) -> af.Structure:
 
 
 @pytest.mark.parametrize(
-    ("species", "stacked"),
+    ("molecules", "groups"),
     [
-        (["O", "H", "H", "C"], True),  # widest species 2: 3 × 2 padded ≤ 2 × 4 real atoms
-        (["O", "C"] + ["H"] * 10, False),  # 3 × 10 padded > 2 × 12 real atoms
+        ([["O", "H", "H", "C"]], ((0, 1, 2),)),  # widest 2: three blocks of 2 columns
+        ([["O", "C"] + ["H"] * 10], ((0, 1, 1, 2),)),  # H in two blocks of 5 columns
+        ([["O"] * 300, ["H"] * 300], ((0,), (1,))),  # stacked: 300 padding columns per batch
     ],
 )
-def test_species_with_very_unequal_counts_are_not_padded_together(species, stacked):
+def test_species_with_very_unequal_counts_are_balanced_or_not_padded_together(molecules, groups):
+    """A frequent species is split into blocks about as wide as the others'; where the
+    batches' compositions differ so much that stacking would pad many columns, each species
+    has its own group. The gradient is autodiff's either way."""
     params = af.ChebyshevParams(["O", "H", "C"], 4, 4.0, 2, 3.0, min_cutoff=0.1)
-    structure = _spread_molecule(species, seed=len(species))
-    train = af.featurize_structures(params, [structure], with_derivatives=False)
+    structures = [_spread_molecule(species, seed=len(species)) for species in molecules]
+    train = af.featurize_structures(params, structures, with_derivatives=False)
     model = af.init_model(params, {s: [(3, "tanh")] for s in "OHC"}, train, seed=0)
-    batch = af.take_structures(train, torch.tensor([0]))
-    plan = energy_plan(energy_table(model, train), model.network, torch.tensor([0]), 1)
-    assert plan.groups == (((0, 3),) if stacked else ((0, 1), (1, 1), (2, 1)))
-    gradient, errors = plan_gradient(model.network, plan, 0, 0.0)
-    _assert_gradient_of(model, batch, gradient, errors, 0.0)
+    order = torch.arange(len(structures))
+    plan = energy_plan(energy_table(model, train), model.network, order, 1)
+    assert plan.groups == groups
+    for k in range(len(structures)):
+        gradient, errors = plan_gradient(model.network, plan, k, 0.0)
+        batch = af.take_structures(train, order[k : k + 1])
+        _assert_gradient_of(model, batch, gradient, errors, 0.0)
 
 
 def test_force_batches_are_refused(tio2_structures):
