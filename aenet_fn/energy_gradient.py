@@ -402,6 +402,25 @@ class _GroupWeights:
 
 
 @attrs.frozen
+class _GroupPass:
+    """What every step of a plan does for one species group of ``B`` blocks, resolved once
+    per plan: ``forward``, per hidden layer, its weights ``[W·B, out, in + 1]``, the function
+    writing its activation and whether the derivative reads the pre-activation; ``output``
+    the output layer's weights ``[W·B, 1, in + 1]``; ``backward``, from the top layer down to
+    the second, the layer's index, its weights without the bias column ``[W·B, out, in]`` and
+    the derivative of the activation below it; ``members_as_rows`` (see
+    :class:`EnergySteps`) and ``expand_inputs`` (a shared order whose inputs each member takes
+    as its own copy)."""
+
+    count: int
+    forward: tuple[tuple[torch.Tensor, Callable[..., torch.Tensor], bool], ...]
+    output: torch.Tensor
+    backward: tuple[tuple[int, torch.Tensor, Callable[..., torch.Tensor]], ...]
+    members_as_rows: bool
+    expand_inputs: bool
+
+
+@attrs.frozen
 class _GradientScratch:
     """Where the steps of plans with one species grouping write their weight gradients:
     ``blocks[g][layer]``, a contiguous ``[W·B_g, in + 1, out]`` block of ``buffer`` per group
@@ -547,21 +566,37 @@ class EnergySteps:
         self.offsets = plan.offset.unbind(0)  # per batch [W, batch_size]
         self._zero = values.new_zeros(())
         weights = [workspace.layers(blocks) for blocks in plan.groups]
-        self.layers = [group.layers for group in weights]
         self.gathers = [group.gather for group in weights if group.gather is not None]
         # one order shared by several members: the first layer takes the members as rows of
         # one weight matrix per block, so the inputs are not copied per member
-        self.members_as_rows = tuple(
+        members_as_rows = tuple(
             self.shared_order and self.n_members > 1 and len(network.sizes[blocks[0]]) > 2
             for blocks in plan.groups
         )
-        self.scratch = workspace.scratch(plan.groups, self.members_as_rows)
-        self.activate_into = [
-            [_activation_into(name) for name in network.activations[blocks[0]]]
-            for blocks in plan.groups
+        self.scratch = workspace.scratch(plan.groups, members_as_rows)
+        passes = [
+            self._group_pass(blocks, group.layers, rows)
+            for blocks, group, rows in zip(plan.groups, weights, members_as_rows)
         ]
-        # per batch, per group: (inputs, summing matrix, spreading matrix, activation buffers)
-        self.batches = list(zip(*(self._group_views(g) for g in range(len(plan.groups)))))
+        # per batch, per group: (its pass, inputs, summing and spreading matrices, buffers)
+        views = [self._group_views(g) for g in range(len(plan.groups))]
+        self.batches = [
+            [(group, *batch) for group, batch in zip(passes, batches)] for batches in zip(*views)
+        ]
+
+    def _group_pass(self, blocks: tuple[int, ...], layers: list[_Layer], rows: bool) -> _GroupPass:
+        """The :class:`_GroupPass` of the group of species ``blocks``."""
+        activations = self.network.activations[blocks[0]]
+        forward = tuple(
+            (layer.forward, _activation_into(name), name in _USES_PREACTIVATION)
+            for layer, name in zip(layers, activations)
+        )
+        backward = tuple(
+            (layer, layers[layer].backward, _BACKWARD[activations[layer - 1]])
+            for layer in range(len(layers) - 1, 0, -1)
+        )
+        expand = self.shared_order and self.n_members > 1 and not rows
+        return _GroupPass(len(blocks), forward, layers[-1].forward, backward, rows, expand)
 
     def _group_views(self, g: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]]:
         """Per batch of group ``g``: its inputs ``[W·B_g, F + 1, n]`` (a strided view of
@@ -617,36 +652,24 @@ class EnergySteps:
         """Gradient of the energy-only loss ``(1 − α)·RMSE_E`` of batch ``k`` with respect to
         the network values (shaped like them: ``[P]`` or ``[W, P]``; the buffer of this
         object) and the batch's per-atom energy errors ``[b_k]`` (``[W, b_k]``; eV/atom)."""
-        plan, n_members, size = self.plan, self.n_members, self.plan.sizes[k]
+        n_members, size = self.n_members, self.plan.sizes[k]
         for positions, copy in self.gathers:
             torch.index_select(self.network.values, -1, positions, out=copy)
-        # per group: blocks' species, members as rows, layers, activations, batch views
-        groups = list(
-            zip(plan.groups, self.members_as_rows, self.layers, self.activate_into, self.batches[k])
-        )
+        batch = self.batches[k]
         errors, passes = self.offsets[k], []  # passes: per group, its inputs, pre-activations
-        for blocks, rows, layers, activate_into, (x, assign, _, hidden) in groups:
-            count = len(blocks)
-            if self.shared_order and n_members > 1 and not rows:  # each member its inputs
+        for group, x, assign, _, hidden in batch:
+            if group.expand_inputs:  # each member its inputs
                 x = x.expand(n_members, *x.shape).reshape(-1, *x.shape[1:])
-            activations = self.network.activations[blocks[0]]
             inputs, preactivations = [x], []
-            for layer, (buffer, outputs, _), name, activate in zip(
-                layers, hidden, activations, activate_into
-            ):
-                if rows and len(inputs) == 1:  # [B, W·out, in + 1] @ [B, in + 1, n]
-                    weights = layer.forward.view(n_members, count, *layer.forward.shape[1:])
-                    weights = weights.transpose(0, 1).reshape(count, -1, x.shape[1])
-                    z = torch.bmm(weights, x).view(count, n_members, -1, x.shape[2])
-                    z = z.transpose(0, 1)  # [W, B, out, n]: member-major, as the buffers
-                    activate(z, out=outputs.view(n_members, count, *outputs.shape[1:]))
-                    z = z.reshape(-1, *z.shape[2:]) if name in _USES_PREACTIVATION else z
+            for (weights, activate, keep), (buffer, outputs, _) in zip(group.forward, hidden):
+                if group.members_as_rows and len(inputs) == 1:
+                    z = self._members_as_rows(group.count, weights, x, activate, outputs, keep)
                 else:
-                    z = torch.bmm(layer.forward, inputs[-1])
+                    z = torch.bmm(weights, inputs[-1])
                     activate(z, out=outputs)
-                preactivations.append(z.transpose(1, 2) if name in _USES_PREACTIVATION else None)
+                preactivations.append(z.transpose(1, 2) if keep else None)
                 inputs.append(buffer)
-            energies = torch.bmm(layers[-1].forward, inputs[-1])  # [W·B, 1, n]
+            energies = torch.bmm(group.output, inputs[-1])  # [W·B, 1, n]
             errors = self._errors(errors, energies, assign)
             passes.append((inputs, preactivations))
 
@@ -655,28 +678,46 @@ class EnergySteps:
         norm = torch.threshold(norm, self.norm_limits[k], math.inf)
         output_grad = torch.addcdiv(self._zero, errors, norm, value=self.error_weights[k])
 
-        for group, (inputs, preactivations), scratch in zip(groups, passes, self.scratch.blocks):
-            blocks, rows, layers, _, (_, _, spread, hidden) = group
-            count, activations = len(blocks), self.network.activations[blocks[0]]
-            # deltas with atoms as rows: [W·B, n, out]
-            delta = self._atoms(output_grad, spread).view(n_members * count, -1, 1)
-            for layer in reversed(range(len(layers))):
-                if layer == 0 and rows:  # the members side by side: [B, n, W·out]
-                    delta = delta.view(n_members, count, *delta.shape[1:]).permute(1, 2, 0, 3)
-                    delta = delta.reshape(count, delta.shape[1], -1)
+        for (group, _, _, spread, hidden), (inputs, pre), scratch in zip(
+            batch, passes, self.scratch.blocks
+        ):
+            # deltas with atoms as rows: [W·B, n, out]; the output layer's is an outer
+            # product (one column): a broadcast multiply
+            delta = self._atoms(output_grad, spread).view(n_members * group.count, -1, 1)
+            for layer, weights, derivative in group.backward:
                 torch.bmm(inputs[layer], delta, out=scratch[layer])
-                if layer == 0:
-                    break
-                weights = layers[layer].backward
-                # an output layer (one column) is an outer product: a broadcast multiply
-                delta = delta * weights if weights.shape[1] == 1 else torch.bmm(delta, weights)
-                name = activations[layer - 1]
-                delta = _BACKWARD[name](delta, preactivations[layer - 1], hidden[layer - 1][2])
+                delta = delta * weights if delta.shape[2] == 1 else torch.bmm(delta, weights)
+                delta = derivative(delta, pre[layer - 1], hidden[layer - 1][2])
+            if group.members_as_rows:  # the members side by side: [B, n, W·out]
+                delta = delta.view(n_members, group.count, *delta.shape[1:]).permute(1, 2, 0, 3)
+                delta = delta.reshape(group.count, delta.shape[1], -1)
+            torch.bmm(inputs[0], delta, out=scratch[0])
         gradient = self.gradient_buffer
         self.scratch.reduce_into(gradient)
-        if size < plan.batch_size:
+        if size < self.plan.batch_size:
             errors = errors[:, :size]
         return gradient, errors.view(*gradient.shape[:-1], size)
+
+    def _members_as_rows(
+        self,
+        count: int,
+        weights: torch.Tensor,
+        x: torch.Tensor,
+        activate: Callable[..., torch.Tensor],
+        outputs: torch.Tensor,
+        keep: bool,
+    ) -> torch.Tensor:
+        """The first layer of a group whose members share the order: one product per block,
+        ``[B, W·out, in + 1] @ [B, in + 1, n]``, with the activation written into ``outputs``
+        (``[W·B, out, n]``); returns the pre-activations ``[W·B, out, n]`` (a view, where
+        ``keep``)."""
+        n_members = self.n_members
+        weights = weights.view(n_members, count, *weights.shape[1:])
+        weights = weights.transpose(0, 1).reshape(count, -1, x.shape[1])
+        z = torch.bmm(weights, x).view(count, n_members, -1, x.shape[2])
+        z = z.transpose(0, 1)  # [W, B, out, n]: member-major, as the buffers
+        activate(z, out=outputs.view(n_members, count, *outputs.shape[1:]))
+        return z.reshape(-1, *z.shape[2:]) if keep else z
 
     @property
     def gradient_buffer(self) -> torch.Tensor:
