@@ -161,7 +161,7 @@ def committee_epoch(
     if config.uses_forces:
         steps = _force_steps(members, orders, shared, values, opt_state, lrs, train, config, blocks)
     else:
-        table = energy_table(members[0].model, train) if table is None else table
+        table = energy_table(members[0].model, train, config.batch_size) if table is None else table
         steps = _energy_steps(members, orders, shared, values, opt_state, lrs, table, config)
     sums = [error_sums_init() for _ in members]
     drawn: list[list[torch.Tensor]] = [[] for _ in members]
@@ -305,7 +305,7 @@ def committee_fit(
     members = tuple(members)
     # one per run: the members share the normalisation, which training does not change
     template = members[0].model
-    table = None if config.uses_forces else energy_table(template, train)
+    table = None if config.uses_forces else energy_table(template, train, config.batch_size)
     blocks, test_blocks = run_blocks(template, train, test, config)
     for _ in range(config.epochs):
         start = time.perf_counter()

@@ -9,8 +9,10 @@ back-propagation, with no autograd graph, and with as few operations as it can:
   whole epoch), with normalised features and every per-structure constant precomputed;
 * atoms are columns, so each layer is one batched product ``Wᵀ @ X`` along the long axis;
   species whose networks share an architecture (and sit next to each other in the species
-  order) are stacked in that product, each batch padded to its own widest species; the
-  weights are strided views of the flat parameter vector, so nothing is copied;
+  order) are stacked in that product, a frequent species split into several blocks so that
+  the blocks are about equally wide (each batch padded to its own widest block); the weights
+  are strided views of the flat parameter vector (or one gathered copy per step where a
+  species has several blocks);
 * a structure's error per atom is ``Σ outputs / (E_scaling N) + (constant of its atoms)``:
   one ``addmm`` with an assignment matrix holding each atom's ``1 / (E_scaling N)``, whose
   transpose spreads the loss gradient back onto the atoms;
@@ -89,7 +91,9 @@ class EnergyPlan:
     batch fill its (adjacent) blocks in order, then padding columns (zero features) fill them
     up. Species of one architecture share a group, each split into as many blocks as balance
     their widths (TiO2: one block of Ti, two of O), as far as an estimate of the products'
-    cost favours it over smaller groups; species with no atom in the plan have no block.
+    cost favours it over smaller groups: decided once for a table made for a batch size
+    (:func:`species_grouping`), else plan by plan (where species with no atom in the plan have
+    no block).
 
     Attributes:
         features: per species group, ``[Σ_k W·B_g·widths[g][k], F + 1]`` normalised features
@@ -138,6 +142,10 @@ def _architecture_runs(network: NetworkParams) -> list[tuple[int, int]]:
     return runs
 
 
+Grouping = tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
+"""Species groups of plans: per group, its species and the number of blocks of each."""
+
+
 @pytree_record
 @attrs.frozen(eq=False)
 class EnergyTable:
@@ -151,6 +159,9 @@ class EnergyTable:
         species_counts: ``[B, M]`` atoms of each species of each structure.
         output_scale: ``[B]`` ``1 / (E_scaling N)`` of each structure (1/atom).
         offset: ``[B]`` ``(Σ_atoms (E_shift + E_atomic) − E_ref) / N`` (eV/atom).
+        grouping: the species groups of every plan from this table, per group its species
+            and the number of blocks of each (static; see :func:`species_grouping`), or None
+            for a grouping decided plan by plan.
     """
 
     rows: torch.Tensor
@@ -158,11 +169,16 @@ class EnergyTable:
     species_counts: torch.Tensor
     output_scale: torch.Tensor
     offset: torch.Tensor
+    grouping: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] | None = static_field()
 
 
-def energy_table(model: Model, data: FeaturizedSet | MiniBatch) -> EnergyTable:
+def energy_table(
+    model: Model, data: FeaturizedSet | MiniBatch, batch_size: int | None = None
+) -> EnergyTable:
     """The :class:`EnergyTable` of the structures of ``data`` (raw features, species, atom
-    counts and total energies in eV) under ``model``'s normalisation."""
+    counts and total energies in eV) under ``model``'s normalisation; with ``batch_size``,
+    one species grouping for all its plans (:func:`species_grouping`: decided once, not per
+    plan, so that every plan of a run has the same layout and costs less)."""
     features, species_index = data.features, data.species_index
     structure_index, n_atoms, energies = data.structure_index, data.n_atoms, data.energies
     norm = model.normalization
@@ -183,13 +199,17 @@ def energy_table(model: Model, data: FeaturizedSet | MiniBatch) -> EnergyTable:
     )
     n = n_atoms.to(wide)
     constant = n * norm.energy_shift.to(wide) + atomic_references - energies.to(wide)
-    return EnergyTable(
+    table = EnergyTable(
         rows=rows,
         species_start=species_start,
         species_counts=counts,
         output_scale=(1.0 / (norm.energy_scaling.to(wide) * n)).to(features.dtype),
         offset=(constant / n).to(features.dtype),
+        grouping=None,
     )
+    if batch_size is None:
+        return table
+    return attrs.evolve(table, grouping=species_grouping(table, model.network, batch_size))
 
 
 def _exclusive_cumsum(values: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -244,6 +264,26 @@ def _species_groups(
     return groups
 
 
+_GROUPING_SEED = 0
+"""Seed of the fixed order whose batches :func:`species_grouping` weighs."""
+
+
+def species_grouping(table: EnergyTable, network: NetworkParams, batch_size: int) -> Grouping:
+    """The species groups (see :func:`_species_groups`) for plans of ``batch_size``
+    structures of ``table``, weighed on the batches of one fixed shuffled order of all its
+    structures: a pure function of the table, the architecture and the batch size, so that
+    every plan of a run, resumed or not, has one layout (hence one round-off)."""
+    counts = table.species_counts.cpu().numpy()
+    n_structures, n_species = counts.shape
+    n_batches = math.ceil(n_structures / batch_size)
+    order = np.random.default_rng(_GROUPING_SEED).permutation(n_structures)
+    padded = np.zeros((n_batches * batch_size, n_species), dtype=np.int64)
+    padded[:n_structures] = counts[order]
+    per_batch = padded.reshape(n_batches, batch_size, n_species).sum(1)
+    groups = _species_groups(per_batch, counts.sum(0), network, 1)
+    return tuple((tuple(species.tolist()), tuple(splits.tolist())) for species, splits in groups)
+
+
 @torch.inference_mode()
 def energy_plan(
     table: EnergyTable, network: NetworkParams, draws: torch.Tensor, batch_size: int
@@ -268,7 +308,10 @@ def energy_plan(
     counts, starts = per_slot(table.species_counts), per_slot(table.species_start)
     per_batch = counts.sum(2)  # [W, K, M]
     most = per_batch.max(0)  # [K, M]
-    groups = _species_groups(most, per_batch.sum((0, 1)), network, n_orders)
+    if table.grouping is None:
+        groups = _species_groups(most, per_batch.sum((0, 1)), network, n_orders)
+    else:
+        groups = [(np.array(species), np.array(splits)) for species, splits in table.grouping]
 
     def per_draw(values: torch.Tensor, fill: float) -> np.ndarray:
         """``values[orders]`` as ``[W, K, batch_size]`` (``fill`` for the padding slots)."""

@@ -555,7 +555,7 @@ def energy_epoch_table(
         return None
     if not isinstance(train, FeaturizedSet) or train.features.numel() > _TABLE_ELEMENTS:
         return None
-    return energy_table(state.model, train)
+    return energy_table(state.model, train, config.batch_size)
 
 
 _BLOCK_ELEMENTS = 1 << 28

@@ -159,6 +159,28 @@ def test_species_with_very_unequal_counts_are_balanced_or_not_padded_together(mo
         _assert_gradient_of(model, batch, gradient, errors, 0.0)
 
 
+def test_a_table_for_a_batch_size_fixes_the_grouping_of_all_its_plans():
+    """A table made for a batch size carries one grouping, decided on a fixed order of its
+    structures, that every plan takes, here also one whose own batches would have been
+    grouped otherwise (one species per batch: stacking pads half the columns); the gradient
+    is autodiff's either way."""
+    params = af.ChebyshevParams(["O", "H", "C"], 4, 4.0, 2, 3.0, min_cutoff=0.1)
+    molecules = [["O"] * 300, ["H"] * 300]
+    structures = [_spread_molecule(species, seed=len(species)) for species in molecules]
+    train = af.featurize_structures(params, structures, with_derivatives=False)
+    model = af.init_model(params, {s: [(3, "tanh")] for s in "OHC"}, train, seed=0)
+    table = energy_table(model, train, batch_size=2)  # both molecules in one batch: stacked
+    assert table.grouping == (((0, 1), (1, 1)),)
+    order = torch.tensor([1, 0])
+    assert energy_plan(energy_table(model, train), model.network, order, 1).groups == ((0,), (1,))
+    plan = energy_plan(table, model.network, order, 1)
+    assert plan.groups == ((0, 1),)
+    for k in range(2):
+        gradient, errors = plan_gradient(model.network, plan, k, 0.0)
+        batch = af.take_structures(train, order[k : k + 1])
+        _assert_gradient_of(model, batch, gradient, errors, 0.0)
+
+
 def test_force_batches_are_refused(tio2_structures):
     train = af.featurize_structures(PARAMS, tio2_structures[:3], with_derivatives=True)
     model = af.init_model(PARAMS, {"Ti": [(3, "tanh")], "O": [(3, "tanh")]}, train, seed=0)
