@@ -291,7 +291,9 @@ def energy_plan(
     """Lay out the structures ``draws`` (indices into ``table``, repeats allowed; ``[D]``, or
     ``[W, D]``: one order per committee member) as ``ceil(D / batch_size)`` consecutive
     mini-batches of ``batch_size`` structures for :class:`EnergySteps`; each batch's atoms of
-    a species in the order of :func:`~aenet_fn.featurized.take_structures`. The index
+    a species in the order of :func:`~aenet_fn.featurized.take_structures`, the species
+    grouped as ``table.grouping`` says where it is set, else as these draws' batches favour
+    (:func:`_species_groups`). The index
     arithmetic runs in NumPy on the host (a few hundred numbers: cheaper per operation than
     tensors); the features are gathered on the table's device."""
     orders = draws.reshape(-1, draws.shape[-1]).cpu().numpy()
