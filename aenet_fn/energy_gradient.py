@@ -32,6 +32,7 @@ force training keeps autodiff.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator
 
@@ -155,20 +156,18 @@ class EnergyTable:
     Attributes:
         rows: ``[N + 1, F + 1]`` normalised features with a trailing 1 (the bias input), atoms
             sorted by species, then structure; the last row (zero features) pads batches.
-        species_start: ``[B, M]`` row of the first atom of each species of each structure.
-        species_counts: ``[B, M]`` atoms of each species of each structure.
-        output_scale: ``[B]`` ``1 / (E_scaling N)`` of each structure (1/atom).
-        offset: ``[B]`` ``(Σ_atoms (E_shift + E_atomic) − E_ref) / N`` (eV/atom).
+        species_atoms: ``[B + 1, M, 2]`` per structure and species, its number of atoms and
+            the row of the first; entry ``B`` (zeros) is what a short batch's empty slots take.
+        constants: ``[B + 1, 2]`` per structure ``1 / (E_scaling N)`` (1/atom) and
+            ``(Σ_atoms (E_shift + E_atomic) − E_ref) / N`` (eV/atom); entry ``B`` zeros.
         grouping: the species groups of every plan from this table, per group its species
             and the number of blocks of each (static; see :func:`species_grouping`), or None
             for a grouping decided plan by plan.
     """
 
     rows: torch.Tensor
-    species_start: torch.Tensor
-    species_counts: torch.Tensor
-    output_scale: torch.Tensor
-    offset: torch.Tensor
+    species_atoms: torch.Tensor
+    constants: torch.Tensor
     grouping: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] | None = static_field()
 
 
@@ -192,6 +191,8 @@ def energy_table(
     ).view(n_structures, n_species)
     block_start = torch.cumsum(counts.sum(0), 0) - counts.sum(0)
     species_start = block_start + torch.cumsum(counts, 0) - counts
+    species_atoms = counts.new_zeros(n_structures + 1, n_species, 2)
+    species_atoms[:-1] = torch.stack([counts, species_start], -1)
     # The constants are differences of large total energies: formed in float64, then rounded.
     wide = torch.float64
     atomic_references = torch.zeros(n_structures, dtype=wide, device=features.device).index_add(
@@ -199,14 +200,10 @@ def energy_table(
     )
     n = n_atoms.to(wide)
     constant = n * norm.energy_shift.to(wide) + atomic_references - energies.to(wide)
-    table = EnergyTable(
-        rows=rows,
-        species_start=species_start,
-        species_counts=counts,
-        output_scale=(1.0 / (norm.energy_scaling.to(wide) * n)).to(features.dtype),
-        offset=(constant / n).to(features.dtype),
-        grouping=None,
-    )
+    constants = features.new_zeros(n_structures + 1, 2)
+    constants[:-1, 0] = 1.0 / (norm.energy_scaling.to(wide) * n)
+    constants[:-1, 1] = constant / n
+    table = EnergyTable(rows, species_atoms, constants, grouping=None)
     if batch_size is None:
         return table
     return attrs.evolve(table, grouping=species_grouping(table, model.network, batch_size))
@@ -215,13 +212,6 @@ def energy_table(
 def _exclusive_cumsum(values: np.ndarray, axis: int = -1) -> np.ndarray:
     """Sums of the values before each one along ``axis``."""
     return np.cumsum(values, axis) - values
-
-
-def _group_blocks(values: np.ndarray, species: np.ndarray) -> np.ndarray:
-    """``[W, K, b, M]`` per-slot values of ``species`` (``[c]`` indices) as ``[W·c, K, b]``
-    (member-major)."""
-    group = values[..., species].transpose(0, 3, 1, 2)
-    return group.reshape(-1, *values.shape[1:3])
 
 
 def _ceil_div(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
@@ -273,7 +263,7 @@ def species_grouping(table: EnergyTable, network: NetworkParams, batch_size: int
     structures of ``table``, weighed on the batches of one fixed shuffled order of all its
     structures: a pure function of the table, the architecture and the batch size, so that
     every plan of a run, resumed or not, has one layout (hence one round-off)."""
-    counts = table.species_counts.cpu().numpy()
+    counts = table.species_atoms[:-1, :, 0].cpu().numpy()
     n_structures, n_species = counts.shape
     n_batches = math.ceil(n_structures / batch_size)
     order = np.random.default_rng(_GROUPING_SEED).permutation(n_structures)
@@ -296,64 +286,67 @@ def energy_plan(
     (:func:`_species_groups`). The index
     arithmetic runs in NumPy on the host (a few hundred numbers: cheaper per operation than
     tensors); the features are gathered on the table's device."""
-    orders = draws.reshape(-1, draws.shape[-1]).cpu().numpy()
+    orders = draws.cpu().numpy().reshape(-1, draws.shape[-1])
     n_orders, n_draws = orders.shape
     n_batches = math.ceil(n_draws / batch_size)
-    n_species = table.species_counts.shape[1]
-
-    def per_slot(values: torch.Tensor) -> np.ndarray:
-        """``values[orders]`` as ``[W, K, batch_size, M]`` (zero for the padding slots)."""
-        padded = np.zeros((n_orders, n_batches * batch_size, n_species), dtype=np.int64)
-        padded[:, :n_draws] = values.cpu().numpy()[orders]
-        return padded.reshape(n_orders, n_batches, batch_size, n_species)
-
-    counts, starts = per_slot(table.species_counts), per_slot(table.species_start)
-    per_batch = counts.sum(2)  # [W, K, M]
+    slots = np.full((n_orders, n_batches * batch_size), table.constants.shape[0] - 1)
+    slots[:, :n_draws] = orders  # the empty slots of a short last batch: the empty entry
+    shape = (n_orders, n_batches, batch_size)
+    atoms = table.species_atoms.cpu().numpy()[slots].reshape(*shape, -1, 2)  # [W, K, b, M, 2]
+    constants = table.constants.cpu().numpy()[slots].reshape(*shape, 2)  # [W, K, b, 2]
+    per_batch = atoms[..., 0].sum(2)  # [W, K, M]
     most = per_batch.max(0)  # [K, M]
     if table.grouping is None:
         groups = _species_groups(most, per_batch.sum((0, 1)), network, n_orders)
+        grouping = tuple((tuple(s.tolist()), tuple(k.tolist())) for s, k in groups)
     else:
-        groups = [(np.array(species), np.array(splits)) for species, splits in table.grouping]
-
-    def per_draw(values: torch.Tensor, fill: float) -> np.ndarray:
-        """``values[orders]`` as ``[W, K, batch_size]`` (``fill`` for the padding slots)."""
-        padded = np.full((n_orders, n_batches * batch_size), fill)
-        padded[:, :n_draws] = values.cpu().numpy()[orders]
-        return padded.reshape(n_orders, n_batches, batch_size)
-
-    output_scale, offset = per_draw(table.output_scale, 0.0), per_draw(table.offset, 0.0)
+        grouping = table.grouping
     device, dtype = table.rows.device, table.rows.dtype
     features, assign, widths = [], [], []
-    for species, splits in groups:
+    for species, splits in grouping:
+        first_blocks = np.array((0, *itertools.accumulate(splits[:-1])))  # of each species
+        species, splits, n_blocks = list(species), np.array(splits), sum(splits)
         width = _ceil_div(most[:, species], splits).max(1)  # [K]
-        n_blocks = int(splits.sum())
         stack = n_orders * n_blocks
-        # the column of the first atom of each (species, batch, slot): its batch's first
-        # column, its species' first block's within the batch (member-major), then the atoms
-        # of the slots before it (a species' blocks are adjacent: its atoms run across them)
-        atoms = _group_blocks(counts, species)  # [W·c, K, b]
-        batch_start = _exclusive_cumsum(width) * stack
-        first_block = np.arange(n_orders)[:, None] * n_blocks + _exclusive_cumsum(splits)
-        block_start = batch_start + first_block.reshape(-1, 1) * width
-        column = block_start[:, :, None] + _exclusive_cumsum(atoms)
-        atoms = atoms.ravel()
-        index = np.arange(atoms.sum()) - np.repeat(_exclusive_cumsum(atoms), atoms)
-        target = np.repeat(column.ravel(), atoms) + index
+        # per (order, species, batch, slot) "segment" of atoms: the column of its first atom
+        # (its batch's first column, its species' first block's within the batch
+        # (member-major), then the atoms of the slots before it: a species' blocks are
+        # adjacent, its atoms run across them), its first row in the table and its slot
+        segments = atoms[..., species, :].transpose(0, 3, 1, 2, 4)  # [W, c, K, b, 2]
+        count, first_row = segments[..., 0], segments[..., 1]
+        first_block = np.arange(n_orders)[:, None] * n_blocks + first_blocks
+        block_start = _exclusive_cumsum(width) * stack + first_block[..., None] * width
+        column = block_start[..., None] + _exclusive_cumsum(count)
+        # each atom: its segment's values, then its rank in the segment added
+        before = _exclusive_cumsum(count.ravel()).reshape(count.shape)
+        layout = np.empty((*count.shape, 4), dtype=np.int64)
+        layout[..., 0], layout[..., 1] = column - before, first_row - before
+        layout[..., 2] = np.arange(batch_size)
+        layout[..., 3] = np.arange(n_orders * n_batches * batch_size).reshape(
+            n_orders, 1, -1, batch_size
+        )
+        per_atom = np.repeat(layout.reshape(-1, 4), count.ravel(), axis=0)
+        rank = np.arange(per_atom.shape[0])
+        target = per_atom[:, 0] + rank
         rows = np.full(stack * int(width.sum()), table.rows.shape[0] - 1)  # padding: zeros
-        rows[target] = np.repeat(_group_blocks(starts, species).ravel(), atoms) + index
-        slot = np.repeat(np.tile(np.arange(batch_size), atoms.size // batch_size), atoms)
-        scales = np.zeros((rows.size, batch_size))
-        per_species = np.repeat(output_scale, species.size, axis=0)
-        scales[target, slot] = np.repeat(per_species.ravel(), atoms)
+        rows[target] = per_atom[:, 1] + rank
+        scales = np.zeros(rows.size * batch_size)  # [columns, batch_size], flat
+        np.put(
+            scales, target * batch_size + per_atom[:, 2], constants[..., 0].ravel()[per_atom[:, 3]]
+        )
         features.append(table.rows.index_select(0, torch.from_numpy(rows).to(device)))
-        assign.append(torch.from_numpy(scales.ravel()).to(device=device, dtype=dtype))
+        assign.append(torch.from_numpy(scales).to(device=device, dtype=dtype))
         widths.append(tuple(width.tolist()))
 
+    offset = np.ascontiguousarray(constants[..., 1].transpose(1, 0, 2))  # [K, W, b]
     return EnergyPlan(
         features=tuple(features),
         assign=tuple(assign),
-        offset=torch.from_numpy(offset.transpose(1, 0, 2)).to(device=device, dtype=dtype),
-        groups=tuple(tuple(np.repeat(species, splits).tolist()) for species, splits in groups),
+        offset=torch.from_numpy(offset).to(device=device, dtype=dtype),
+        groups=tuple(
+            tuple(s for s, k in zip(species, splits) for _ in range(k))
+            for species, splits in grouping
+        ),
         widths=tuple(widths),
         sizes=tuple(min(batch_size, n_draws - k * batch_size) for k in range(n_batches)),
     )
@@ -368,7 +361,7 @@ def plan_chunks(
 ) -> tuple[torch.Tensor, ...]:
     """``draws`` (``[D]`` or ``[W, D]``) split along the draws into whole batches of about
     2¹⁶ atoms each, one :func:`energy_plan` apiece."""
-    atoms_per_structure = table.rows.shape[0] / table.species_counts.shape[0]
+    atoms_per_structure = table.rows.shape[0] / table.constants.shape[0]
     per_plan = max(1, int(_PLAN_ATOMS / (atoms_per_structure * batch_size)))
     return draws.split(per_plan * batch_size, dim=-1)
 
