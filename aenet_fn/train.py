@@ -605,6 +605,11 @@ def energy_workspace(state: TrainState) -> EnergyWorkspace:
     return EnergyWorkspace(attrs.evolve(network, values=values))
 
 
+def _ordinary(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or an ordinary copy of it where it is an inference tensor."""
+    return tensor.clone() if tensor.is_inference() else tensor
+
+
 def _energy_epoch(
     state: TrainState,
     order: torch.Tensor,
@@ -628,9 +633,11 @@ def _energy_epoch(
     steps = energy_gradients(
         table, network, order, config.batch_size, config.force_weight, workspace
     )
-    for gradient, errors in steps:
-        opt_state = optimizer.update_in_place(gradient, opt_state, network.values, state.lr)
-        on_step(errors, errors, None)
+    with torch.inference_mode():  # the in-place updates too: ordinary tensors stay ordinary
+        for gradient, errors in steps:
+            opt_state = optimizer.update_in_place(gradient, opt_state, network.values, state.lr)
+            on_step(errors, errors, None)
+    opt_state = tree_map(_ordinary, opt_state)  # what the updates made anew (the step count)
     if kept:  # the workspace's buffer serves the next epoch: the state gets its own copy
         network = attrs.evolve(network, values=network.values.clone())
     model = attrs.evolve(state.model, network=network)
@@ -700,7 +707,8 @@ def run_epoch(
         if forces is not None:
             sums = accumulate_errors(sums, errors.new_zeros(0), *forces)
         if on_batch is not None:
-            on_batch(len(own_errors), n_batches)
+            with torch.inference_mode(False):  # (energy-only steps run in inference mode)
+                on_batch(len(own_errors), n_batches)
 
     if table is not None:
         stepped = _energy_epoch(state, order, table, config, on_step, workspace)
