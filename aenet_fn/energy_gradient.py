@@ -280,7 +280,9 @@ def energy_plan(
 ) -> EnergyPlan:
     """Lay out the structures ``draws`` (indices into ``table``, repeats allowed; ``[D]``, or
     ``[W, D]``: one order per committee member) as ``ceil(D / batch_size)`` consecutive
-    mini-batches of ``batch_size`` structures for :class:`EnergySteps`; each batch's atoms of
+    mini-batches of ``batch_size`` structures for :class:`EnergySteps` (``-1``: an empty slot,
+    only after a batch's structures, the same in every order: several epochs' short last
+    batches in one plan); each batch's atoms of
     a species in the order of :func:`~aenet_fn.featurized.take_structures`, the species
     grouped as ``table.grouping`` says where it is set, else as these draws' batches favour
     (:func:`_species_groups`). The index
@@ -289,8 +291,9 @@ def energy_plan(
     orders = draws.cpu().numpy().reshape(-1, draws.shape[-1])
     n_orders, n_draws = orders.shape
     n_batches = math.ceil(n_draws / batch_size)
-    slots = np.full((n_orders, n_batches * batch_size), table.constants.shape[0] - 1)
-    slots[:, :n_draws] = orders  # the empty slots of a short last batch: the empty entry
+    empty = table.constants.shape[0] - 1  # the table's empty entry
+    slots = np.full((n_orders, n_batches * batch_size), empty)
+    slots[:, :n_draws] = np.where(orders < 0, empty, orders)
     shape = (n_orders, n_batches, batch_size)
     atoms = table.species_atoms.cpu().numpy()[slots].reshape(*shape, -1, 2)  # [W, K, b, M, 2]
     constants = table.constants.cpu().numpy()[slots].reshape(*shape, 2)  # [W, K, b, 2]
@@ -348,11 +351,11 @@ def energy_plan(
             for species, splits in grouping
         ),
         widths=tuple(widths),
-        sizes=tuple(min(batch_size, n_draws - k * batch_size) for k in range(n_batches)),
+        sizes=tuple((slots[0] != empty).reshape(n_batches, batch_size).sum(1).tolist()),
     )
 
 
-_PLAN_ATOMS = 1 << 16
+PLAN_ATOMS = 1 << 16
 """Atoms (per member order) laid out by one plan: bounds the copy of their features."""
 
 
@@ -362,7 +365,7 @@ def plan_chunks(
     """``draws`` (``[D]`` or ``[W, D]``) split along the draws into whole batches of about
     2¹⁶ atoms each, one :func:`energy_plan` apiece."""
     atoms_per_structure = table.rows.shape[0] / table.constants.shape[0]
-    per_plan = max(1, int(_PLAN_ATOMS / (atoms_per_structure * batch_size)))
+    per_plan = max(1, int(PLAN_ATOMS / (atoms_per_structure * batch_size)))
     return draws.split(per_plan * batch_size, dim=-1)
 
 

@@ -31,10 +31,13 @@ from aenet_fn.distributed import (
     shares,
 )
 from aenet_fn.energy_gradient import (
+    PLAN_ATOMS,
+    EnergySteps,
     EnergyTable,
     EnergyWorkspace,
     energy_gradients,
     energy_loss_gradient,
+    energy_plan,
     energy_table,
 )
 from aenet_fn.featurized import FeaturizedSet, MiniBatch, set_pair_blocks
@@ -605,6 +608,55 @@ def energy_workspace(state: TrainState) -> EnergyWorkspace:
     return EnergyWorkspace(attrs.evolve(network, values=values))
 
 
+@attrs.frozen(eq=False)
+class DrawnEpoch:
+    """An energy-only epoch drawn ahead (:func:`draw_energy_epochs`): the sampler and
+    generator state after :func:`plan_epoch`, the order it drew, and the steps of the plan its
+    batches are laid out in (``first``: its first batch there)."""
+
+    sampler: SamplerState
+    rng: torch.Tensor
+    order: torch.Tensor
+    steps: EnergySteps
+    first: int
+
+
+_DRAW_AHEAD = 8
+"""Most energy-only epochs :func:`fit` draws and lays out at once."""
+
+
+def draw_energy_epochs(
+    state: TrainState,
+    train: Split,
+    config: TrainConfig,
+    table: EnergyTable,
+    workspace: EnergyWorkspace,
+    n_epochs: int,
+) -> list[DrawnEpoch]:
+    """Up to ``n_epochs`` (at most ``_DRAW_AHEAD``, and about 2¹⁶ atoms) energy-only epochs
+    from ``state``, their orders drawn as :func:`plan_epoch` would draw them one epoch at a
+    time (only sampler and generator take part: not for ``error_weighted`` sampling, whose
+    scores change every epoch), laid out in one plan (each epoch's short last batch ends in
+    empty slots): one plan's fixed cost per several epochs. Each batch is laid out as in a
+    plan of its epoch alone (the same numbers, bit for bit)."""
+    per_epoch = table.rows.shape[0] / table.constants.shape[0] * train.n_structures
+    n_epochs = max(1, min(n_epochs, _DRAW_AHEAD, int(PLAN_ATOMS / per_epoch)))
+    drawn, draws, current = [], [], state
+    for _ in range(n_epochs):
+        current, order = plan_epoch(current, train, config)
+        drawn.append((current.sampler, current.rng, order))
+        empty = -order.numel() % config.batch_size
+        draws.append(torch.cat([order, order.new_full((empty,), -1)]))
+    network = workspace.network
+    plan = energy_plan(table, network, torch.cat(draws), config.batch_size)
+    steps = EnergySteps(network, plan, config.force_weight, workspace)
+    per_epoch_batches = draws[0].numel() // config.batch_size
+    return [
+        DrawnEpoch(sampler, rng, order, steps, e * per_epoch_batches)
+        for e, (sampler, rng, order) in enumerate(drawn)
+    ]
+
+
 def _ordinary(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor``, or an ordinary copy of it where it is an inference tensor."""
     return tensor.clone() if tensor.is_inference() else tensor
@@ -617,6 +669,7 @@ def _energy_epoch(
     config: TrainConfig,
     on_step: StepReport,
     workspace: EnergyWorkspace | None,
+    drawn: DrawnEpoch | None = None,
 ) -> TrainState:
     """The steps of an energy-only epoch from :class:`EnergyPlan` s of many batches each,
     on working copies of the parameters (in ``workspace``, kept from epoch to epoch, or a new
@@ -630,9 +683,14 @@ def _energy_epoch(
         workspace = energy_workspace(state)
     network = workspace.network
     opt_state = tree_map(torch.clone, state.opt_state)
-    steps = energy_gradients(
-        table, network, order, config.batch_size, config.force_weight, workspace
-    )
+    if drawn is None:
+        steps = energy_gradients(
+            table, network, order, config.batch_size, config.force_weight, workspace
+        )
+    else:  # its batches of the plan of several epochs (in the region below)
+        n_batches = math.ceil(order.numel() / config.batch_size)
+        batches = range(drawn.first, drawn.first + n_batches)
+        steps = (drawn.steps.gradient(k) for k in batches)
     with torch.inference_mode():  # the in-place updates too: ordinary tensors stay ordinary
         for gradient, errors in steps:
             opt_state = optimizer.update_in_place(gradient, opt_state, network.values, state.lr)
@@ -678,6 +736,7 @@ def run_epoch(
     table: EnergyTable | None = None,
     workspace: EnergyWorkspace | None = None,
     blocks: PairBlocks | None = None,
+    drawn: DrawnEpoch | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
     """One epoch over the training split: sampler order, optional force re-draw, a
     :func:`train_step` per batch (:func:`data_parallel_step` under ``torch.distributed``),
@@ -689,10 +748,17 @@ def run_epoch(
     steps: the batches of many steps are laid out at once from ``table``
     (:func:`energy_epoch_table`, built here when not given; :mod:`aenet_fn.energy_gradient`),
     with the buffers of ``workspace`` (:func:`energy_workspace`; a new one when not given).
+    ``drawn``: this epoch drawn ahead by :func:`draw_energy_epochs` from this ``state`` (its
+    order and the plan its batches are in; ``workspace`` must be the one of its steps).
     Force batches take assembled Jacobians from ``blocks`` (:func:`force_blocks` of
     ``train``, built once per run by :func:`fit`; per-entry maps when not given)."""
     world = current_world() if world is None else world
-    state, order = plan_epoch(state, train, config)
+    if drawn is None:
+        state, order = plan_epoch(state, train, config)
+    else:
+        _check(table is not None, "run_epoch: an epoch drawn ahead needs its energy table")
+        _check(drawn.steps.workspace is workspace, "run_epoch: drawn with another workspace")
+        state, order = attrs.evolve(state, sampler=drawn.sampler, rng=drawn.rng), drawn.order
     n_batches = math.ceil(order.numel() / config.batch_size)
     if table is None:
         table = energy_epoch_table(state, train, config, world)
@@ -711,7 +777,7 @@ def run_epoch(
                 on_batch(len(own_errors), n_batches)
 
     if table is not None:
-        stepped = _energy_epoch(state, order, table, config, on_step, workspace)
+        stepped = _energy_epoch(state, order, table, config, on_step, workspace, drawn)
     else:
         stepped = _batch_epoch(state, order, train, config, world, on_step, blocks)
     no_forces = torch.zeros(0, 3), torch.zeros(0, dtype=torch.bool)
@@ -782,10 +848,23 @@ def fit(
     if blocks is None:
         blocks = run_blocks(state.model, train, test, config)
     blocks, test_blocks = blocks
-    for _ in range(config.epochs):
+    ahead = table is not None and config.sampling_policy != "error_weighted"
+    drawn: list[DrawnEpoch] = []  # energy-only epochs drawn ahead, several in one plan
+    for epoch in range(config.epochs):
         start = time.perf_counter()
+        if ahead and not drawn:
+            left = config.epochs - epoch
+            drawn = draw_energy_epochs(state, train, config, table, workspace, left)
         state, train_metrics = run_epoch(
-            state, train, config, on_batch, world, table, workspace, blocks
+            state,
+            train,
+            config,
+            on_batch,
+            world,
+            table,
+            workspace,
+            blocks,
+            drawn.pop(0) if drawn else None,
         )
         test_metrics = (
             None

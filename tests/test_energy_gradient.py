@@ -243,6 +243,38 @@ def test_batches_missing_a_species_entirely(batch_size):
     assert zero_widths > 0
 
 
+@pytest.mark.parametrize("policy", ["uniform", "energy_weighted"])
+def test_epochs_drawn_ahead_equal_epochs_drawn_one_by_one(tio2_structures, policy, monkeypatch):
+    """fit draws energy-only epochs ahead and lays several out in one plan (each epoch's short
+    last batch ending in empty slots): the run equals, bit for bit, one that plans each epoch
+    alone and one resumed in the middle of a plan (weights, moments, generator, history)."""
+    train = af.featurize_structures(PARAMS, tio2_structures, with_derivatives=False)
+    model = af.init_model(PARAMS, ARCH, train, seed=3, atomic_energies=REFERENCES)
+    config = af.TrainConfig(epochs=7, batch_size=6, sampling_policy=policy, seed=4)
+    start = af.init_train_state(model, train, config)
+    plans = []
+    real_plan = train_module.energy_plan
+
+    def counted(*args, **kwargs):
+        plans.append(args[2].numel())
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "energy_plan", counted)
+    ahead = af.fit(start, train, None, config)
+    assert plans == [7 * 24]  # seven epochs of 4 batches (20 draws, 4 empty slots each)
+    part = af.fit(start, train, None, attrs.evolve(config, epochs=3))
+    resumed = af.fit(part, train, None, attrs.evolve(config, epochs=4))
+    monkeypatch.setattr(train_module, "_DRAW_AHEAD", 1)
+    alone = af.fit(start, train, None, config)
+    assert plans[-7:] == [24] * 7
+    for other in (resumed, alone):
+        assert torch.equal(other.model.network.values, ahead.model.network.values)
+        assert torch.equal(other.rng, ahead.rng)
+        for ours, theirs in zip(tree_leaves(other.opt_state), tree_leaves(ahead.opt_state)):
+            assert torch.equal(ours, theirs)
+        assert [r["RMSE_train"] for r in other.history] == [r["RMSE_train"] for r in ahead.history]
+
+
 def test_a_workspace_kept_across_epochs_changes_nothing(tio2_structures):
     """Epochs sharing one EnergyWorkspace (as fit runs them) are bit for bit those with a new
     one each; the states they return do not alias its buffer."""
