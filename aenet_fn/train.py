@@ -621,8 +621,15 @@ class DrawnEpoch:
     first: int
 
 
-_DRAW_AHEAD = 8
+DRAW_AHEAD = 8
 """Most energy-only epochs :func:`fit` draws and lays out at once."""
+
+
+def epochs_per_plan(table: EnergyTable, train: Split) -> int:
+    """How many energy-only epochs over ``train`` :func:`draw_energy_epochs` lays out in one
+    plan: ``DRAW_AHEAD``, fewer where they would pass about 2¹⁶ atoms (0 for sets larger)."""
+    per_epoch = table.rows.shape[0] / table.constants.shape[0] * train.n_structures
+    return min(DRAW_AHEAD, int(PLAN_ATOMS / per_epoch))
 
 
 def draw_energy_epochs(
@@ -633,14 +640,13 @@ def draw_energy_epochs(
     workspace: EnergyWorkspace,
     n_epochs: int,
 ) -> list[DrawnEpoch]:
-    """Up to ``n_epochs`` (at most ``_DRAW_AHEAD``, and about 2¹⁶ atoms) energy-only epochs
+    """Up to ``n_epochs`` (at most ``DRAW_AHEAD``, and about 2¹⁶ atoms) energy-only epochs
     from ``state``, their orders drawn as :func:`plan_epoch` would draw them one epoch at a
     time (only sampler and generator take part: not for ``error_weighted`` sampling, whose
     scores change every epoch), laid out in one plan (each epoch's short last batch ends in
     empty slots): one plan's fixed cost per several epochs. Each batch is laid out as in a
     plan of its epoch alone (the same numbers, bit for bit)."""
-    per_epoch = table.rows.shape[0] / table.constants.shape[0] * train.n_structures
-    n_epochs = max(1, min(n_epochs, _DRAW_AHEAD, int(PLAN_ATOMS / per_epoch)))
+    n_epochs = max(1, min(n_epochs, epochs_per_plan(table, train)))
     drawn, draws, current = [], [], state
     for _ in range(n_epochs):
         current, order = plan_epoch(current, train, config)
@@ -848,7 +854,11 @@ def fit(
     if blocks is None:
         blocks = run_blocks(state.model, train, test, config)
     blocks, test_blocks = blocks
-    ahead = table is not None and config.sampling_policy != "error_weighted"
+    ahead = (  # draw energy-only epochs ahead where the scores stay and several fit a plan
+        table is not None
+        and config.sampling_policy != "error_weighted"
+        and epochs_per_plan(table, train) > 1
+    )
     drawn: list[DrawnEpoch] = []  # energy-only epochs drawn ahead, several in one plan
     for epoch in range(config.epochs):
         start = time.perf_counter()

@@ -146,6 +146,7 @@ SECTIONS: dict[str, Section] = {
             ("featurize_s", "featurize once (s)"),
             ("epoch_s", "s / epoch"),
             ("best_epoch_s", "best epoch (s)"),
+            ("best_window_s", "best 8 epochs (s / epoch)"),
             ("peak_rss_mib", "peak RSS (MiB)"),
         ),
     ),

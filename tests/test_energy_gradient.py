@@ -8,6 +8,7 @@ import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
 import aenet_fn as af
+import aenet_fn.energy_gradient as energy_gradient_module
 import aenet_fn.train as train_module
 from aenet_fn.energy_gradient import (
     energy_loss_gradient,
@@ -260,13 +261,14 @@ def test_epochs_drawn_ahead_equal_epochs_drawn_one_by_one(tio2_structures, polic
         return real_plan(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "energy_plan", counted)
+    monkeypatch.setattr(energy_gradient_module, "energy_plan", counted)
     ahead = af.fit(start, train, None, config)
     assert plans == [7 * 24]  # seven epochs of 4 batches (20 draws, 4 empty slots each)
     part = af.fit(start, train, None, attrs.evolve(config, epochs=3))
     resumed = af.fit(part, train, None, attrs.evolve(config, epochs=4))
-    monkeypatch.setattr(train_module, "_DRAW_AHEAD", 1)
+    monkeypatch.setattr(train_module, "DRAW_AHEAD", 1)
     alone = af.fit(start, train, None, config)
-    assert plans[-7:] == [24] * 7
+    assert plans[-7:] == [20] * 7  # a plan per epoch
     for other in (resumed, alone):
         assert torch.equal(other.model.network.values, ahead.model.network.values)
         assert torch.equal(other.rng, ahead.rng)
