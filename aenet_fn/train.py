@@ -610,10 +610,12 @@ def energy_workspace(state: TrainState) -> EnergyWorkspace:
 
 @attrs.frozen(eq=False)
 class DrawnEpoch:
-    """An energy-only epoch drawn ahead (:func:`draw_energy_epochs`): the sampler and
-    generator state after :func:`plan_epoch`, the order it drew, and the steps of the plan its
-    batches are laid out in (``first``: its first batch there)."""
+    """An energy-only epoch drawn ahead (:func:`draw_energy_epochs`): the generator state it
+    starts from, the sampler and generator state after :func:`plan_epoch`, the order it drew,
+    and the steps of the plan its batches are laid out in (``first``: its first batch
+    there)."""
 
+    start_rng: torch.Tensor
     sampler: SamplerState
     rng: torch.Tensor
     order: torch.Tensor
@@ -646,21 +648,23 @@ def draw_energy_epochs(
     scores change every epoch), laid out in one plan (each epoch's short last batch ends in
     empty slots): one plan's fixed cost per several epochs. Each batch is laid out as in a
     plan of its epoch alone (the same numbers, bit for bit)."""
+    if config.sampling_policy == "error_weighted":
+        raise ValueError(
+            "draw_energy_epochs: error_weighted epochs depend on the errors of the ones before"
+        )
     n_epochs = max(1, min(n_epochs, epochs_per_plan(table, train)))
     drawn, draws, current = [], [], state
     for _ in range(n_epochs):
+        start_rng = current.rng
         current, order = plan_epoch(current, train, config)
-        drawn.append((current.sampler, current.rng, order))
+        drawn.append((start_rng, current.sampler, current.rng, order))
         empty = -order.numel() % config.batch_size
         draws.append(torch.cat([order, order.new_full((empty,), -1)]))
     network = workspace.network
     plan = energy_plan(table, network, torch.cat(draws), config.batch_size)
     steps = EnergySteps(network, plan, config.force_weight, workspace)
     per_epoch_batches = draws[0].numel() // config.batch_size
-    return [
-        DrawnEpoch(sampler, rng, order, steps, e * per_epoch_batches)
-        for e, (sampler, rng, order) in enumerate(drawn)
-    ]
+    return [DrawnEpoch(*epoch, steps, e * per_epoch_batches) for e, epoch in enumerate(drawn)]
 
 
 def _ordinary(tensor: torch.Tensor) -> torch.Tensor:
@@ -762,8 +766,10 @@ def run_epoch(
     if drawn is None:
         state, order = plan_epoch(state, train, config)
     else:
-        _check(table is not None, "run_epoch: an epoch drawn ahead needs its energy table")
-        _check(drawn.steps.workspace is workspace, "run_epoch: drawn with another workspace")
+        if table is None or drawn.steps.workspace is not workspace:
+            raise ValueError("run_epoch: an epoch drawn ahead needs its table and workspace")
+        if not torch.equal(drawn.start_rng, state.rng):
+            raise ValueError("run_epoch: the epoch was drawn ahead from another state")
         state, order = attrs.evolve(state, sampler=drawn.sampler, rng=drawn.rng), drawn.order
     n_batches = math.ceil(order.numel() / config.batch_size)
     if table is None:

@@ -277,6 +277,29 @@ def test_epochs_drawn_ahead_equal_epochs_drawn_one_by_one(tio2_structures, polic
         assert [r["RMSE_train"] for r in other.history] == [r["RMSE_train"] for r in ahead.history]
 
 
+def test_epochs_drawn_ahead_are_refused_for_another_state_or_error_weighted_sampling(
+    tio2_structures,
+):
+    train = af.featurize_structures(PARAMS, tio2_structures[:8], with_derivatives=False)
+    model = af.init_model(PARAMS, ARCH, train, seed=3, atomic_energies=REFERENCES)
+    config = af.TrainConfig(epochs=2, batch_size=3)
+    state = af.init_train_state(model, train, config)
+    table = train_module.energy_epoch_table(state, train, config)
+    workspace = train_module.energy_workspace(state)
+    first, second = train_module.draw_energy_epochs(state, train, config, table, workspace, 2)
+    with pytest.raises(ValueError, match="drawn ahead from another state"):
+        train_module.run_epoch(state, train, config, table=table, workspace=workspace, drawn=second)
+    with pytest.raises(ValueError, match="its table and workspace"):
+        train_module.run_epoch(state, train, config, table=table, drawn=first)
+    after, _ = train_module.run_epoch(
+        state, train, config, table=table, workspace=workspace, drawn=first
+    )
+    train_module.run_epoch(after, train, config, table=table, workspace=workspace, drawn=second)
+    weighted = attrs.evolve(config, sampling_policy="error_weighted")
+    with pytest.raises(ValueError, match="error_weighted"):
+        train_module.draw_energy_epochs(state, train, weighted, table, workspace, 2)
+
+
 def test_a_workspace_kept_across_epochs_changes_nothing(tio2_structures):
     """Epochs sharing one EnergyWorkspace (as fit runs them) are bit for bit those with a new
     one each; the states they return do not alias its buffer."""
