@@ -244,14 +244,19 @@ def test_batches_missing_a_species_entirely(batch_size):
     assert zero_widths > 0
 
 
-@pytest.mark.parametrize("policy", ["uniform", "energy_weighted"])
-def test_epochs_drawn_ahead_equal_epochs_drawn_one_by_one(tio2_structures, policy, monkeypatch):
+@pytest.mark.parametrize(
+    ("policy", "batch_size"),
+    [("uniform", 6), ("energy_weighted", 6), ("uniform", 5), ("uniform", 32)],
+)
+def test_epochs_drawn_ahead_equal_epochs_drawn_one_by_one(
+    tio2_structures, policy, batch_size, monkeypatch
+):
     """fit draws energy-only epochs ahead and lays several out in one plan (each epoch's short
     last batch ending in empty slots): the run equals, bit for bit, one that plans each epoch
     alone and one resumed in the middle of a plan (weights, moments, generator, history)."""
     train = af.featurize_structures(PARAMS, tio2_structures, with_derivatives=False)
     model = af.init_model(PARAMS, ARCH, train, seed=3, atomic_energies=REFERENCES)
-    config = af.TrainConfig(epochs=7, batch_size=6, sampling_policy=policy, seed=4)
+    config = af.TrainConfig(epochs=7, batch_size=batch_size, sampling_policy=policy, seed=4)
     start = af.init_train_state(model, train, config)
     plans = []
     real_plan = train_module.energy_plan
@@ -263,7 +268,8 @@ def test_epochs_drawn_ahead_equal_epochs_drawn_one_by_one(tio2_structures, polic
     monkeypatch.setattr(train_module, "energy_plan", counted)
     monkeypatch.setattr(energy_gradient_module, "energy_plan", counted)
     ahead = af.fit(start, train, None, config)
-    assert plans == [7 * 24]  # seven epochs of 4 batches (20 draws, 4 empty slots each)
+    slots = -(-20 // batch_size) * batch_size  # 20 draws, then empty slots
+    assert plans == [7 * slots]
     part = af.fit(start, train, None, attrs.evolve(config, epochs=3))
     resumed = af.fit(part, train, None, attrs.evolve(config, epochs=4))
     monkeypatch.setattr(train_module, "DRAW_AHEAD", 1)
