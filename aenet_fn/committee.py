@@ -27,19 +27,22 @@ from torch.utils._pytree import tree_map
 from aenet_fn.batch import Batch
 from aenet_fn.descriptor import ChebyshevParams, build_graph
 from aenet_fn.distributed import World
-from aenet_fn.energy_gradient import EnergyTable, energy_gradients, energy_table
+from aenet_fn.energy_gradient import EnergyTable, EnergyWorkspace, energy_gradients, energy_table
 from aenet_fn.featurized import FeaturizedSet, MiniBatch, stack_batches, take_structures
 from aenet_fn.loss import accumulate_errors, error_sums_init, metrics_from_sums
 from aenet_fn.network import Architecture, NetworkParams
 from aenet_fn.position_jacobian import PairBlocks, StackedJacobians
 from aenet_fn.potential import Model, energy, energy_forces_stress
 from aenet_fn.train import (
+    DrawnEpoch,
     TrainConfig,
     TrainState,
     autograd_gradient,
     batch_loss,
+    draw_member_energy_epochs,
     end_of_epoch,
     epoch_batches,
+    epochs_per_plan,
     finish_epoch,
     init_model,
     init_train_state,
@@ -140,29 +143,46 @@ def committee_epoch(
     on_batch: Callable[[int, int], None] | None = None,
     table: EnergyTable | None = None,
     blocks: PairBlocks | None = None,
+    workspace: EnergyWorkspace | None = None,
+    drawn: Sequence[DrawnEpoch] | None = None,
 ) -> tuple[tuple[TrainState, ...], list[dict[str, float]]]:
     """One epoch of every member, one optimisation step of all members per batch
     (:func:`committee_step`; energy-only epochs: the members' networks stacked into the
     batched products of :mod:`aenet_fn.energy_gradient`, gathering from ``table``, built here
-    when not given). Force batches take assembled Jacobians from ``blocks``
-    (:func:`~aenet_fn.train.force_blocks` of ``train``; shared batches: the members as the
-    columns of one sparse product). Returns the new states and each member's training
-    metrics."""
+    when not given, with the buffers of ``workspace``, the members' stacked values, kept
+    from epoch to epoch, or new ones; ``drawn``: each member's epoch drawn ahead by
+    :func:`~aenet_fn.train.draw_member_energy_epochs` with that workspace). Force batches
+    take assembled Jacobians from ``blocks`` (:func:`~aenet_fn.train.force_blocks` of
+    ``train``; shared batches: the members as the columns of one sparse product). Returns the
+    new states and each member's training metrics."""
     check_shared_parts([m.model for m in members])
-    planned = [plan_epoch(member, train, config) for member in members]
+    if drawn is None:
+        planned = [plan_epoch(member, train, config) for member in members]
+    else:
+        if table is None or drawn[0].steps.workspace is not workspace:
+            raise ValueError("committee_epoch: epochs drawn ahead need their table and workspace")
+        for member, epoch in zip(members, drawn, strict=True):
+            epoch.check_start(member)
+        planned = [
+            (attrs.evolve(m, sampler=d.sampler, rng=d.rng), d.order) for m, d in zip(members, drawn)
+        ]
     members = [state for state, _ in planned]
     orders = [order for _, order in planned]
     shared = all(torch.equal(orders[0], order) for order in orders) and all(
         torch.equal(members[0].sampler.force_subset, m.sampler.force_subset) for m in members
     )
     values = torch.stack([m.model.network.values for m in members])
+    if workspace is not None:  # its buffer holds the working values
+        values = workspace.network.values.copy_(values)
     opt_state = _stack([m.opt_state for m in members])
     lrs = torch.tensor([m.lr for m in members], dtype=values.dtype)
     if config.uses_forces:
         steps = _force_steps(members, orders, shared, values, opt_state, lrs, train, config, blocks)
     else:
         table = energy_table(members[0].model, train, config.batch_size) if table is None else table
-        steps = _energy_steps(members, orders, shared, values, opt_state, lrs, table, config)
+        steps = _energy_steps(
+            members, orders, shared, values, opt_state, lrs, table, config, workspace, drawn
+        )
     sums = [error_sums_init() for _ in members]
     drawn: list[list[torch.Tensor]] = [[] for _ in members]
     n_batches = math.ceil(orders[0].numel() / config.batch_size)
@@ -248,14 +268,22 @@ def _force_steps(members, orders, shared, values, opt_state, lrs, train, config,
         yield values, opt_state, errors, (differences, batch.force_atoms)
 
 
-def _energy_steps(members, orders, shared, values, opt_state, lrs, table, config):
+def _energy_steps(
+    members, orders, shared, values, opt_state, lrs, table, config, workspace=None, drawn=None
+):
     """Energy-only steps of all members at once: plans of their orders (one shared order, or
-    one per member) from ``table`` and one stacked gradient per batch; ``values`` and
-    ``opt_state`` (this epoch's stacked copies) are updated in place."""
+    one per member) from ``table``, or the members' epochs ``drawn`` ahead, and one stacked
+    gradient per batch; ``values`` and ``opt_state`` (this epoch's stacked copies; ``values``
+    the buffer of ``workspace`` where given) are updated in place."""
     optimizer = optimizer_of(config)
-    network = attrs.evolve(members[0].model.network, values=values)
-    draws = orders[0] if shared else torch.stack(orders)
-    steps = energy_gradients(table, network, draws, config.batch_size, config.force_weight)
+    if drawn is not None:
+        steps = drawn[0].steps.gradients(drawn[0].batches(config.batch_size))
+    else:
+        network = attrs.evolve(members[0].model.network, values=values)
+        network = network if workspace is None else workspace.network
+        draws = orders[0] if shared else torch.stack(orders)
+        batch_size, force_weight = config.batch_size, config.force_weight
+        steps = energy_gradients(table, network, draws, batch_size, force_weight, workspace)
     for gradient, errors in steps:
         opt_state = optimizer.update_members_in_place(gradient, opt_state, values, lrs)
         yield values, opt_state, errors, None
@@ -307,9 +335,31 @@ def committee_fit(
     template = members[0].model
     table = None if config.uses_forces else energy_table(template, train, config.batch_size)
     blocks, test_blocks = run_blocks(template, train, test, config)
-    for _ in range(config.epochs):
+    workspace = None  # the stacked values' buffers, kept for the run
+    if table is not None:
+        stacked = torch.stack([m.model.network.values for m in members])
+        workspace = EnergyWorkspace(attrs.evolve(template.network, values=stacked))
+    ahead = (  # as fit: energy-only epochs drawn ahead, several in one plan
+        table is not None
+        and config.sampling_policy != "error_weighted"
+        and epochs_per_plan(table, train) > 1
+    )
+    drawn: list[tuple[DrawnEpoch, ...]] = []
+    for epoch in range(config.epochs):
         start = time.perf_counter()
-        members, train_metrics = committee_epoch(members, train, config, on_batch, table, blocks)
+        if ahead and not drawn:
+            left = config.epochs - epoch
+            drawn = draw_member_energy_epochs(members, train, config, table, workspace, left)
+        members, train_metrics = committee_epoch(
+            members,
+            train,
+            config,
+            on_batch,
+            table,
+            blocks,
+            workspace,
+            drawn.pop(0) if drawn else None,
+        )
         test_metrics: list[dict[str, float] | None] = (
             [None] * len(members)
             if test is None

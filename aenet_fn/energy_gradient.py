@@ -214,6 +214,19 @@ def _exclusive_cumsum(values: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.cumsum(values, axis) - values
 
 
+_ALIGNMENT = 64
+"""Bytes to which each batch's rows of a plan are aligned: a batch's products then see the same
+alignment wherever it sits in a plan, which BLAS results can depend on (so that several epochs
+in one plan give the numbers of one plan per epoch, bit for bit)."""
+
+
+def _aligned_rows(rows: np.ndarray | int, itemsize: int) -> np.ndarray:
+    """``rows`` rounded up so that as many rows of any width of ``itemsize``-byte numbers
+    span a whole number of ``_ALIGNMENT`` bytes."""
+    unit = _ALIGNMENT // math.gcd(_ALIGNMENT, itemsize)
+    return _ceil_div(np.asarray(rows), unit) * unit
+
+
 def _ceil_div(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     """``ceil(numerator / denominator)`` of non-negative integers."""
     return -(-numerator // denominator)
@@ -318,7 +331,8 @@ def energy_plan(
         segments = atoms[..., species, :].transpose(0, 3, 1, 2, 4)  # [W, c, K, b, 2]
         count, first_row = segments[..., 0], segments[..., 1]
         first_block = np.arange(n_orders)[:, None] * n_blocks + first_blocks
-        block_start = _exclusive_cumsum(width) * stack + first_block[..., None] * width
+        batch_rows = _aligned_rows(stack * width, table.rows.element_size())  # [K]
+        block_start = _exclusive_cumsum(batch_rows) + first_block[..., None] * width
         column = block_start[..., None] + _exclusive_cumsum(count)
         # each atom: its segment's values, then its rank in the segment added
         before = _exclusive_cumsum(count.ravel()).reshape(count.shape)
@@ -331,14 +345,16 @@ def energy_plan(
         per_atom = np.repeat(layout.reshape(-1, 4), count.ravel(), axis=0)
         rank = np.arange(per_atom.shape[0])
         target = per_atom[:, 0] + rank
-        rows = np.full(stack * int(width.sum()), table.rows.shape[0] - 1)  # padding: zeros
+        rows = np.full(int(batch_rows.sum()), table.rows.shape[0] - 1)  # padding: zeros
         rows[target] = per_atom[:, 1] + rank
-        scales = np.zeros(rows.size * batch_size)  # [columns, batch_size], flat
+        # [columns, batch_size], flat; in torch's (aligned) memory, filled through NumPy
+        summing = torch.zeros(rows.size * batch_size, dtype=torch.float64)
+        scales = summing.numpy()
         np.put(
             scales, target * batch_size + per_atom[:, 2], constants[..., 0].ravel()[per_atom[:, 3]]
         )
         features.append(table.rows.index_select(0, torch.from_numpy(rows).to(device)))
-        assign.append(torch.from_numpy(scales).to(device=device, dtype=dtype))
+        assign.append(summing.to(device=device, dtype=dtype))
         widths.append(tuple(width.tolist()))
 
     offset = np.ascontiguousarray(constants[..., 1].transpose(1, 0, 2))  # [K, W, b]
@@ -669,7 +685,7 @@ class EnergySteps:
                 )
             summing, spreading = (assign.as_strided(*shape, offset) for shape in shapes)
             views.append((inputs, summing, spreading, self.workspace.hidden(blocks, width)))
-            start += n_orders * rows
+            start += int(_aligned_rows(n_orders * rows, features.element_size()))
         return views
 
     def _errors(
@@ -761,6 +777,20 @@ class EnergySteps:
         activate(z, out=outputs.view(n_members, count, *outputs.shape[1:]))
         return z.reshape(-1, *z.shape[2:]) if keep else z
 
+    def gradients(
+        self, batches: range | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`gradient` of each of ``batches`` (default: all), each in
+        ``torch.inference_mode`` (entered per step only where the caller's loop is not in
+        it); the caller updates the values in place between them."""
+        for k in range(len(self.plan.sizes)) if batches is None else batches:
+            if torch.is_inference_mode_enabled():
+                yield self.gradient(k)
+                continue
+            with torch.inference_mode():
+                result = self.gradient(k)
+            yield result
+
     @property
     def gradient_buffer(self) -> torch.Tensor:
         """The workspace's gradient buffer (shaped like the network values)."""
@@ -784,14 +814,7 @@ def energy_gradients(
     workspace = EnergyWorkspace(network) if workspace is None else workspace
     for chunk in plan_chunks(table, draws, batch_size):
         plan = energy_plan(table, network, chunk, batch_size)
-        steps = EnergySteps(network, plan, force_weight, workspace)
-        for k in range(len(plan.sizes)):
-            if torch.is_inference_mode_enabled():  # the caller's loop runs in it
-                yield steps.gradient(k)
-                continue
-            with torch.inference_mode():
-                result = steps.gradient(k)
-            yield result
+        yield from EnergySteps(network, plan, force_weight, workspace).gradients()
 
 
 def plan_gradient(

@@ -622,6 +622,15 @@ class DrawnEpoch:
     steps: EnergySteps
     first: int
 
+    def batches(self, batch_size: int) -> range:
+        """Its batches in the plan of :attr:`steps`."""
+        return range(self.first, self.first + math.ceil(self.order.numel() / batch_size))
+
+    def check_start(self, state: TrainState) -> None:
+        """Refuse a ``state`` that this epoch was not drawn from."""
+        if not torch.equal(self.start_rng, state.rng):
+            raise ValueError("run_epoch: the epoch was drawn ahead from another state")
+
 
 DRAW_AHEAD = 8
 """Most energy-only epochs :func:`fit` draws and lays out at once."""
@@ -648,23 +657,51 @@ def draw_energy_epochs(
     scores change every epoch), laid out in one plan (each epoch's short last batch ends in
     empty slots): one plan's fixed cost per several epochs. Each batch is laid out as in a
     plan of its epoch alone (the same numbers, bit for bit)."""
+    epochs = draw_member_energy_epochs([state], train, config, table, workspace, n_epochs)
+    return [epoch for (epoch,) in epochs]
+
+
+def draw_member_energy_epochs(
+    states: Sequence[TrainState],
+    train: Split,
+    config: TrainConfig,
+    table: EnergyTable,
+    workspace: EnergyWorkspace,
+    n_epochs: int,
+) -> list[tuple[DrawnEpoch, ...]]:
+    """:func:`draw_energy_epochs` of committee members (``workspace``: of their stacked
+    values): per epoch, each member's; one plan of all, with one order per member, or one
+    for all where every member draws the same."""
     if config.sampling_policy == "error_weighted":
         raise ValueError(
             "draw_energy_epochs: error_weighted epochs depend on the errors of the ones before"
         )
     n_epochs = max(1, min(n_epochs, epochs_per_plan(table, train)))
-    drawn, draws, current = [], [], state
-    for _ in range(n_epochs):
-        start_rng = current.rng
-        current, order = plan_epoch(current, train, config)
-        drawn.append((start_rng, current.sampler, current.rng, order))
-        empty = -order.numel() % config.batch_size
-        draws.append(torch.cat([order, order.new_full((empty,), -1)]))
+    members, orders = [], []
+    for current in states:
+        epochs, draws = [], []
+        for _ in range(n_epochs):
+            start_rng = current.rng
+            current, order = plan_epoch(current, train, config)
+            epochs.append((start_rng, current.sampler, current.rng, order))
+            empty = -order.numel() % config.batch_size
+            draws.append(torch.cat([order, order.new_full((empty,), -1)]))
+        members.append(epochs)
+        orders.append(torch.cat(draws))
+    shared = all(torch.equal(orders[0], order) for order in orders)
+    draws = orders[0] if shared else torch.stack(orders)
     network = workspace.network
-    plan = energy_plan(table, network, torch.cat(draws), config.batch_size)
-    steps = EnergySteps(network, plan, config.force_weight, workspace)
-    per_epoch_batches = draws[0].numel() // config.batch_size
-    return [DrawnEpoch(*epoch, steps, e * per_epoch_batches) for e, epoch in enumerate(drawn)]
+    steps = EnergySteps(
+        network,
+        energy_plan(table, network, draws, config.batch_size),
+        config.force_weight,
+        workspace,
+    )
+    per_epoch_batches = orders[0].numel() // (n_epochs * config.batch_size)
+    return [
+        tuple(DrawnEpoch(*member[e], steps, e * per_epoch_batches) for member in members)
+        for e in range(n_epochs)
+    ]
 
 
 def _ordinary(tensor: torch.Tensor) -> torch.Tensor:
@@ -698,9 +735,7 @@ def _energy_epoch(
             table, network, order, config.batch_size, config.force_weight, workspace
         )
     else:  # its batches of the plan of several epochs (in the region below)
-        n_batches = math.ceil(order.numel() / config.batch_size)
-        batches = range(drawn.first, drawn.first + n_batches)
-        steps = (drawn.steps.gradient(k) for k in batches)
+        steps = drawn.steps.gradients(drawn.batches(config.batch_size))
     with torch.inference_mode():  # the in-place updates too: ordinary tensors stay ordinary
         for gradient, errors in steps:
             opt_state = optimizer.update_in_place(gradient, opt_state, network.values, state.lr)
@@ -768,8 +803,7 @@ def run_epoch(
     else:
         if table is None or drawn.steps.workspace is not workspace:
             raise ValueError("run_epoch: an epoch drawn ahead needs its table and workspace")
-        if not torch.equal(drawn.start_rng, state.rng):
-            raise ValueError("run_epoch: the epoch was drawn ahead from another state")
+        drawn.check_start(state)
         state, order = attrs.evolve(state, sampler=drawn.sampler, rng=drawn.rng), drawn.order
     n_batches = math.ceil(order.numel() / config.batch_size)
     if table is None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import aenet_fn as af
+import aenet_fn.train as train_module
 from aenet_fn.committee import (
     check_shared_parts,
     committee_evaluate,
@@ -89,6 +90,45 @@ def test_each_member_equals_the_member_trained_alone(data, policy, shared):
             ):
                 assert a[key] == pytest.approx(b[key], rel=1e-9, nan_ok=True)
     assert not torch.equal(members[0].model.network.values, members[1].model.network.values)
+
+
+@pytest.mark.parametrize(
+    ("policy", "shared"), [("uniform", True), ("uniform", False), ("energy_weighted", False)]
+)
+def test_energy_committee_epochs_drawn_ahead_equal_epochs_planned_alone(
+    data, policy, shared, monkeypatch
+):
+    """Energy-only committees draw their epochs ahead as fit does (one plan of several epochs:
+    one order shared by the members, or one per member): bit for bit the run that plans
+    every epoch alone, and each member the member trained alone by fit."""
+    _, train, _ = data
+    config = af.TrainConfig(epochs=5, batch_size=8, sampling_policy=policy, use_scheduler=True)
+    seeds = member_seeds(3, base_seed=7)
+    members = init_committee(
+        PARAMS, ARCH, train, config, seeds, shared_batches=shared, atomic_energies=E_ATOM
+    )
+    plans = []
+    real_plan = train_module.energy_plan
+
+    def counted(*args, **kwargs):
+        plans.append(tuple(args[2].shape))
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "energy_plan", counted)
+    ahead = committee_fit(members, train, None, config)
+    assert plans == [(5 * 32,) if shared else (3, 5 * 32)]  # 30 draws, 2 empty slots each
+    monkeypatch.setattr(train_module, "DRAW_AHEAD", 1)
+    alone = committee_fit(members, train, None, config)
+    for ours, theirs, seed in zip(ahead, alone, seeds):
+        assert torch.equal(ours.model.network.values, theirs.model.network.values)
+        assert torch.equal(ours.rng, theirs.rng)
+        assert [r["RMSE_train"] for r in ours.history] == [r["RMSE_train"] for r in theirs.history]
+        model = af.init_model(PARAMS, ARCH, train, seed=seed, atomic_energies=E_ATOM)
+        alone_config = config if shared else attrs.evolve(config, seed=seed)
+        single = af.fit(af.init_train_state(model, train, alone_config), train, None, alone_config)
+        torch.testing.assert_close(
+            ours.model.network.values, single.model.network.values, rtol=0, atol=1e-12
+        )
 
 
 @pytest.mark.parametrize("assembled", [False, True], ids=["entries", "assembled-jacobian"])
