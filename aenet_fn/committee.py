@@ -40,9 +40,10 @@ from aenet_fn.train import (
     autograd_gradient,
     batch_loss,
     draw_member_energy_epochs,
+    draws_ahead,
     end_of_epoch,
     epoch_batches,
-    epochs_per_plan,
+    epochs_drawn_ahead,
     finish_epoch,
     init_model,
     init_train_state,
@@ -184,12 +185,12 @@ def committee_epoch(
             members, orders, shared, values, opt_state, lrs, table, config, workspace, drawn
         )
     sums = [error_sums_init() for _ in members]
-    drawn: list[list[torch.Tensor]] = [[] for _ in members]
+    member_errors: list[list[torch.Tensor]] = [[] for _ in members]
     n_batches = math.ceil(orders[0].numel() / config.batch_size)
     for k, step in enumerate(steps):
         values, opt_state, errors, forces = step
         for i in range(len(members)):
-            drawn[i].append(errors[i].detach())
+            member_errors[i].append(errors[i].detach())
             if forces is not None:
                 differences, mask = forces
                 mask = mask if shared else mask[i]
@@ -199,14 +200,14 @@ def committee_epoch(
     no_forces = torch.zeros(0, 3), torch.zeros(0, dtype=torch.bool)
     new_members = []
     for i, member in enumerate(members):
-        sums[i] = accumulate_errors(sums[i], torch.cat(drawn[i]), *no_forces)
+        sums[i] = accumulate_errors(sums[i], torch.cat(member_errors[i]), *no_forces)
         network = attrs.evolve(member.model.network, values=values[i].clone())
         member = attrs.evolve(
             member,
             model=attrs.evolve(member.model, network=network),
             opt_state=tree_map(lambda leaf: leaf.clone(), _member(opt_state, i)),
         )
-        new_members.append(finish_epoch(member, orders[i], drawn[i], config))
+        new_members.append(finish_epoch(member, orders[i], member_errors[i], config))
     return tuple(new_members), [metrics_from_sums(s) for s in sums]
 
 
@@ -279,8 +280,10 @@ def _energy_steps(
     if drawn is not None:
         steps = drawn[0].steps.gradients(drawn[0].batches(config.batch_size))
     else:
-        network = attrs.evolve(members[0].model.network, values=values)
-        network = network if workspace is None else workspace.network
+        if workspace is None:
+            network = attrs.evolve(members[0].model.network, values=values)
+        else:
+            network = workspace.network
         draws = orders[0] if shared else torch.stack(orders)
         batch_size, force_weight = config.batch_size, config.force_weight
         steps = energy_gradients(table, network, draws, batch_size, force_weight, workspace)
@@ -339,26 +342,15 @@ def committee_fit(
     if table is not None:
         stacked = torch.stack([m.model.network.values for m in members])
         workspace = EnergyWorkspace(attrs.evolve(template.network, values=stacked))
-    ahead = (  # as fit: energy-only epochs drawn ahead, several in one plan
-        table is not None
-        and config.sampling_policy != "error_weighted"
-        and epochs_per_plan(table, train) > 1
-    )
-    drawn: list[tuple[DrawnEpoch, ...]] = []
-    for epoch in range(config.epochs):
+
+    def draw(left: int) -> list[tuple[DrawnEpoch, ...]]:  # from the members the loop reached
+        return draw_member_energy_epochs(members, train, config, table, workspace, left)
+
+    ahead = draws_ahead(table, train, config)
+    for drawn in epochs_drawn_ahead(config.epochs, draw if ahead else None):
         start = time.perf_counter()
-        if ahead and not drawn:
-            left = config.epochs - epoch
-            drawn = draw_member_energy_epochs(members, train, config, table, workspace, left)
         members, train_metrics = committee_epoch(
-            members,
-            train,
-            config,
-            on_batch,
-            table,
-            blocks,
-            workspace,
-            drawn.pop(0) if drawn else None,
+            members, train, config, on_batch, table, blocks, workspace, drawn
         )
         test_metrics: list[dict[str, float] | None] = (
             [None] * len(members)

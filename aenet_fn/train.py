@@ -643,6 +643,28 @@ def epochs_per_plan(table: EnergyTable, train: Split) -> int:
     return min(DRAW_AHEAD, int(PLAN_ATOMS / per_epoch))
 
 
+def draws_ahead(table: EnergyTable | None, train: Split, config: TrainConfig) -> bool:
+    """Whether :func:`fit` draws energy-only epochs ahead: on the energy route (``table``),
+    where the draws do not depend on the epochs before (not ``error_weighted``) and several
+    epochs fit one plan."""
+    return (
+        table is not None
+        and config.sampling_policy != "error_weighted"
+        and epochs_per_plan(table, train) > 1
+    )
+
+
+def epochs_drawn_ahead(n_epochs: int, draw: Callable[[int], Sequence[Any]] | None) -> Iterator[Any]:
+    """For each of ``n_epochs`` epochs, what ``draw`` drew ahead for it (``draw(left)``, called
+    with the epochs left whenever those drawn run out, lays out the next ones from the
+    caller's current state), or None throughout where ``draw`` is None."""
+    pending: list[Any] = []
+    for epoch in range(n_epochs):
+        if draw is not None and not pending:
+            pending = list(draw(n_epochs - epoch))
+        yield pending.pop(0) if pending else None
+
+
 def draw_energy_epochs(
     state: TrainState,
     train: Split,
@@ -894,27 +916,15 @@ def fit(
     if blocks is None:
         blocks = run_blocks(state.model, train, test, config)
     blocks, test_blocks = blocks
-    ahead = (  # draw energy-only epochs ahead where the scores stay and several fit a plan
-        table is not None
-        and config.sampling_policy != "error_weighted"
-        and epochs_per_plan(table, train) > 1
-    )
-    drawn: list[DrawnEpoch] = []  # energy-only epochs drawn ahead, several in one plan
-    for epoch in range(config.epochs):
+
+    def draw(left: int) -> list[DrawnEpoch]:  # from the state the loop has reached
+        return draw_energy_epochs(state, train, config, table, workspace, left)
+
+    ahead = draws_ahead(table, train, config)
+    for drawn in epochs_drawn_ahead(config.epochs, draw if ahead else None):
         start = time.perf_counter()
-        if ahead and not drawn:
-            left = config.epochs - epoch
-            drawn = draw_energy_epochs(state, train, config, table, workspace, left)
         state, train_metrics = run_epoch(
-            state,
-            train,
-            config,
-            on_batch,
-            world,
-            table,
-            workspace,
-            blocks,
-            drawn.pop(0) if drawn else None,
+            state, train, config, on_batch, world, table, workspace, blocks, drawn
         )
         test_metrics = (
             None
