@@ -629,7 +629,7 @@ class DrawnEpoch:
     def check_start(self, state: TrainState) -> None:
         """Refuse a ``state`` that this epoch was not drawn from."""
         if not torch.equal(self.start_rng, state.rng):
-            raise ValueError("run_epoch: the epoch was drawn ahead from another state")
+            raise ValueError("this epoch was drawn ahead from another state")
 
 
 DRAW_AHEAD = 8
