@@ -50,6 +50,7 @@ from aenet_fn.network import (
     NetworkParams,
     parameter_count,
 )
+from aenet_fn.normalization import referenced_energy_per_atom
 from aenet_fn.potential import Model
 
 # ∂L/∂input of an activation from ∂L/∂output ``g``, its input ``z`` and its output ``a``
@@ -170,6 +171,16 @@ class EnergyTable:
     constants: torch.Tensor
     grouping: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] | None = static_field()
 
+    @property
+    def n_structures(self) -> int:
+        """``B``; also the index of the empty entry."""
+        return int(self.constants.shape[0]) - 1
+
+    @property
+    def atoms_per_structure(self) -> float:
+        """Mean atoms per structure (what plans are sized by)."""
+        return (self.rows.shape[0] - 1) / self.n_structures
+
 
 def energy_table(
     model: Model, data: FeaturizedSet | MiniBatch, batch_size: int | None = None
@@ -195,14 +206,12 @@ def energy_table(
     species_atoms[:-1] = torch.stack([counts, species_start], -1)
     # The constants are differences of large total energies: formed in float64, then rounded.
     wide = torch.float64
-    atomic_references = torch.zeros(n_structures, dtype=wide, device=features.device).index_add(
-        0, structure_index, norm.atomic_energies.to(wide).index_select(0, species_index)
+    referenced = referenced_energy_per_atom(
+        energies.to(wide), counts, norm.atomic_energies.to(wide)
     )
-    n = n_atoms.to(wide)
-    constant = n * norm.energy_shift.to(wide) + atomic_references - energies.to(wide)
     constants = features.new_zeros(n_structures + 1, 2)
-    constants[:-1, 0] = 1.0 / (norm.energy_scaling.to(wide) * n)
-    constants[:-1, 1] = constant / n
+    constants[:-1, 0] = 1.0 / (norm.energy_scaling.to(wide) * n_atoms.to(wide))
+    constants[:-1, 1] = norm.energy_shift.to(wide) - referenced
     table = EnergyTable(rows, species_atoms, constants, grouping=None)
     if batch_size is None:
         return table
@@ -276,14 +285,31 @@ def species_grouping(table: EnergyTable, network: NetworkParams, batch_size: int
     structures of ``table``, weighed on the batches of one fixed shuffled order of all its
     structures: a pure function of the table, the architecture and the batch size, so that
     every plan of a run, resumed or not, has one layout (hence one round-off)."""
-    counts = table.species_atoms[:-1, :, 0].cpu().numpy()
-    n_structures, n_species = counts.shape
-    n_batches = math.ceil(n_structures / batch_size)
-    order = np.random.default_rng(_GROUPING_SEED).permutation(n_structures)
-    padded = np.zeros((n_batches * batch_size, n_species), dtype=np.int64)
-    padded[:n_structures] = counts[order]
-    per_batch = padded.reshape(n_batches, batch_size, n_species).sum(1)
-    groups = _species_groups(per_batch, counts.sum(0), network, 1)
+    order = np.random.default_rng(_GROUPING_SEED).permutation(table.n_structures)
+    _, atoms = _slot_atoms(table, order[None], batch_size)
+    return _grouping(atoms, network)
+
+
+def _slot_atoms(
+    table: EnergyTable, orders: np.ndarray, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The structure of each batch slot of ``orders`` (``[W, D]`` indices into ``table``,
+    ``-1`` for an empty slot), padded to whole batches with the table's empty entry:
+    ``[W, K·batch_size]``, and their :attr:`EnergyTable.species_atoms`
+    ``[W, K, batch_size, M, 2]``."""
+    n_orders, n_draws = orders.shape
+    n_batches, empty = math.ceil(n_draws / batch_size), table.n_structures
+    slots = np.full((n_orders, n_batches * batch_size), empty)
+    slots[:, :n_draws] = np.where(orders < 0, empty, orders)
+    atoms = table.species_atoms.cpu().numpy()[slots]
+    return slots, atoms.reshape(n_orders, n_batches, batch_size, *atoms.shape[2:])
+
+
+def _grouping(atoms: np.ndarray, network: NetworkParams) -> Grouping:
+    """:func:`_species_groups` of the batches whose slots' ``atoms`` (from
+    :func:`_slot_atoms`) are given."""
+    per_batch = atoms[..., 0].sum(2)  # [W, K, M]
+    groups = _species_groups(per_batch.max(0), per_batch.sum((0, 1)), network, len(atoms))
     return tuple((tuple(species.tolist()), tuple(splits.tolist())) for species, splits in groups)
 
 
@@ -301,22 +327,11 @@ def energy_plan(
     (:func:`_species_groups`). The index
     arithmetic runs in NumPy on the host (a few hundred numbers: cheaper per operation than
     tensors); the features are gathered on the table's device."""
-    orders = draws.cpu().numpy().reshape(-1, draws.shape[-1])
-    n_orders, n_draws = orders.shape
-    n_batches = math.ceil(n_draws / batch_size)
-    empty = table.constants.shape[0] - 1  # the table's empty entry
-    slots = np.full((n_orders, n_batches * batch_size), empty)
-    slots[:, :n_draws] = np.where(orders < 0, empty, orders)
-    shape = (n_orders, n_batches, batch_size)
-    atoms = table.species_atoms.cpu().numpy()[slots].reshape(*shape, -1, 2)  # [W, K, b, M, 2]
-    constants = table.constants.cpu().numpy()[slots].reshape(*shape, 2)  # [W, K, b, 2]
-    per_batch = atoms[..., 0].sum(2)  # [W, K, M]
-    most = per_batch.max(0)  # [K, M]
-    if table.grouping is None:
-        groups = _species_groups(most, per_batch.sum((0, 1)), network, n_orders)
-        grouping = tuple((tuple(s.tolist()), tuple(k.tolist())) for s, k in groups)
-    else:
-        grouping = table.grouping
+    slots, atoms = _slot_atoms(table, draws.cpu().numpy().reshape(-1, draws.shape[-1]), batch_size)
+    n_orders, n_batches = atoms.shape[:2]
+    constants = table.constants.cpu().numpy()[slots].reshape(*atoms.shape[:3], 2)  # [W, K, b, 2]
+    most = atoms[..., 0].sum(2).max(0)  # [K, M]: the most atoms of each species per batch
+    grouping = _grouping(atoms, network) if table.grouping is None else table.grouping
     device, dtype = table.rows.device, table.rows.dtype
     features, assign, widths = [], [], []
     for species, splits in grouping:
@@ -367,7 +382,7 @@ def energy_plan(
             for species, splits in grouping
         ),
         widths=tuple(widths),
-        sizes=tuple((slots[0] != empty).reshape(n_batches, batch_size).sum(1).tolist()),
+        sizes=tuple((slots[0] != table.n_structures).reshape(n_batches, -1).sum(1).tolist()),
     )
 
 
@@ -380,8 +395,7 @@ def plan_chunks(
 ) -> tuple[torch.Tensor, ...]:
     """``draws`` (``[D]`` or ``[W, D]``) split along the draws into whole batches of about
     2¹⁶ atoms each, one :func:`energy_plan` apiece."""
-    atoms_per_structure = table.rows.shape[0] / table.constants.shape[0]
-    per_plan = max(1, int(PLAN_ATOMS / (atoms_per_structure * batch_size)))
+    per_plan = max(1, int(PLAN_ATOMS / (table.atoms_per_structure * batch_size)))
     return draws.split(per_plan * batch_size, dim=-1)
 
 

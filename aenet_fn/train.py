@@ -639,8 +639,7 @@ DRAW_AHEAD = 8
 def epochs_per_plan(table: EnergyTable, train: Split) -> int:
     """How many energy-only epochs over ``train`` :func:`draw_energy_epochs` lays out in one
     plan: ``DRAW_AHEAD``, fewer where they would pass about 2¹⁶ atoms (0 for sets larger)."""
-    per_epoch = table.rows.shape[0] / table.constants.shape[0] * train.n_structures
-    return min(DRAW_AHEAD, int(PLAN_ATOMS / per_epoch))
+    return min(DRAW_AHEAD, int(PLAN_ATOMS / (table.atoms_per_structure * train.n_structures)))
 
 
 def draws_ahead(table: EnergyTable | None, train: Split, config: TrainConfig) -> bool:
