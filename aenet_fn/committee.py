@@ -172,9 +172,9 @@ def committee_epoch(
     shared = all(torch.equal(orders[0], order) for order in orders) and all(
         torch.equal(members[0].sampler.force_subset, m.sampler.force_subset) for m in members
     )
-    values = torch.stack([m.model.network.values for m in members])
-    if workspace is not None:  # its buffer holds the working values
-        values = workspace.network.values.copy_(values)
+    # the working values: stacked into the workspace's buffer where there is one
+    out = None if workspace is None else workspace.network.values
+    values = torch.stack([m.model.network.values for m in members], out=out)
     opt_state = _stack([m.opt_state for m in members])
     lrs = torch.tensor([m.lr for m in members], dtype=values.dtype)
     if config.uses_forces:
