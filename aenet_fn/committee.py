@@ -197,10 +197,9 @@ def committee_epoch(
                 sums[i] = accumulate_errors(sums[i], errors.new_zeros(0), differences[i], mask)
         if on_batch is not None:
             on_batch(k + 1, n_batches)
-    no_forces = torch.zeros(0, 3), torch.zeros(0, dtype=torch.bool)
     new_members = []
     for i, member in enumerate(members):
-        sums[i] = accumulate_errors(sums[i], torch.cat(member_errors[i]), *no_forces)
+        sums[i] = accumulate_errors(sums[i], torch.cat(member_errors[i]))
         network = attrs.evolve(member.model.network, values=values[i].clone())
         member = attrs.evolve(
             member,

@@ -125,20 +125,20 @@ def error_sums_init(device: torch.device | str | None = None) -> ErrorSums:
 def accumulate_errors(
     sums: ErrorSums,
     energy_errors: torch.Tensor,
-    force_differences: torch.Tensor,
-    supervised: torch.Tensor,
+    force_differences: torch.Tensor | None = None,
+    supervised: torch.Tensor | None = None,
 ) -> ErrorSums:
     """Add per-atom energy errors ``[b]`` (eV/atom) and the masked force differences
-    ``[n, 3]`` (eV/Å) of the ``supervised`` ``[n]`` atoms."""
+    ``[n, 3]`` (eV/Å) of the ``supervised`` ``[n]`` atoms (none where not given)."""
     changes = {}
     if energy_errors.numel():  # (empty parts change nothing: skipped)
         e = energy_errors.detach().to(torch.float64)
         changes.update(
-            energy_squared=sums.energy_squared + (e * e).sum(),
-            energy_absolute=sums.energy_absolute + e.abs().sum(),
+            energy_squared=sums.energy_squared + torch.dot(e, e),
+            energy_absolute=sums.energy_absolute + torch.linalg.vector_norm(e, 1),
             n_energies=sums.n_energies + e.numel(),
         )
-    if supervised.numel():
+    if supervised is not None and supervised.numel():
         f = force_differences.detach().to(torch.float64)
         changes.update(
             force_squared=sums.force_squared + (f * f).sum(),

@@ -357,16 +357,17 @@ def adam_update_fused(
     params: PyTree,
     lr: LearningRate | None = None,
 ) -> tuple[PyTree, AdamState]:
-    """:func:`adam_update_eager` that writes the new parameters and moments into ``params``
-    and ``state.mu`` / ``state.nu`` (tensors the caller owns) with torch's fused Adam kernel:
-    one operation for all leaves instead of seven per leaf, the numbers of
-    ``torch.optim.Adam(fused=True)`` (the unfused form's to round-off). Returns ``(params,
-    new_state)``. Not ``vmap``-able; CPU and CUDA tensors."""
+    """:func:`adam_update_eager` that writes the new parameters, moments and step count into
+    ``params``, ``state.mu`` / ``state.nu`` and ``state.step`` (tensors the caller owns) with
+    torch's fused Adam kernel: one operation for all leaves instead of seven per leaf, the
+    numbers of ``torch.optim.Adam(fused=True)`` (the unfused form's to round-off). Returns
+    ``(params, state)``, both updated. Not ``vmap``-able; CPU and CUDA tensors."""
     _, *leaves = _adam_leaf_lists(grads, state, params)
-    step = state.step + 1
-    steps = [step.float()] * len(leaves[0])  # torch keeps fused steps as float32 tensors
-    _fused_adam(config, leaves, steps, config.lr if lr is None else float(lr))
-    return params, AdamState(step=step, mu=state.mu, nu=state.nu)
+    state.step.add_(1)  # the kernel reads the (integer) count as torch's float one
+    _fused_adam(
+        config, leaves, [state.step] * len(leaves[0]), config.lr if lr is None else float(lr)
+    )
+    return params, state
 
 
 def adam_update_members_fused(

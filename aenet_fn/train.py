@@ -847,8 +847,7 @@ def run_epoch(
         stepped = _energy_epoch(state, order, table, config, on_step, workspace, drawn)
     else:
         stepped = _batch_epoch(state, order, train, config, world, on_step, blocks)
-    no_forces = torch.zeros(0, 3), torch.zeros(0, dtype=torch.bool)
-    sums = accumulate_errors(sums, torch.cat(own_errors), *no_forces)
+    sums = accumulate_errors(sums, torch.cat(own_errors))
     sums = reduce_error_sums(sums, world)
     return finish_epoch(stepped, order, drawn_errors, config), metrics_from_sums(sums)
 
