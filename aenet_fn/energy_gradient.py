@@ -676,30 +676,29 @@ class EnergySteps:
         one that spreads structure values onto atoms (``[batch_size, B_g·n]`` /
         ``[W, batch_size, B_g·n]``),
         views of the plan's assignment matrices (the spreading one the transpose of the summing
-        one: padding slots of a short last batch spread zeros), one ``as_strided`` each; and
-        the workspace's activation buffers for the batch's width."""
+        one: padding slots of a short last batch spread zeros); and the workspace's activation
+        buffers for the batch's width."""
         plan, n_orders, size = self.plan, self.plan.n_orders, self.plan.batch_size
         features, assign, blocks = plan.features[g], plan.assign[g], plan.groups[g]
-        n_features = features.shape[1]
-        views, start = [], 0  # the batch's first feature row
-        for width in plan.widths[g]:
-            rows = len(blocks) * width  # assignment rows per order
-            inputs = features.as_strided(
+        n_features, widths = features.shape[1], plan.widths[g]
+        rows = len(blocks) * np.array(widths, dtype=np.int64)  # assignment rows per order
+        starts = _exclusive_cumsum(_aligned_rows(n_orders * rows, features.element_size()))
+        views = []
+        for width, n_rows, start in zip(widths, rows.tolist(), starts.tolist()):
+            inputs = features.as_strided(  # from the batch's first feature row
                 (n_orders * len(blocks), n_features, width),
                 (width * n_features, 1, n_features),
                 features.storage_offset() + start * n_features,
             )
             offset = assign.storage_offset() + start * size
             if self.shared_order:
-                shapes = ((rows, size), (size, 1)), ((size, rows), (1, size))
+                summing = assign.as_strided((n_rows, size), (size, 1), offset)
             else:
-                shapes = (
-                    ((n_orders, rows, size), (rows * size, size, 1)),
-                    ((n_orders, size, rows), (rows * size, 1, size)),
+                summing = assign.as_strided(
+                    (n_orders, n_rows, size), (n_rows * size, size, 1), offset
                 )
-            summing, spreading = (assign.as_strided(*shape, offset) for shape in shapes)
+            spreading = summing.transpose(-2, -1)
             views.append((inputs, summing, spreading, self.workspace.hidden(blocks, width)))
-            start += int(_aligned_rows(n_orders * rows, features.element_size()))
         return views
 
     def _errors(
