@@ -346,8 +346,7 @@ def committee_fit(
         return draw_member_energy_epochs(members, train, config, table, workspace, left)
 
     ahead = draws_ahead(table, train, config)
-    for drawn in epochs_drawn_ahead(config.epochs, draw if ahead else None):
-        start = time.perf_counter()
+    for drawn, start in epochs_drawn_ahead(config.epochs, draw if ahead else None):
         members, train_metrics = committee_epoch(
             members, train, config, on_batch, table, blocks, workspace, drawn
         )

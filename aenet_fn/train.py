@@ -653,15 +653,20 @@ def draws_ahead(table: EnergyTable | None, train: Split, config: TrainConfig) ->
     )
 
 
-def epochs_drawn_ahead(n_epochs: int, draw: Callable[[int], Sequence[Any]] | None) -> Iterator[Any]:
+def epochs_drawn_ahead(
+    n_epochs: int, draw: Callable[[int], Sequence[Any]] | None
+) -> Iterator[tuple[Any, float]]:
     """For each of ``n_epochs`` epochs, what ``draw`` drew ahead for it (``draw(left)``, called
     with the epochs left whenever those drawn run out, lays out the next ones from the
-    caller's current state), or None throughout where ``draw`` is None."""
+    caller's current state), or None throughout where ``draw`` is None; with the
+    ``time.perf_counter()`` of the epoch's start, before any drawing (the first epoch of a
+    plan pays for laying it out)."""
     pending: list[Any] = []
     for epoch in range(n_epochs):
+        start = time.perf_counter()
         if draw is not None and not pending:
             pending = list(draw(n_epochs - epoch))
-        yield pending.pop(0) if pending else None
+        yield (pending.pop(0) if pending else None), start
 
 
 def draw_energy_epochs(
@@ -919,8 +924,7 @@ def fit(
         return draw_energy_epochs(state, train, config, table, workspace, left)
 
     ahead = draws_ahead(table, train, config)
-    for drawn in epochs_drawn_ahead(config.epochs, draw if ahead else None):
-        start = time.perf_counter()
+    for drawn, start in epochs_drawn_ahead(config.epochs, draw if ahead else None):
         state, train_metrics = run_epoch(
             state, train, config, on_batch, world, table, workspace, blocks, drawn
         )
