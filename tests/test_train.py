@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import attrs
 import pytest
@@ -14,6 +15,7 @@ from aenet_fn.train import (
     autograd_gradient,
     batch_loss,
     end_of_epoch,
+    epochs_drawn_ahead,
     func_gradient,
     member_step,
 )
@@ -282,3 +284,23 @@ def test_zero_force_fraction_supervises_only_the_minimum(tio2):
         force_weight=0.5, force_fraction=0.0, force_min_structures_per_epoch=3
     )
     assert int(af.init_train_state(model, train, at_least).sampler.force_subset.sum()) == 3
+
+
+def test_epochs_drawn_ahead_start_their_clock_before_the_draw():
+    """Each epoch comes with its start time; the first epoch of each draw starts before that
+    draw (its time includes laying out the epochs drawn with it), the others after it."""
+    draws: list[tuple[int, float]] = []
+
+    def draw(left: int) -> list[int]:
+        draws.append((left, time.perf_counter()))
+        return list(range(min(3, left)))
+
+    epochs = list(epochs_drawn_ahead(7, draw))
+    assert [drawn for drawn, _ in epochs] == [0, 1, 2, 0, 1, 2, 0]
+    assert [left for left, _ in draws] == [7, 4, 1]
+    starts, drawn_at = [start for _, start in epochs], [at for _, at in draws]
+    assert starts == sorted(starts)
+    for first, at in zip((0, 3, 6), drawn_at):
+        assert starts[first] <= at
+    assert all(starts[e] >= drawn_at[e // 3] for e in (1, 2, 4, 5))
+    assert [drawn for drawn, _ in epochs_drawn_ahead(2, None)] == [None, None]
