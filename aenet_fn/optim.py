@@ -379,12 +379,13 @@ def adam_update_members_fused(
 ) -> tuple[PyTree, AdamState]:
     """:func:`adam_update_fused` of ``W`` committee members stacked along the leading axis
     of every leaf (state included: ``state.step`` ``[W]``), member ``i`` with learning rate
-    ``lrs[i]``: one fused call per group of members sharing a learning rate, on their rows.
-    Each member's numbers are those of :func:`adam_update_fused` on its own rows."""
+    ``lrs[i]``: one fused call per group of members sharing a learning rate, on their rows
+    (parameters, moments and counts updated in place, as there). Each member's numbers are
+    those of :func:`adam_update_fused` on its own rows."""
     _, *leaves = _adam_leaf_lists(grads, state, params)
     rows = [[leaf.unbind(0) for leaf in kind] for kind in leaves]  # [kind][leaf][member]
-    step = state.step + 1
-    member_steps = step.float().unbind(0)
+    state.step.add_(1)
+    member_steps = state.step.unbind(0)
     groups: dict[float, list[int]] = {}
     for member, lr in enumerate(lrs.tolist() if isinstance(lrs, torch.Tensor) else lrs):
         groups.setdefault(float(lr), []).append(member)
@@ -392,7 +393,7 @@ def adam_update_members_fused(
         chosen = [[leaf[i] for i in members for leaf in kind] for kind in rows]
         steps = [member_steps[i] for i in members for _ in leaves[0]]
         _fused_adam(config, chosen, steps, lr)
-    return params, AdamState(step=step, mu=state.mu, nu=state.nu)
+    return params, state
 
 
 # --------------------------------------------------------------------------------------------
