@@ -766,7 +766,7 @@ def _energy_epoch(
         for gradient, errors in steps:
             opt_state = optimizer.update_in_place(gradient, opt_state, network.values, state.lr)
             on_step(errors, errors, None)
-    opt_state = tree_map(_ordinary, opt_state)  # what the updates made anew (the step count)
+    opt_state = tree_map(_ordinary, opt_state)  # what updates made anew (SGD's momentum)
     if kept:  # the workspace's buffer serves the next epoch: the state gets its own copy
         network = attrs.evolve(network, values=network.values.clone())
     model = attrs.evolve(state.model, network=network)
