@@ -160,13 +160,7 @@ def committee_epoch(
     if drawn is None:
         planned = [plan_epoch(member, train, config) for member in members]
     else:
-        if table is None or drawn[0].steps.workspace is not workspace:
-            raise ValueError("committee_epoch: epochs drawn ahead need their table and workspace")
-        for member, epoch in zip(members, drawn, strict=True):
-            epoch.check_start(member)
-        planned = [
-            (attrs.evolve(m, sampler=d.sampler, rng=d.rng), d.order) for m, d in zip(members, drawn)
-        ]
+        planned = [d.take(m, table, workspace) for m, d in zip(members, drawn, strict=True)]
     members = [state for state, _ in planned]
     orders = [order for _, order in planned]
     shared = all(torch.equal(orders[0], order) for order in orders) and all(
@@ -277,7 +271,7 @@ def _energy_steps(
     the buffer of ``workspace`` where given) are updated in place."""
     optimizer = optimizer_of(config)
     if drawn is not None:
-        steps = drawn[0].steps.gradients(drawn[0].batches(config.batch_size))
+        steps = drawn[0].gradients(config.batch_size)
     else:
         if workspace is None:
             network = attrs.evolve(members[0].model.network, values=values)

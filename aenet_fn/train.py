@@ -622,14 +622,24 @@ class DrawnEpoch:
     steps: EnergySteps
     first: int
 
-    def batches(self, batch_size: int) -> range:
-        """Its batches in the plan of :attr:`steps`."""
-        return range(self.first, self.first + math.ceil(self.order.numel() / batch_size))
+    def gradients(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The steps' gradients and errors of its batches (:meth:`EnergySteps.gradients`)."""
+        first = self.first
+        return self.steps.gradients(
+            range(first, first + math.ceil(self.order.numel() / batch_size))
+        )
 
-    def check_start(self, state: TrainState) -> None:
-        """Refuse a ``state`` that this epoch was not drawn from."""
+    def take(
+        self, state: TrainState, table: EnergyTable | None, workspace: EnergyWorkspace | None
+    ) -> tuple[TrainState, torch.Tensor]:
+        """What :func:`plan_epoch` gives for ``state``: ``state`` with the sampler and
+        generator after the draw, and the order drawn. Refuses a ``state`` this epoch was not
+        drawn from, and a run without the table or with another workspace than its steps'."""
+        if table is None or self.steps.workspace is not workspace:
+            raise ValueError("an epoch drawn ahead needs its table and workspace")
         if not torch.equal(self.start_rng, state.rng):
             raise ValueError("this epoch was drawn ahead from another state")
+        return attrs.evolve(state, sampler=self.sampler, rng=self.rng), self.order
 
 
 DRAW_AHEAD = 8
@@ -761,7 +771,7 @@ def _energy_epoch(
             table, network, order, config.batch_size, config.force_weight, workspace
         )
     else:  # its batches of the plan of several epochs (in the region below)
-        steps = drawn.steps.gradients(drawn.batches(config.batch_size))
+        steps = drawn.gradients(config.batch_size)
     with torch.inference_mode():  # the in-place updates too: ordinary tensors stay ordinary
         for gradient, errors in steps:
             opt_state = optimizer.update_in_place(gradient, opt_state, network.values, state.lr)
@@ -827,10 +837,7 @@ def run_epoch(
     if drawn is None:
         state, order = plan_epoch(state, train, config)
     else:
-        if table is None or drawn.steps.workspace is not workspace:
-            raise ValueError("run_epoch: an epoch drawn ahead needs its table and workspace")
-        drawn.check_start(state)
-        state, order = attrs.evolve(state, sampler=drawn.sampler, rng=drawn.rng), drawn.order
+        state, order = drawn.take(state, table, workspace)
     n_batches = math.ceil(order.numel() / config.batch_size)
     if table is None:
         table = energy_epoch_table(state, train, config, world)
