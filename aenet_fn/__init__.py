@@ -21,7 +21,7 @@ from aenet_fn.featurized import (
     FeaturizedSet,
     MiniBatch,
     featurize_structures,
-    set_pair_blocks,
+    set_jacobian,
     take_structures,
 )
 from aenet_fn.forces import EnergyForces, value_and_forces
@@ -94,7 +94,7 @@ __all__ = [
     "read_structures",
     "run_epoch",
     "save_checkpoint",
-    "set_pair_blocks",
+    "set_jacobian",
     "split_indices",
     "take_structures",
     "train_step",

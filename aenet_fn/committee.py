@@ -29,9 +29,9 @@ from aenet_fn.descriptor import ChebyshevParams, build_graph
 from aenet_fn.distributed import World
 from aenet_fn.energy_gradient import EnergyTable, EnergyWorkspace, energy_gradients, energy_table
 from aenet_fn.featurized import FeaturizedSet, MiniBatch, stack_batches, take_structures
+from aenet_fn.force_jacobian import SetJacobian, StackedJacobians
 from aenet_fn.loss import accumulate_errors, error_sums_init, metrics_from_sums
 from aenet_fn.network import Architecture, NetworkParams
-from aenet_fn.position_jacobian import PairBlocks, StackedJacobians
 from aenet_fn.potential import Model, energy, energy_forces_stress
 from aenet_fn.train import (
     DrawnEpoch,
@@ -143,7 +143,7 @@ def committee_epoch(
     config: TrainConfig,
     on_batch: Callable[[int, int], None] | None = None,
     table: EnergyTable | None = None,
-    blocks: PairBlocks | None = None,
+    blocks: SetJacobian | None = None,
     workspace: EnergyWorkspace | None = None,
     drawn: Sequence[DrawnEpoch] | None = None,
 ) -> tuple[tuple[TrainState, ...], list[dict[str, float]]]:
@@ -290,7 +290,7 @@ def committee_evaluate(
     data: FeaturizedSet,
     with_forces: bool,
     batch_size: int = 256,
-    blocks: PairBlocks | None = None,
+    blocks: SetJacobian | None = None,
 ) -> list[dict[str, float]]:
     """Exact metrics of every member over ``data`` (see :func:`~aenet_fn.train.evaluate`), the
     members evaluated together, their stacked values a leading axis of each batch's residuals

@@ -17,15 +17,15 @@ import torch
 from aenet_fn._records import pytree_record, static_field
 from aenet_fn.batch import collate, ranges
 from aenet_fn.descriptor import ChebyshevParams, build_graph, features_from_graph, species_lookup
-from aenet_fn.local_derivatives import LocalDerivatives, local_derivatives
-from aenet_fn.position_jacobian import (
-    PairBlocks,
-    PositionJacobian,
+from aenet_fn.force_jacobian import (
+    BatchJacobian,
+    SetJacobian,
     StackedJacobians,
+    assemble_set_jacobian,
     batch_jacobian,
-    pair_blocks,
     stack_jacobians,
 )
+from aenet_fn.local_derivatives import LocalDerivatives, local_derivatives
 from aenet_fn.structure import Structure
 
 
@@ -109,7 +109,7 @@ class MiniBatch:
     energies: torch.Tensor
     forces: torch.Tensor
     force_atoms: torch.Tensor
-    local: LocalDerivatives | PositionJacobian | StackedJacobians | None
+    local: LocalDerivatives | BatchJacobian | StackedJacobians | None
     n_force_labelled: torch.Tensor
     atom_index: torch.Tensor
     species_blocks: tuple[int, ...] = static_field()
@@ -305,12 +305,12 @@ def take_structures(
     data: FeaturizedSet,
     selection: torch.Tensor,
     force_selected: torch.Tensor | None = None,
-    blocks: PairBlocks | None = None,
+    blocks: SetJacobian | None = None,
 ) -> MiniBatch:
     """The mini-batch of structures ``selection`` ``[b]`` (indices into ``data``, repeats
     allowed). ``force_selected`` ``[B]`` bool marks the structures whose forces are supervised;
     their local derivatives are included (``data`` must carry them): as derivative entries, or
-    with ``blocks`` (:func:`set_pair_blocks` of ``data``) as the batch's assembled Jacobian."""
+    with ``blocks`` (:func:`set_jacobian` of ``data``) as the batch's assembled Jacobian."""
     take = torch.Tensor.index_select  # much faster than advanced indexing on CPU
     counts = take(data.n_atoms, 0, selection)
     atoms = ranges(take(data.atom_start, 0, selection), counts)
@@ -333,13 +333,19 @@ def take_structures(
             force_atoms = take(supervised, 0, structure_index)
             if blocks is None:
                 local = _select_local(data, selection, supervised, new_start, position, order)
-            elif blocks.row_count.shape[0] != data.features.shape[0]:
+            elif (blocks.n_atoms, blocks.n_structures) != (
+                data.features.shape[0],
+                data.n_structures,
+            ):
                 raise ValueError(
-                    f"take_structures: pair blocks of a set of {blocks.row_count.shape[0]} atoms "
-                    f"given for a set of {data.features.shape[0]} (use set_pair_blocks of this set)"
+                    f"take_structures: the Jacobian of a set of {blocks.n_structures} structures "
+                    f"({blocks.n_atoms} atoms) given for a set of {data.n_structures} "
+                    f"({data.features.shape[0]} atoms; use set_jacobian of this set)"
                 )
             else:
-                local = batch_jacobian(blocks, atoms, order, position, force_atoms)
+                local = batch_jacobian(
+                    blocks, selection, supervised, atoms, order, position, force_atoms
+                )
     n_species = data.species_counts.shape[1]
     return MiniBatch(
         features=take(data.features, 0, atoms),
@@ -356,17 +362,22 @@ def take_structures(
     )
 
 
-def set_pair_blocks(params: ChebyshevParams, data: FeaturizedSet) -> PairBlocks:
-    """The :class:`~aenet_fn.position_jacobian.PairBlocks` of ``data`` (which must carry local
-    derivatives), for :func:`take_structures`."""
+def set_jacobian(
+    params: ChebyshevParams, data: FeaturizedSet, dense_up_to: float = 2.0
+) -> SetJacobian:
+    """The position Jacobian of ``data`` (which must carry local derivatives) stored for
+    :func:`take_structures` (:class:`~aenet_fn.force_jacobian.SetJacobian`: dense for the
+    structures of ``n`` atoms with at least ``n² / dense_up_to`` pair blocks)."""
     if data.local is None:
-        raise ValueError("set_pair_blocks: the featurized set has no local derivatives")
+        raise ValueError("set_jacobian: the featurized set has no local derivatives")
     if params.n_features != data.features.shape[1]:
         raise ValueError(
-            f"set_pair_blocks: the descriptor has {params.n_features} features, the featurized "
+            f"set_jacobian: the descriptor has {params.n_features} features, the featurized "
             f"set {data.features.shape[1]}: not the descriptor that featurized it"
         )
-    return pair_blocks(params, data.local, data.species_index, data.structure_index)
+    return assemble_set_jacobian(
+        params, data.local, data.species_index, data.structure_index, data.n_atoms, dense_up_to
+    )
 
 
 def _select_local(data, selection, supervised, new_start, position, order) -> LocalDerivatives:
@@ -428,7 +439,7 @@ def stack_batches(batches: Sequence[MiniBatch]) -> MiniBatch:
     members (the last block by one more atom): padding atoms have zero features, no labels and
     sit in the spare structure slot ``b``; derivative entries are padded with zero blocks acting
     on a padding atom; assembled Jacobians are kept per member with their atoms' padded
-    positions (:func:`~aenet_fn.position_jacobian.stack_jacobians`: such a batch is used with
+    positions (:func:`~aenet_fn.force_jacobian.stack_jacobians`: such a batch is used with
     the members as a leading axis, ``batch_loss`` of values ``[M, P]``, not under ``vmap``).
     Padding changes no energy, force or gradient."""
     sizes = {batch.n_structures for batch in batches}
@@ -466,7 +477,7 @@ def stack_batches(batches: Sequence[MiniBatch]) -> MiniBatch:
 
     local = None
     template = next((batch.local for batch in batches if batch.local is not None), None)
-    if isinstance(template, PositionJacobian):
+    if isinstance(template, BatchJacobian):
         if any(isinstance(batch.local, LocalDerivatives) for batch in batches):
             raise ValueError("stack_batches: batches mix derivative entries and Jacobians")
         local = stack_jacobians([batch.local for batch in batches], positions)

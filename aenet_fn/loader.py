@@ -34,8 +34,8 @@ from aenet_fn.featurized import (
     select_structures,
     take_structures,
 )
+from aenet_fn.force_jacobian import SetJacobian
 from aenet_fn.normalization import FeatureMoments
-from aenet_fn.position_jacobian import PairBlocks
 from aenet_fn.structure import Structure
 
 
@@ -156,11 +156,11 @@ def take_batch(
     data: Split,
     selection: torch.Tensor,
     force_selected: torch.Tensor | None,
-    blocks: PairBlocks | None = None,
+    blocks: SetJacobian | None = None,
 ) -> MiniBatch:
     """The mini-batch of structures ``selection`` ``[b]`` of ``data``; ``force_selected``
     ``[B]`` marks the force-supervised structures (None: energies only). ``blocks``: the
-    :class:`~aenet_fn.position_jacobian.PairBlocks` of a featurized ``data``, to give the
+    :class:`~aenet_fn.force_jacobian.SetJacobian` of a featurized ``data``, to give the
     batch an assembled Jacobian (see :func:`~aenet_fn.featurized.take_structures`)."""
     if isinstance(data, StructureSource):
         return data.take(selection, force_selected)
@@ -209,7 +209,7 @@ def batch_stream(
     num_workers: int = 0,
     prefetch_factor: int = 2,
     persistent_workers: bool = False,
-    blocks: PairBlocks | None = None,
+    blocks: SetJacobian | None = None,
 ) -> Iterator[MiniBatch]:
     """The mini-batches of ``selections`` in order: built here when ``num_workers == 0``
     (with ``blocks``: see :func:`take_batch`), otherwise ``prefetch_factor`` batches ahead per

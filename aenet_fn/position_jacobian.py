@@ -1,4 +1,4 @@
-"""The descriptor's position Jacobian assembled into sparse matrices, for force training.
+"""The descriptor's position Jacobian as pair blocks and sparse matrices, for force training.
 
 The entries of :class:`~aenet_fn.local_derivatives.LocalDerivatives` hold one small block per
 pair or triplet. Summed by (atom moved ``j``, atom described ``i``) they give the Jacobian
@@ -9,21 +9,18 @@ Cartesian component, with committee members as the dense operand's columns: one 
 every atom and member instead of gathers, per-entry products and scatters (measured 5× faster
 for one member and 20× for eight, on CPU).
 
-:func:`pair_blocks` builds the blocks of a featurized set once (the training loop keeps them
-for the run); :func:`batch_jacobian` cuts a mini-batch's matrices out of them, and
-:func:`jacobian_position_gradient` applies them, differentiably to any order;
-:func:`stack_jacobians` / :func:`stacked_position_gradient` do the same for the stacked
-batches of committee members that draw their own.
+:func:`block_values` sums a featurized set's blocks once; :func:`pair_blocks` keeps those of
+the structures stored sparse (:mod:`aenet_fn.force_jacobian` stores small ones dense),
+:func:`pair_jacobian` cuts a mini-batch's matrices out of them and
+:func:`jacobian_position_gradient` applies them, differentiably to any order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import attrs
 import torch
 
-from aenet_fn._records import pytree_record, static_field
+from aenet_fn._records import pytree_record
 from aenet_fn.batch import ranges
 from aenet_fn.descriptor import ChebyshevParams
 from aenet_fn.linear_maps import csr_matrix, linear_pair, members_inner, members_outer
@@ -55,14 +52,19 @@ class PairBlocks:
     row_count: torch.Tensor
 
 
-def pair_blocks(
+def block_values(
     params: ChebyshevParams,
     local: LocalDerivatives,
     species_index: torch.Tensor,
     structure_index: torch.Tensor,
-) -> PairBlocks:
-    """The :class:`PairBlocks` of a featurized set's local derivatives ``local`` (atom indices
-    into ``species_index`` / ``structure_index`` ``[N]``)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The position Jacobian of a featurized set's local derivatives ``local`` (atom indices
+    into ``species_index`` / ``structure_index`` ``[N]``) summed into one block per pair of
+    atoms: ``(values, row, col, mirror)``, ``values`` ``[3, U, F]`` with ``values[c, b] =
+    ∂G_i/∂r_{j,c}`` for block ``b = (j, i)`` at ``row[b] = j``, ``col[b] = i`` (sorted by ``j``,
+    then by ``i`` in species-major order within its structure), and ``mirror[b]`` the block
+    ``(i, j)`` (every block has one: cutoffs are symmetric, and a missing mirror is added as
+    zeros)."""
     n_rad, n_ang, multi = params.rad_order + 1, params.ang_order + 1, params.multi
     n = species_index.shape[0]
     device = species_index.device
@@ -116,14 +118,31 @@ def pair_blocks(
     diagonal = torch.searchsorted(unique, described * n + rank[described])
     accumulated.index_add_(0, diagonal, torch.cat(centred, dim=1), alpha=-1)
     del moving, centred, keys  # (peak memory)
-    counts = torch.bincount(row, minlength=n)
     values = accumulated.permute(2, 0, 1).contiguous()
-    del accumulated  # (peak memory)
+    return values, row, col, mirror
+
+
+def pair_blocks(
+    values: torch.Tensor,
+    row: torch.Tensor,
+    col: torch.Tensor,
+    mirror: torch.Tensor,
+    keep: torch.Tensor,
+    n_atoms: int,
+) -> PairBlocks:
+    """The :class:`PairBlocks` of the blocks ``keep`` ``[U]`` (bool; a block and its mirror
+    both or neither) of :func:`block_values` ``(values, row, col, mirror)`` of a set of
+    ``n_atoms`` atoms."""
+    kept = torch.nonzero(keep).view(-1)
+    renumbered = torch.cumsum(keep, 0) - 1  # a kept block's place among the kept
+    values = values.index_select(1, kept)
+    row = row.index_select(0, kept)
+    counts = torch.bincount(row, minlength=n_atoms)
     return PairBlocks(
         values=values,
-        mirrored=values.permute(2, 1, 0)[:, mirror].contiguous(),
+        mirrored=values.permute(2, 1, 0)[:, renumbered[mirror[kept]]].contiguous(),
         row=row,
-        col=col,
+        col=col.index_select(0, kept),
         row_start=torch.cumsum(counts, 0) - counts,
         row_count=counts,
     )
@@ -152,7 +171,7 @@ class PositionJacobian:
     transposed_values: torch.Tensor
 
 
-def batch_jacobian(
+def pair_jacobian(
     blocks: PairBlocks,
     atoms: torch.Tensor,
     structure_major: torch.Tensor,
@@ -177,7 +196,7 @@ def batch_jacobian(
     def rows(table: torch.Tensor, n_rows: int) -> torch.Tensor:
         """Rows ``chosen`` of each of the ``n_rows`` leading slices of ``table``."""
         where = torch.arange(n_rows, device=atoms.device)[:, None] * n_set + chosen
-        return take(table.view(n_rows * n_set, -1), 0, where.view(-1))
+        return take(table.view(n_rows * n_set, table.shape[-1]), 0, where.view(-1))
 
     crow, col, transposed_crow, transposed_col = _csr_indices(
         counts.to(index), columns.to(index), width
@@ -210,51 +229,6 @@ def _csr_indices(
         torch.cat([zero, transposed_ends]),
         (columns[:, None] * 3 + components).view(1, -1).expand(width, -1).reshape(-1),
     )
-
-
-@pytree_record
-@attrs.frozen(eq=False)
-class StackedJacobians:
-    """The Jacobians of the batches of committee members stacked by
-    :func:`~aenet_fn.featurized.stack_batches`, each kept in its own batch's numbering.
-
-    Attributes:
-        jacobians: the :class:`PositionJacobian` of each member whose batch supervises forces.
-        positions: ``[n_m]`` each such member's atoms' positions in the padded layout.
-        members: the index of each such member (static).
-    """
-
-    jacobians: tuple[PositionJacobian, ...]
-    positions: tuple[torch.Tensor, ...]
-    members: tuple[int, ...] = static_field()
-
-
-def stack_jacobians(
-    jacobians: Sequence[PositionJacobian | None], positions: Sequence[torch.Tensor]
-) -> StackedJacobians:
-    """:class:`StackedJacobians` of the members' ``jacobians`` (None: a batch without
-    supervised forces) and their atoms' padded ``positions``. Nothing is copied."""
-    kept = [m for m, jacobian in enumerate(jacobians) if jacobian is not None]
-    return StackedJacobians(
-        jacobians=tuple(jacobians[m] for m in kept),
-        positions=tuple(positions[m] for m in kept),
-        members=tuple(kept),
-    )
-
-
-def stacked_position_gradient(
-    stacked: StackedJacobians, feature_gradient: torch.Tensor
-) -> torch.Tensor:
-    """``∂E/∂r`` ``[M, n, 3]`` of stacked batches from each member's ``∂E/∂G``
-    ``feature_gradient`` ``[M, n, F]`` (padded layout; the members a leading axis, no
-    ``vmap``): each member's rows taken out, its own Jacobian applied, put back. Zero for
-    padding atoms and members without supervised forces; differentiable to any order."""
-    n_members, n_padded = feature_gradient.shape[0], feature_gradient.shape[-2]
-    out = [feature_gradient.new_zeros(n_padded, 3) for _ in range(n_members)]
-    for m, jacobian, position in zip(stacked.members, stacked.jacobians, stacked.positions):
-        rows = feature_gradient[m].index_select(0, position)
-        out[m] = out[m].index_copy(0, position, jacobian_position_gradient(jacobian, rows))
-    return torch.stack(out)
 
 
 def _rows_to_positions(layout: None, g: torch.Tensor, *fields: torch.Tensor) -> torch.Tensor:

@@ -21,16 +21,16 @@ from aenet_fn.descriptor import (
     features_from_graph,
     species_lookup,
 )
+from aenet_fn.force_jacobian import (
+    BatchJacobian,
+    StackedJacobians,
+    batch_position_gradient,
+    stacked_position_gradient,
+)
 from aenet_fn.forces import EnergyForces, value_and_forces
 from aenet_fn.local_derivatives import LocalDerivatives, position_gradient
 from aenet_fn.network import NetworkParams, atomic_outputs
 from aenet_fn.normalization import Normalization
-from aenet_fn.position_jacobian import (
-    PositionJacobian,
-    StackedJacobians,
-    jacobian_position_gradient,
-    stacked_position_gradient,
-)
 
 
 @pytree_record
@@ -154,7 +154,7 @@ def energy_and_forces_from_derivatives(
     species_index: torch.Tensor,
     structure_index: torch.Tensor,
     n_structures: int,
-    local: LocalDerivatives | PositionJacobian | StackedJacobians,
+    local: LocalDerivatives | BatchJacobian | StackedJacobians,
     species_blocks: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Energies ``[B]`` and forces ``[N, 3]`` from precomputed raw features and local
@@ -171,8 +171,8 @@ def energy_and_forces_from_derivatives(
     # a view of the inputs per member, so that each member's ∂E/∂G is its own
     features = features.expand(*members, *features.shape[-2:])
     feature_gradient, atomic = grad(total, has_aux=True)(features)
-    if isinstance(local, PositionJacobian):
-        forces = -jacobian_position_gradient(local, feature_gradient)
+    if isinstance(local, BatchJacobian):
+        forces = -batch_position_gradient(local, feature_gradient)
     elif isinstance(local, StackedJacobians):
         forces = -stacked_position_gradient(local, feature_gradient)
     else:

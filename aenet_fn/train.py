@@ -40,7 +40,8 @@ from aenet_fn.energy_gradient import (
     energy_plan,
     energy_table,
 )
-from aenet_fn.featurized import FeaturizedSet, MiniBatch, set_pair_blocks
+from aenet_fn.featurized import FeaturizedSet, MiniBatch, set_jacobian
+from aenet_fn.force_jacobian import SetJacobian
 from aenet_fn.loader import Split, batch_stream, normalization_features, take_batch
 from aenet_fn.loss import (
     ErrorSums,
@@ -67,7 +68,6 @@ from aenet_fn.optim import (
     plateau_step,
     sgd,
 )
-from aenet_fn.position_jacobian import PairBlocks
 from aenet_fn.potential import (
     Model,
     atomic_energies_from_features,
@@ -455,7 +455,7 @@ def evaluate(
     with_forces: bool,
     batch_size: int = 256,
     world: World | None = None,
-    blocks: PairBlocks | None = None,
+    blocks: SetJacobian | None = None,
 ) -> dict[str, float]:
     """Exact metrics of ``model`` over all of ``data``: per-atom energy RMSE and MAE (eV/atom)
     over every structure, force RMSE (eV/Å) over every labelled component when ``with_forces``
@@ -512,7 +512,7 @@ def epoch_batches(
     train: Split,
     config: TrainConfig,
     world: World | None = None,
-    blocks: PairBlocks | None = None,
+    blocks: SetJacobian | None = None,
 ) -> Iterator[MiniBatch]:
     """The mini-batches of ``order`` (``batch_size`` structures each, last one partial), built
     lazily (in DataLoader workers when ``config.num_workers > 0``) so that only a few batches'
@@ -570,10 +570,11 @@ while mirror blocks of pairs seen only through triplets (angular cutoff beyond t
 can add to it."""
 
 
-def force_blocks(model: Model, data: Split | None, config: TrainConfig) -> PairBlocks | None:
-    """The :class:`~aenet_fn.position_jacobian.PairBlocks` of ``data`` that let its force
-    batches apply one assembled sparse Jacobian per component instead of the per-entry maps
-    (the same numbers to round-off, several times faster on CPU; built once per run), or None
+def force_blocks(model: Model, data: Split | None, config: TrainConfig) -> SetJacobian | None:
+    """The stored position Jacobian of ``data`` (:class:`~aenet_fn.force_jacobian.SetJacobian`)
+    that lets its force batches apply assembled matrices (dense per small structure, sparse
+    otherwise) instead of the per-entry maps (the same numbers to round-off, several times
+    faster on CPU; built once per run), or None
     where that does not apply: energy-only training, DataLoader workers, lazy or missing
     splits, sets without derivatives, other devices than the CPU (not measured there), or sets
     whose blocks could be too large (``_BLOCK_ELEMENTS``)."""
@@ -585,12 +586,12 @@ def force_blocks(model: Model, data: Split | None, config: TrainConfig) -> PairB
     bound = local.radial.shape[0] + 2 * local.angular_first.shape[0] + data.features.shape[0]
     if bound * 3 * data.features.shape[1] > _BLOCK_ELEMENTS:
         return None
-    return set_pair_blocks(model.descriptor, data)
+    return set_jacobian(model.descriptor, data)
 
 
 def run_blocks(
     model: Model, train: Split, test: Split | None, config: TrainConfig
-) -> tuple[PairBlocks | None, PairBlocks | None]:
+) -> tuple[SetJacobian | None, SetJacobian | None]:
     """The :func:`force_blocks` of a run's train and test splits."""
     return force_blocks(model, train, config), force_blocks(model, test, config)
 
@@ -790,7 +791,7 @@ def _batch_epoch(
     config: TrainConfig,
     world: World,
     on_step: StepReport,
-    blocks: PairBlocks | None,
+    blocks: SetJacobian | None,
 ) -> TrainState:
     """The steps of an epoch over assembled mini-batches (:func:`train_step`, or
     :func:`data_parallel_step` under ``torch.distributed``); returns the state after the
@@ -816,7 +817,7 @@ def run_epoch(
     world: World | None = None,
     table: EnergyTable | None = None,
     workspace: EnergyWorkspace | None = None,
-    blocks: PairBlocks | None = None,
+    blocks: SetJacobian | None = None,
     drawn: DrawnEpoch | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
     """One epoch over the training split: sampler order, optional force re-draw, a
@@ -908,7 +909,7 @@ def fit(
     callbacks: Sequence[Callable[[TrainState], None]] = (),
     on_batch: Callable[[int, int], None] | None = None,
     world: World | None = None,
-    blocks: tuple[PairBlocks | None, PairBlocks | None] | None = None,
+    blocks: tuple[SetJacobian | None, SetJacobian | None] | None = None,
 ) -> TrainState:
     """Run ``config.epochs`` more epochs from ``state``; after each, evaluate the test split
     (exact metrics), record history/best/scheduler and call every callback with the new state

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import attrs
 import pytest
 import torch
@@ -19,8 +21,8 @@ from aenet_fn.committee import (
     stack_members,
     unstack_members,
 )
-from aenet_fn.featurized import set_pair_blocks, stack_batches
-from aenet_fn.position_jacobian import StackedJacobians
+from aenet_fn.featurized import set_jacobian, stack_batches
+from aenet_fn.force_jacobian import StackedJacobians
 from aenet_fn.train import batch_loss, force_blocks, member_step
 
 PARAMS = af.ChebyshevParams(
@@ -131,12 +133,13 @@ def test_energy_committee_epochs_drawn_ahead_equal_epochs_planned_alone(
         )
 
 
-@pytest.mark.parametrize("assembled", [False, True], ids=["entries", "assembled-jacobian"])
-def test_padding_of_stacked_batches_changes_nothing(data, assembled):
+@pytest.mark.parametrize("storage", [None, 0.0, math.inf], ids=["entries", "pairs", "dense"])
+def test_padding_of_stacked_batches_changes_nothing(data, storage):
     _, train, _ = data
     model = af.init_model(PARAMS, ARCH, train, seed=1, atomic_energies=E_ATOM)
     forces = torch.ones(train.n_structures, dtype=torch.bool)
-    blocks = set_pair_blocks(PARAMS, train) if assembled else None
+    assembled = storage is not None
+    blocks = set_jacobian(PARAMS, train, storage) if assembled else None
     batches = [
         af.take_structures(train, torch.tensor([0, 5, 9]), forces, blocks),
         af.take_structures(train, torch.tensor([3, 3, 20]), None, blocks),
@@ -206,13 +209,14 @@ def test_vmapped_evaluation_equals_per_member_evaluation(data, assembled):
         )
 
 
-@pytest.mark.parametrize("kind", ["energies", "entries", "assembled-jacobian"])
+@pytest.mark.parametrize("kind", ["energies", "entries", "pairs", "dense"])
 def test_batch_loss_of_stacked_members_is_each_members_loss(data, kind):
     """``batch_loss`` with values ``[M, P]`` (members as a leading axis, no vmap)."""
     _, train, _ = data
     members = [af.init_model(PARAMS, ARCH, train, seed=s, atomic_energies=E_ATOM) for s in (1, 2)]
     forces = None if kind == "energies" else torch.ones(train.n_structures, dtype=torch.bool)
-    blocks = set_pair_blocks(PARAMS, train) if kind == "assembled-jacobian" else None
+    storage = {"pairs": 0.0, "dense": math.inf}.get(kind)
+    blocks = None if storage is None else set_jacobian(PARAMS, train, storage)
     batch = af.take_structures(train, torch.tensor([4, 0, 13, 4, 21]), forces, blocks)
     stacked = torch.stack([m.network.values for m in members])
     losses, (errors, differences) = batch_loss(members[0], stacked, batch, 0.3, True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import attrs
 import numpy as np
 import pytest
@@ -11,8 +13,8 @@ from hypothesis import strategies as st
 
 import aenet_fn as af
 from aenet_fn import ChebyshevParams, Structure, collate, featurize
-from aenet_fn.featurized import featurize_structures, set_pair_blocks, take_structures
-from aenet_fn.position_jacobian import PositionJacobian
+from aenet_fn.featurized import featurize_structures, set_jacobian, take_structures
+from aenet_fn.force_jacobian import BatchJacobian, SetJacobian
 from aenet_fn.train import force_blocks, init_model, init_train_state, run_epoch
 from tests.conftest import batch_energies_and_forces, random_structure
 
@@ -37,32 +39,65 @@ def _structures(seed: int, species: tuple[str, ...]) -> list[Structure]:
     ]
 
 
+STORAGE = {"pairs": 0.0, "mixed": 1.0, "dense": math.inf}
+"""``dense_up_to`` of each way to store a set's Jacobian: every structure as pair blocks, the
+structures with a block for each pair of atoms dense (the others sparse), every one dense."""
+
+
+def _stored_jacobian(jacobian: SetJacobian, data) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense ``[j, c, i, f]`` Jacobian of the set from both parts of ``jacobian``, and the
+    ``[j, f, i, c]`` transposed map of its pair blocks' mirrors (zero for dense structures)."""
+    n, width = data.features.shape
+    dense = torch.zeros(n, 3, n, width, dtype=torch.float64)
+    pairs = jacobian.pairs
+    dense[pairs.row, :, pairs.col] = pairs.values.permute(1, 0, 2)
+    mirrored = torch.zeros(n, width, n, 3, dtype=torch.float64)
+    mirrored[pairs.row, :, pairs.col] = pairs.mirrored.permute(1, 0, 2)
+    stored = jacobian.structures
+    for s, (offset, count) in enumerate(zip(stored.offset.tolist(), stored.n_atoms.tolist())):
+        if offset >= 0:
+            atoms = slice(int(data.atom_start[s]), int(data.atom_start[s]) + count)
+            matrix = stored.values[offset : offset + 3 * width * count * count]
+            dense[atoms, :, atoms] = matrix.view(count, 3, count, width)
+    return dense, mirrored
+
+
+@pytest.mark.parametrize("storage", STORAGE)
 @pytest.mark.parametrize(
     "params", [TWO_SPECIES, ONE_SPECIES, WIDE_ANGULAR], ids=["Ti-O", "Ti", "wide-angular"]
 )
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 10**5))
 @example(seed=3)  # wide-angular: a mirror block without entries
-def test_pair_blocks_are_the_dense_position_jacobian(params, seed):
+def test_set_jacobian_is_the_dense_position_jacobian(params, storage, seed):
     structures = _structures(seed, tuple(params.species))
     data = featurize_structures(params, structures, with_derivatives=True)
-    blocks = set_pair_blocks(params, data)
+    jacobian = set_jacobian(params, data, dense_up_to=STORAGE[storage])
     batch = collate(structures, species=params.species)  # the set's atom order
 
     def features_of(positions: torch.Tensor) -> torch.Tensor:
         return featurize(params, attrs.evolve(batch, positions=positions))
 
     expected = torch.func.jacrev(features_of)(batch.positions)  # [i, f, j, c]
-    n, width = data.features.shape
-    dense = torch.zeros(n, 3, n, width, dtype=torch.float64)  # [j, c, i, f]
-    dense[blocks.row, :, blocks.col] = blocks.values.permute(1, 0, 2)
+    dense, mirrored = _stored_jacobian(jacobian, data)
     torch.testing.assert_close(dense, expected.permute(2, 3, 0, 1), rtol=0, atol=1e-12)
-    mirrored = torch.zeros(n, width, n, 3, dtype=torch.float64)  # [j, f, i, c]
-    mirrored[blocks.row, :, blocks.col] = blocks.mirrored.permute(1, 0, 2)
-    torch.testing.assert_close(mirrored, expected, rtol=0, atol=1e-12)
-    assert bool((blocks.row[1:] >= blocks.row[:-1]).all())
-    assert int(blocks.row_count[-1]) == 0  # the far atom
-    assert torch.equal(blocks.row_start + blocks.row_count, torch.cumsum(blocks.row_count, 0))
+    # each structure stored one way: dense when it has at least n²/dense_up_to blocks
+    blocks = torch.bincount(
+        data.structure_index[set_jacobian(params, data, 0.0).pairs.row], minlength=3
+    )
+    is_dense = jacobian.structures.offset >= 0
+    rule = (data.n_atoms**2 <= STORAGE[storage] * blocks) & (blocks > 0)
+    assert torch.equal(is_dense, rule)
+    # the far atom has no block: the structure never has a whole square of them
+    assert bool(is_dense[2]) == (storage == "dense")
+    sparse_atoms = ~is_dense[data.structure_index]
+    assert bool((sparse_atoms[jacobian.pairs.row]).all())
+    pair_part = expected * sparse_atoms[:, None, None, None]
+    torch.testing.assert_close(mirrored, pair_part, rtol=0, atol=1e-12)
+    pairs = jacobian.pairs
+    assert bool((pairs.row[1:] >= pairs.row[:-1]).all())
+    assert int(pairs.row_count[-1]) == 0  # the far atom
+    assert torch.equal(pairs.row_start + pairs.row_count, torch.cumsum(pairs.row_count, 0))
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +114,16 @@ def tio2(shared_data):
     return params, featurize_structures(params, structures, with_derivatives=True), structures
 
 
-@pytest.mark.parametrize("policy", ["uniform", "error_weighted"])
-def test_epochs_with_assembled_jacobians_equal_epochs_with_entries(tio2, policy):
+@pytest.mark.parametrize(
+    ("policy", "storage"),
+    [
+        ("uniform", "pairs"),
+        ("error_weighted", "pairs"),
+        ("uniform", "mixed"),
+        ("error_weighted", "dense"),
+    ],
+)
+def test_epochs_with_assembled_jacobians_equal_epochs_with_entries(tio2, policy, storage):
     """Weighted sampling draws structures twice; half the structures are force-supervised."""
     params, train, _ = tio2
     arch = {"Ti": [(6, "tanh"), (6, "tanh")], "O": [(6, "tanh")]}
@@ -92,10 +135,12 @@ def test_epochs_with_assembled_jacobians_equal_epochs_with_entries(tio2, policy)
         sampling_policy=policy,
     )
     state = init_train_state(init_model(params, arch, train, seed=3), train, config)
-    blocks = force_blocks(state.model, train, config)
-    assert blocks is not None
+    assert force_blocks(state.model, train, config) is not None
+    blocks = set_jacobian(params, train, STORAGE[storage])
+    stored_dense = (blocks.structures.offset >= 0).tolist()
+    assert any(stored_dense) == (storage != "pairs") and all(stored_dense) == (storage == "dense")
     batch = take_structures(train, torch.arange(5), state.sampler.force_subset, blocks)
-    assert isinstance(batch.local, PositionJacobian)
+    assert isinstance(batch.local, BatchJacobian)
     with_entries, with_blocks = state, state
     for _ in range(3):
         with_entries, entries_metrics = run_epoch(with_entries, train, config)
@@ -109,7 +154,8 @@ def test_epochs_with_assembled_jacobians_equal_epochs_with_entries(tio2, policy)
     )
 
 
-def test_float32_assembled_forces_are_close_to_float64(tio2):
+@pytest.mark.parametrize("storage", ["pairs", "dense"])
+def test_float32_assembled_forces_are_close_to_float64(tio2, storage):
     params, train, structures = tio2
     model = init_model(params, {"Ti": [(5, "tanh")], "O": [(5, "tanh")]}, train, seed=1)
     single = featurize_structures(params, structures, with_derivatives=True, dtype=torch.float32)
@@ -119,7 +165,7 @@ def test_float32_assembled_forces_are_close_to_float64(tio2):
     everything = torch.ones(train.n_structures, dtype=torch.bool)
 
     def forces(data, model):
-        blocks = set_pair_blocks(params, data)
+        blocks = set_jacobian(params, data, STORAGE[storage])
         batch = take_structures(data, torch.tensor([4, 0, 7, 4]), everything, blocks)
         return batch_energies_and_forces(model, batch)[1]
 
@@ -140,17 +186,17 @@ def test_force_blocks_only_where_they_apply(tio2, monkeypatch):
     energy_only = attrs.evolve(train, local=None)
     assert force_blocks(model, energy_only, forces) is None
     with pytest.raises(ValueError, match="no local derivatives"):
-        set_pair_blocks(params, energy_only)
+        set_jacobian(params, energy_only)
     monkeypatch.setattr(af.train, "_BLOCK_ELEMENTS", 1000)
     assert force_blocks(model, train, forces) is None
 
 
-def test_pair_blocks_of_another_descriptor_or_set_are_refused(tio2):
+def test_jacobian_of_another_descriptor_or_set_is_refused(tio2):
     params, train, _ = tio2
     with pytest.raises(ValueError, match="not the descriptor that featurized it"):
-        set_pair_blocks(attrs.evolve(params, rad_order=4), train)
+        set_jacobian(attrs.evolve(params, rad_order=4), train)
     smaller = af.featurized.select_structures(train, [0, 1, 2])
-    blocks = set_pair_blocks(params, smaller)
+    blocks = set_jacobian(params, smaller)
     everything = torch.ones(train.n_structures, dtype=torch.bool)
-    with pytest.raises(ValueError, match="use set_pair_blocks of this set"):
+    with pytest.raises(ValueError, match="use set_jacobian of this set"):
         take_structures(train, torch.tensor([0, 1]), everything, blocks)

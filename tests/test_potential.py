@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import attrs
 import pytest
 import torch
@@ -9,11 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aenet_fn import ChebyshevParams, Structure, collate, featurize
-from aenet_fn.featurized import featurize_structures, set_pair_blocks, take_structures
+from aenet_fn.featurized import featurize_structures, set_jacobian, take_structures
+from aenet_fn.force_jacobian import BatchJacobian
 from aenet_fn.local_derivatives import LocalDerivatives, centre_sums
 from aenet_fn.network import atomic_outputs, init_network
 from aenet_fn.normalization import Normalization
-from aenet_fn.position_jacobian import PositionJacobian
 from aenet_fn.potential import (
     Model,
     energy,
@@ -81,12 +83,15 @@ def test_local_derivative_forces_equal_autodiff_forces(seed):
     torch.testing.assert_close(f_blocks, f_local, rtol=0, atol=1e-14)
 
 
-@pytest.mark.parametrize("assembled", [False, True], ids=["entries", "assembled-jacobian"])
+@pytest.mark.parametrize(
+    "storage", [None, 0.0, 1.0, math.inf], ids=["entries", "pairs", "mixed", "dense"]
+)
 @given(seed=st.integers(0, 10**5))
-def test_batches_of_any_selection_give_autodiff_forces(assembled, seed):
+def test_batches_of_any_selection_give_autodiff_forces(storage, seed):
     """A shuffled selection with a repeat and one unsupervised structure, with derivative
-    entries (sorted by centre: the CSR sums' fast path) or the assembled Jacobian: forces and
-    the transposed map (the loss-gradient direction) equal autodiff."""
+    entries (sorted by centre: the CSR sums' fast path) or the assembled Jacobian (pair blocks,
+    dense, or each structure its way: ``dense_up_to``): forces and the transposed map (the
+    loss-gradient direction) equal autodiff."""
     model = make_model(seed)
     structures = _structures(seed, 4)
     data = featurize_structures(
@@ -96,10 +101,10 @@ def test_batches_of_any_selection_give_autodiff_forces(assembled, seed):
     selection = torch.cat([torch.randperm(4, generator=generator), torch.tensor([seed % 4])])
     supervised = torch.ones(4, dtype=torch.bool)
     supervised[(seed + 1) % 4] = False
-    blocks = set_pair_blocks(PARAMS, data) if assembled else None
+    blocks = None if storage is None else set_jacobian(PARAMS, data, storage)
     batch = take_structures(data, selection, supervised, blocks)
-    assert isinstance(batch.local, PositionJacobian if assembled else LocalDerivatives)
-    if not assembled:
+    assert isinstance(batch.local, LocalDerivatives if storage is None else BatchJacobian)
+    if storage is None:
         for centres in (batch.local.radial_centre, batch.local.triplet_centre):
             assert bool((centres[1:] >= centres[:-1]).all())
     values = model.network.values.detach().requires_grad_(True)

@@ -278,20 +278,20 @@ def test_members_predicting_one_by_one_analysed_like_the_committee(setup, shared
     assert [p.name for p in tmp_path.iterdir()] == ["uncertainty.pdb"]
 
 
-def test_sequential_members_share_the_pair_blocks_of_the_splits(setup, tmp_path, monkeypatch):
-    """Force training builds each split's pair blocks once for all sequential members."""
+def test_sequential_members_share_the_jacobians_of_the_splits(setup, tmp_path, monkeypatch):
+    """Force training builds each split's stored Jacobian once for all sequential members."""
     import aenet_fn.train as driver
 
     structures, runs = setup
     trained, _ = runs["sequential"]
     built = []
-    real = driver.set_pair_blocks
+    real = driver.set_jacobian
 
     def counted(params, data):
         built.append(data.n_structures)
         return real(params, data)
 
-    monkeypatch.setattr(driver, "set_pair_blocks", counted)
+    monkeypatch.setattr(driver, "set_jacobian", counted)
     committee = TorchCommitteePotential(trained.arch, trained.descriptor)
     committee.train(
         structures=structures,
