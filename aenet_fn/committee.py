@@ -39,6 +39,7 @@ from aenet_fn.train import (
     TrainState,
     autograd_gradient,
     batch_loss,
+    batch_residuals,
     draw_member_energy_epochs,
     draws_ahead,
     end_of_epoch,
@@ -233,7 +234,7 @@ def committee_step(
 
     def summed_loss(leaf: torch.Tensor) -> tuple[torch.Tensor, Any]:
         losses, aux = batch_loss(
-            model, leaf, batch, config.force_weight, config.force_scale_unbiased
+            model, leaf, batch, config.force_weight, config.force_scale_unbiased, by_autograd=True
         )
         return losses.sum(), aux
 
@@ -299,15 +300,15 @@ def committee_evaluate(
     template = members[0].model
     values = torch.stack([m.model.network.values for m in members])
 
-    def loss(values: torch.Tensor, batch: MiniBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return batch_loss(template, values, batch, 0.0, False)[1]  # members: leading axis
+    def residuals(values: torch.Tensor, batch: MiniBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch_residuals(template, values, batch, by_autograd=True)  # members: leading axis
 
     sums = [error_sums_init() for _ in members]
     everything = data.has_forces if with_forces else None
     for selection in torch.arange(data.n_structures).split(batch_size):
         batch = take_structures(data, selection, everything, blocks)
         with torch.no_grad():
-            errors, differences = loss(values, batch)
+            errors, differences = residuals(values, batch)
         sums = [
             accumulate_errors(s, errors[i], differences[i], batch.force_atoms)
             for i, s in enumerate(sums)

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import torch
@@ -156,12 +156,16 @@ def energy_and_forces_from_derivatives(
     n_structures: int,
     local: LocalDerivatives | BatchJacobian | StackedJacobians,
     species_blocks: Sequence[int] | None = None,
+    by_autograd: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Energies ``[B]`` and forces ``[N, 3]`` from precomputed raw features and local
     descriptor derivatives (fixed positions, e.g. training data). Only the network is
     differentiated (``∂E/∂G`` by ``torch.func.grad``), so gradients of a force loss with respect
     to the network parameters never pass through the descriptor. Stacked members' network
-    values ``[M, P]`` give ``[M, B]`` and ``[M, N, 3]`` (each member's ``∂E/∂G`` its own)."""
+    values ``[M, P]`` give ``[M, B]`` and ``[M, N, 3]`` (each member's ``∂E/∂G`` its own).
+    ``by_autograd``: ``∂E/∂G`` by ``torch.autograd.grad`` instead (its graph kept where
+    gradients are recorded): the same numbers at less overhead, not inside ``torch.func``
+    transforms."""
 
     def total(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         atomic = atomic_energies_from_features(model, raw, species_index, species_blocks)
@@ -170,7 +174,10 @@ def energy_and_forces_from_derivatives(
     members = model.network.values.shape[:-1]
     # a view of the inputs per member, so that each member's ∂E/∂G is its own
     features = features.expand(*members, *features.shape[-2:])
-    feature_gradient, atomic = grad(total, has_aux=True)(features)
+    if by_autograd:
+        feature_gradient, atomic = _autograd_feature_gradient(total, features)
+    else:
+        feature_gradient, atomic = grad(total, has_aux=True)(features)
     if isinstance(local, BatchJacobian):
         forces = -batch_position_gradient(local, feature_gradient)
     elif isinstance(local, StackedJacobians):
@@ -178,3 +185,16 @@ def energy_and_forces_from_derivatives(
     else:
         forces = -position_gradient(model.descriptor, local, feature_gradient)
     return sum_by_structure(atomic, structure_index, n_structures), forces
+
+
+def _autograd_feature_gradient(
+    total: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], features: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(∂total/∂features, aux)`` of ``total(features) -> (value, aux)`` by
+    ``torch.autograd.grad``, differentiable further when gradients are being recorded."""
+    recording = torch.is_grad_enabled()
+    with torch.enable_grad():
+        leaf = features.detach().requires_grad_(True)
+        value, aux = total(leaf)
+        (gradient,) = torch.autograd.grad(value, leaf, create_graph=recording)
+    return gradient, aux

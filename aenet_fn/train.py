@@ -303,14 +303,16 @@ def _draw_force_subset(
 
 
 def batch_residuals(
-    model: Model, values: torch.Tensor, batch: MiniBatch
+    model: Model, values: torch.Tensor, batch: MiniBatch, by_autograd: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-atom energy errors ``[b]`` (eV/atom) and force differences ``[n, 3]`` (eV/Å) of the
     supervised atoms (0 elsewhere, and everywhere when the batch supervises no force) of
     ``batch`` for network parameters ``values`` ``[P]``. Written without data-dependent shapes,
     so it ``vmap``s over members (and over padded, stacked batches); stacked members' values
     ``[M, P]`` on one batch, or on their stacked batches with an assembled Jacobian, give
-    ``[M, b]`` and ``[M, n, 3]`` without ``vmap``."""
+    ``[M, b]`` and ``[M, n, 3]`` without ``vmap``. ``by_autograd``: see
+    :func:`~aenet_fn.potential.energy_and_forces_from_derivatives` (outside ``torch.func``
+    transforms only)."""
     model = attrs.evolve(model, network=attrs.evolve(model.network, values=values))
     slots = batch.n_structures + 1  # the last slot collects padding atoms of stacked batches
     if batch.local is None:
@@ -328,6 +330,7 @@ def batch_residuals(
             slots,
             batch.local,
             batch.species_blocks,
+            by_autograd,
         )
         differences = masked_force_differences(forces, batch.forces, batch.force_atoms)
     errors = energy_error_per_atom(
@@ -337,12 +340,18 @@ def batch_residuals(
 
 
 def batch_loss(
-    model: Model, values: torch.Tensor, batch: MiniBatch, force_weight: float, unbiased: bool
+    model: Model,
+    values: torch.Tensor,
+    batch: MiniBatch,
+    force_weight: float,
+    unbiased: bool,
+    by_autograd: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Loss of ``batch`` for network parameters ``values`` ``[P]`` (see
     :func:`~aenet_fn.loss.loss_from_sums`), with :func:`batch_residuals` as auxiliary
-    output; for stacked members' values ``[M, P]``, their losses ``[M]``."""
-    errors, differences = batch_residuals(model, values, batch)
+    output; for stacked members' values ``[M, P]``, their losses ``[M]``. ``by_autograd``:
+    see :func:`batch_residuals`."""
+    errors, differences = batch_residuals(model, values, batch, by_autograd)
     loss = loss_from_sums(
         (errors * errors).sum(-1),
         errors.shape[-1],
@@ -415,7 +424,12 @@ def train_step(
     else:
         gradient, aux = autograd_gradient(
             lambda v: batch_loss(
-                state.model, v, batch, config.force_weight, config.force_scale_unbiased
+                state.model,
+                v,
+                batch,
+                config.force_weight,
+                config.force_scale_unbiased,
+                by_autograd=True,
             ),
             values,
         )
@@ -431,7 +445,7 @@ def data_parallel_step(
     :mod:`aenet_fn.distributed`). Returns this share's residuals."""
 
     def loss(values: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        errors, differences = batch_residuals(state.model, values, batch)
+        errors, differences = batch_residuals(state.model, values, batch, by_autograd=True)
         value = global_batch_loss(
             errors,
             differences,
@@ -472,7 +486,9 @@ def evaluate(
             continue
         batch = take_batch(data, share, everything, blocks)
         with torch.no_grad():
-            errors, differences = batch_residuals(model, model.network.values, batch)
+            errors, differences = batch_residuals(
+                model, model.network.values, batch, by_autograd=True
+            )
         sums = accumulate_errors(sums, errors, differences, batch.force_atoms)
     return metrics_from_sums(reduce_error_sums(sums, world))
 

@@ -232,21 +232,26 @@ def test_bad_training_inputs_are_rejected(tio2, shared_data):
         af.init_model(PARAMS, ARCH, unlabelled)
 
 
+@pytest.mark.parametrize("assembled", [False, True], ids=["entries", "assembled-jacobian"])
 @pytest.mark.parametrize("force_weight", [0.0, 0.4])
-def test_autograd_and_torch_func_gradients_agree(tio2, force_weight):
+def test_autograd_and_torch_func_gradients_agree(tio2, force_weight, assembled):
+    """The loss gradient by torch.func and by autograd, with ∂E/∂G by either."""
     train, _, model = tio2
-    batch = af.take_structures(
-        train, torch.arange(5, 12), torch.ones(train.n_structures, dtype=torch.bool)
-    )
+    blocks = af.set_jacobian(model.descriptor, train) if assembled else None
+    everything = torch.ones(train.n_structures, dtype=torch.bool)
+    batch = af.take_structures(train, torch.arange(5, 12), everything, blocks)
 
-    def loss(values):
-        return batch_loss(model, values, batch, force_weight, False)
+    def loss(values, by_autograd=False):
+        return batch_loss(model, values, batch, force_weight, False, by_autograd=by_autograd)
 
     values = model.network.values
     by_func, aux_func = func_gradient(loss, values)
     by_autograd, aux_autograd = autograd_gradient(loss, values)
+    all_autograd, aux_all = autograd_gradient(lambda v: loss(v, by_autograd=True), values)
     torch.testing.assert_close(by_autograd, by_func, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(all_autograd, by_func, rtol=1e-13, atol=1e-15)
     torch.testing.assert_close(aux_autograd[0], aux_func[0], rtol=0, atol=0)
+    torch.testing.assert_close(aux_all[1], aux_func[1], rtol=0, atol=1e-14)
 
 
 def test_float32_training_runs_and_learns(shared_data):
