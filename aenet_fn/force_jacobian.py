@@ -69,6 +69,8 @@ def assemble_set_jacobian(
     ``species_index`` / ``structure_index`` ``[N]``, structures of ``n_atoms`` ``[S]`` atoms
     one after another); a structure is stored dense when ``n² ≤ dense_up_to`` × its blocks
     (``0``: none, ``inf``: all)."""
+    if not dense_up_to >= 0:  # (NaN too)
+        raise ValueError(f"dense_up_to must be a number ≥ 0, got {dense_up_to!r}")
     values, row, col, mirror = block_values(params, local, species_index, structure_index)
     block_structure = structure_index.index_select(0, row)
     blocks = torch.bincount(block_structure, minlength=n_atoms.shape[0])

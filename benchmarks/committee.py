@@ -7,7 +7,7 @@ energy-only and force training (force_weight 0.1, all forces), with batches shar
 members or drawn per member: seconds per epoch of the vmapped committee, of the sequential loop
 over the same members, their ratio, and the vmapped cost relative to one member alone. Epoch
 times are each run's mean epoch, from its history: the one-time set-up of a run (energy table,
-pair blocks, built once per run by ``fit`` and ``committee_fit``) is left out of both.
+stored Jacobian, built once per run by ``fit`` and ``committee_fit``) is left out of both.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ FULL_SIZES = [1, 2, 4, 8, 16]
 
 def _epoch_seconds(state: af.TrainState) -> float:
     """Seconds of the mean epoch of a run, from its history (a run's one-time set-up, such as
-    its energy table or pair blocks, is not an epoch; energy-only runs lay out their few
+    its energy table or stored Jacobian, is not an epoch; energy-only runs lay out their few
     epochs in one plan, paid in the first, so the best single epoch would flatter them)."""
     return sum(row["epoch_time"] for row in state.history) / len(state.history)
 

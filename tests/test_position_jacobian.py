@@ -193,6 +193,9 @@ def test_force_blocks_only_where_they_apply(tio2, monkeypatch):
 
 def test_jacobian_of_another_descriptor_or_set_is_refused(tio2):
     params, train, _ = tio2
+    for bad in (-1.0, math.nan):
+        with pytest.raises(ValueError, match="dense_up_to must be a number ≥ 0"):
+            set_jacobian(params, train, bad)
     with pytest.raises(ValueError, match="not the descriptor that featurized it"):
         set_jacobian(attrs.evolve(params, rad_order=4), train)
     smaller = af.featurized.select_structures(train, [0, 1, 2])
