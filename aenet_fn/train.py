@@ -417,7 +417,8 @@ def train_step(
     """One optimiser step on ``batch``; returns the new state and the batch's per-atom energy
     errors ``[b]`` and supervised force differences (measured before the step). Energy-only
     batches take the hand-derived gradient of :mod:`aenet_fn.energy_gradient`, others
-    ``torch.autograd`` (both equal ``torch.func.grad`` to round-off; tested)."""
+    ``torch.autograd``, ``∂E/∂G`` included (``by_autograd``; both equal ``torch.func.grad``
+    to round-off; tested)."""
     values = state.model.network.values
     if batch.local is None:
         gradient, aux = energy_loss_gradient(state.model, values, batch, config.force_weight)
@@ -590,10 +591,10 @@ def force_blocks(model: Model, data: Split | None, config: TrainConfig) -> SetJa
     """The stored position Jacobian of ``data`` (:class:`~aenet_fn.force_jacobian.SetJacobian`)
     that lets its force batches apply assembled matrices (dense per small structure, sparse
     otherwise) instead of the per-entry maps (the same numbers to round-off, several times
-    faster on CPU; built once per run), or None
-    where that does not apply: energy-only training, DataLoader workers, lazy or missing
-    splits, sets without derivatives, other devices than the CPU (not measured there), or sets
-    whose blocks could be too large (``_BLOCK_ELEMENTS``)."""
+    faster on CPU; built once per run), or None where that does not apply: energy-only
+    training, DataLoader workers, lazy or missing splits, sets without derivatives, other
+    devices than the CPU (not measured there), or sets whose blocks could be too large
+    (``_BLOCK_ELEMENTS``)."""
     if not config.uses_forces or config.num_workers > 0 or not isinstance(data, FeaturizedSet):
         return None
     local = data.local
