@@ -7,9 +7,10 @@ are stacked along a leading axis (:func:`committee_step`). Each member draws its
 batches are gathered from the one featurized set (features and local derivatives computed once)
 and stacked with padding (:func:`~aenet_fn.featurized.stack_batches`), which changes no number.
 Members drawing the same batches (``shared_batches``) share each batch instead, and its forces go
-through one assembled sparse Jacobian with the members as columns
-(:mod:`aenet_fn.position_jacobian`). Nothing couples the members inside a step, so member ``i``
-ends exactly where it would have trained alone with the same seed (up to float round-off).
+through the batch's one assembled Jacobian, applied to all members in one product per
+structure or component (:mod:`aenet_fn.force_jacobian`). Nothing couples the members inside a
+step, so member ``i`` ends exactly where it would have trained alone with the same seed (up to
+float round-off).
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def committee_epoch(
     from epoch to epoch, or new ones; ``drawn``: each member's epoch drawn ahead by
     :func:`~aenet_fn.train.draw_member_energy_epochs` with that workspace). Force batches
     take assembled Jacobians from ``blocks`` (:func:`~aenet_fn.train.force_blocks` of
-    ``train``; shared batches: the members as the columns of one sparse product). Returns the
+    ``train``; shared batches: all members in one product of each matrix). Returns the
     new states and each member's training metrics."""
     check_shared_parts([m.model for m in members])
     if drawn is None:

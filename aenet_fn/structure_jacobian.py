@@ -6,7 +6,7 @@ matrix ``D`` ``[3 n, F n]`` (row ``3 j + c``, column ``F i + f``: ``∂G_{i,f}/�
 takes no more memory than its blocks and their mirrors, and a mini-batch uses the set's
 matrices as they are: no values gathered, no index arrays built, one matrix product per
 structure for ``∂E/∂r = D ∂E/∂G`` and one with the transposed view ``Dᵀ`` for the transposed
-map (the loss-gradient direction), committee members as the columns.
+map (the loss-gradient direction), committee members as the rows of the other operand.
 
 :func:`structure_blocks` stores the matrices of a set's chosen structures once;
 :func:`structure_jacobian` takes a mini-batch's views of them and
