@@ -107,13 +107,12 @@ def batch_jacobian(
     ``structure_major`` ``[n]`` the structure-major position of each (structures one after
     another, their atoms in set order), ``position`` ``[n]`` its inverse map, and
     ``force_atoms`` ``[n]`` bool the atoms of the supervised structures."""
-    stored_dense = jacobian.structures.offset.index_select(0, selection) >= 0
-    pairs = None
-    if bool((supervised & ~stored_dense).any()):
-        pairs = pair_jacobian(jacobian.pairs, atoms, structure_major, position, force_atoms)
     dense = structure_jacobian(
         jacobian.structures, selection, supervised, position, structure_major
     )
+    pairs = None  # needed where a supervised structure has no dense matrix
+    if int(supervised.sum()) > (0 if dense is None else len(dense.matrices)):
+        pairs = pair_jacobian(jacobian.pairs, atoms, structure_major, position, force_atoms)
     return BatchJacobian(pairs=pairs, structures=dense)
 
 
