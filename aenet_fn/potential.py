@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 import torch
@@ -175,7 +176,8 @@ def energy_and_forces_from_derivatives(
     # a view of the inputs per member, so that each member's ∂E/∂G is its own
     features = features.expand(*members, *features.shape[-2:])
     if by_autograd:
-        feature_gradient, atomic = _autograd_feature_gradient(total, features)
+        recording = torch.is_grad_enabled()  # the force loss is differentiated further
+        feature_gradient, atomic = autograd_with_aux(total, features, create_graph=recording)
     else:
         feature_gradient, atomic = grad(total, has_aux=True)(features)
     if isinstance(local, BatchJacobian):
@@ -187,14 +189,18 @@ def energy_and_forces_from_derivatives(
     return sum_by_structure(atomic, structure_index, n_structures), forces
 
 
-def _autograd_feature_gradient(
-    total: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], features: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(∂total/∂features, aux)`` of ``total(features) -> (value, aux)`` by
-    ``torch.autograd.grad``, differentiable further when gradients are being recorded."""
-    recording = torch.is_grad_enabled()
+def autograd_with_aux(
+    function: Callable[[torch.Tensor], tuple[torch.Tensor, Any]],
+    x: torch.Tensor,
+    create_graph: bool = False,
+) -> tuple[torch.Tensor, Any]:
+    """``(∂value/∂x, aux)`` of ``function(x) -> (value, aux)`` (``value`` a scalar) by
+    ``torch.autograd.grad`` on a leaf copy of ``x`` (gradients recorded inside, whatever the
+    caller's mode; ``create_graph``: the gradient's graph kept, to differentiate it further).
+    Fewer per-operation costs than ``torch.func.grad``, the same numbers; not inside
+    ``torch.func`` transforms."""
     with torch.enable_grad():
-        leaf = features.detach().requires_grad_(True)
-        value, aux = total(leaf)
-        (gradient,) = torch.autograd.grad(value, leaf, create_graph=recording)
+        leaf = x.detach().requires_grad_(True)
+        value, aux = function(leaf)
+        (gradient,) = torch.autograd.grad(value, leaf, create_graph=create_graph)
     return gradient, aux
