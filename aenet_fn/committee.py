@@ -275,10 +275,11 @@ def _energy_steps(
     if drawn is not None:
         steps = drawn[0].gradients(config.batch_size)
     else:
-        if workspace is None:
-            network = attrs.evolve(members[0].model.network, values=values)
-        else:
-            network = workspace.network
+        network = (
+            attrs.evolve(members[0].model.network, values=values)
+            if workspace is None
+            else workspace.network
+        )
         draws = orders[0] if shared else torch.stack(orders)
         batch_size, force_weight = config.batch_size, config.force_weight
         steps = energy_gradients(table, network, draws, batch_size, force_weight, workspace)
