@@ -52,7 +52,7 @@ from aenet_fn.train import (
     member_step,
     optimizer_of,
     plan_epoch,
-    run_blocks,
+    run_jacobians,
 )
 
 
@@ -145,7 +145,7 @@ def committee_epoch(
     config: TrainConfig,
     on_batch: Callable[[int, int], None] | None = None,
     table: EnergyTable | None = None,
-    blocks: SetJacobian | None = None,
+    jacobian: SetJacobian | None = None,
     workspace: EnergyWorkspace | None = None,
     drawn: Sequence[DrawnEpoch] | None = None,
 ) -> tuple[tuple[TrainState, ...], list[dict[str, float]]]:
@@ -155,7 +155,7 @@ def committee_epoch(
     when not given, with the buffers of ``workspace``, the members' stacked values, kept
     from epoch to epoch, or new ones; ``drawn``: each member's epoch drawn ahead by
     :func:`~aenet_fn.train.draw_member_energy_epochs` with that workspace). Force batches
-    take assembled Jacobians from ``blocks`` (:func:`~aenet_fn.train.force_blocks` of
+    take assembled Jacobians from ``jacobian`` (:func:`~aenet_fn.train.assembled_jacobian` of
     ``train``; shared batches: all members in one product of each matrix). Returns the
     new states and each member's training metrics."""
     check_shared_parts([m.model for m in members])
@@ -174,7 +174,9 @@ def committee_epoch(
     opt_state = _stack([m.opt_state for m in members])
     lrs = torch.tensor([m.lr for m in members], dtype=values.dtype)
     if config.uses_forces:
-        steps = _force_steps(members, orders, shared, values, opt_state, lrs, train, config, blocks)
+        steps = _force_steps(
+            members, orders, shared, values, opt_state, lrs, train, config, jacobian
+        )
     else:
         table = energy_table(members[0].model, train, config.batch_size) if table is None else table
         steps = _energy_steps(
@@ -245,7 +247,7 @@ def committee_step(
     return new_values, new_state, aux
 
 
-def _force_steps(members, orders, shared, values, opt_state, lrs, train, config, blocks):
+def _force_steps(members, orders, shared, values, opt_state, lrs, train, config, jacobian):
     """Steps of :func:`committee_step` on batches shared by the members or stacked: after
     each, the stacked values and optimiser states, the members' per-atom energy errors and
     (force differences, supervised atoms)."""
@@ -257,7 +259,7 @@ def _force_steps(members, orders, shared, values, opt_state, lrs, train, config,
     # members of one process: a committee spreads its members over ranks, not its batches;
     # members drawing the same batches share them instead of stacking them
     drawing = list(zip(members, orders))[: 1 if shared else None]
-    streams = [epoch_batches(m, o, train, config, World(), blocks) for m, o in drawing]
+    streams = [epoch_batches(m, o, train, config, World(), jacobian) for m, o in drawing]
     for batches in zip(*streams):
         batch = batches[0] if shared else stack_batches(batches)
         values, opt_state, (errors, differences) = step(values, opt_state, lrs, batch)
@@ -293,12 +295,12 @@ def committee_evaluate(
     data: FeaturizedSet,
     with_forces: bool,
     batch_size: int = 256,
-    blocks: SetJacobian | None = None,
+    jacobian: SetJacobian | None = None,
 ) -> list[dict[str, float]]:
     """Exact metrics of every member over ``data`` (see :func:`~aenet_fn.train.evaluate`), the
     members evaluated together, their stacked values a leading axis of each batch's residuals
-    (forces through assembled Jacobians with ``blocks``, :func:`~aenet_fn.train.force_blocks`
-    of ``data``)."""
+    (forces through assembled Jacobians with ``jacobian``,
+    :func:`~aenet_fn.train.assembled_jacobian` of ``data``)."""
     template = members[0].model
     values = torch.stack([m.model.network.values for m in members])
 
@@ -308,7 +310,7 @@ def committee_evaluate(
     sums = [error_sums_init() for _ in members]
     everything = data.has_forces if with_forces else None
     for selection in torch.arange(data.n_structures).split(batch_size):
-        batch = take_structures(data, selection, everything, blocks)
+        batch = take_structures(data, selection, everything, jacobian)
         with torch.no_grad():
             errors, differences = residuals(values, batch)
         sums = [
@@ -333,7 +335,7 @@ def committee_fit(
     # one per run: the members share the normalisation, which training does not change
     template = members[0].model
     table = None if config.uses_forces else energy_table(template, train, config.batch_size)
-    blocks, test_blocks = run_blocks(template, train, test, config)
+    jacobian, test_jacobian = run_jacobians(template, train, test, config)
     workspace = None  # the stacked values' buffers, kept for the run
     if table is not None:
         stacked = torch.stack([m.model.network.values for m in members])
@@ -345,12 +347,12 @@ def committee_fit(
     ahead = draws_ahead(table, train, config)
     for drawn, start in epochs_drawn_ahead(config.epochs, draw if ahead else None):
         members, train_metrics = committee_epoch(
-            members, train, config, on_batch, table, blocks, workspace, drawn
+            members, train, config, on_batch, table, jacobian, workspace, drawn
         )
         test_metrics: list[dict[str, float] | None] = (
             [None] * len(members)
             if test is None
-            else committee_evaluate(members, test, config.uses_forces, blocks=test_blocks)
+            else committee_evaluate(members, test, config.uses_forces, jacobian=test_jacobian)
         )
         seconds = time.perf_counter() - start
         members = tuple(

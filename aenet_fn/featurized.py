@@ -305,12 +305,12 @@ def take_structures(
     data: FeaturizedSet,
     selection: torch.Tensor,
     force_selected: torch.Tensor | None = None,
-    blocks: SetJacobian | None = None,
+    jacobian: SetJacobian | None = None,
 ) -> MiniBatch:
     """The mini-batch of structures ``selection`` ``[b]`` (indices into ``data``, repeats
     allowed). ``force_selected`` ``[B]`` bool marks the structures whose forces are supervised;
     their local derivatives are included (``data`` must carry them): as derivative entries, or
-    with ``blocks`` (:func:`set_jacobian` of ``data``) as the batch's assembled Jacobian."""
+    with ``jacobian`` (:func:`set_jacobian` of ``data``) as the batch's assembled Jacobian."""
     take = torch.Tensor.index_select  # much faster than advanced indexing on CPU
     counts = take(data.n_atoms, 0, selection)
     atoms = ranges(take(data.atom_start, 0, selection), counts)
@@ -331,20 +331,20 @@ def take_structures(
             if data.local is None:
                 raise ValueError("take_structures: forces requested but the set has no derivatives")
             force_atoms = take(supervised, 0, structure_index)
-            if blocks is None:
+            if jacobian is None:
                 local = _select_local(data, selection, supervised, new_start, position, order)
-            elif (blocks.n_atoms, blocks.n_structures) != (
+            elif (jacobian.n_atoms, jacobian.n_structures) != (
                 data.features.shape[0],
                 data.n_structures,
             ):
                 raise ValueError(
-                    f"take_structures: the Jacobian of a set of {blocks.n_structures} structures "
-                    f"({blocks.n_atoms} atoms) given for a set of {data.n_structures} "
+                    f"take_structures: the Jacobian of a set of {jacobian.n_structures} structures "
+                    f"({jacobian.n_atoms} atoms) given for a set of {data.n_structures} "
                     f"({data.features.shape[0]} atoms; use set_jacobian of this set)"
                 )
             else:
                 local = batch_jacobian(
-                    blocks, selection, supervised, atoms, order, position, force_atoms
+                    jacobian, selection, supervised, atoms, order, position, force_atoms
                 )
     n_species = data.species_counts.shape[1]
     return MiniBatch(

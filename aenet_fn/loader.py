@@ -156,15 +156,15 @@ def take_batch(
     data: Split,
     selection: torch.Tensor,
     force_selected: torch.Tensor | None,
-    blocks: SetJacobian | None = None,
+    jacobian: SetJacobian | None = None,
 ) -> MiniBatch:
     """The mini-batch of structures ``selection`` ``[b]`` of ``data``; ``force_selected``
-    ``[B]`` marks the force-supervised structures (None: energies only). ``blocks``: the
+    ``[B]`` marks the force-supervised structures (None: energies only). ``jacobian``: the
     :class:`~aenet_fn.force_jacobian.SetJacobian` of a featurized ``data``, to give the
     batch an assembled Jacobian (see :func:`~aenet_fn.featurized.take_structures`)."""
     if isinstance(data, StructureSource):
         return data.take(selection, force_selected)
-    return take_structures(data, selection, force_selected, blocks)
+    return take_structures(data, selection, force_selected, jacobian)
 
 
 def normalization_features(data: Split) -> torch.Tensor | FeatureMoments:
@@ -209,16 +209,16 @@ def batch_stream(
     num_workers: int = 0,
     prefetch_factor: int = 2,
     persistent_workers: bool = False,
-    blocks: SetJacobian | None = None,
+    jacobian: SetJacobian | None = None,
 ) -> Iterator[MiniBatch]:
     """The mini-batches of ``selections`` in order: built here when ``num_workers == 0``
-    (with ``blocks``: see :func:`take_batch`), otherwise ``prefetch_factor`` batches ahead per
+    (with ``jacobian``: see :func:`take_batch`), otherwise ``prefetch_factor`` batches ahead per
     worker in ``num_workers`` DataLoader processes (each worker reads, featurizes and builds
-    graphs itself; ``blocks`` are not used there). With ``persistent_workers`` a
+    graphs itself; ``jacobian`` is not used there). With ``persistent_workers`` a
     :class:`StructureSource` keeps its workers (and their caches) from one epoch to the next."""
     items = [(selection, force_selected) for selection in selections]
     if num_workers == 0:
-        return (take_batch(data, *item, blocks) for item in items)
+        return (take_batch(data, *item, jacobian) for item in items)
     keep = persistent_workers and isinstance(data, StructureSource)
     if keep and data._loader is not None and data._loader[0] == num_workers:
         _, loader, plan = data._loader

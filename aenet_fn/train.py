@@ -469,11 +469,11 @@ def evaluate(
     with_forces: bool,
     batch_size: int = 256,
     world: World | None = None,
-    blocks: SetJacobian | None = None,
+    jacobian: SetJacobian | None = None,
 ) -> dict[str, float]:
     """Exact metrics of ``model`` over all of ``data``: per-atom energy RMSE and MAE (eV/atom)
     over every structure, force RMSE (eV/Å) over every labelled component when ``with_forces``
-    (with ``blocks``, :func:`force_blocks` of ``data``, through assembled Jacobians).
+    (with ``jacobian``, :func:`assembled_jacobian` of ``data``, through assembled Jacobians).
     In a data-parallel run (``world``; default: the current process group) each process
     evaluates its share and the sums are reduced."""
     world = current_world() if world is None else world
@@ -484,7 +484,7 @@ def evaluate(
         share = shares(selection, world)[world.rank]
         if share.numel() == 0:
             continue
-        batch = take_batch(data, share, everything, blocks)
+        batch = take_batch(data, share, everything, jacobian)
         with torch.no_grad():
             errors, differences = batch_residuals(
                 model, model.network.values, batch, by_autograd=True
@@ -528,11 +528,11 @@ def epoch_batches(
     train: Split,
     config: TrainConfig,
     world: World | None = None,
-    blocks: SetJacobian | None = None,
+    jacobian: SetJacobian | None = None,
 ) -> Iterator[MiniBatch]:
     """The mini-batches of ``order`` (``batch_size`` structures each, last one partial), built
     lazily (in DataLoader workers when ``config.num_workers > 0``) so that only a few batches'
-    derivative data are in memory at a time; with ``blocks`` (:func:`force_blocks` of
+    derivative data are in memory at a time; with ``jacobian`` (:func:`assembled_jacobian` of
     ``train``) their forces go through assembled Jacobians. In a data-parallel run, this
     process's share of each batch."""
     world = current_world() if world is None else world
@@ -545,7 +545,7 @@ def epoch_batches(
         num_workers=config.num_workers,
         prefetch_factor=config.prefetch_factor,
         persistent_workers=config.persistent_workers,
-        blocks=blocks,
+        jacobian=jacobian,
     )
 
 
@@ -586,7 +586,7 @@ while mirror blocks of pairs seen only through triplets (angular cutoff beyond t
 can add to it."""
 
 
-def force_blocks(model: Model, data: Split | None, config: TrainConfig) -> SetJacobian | None:
+def assembled_jacobian(model: Model, data: Split | None, config: TrainConfig) -> SetJacobian | None:
     """The stored position Jacobian of ``data`` (:class:`~aenet_fn.force_jacobian.SetJacobian`)
     that lets its force batches apply assembled matrices (dense per small structure, sparse
     otherwise) instead of the per-entry maps (the same numbers to round-off, several times
@@ -605,11 +605,11 @@ def force_blocks(model: Model, data: Split | None, config: TrainConfig) -> SetJa
     return set_jacobian(model.descriptor, data)
 
 
-def run_blocks(
+def run_jacobians(
     model: Model, train: Split, test: Split | None, config: TrainConfig
 ) -> tuple[SetJacobian | None, SetJacobian | None]:
-    """The :func:`force_blocks` of a run's train and test splits."""
-    return force_blocks(model, train, config), force_blocks(model, test, config)
+    """The :func:`assembled_jacobian` of a run's train and test splits."""
+    return assembled_jacobian(model, train, config), assembled_jacobian(model, test, config)
 
 
 StepReport = Callable[[torch.Tensor, torch.Tensor, Any], None]
@@ -807,12 +807,12 @@ def _batch_epoch(
     config: TrainConfig,
     world: World,
     on_step: StepReport,
-    blocks: SetJacobian | None,
+    jacobian: SetJacobian | None,
 ) -> TrainState:
     """The steps of an epoch over assembled mini-batches (:func:`train_step`, or
     :func:`data_parallel_step` under ``torch.distributed``); returns the state after the
     last step."""
-    batches = epoch_batches(state, order, train, config, world, blocks)
+    batches = epoch_batches(state, order, train, config, world, jacobian)
     for selection, batch in zip(order.split(config.batch_size), batches):
         if world.size == 1:
             state, (errors, differences) = train_step(state, batch, config)
@@ -833,7 +833,7 @@ def run_epoch(
     world: World | None = None,
     table: EnergyTable | None = None,
     workspace: EnergyWorkspace | None = None,
-    blocks: SetJacobian | None = None,
+    jacobian: SetJacobian | None = None,
     drawn: DrawnEpoch | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
     """One epoch over the training split: sampler order, optional force re-draw, a
@@ -848,7 +848,7 @@ def run_epoch(
     with the buffers of ``workspace`` (:func:`energy_workspace`; a new one when not given).
     ``drawn``: this epoch drawn ahead by :func:`draw_energy_epochs` from this ``state`` (its
     order and the plan its batches are in; ``workspace`` must be the one of its steps).
-    Force batches take assembled Jacobians from ``blocks`` (:func:`force_blocks` of
+    Force batches take assembled Jacobians from ``jacobian`` (:func:`assembled_jacobian` of
     ``train``, built once per run by :func:`fit`; per-entry maps when not given)."""
     world = current_world() if world is None else world
     if drawn is None:
@@ -875,7 +875,7 @@ def run_epoch(
     if table is not None:
         stepped = _energy_epoch(state, order, table, config, on_step, workspace, drawn)
     else:
-        stepped = _batch_epoch(state, order, train, config, world, on_step, blocks)
+        stepped = _batch_epoch(state, order, train, config, world, on_step, jacobian)
     sums = accumulate_errors(sums, torch.cat(own_errors))
     sums = reduce_error_sums(sums, world)
     return finish_epoch(stepped, order, drawn_errors, config), metrics_from_sums(sums)
@@ -925,24 +925,24 @@ def fit(
     callbacks: Sequence[Callable[[TrainState], None]] = (),
     on_batch: Callable[[int, int], None] | None = None,
     world: World | None = None,
-    blocks: tuple[SetJacobian | None, SetJacobian | None] | None = None,
+    jacobians: tuple[SetJacobian | None, SetJacobian | None] | None = None,
 ) -> TrainState:
     """Run ``config.epochs`` more epochs from ``state``; after each, evaluate the test split
     (exact metrics), record history/best/scheduler and call every callback with the new state
     (progress bars, checkpoints, logs). Under ``torch.distributed`` every process runs this
     same loop on its shares; callbacks and ``on_batch`` run on rank 0 only. ``world``: the
     processes sharing each batch (default: the current process group; ``World()`` trains in
-    this process alone, e.g. committee members spread over ranks). ``blocks``: the
-    :func:`force_blocks` of the train and test splits, when several runs on the same splits
-    share them (built here when not given)."""
+    this process alone, e.g. committee members spread over ranks). ``jacobians``: the
+    :func:`assembled_jacobian` of the train and test splits (:func:`run_jacobians`), when
+    several runs on the same splits share them (built here when not given)."""
     world = current_world() if world is None else world
     if not world.is_main:
         callbacks, on_batch = (), None
     table = energy_epoch_table(state, train, config, world)  # one per run: fixed normalisation
     workspace = None if table is None else energy_workspace(state)
-    if blocks is None:
-        blocks = run_blocks(state.model, train, test, config)
-    blocks, test_blocks = blocks
+    if jacobians is None:
+        jacobians = run_jacobians(state.model, train, test, config)
+    jacobian, test_jacobian = jacobians
 
     def draw(left: int) -> list[DrawnEpoch]:  # from the state the loop has reached
         return draw_energy_epochs(state, train, config, table, workspace, left)
@@ -950,12 +950,14 @@ def fit(
     ahead = draws_ahead(table, train, config)
     for drawn, start in epochs_drawn_ahead(config.epochs, draw if ahead else None):
         state, train_metrics = run_epoch(
-            state, train, config, on_batch, world, table, workspace, blocks, drawn
+            state, train, config, on_batch, world, table, workspace, jacobian, drawn
         )
         test_metrics = (
             None
             if test is None
-            else evaluate(state.model, test, config.uses_forces, world=world, blocks=test_blocks)
+            else evaluate(
+                state.model, test, config.uses_forces, world=world, jacobian=test_jacobian
+            )
         )
         state = end_of_epoch(
             state, train_metrics, test_metrics, config, time.perf_counter() - start

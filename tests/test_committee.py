@@ -23,7 +23,7 @@ from aenet_fn.committee import (
 )
 from aenet_fn.featurized import set_jacobian, stack_batches
 from aenet_fn.force_jacobian import StackedJacobians
-from aenet_fn.train import batch_loss, force_blocks, member_step
+from aenet_fn.train import assembled_jacobian, batch_loss, member_step
 
 PARAMS = af.ChebyshevParams(
     species=["Ti", "O"], rad_order=8, rad_cutoff=5.0, ang_order=3, ang_cutoff=3.5, min_cutoff=0.5
@@ -139,11 +139,11 @@ def test_padding_of_stacked_batches_changes_nothing(data, storage):
     model = af.init_model(PARAMS, ARCH, train, seed=1, atomic_energies=E_ATOM)
     forces = torch.ones(train.n_structures, dtype=torch.bool)
     assembled = storage is not None
-    blocks = set_jacobian(PARAMS, train, storage) if assembled else None
+    jacobian = set_jacobian(PARAMS, train, storage) if assembled else None
     batches = [
-        af.take_structures(train, torch.tensor([0, 5, 9]), forces, blocks),
-        af.take_structures(train, torch.tensor([3, 3, 20]), None, blocks),
-        af.take_structures(train, torch.tensor([11, 1, 28]), forces, blocks),
+        af.take_structures(train, torch.tensor([0, 5, 9]), forces, jacobian),
+        af.take_structures(train, torch.tensor([3, 3, 20]), None, jacobian),
+        af.take_structures(train, torch.tensor([11, 1, 28]), forces, jacobian),
     ]
     stacked = stack_batches(batches)
     assert isinstance(stacked.local, StackedJacobians) == assembled
@@ -200,9 +200,9 @@ def test_vmapped_evaluation_equals_per_member_evaluation(data, assembled):
     _, train, test = data
     config = af.TrainConfig(epochs=1, batch_size=8, force_weight=0.2)
     members = init_committee(PARAMS, ARCH, train, config, [1, 2], atomic_energies=E_ATOM)
-    blocks = force_blocks(members[0].model, test, config) if assembled else None
-    assert (blocks is not None) == assembled
-    together = committee_evaluate(members, test, with_forces=True, blocks=blocks)
+    jacobian = assembled_jacobian(members[0].model, test, config) if assembled else None
+    assert (jacobian is not None) == assembled
+    together = committee_evaluate(members, test, with_forces=True, jacobian=jacobian)
     for member, metrics in zip(members, together):
         assert metrics == pytest.approx(
             af.evaluate(member.model, test, with_forces=True), rel=1e-10
@@ -216,8 +216,8 @@ def test_batch_loss_of_stacked_members_is_each_members_loss(data, kind):
     members = [af.init_model(PARAMS, ARCH, train, seed=s, atomic_energies=E_ATOM) for s in (1, 2)]
     forces = None if kind == "energies" else torch.ones(train.n_structures, dtype=torch.bool)
     storage = {"pairs": 0.0, "dense": math.inf}.get(kind)
-    blocks = None if storage is None else set_jacobian(PARAMS, train, storage)
-    batch = af.take_structures(train, torch.tensor([4, 0, 13, 4, 21]), forces, blocks)
+    jacobian = None if storage is None else set_jacobian(PARAMS, train, storage)
+    batch = af.take_structures(train, torch.tensor([4, 0, 13, 4, 21]), forces, jacobian)
     stacked = torch.stack([m.network.values for m in members])
     losses, (errors, differences) = batch_loss(members[0], stacked, batch, 0.3, True)
     assert losses.shape == (2,) and differences.shape[0] == 2
@@ -236,8 +236,8 @@ def test_committee_step_on_a_shared_batch_equals_vmapped_member_step(data):
     config = af.TrainConfig(epochs=1, batch_size=8, force_weight=0.4, force_scale_unbiased=True)
     members = init_committee(PARAMS, ARCH, train, config, [3, 4, 5], atomic_energies=E_ATOM)
     forces = torch.ones(train.n_structures, dtype=torch.bool)
-    blocks = force_blocks(members[0].model, train, config)
-    batch = af.take_structures(train, torch.tensor([0, 5, 9, 5]), forces, blocks)
+    jacobian = assembled_jacobian(members[0].model, train, config)
+    batch = af.take_structures(train, torch.tensor([0, 5, 9, 5]), forces, jacobian)
     values = torch.stack([m.model.network.values for m in members])
     opt_state = torch.utils._pytree.tree_map(
         lambda *leaves: torch.stack(leaves), *[m.opt_state for m in members]

@@ -15,7 +15,7 @@ import aenet_fn as af
 from aenet_fn import ChebyshevParams, Structure, collate, featurize
 from aenet_fn.featurized import featurize_structures, set_jacobian, take_structures
 from aenet_fn.force_jacobian import BatchJacobian, SetJacobian
-from aenet_fn.train import force_blocks, init_model, init_train_state, run_epoch
+from aenet_fn.train import assembled_jacobian, init_model, init_train_state, run_epoch
 from tests.conftest import batch_energies_and_forces, random_structure
 
 TWO_SPECIES = ChebyshevParams(
@@ -135,22 +135,22 @@ def test_epochs_with_assembled_jacobians_equal_epochs_with_entries(tio2, policy,
         sampling_policy=policy,
     )
     state = init_train_state(init_model(params, arch, train, seed=3), train, config)
-    assert force_blocks(state.model, train, config) is not None
-    blocks = set_jacobian(params, train, STORAGE[storage])
-    stored_dense = (blocks.structures.offset >= 0).tolist()
+    assert assembled_jacobian(state.model, train, config) is not None
+    jacobian = set_jacobian(params, train, STORAGE[storage])
+    stored_dense = (jacobian.structures.offset >= 0).tolist()
     assert any(stored_dense) == (storage != "pairs") and all(stored_dense) == (storage == "dense")
-    batch = take_structures(train, torch.arange(5), state.sampler.force_subset, blocks)
+    batch = take_structures(train, torch.arange(5), state.sampler.force_subset, jacobian)
     assert isinstance(batch.local, BatchJacobian)
-    with_entries, with_blocks = state, state
+    with_entries, with_jacobian = state, state
     for _ in range(3):
         with_entries, entries_metrics = run_epoch(with_entries, train, config)
-        with_blocks, blocks_metrics = run_epoch(with_blocks, train, config, blocks=blocks)
-        assert blocks_metrics == pytest.approx(entries_metrics, rel=1e-10)
-    values = with_blocks.model.network.values
+        with_jacobian, jacobian_metrics = run_epoch(with_jacobian, train, config, jacobian=jacobian)
+        assert jacobian_metrics == pytest.approx(entries_metrics, rel=1e-10)
+    values = with_jacobian.model.network.values
     assert not torch.equal(values, state.model.network.values)
     torch.testing.assert_close(values, with_entries.model.network.values, rtol=0, atol=1e-12)
     torch.testing.assert_close(
-        with_blocks.sampler.scores, with_entries.sampler.scores, rtol=0, atol=1e-12
+        with_jacobian.sampler.scores, with_entries.sampler.scores, rtol=0, atol=1e-12
     )
 
 
@@ -165,8 +165,8 @@ def test_float32_assembled_forces_are_close_to_float64(tio2, storage):
     everything = torch.ones(train.n_structures, dtype=torch.bool)
 
     def forces(data, model):
-        blocks = set_jacobian(params, data, STORAGE[storage])
-        batch = take_structures(data, torch.tensor([4, 0, 7, 4]), everything, blocks)
+        jacobian = set_jacobian(params, data, STORAGE[storage])
+        batch = take_structures(data, torch.tensor([4, 0, 7, 4]), everything, jacobian)
         return batch_energies_and_forces(model, batch)[1]
 
     reference, approximate = forces(train, model), forces(single, model32)
@@ -179,16 +179,16 @@ def test_force_blocks_only_where_they_apply(tio2, monkeypatch):
     params, train, _ = tio2
     model = init_model(params, {"Ti": [(4, "tanh")], "O": [(4, "tanh")]}, train, seed=0)
     forces = af.TrainConfig(force_weight=0.1)
-    assert force_blocks(model, train, forces) is not None
-    assert force_blocks(model, train, af.TrainConfig(force_weight=0.0)) is None
-    assert force_blocks(model, train, attrs.evolve(forces, num_workers=1)) is None
-    assert force_blocks(model, None, forces) is None
+    assert assembled_jacobian(model, train, forces) is not None
+    assert assembled_jacobian(model, train, af.TrainConfig(force_weight=0.0)) is None
+    assert assembled_jacobian(model, train, attrs.evolve(forces, num_workers=1)) is None
+    assert assembled_jacobian(model, None, forces) is None
     energy_only = attrs.evolve(train, local=None)
-    assert force_blocks(model, energy_only, forces) is None
+    assert assembled_jacobian(model, energy_only, forces) is None
     with pytest.raises(ValueError, match="no local derivatives"):
         set_jacobian(params, energy_only)
     monkeypatch.setattr(af.train, "_BLOCK_ELEMENTS", 1000)
-    assert force_blocks(model, train, forces) is None
+    assert assembled_jacobian(model, train, forces) is None
 
 
 def test_jacobian_of_another_descriptor_or_set_is_refused(tio2):
@@ -199,7 +199,7 @@ def test_jacobian_of_another_descriptor_or_set_is_refused(tio2):
     with pytest.raises(ValueError, match="not the descriptor that featurized it"):
         set_jacobian(attrs.evolve(params, rad_order=4), train)
     smaller = af.featurized.select_structures(train, [0, 1, 2])
-    blocks = set_jacobian(params, smaller)
+    jacobian = set_jacobian(params, smaller)
     everything = torch.ones(train.n_structures, dtype=torch.bool)
     with pytest.raises(ValueError, match="use set_jacobian of this set"):
-        take_structures(train, torch.tensor([0, 1]), everything, blocks)
+        take_structures(train, torch.tensor([0, 1]), everything, jacobian)

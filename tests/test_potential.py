@@ -101,8 +101,8 @@ def test_batches_of_any_selection_give_autodiff_forces(storage, seed):
     selection = torch.cat([torch.randperm(4, generator=generator), torch.tensor([seed % 4])])
     supervised = torch.ones(4, dtype=torch.bool)
     supervised[(seed + 1) % 4] = False
-    blocks = None if storage is None else set_jacobian(PARAMS, data, storage)
-    batch = take_structures(data, selection, supervised, blocks)
+    jacobian = None if storage is None else set_jacobian(PARAMS, data, storage)
+    batch = take_structures(data, selection, supervised, jacobian)
     assert isinstance(batch.local, LocalDerivatives if storage is None else BatchJacobian)
     if storage is None:
         for centres in (batch.local.radial_centre, batch.local.triplet_centre):

@@ -237,9 +237,9 @@ def test_bad_training_inputs_are_rejected(tio2, shared_data):
 def test_autograd_and_torch_func_gradients_agree(tio2, force_weight, assembled):
     """The loss gradient by torch.func and by autograd, with ∂E/∂G by either."""
     train, _, model = tio2
-    blocks = af.set_jacobian(model.descriptor, train) if assembled else None
+    jacobian = af.set_jacobian(model.descriptor, train) if assembled else None
     everything = torch.ones(train.n_structures, dtype=torch.bool)
-    batch = af.take_structures(train, torch.arange(5, 12), everything, blocks)
+    batch = af.take_structures(train, torch.arange(5, 12), everything, jacobian)
 
     def loss(values, by_autograd=False):
         return batch_loss(model, values, batch, force_weight, False, by_autograd=by_autograd)

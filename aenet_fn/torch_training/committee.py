@@ -53,7 +53,7 @@ from aenet_fn.torch_training.trainer import (
     check_reference_species,
     convert_to_structures,
 )
-from aenet_fn.train import fit, run_blocks
+from aenet_fn.train import fit, run_jacobians
 
 EXECUTION_MODES = ("vmap", "sequential")
 
@@ -366,10 +366,12 @@ class TorchCommitteePotential:
                 states = committee_fit(
                     states, train, test, core, [lambda members: progress(members[0])]
                 )
-            else:  # the members share the splits: their pair blocks are built once
-                blocks = run_blocks(states[0].model, train, test, core) if states else None
+            else:  # the members share the splits: their Jacobians are built once
+                jacobians = run_jacobians(states[0].model, train, test, core) if states else None
                 states = tuple(
-                    _member_outcome(state, train, test, attrs.evolve(core, seed=state_seed), blocks)
+                    _member_outcome(
+                        state, train, test, attrs.evolve(core, seed=state_seed), jacobians
+                    )
                     for state, state_seed in zip(states, my_seeds)
                 )
         finally:
@@ -627,12 +629,12 @@ _MEMBER_FILES = ("model.pt", "history.json", "history.csv", "summary.json")
 history files are those :func:`~aenet_fn.io.train.write_history` names)."""
 
 
-def _member_outcome(state, train, test, config, blocks) -> Any:
+def _member_outcome(state, train, test, config, jacobians) -> Any:
     """One sequential member's trained state, or the exception that stopped it (so that one
     failing member does not lose the others; :meth:`TorchCommitteePotential.train` reports
     the failures after writing everything else)."""
     try:
-        return fit(state, train, test, config, world=World(), blocks=blocks)
+        return fit(state, train, test, config, world=World(), jacobians=jacobians)
     except Exception as error:  # any failure of one member is recorded
         return error
 
