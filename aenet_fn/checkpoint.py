@@ -17,7 +17,10 @@ from typing import Any
 import torch
 
 from aenet_fn.atomic import replacing
+from aenet_fn.checks import is_integer
+from aenet_fn.potential import check_model_values
 from aenet_fn.serialization import from_tree, to_tree
+from aenet_fn.train import TrainConfig, TrainState
 
 CHECKPOINT_FORMAT = "aenet_fn-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -55,8 +58,16 @@ def checkpoint_name(epoch: int) -> str:
     return f"checkpoint_epoch_{epoch:04d}.pt"
 
 
-def save_checkpoint(path: str | os.PathLike, state: Any, config: Any) -> Path:
-    """Write ``state`` (a TrainState) and ``config`` (a TrainConfig) to ``path`` atomically."""
+def _check_record(value: Any, expected: type, what: str) -> None:
+    if not isinstance(value, expected):
+        raise TypeError(f"{what}: expected a {expected.__name__}, got {type(value).__name__}")
+
+
+def save_checkpoint(path: str | os.PathLike, state: TrainState, config: TrainConfig) -> Path:
+    """Write ``state`` and ``config`` to ``path`` atomically (refused, and nothing written,
+    unless they are a TrainState and a TrainConfig)."""
+    _check_record(state, TrainState, "save_checkpoint: state")
+    _check_record(config, TrainConfig, "save_checkpoint: config")
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -67,15 +78,20 @@ def save_checkpoint(path: str | os.PathLike, state: Any, config: Any) -> Path:
     return atomic_torch_save(payload, path)
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[Any, Any]:
-    """``(state, config)`` from a checkpoint written by :func:`save_checkpoint`."""
+def load_checkpoint(path: str | os.PathLike) -> tuple[TrainState, TrainConfig]:
+    """``(state, config)`` from a checkpoint written by :func:`save_checkpoint`; refuses a
+    file whose records are of other types or whose model is not whole and finite."""
     payload = safe_torch_load(path, CHECKPOINT_FORMAT)
     if payload.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{path}: checkpoint version {payload.get('version')!r} is not supported")
     try:
-        return from_tree(payload["state"]), from_tree(payload["config"])
+        state, config = from_tree(payload["state"]), from_tree(payload["config"])
+        _check_record(state, TrainState, f"{path}: state")
+        _check_record(config, TrainConfig, f"{path}: config")
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path}: corrupt checkpoint ({error})") from error
+    check_model_values(state.model, str(path))
+    return state, config
 
 
 def checkpoints_to_delete(names: Sequence[str], max_checkpoints: int | None) -> list[str]:
@@ -100,10 +116,15 @@ class CheckpointWriter:
         max_checkpoints: int | None = None,
         save_best: bool = True,
     ) -> None:
-        if interval < 0:
-            raise ValueError(f"checkpoint interval must be >= 0, got {interval}")
-        if max_checkpoints is not None and max_checkpoints < 1:
-            raise ValueError(f"max_checkpoints must be >= 1 or None, got {max_checkpoints}")
+        if not (is_integer(interval) and interval >= 0):
+            raise ValueError(f"checkpoint interval must be an integer >= 0, got {interval!r}")
+        if max_checkpoints is not None and not (
+            is_integer(max_checkpoints) and max_checkpoints >= 1
+        ):
+            raise ValueError(
+                f"max_checkpoints must be an integer >= 1 or None, got {max_checkpoints!r}"
+            )
+        _check_record(config, TrainConfig, "CheckpointWriter: config")
         self.directory = Path(directory)
         self.config = config
         self.interval = interval

@@ -1065,6 +1065,7 @@ class StructureDatabase:
             triplet_start=triplet_start,
             triplet_count=triplet_count,
             names=tuple(name or None for name in file["structures/name"].asstr()[:]),
+            descriptor=params,
         )
 
     # -- lifecycle -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ batch's atom numbering. Nothing of the descriptor is recomputed inside the train
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import attrs
@@ -26,7 +27,7 @@ from aenet_fn.force_jacobian import (
     stack_jacobians,
 )
 from aenet_fn.local_derivatives import LocalDerivatives, local_derivatives
-from aenet_fn.structure import Structure
+from aenet_fn.structure import Structure, check_float_dtype
 
 
 @pytree_record
@@ -45,6 +46,8 @@ class FeaturizedSet:
         radial_start, radial_count, triplet_start, triplet_count: ``[B]`` ranges of each
             structure's entries in ``local`` (empty tensors without ``local``).
         names: one name per structure.
+        descriptor: the descriptor parameters the features were computed with (None: not
+            recorded); models and other sets are checked against it.
     """
 
     features: torch.Tensor
@@ -60,6 +63,7 @@ class FeaturizedSet:
     triplet_start: torch.Tensor
     triplet_count: torch.Tensor
     names: tuple[str | None, ...] = static_field()
+    descriptor: ChebyshevParams | None = static_field(default=None)  # noqa: RUF009 (immutable)
 
     @property
     def n_structures(self) -> int:
@@ -125,6 +129,16 @@ def _entry_ranges(owner: torch.Tensor, n_structures: int) -> tuple[torch.Tensor,
     return torch.cumsum(counts, 0) - counts, counts
 
 
+def _check_chunk_size(chunk_size: object) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+        raise TypeError(
+            f"featurize_structures: chunk_size must be a positive integer, "
+            f"got {chunk_size!r} ({type(chunk_size).__name__})"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"featurize_structures: chunk_size must be >= 1, got {chunk_size}")
+
+
 def featurize_structures(
     params: ChebyshevParams,
     structures: Sequence[Structure],
@@ -134,7 +148,10 @@ def featurize_structures(
     chunk_size: int = 256,
 ) -> FeaturizedSet:
     """Featurize ``structures`` (in chunks of ``chunk_size`` to bound memory) into a
-    :class:`FeaturizedSet`; with ``with_derivatives`` also the local descriptor derivatives."""
+    :class:`FeaturizedSet`; with ``with_derivatives`` also the local descriptor derivatives.
+    ``dtype`` is ``torch.float32`` or ``torch.float64``; ``chunk_size`` a positive integer."""
+    check_float_dtype(dtype, "featurize_structures")
+    _check_chunk_size(chunk_size)
     if not structures:
         raise ValueError("featurize_structures: no structures")
     blocks: dict[str, list[torch.Tensor]] = {k: [] for k in ("features", "species", "local")}
@@ -194,6 +211,7 @@ def featurize_structures(
         triplet_start=triplet_start,
         triplet_count=triplet_count,
         names=tuple(s.name for s in structures),
+        descriptor=params,
     )
 
 
@@ -262,6 +280,7 @@ def select_structures(data: FeaturizedSet, indices: Sequence[int]) -> Featurized
         triplet_start=triplet_start,
         triplet_count=triplet_count,
         names=tuple(data.names[i] for i in selection.tolist()),
+        descriptor=data.descriptor,
     )
 
 
@@ -273,6 +292,9 @@ def concatenate(sets: Sequence[FeaturizedSet]) -> FeaturizedSet:
     with_local = [s.local is not None for s in sets]
     if any(with_local) and not all(with_local):
         raise ValueError("concatenate: some sets carry local derivatives and some do not")
+    descriptors = {s.descriptor for s in sets} - {None}
+    if len(descriptors) > 1:
+        raise ValueError("concatenate: the sets were featurized with different descriptors")
     n_atoms = torch.cat([s.n_atoms for s in sets])
     local = None
     empty = torch.zeros(0, dtype=torch.long)
@@ -298,6 +320,7 @@ def concatenate(sets: Sequence[FeaturizedSet]) -> FeaturizedSet:
         triplet_start=triplet_start,
         triplet_count=triplet_count,
         names=tuple(name for s in sets for name in s.names),
+        descriptor=next(iter(descriptors), None),
     )
 
 

@@ -152,6 +152,30 @@ class StructureSource:
 Split = Union[FeaturizedSet, StructureSource]
 
 
+def check_split(data: Split, descriptor: ChebyshevParams, caller: str) -> None:
+    """Refuse a split whose features another descriptor makes or made: other recorded
+    parameters (a source's, or those a featurized set records), or another number of features
+    or species than ``descriptor``."""
+    if not isinstance(data, (FeaturizedSet, StructureSource)):
+        raise TypeError(
+            f"{caller}: expected a FeaturizedSet or StructureSource, got {type(data).__name__}"
+        )
+    recorded = data.params if isinstance(data, StructureSource) else data.descriptor
+    if recorded is not None and recorded != descriptor:
+        raise ValueError(
+            f"{caller}: the set was featurized with {recorded}, "
+            f"not with the model's descriptor {descriptor}"
+        )
+    n_species = data.species_counts.shape[1]
+    n_features = descriptor.n_features if recorded is not None else data.features.shape[1]
+    if (n_features, n_species) != (descriptor.n_features, len(descriptor.species)):
+        raise ValueError(
+            f"{caller}: the set has {n_features} features per atom and {n_species} species; "
+            f"the descriptor makes {descriptor.n_features} features for "
+            f"{len(descriptor.species)} species {list(descriptor.species)}"
+        )
+
+
 def take_batch(
     data: Split,
     selection: torch.Tensor,

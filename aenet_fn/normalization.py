@@ -12,12 +12,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import attrs
 import torch
 
 from aenet_fn._records import pytree_record
+from aenet_fn.checks import is_real
 
 STD_FLOOR = 1e-12
 
@@ -58,9 +60,15 @@ def reference_energy_vector(
 ) -> torch.Tensor:
     """``[M]`` atomic reference energies (eV) in ``species`` order; missing species get 0."""
     atomic_energies = dict(atomic_energies or {})
+    unknown = sorted(set(atomic_energies) - set(species), key=str)
+    if unknown:
+        raise ValueError(
+            f"atomic energies given for {unknown}, which are not species of the descriptor "
+            f"{list(species)}"
+        )
     for symbol, value in atomic_energies.items():
-        if not isinstance(value, (int, float)) or value != value:
-            raise ValueError(f"atomic energy of {symbol!r} must be a number, got {value!r}")
+        if not (is_real(value) and math.isfinite(value)):
+            raise ValueError(f"atomic energy of {symbol!r} must be a finite number, got {value!r}")
     return torch.tensor([float(atomic_energies.get(s, 0.0)) for s in species], dtype=dtype)
 
 
@@ -193,8 +201,10 @@ def fit_normalization(
         stats.update(feature_mean=mean, feature_std=torch.sqrt(variance + 1e-12))
     result = attrs.evolve(result, **{k: per_species(v) for k, v in stats.items()})
     if energy_shift is not None and energy_scaling is not None:
-        if not energy_scaling > 0:
-            raise ValueError(f"energy scaling must be > 0, got {energy_scaling}")
+        if not math.isfinite(energy_shift):
+            raise ValueError(f"energy shift must be finite, got {energy_shift}")
+        if not (math.isfinite(energy_scaling) and energy_scaling > 0):
+            raise ValueError(f"energy scaling must be finite and > 0, got {energy_scaling}")
         shift, scaling = float(energy_shift), float(energy_scaling)
     elif normalize_energy:
         per_atom = referenced_energy_per_atom(

@@ -26,6 +26,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from aenet_fn._records import pytree_record, static_field
+from aenet_fn.checks import is_integer, is_real
 
 PyTree = Any
 LearningRate = Union[float, torch.Tensor]
@@ -36,7 +37,7 @@ LearningRate = Union[float, torch.Tensor]
 
 
 def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_real(value):
         raise ValueError(f"{name} must be a real number, got {value!r}")
     value = float(value)
     if not math.isfinite(value):
@@ -65,7 +66,7 @@ def _factor(_: Any, attribute: attrs.Attribute, value: Any) -> None:
 
 
 def _non_negative_int(_: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not is_integer(value) or value < 0:
         raise ValueError(f"{attribute.name} must be an integer >= 0, got {value!r}")
 
 
@@ -126,12 +127,12 @@ class SGDConfig:
 
     Attributes:
         lr: learning rate (> 0); ``update(..., lr=...)`` may override it per call.
-        momentum: momentum factor (>= 0; 0 disables the buffer's use).
+        momentum: momentum factor (``0 <= momentum < 1``; 0 disables the buffer's use).
         weight_decay: L2 coefficient added to the gradient as ``g + weight_decay * p`` (>= 0).
     """
 
     lr: float = static_field(default=0.01, validator=_positive)
-    momentum: float = static_field(default=0.0, validator=_non_negative)
+    momentum: float = static_field(default=0.0, validator=_beta)
     weight_decay: float = static_field(default=0.0, validator=_non_negative)
 
 

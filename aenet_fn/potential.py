@@ -30,7 +30,7 @@ from aenet_fn.force_jacobian import (
 )
 from aenet_fn.forces import EnergyForces, value_and_forces
 from aenet_fn.local_derivatives import LocalDerivatives, position_gradient
-from aenet_fn.network import NetworkParams, atomic_outputs
+from aenet_fn.network import NetworkParams, atomic_outputs, parameter_count
 from aenet_fn.normalization import Normalization
 
 
@@ -60,6 +60,24 @@ class Model:
                 f"networks take {self.network.n_inputs} inputs; the descriptor gives "
                 f"{self.descriptor.n_features} features"
             )
+
+
+def check_model_values(model: Model, source: str) -> None:
+    """Refuse a (loaded) ``model`` whose flat parameters do not fit its architecture or whose
+    parameters or normalisation are not finite; ``source`` (a file) names it in the message."""
+    expected = sum(parameter_count(sizes) for sizes in model.network.sizes)
+    values = model.network.values
+    if values.ndim != 1 or values.numel() != expected:
+        raise ValueError(
+            f"{source}: the networks need {expected} parameters, found a tensor of shape "
+            f"{tuple(values.shape)}"
+        )
+    norm = model.normalization
+    tensors = {"network parameters": values}
+    tensors.update({f.name: getattr(norm, f.name) for f in attrs.fields(type(norm))})
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{source}: the model's {name} are not all finite")
 
 
 def model_species_index(model: Model, batch: Batch) -> torch.Tensor:

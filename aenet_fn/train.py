@@ -20,6 +20,7 @@ from torch.func import grad
 from torch.utils._pytree import tree_map
 
 from aenet_fn._records import pytree_record, serializable, static_field
+from aenet_fn.checks import is_integer, is_real
 from aenet_fn.descriptor import ChebyshevParams
 from aenet_fn.distributed import (
     World,
@@ -42,7 +43,13 @@ from aenet_fn.energy_gradient import (
 )
 from aenet_fn.featurized import FeaturizedSet, MiniBatch, set_jacobian
 from aenet_fn.force_jacobian import SetJacobian
-from aenet_fn.loader import Split, batch_stream, normalization_features, take_batch
+from aenet_fn.loader import (
+    Split,
+    batch_stream,
+    check_split,
+    normalization_features,
+    take_batch,
+)
 from aenet_fn.loss import (
     ErrorSums,
     accumulate_errors,
@@ -60,9 +67,11 @@ from aenet_fn.normalization import (
 )
 from aenet_fn.optim import (
     AdamConfig,
+    AdamState,
     PlateauConfig,
     PlateauState,
     SGDConfig,
+    SGDState,
     adam,
     plateau_init,
     plateau_step,
@@ -94,6 +103,19 @@ FORCE_SAMPLING = ("random", "fixed")
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(f"TrainConfig: {message}")
+
+
+def _check_integer(name: str, value: Any, low: int) -> None:
+    message = f"{name} must be an integer >= {low}, got {value!r}"
+    _check(is_integer(value) and value >= low, message)
+
+
+def _check_fraction(name: str, value: Any) -> None:
+    _check(is_real(value) and 0.0 <= value <= 1.0, f"{name} must lie in [0, 1], got {value!r}")
+
+
+def _check_switch(name: str, value: Any) -> None:
+    _check(isinstance(value, bool), f"{name} must be True or False, got {value!r}")
 
 
 @serializable
@@ -141,22 +163,17 @@ class TrainConfig:
     persistent_workers: bool = False
 
     def __attrs_post_init__(self) -> None:
-        _check(
-            isinstance(self.epochs, int) and self.epochs >= 0,
-            f"epochs must be an integer >= 0, got {self.epochs!r}",
-        )
-        _check(
-            isinstance(self.batch_size, int) and self.batch_size >= 1,
-            f"batch_size must be an integer >= 1, got {self.batch_size!r}",
-        )
-        _check(
-            0.0 <= self.force_weight <= 1.0,
-            f"force_weight must lie in [0, 1], got {self.force_weight!r}",
-        )
-        _check(
-            0.0 <= self.force_fraction <= 1.0,
-            f"force_fraction must lie in [0, 1], got {self.force_fraction!r}",
-        )
+        for name, low in (("epochs", 0), ("batch_size", 1), ("force_resample_num_epochs", 0)):
+            _check_integer(name, getattr(self, name), low)
+        for name, low in (("num_workers", 0), ("prefetch_factor", 1)):
+            _check_integer(name, getattr(self, name), low)
+        _check(is_integer(self.seed), f"seed must be an integer, got {self.seed!r}")
+        if self.force_min_structures_per_epoch is not None:
+            _check_integer("force_min_structures_per_epoch", self.force_min_structures_per_epoch, 0)
+        _check_fraction("force_weight", self.force_weight)
+        _check_fraction("force_fraction", self.force_fraction)
+        for name in ("force_scale_unbiased", "use_scheduler", "persistent_workers"):
+            _check_switch(name, getattr(self, name))
         _check(
             self.force_sampling in FORCE_SAMPLING,
             f"force_sampling must be one of {FORCE_SAMPLING}, got {self.force_sampling!r}",
@@ -165,16 +182,13 @@ class TrainConfig:
             self.sampling_policy in SAMPLING_POLICIES,
             f"sampling_policy must be one of {SAMPLING_POLICIES}, got {self.sampling_policy!r}",
         )
-        _check(self.force_resample_num_epochs >= 0, "force_resample_num_epochs must be >= 0")
-        for name in ("num_workers", "prefetch_factor"):
-            value, low = getattr(self, name), 0 if name == "num_workers" else 1
-            _check(
-                isinstance(value, int) and not isinstance(value, bool) and value >= low,
-                f"{name} must be an integer >= {low}, got {value!r}",
-            )
         _check(
             isinstance(self.optimizer, (AdamConfig, SGDConfig)),
             f"optimizer must be AdamConfig or SGDConfig, got {type(self.optimizer).__name__}",
+        )
+        _check(
+            isinstance(self.scheduler, PlateauConfig),
+            f"scheduler must be a PlateauConfig, got {type(self.scheduler).__name__}",
         )
 
     @property
@@ -231,6 +245,7 @@ def init_model(
     """A fresh model for ``train``: networks initialised from ``seed``, normalisation fitted
     on the training split (spec §4.2–§4.3; overrides as in
     :func:`~aenet_fn.normalization.fit_normalization`)."""
+    check_split(train, descriptor, "init_model")
     dtype = train.energies.dtype
     reference = reference_energy_vector(descriptor.species, atomic_energies, dtype)
     if not bool(torch.isfinite(train.energies).all()):
@@ -262,17 +277,48 @@ def optimizer_of(config: TrainConfig):
     )
 
 
+def check_labels(data: Split, with_forces: bool, caller: str) -> None:
+    """Refuse a split with structures that lack an energy, or, ``with_forces``, one in which
+    no structure has forces (``caller`` names the split in the message)."""
+    missing = torch.nonzero(~torch.isfinite(data.energies)).flatten().tolist()
+    if missing:
+        names = [data.names[i] or f"#{i}" for i in missing[:5]]
+        raise ValueError(f"{caller} structures without an energy: {names}")
+    if with_forces and not bool(data.has_forces.any()):
+        raise ValueError(
+            f"{caller} forces are weighted (force_weight > 0) but no structure has forces"
+        )
+
+
+def check_resumable(state: TrainState, train: Split, config: TrainConfig) -> None:
+    """Refuse to continue ``state`` on ``train`` under ``config`` where they do not belong
+    together: another number of training structures, sampling policy or optimiser."""
+    n_state, n_train = state.sampler.scores.numel(), train.n_structures
+    if n_state != n_train:
+        raise ValueError(
+            f"fit: the state was made for a training split of {n_state} structures; "
+            f"this one has {n_train}"
+        )
+    if state.sampler.policy != config.sampling_policy:
+        raise ValueError(
+            f"fit: the state samples {state.sampler.policy!r}; the config asks for "
+            f"{config.sampling_policy!r} (start a new state to change the policy)"
+        )
+    expected = AdamState if isinstance(config.optimizer, AdamConfig) else SGDState
+    if not isinstance(state.opt_state, expected):
+        raise ValueError(
+            f"fit: the state holds {type(state.opt_state).__name__}; the config's optimizer "
+            f"{type(config.optimizer).__name__} needs {expected.__name__}"
+        )
+
+
 def init_train_state(model: Model, train: Split, config: TrainConfig) -> TrainState:
     """The state before the first epoch: fresh optimiser, sampler and generator from
     ``config.seed``; the initial force subset is drawn here."""
     if train.n_structures == 0:
         raise ValueError("init_train_state: the training split is empty")
-    if not bool(torch.isfinite(train.energies).all()):
-        missing = [
-            train.names[i]
-            for i in torch.nonzero(~torch.isfinite(train.energies)).flatten().tolist()
-        ]
-        raise ValueError(f"training structures without an energy: {missing[:5]}")
+    check_split(train, model.descriptor, "init_train_state")
+    check_labels(train, config.uses_forces, "init_train_state: training")
     generator = torch.Generator().manual_seed(config.seed)
     sampler = sampler_init(config.sampling_policy, train.n_structures)
     sampler = _draw_force_subset(sampler, train, config, generator)
@@ -476,6 +522,10 @@ def evaluate(
     (with ``jacobian``, :func:`assembled_jacobian` of ``data``, through assembled Jacobians).
     In a data-parallel run (``world``; default: the current process group) each process
     evaluates its share and the sums are reduced."""
+    if not (is_integer(batch_size) and batch_size >= 1):
+        raise ValueError(f"evaluate: batch_size must be an integer >= 1, got {batch_size!r}")
+    check_split(data, model.descriptor, "evaluate")
+    check_labels(data, with_forces, "evaluate:")
     world = current_world() if world is None else world
     sums = error_sums_init()
     everything = data.has_forces if with_forces else None
@@ -935,6 +985,12 @@ def fit(
     this process alone, e.g. committee members spread over ranks). ``jacobians``: the
     :func:`assembled_jacobian` of the train and test splits (:func:`run_jacobians`), when
     several runs on the same splits share them (built here when not given)."""
+    check_split(train, state.model.descriptor, "fit: training split")
+    check_resumable(state, train, config)
+    check_labels(train, config.uses_forces, "fit: training")
+    if test is not None:
+        check_split(test, state.model.descriptor, "fit: test split")
+        check_labels(test, config.uses_forces, "fit: test")
     world = current_world() if world is None else world
     if not world.is_main:
         callbacks, on_batch = (), None
