@@ -24,6 +24,7 @@ allows (always for statistics that came from a file), else to ``~1e-16·(1 + avg
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -35,13 +36,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from aenet_fn.atomic import atomic_write_text
+from aenet_fn.atomic import replacing
 from aenet_fn.data import referenced_energies_per_atom
 from aenet_fn.descriptor import ChebyshevParams
 from aenet_fn.network import NetworkParams
 from aenet_fn.normalization import Normalization
 from aenet_fn.potential import Model
-from aenet_fn.structure import Structure
+from aenet_fn.structure import Structure, check_float_dtype
 
 PathLike = str | os.PathLike
 ACTIVATION_CODES: dict[str, int] = {"linear": 0, "tanh": 1, "sigmoid": 2, "mtanh": 3, "twist": 4}
@@ -69,6 +70,19 @@ class _Records:
         self.path = path
         self.lines = text.splitlines()
         self.next_line = 0
+        self.ends_with_newline = text.endswith(("\n", "\r"))
+        self.last_what = ""
+
+    def check_complete(self) -> None:
+        """Refuse a file cut inside its last record: every writer (Fortran, ænet-PyTorch, ours)
+        ends the file with a newline, so a last record read from an unterminated last line may
+        have lost digits."""
+        if self.next_line == len(self.lines) and not self.ends_with_newline:
+            raise self.error(
+                f"the file is truncated: it ends inside {self.last_what} without the final "
+                f"newline every writer puts there",
+                self.next_line,
+            )
 
     def error(self, message: str, line: int | None = None) -> ValueError:
         where = f"{self.path}: line {line}: " if line is not None else f"{self.path}: "
@@ -76,6 +90,7 @@ class _Records:
 
     def _tokens(self, count: int, what: str) -> list[tuple[str, int]]:
         """The next ``count`` tokens, starting on a new line (repeat counts ``r*c`` expanded)."""
+        self.last_what = what
         found: list[tuple[str, int]] = []
         while len(found) < count:
             if self.next_line >= len(self.lines):
@@ -98,6 +113,7 @@ class _Records:
             self.next_line += 1
             text = self.lines[self.next_line - 1].strip()
             if text:
+                self.last_what = what
                 return text
         raise self.error(f"unexpected end of file while reading {what}")
 
@@ -308,6 +324,7 @@ def _parse_file(path: PathLike) -> _PotentialFile:
     setup = _parse_descriptor(records)
     envtypes = setup["descriptor"]["species"]
     training = _parse_training(records, envtypes)
+    records.check_complete()
     if setup["atomtype"] not in envtypes:
         raise records.error(f"atomtype {setup['atomtype']!r} is not among envtypes {envtypes}")
     if sizes[0] != setup["descriptor"]["nsf"]:
@@ -359,7 +376,7 @@ def read_aenet_ascii(
         paths: one file per species (any order; each file names its species), a mapping
             species → file (checked against each file's species), a single file
             (single-species potential) or a folder whose ``*.nn.ascii`` files are read.
-        dtype: floating dtype of the model's tensors.
+        dtype: floating dtype of the model's tensors, ``torch.float32`` or ``torch.float64``.
 
     The species order of the model is the files' ``envtypes`` order (it defines the typespin
     weights). Feature statistics are per species: ``mean = avg``,
@@ -368,8 +385,10 @@ def read_aenet_ascii(
 
     Raises:
         ValueError: naming the file (and line) for a missing, truncated or malformed file,
-            inconsistent counts, or files that disagree on the descriptor or the energy model.
+            inconsistent counts, or files that disagree on the descriptor or the energy model;
+            also for a dtype other than float32/float64 (``TypeError`` if not a torch.dtype).
     """
+    check_float_dtype(dtype, "read_aenet_ascii")
     files, expected_species = _potential_paths(paths)
     parsed = [_parse_file(p) for p in files]
     first = parsed[0]
@@ -620,7 +639,8 @@ def write_aenet_ascii(
     Args:
         model: the potential; its activations must be linear, tanh, sigmoid, mtanh or twist.
         directory: output folder (created if needed).
-        prefix: files are named ``{prefix}.{SPECIES}.nn.ascii``.
+        prefix: files are named ``{prefix}.{SPECIES}.nn.ascii`` (spec §5); a non-empty file-name
+            part without path separators that does not start with ``.``.
         training_info: optional summary of the training set written to the last section:
             ``filename``, ``natomtot``, ``nstrucs``, ``e_min``, ``e_max``, ``e_avg`` (eV/atom,
             referenced); missing entries are written as ``aenet_fn`` / zeros.
@@ -630,15 +650,19 @@ def write_aenet_ascii(
     ``std``), ``min``/``max`` the recorded extrema; ``std = inf`` is written as variance 0 (Fortran
     scale 0). Note that Fortran (and :func:`read_aenet_ascii`) also switch off any feature with
     ``std² <= 1e-10``. Energy normalisation is marked off (``F``) when scaling is 1 and shift 0.
-    Every file is written atomically (temporary file + rename) after all checks passed.
+    The files are written all or nothing: after all checks passed, every species goes to a
+    temporary file in ``directory``, and only when all of them are written are they renamed onto
+    their names; on any failure the temporary files are removed and existing files are untouched.
 
     Returns:
         The paths written, in the model's species order.
 
     Raises:
         ValueError: for an activation Fortran does not know (relu, silu), stacked (committee)
-            parameters, non-finite values or malformed ``training_info``.
+            parameters, non-finite values, malformed ``training_info`` or a bad ``prefix``.
+        IsADirectoryError: when a target name is taken by a folder (nothing is written).
     """
+    _check_prefix(prefix)
     descriptor, network, norm = model.descriptor, model.network, model.normalization
     if network.values.ndim != 1:
         raise ValueError(
@@ -702,9 +726,39 @@ def write_aenet_ascii(
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    written = []
-    for symbol, text in zip(species, texts):
-        path = directory / f"{prefix}.{symbol}.nn.ascii"
-        atomic_write_text(path, text, newline="\n")
-        written.append(path)
+    written = [directory / f"{prefix}.{symbol}.nn.ascii" for symbol in species]
+    _replace_all(dict(zip(written, texts)))
     return written
+
+
+def _check_prefix(prefix: Any) -> None:
+    if not isinstance(prefix, str):
+        raise TypeError(f"write_aenet_ascii: prefix must be a string, got {type(prefix).__name__}")
+    problem = None
+    if not prefix.strip():
+        problem = "is empty"
+    elif set(prefix) & {"/", "\\", os.sep, os.altsep or "/"}:
+        problem = "contains a path separator (give the folder as directory)"
+    elif prefix.startswith("."):
+        problem = "starts with '.' (the files would be hidden)"
+    if problem:
+        raise ValueError(
+            f"write_aenet_ascii: prefix {prefix!r} {problem}; files are named "
+            f"{{prefix}}.{{SPECIES}}.nn.ascii inside directory"
+        )
+
+
+def _replace_all(texts: Mapping[Path, str]) -> None:
+    """Write ``texts`` all or nothing: every file to a temporary beside it first, then all
+    renamed; on any failure the temporaries are removed and existing files untouched."""
+    with contextlib.ExitStack() as stack:
+        for path, text in texts.items():
+            temporary = stack.enter_context(replacing(path))
+            with open(temporary, "x", encoding="utf-8", newline="\n") as stream:
+                stream.write(text)
+        # A rename onto a folder would fail after others had succeeded: refuse it up front.
+        for path in texts:
+            if path.is_dir():
+                raise IsADirectoryError(
+                    f"write_aenet_ascii: {str(path)!r} is a folder; no file was written"
+                )

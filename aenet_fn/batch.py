@@ -13,7 +13,7 @@ import attrs
 import torch
 
 from aenet_fn._records import dynamic_fields, pytree_record, static_field
-from aenet_fn.structure import Structure, check_species_symbols
+from aenet_fn.structure import Structure, check_float_dtype, check_species_symbols
 
 
 @pytree_record
@@ -94,9 +94,11 @@ def collate(
         structures: one or more :class:`Structure` records.
         species: symbol order for ``species_index``; by default the order of first appearance.
             A structure containing a symbol not in ``species`` raises ``ValueError``.
-        dtype: floating dtype of positions, cells, energies and forces.
+        dtype: floating dtype of positions, cells, energies and forces: ``torch.float32`` or
+            ``torch.float64`` (anything else raises, see :func:`check_float_dtype`).
         device: where the tensors live.
     """
+    check_float_dtype(dtype, "collate")
     structures = list(structures)
     if not structures:
         raise ValueError("collate: no structures given")

@@ -28,13 +28,41 @@ def _label(name: str | None) -> str:
     return f"structure {name!r}" if name else "structure"
 
 
+def check_float_dtype(dtype: Any, where: str) -> torch.dtype:
+    """Validate a floating dtype argument; returns it. Raises ``TypeError`` when ``dtype`` is not
+    a ``torch.dtype`` (e.g. the string ``"float64"``) and ``ValueError`` for any dtype other than
+    ``torch.float32`` or ``torch.float64`` (integers would truncate, float16 loses accuracy)."""
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(
+            f"{where}: dtype must be torch.float32 or torch.float64, got {dtype!r} "
+            f"({type(dtype).__name__}, not a torch.dtype)"
+        )
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{where}: dtype must be torch.float32 or torch.float64, got {dtype}")
+    return dtype
+
+
+def _non_real_kind(value: Any) -> str | None:
+    """``"complex"`` or ``"boolean"`` when ``value`` holds such numbers, else None."""
+    if isinstance(value, torch.Tensor):
+        if value.is_complex():
+            return "complex"
+        return "boolean" if value.dtype == torch.bool else None
+    kind = np.asarray(value).dtype.kind
+    return {"c": "complex", "b": "boolean"}.get(kind)
+
+
 def _as_float64(value: Any, what: str, name: str | None) -> torch.Tensor:
     try:
-        if isinstance(value, torch.Tensor):
-            value = value.detach().cpu().numpy()
-        array = np.array(value, dtype=np.float64)
+        kind = _non_real_kind(value)
+        if kind is None:
+            if isinstance(value, torch.Tensor):
+                value = value.detach().cpu().numpy()
+            array = np.array(value, dtype=np.float64)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{_label(name)}: {what} is not numeric: {err}") from None
+    if kind is not None:
+        raise ValueError(f"{_label(name)}: {what} must be real numbers, got {kind} values")
     return torch.from_numpy(array)
 
 
@@ -111,6 +139,12 @@ class Structure:
             _check_finite(forces, "forces", name)
         energy = self.energy
         if energy is not None:
+            try:
+                kind = _non_real_kind(energy)
+            except (TypeError, ValueError):
+                kind = None
+            if kind is not None:
+                raise ValueError(f"{label}: energy must be a real number, got {energy!r} ({kind})")
             try:
                 energy = float(energy)
             except (TypeError, ValueError):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,13 +153,21 @@ def read_structures(
     * A directory stands for all ``*.xsf`` files directly in it, sorted by file name.
 
     Each structure is named after its file (``#frame=N``, N from 0, appended for multi-frame
-    files). Raises ``FileNotFoundError`` naming a missing path and ``ValueError`` naming a file
-    that cannot be parsed (the original exception is chained).
+    files). Raises ``FileNotFoundError`` naming a missing path, ``ValueError`` naming a file
+    that cannot be parsed (the original exception is chained) and, like an empty folder, an
+    empty sequence of paths; ``TypeError`` for anything but a path or a sequence of paths.
     """
     if isinstance(path_or_paths, (str, os.PathLike)):
         paths = [path_or_paths]
-    else:
+    elif isinstance(path_or_paths, Iterable) and not isinstance(path_or_paths, bytes):
         paths = list(path_or_paths)
+    else:
+        raise TypeError(
+            f"read_structures: expected a path (str or os.PathLike) or a sequence of paths, "
+            f"got {type(path_or_paths).__name__}"
+        )
+    if not paths:
+        raise ValueError("read_structures: no paths given (an empty sequence of paths)")
     structures: list[Structure] = []
     for path in paths:
         if not isinstance(path, (str, os.PathLike)):
