@@ -4,14 +4,17 @@ Sub-commands::
 
     aenet-fn train CONFIG.toml [--output DIR] [--overwrite] [--no-progress] [--check]
     aenet-fn predict MODEL FILES... [--forces] [--format table|csv|json] [--output PATH]
-    aenet-fn export-ascii MODEL OUTDIR [--prefix NAME] [--structures FILES...]
-    aenet-fn import-ascii FILES... --output MODEL.pt
-    aenet-fn featurize FILES... --output DB.h5 [--descriptor CONFIG] [--forces]
+        [--overwrite]
+    aenet-fn export-ascii MODEL OUTDIR [--prefix NAME] [--structures FILES...] [--overwrite]
+    aenet-fn import-ascii FILES... --output MODEL.pt [--overwrite]
+    aenet-fn featurize FILES... --output DB.h5 [--descriptor CONFIG] [--forces] [--overwrite]
     aenet-fn demo [--fast] [--no-progress] [--output DIR]
 
 :func:`main` returns the exit status: 0 on success, 1 when the input is wrong (a missing or
 unreadable file, a model that cannot be exported, ...), 2 for a usage or configuration error; the
-message names the problem and is printed without a traceback (``--debug`` shows it).
+message names the problem and is printed without a traceback (``--debug`` shows it). No command
+replaces one of its own input files, and none replaces an existing output file (``train``: a
+trained model) without ``--overwrite``.
 
 Training configurations are TOML (Python >= 3.11, ``tomllib``) or JSON (any Python; the same
 schema, chosen by the ``.json`` suffix). Sections (see :data:`CONFIG_EXAMPLE`):
@@ -38,6 +41,7 @@ Relative paths in a configuration file are relative to the file's folder; ``chec
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import difflib
 import glob
@@ -50,7 +54,7 @@ import time
 import types
 import typing
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -78,6 +82,7 @@ from aenet_fn.torch_training import (
     convert_to_structures,
     train_test_split,
 )
+from aenet_fn.torch_training.trainer import check_reference_species
 
 PROG = "aenet-fn"
 DEFAULT_OUTPUT = "aenet-fn-run"
@@ -341,7 +346,15 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such configuration file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{path}: not a text file (byte {error.start} is not UTF-8); a configuration is "
+            "TOML or JSON text"
+        ) from error
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the configuration: {error.strerror}") from error
     if path.suffix.lower() == ".json":
         try:
             raw = json.loads(text)
@@ -401,7 +414,7 @@ def parse_config(
             raise ConfigError(f"{source}: the section [{section}] is required")
     descriptor = _descriptor(raw["descriptor"], source)
     arch = _architecture(raw["network"], descriptor, source)
-    training = _training(raw.get("training", {}), source)
+    training = _training(raw.get("training", {}), descriptor, source)
     committee = _committee(raw["committee"], source) if "committee" in raw else None
     data = _check_section(raw["data"], "data", _DATA_KEYS, source)
     if ("paths" in data) == ("hdf5" in data):
@@ -417,6 +430,12 @@ def parse_config(
         if "test_paths" in data
         else None
     )
+    if test_paths is None and training.testpercent >= 100:
+        raise ConfigError(
+            f"{source}: [training] testpercent must be < 100 (it would leave no training "
+            f"structures; give [data] test_paths for a separate test set), got "
+            f"{training.testpercent!r}"
+        )
     out = _check_section(raw.get("output", {}), "output", _OUTPUT_KEYS, source)
     if output is not None:
         directory = Path(output).resolve()
@@ -471,7 +490,7 @@ def _architecture(
     return arch
 
 
-def _training(raw: Any, source: str) -> TorchTrainingConfig:
+def _training(raw: Any, descriptor: ChebyshevDescriptor, source: str) -> TorchTrainingConfig:
     values = _check_section(raw, "training", _TRAINING_KEYS, source)
     name = values.pop("method", "adam")
     for other in _METHODS:
@@ -482,11 +501,12 @@ def _training(raw: Any, source: str) -> TorchTrainingConfig:
     parameters = _check_section(
         values.pop(name, {}), f"training.{name}", _METHOD_KEYS[name], source
     )
-    method = _METHODS[name](**parameters)
     values.setdefault("checkpoint_dir", "checkpoints")
     try:
+        method = _METHODS[name](**parameters)
         config = TorchTrainingConfig(method=method, **values)
         config.to_train_config()
+        check_reference_species(config.atomic_energies, descriptor.species, "atomic_energies")
     except (ValueError, TypeError, NotImplementedError) as error:
         message = str(error)
         if name == "adam" and message.startswith("lr "):
@@ -572,7 +592,8 @@ def predict_structures(
     predictions = []
     for first in range(0, len(structures), PREDICT_CHUNK):
         chunk = list(structures[first : first + PREDICT_CHUNK])
-        result = potential.predict(chunk, eval_forces=forces)
+        with naming_structures(chunk, lambda structure: potential.predict([structure])):
+            result = potential.predict(chunk, eval_forces=forces)
         if isinstance(potential, TorchCommitteePotential):
             for structure, member in zip(chunk, result):
                 predictions.append(
@@ -697,6 +718,65 @@ def check_output(directory: Path, overwrite: bool) -> None:
             )
 
 
+def input_files(paths: Sequence[str | os.PathLike], suffix: str | None = None) -> set[Path]:
+    """The files a command reads from ``paths``, resolved: a file itself, a folder its files
+    whose names end in ``suffix`` (case-insensitive), or with ``suffix`` None every file under
+    it (a committee directory)."""
+    found: set[Path] = set()
+    for path in map(Path, paths):
+        if path.is_dir():
+            candidates = path.rglob("*") if suffix is None else path.iterdir()
+            found.update(
+                p.resolve()
+                for p in candidates
+                if p.is_file() and (suffix is None or p.name.lower().endswith(suffix))
+            )
+        elif path.is_file():
+            found.add(path.resolve())
+    return found
+
+
+def check_output_file(
+    path: Path, inputs: set[Path], overwrite: bool, what: str = "--output"
+) -> None:
+    """Refuse to write the file ``path`` when it is a folder or one of the command's ``inputs``
+    (see :func:`input_files`; also with ``overwrite``), or when it exists and ``overwrite`` is
+    not given."""
+    if not path.exists():
+        return
+    if path.is_dir():
+        raise CLIError(f"{what} {path} is a folder; give the path of a file")
+    if path.resolve() in inputs or any(path.samefile(p) for p in inputs):
+        raise CLIError(
+            f"{what} {path} is one of this command's inputs; writing it would destroy the "
+            "input: choose another path"
+        )
+    if not overwrite:
+        raise CLIError(
+            f"{what} {path} already exists; choose another path or pass --overwrite to replace it"
+        )
+
+
+@contextlib.contextmanager
+def naming_structures(
+    structures: Sequence[Any],
+    check: Callable[[Any], Any],
+    name: Callable[[Any], str] = lambda structure: structure.name,
+) -> Iterator[None]:
+    """Turn a ``ValueError`` raised inside into a :class:`CLIError` that names (by ``name``) the
+    first of ``structures`` (records or files) for which ``check``, run on it alone, raises too,
+    with that one's message (overlapping atoms, ...); the original message when none does."""
+    try:
+        yield
+    except ValueError as error:
+        for structure in structures:
+            try:
+                check(structure)
+            except ValueError as single:
+                raise CLIError(f"{name(structure)}: {single}") from error
+        raise CLIError(str(error)) from error
+
+
 def read_structure_files(paths: Sequence[Path], format: str | None = None) -> list[Structure]:
     """Every structure of ``paths`` (any ASE format, XSF, folders of XSF files), named."""
     try:
@@ -705,14 +785,24 @@ def read_structure_files(paths: Sequence[Path], format: str | None = None) -> li
         raise CLIError(str(error)) from error
 
 
+def check_species(
+    structures: Sequence[Structure], species: Sequence[str], what: str, whose: str
+) -> None:
+    """Raise :class:`CLIError` naming the structures (``what``: where they came from) that hold
+    a species not in ``species`` (``whose``: the list's owner, for the message)."""
+    unknown = sorted({s for st in structures for s in st.species} - set(species))
+    if unknown:
+        names = [st.name for st in structures if not set(st.species) <= set(species)]
+        raise CLIError(
+            f"{what}: species {unknown} are not in {whose} species {list(species)} "
+            f"(in {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+        )
+
+
 def _check_labels(structures: Sequence[Structure], descriptor: ChebyshevDescriptor, what: str):
     if not structures:
         raise CLIError(f"{what}: no structures")
-    unknown = sorted({s for st in structures for s in st.species} - set(descriptor.species))
-    if unknown:
-        raise CLIError(
-            f"{what}: species {unknown} are not in [descriptor] species {descriptor.species}"
-        )
+    check_species(structures, descriptor.species, what, "[descriptor]")
     unlabelled = [s.name for s in structures if s.energy is None]
     if unlabelled:
         raise CLIError(f"{what}: structures without an energy: {unlabelled[:5]}")
@@ -784,7 +874,8 @@ def _train_single(run: RunConfig):
     """A single potential trained on the datasets of ``run``."""
     train_dataset, test_dataset, train_s, test_s = _datasets(run)
     potential = TorchANNPotential(run.arch, run.descriptor)
-    potential.train(train_dataset=train_dataset, test_dataset=test_dataset, config=run.training)
+    with naming_structures([*train_s, *test_s], run.descriptor.featurize):
+        potential.train(train_dataset=train_dataset, test_dataset=test_dataset, config=run.training)
     return potential, train_s, test_s, [TrainOut.from_torch_history(potential.history)]
 
 
@@ -792,12 +883,13 @@ def _train_committee(run: RunConfig):
     """A committee trained together (vmap by default) on the datasets of ``run``."""
     train_dataset, test_dataset, train_s, test_s = _datasets(run)
     committee = TorchCommitteePotential(run.arch, run.descriptor)
-    result = committee.train(
-        train_dataset=train_dataset,
-        test_dataset=test_dataset,
-        config=run.training,
-        committee_config=run.committee,
-    )
+    with naming_structures([*train_s, *test_s], run.descriptor.featurize):
+        result = committee.train(
+            train_dataset=train_dataset,
+            test_dataset=test_dataset,
+            config=run.training,
+            committee_config=run.committee,
+        )
     return committee, train_s, test_s, result.trainouts
 
 
@@ -989,8 +1081,13 @@ def _table_text(predictions: Sequence[Prediction], forces: bool) -> str:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    if args.output is not None:
+        inputs = input_files([args.model]) | input_files(args.files, ".xsf")
+        check_output_file(Path(args.output), inputs, args.overwrite)
     potential = load_potential(args.model)
     structures = read_structure_files([Path(f) for f in args.files], args.input_format)
+    species = _models(potential)[0].descriptor.species
+    check_species(structures, species, "FILES", "the model's")
     predictions = predict_structures(potential, structures, args.forces)
     if args.format == "json":
         members = len(potential.members) if isinstance(potential, TorchCommitteePotential) else None
@@ -1018,8 +1115,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_ascii(args: argparse.Namespace) -> int:
+    out = Path(args.outdir)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"OUTDIR {out} exists and is not a folder")
     potential = load_potential(args.model)
     models = _models(potential)
+    committee = isinstance(potential, TorchCommitteePotential)
+    directories = [out / f"member_{i:03d}" if committee else out for i in range(len(models))]
+    inputs = input_files([args.model]) | input_files(args.structures or [], ".xsf")
+    for directory in directories:
+        for symbol in models[0].descriptor.species:
+            target = directory / f"{args.prefix}.{symbol}.nn.ascii"
+            check_output_file(target, inputs, args.overwrite, "OUTDIR file")
     info = None
     if args.structures:
         structures = read_structure_files([Path(p) for p in args.structures])
@@ -1030,11 +1137,8 @@ def _cmd_export_ascii(args: argparse.Namespace) -> int:
             info = training_info(structures, reference)
         except ValueError as error:
             raise CLIError(f"--structures: {error}") from error
-    out = Path(args.outdir)
-    committee = isinstance(potential, TorchCommitteePotential)
     try:
-        for index, model in enumerate(models):
-            directory = out / f"member_{index:03d}" if committee else out
+        for model, directory in zip(models, directories):
             for path in write_aenet_ascii(model, directory, args.prefix, info):
                 print(path)
     except ValueError as error:
@@ -1043,6 +1147,7 @@ def _cmd_export_ascii(args: argparse.Namespace) -> int:
 
 
 def _cmd_import_ascii(args: argparse.Namespace) -> int:
+    check_output_file(Path(args.output), input_files(args.files, ".nn.ascii"), args.overwrite)
     files = args.files[0] if len(args.files) == 1 else args.files
     try:
         model = read_aenet_ascii(files)
@@ -1063,6 +1168,10 @@ def _cmd_import_ascii(args: argparse.Namespace) -> int:
 def _cmd_featurize(args: argparse.Namespace) -> int:
     from aenet_fn.database import build_database
 
+    inputs = input_files(args.files, ".xsf")
+    if args.descriptor is not None:
+        inputs |= input_files([args.descriptor])
+    check_output_file(Path(args.output), inputs, args.overwrite)
     params = None
     if args.descriptor is not None:
         raw = read_config_file(args.descriptor)
@@ -1071,17 +1180,26 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
         params = _descriptor(raw["descriptor"], str(args.descriptor)).params
     elif args.forces:
         raise ConfigError("--forces needs --descriptor (the features' descriptor)")
+
+    def featurize_file(path: Path) -> None:
+        if params is not None:
+            descriptor = ChebyshevDescriptor.from_params(params)
+            for structure in read_structure_files([path]):
+                descriptor.featurize(structure)
+
+    files = [Path(f) for f in args.files]
     try:
-        summary = build_database(
-            args.output,
-            [Path(f) for f in args.files],
-            descriptor_params=params,
-            persist_features=params is not None,
-            persist_force_derivatives=args.forces,
-            build_workers=args.workers,
-            show_progress=not args.no_progress,
-        )
-    except (OSError, ValueError, RuntimeError) as error:
+        with naming_structures(files, featurize_file, str):
+            summary = build_database(
+                args.output,
+                files,
+                descriptor_params=params,
+                persist_features=params is not None,
+                persist_force_derivatives=args.forces,
+                build_workers=args.workers,
+                show_progress=not args.no_progress,
+            )
+    except (OSError, RuntimeError) as error:
         raise CLIError(str(error)) from error
     what = (
         "structures"
@@ -1150,6 +1268,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--output", help="write to this file instead of the standard output")
     predict.add_argument("--input-format", help="ASE format of the structure files")
+    predict.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     predict.set_defaults(handler=_cmd_predict)
 
     export = commands.add_parser("export-ascii", help="write ænet Fortran .nn.ascii files")
@@ -1162,11 +1281,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="training structures for the files' training-set summary",
     )
+    export.add_argument("--overwrite", action="store_true", help="replace existing .nn.ascii files")
     export.set_defaults(handler=_cmd_export_ascii)
 
     imp = commands.add_parser("import-ascii", help="ænet .nn.ascii files to a model file")
     imp.add_argument("files", nargs="+", help="one .nn.ascii file per species, or their folder")
     imp.add_argument("--output", required=True, help="model file to write (model.pt)")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     imp.set_defaults(handler=_cmd_import_ascii)
 
     featurize = commands.add_parser("featurize", help="write an HDF5 structure database")
@@ -1182,6 +1303,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     featurize.add_argument("--workers", type=int, default=0, help="build processes (default 0)")
     featurize.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    featurize.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     featurize.set_defaults(handler=_cmd_featurize)
 
     demo = commands.add_parser(
@@ -1211,8 +1333,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = _show_warning
         try:
             return args.handler(args)
-        except CLIError as error:
+        except (CLIError, ValueError, OSError) as error:
+            # ValueError and OSError (UnicodeDecodeError included): the library's messages name
+            # the problem; only a program error (anything else) shows a traceback.
             if args.debug:
                 raise
-            print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
-            return error.status
+            message = " ".join(str(error).splitlines())
+            print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+            return error.status if isinstance(error, CLIError) else 1

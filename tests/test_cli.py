@@ -242,6 +242,18 @@ ERRORS = {
     "missing section": (_delete("descriptor"), ["the section [descriptor] is required"]),
     "no matching files": (_set("data", "paths", ["no-such-*.xsf"]), ["[data] paths", "matches no"]),
     "missing file": (_set("data", "paths", "missing.xsf"), ["[data] paths", "does not exist"]),
+    "unknown reference species": (
+        lambda t: t["training"]["atomic_energies"].__setitem__("Xx", 0.0),
+        ["[training] atomic_energies names ['Xx']", "not species of the descriptor"],
+    ),
+    "misspelt reference species": (
+        lambda t: t["training"].__setitem__("atomic_energies", {"Ti": -1604.6, "o": -432.5}),
+        ["[training] atomic_energies names ['o']", "did you mean 'O' instead of 'o'?"],
+    ),
+    "bad method batchsize": (
+        lambda t: t["training"]["adam"].__setitem__("batchsize", 0),
+        ["[training.adam] batchsize must be >= 1"],
+    ),
 }
 
 
@@ -316,3 +328,133 @@ def test_python_m_entry_point():
     assert done.returncode == 0, done.stderr
     for command in ("train", "predict", "export-ascii", "import-ascii", "featurize", "demo"):
         assert command in done.stdout
+
+
+def one_line_error(capsys, command: str) -> str:
+    """The standard error of a failed command, checked to be one line without a traceback."""
+    message = capsys.readouterr().err
+    assert message.startswith(f"aenet-fn {command}: error: "), message
+    assert "Traceback" not in message and message.count("\n") == 1, message
+    return message
+
+
+def overlapping(shared_data: Path, folder: Path) -> Path:
+    """A copy of a TiO2 structure whose second atom sits on its first."""
+    lines = (shared_data / "tio2" / "structure-001.xsf").read_text().splitlines()
+    first = lines.index("PRIMCOORD") + 2
+    lines[first + 1] = lines[first]
+    path = folder / "overlap.xsf"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".json"])
+def test_a_binary_configuration_is_a_one_line_error(tmp_path, capsys, suffix):
+    path = tmp_path / f"cfg{suffix}"
+    path.write_bytes(PNG + bytes(range(256)))
+    assert main(["train", str(path)]) == 2
+    assert f"{path}: not a text file" in one_line_error(capsys, "train")
+
+
+def test_testpercent_100_is_refused_by_check_and_train(shared_data, tmp_path, capsys):
+    config = tables(shared_data)
+    config["training"]["testpercent"] = 100
+    path = write_config(tmp_path, config)
+    for extra in (["--check"], ["--no-progress"]):
+        assert main(["train", str(path), *extra]) == 2
+        assert "[training] testpercent must be < 100" in one_line_error(capsys, "train")
+    assert not (tmp_path / "run").exists()
+
+
+def test_predict_names_a_structure_that_cannot_be_predicted(single, shared_data, tmp_path, capsys):
+    model = str(single / "model.pt")
+    bad = overlapping(shared_data, tmp_path)
+    assert main(["predict", model, structure_files(shared_data, 1)[0], str(bad)]) == 1
+    message = one_line_error(capsys, "predict")
+    assert f"{bad}: neighbor_list" in message and "overlap" in message
+    lines = (shared_data / "tio2" / "structure-001.xsf").read_text().replace("Ti ", "Xe ", 1)
+    (tmp_path / "xe.xsf").write_text(lines)
+    assert main(["predict", model, str(tmp_path / "xe.xsf")]) == 1
+    message = one_line_error(capsys, "predict")
+    assert "species ['Xe'] are not in the model's species ['Ti', 'O']" in message
+    assert "xe.xsf" in message
+
+
+def test_training_and_featurizing_overlapping_atoms_name_the_file(shared_data, tmp_path, capsys):
+    config = tables(shared_data)
+    bad = overlapping(shared_data, tmp_path)
+    config["data"]["paths"].append(str(bad))
+    path = write_config(tmp_path, config)
+    assert main(["train", str(path), "--no-progress"]) == 1
+    message = one_line_error(capsys, "train")
+    assert f"{bad}: neighbor_list" in message and "overlap" in message
+    assert not (tmp_path / "run" / "model.pt").exists()
+    files = [*structure_files(shared_data, 1), str(bad)]
+    database = tmp_path / "db.h5"
+    assert main(["featurize", *files, "--output", str(database), "--descriptor", str(path),
+                 "--no-progress"]) == 1  # fmt: skip
+    assert f"{bad}: neighbor_list" in one_line_error(capsys, "featurize")
+    assert not database.exists()
+
+
+def test_library_errors_are_one_line(single, shared_data, tmp_path, capsys):
+    model = str(single / "model.pt")
+    (tmp_path / "keep.txt").write_text("kept")
+    assert main(["export-ascii", model, str(tmp_path / "keep.txt")]) == 1
+    message = one_line_error(capsys, "export-ascii")
+    assert "OUTDIR" in message and "keep.txt exists and is not a folder" in message
+    files = structure_files(shared_data, 1)
+    assert main(["predict", model, *files, "--output", str(tmp_path / "keep.txt" / "p")]) == 1
+    assert "keep.txt" in one_line_error(capsys, "predict")  # an OSError from the library
+    assert (tmp_path / "keep.txt").read_text() == "kept"
+    with pytest.raises(OSError):
+        main(["--debug", "predict", model, *files, "--output", str(tmp_path / "keep.txt" / "p")])
+
+
+def test_no_command_replaces_its_inputs(single, shared_data, tmp_path, capsys):
+    model = tmp_path / "model.pt"
+    model.write_bytes((single / "model.pt").read_bytes())
+    xsf = tmp_path / "in.xsf"
+    xsf.write_text(Path(structure_files(shared_data, 1)[0]).read_text())
+    assert main(["export-ascii", str(model), str(tmp_path / "nn")]) == 0
+    ascii_files = [str(tmp_path / "nn" / f"potential.{s}.nn.ascii") for s in ("Ti", "O")]
+    (tmp_path / "in.Ti.nn.ascii").write_text("not a structure")  # what export-ascii would write
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    commands = [
+        ["predict", str(model), str(xsf), "--output", str(model)],
+        ["predict", str(model), str(xsf), "--output", str(xsf), "--overwrite"],
+        ["predict", str(model), str(tmp_path), "--output", str(xsf), "--overwrite"],
+        ["featurize", str(xsf), "--output", str(xsf), "--overwrite", "--no-progress"],
+        ["import-ascii", *ascii_files, "--output", ascii_files[0], "--overwrite"],
+        ["import-ascii", str(tmp_path / "nn"), "--output", ascii_files[1], "--overwrite"],
+        ["export-ascii", str(model), str(tmp_path), "--prefix", "in", "--structures",
+         str(tmp_path / "in.Ti.nn.ascii")],
+    ]  # fmt: skip
+    for command in commands:
+        assert main(command) == 1, command
+        assert "is one of this command's inputs" in one_line_error(capsys, command[0])
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_existing_outputs_need_overwrite(single, shared_data, tmp_path, capsys):
+    model = str(single / "model.pt")
+    files = structure_files(shared_data, 1)
+    assert main(["export-ascii", model, str(tmp_path / "nn")]) == 0
+    ascii_files = sorted(str(p) for p in (tmp_path / "nn").iterdir())
+    target = tmp_path / "existing"
+    commands = [
+        ["predict", model, *files, "--output", str(target)],
+        ["import-ascii", *ascii_files, "--output", str(target)],
+        ["featurize", *files, "--output", str(target), "--no-progress"],
+    ]
+    for command in commands:
+        target.write_text("precious")
+        assert main(command) == 1, command
+        assert "already exists" in one_line_error(capsys, command[0])
+        assert target.read_text() == "precious"
+        assert main([*command, "--overwrite"]) == 0, command
+        assert target.read_bytes() != b"precious"
+    capsys.readouterr()
+    assert main(["export-ascii", model, str(tmp_path / "nn")]) == 1
+    assert "potential.Ti.nn.ascii already exists" in one_line_error(capsys, "export-ascii")
+    assert main(["export-ascii", model, str(tmp_path / "nn"), "--overwrite"]) == 0

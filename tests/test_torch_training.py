@@ -11,7 +11,14 @@ import torch
 
 import aenet_fn as af
 from aenet_fn.torch_featurize import ChebyshevDescriptor
-from aenet_fn.torch_training import Adam, Structure, TorchANNPotential, TorchTrainingConfig
+from aenet_fn.torch_training import (
+    SGD,
+    Adam,
+    Structure,
+    TorchANNPotential,
+    TorchCommitteePotential,
+    TorchTrainingConfig,
+)
 from tests.conftest import SHARED
 
 GUIDE = SHARED / "spec" / "torch-training-guide.txt"
@@ -164,11 +171,79 @@ def test_model_files_and_checkpoints_are_not_interchangeable(trained, tmp_path):
         ({"method": "adam"}, ValueError, "method must be Adam"),
         ({"E_scaling": 0.0}, ValueError, "E_scaling must be > 0"),
         ({"unknown_option": 1}, TypeError, "unknown options"),
+        ({"max_checkpoints": 1.5}, ValueError, "max_checkpoints must be an integer"),
+        ({"max_checkpoints": 0}, ValueError, r"max_checkpoints must be >= 1, or None \(keep"),
+        ({"max_checkpoints": -1}, ValueError, "max_checkpoints must be >= 1"),
+        ({"max_checkpoints": True}, ValueError, "max_checkpoints must be an integer"),
+        ({"use_scheduler": "no"}, ValueError, "use_scheduler must be True or False, got 'no'"),
+        ({"save_best": "yes"}, ValueError, "save_best must be True or False"),
+        ({"show_progress": "False"}, ValueError, "show_progress must be True or False"),
+        ({"normalize_energy": 1}, ValueError, "normalize_energy must be True or False"),
     ],
 )
 def test_config_validation(kwargs, error, message):
     with pytest.raises(error, match=message):
         TorchTrainingConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs", "message"),
+    [
+        (Adam, {"batchsize": 2.7}, "batchsize must be an integer, got 2.7"),
+        (Adam, {"batchsize": True}, "batchsize must be an integer, got True"),
+        (SGD, {"batchsize": 0}, "batchsize must be >= 1, got 0"),
+    ],
+)
+def test_method_batchsize_must_be_a_positive_integer(method, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        method(**kwargs)
+    changed = method()
+    changed.batchsize = kwargs["batchsize"]  # changed after construction: the config checks
+    with pytest.raises(ValueError, match=message):
+        TorchTrainingConfig(method=changed)
+
+
+def test_integral_values_are_stored_as_integers():
+    config = TorchTrainingConfig(max_checkpoints=2.0, iterations=3.0, method=Adam(batchsize=4.0))
+    assert (config.max_checkpoints, config.iterations, config.batch_size) == (2, 3, 4)
+    assert all(type(v) is int for v in (config.max_checkpoints, config.iterations))
+    assert TorchTrainingConfig(max_checkpoints=None).max_checkpoints is None
+
+
+def _tiny_potential(committee: bool = False):
+    descriptor = ChebyshevDescriptor(["H"], 1, 2.0, 0, 2.0, min_cutoff=0.1)
+    kind = TorchCommitteePotential if committee else TorchANNPotential
+    return kind({"H": [(4, "tanh")]}, descriptor)
+
+
+def test_max_checkpoints_rotates_the_checkpoints(tmp_path):
+    config = TorchTrainingConfig(
+        iterations=3,
+        method=Adam(batchsize=1),
+        atomic_energies={"H": 0.0},
+        checkpoint_dir=str(tmp_path),
+        max_checkpoints=2.0,
+        show_progress=False,
+        testpercent=0,
+    )
+    _tiny_potential().train(structures=_tiny_structures(), config=config)
+    assert len(list(tmp_path.glob("checkpoint_epoch_*.pt"))) == 2
+
+
+@pytest.mark.parametrize("committee", [False, True])
+@pytest.mark.parametrize(
+    ("energies", "message"),
+    [
+        ({"H": 0.0, "Xx": 1.0}, r"names \['Xx'\], which are not species of the descriptor"),
+        ({"h": 0.0}, r"names \['h'\].*did you mean 'H' instead of 'h'\?"),
+    ],
+)
+def test_atomic_energies_of_other_species_are_refused(committee, energies, message):
+    config = TorchTrainingConfig(
+        iterations=1, atomic_energies=energies, checkpoint_dir=None, show_progress=False
+    )
+    with pytest.raises(ValueError, match=message):
+        _tiny_potential(committee).train(structures=_tiny_structures(), config=config)
 
 
 def test_alpha_alias_and_batch_size():

@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import numpy as np
 import torch
 
 from aenet_fn.optim import AdamConfig, PlateauConfig, SGDConfig
@@ -27,6 +28,15 @@ class TrainingMethod:
     def method_name(self) -> str:
         """Name of the method (``"adam"``, ``"sgd"``)."""
         raise NotImplementedError("TrainingMethod is abstract: use Adam or SGD")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the fields the trainer reads itself: ``batchsize`` must be an integer >= 1
+        (``ValueError`` naming it; an integral float such as ``8.0`` is stored as ``8``)."""
+        if hasattr(self, "batchsize"):
+            self.batchsize = _integer("batchsize", self.batchsize, minimum=1)
 
     def to_params_dict(self) -> dict[str, Any]:
         """The method's public fields as a dict."""
@@ -79,6 +89,39 @@ class SGD(TrainingMethod):
         """The functional core's optimiser configuration."""
         return SGDConfig(lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
+
+_BOOLEANS = (
+    "force_scale_unbiased",
+    "cache_features",
+    "cache_neighbors",
+    "cache_force_triplets",
+    "cache_warmup",
+    "save_energies",
+    "save_forces",
+    "timing",
+    "normalize_features",
+    "normalize_energy",
+    "persistent_workers",
+    "show_progress",
+    "show_batch_progress",
+    "save_best",
+    "use_scheduler",
+)
+"""The options that must be ``True`` or ``False`` (a string such as ``"no"`` is refused)."""
+
+_INTEGERS: dict[str, tuple[int, str | None]] = {
+    "force_resample_num_epochs": (0, None),
+    "force_min_structures_per_epoch": (0, "no lower bound"),
+    "cache_feature_max_entries": (0, "unbounded"),
+    "cache_neighbor_max_entries": (0, "unbounded"),
+    "cache_force_triplet_max_entries": (0, "unbounded"),
+    "num_workers": (0, None),
+    "prefetch_factor": (1, None),
+    "checkpoint_interval": (0, None),
+    "max_checkpoints": (1, "keep every checkpoint"),
+    "scheduler_patience": (0, None),
+}
+"""Integer options: their minimum and, for those that may be None, what None means."""
 
 _CHOICES = {
     "sampling_policy": ("uniform", "energy_weighted", "error_weighted"),
@@ -188,13 +231,19 @@ class TorchTrainingConfig:
             self.method = Adam()
         if not isinstance(self.method, (Adam, SGD)):
             raise ValueError(f"method must be Adam(...) or SGD(...), got {self.method!r}")
-        _integer("iterations", self.iterations, minimum=0)
+        self.method.validate()
+        for name in _BOOLEANS:
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+            setattr(self, name, bool(value))
+        self.iterations = _integer("iterations", self.iterations, minimum=0)
         if not _is_number(self.testpercent) or not 0 <= self.testpercent <= 100:
             raise ValueError(f"testpercent must lie in [0, 100], got {self.testpercent!r}")
         for name in ("seed", "split_seed"):
             value = getattr(self, name)
             if value is not None:
-                _integer(name, value)
+                setattr(self, name, _integer(name, value))
         for name in ("force_weight", "force_fraction"):
             value = getattr(self, name)
             if not _is_number(value) or not 0 <= value <= 1:
@@ -204,22 +253,10 @@ class TorchTrainingConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.memory_mode == "mixed":
             raise NotImplementedError("memory_mode='mixed' is not implemented; use 'cpu' or 'gpu'")
-        _integer("force_resample_num_epochs", self.force_resample_num_epochs, minimum=0)
-        if self.force_min_structures_per_epoch is not None:
-            _integer(
-                "force_min_structures_per_epoch", self.force_min_structures_per_epoch, minimum=0
-            )
-        for name in (
-            "cache_feature_max_entries",
-            "cache_neighbor_max_entries",
-            "cache_force_triplet_max_entries",
-        ):
-            if getattr(self, name) is not None:
-                _integer(name, getattr(self, name), minimum=0)
-        _integer("num_workers", self.num_workers, minimum=0)
-        _integer("prefetch_factor", self.prefetch_factor, minimum=1)
-        _integer("checkpoint_interval", self.checkpoint_interval, minimum=0)
-        _integer("scheduler_patience", self.scheduler_patience, minimum=0)
+        for name, (minimum, none_means) in _INTEGERS.items():
+            value = getattr(self, name)
+            if value is not None or none_means is None:
+                setattr(self, name, _integer(name, value, minimum, none_means))
         for name in ("max_energy", "max_forces", "E_shift", "E_scaling"):
             value = getattr(self, name)
             if value is not None and (not _is_number(value) or not math.isfinite(value)):
@@ -284,9 +321,18 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _integer(name: str, value: Any, minimum: int | None = None) -> None:
-    integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-    if isinstance(value, bool) or not integral:
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+def _integer(
+    name: str, value: Any, minimum: int | None = None, none_means: str | None = None
+) -> int:
+    """``value`` as an ``int`` (an integral float such as ``2.0`` included); ``ValueError``
+    naming ``name`` for a bool, a non-integral value or one below ``minimum``. ``none_means``
+    (what None stands for) is added to the message of an option that may be None."""
+    alternative = "" if none_means is None else f", or None ({none_means})"
+    integral = isinstance(value, (int, np.integer)) or (
+        isinstance(value, (float, np.floating)) and float(value).is_integer()
+    )
+    if isinstance(value, (bool, np.bool_)) or not integral:
+        raise ValueError(f"{name} must be an integer{alternative}, got {value!r}")
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be >= {minimum}{alternative}, got {value!r}")
+    return int(value)

@@ -330,7 +330,7 @@ class TorchANNPotential:
                 f"{owned_train} vs {owned_test}"
             )
         owned = owned_train if owned_train is not None else owned_test
-        check_reference_species(owned, species, "the dataset's atomic_energies")
+        check_reference_species(owned, species, "the dataset's atomic_energies", allow_unknown=True)
         if config.atomic_energies:
             if owned is None:
                 warnings.warn(
@@ -408,9 +408,7 @@ class TorchANNPotential:
                     config.checkpoint_dir,
                     core,
                     interval=config.checkpoint_interval,
-                    max_checkpoints=config.max_checkpoints
-                    if (config.max_checkpoints or 0) > 0
-                    else None,
+                    max_checkpoints=config.max_checkpoints,
                     save_best=config.save_best and data.test is not None,
                 )
             )
@@ -750,11 +748,29 @@ def _features_from_samples(dataset: Any, species: list[str], dtype: torch.dtype)
 
 
 def check_reference_species(
-    atomic_energies: Mapping[str, float] | None, species: Sequence[str], what: str
+    atomic_energies: Mapping[str, float] | None,
+    species: Sequence[str],
+    what: str,
+    allow_unknown: bool = False,
 ) -> None:
-    """Raise ``ValueError`` when ``atomic_energies`` is given (non-empty) but lacks some of the
-    descriptor's ``species``: a missing reference would silently count as 0 eV."""
+    """Raise ``ValueError`` when ``atomic_energies`` is given (non-empty) but names a symbol that
+    is not one of the descriptor's ``species`` (a misspelt key would be ignored; permitted with
+    ``allow_unknown``, for a dataset's references) or lacks some of them (a missing reference
+    would silently count as 0 eV)."""
     if atomic_energies:
+        unknown = [] if allow_unknown else [str(s) for s in atomic_energies if s not in species]
+        if unknown:
+            hints = [
+                f"{symbol!r} instead of {key!r}"
+                for key in unknown
+                for symbol in species
+                if key.lower() == symbol.lower()
+            ]
+            hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+            raise ValueError(
+                f"{what} names {unknown}, which are not species of the descriptor "
+                f"{list(species)}{hint}"
+            )
         missing = [s for s in species if s not in atomic_energies]
         if missing:
             raise ValueError(
