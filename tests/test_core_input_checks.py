@@ -218,3 +218,26 @@ def test_checkpoint_writer_refuses_bad_options(tmp_path, options, message):
         af.CheckpointWriter(tmp_path, CONFIG, **options)
     with pytest.raises(TypeError, match="CheckpointWriter: config: expected a TrainConfig"):
         af.CheckpointWriter(tmp_path, {"epochs": 1})
+
+
+def test_a_saved_potential_with_broken_weights_is_refused(tmp_path, structures):
+    from aenet_fn.torch_featurize import ChebyshevDescriptor
+    from aenet_fn.torch_training import TorchANNPotential, TorchTrainingConfig
+
+    descriptor = ChebyshevDescriptor(["Ti", "O"], 4, 4.0, 2, 3.0, min_cutoff=0.5)
+    potential = TorchANNPotential(ARCH, descriptor)
+    config = TorchTrainingConfig(
+        iterations=1, testpercent=0, show_progress=False, atomic_energies=E_ATOM
+    )
+    potential.train(structures=structures, config=config)
+    potential.save(tmp_path / "model.pt")
+    payload = torch.load(tmp_path / "model.pt", weights_only=True)
+    network = payload["model"]["fields"]["network"]["fields"]
+    network["values"] = torch.full_like(network["values"], math.nan)
+    torch.save(payload, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match=r"nan\.pt: the model's network parameters"):
+        TorchANNPotential.from_file(tmp_path / "nan.pt")
+    network["values"] = network["values"][:10]
+    torch.save(payload, tmp_path / "short.pt")
+    with pytest.raises(ValueError, match=r"short\.pt: the networks need \d+ parameters"):
+        TorchANNPotential.from_file(tmp_path / "short.pt")

@@ -109,7 +109,7 @@ _BOOLEANS = (
 )
 """The options that must be ``True`` or ``False`` (a string such as ``"no"`` is refused)."""
 
-_INTEGERS: dict[str, tuple[int, str | None]] = {
+_INTEGERS: dict[str, tuple[int | None, str | None]] = {
     "force_resample_num_epochs": (0, None),
     "force_min_structures_per_epoch": (0, "no lower bound"),
     "cache_feature_max_entries": (0, "unbounded"),
@@ -118,10 +118,11 @@ _INTEGERS: dict[str, tuple[int, str | None]] = {
     "num_workers": (0, None),
     "prefetch_factor": (1, None),
     "checkpoint_interval": (0, None),
-    "max_checkpoints": (1, "keep every checkpoint"),
+    "max_checkpoints": (None, "keep every checkpoint"),
     "scheduler_patience": (0, None),
 }
-"""Integer options: their minimum and, for those that may be None, what None means."""
+"""Integer options: their minimum (None: any) and, for those that may be None, what None
+means."""
 
 _CHOICES = {
     "sampling_policy": ("uniform", "energy_weighted", "error_weighted"),
@@ -257,6 +258,8 @@ class TorchTrainingConfig:
             value = getattr(self, name)
             if value is not None or none_means is None:
                 setattr(self, name, _integer(name, value, minimum, none_means))
+        if self.max_checkpoints is not None and self.max_checkpoints <= 0:
+            self.max_checkpoints = None  # as the reference: None or <= 0 keeps every checkpoint
         for name in ("max_energy", "max_forces", "E_shift", "E_scaling"):
             value = getattr(self, name)
             if value is not None and (not _is_number(value) or not math.isfinite(value)):

@@ -40,6 +40,7 @@ from aenet_fn.potential import (
     Model,
     atomic_energies,
     atomic_energies_from_features,
+    check_model_values,
     energy_forces_stress,
 )
 from aenet_fn.progress import EpochProgress
@@ -678,6 +679,9 @@ class TorchANNPotential:
             config = payload["descriptor_config"]
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path}: corrupt model file ({error})") from error
+        if not isinstance(model, Model):
+            raise ValueError(f"{path}: corrupt model file (no model record)")
+        check_model_values(model, str(path))
         dtype = getattr(torch, config.get("dtype", "float64"))
         descriptor = ChebyshevDescriptor.from_params(model.descriptor, device or "cpu", dtype)
         potential = cls(
