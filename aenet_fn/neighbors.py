@@ -91,6 +91,11 @@ def _check_inputs(positions, cells, pbc, structure_index, cutoff) -> None:
         raise ValueError("neighbor_list: positions contain NaN or inf")
 
 
+MAX_IMAGES_PER_ATOM = 100_000
+"""Most periodic images of one atom the search takes (a cell about 22 times narrower than the
+cutoff): beyond, the cell is refused as too small instead of exhausting memory."""
+
+
 def _ghost_points(frac, pbc, basis, structure_index, cutoff):
     """All atom images within ``cutoff`` of their cell: (atom, translation T, Cartesian point)."""
     volume = torch.linalg.det(basis).abs()
@@ -111,6 +116,14 @@ def _ghost_points(frac, pbc, basis, structure_index, cutoff):
     sizes = torch.where(pbc[structure_index], highest - lowest + 1, 1).clamp(min=0)
     lowest = torch.where(pbc[structure_index], lowest, 0)
     per_atom = sizes.prod(dim=1)
+    if per_atom.numel() and int(per_atom.max()) > MAX_IMAGES_PER_ATOM:
+        worst = int(structure_index[per_atom.argmax()])
+        raise ValueError(
+            f"neighbor_list: the cell of structure {worst} is too small for the cutoff "
+            f"{cutoff} Å: {int(per_atom.max())} periodic images of an atom (more than "
+            f"{MAX_IMAGES_PER_ATOM}); its perpendicular widths are "
+            f"{[round(w, 4) for w in widths[worst].tolist()]} Å"
+        )
     atom = torch.repeat_interleave(torch.arange(frac.shape[0], device=frac.device), per_atom)
     start = torch.cumsum(per_atom, 0) - per_atom
     local = torch.arange(atom.shape[0], device=frac.device) - start[atom]

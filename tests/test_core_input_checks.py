@@ -241,3 +241,13 @@ def test_a_saved_potential_with_broken_weights_is_refused(tmp_path, structures):
     torch.save(payload, tmp_path / "short.pt")
     with pytest.raises(ValueError, match=r"short\.pt: the networks need \d+ parameters"):
         TorchANNPotential.from_file(tmp_path / "short.pt")
+
+
+@pytest.mark.parametrize("width", [0.05, 0.01])
+def test_a_cell_far_too_small_for_the_cutoff_is_refused_before_allocating(width):
+    tiny = af.Structure(positions=[[0.0, 0.0, 0.0]], species=("Ti",), cell=torch.eye(3) * width)
+    with pytest.raises(ValueError, match=r"too small for the cutoff 4\.0 Å"):
+        af.featurize(PARAMS, af.collate([tiny], species=PARAMS.species))
+    # a small but physical cell (one atom, 2 Å) is searched as before
+    small = af.Structure(positions=[[0.0, 0.0, 0.0]], species=("Ti",), cell=torch.eye(3) * 2.0)
+    assert torch.isfinite(af.featurize(PARAMS, af.collate([small], species=PARAMS.species))).all()
