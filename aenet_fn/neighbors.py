@@ -89,6 +89,13 @@ def _check_inputs(positions, cells, pbc, structure_index, cutoff) -> None:
         raise ValueError(f"neighbor_list: cutoff must be a positive number of Å, got {cutoff!r}")
     if not torch.isfinite(positions).all():
         raise ValueError("neighbor_list: positions contain NaN or inf")
+    if not torch.isfinite(cells).all():
+        raise ValueError("neighbor_list: cells contain NaN or inf")
+    if cells.dtype != positions.dtype:
+        raise ValueError(
+            f"neighbor_list: cells are {cells.dtype} but positions {positions.dtype}; "
+            "give both in one floating dtype"
+        )
 
 
 MAX_IMAGES_PER_ATOM = 100_000

@@ -251,3 +251,13 @@ def test_a_cell_far_too_small_for_the_cutoff_is_refused_before_allocating(width)
     # a small but physical cell (one atom, 2 Å) is searched as before
     small = af.Structure(positions=[[0.0, 0.0, 0.0]], species=("Ti",), cell=torch.eye(3) * 2.0)
     assert torch.isfinite(af.featurize(PARAMS, af.collate([small], species=PARAMS.species))).all()
+
+
+def test_neighbor_list_refuses_non_finite_cells_and_mixed_dtypes(structures):
+    first = structures[0]
+    with pytest.raises(ValueError, match="cells contain NaN or inf"):
+        af.neighbor_list(first.positions, first.cell * math.nan, None, cutoff=3.0)
+    batch = af.collate([first], species=PARAMS.species)
+    mixed = attrs.evolve(batch, positions=batch.positions.float())
+    with pytest.raises(ValueError, match=r"cells are torch\.float64 but positions torch\.float32"):
+        af.featurize(PARAMS, mixed)
