@@ -227,7 +227,11 @@ def test_a_saved_potential_with_broken_weights_is_refused(tmp_path, structures):
     descriptor = ChebyshevDescriptor(["Ti", "O"], 4, 4.0, 2, 3.0, min_cutoff=0.5)
     potential = TorchANNPotential(ARCH, descriptor)
     config = TorchTrainingConfig(
-        iterations=1, testpercent=0, show_progress=False, atomic_energies=E_ATOM
+        iterations=1,
+        testpercent=0,
+        show_progress=False,
+        atomic_energies=E_ATOM,
+        checkpoint_dir=str(tmp_path / "checkpoints"),
     )
     potential.train(structures=structures, config=config)
     potential.save(tmp_path / "model.pt")
