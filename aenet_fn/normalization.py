@@ -55,17 +55,33 @@ class Normalization:
         return (features - mean) / self.feature_std.clamp_min(STD_FLOOR)[species_index]
 
 
+def check_reference_keys(
+    atomic_energies: Mapping[str, float], species: Sequence[str], what: str = "atomic energies"
+) -> None:
+    """Raise ``ValueError`` when ``atomic_energies`` names a symbol that is not one of
+    ``species`` (a misspelt key would otherwise leave its species at 0 eV), with a hint where
+    only the letter case differs; ``what`` names the mapping in the message."""
+    unknown = sorted((str(key) for key in atomic_energies if key not in species), key=str)
+    if unknown:
+        hints = [
+            f"{symbol!r} instead of {key!r}"
+            for key in unknown
+            for symbol in species
+            if key.lower() == symbol.lower()
+        ]
+        hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+        raise ValueError(
+            f"{what} names {unknown}, which are not species of the descriptor {list(species)}{hint}"
+        )
+
+
 def reference_energy_vector(
     species: Sequence[str], atomic_energies: Mapping[str, float] | None, dtype: torch.dtype
 ) -> torch.Tensor:
-    """``[M]`` atomic reference energies (eV) in ``species`` order; missing species get 0."""
+    """``[M]`` atomic reference energies (eV) in ``species`` order; missing species get 0.
+    Keys that are not ``species`` are refused (:func:`check_reference_keys`)."""
     atomic_energies = dict(atomic_energies or {})
-    unknown = sorted(set(atomic_energies) - set(species), key=str)
-    if unknown:
-        raise ValueError(
-            f"atomic energies given for {unknown}, which are not species of the descriptor "
-            f"{list(species)}"
-        )
+    check_reference_keys(atomic_energies, species)
     for symbol, value in atomic_energies.items():
         if not (is_real(value) and math.isfinite(value)):
             raise ValueError(f"atomic energy of {symbol!r} must be a finite number, got {value!r}")

@@ -247,6 +247,22 @@ def test_atomic_energies_of_other_species_are_refused(committee, energies, messa
         _tiny_potential(committee).train(structures=_tiny_structures(), config=config)
 
 
+def test_a_dataset_may_own_references_of_more_species():
+    """References owned by a dataset (e.g. a database built for more elements) may name other
+    species; the model takes those of its own species."""
+    from aenet_fn.torch_training import StructureDataset
+
+    potential = _tiny_potential()
+    dataset = StructureDataset(
+        _tiny_structures(), potential.descriptor, atomic_energies={"H": -0.5, "O": -1.0}
+    )
+    config = TorchTrainingConfig(
+        iterations=1, testpercent=0, checkpoint_dir=None, show_progress=False
+    )
+    potential.train(train_dataset=dataset, config=config)
+    assert potential.model.normalization.atomic_energies.tolist() == [-0.5]
+
+
 def test_alpha_alias_and_batch_size():
     config = TorchTrainingConfig(alpha=0.3, method=Adam(batchsize=7))
     assert (config.force_weight, config.alpha, config.batch_size) == (0.3, 0.3, 7)

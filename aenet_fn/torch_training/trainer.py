@@ -36,6 +36,7 @@ from aenet_fn.io.predict import PredictOut
 from aenet_fn.io.train import TrainOut, write_energies, write_history
 from aenet_fn.loader import StructureSequence, StructureSource
 from aenet_fn.network import check_architecture
+from aenet_fn.normalization import check_reference_keys
 from aenet_fn.potential import (
     Model,
     atomic_energies,
@@ -347,7 +348,8 @@ class TorchANNPotential:
                 )
         if not owned:
             warnings.warn("No atomic_energies provided: training on total energies", stacklevel=4)
-        return owned
+            return owned
+        return {s: value for s, value in owned.items() if s in species}  # the model's species
 
     def _initial_state(
         self,
@@ -762,19 +764,8 @@ def check_reference_species(
     ``allow_unknown``, for a dataset's references) or lacks some of them (a missing reference
     would silently count as 0 eV)."""
     if atomic_energies:
-        unknown = [] if allow_unknown else [str(s) for s in atomic_energies if s not in species]
-        if unknown:
-            hints = [
-                f"{symbol!r} instead of {key!r}"
-                for key in unknown
-                for symbol in species
-                if key.lower() == symbol.lower()
-            ]
-            hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
-            raise ValueError(
-                f"{what} names {unknown}, which are not species of the descriptor "
-                f"{list(species)}{hint}"
-            )
+        if not allow_unknown:
+            check_reference_keys(atomic_energies, species, what)
         missing = [s for s in species if s not in atomic_energies]
         if missing:
             raise ValueError(
