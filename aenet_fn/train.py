@@ -526,6 +526,18 @@ def evaluate(
         raise ValueError(f"evaluate: batch_size must be an integer >= 1, got {batch_size!r}")
     check_split(data, model.descriptor, "evaluate")
     check_labels(data, with_forces, "evaluate:")
+    return _split_metrics(model, data, with_forces, batch_size, world, jacobian)
+
+
+def _split_metrics(
+    model: Model,
+    data: Split,
+    with_forces: bool,
+    batch_size: int = 256,
+    world: World | None = None,
+    jacobian: SetJacobian | None = None,
+) -> dict[str, float]:
+    """:func:`evaluate` of a split already checked (``fit`` checks its test split once)."""
     world = current_world() if world is None else world
     sums = error_sums_init()
     everything = data.has_forces if with_forces else None
@@ -1011,7 +1023,7 @@ def fit(
         test_metrics = (
             None
             if test is None
-            else evaluate(
+            else _split_metrics(
                 state.model, test, config.uses_forces, world=world, jacobian=test_jacobian
             )
         )
