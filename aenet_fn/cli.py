@@ -746,7 +746,7 @@ def check_output_file(
         return
     if path.is_dir():
         raise CLIError(f"{what} {path} is a folder; give the path of a file")
-    if path.resolve() in inputs or any(path.samefile(p) for p in inputs):
+    if any(path.samefile(p) for p in inputs):  # resolved paths and hard links alike
         raise CLIError(
             f"{what} {path} is one of this command's inputs; writing it would destroy the "
             "input: choose another path"
