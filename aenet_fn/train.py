@@ -509,11 +509,15 @@ def data_parallel_step(
     return apply_gradient(state, gradient, config), aux
 
 
+EVALUATE_BATCH = 256
+"""Structures per batch of :func:`evaluate` (and of ``fit``'s test metrics)."""
+
+
 def evaluate(
     model: Model,
     data: Split,
     with_forces: bool,
-    batch_size: int = 256,
+    batch_size: int = EVALUATE_BATCH,
     world: World | None = None,
     jacobian: SetJacobian | None = None,
 ) -> dict[str, float]:
@@ -529,15 +533,9 @@ def evaluate(
     return _split_metrics(model, data, with_forces, batch_size, world, jacobian)
 
 
-def _split_metrics(
-    model: Model,
-    data: Split,
-    with_forces: bool,
-    batch_size: int = 256,
-    world: World | None = None,
-    jacobian: SetJacobian | None = None,
-) -> dict[str, float]:
-    """:func:`evaluate` of a split already checked (``fit`` checks its test split once)."""
+def _split_metrics(model, data, with_forces, batch_size, world, jacobian) -> dict[str, float]:
+    """:func:`evaluate` (the same arguments) of a split already checked: ``fit`` checks its
+    test split once, before the first epoch."""
     world = current_world() if world is None else world
     sums = error_sums_init()
     everything = data.has_forces if with_forces else None
@@ -1024,7 +1022,7 @@ def fit(
             None
             if test is None
             else _split_metrics(
-                state.model, test, config.uses_forces, world=world, jacobian=test_jacobian
+                state.model, test, config.uses_forces, EVALUATE_BATCH, world, test_jacobian
             )
         )
         state = end_of_epoch(
