@@ -1,10 +1,21 @@
-"""The built-in example data set: Cu/Ni/Au alloys labelled with ASE's EMT calculator.
+"""Example data: Cu/Ni/Au alloys labelled with ASE's EMT calculator, and the TiO2 files that
+ship with the package.
 
-No downloads: random fcc alloy cells are generated, strained and rattled with a seeded generator,
-and their total energies (eV) and forces (eV/Å) computed with ``ase.calculators.emt.EMT``.
+No downloads: :func:`emt_alloys` generates random fcc alloy cells, strained and rattled with a
+seeded generator, and computes their total energies (eV) and forces (eV/Å) with
+``ase.calculators.emt.EMT``. :data:`TIO2_STRUCTURES` and :data:`TIO2_POTENTIAL` are folders
+installed with the package (their provenance: ``example_data/README.md``)::
+
+    import aenet_fn as af
+    from aenet_fn.examples import TIO2_POTENTIAL, TIO2_STRUCTURES
+
+    structures = af.read_structures(TIO2_STRUCTURES)
+    model = af.read_aenet_ascii(TIO2_POTENTIAL)
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 from ase.build import bulk
@@ -14,6 +25,21 @@ from aenet_fn.io.ase_io import from_ase
 from aenet_fn.structure import Structure
 
 ALLOY_SPECIES = ("Cu", "Ni", "Au")
+
+EXAMPLE_DATA: Path = Path(__file__).parent / "example_data"
+"""The folder of the example files installed with the package (its ``README.md`` states where
+each file comes from)."""
+
+TIO2_STRUCTURES: Path = EXAMPLE_DATA / "tio2"
+"""A folder of 100 periodic TiO2 structures (``structure-001.xsf`` … ``structure-100.xsf``,
+6–47 atoms each, 2105 in all) with DFT total energies (eV) and forces (eV/Å), from N. Artrith
+and A. Urban, Comput. Mater. Sci. 114 (2016) 135–150. Atomic reference energies:
+Ti −1604.604515075 eV, O −432.503149303 eV."""
+
+TIO2_POTENTIAL: Path = EXAMPLE_DATA / "nn-tio2"
+"""A folder with a trained ænet TiO2 potential in the Fortran ``.nn.ascii`` format
+(``Ti.nn.ascii``, ``O.nn.ascii``: species [Ti, O], radial order 20 / 6.5 Å, angular order 6 /
+5.0 Å, min cutoff 0.35 Å, networks 56-5-5-1 tanh); read it with ``read_aenet_ascii``."""
 
 
 def emt_alloys(
