@@ -12,8 +12,7 @@ from hypothesis import settings
 from aenet_fn import Structure
 from aenet_fn.potential import energy_and_forces_from_derivatives
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-DATA = SHARED / "data"
+REFERENCE_DATA = Path(__file__).resolve().parent / "data"  # provenance: data/README.md
 
 settings.register_profile("default", max_examples=25, deadline=None)
 settings.load_profile("default")
@@ -65,11 +64,11 @@ def _image_distance(a: np.ndarray, b: np.ndarray, cell: np.ndarray | None) -> fl
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The reference data folder ``../shared/data``."""
-    if not DATA.is_dir():
-        pytest.fail(f"reference data not found at {DATA}: ../shared must sit beside the project")
-    return DATA
+def reference_data() -> Path:
+    """The folder of the tests' reference files, ``tests/data`` (outputs of the ænet Fortran
+    code; the TiO2 structures and potential are ``aenet_fn.examples.TIO2_STRUCTURES`` and
+    ``TIO2_POTENTIAL``)."""
+    return REFERENCE_DATA
 
 
 def facade_config(**overrides):

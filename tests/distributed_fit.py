@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 
 import aenet_fn as af
+from aenet_fn.examples import TIO2_STRUCTURES
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tio2"
 CASES = {
     "uniform-forces": {"force_weight": 0.3, "sampling_policy": "uniform"},
     "error-weighted-energy": {"force_weight": 0.0, "sampling_policy": "error_weighted"},
@@ -28,7 +28,7 @@ CASES = {
 def run_cases() -> dict[str, dict[str, object]]:
     """Train every case for 2 epochs on 11 TiO2 structures (batches of 4: 4, 4, 3, whose
     shares over 2 processes are uneven), validating on 4 more; returns weights and history."""
-    structures = af.read_structures(sorted(DATA.glob("*.xsf"))[:15])
+    structures = af.read_structures(sorted(TIO2_STRUCTURES.glob("*.xsf"))[:15])
     params = af.ChebyshevParams(["Ti", "O"], 6, 5.0, 3, 3.5, min_cutoff=0.5)
     train = af.featurize_structures(params, structures[:11], with_derivatives=True)
     test = af.featurize_structures(params, structures[11:], with_derivatives=True)
@@ -61,7 +61,7 @@ def train_committee(output_dir: Path) -> list[torch.Tensor]:
         TorchTrainingConfig,
     )
 
-    structures = af.read_structures(sorted(DATA.glob("*.xsf"))[:10])
+    structures = af.read_structures(sorted(TIO2_STRUCTURES.glob("*.xsf"))[:10])
     descriptor = ChebyshevDescriptor(["Ti", "O"], 6, 5.0, 3, 3.5, min_cutoff=0.5)
     committee = TorchCommitteePotential({"Ti": [(4, "tanh")], "O": [(4, "tanh")]}, descriptor)
     config = TorchTrainingConfig(
@@ -89,7 +89,7 @@ def facade_seeds() -> list[tuple[int, int]]:
     from aenet_fn.torch_featurize import ChebyshevDescriptor
     from aenet_fn.torch_training import Adam, TorchANNPotential, TorchTrainingConfig
 
-    structures = af.read_structures(sorted(DATA.glob("*.xsf"))[:8])
+    structures = af.read_structures(sorted(TIO2_STRUCTURES.glob("*.xsf"))[:8])
     descriptor = ChebyshevDescriptor(["Ti", "O"], 4, 4.0, 2, 3.0, min_cutoff=0.5)
     config = TorchTrainingConfig(
         iterations=1,

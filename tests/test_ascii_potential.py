@@ -13,13 +13,13 @@ import torch
 import aenet_fn
 from aenet_fn import ChebyshevParams, collate, init_network, read_structures
 from aenet_fn.ascii_potential import _parse_file, read_aenet_ascii, write_aenet_ascii
+from aenet_fn.examples import TIO2_POTENTIAL, TIO2_STRUCTURES
 from aenet_fn.normalization import Normalization
 from aenet_fn.potential import Model
 from tests.conftest import random_structure
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-NN = DATA / "nn-tio2"
-# Fortran predict.x total energies (eV), data/nn-tio2/REFERENCE.md
+NN = TIO2_POTENTIAL
+# Fortran predict.x total energies (eV), tests/data/nn-tio2/REFERENCE.md
 REFERENCE = {1: -19517.16578343, 2: -39038.49118938, 3: -19517.81272714}
 
 
@@ -30,7 +30,7 @@ def tio2_model() -> Model:
 
 @pytest.fixture(scope="module")
 def tio2_structures() -> dict:
-    return {k: read_structures(DATA / "tio2" / f"structure-00{k}.xsf")[0] for k in REFERENCE}
+    return {k: read_structures(TIO2_STRUCTURES / f"structure-00{k}.xsf")[0] for k in REFERENCE}
 
 
 def _batch(model: Model, structures: list) -> aenet_fn.Batch:

@@ -29,7 +29,7 @@ SETUP_KEYS = {"torch", "python", "cpu", "threads", "date", "load_average", "dtyp
 
 
 @pytest.fixture(scope="module")
-def results(shared_data):
+def results():
     return run_benchmarks(TINY, threads=1)
 
 

@@ -21,6 +21,7 @@ import aenet_fn as af
 import aenet_fn.calculator as calculator_module
 from aenet_fn.calculator import COMMITTEE_PROPERTIES, AenetCalculator, thermalize_momenta
 from aenet_fn.committee import committee_predict
+from aenet_fn.examples import TIO2_POTENTIAL, TIO2_STRUCTURES
 from aenet_fn.io.ase_io import from_ase, to_ase
 from aenet_fn.torch_featurize import ChebyshevDescriptor
 from aenet_fn.torch_training import (
@@ -36,17 +37,17 @@ VOIGT_PAIRS = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
 
 
 @pytest.fixture(scope="module")
-def fortran_model(shared_data) -> af.Model:
+def fortran_model() -> af.Model:
     """The smooth, physical Fortran TiO2 potential (float64)."""
-    nn = shared_data / "nn-tio2"
+    nn = TIO2_POTENTIAL
     return af.read_aenet_ascii([nn / "Ti.nn.ascii", nn / "O.nn.ascii"])
 
 
 @pytest.fixture(scope="module")
-def committee_run(shared_data, tmp_path_factory):
+def committee_run(tmp_path_factory):
     """A tiny three-member committee trained for two epochs on TiO2, written to disk; returns
     the committee, its training result and a few periodic TiO2 structures as ASE atoms."""
-    structures = af.read_structures(sorted((shared_data / "tio2").glob("*.xsf"))[:8])
+    structures = af.read_structures(sorted(TIO2_STRUCTURES.glob("*.xsf"))[:8])
     descriptor = ChebyshevDescriptor(["Ti", "O"], 4, 4.0, 2, 3.0, min_cutoff=0.5)
     committee = TorchCommitteePotential({"Ti": [(5, "tanh")], "O": [(5, "tanh")]}, descriptor)
     config = TorchTrainingConfig(
@@ -148,8 +149,8 @@ def test_model_file_and_core_model_give_the_same_results(committee_run):
     np.testing.assert_array_equal(calc.get_forces(atoms), reference.get_forces(atoms))
 
 
-def test_evaluation_runs_in_the_model_dtype(shared_data, fortran_model):
-    nn = shared_data / "nn-tio2"
+def test_evaluation_runs_in_the_model_dtype(fortran_model):
+    nn = TIO2_POTENTIAL
     single = af.read_aenet_ascii([nn / "Ti.nn.ascii", nn / "O.nn.ascii"], dtype=torch.float32)
     atoms = distorted(rutile(), seed=3)
     atoms.calc = AenetCalculator(single)

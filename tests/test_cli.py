@@ -15,16 +15,17 @@ import torch
 
 from aenet_fn.cli import CONFIG_EXAMPLE, main
 from aenet_fn.demo import toml_text
+from aenet_fn.examples import TIO2_STRUCTURES
 from aenet_fn.torch_training import TorchANNPotential, TorchCommitteePotential
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TOML = sys.version_info >= (3, 11)  # tomllib; JSON configurations (same schema) otherwise
 
 
-def tables(data: Path, committee: bool = False) -> dict:
-    """A tiny configuration on eight TiO2 structures of ``data`` (the shared folder)."""
+def tables(committee: bool = False) -> dict:
+    """A tiny configuration on eight of the TiO2 example structures."""
     config = {
-        "data": {"paths": [str(data / "tio2" / "structure-00[1-8].xsf")]},
+        "data": {"paths": [str(TIO2_STRUCTURES / "structure-00[1-8].xsf")]},
         "descriptor": {
             "species": ["Ti", "O"],
             "rad_order": 4,
@@ -64,8 +65,8 @@ def write_config(folder: Path, config: dict, toml: bool = TOML) -> Path:
     return path
 
 
-def structure_files(shared_data: Path, count: int = 3) -> list[str]:
-    return [str(p) for p in sorted((shared_data / "tio2").glob("*.xsf"))[:count]]
+def structure_files(count: int = 3) -> list[str]:
+    return [str(p) for p in sorted(TIO2_STRUCTURES.glob("*.xsf"))[:count]]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -78,15 +79,15 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def single(shared_data, tmp_path_factory):
-    config = write_config(tmp_path_factory.mktemp("single"), tables(shared_data))
+def single(tmp_path_factory):
+    config = write_config(tmp_path_factory.mktemp("single"), tables())
     assert main(["train", str(config), "--no-progress"]) == 0
     return config.parent / "run"
 
 
 @pytest.fixture(scope="module")
-def committee(shared_data, tmp_path_factory):
-    config = write_config(tmp_path_factory.mktemp("committee"), tables(shared_data, True))
+def committee(tmp_path_factory):
+    config = write_config(tmp_path_factory.mktemp("committee"), tables(True))
     assert main(["train", str(config), "--no-progress"]) == 0
     return config.parent / "run"
 
@@ -103,8 +104,8 @@ def test_train_writes_model_history_energies_and_plots(single):
     assert metrics["test"]["rmse_forces"] > 0
 
 
-def test_predict_csv_and_json_equal_the_facade(single, shared_data, tmp_path):
-    files = structure_files(shared_data)
+def test_predict_csv_and_json_equal_the_facade(single, tmp_path):
+    files = structure_files()
     expected = TorchANNPotential.from_file(single / "model.pt").predict(files, eval_forces=True)
     table = tmp_path / "out.csv"
     assert main(["predict", str(single / "model.pt"), *files, "--format", "csv",
@@ -123,15 +124,15 @@ def test_predict_csv_and_json_equal_the_facade(single, shared_data, tmp_path):
         assert record["energy_per_atom"] == record["energy"] / record["n_atoms"]
 
 
-def test_predict_table_to_stdout(single, shared_data, capsys):
-    files = structure_files(shared_data, 2)
+def test_predict_table_to_stdout(single, capsys):
+    files = structure_files(2)
     assert main(["predict", str(single / "model.pt"), *files, "--forces"]) == 0
     printed = capsys.readouterr().out
     assert "E/atom (eV)" in printed and files[1] in printed and "forces (eV/Å)" in printed
 
 
-def test_ascii_export_import_round_trip(single, shared_data, tmp_path, capsys):
-    files = structure_files(shared_data)
+def test_ascii_export_import_round_trip(single, tmp_path, capsys):
+    files = structure_files()
     model = str(single / "model.pt")
     assert main(["export-ascii", model, str(tmp_path / "ascii"), "--prefix", "tio2",
                  "--structures", *files]) == 0  # fmt: skip
@@ -149,11 +150,11 @@ def test_ascii_export_import_round_trip(single, shared_data, tmp_path, capsys):
     np.testing.assert_allclose(reloaded.total_energy, energies[0], rtol=0, atol=1e-8)
 
 
-def test_committee_train_predict_and_export(committee, shared_data, tmp_path):
+def test_committee_train_predict_and_export(committee, tmp_path):
     assert (committee / "committee_metadata.json").is_file()
     for name in ("training_summary.png", "parity.png"):
         assert (committee / name).read_bytes()[:8] == PNG
-    files = structure_files(shared_data)
+    files = structure_files()
     table = tmp_path / "committee.csv"
     assert main(["predict", str(committee), *files, "--format", "csv",
                  "--output", str(table)]) == 0  # fmt: skip
@@ -172,11 +173,11 @@ def test_committee_train_predict_and_export(committee, shared_data, tmp_path):
         assert (tmp_path / "ascii" / member / "potential.Ti.nn.ascii").is_file()
 
 
-def test_featurize_then_train_from_the_database(shared_data, tmp_path):
-    config = tables(shared_data)
+def test_featurize_then_train_from_the_database(tmp_path):
+    config = tables()
     descriptor = write_config(tmp_path, config)
     database = tmp_path / "tio2.h5"
-    assert main(["featurize", *structure_files(shared_data, 8), "--output", str(database),
+    assert main(["featurize", *structure_files(8), "--output", str(database),
                  "--descriptor", str(descriptor), "--forces", "--no-progress"]) == 0  # fmt: skip
     from aenet_fn.torch_training.hdf5_dataset import HDF5StructureDataset
 
@@ -193,9 +194,9 @@ def test_featurize_then_train_from_the_database(shared_data, tmp_path):
     assert json.loads((tmp_path / "committee" / "metrics.json").read_text())["train"]
 
 
-def test_committee_with_separate_test_files(shared_data, tmp_path):
-    config = tables(shared_data, committee=True)
-    config["data"]["test_paths"] = [str(shared_data / "tio2" / "structure-009.xsf")]
+def test_committee_with_separate_test_files(tmp_path):
+    config = tables(committee=True)
+    config["data"]["test_paths"] = [str(TIO2_STRUCTURES / "structure-009.xsf")]
     assert main(["train", str(write_config(tmp_path, config)), "--no-progress"]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["test"]["n_structures"] == 1 and metrics["train"]["n_structures"] == 8
@@ -258,9 +259,9 @@ ERRORS = {
 
 
 @pytest.mark.parametrize("case", list(ERRORS))
-def test_configuration_errors_name_the_key(shared_data, tmp_path, capsys, case):
+def test_configuration_errors_name_the_key(tmp_path, capsys, case):
     change, expected = ERRORS[case]
-    config = tables(shared_data, committee=True)
+    config = tables(committee=True)
     change(config)
     path = write_config(tmp_path, config)
     assert main(["train", str(path)]) == 2
@@ -281,8 +282,8 @@ def test_check_validates_without_writing_and_existing_output_is_kept(single, cap
     assert (single / "model.pt").read_bytes() == before
 
 
-def test_json_configuration_has_the_same_schema(shared_data, tmp_path, capsys):
-    config = tables(shared_data)
+def test_json_configuration_has_the_same_schema(tmp_path, capsys):
+    config = tables()
     path = write_config(tmp_path, config, toml=False)
     assert main(["train", str(path), "--check"]) == 0
     assert f"output: {tmp_path / 'run'}" in capsys.readouterr().out
@@ -294,9 +295,9 @@ def test_json_configuration_has_the_same_schema(shared_data, tmp_path, capsys):
 
 
 @pytest.mark.skipif(not TOML, reason="TOML configurations need Python >= 3.11")
-def test_the_example_configuration_of_the_help_is_valid(shared_data, tmp_path, capsys):
+def test_the_example_configuration_of_the_help_is_valid(tmp_path, capsys):
     (tmp_path / "structures").mkdir()
-    for source in structure_files(shared_data):
+    for source in structure_files():
         (tmp_path / "structures" / Path(source).name).write_bytes(Path(source).read_bytes())
     (tmp_path / "example.toml").write_text(CONFIG_EXAMPLE)
     assert main(["train", str(tmp_path / "example.toml"), "--check"]) == 0
@@ -338,9 +339,9 @@ def one_line_error(capsys, command: str) -> str:
     return message
 
 
-def overlapping(shared_data: Path, folder: Path) -> Path:
+def overlapping(folder: Path) -> Path:
     """A copy of a TiO2 structure whose second atom sits on its first."""
-    lines = (shared_data / "tio2" / "structure-001.xsf").read_text().splitlines()
+    lines = (TIO2_STRUCTURES / "structure-001.xsf").read_text().splitlines()
     first = lines.index("PRIMCOORD") + 2
     lines[first + 1] = lines[first]
     path = folder / "overlap.xsf"
@@ -356,8 +357,8 @@ def test_a_binary_configuration_is_a_one_line_error(tmp_path, capsys, suffix):
     assert f"{path}: not a text file" in one_line_error(capsys, "train")
 
 
-def test_testpercent_100_is_refused_by_check_and_train(shared_data, tmp_path, capsys):
-    config = tables(shared_data)
+def test_testpercent_100_is_refused_by_check_and_train(tmp_path, capsys):
+    config = tables()
     config["training"]["testpercent"] = 100
     path = write_config(tmp_path, config)
     for extra in (["--check"], ["--no-progress"]):
@@ -366,13 +367,13 @@ def test_testpercent_100_is_refused_by_check_and_train(shared_data, tmp_path, ca
     assert not (tmp_path / "run").exists()
 
 
-def test_predict_names_a_structure_that_cannot_be_predicted(single, shared_data, tmp_path, capsys):
+def test_predict_names_a_structure_that_cannot_be_predicted(single, tmp_path, capsys):
     model = str(single / "model.pt")
-    bad = overlapping(shared_data, tmp_path)
-    assert main(["predict", model, structure_files(shared_data, 1)[0], str(bad)]) == 1
+    bad = overlapping(tmp_path)
+    assert main(["predict", model, structure_files(1)[0], str(bad)]) == 1
     message = one_line_error(capsys, "predict")
     assert f"{bad}: neighbor_list" in message and "overlap" in message
-    lines = (shared_data / "tio2" / "structure-001.xsf").read_text().replace("Ti ", "Xe ", 1)
+    lines = (TIO2_STRUCTURES / "structure-001.xsf").read_text().replace("Ti ", "Xe ", 1)
     (tmp_path / "xe.xsf").write_text(lines)
     assert main(["predict", model, str(tmp_path / "xe.xsf")]) == 1
     message = one_line_error(capsys, "predict")
@@ -380,16 +381,16 @@ def test_predict_names_a_structure_that_cannot_be_predicted(single, shared_data,
     assert "xe.xsf" in message
 
 
-def test_training_and_featurizing_overlapping_atoms_name_the_file(shared_data, tmp_path, capsys):
-    config = tables(shared_data)
-    bad = overlapping(shared_data, tmp_path)
+def test_training_and_featurizing_overlapping_atoms_name_the_file(tmp_path, capsys):
+    config = tables()
+    bad = overlapping(tmp_path)
     config["data"]["paths"].append(str(bad))
     path = write_config(tmp_path, config)
     assert main(["train", str(path), "--no-progress"]) == 1
     message = one_line_error(capsys, "train")
     assert f"{bad}: neighbor_list" in message and "overlap" in message
     assert not (tmp_path / "run" / "model.pt").exists()
-    files = [*structure_files(shared_data, 1), str(bad)]
+    files = [*structure_files(1), str(bad)]
     database = tmp_path / "db.h5"
     assert main(["featurize", *files, "--output", str(database), "--descriptor", str(path),
                  "--no-progress"]) == 1  # fmt: skip
@@ -397,13 +398,13 @@ def test_training_and_featurizing_overlapping_atoms_name_the_file(shared_data, t
     assert not database.exists()
 
 
-def test_library_errors_are_one_line(single, shared_data, tmp_path, capsys):
+def test_library_errors_are_one_line(single, tmp_path, capsys):
     model = str(single / "model.pt")
     (tmp_path / "keep.txt").write_text("kept")
     assert main(["export-ascii", model, str(tmp_path / "keep.txt")]) == 1
     message = one_line_error(capsys, "export-ascii")
     assert "OUTDIR" in message and "keep.txt exists and is not a folder" in message
-    files = structure_files(shared_data, 1)
+    files = structure_files(1)
     assert main(["predict", model, *files, "--output", str(tmp_path / "keep.txt" / "p")]) == 1
     assert "keep.txt" in one_line_error(capsys, "predict")  # an OSError from the library
     assert (tmp_path / "keep.txt").read_text() == "kept"
@@ -411,11 +412,11 @@ def test_library_errors_are_one_line(single, shared_data, tmp_path, capsys):
         main(["--debug", "predict", model, *files, "--output", str(tmp_path / "keep.txt" / "p")])
 
 
-def test_no_command_replaces_its_inputs(single, shared_data, tmp_path, capsys):
+def test_no_command_replaces_its_inputs(single, tmp_path, capsys):
     model = tmp_path / "model.pt"
     model.write_bytes((single / "model.pt").read_bytes())
     xsf = tmp_path / "in.xsf"
-    xsf.write_text(Path(structure_files(shared_data, 1)[0]).read_text())
+    xsf.write_text(Path(structure_files(1)[0]).read_text())
     assert main(["export-ascii", str(model), str(tmp_path / "nn")]) == 0
     ascii_files = [str(tmp_path / "nn" / f"potential.{s}.nn.ascii") for s in ("Ti", "O")]
     (tmp_path / "in.Ti.nn.ascii").write_text("not a structure")  # what export-ascii would write
@@ -436,9 +437,9 @@ def test_no_command_replaces_its_inputs(single, shared_data, tmp_path, capsys):
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
-def test_existing_outputs_need_overwrite(single, shared_data, tmp_path, capsys):
+def test_existing_outputs_need_overwrite(single, tmp_path, capsys):
     model = str(single / "model.pt")
-    files = structure_files(shared_data, 1)
+    files = structure_files(1)
     assert main(["export-ascii", model, str(tmp_path / "nn")]) == 0
     ascii_files = sorted(str(p) for p in (tmp_path / "nn").iterdir())
     target = tmp_path / "existing"

@@ -21,6 +21,7 @@ from aenet_fn.committee import (
     stack_members,
     unstack_members,
 )
+from aenet_fn.examples import TIO2_STRUCTURES
 from aenet_fn.featurized import set_jacobian, stack_batches
 from aenet_fn.force_jacobian import StackedJacobians
 from aenet_fn.train import assembled_jacobian, batch_loss, member_step
@@ -33,8 +34,8 @@ E_ATOM = {"Ti": -1604.604515075, "O": -432.503149303}
 
 
 @pytest.fixture(scope="module")
-def data(shared_data):
-    structures = af.read_structures(sorted((shared_data / "tio2").glob("*.xsf"))[:40])
+def data():
+    structures = af.read_structures(sorted(TIO2_STRUCTURES.glob("*.xsf"))[:40])
     train = af.featurize_structures(PARAMS, structures[:30], with_derivatives=True)
     test = af.featurize_structures(PARAMS, structures[30:], with_derivatives=True)
     return structures, train, test

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import aenet_fn as af
+from aenet_fn.examples import TIO2_STRUCTURES
 from aenet_fn.featurized import concatenate, select_structures
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tio2"
 PARAMS = af.ChebyshevParams(
     species=["Ti", "O"], rad_order=4, rad_cutoff=4.0, ang_order=2, ang_cutoff=3.0, min_cutoff=0.5
 )
@@ -25,7 +25,7 @@ CONFIG = af.TrainConfig(epochs=1, batch_size=4)
 
 @pytest.fixture(scope="module")
 def structures():
-    return af.read_structures(DATA)[:6]
+    return af.read_structures(TIO2_STRUCTURES)[:6]
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from aenet_fn import database
 from aenet_fn.cache import lru_evictions
 from aenet_fn.data import filter_structures
 from aenet_fn.database import DatabaseError, build_database, entry_identifier, open_database
+from aenet_fn.examples import TIO2_STRUCTURES
 from aenet_fn.featurized import featurize_structures, select_structures
 from aenet_fn.local_derivatives import LocalDerivatives
 from aenet_fn.torch_featurize import ChebyshevDescriptor
@@ -40,8 +41,8 @@ PARAMS = af.ChebyshevParams(
 
 
 @pytest.fixture(scope="module")
-def tio2_files(shared_data):
-    return [str(shared_data / "tio2" / f"structure-{i:03d}.xsf") for i in range(1, 13)]
+def tio2_files():
+    return [str(TIO2_STRUCTURES / f"structure-{i:03d}.xsf") for i in range(1, 13)]
 
 
 @pytest.fixture(scope="module")

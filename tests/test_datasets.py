@@ -14,6 +14,7 @@ from torch.utils.data import Dataset, Subset
 import aenet_fn as af
 import aenet_fn.torch_training.dataset as dataset_module
 from aenet_fn.data import split_structures
+from aenet_fn.examples import TIO2_STRUCTURES
 from aenet_fn.featurized import featurize_structures
 from aenet_fn.torch_featurize import ChebyshevDescriptor
 from aenet_fn.torch_training import Structure, TorchANNPotential
@@ -33,8 +34,8 @@ ARCH = {"Ti": [(4, "tanh")], "O": [(4, "tanh")]}
 
 
 @pytest.fixture(scope="module")
-def structures(shared_data):
-    paths = [shared_data / "tio2" / f"structure-00{i}.xsf" for i in range(1, 10)]
+def structures():
+    paths = [TIO2_STRUCTURES / f"structure-00{i}.xsf" for i in range(1, 10)]
     return af.read_structures(paths)
 
 

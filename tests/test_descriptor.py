@@ -20,9 +20,9 @@ FORTRAN_CASES = {
 }
 
 
-def _fortran_case(shared_data, name, dtype=torch.float64):
+def _fortran_case(reference_data, name, dtype=torch.float64):
     filename, species, rad_order, rad_cutoff, ang_order, ang_cutoff = FORTRAN_CASES[name]
-    folder = shared_data / "fortran-features"
+    folder = reference_data / "fortran-features"
     (structure,) = read_structures(folder / filename)
     params = ChebyshevParams(
         species=species,
@@ -37,24 +37,24 @@ def _fortran_case(shared_data, name, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("name", sorted(FORTRAN_CASES))
-def test_features_equal_fortran_in_float64(shared_data, name):
-    features, reference = _fortran_case(shared_data, name)
+def test_features_equal_fortran_in_float64(reference_data, name):
+    features, reference = _fortran_case(reference_data, name)
     assert features.dtype == torch.float64
     assert features.shape == reference.shape
     np.testing.assert_allclose(features.numpy(), reference, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", sorted(FORTRAN_CASES))
-def test_features_in_float32_are_close_to_fortran(shared_data, name):
-    features, reference = _fortran_case(shared_data, name, dtype=torch.float32)
+def test_features_in_float32_are_close_to_fortran(reference_data, name):
+    features, reference = _fortran_case(reference_data, name, dtype=torch.float32)
     assert features.dtype == torch.float32
     error = np.abs(features.double().numpy() - reference)
     assert error.max() <= 1e-4 * np.abs(reference).max()
 
 
-def test_species_order_is_part_of_the_descriptor(shared_data):
-    (structure,) = read_structures(shared_data / "fortran-features" / "aucu.xsf")
-    reference = np.loadtxt(shared_data / "fortran-features" / "aucu_ref.csv", delimiter=",")
+def test_species_order_is_part_of_the_descriptor(reference_data):
+    (structure,) = read_structures(reference_data / "fortran-features" / "aucu.xsf")
+    reference = np.loadtxt(reference_data / "fortran-features" / "aucu_ref.csv", delimiter=",")
     swapped = ChebyshevParams(
         species=["Cu", "Au"], rad_order=5, rad_cutoff=3.5, ang_order=5, ang_cutoff=3.5
     )

@@ -27,7 +27,7 @@ def test_python_fences_render(page):
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(DOCS / p)])
-def test_page_examples_run(page, shared_data, monkeypatch):
+def test_page_examples_run(page, monkeypatch):
     namespace: dict = {}
     for index, block in enumerate(python_blocks(DOCS / page)):
         run_block(block, f"docs/{page} block {index}", namespace, monkeypatch)

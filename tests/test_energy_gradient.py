@@ -16,6 +16,7 @@ from aenet_fn.energy_gradient import (
     energy_table,
     plan_gradient,
 )
+from aenet_fn.examples import TIO2_STRUCTURES
 from aenet_fn.network import ACTIVATIONS
 from aenet_fn.train import batch_loss, func_gradient
 
@@ -23,8 +24,8 @@ REFERENCES = {"Ti": -1604.604515075, "O": -432.503149303}
 
 
 @pytest.fixture(scope="module")
-def tio2_structures(shared_data):
-    return af.read_structures(sorted((shared_data / "tio2").glob("*.xsf"))[:20])
+def tio2_structures():
+    return af.read_structures(sorted(TIO2_STRUCTURES.glob("*.xsf"))[:20])
 
 
 PARAMS = af.ChebyshevParams(["Ti", "O"], 6, 5.0, 3, 3.5, min_cutoff=0.5)

@@ -13,12 +13,13 @@ import torch
 import aenet_fn as af
 from aenet_fn.ascii_potential import read_aenet_ascii, write_aenet_ascii
 from aenet_fn.batch import collate
+from aenet_fn.examples import TIO2_POTENTIAL
 from aenet_fn.featurized import featurize_structures
 from aenet_fn.io import read_structures
 from aenet_fn.structure import Structure, check_float_dtype
-from tests.conftest import DATA, random_structure
+from tests.conftest import random_structure
 
-NN = DATA / "nn-tio2"
+NN = TIO2_POTENTIAL
 PARAMS = af.ChebyshevParams(
     species=("Ti", "O"), rad_order=2, rad_cutoff=4.0, ang_order=1, ang_cutoff=3.0
 )

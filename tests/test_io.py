@@ -18,12 +18,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aenet_fn import Structure
+from aenet_fn.examples import TIO2_STRUCTURES
 from aenet_fn.io import from_ase, read_structures, read_xsf, to_ase, write_xsf
-from tests.conftest import random_cell
+from tests.conftest import REFERENCE_DATA, random_cell
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-TIO2 = DATA / "tio2"
-FORTRAN = DATA / "fortran-features"
+TIO2 = TIO2_STRUCTURES
+FORTRAN = REFERENCE_DATA / "fortran-features"
 
 PRINTED = 1e-8  # the writer prints 8 decimals
 

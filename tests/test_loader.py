@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import aenet_fn as af
+from aenet_fn.examples import TIO2_STRUCTURES
 from aenet_fn.loader import StructureSource, batch_stream, take_batch
 from aenet_fn.normalization import FeatureMoments, fit_normalization
 
@@ -16,8 +17,8 @@ REFERENCES = {"Ti": -1604.604515075, "O": -432.503149303}
 
 
 @pytest.fixture(scope="module")
-def splits(shared_data):
-    structures = af.read_structures(sorted((shared_data / "tio2").glob("*.xsf"))[:14])
+def splits():
+    structures = af.read_structures(sorted(TIO2_STRUCTURES.glob("*.xsf"))[:14])
     in_memory = af.featurize_structures(PARAMS, structures, with_derivatives=True)
     lazy = StructureSource(PARAMS, structures, with_derivatives=True)
     return structures, in_memory, lazy

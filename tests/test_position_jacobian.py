@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import aenet_fn as af
 from aenet_fn import ChebyshevParams, Structure, collate, featurize
+from aenet_fn.examples import TIO2_STRUCTURES
 from aenet_fn.featurized import featurize_structures, set_jacobian, take_structures
 from aenet_fn.force_jacobian import BatchJacobian, SetJacobian
 from aenet_fn.train import assembled_jacobian, init_model, init_train_state, run_epoch
@@ -104,7 +105,7 @@ def test_set_jacobian_is_the_dense_position_jacobian(params, storage, seed):
 
 
 @pytest.fixture(scope="module")
-def tio2(shared_data):
+def tio2():
     params = ChebyshevParams(
         species=["Ti", "O"],
         rad_order=6,
@@ -113,7 +114,7 @@ def tio2(shared_data):
         ang_cutoff=3.5,
         min_cutoff=0.5,
     )
-    structures = af.read_structures(sorted((shared_data / "tio2").glob("*.xsf"))[:24])
+    structures = af.read_structures(sorted(TIO2_STRUCTURES.glob("*.xsf"))[:24])
     return params, featurize_structures(params, structures, with_derivatives=True), structures
 
 

@@ -16,7 +16,7 @@ def test_the_readme_has_python_examples():
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_example_runs(index, shared_data, capsys, monkeypatch):
+def test_readme_example_runs(index, capsys, monkeypatch):
     run_block(BLOCKS[index], f"README.md block {index}", {}, monkeypatch)
     if "evaluate" in BLOCKS[index]:
         printed = capsys.readouterr().out.strip().splitlines()

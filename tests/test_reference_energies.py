@@ -11,6 +11,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import aenet_fn as af
+from aenet_fn.examples import TIO2_STRUCTURES
 from aenet_fn.reference_energies import (
     ReferenceEnergies,
     iter_composition_energy_samples_from_files,
@@ -209,8 +210,8 @@ def test_species_without_a_compound_or_fixed_value_are_reported():
 
 
 @pytest.fixture(scope="module")
-def tio2_files(shared_data):
-    return sorted((shared_data / "tio2").glob("*.xsf"))
+def tio2_files():
+    return sorted(TIO2_STRUCTURES.glob("*.xsf"))
 
 
 def test_file_samples_match_the_structures_of_the_files(tio2_files):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import aenet_fn as af
+from aenet_fn.examples import TIO2_STRUCTURES
 from aenet_fn.mlip import normalize_ensemble_members
 from aenet_fn.torch_featurize import ChebyshevDescriptor
 from aenet_fn.torch_training import (
@@ -33,8 +34,8 @@ def _config(**options) -> TorchTrainingConfig:
 
 
 @pytest.fixture(scope="module")
-def setup(shared_data, tmp_path_factory):
-    structures = af.read_structures(sorted((shared_data / "tio2").glob("*.xsf"))[:16])
+def setup(tmp_path_factory):
+    structures = af.read_structures(sorted(TIO2_STRUCTURES.glob("*.xsf"))[:16])
     descriptor = ChebyshevDescriptor(["Ti", "O"], 4, 4.0, 2, 3.0, min_cutoff=0.5)
     arch = {"Ti": [(5, "tanh")], "O": [(5, "tanh")]}
     config = _config(atomic_energies=E_ATOM)
@@ -233,7 +234,7 @@ def test_committee_trains_on_datasets_like_on_structures(setup, tmp_path):
         whole.train(config=config, committee_config=TorchCommitteeConfig(num_members=2))
 
 
-def test_members_predicting_one_by_one_analysed_like_the_committee(setup, shared_data, tmp_path):
+def test_members_predicting_one_by_one_analysed_like_the_committee(setup, tmp_path):
     """PredictOutAnalyzer over the members' own predictions of files gives the committee's
     energy mean/spread and force uncertainty; to_structures reads the files again; the PDB
     carries each atom's uncertainty."""
@@ -243,7 +244,7 @@ def test_members_predicting_one_by_one_analysed_like_the_committee(setup, shared
 
     _, runs = setup
     _, result = runs["vmap"]
-    files = [str(p) for p in sorted((shared_data / "tio2").glob("*.xsf"))[:3]]
+    files = [str(p) for p in sorted(TIO2_STRUCTURES.glob("*.xsf"))[:3]]
     committee = TorchCommitteePotential.from_directory(result.output_dir)
     together = committee.predict(files, eval_forces=True)
     outputs = [

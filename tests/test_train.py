@@ -11,6 +11,7 @@ import torch
 
 import aenet_fn as af
 from aenet_fn.checkpoint import checkpoints_to_delete
+from aenet_fn.examples import TIO2_STRUCTURES
 from aenet_fn.train import (
     autograd_gradient,
     batch_loss,
@@ -28,8 +29,8 @@ ARCH = {"Ti": [(10, "tanh"), (10, "tanh")], "O": [(10, "tanh"), (10, "tanh")]}
 
 
 @pytest.fixture(scope="module")
-def tio2(shared_data):
-    structures = af.read_structures(shared_data / "tio2")
+def tio2():
+    structures = af.read_structures(TIO2_STRUCTURES)
     train_idx, test_idx = af.split_indices(
         len(structures), 0.1, generator=torch.Generator().manual_seed(7)
     )
@@ -214,7 +215,7 @@ def test_bad_config_is_rejected(changes, message):
         af.TrainConfig(**changes)
 
 
-def test_bad_training_inputs_are_rejected(tio2, shared_data):
+def test_bad_training_inputs_are_rejected(tio2):
     train, _, _ = tio2
     with pytest.raises(ValueError, match=r"no network for species \['O'\]"):
         af.init_model(PARAMS, {"Ti": ARCH["Ti"]}, train)
@@ -254,8 +255,8 @@ def test_autograd_and_torch_func_gradients_agree(tio2, force_weight, assembled):
     torch.testing.assert_close(aux_all[1], aux_func[1], rtol=0, atol=1e-14)
 
 
-def test_float32_training_runs_and_learns(shared_data):
-    structures = af.read_structures(sorted((shared_data / "tio2").glob("*.xsf"))[:30])
+def test_float32_training_runs_and_learns():
+    structures = af.read_structures(sorted(TIO2_STRUCTURES.glob("*.xsf"))[:30])
     train = af.featurize_structures(PARAMS, structures, with_derivatives=True, dtype=torch.float32)
     model = af.init_model(PARAMS, ARCH, train, seed=0, atomic_energies=E_ATOM)
     assert model.network.values.dtype == torch.float32
