@@ -16,10 +16,9 @@ from typing import Any
 import torch
 
 import aenet_fn as af
+from aenet_fn.examples import TIO2_STRUCTURES
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-TIO2 = SHARED_DATA / "tio2"
 
 PARAMS = af.ChebyshevParams(
     species=["Ti", "O"], rad_order=10, rad_cutoff=6.0, ang_order=3, ang_cutoff=3.5, min_cutoff=0.5
@@ -33,7 +32,7 @@ FORCE_WEIGHT = 0.1
 
 def tio2_structures(limit: int | None = None) -> list[af.Structure]:
     """The TiO2 reference structures (sorted by file name), the first ``limit`` of them."""
-    return af.read_structures(sorted(TIO2.glob("*.xsf"))[:limit])
+    return af.read_structures(sorted(TIO2_STRUCTURES.glob("*.xsf"))[:limit])
 
 
 def data_description(structures: Sequence[af.Structure]) -> str:

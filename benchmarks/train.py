@@ -1,8 +1,9 @@
 """Training speed on the TiO2 reference set: seconds per epoch and peak memory.
 
 Run: ``python -m benchmarks.train [--epochs N] [--runs R]``. Prints JSON, then a table. Setup
-(issue 3): ../shared/data/tio2 (100 structures, all used for training), descriptor [Ti, O] rad
-10/6.0 Å, ang 3/3.5 Å, min 0.5 Å, networks 2×(10, tanh), Adam, batch 16, float64, CPU, 2 threads.
+(issue 3): aenet_fn.examples.TIO2_STRUCTURES (100 structures, all used for training), descriptor
+[Ti, O] rad 10/6.0 Å, ang 3/3.5 Å, min 0.5 Å, networks 2×(10, tanh), Adam, batch 16, float64,
+CPU, 2 threads.
 Modes: energy-only (features computed once and reused) and forces (force_weight 0.1, every
 structure's forces supervised). Each mode runs in its own process so that its peak RSS is its own.
 Each mode times ``R`` runs of ``N`` epochs from one warmed-up state and reports the mean epoch

@@ -21,7 +21,7 @@ def python_blocks(path: Path) -> list[str]:
 
 
 def run_block(code: str, label: str, namespace: dict[str, Any], monkeypatch) -> None:
-    """Execute ``code`` in ``namespace`` with the project root as working directory (examples
-    read ``../shared/data`` like the README)."""
+    """Execute ``code`` in ``namespace`` with the project root as working directory, where a
+    reader runs them (the examples read the package's data, ``aenet_fn.examples``)."""
     monkeypatch.chdir(ROOT)
     exec(compile(code, label, "exec"), namespace)

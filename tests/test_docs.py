@@ -2,9 +2,9 @@
 ``mkdocs build --strict``, which checks the nav, links and anchors).
 
 The ```python blocks of each page run in order in one fresh namespace per page, from the project
-root (paths like ``../shared/data/tio2`` work as in the README). Blocks that are only to be read
-(GPU-only code, fragments, shell sessions) are fenced ```{.python .no-run}, ```pycon or ```text
-and are not run (see tests/markdown_examples.py).
+root, as in the README (the examples read the package's data, ``aenet_fn.examples``). Blocks
+that are only to be read (GPU-only code, fragments, shell sessions) are fenced
+```{.python .no-run}, ```pycon or ```text and are not run (see tests/markdown_examples.py).
 """
 
 from __future__ import annotations
