@@ -1,4 +1,5 @@
-"""The energy model: prediction formula, both force paths, finite differences, extensivity."""
+"""The energy model: prediction formula, both force paths, and its physics (invariances,
+extensivity, forces and stress as derivatives) by the checks of aenet_fn.testing."""
 
 from __future__ import annotations
 
@@ -21,6 +22,21 @@ from aenet_fn.potential import (
     energy,
     energy_and_forces,
     energy_forces_stress,
+)
+from aenet_fn.testing import (
+    check_extensivity,
+    check_forces,
+    check_permutation_invariance,
+    check_rewrapping_invariance,
+    check_rotation_invariance,
+    check_stress,
+    check_translation_invariance,
+    lattice_shifts,
+    permutations_of,
+    rotations,
+    structures,
+    supercells,
+    translations,
 )
 from tests.conftest import batch_energies_and_forces, random_structure
 
@@ -164,34 +180,27 @@ def _with_forces(structure: Structure) -> Structure:
     )
 
 
-def test_forces_equal_finite_differences():
-    model = make_model(2)
-    batch = collate(_structures(7), species=PARAMS.species)
-    _, forces = energy_and_forces(model, batch)
-    step = 1e-5
-    for atom in range(batch.positions.shape[0]):
-        for axis in range(3):
-            moved = []
-            for sign in (1, -1):
-                positions = batch.positions.clone()
-                positions[atom, axis] += sign * step
-                moved.append(float(energy(model, attrs.evolve(batch, positions=positions)).sum()))
-            expected = -(moved[0] - moved[1]) / (2 * step)
-            assert abs(float(forces[atom, axis]) - expected) <= 1e-6 * max(1.0, abs(expected))
+# ------------------------------------------------ physics of the model (aenet_fn.testing)
+
+MODEL = make_model(2)
+drawn = structures(species=("Ti", "O"), max_atoms=5, min_distance=1.0)
 
 
-def test_energy_is_extensive_over_supercells():
-    model = make_model(3)
-    primitive = random_structure(11, 3)
-    offsets = torch.tensor([[0.0, 0, 0], [1, 0, 0]], dtype=torch.float64) @ primitive.cell
-    doubled = Structure(
-        torch.cat([primitive.positions + o for o in offsets]),
-        list(primitive.species) * 2,
-        cell=primitive.cell * torch.tensor([[2.0], [1.0], [1.0]], dtype=torch.float64),
-    )
-    e_one = energy(model, collate([primitive], species=PARAMS.species))
-    e_two = energy(model, collate([doubled], species=PARAMS.species))
-    torch.testing.assert_close(e_two, 2 * e_one, rtol=1e-12, atol=1e-9)
+@given(structure=drawn, rotation=rotations(improper=True), data=st.data())
+def test_the_model_is_invariant_and_extensive(structure, rotation, data):
+    check_rotation_invariance(MODEL, structure, rotation)
+    check_translation_invariance(MODEL, structure, data.draw(translations()))
+    check_permutation_invariance(MODEL, structure, data.draw(permutations_of(structure)))
+    check_rewrapping_invariance(MODEL, structure, data.draw(lattice_shifts(structure.n_atoms)))
+    if any(structure.pbc):
+        check_extensivity(MODEL, structure, data.draw(supercells(structure.pbc)))
+
+
+@given(structure=drawn)
+def test_forces_and_stress_are_derivatives_of_the_energy(structure):
+    check_forces(MODEL, structure)
+    if all(structure.pbc):
+        check_stress(MODEL, structure)
 
 
 def test_stress_is_symmetric_and_only_for_periodic_structures():

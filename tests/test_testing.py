@@ -1,0 +1,198 @@
+"""aenet_fn.testing: its strategies draw valid structures, its checks pass ASE's EMT and fail
+deliberately broken calculators at the right check, and CI runs the same examples every time."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase.calculators.emt import EMT
+from ase.neighborlist import neighbor_list
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aenet_fn.io.ase_io import to_ase
+from aenet_fn.testing import (
+    PERIODICITIES,
+    check_energy_conservation,
+    check_extensivity,
+    check_forces,
+    check_permutation_invariance,
+    check_rewrapping_invariance,
+    check_rotation_invariance,
+    check_stress,
+    check_translation_invariance,
+    lattice_shifts,
+    permutations_of,
+    random_structure,
+    rotations,
+    structures,
+    supercells,
+    translations,
+)
+from aenet_fn.testing.construction import plane_widths, rotation
+
+METALS = ("Cu", "Ni", "Au")
+"""Species ASE's EMT knows."""
+
+
+def _smallest_distance(structure) -> float:
+    """The smallest distance between two atoms, periodic images included (ASE's search)."""
+    atoms = to_ase(structure)
+    distances = neighbor_list("d", atoms, 10.0, self_interaction=False)
+    return float(distances.min()) if len(distances) else np.inf
+
+
+@pytest.mark.parametrize("periodicity", sorted(PERIODICITIES))
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), min_distance=st.floats(0.7, 2.5))
+def test_drawn_structures_keep_their_minimum_distance(periodicity, data, min_distance):
+    structure = data.draw(
+        structures(species=METALS, max_atoms=10, periodicity=periodicity, min_distance=min_distance)
+    )
+    assert structure.pbc == PERIODICITIES[periodicity]
+    assert 1 <= structure.n_atoms <= 10
+    assert set(structure.species) <= set(METALS)
+    assert _smallest_distance(structure) >= min_distance * (1 - 1e-12)
+    if any(structure.pbc):  # a periodic axis is at least as wide as the minimum distance
+        widths = plane_widths(structure.cell.numpy())
+        assert (widths[list(structure.pbc)] >= min_distance * (1 - 1e-12)).all()
+
+
+def test_deterministic_structures_keep_their_minimum_distance():
+    for seed in range(20):
+        for periodicity in PERIODICITIES:
+            structure = random_structure(seed, 1 + seed % 9, periodicity=periodicity)
+            assert _smallest_distance(structure) >= 1.0 * (1 - 1e-12)
+    again = random_structure(7, 5)
+    assert torch.equal(again.positions, random_structure(7, 5).positions)
+
+
+# ---------------------------------------------------------------- EMT passes every check
+
+emt_structures = structures(species=METALS, max_atoms=6, min_distance=2.0)
+
+
+@given(structure=emt_structures, rotation=rotations(improper=True), shift=translations())
+def test_emt_is_invariant_under_rotations_and_translations(structure, rotation, shift):
+    check_rotation_invariance(EMT(), structure, rotation)
+    check_translation_invariance(EMT(), structure, shift)
+
+
+@given(data=st.data(), structure=emt_structures)
+def test_emt_is_invariant_under_permutations_and_rewrapping(data, structure):
+    check_permutation_invariance(EMT(), structure, data.draw(permutations_of(structure)))
+    check_rewrapping_invariance(EMT(), structure, data.draw(lattice_shifts(structure.n_atoms)))
+
+
+@given(data=st.data(), structure=structures(species=METALS, max_atoms=4, periodicity="bulk"))
+def test_emt_is_extensive(data, structure):
+    check_extensivity(EMT(), structure, data.draw(supercells(structure.pbc)))
+
+
+@given(structure=emt_structures)
+def test_emt_forces_and_stress_are_derivatives(structure):
+    check_forces(EMT(), structure)
+    if all(structure.pbc):
+        check_stress(EMT(), structure)
+
+
+def test_emt_conserves_energy():
+    structure = random_structure(1, 8, species=METALS, min_distance=2.2)
+    check_energy_conservation(EMT(), structure, steps=40)
+
+
+# ---------------------------------------------------------------- broken calculators fail
+
+
+class Broken(EMT):
+    """EMT with one deliberate fault (``fault``: what to change in the results)."""
+
+    def __init__(self, fault: str, strength: float = 0.01):
+        super().__init__()
+        self.fault, self.strength = fault, strength
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=()):
+        super().calculate(atoms, properties, system_changes)
+        results, positions, c = self.results, self.atoms.positions, self.strength
+        if self.fault == "scaled forces":
+            results["forces"] = results["forces"] * (1 + c)
+        elif self.fault == "absolute position":  # consistent forces: E + c Σ x
+            results["energy"] += c * positions[:, 0].sum()
+            results["forces"] = results["forces"] - [c, 0.0, 0.0]
+        elif self.fault == "direction":  # translation-invariant, not rotation-invariant
+            spread = positions[:, 0] - positions[:, 0].mean()
+            results["energy"] += c * (spread**2).sum()
+            results["forces"] = results["forces"] - np.outer(2 * c * spread, [1.0, 0.0, 0.0])
+        elif self.fault == "first atom":  # E + c |r_0 - r_1|: depends on the order
+            r = positions[0] - positions[1]
+            results["energy"] += c * np.linalg.norm(r)
+            forces = results["forces"].copy()
+            forces[0] -= c * r / np.linalg.norm(r)
+            forces[1] += c * r / np.linalg.norm(r)
+            results["forces"] = forces
+        elif self.fault == "not extensive":
+            results["energy"] += c * len(atoms) ** 2
+        elif self.fault == "scaled stress":
+            results["stress"] = results["stress"] * (1 + c)
+        elif self.fault == "pushed":  # a force no energy belongs to
+            results["forces"] = results["forces"] + [c, 0.0, 0.0]
+
+
+BULK = random_structure(5, 6, species=METALS, min_distance=2.2)
+
+
+@pytest.mark.parametrize(
+    ("fault", "failing", "passing"),
+    [
+        ("scaled forces", check_forces, check_rotation_invariance),
+        ("absolute position", check_translation_invariance, check_forces),
+        ("absolute position", check_rewrapping_invariance, check_permutation_invariance),
+        ("direction", check_rotation_invariance, check_translation_invariance),
+        ("direction", check_rotation_invariance, check_forces),
+        ("first atom", check_permutation_invariance, check_forces),
+        ("first atom", check_permutation_invariance, check_rotation_invariance),
+        ("not extensive", check_extensivity, check_forces),
+        ("scaled stress", check_stress, check_forces),
+        ("pushed", check_energy_conservation, check_translation_invariance),
+    ],
+)
+def test_a_broken_calculator_fails_the_right_check(fault, failing, passing):
+    calculator = Broken(fault, strength=0.2 if fault == "pushed" else 0.01)
+    arguments = {
+        check_rotation_invariance: (rotation((0.3, 0.6, 0.2), improper=True),),
+        check_translation_invariance: ([1.5, -2.0, 0.7],),
+        check_permutation_invariance: (list(range(BULK.n_atoms))[::-1],),
+        check_rewrapping_invariance: (np.arange(3 * BULK.n_atoms).reshape(-1, 3) % 3 - 1,),
+        check_extensivity: ((2, 1, 1),),
+    }
+    passing(calculator, BULK, *arguments.get(passing, ()))
+    with pytest.raises(AssertionError, match="fails for random-5") as failure:
+        failing(calculator, BULK, *arguments.get(failing, ()))
+    assert "expected" in str(failure.value) or "moved by" in str(failure.value)
+
+
+def test_the_message_names_the_worst_atom_and_component():
+    structure = random_structure(2, 4, species=METALS, min_distance=2.2)
+
+    def energy_and_forces(s):  # EMT with one wrong force component: atom 2, z
+        atoms = to_ase(s)
+        atoms.calc = EMT()
+        forces = atoms.get_forces()
+        forces[2, 2] += 0.5
+        return {"energy": atoms.get_potential_energy(), "forces": forces}
+
+    expected = rf"forces at atom 2 \({structure.species[2]}\), z: got"
+    with pytest.raises(AssertionError, match=expected):
+        check_forces(energy_and_forces, structure)
+
+
+def test_checks_refuse_a_potential_without_the_quantity():
+    structure = random_structure(2, 3, species=METALS, min_distance=2.2)
+    with pytest.raises(ValueError, match="gives no forces"):
+        check_forces(lambda s: 0.0, structure)
+    molecule = random_structure(2, 3, species=METALS, periodicity="molecule", min_distance=2.2)
+    with pytest.raises(ValueError, match="gives no stress"):
+        check_stress(EMT(), molecule)
+    with pytest.raises(TypeError, match="a potential must be"):
+        check_forces(42, structure)
