@@ -17,7 +17,7 @@ from aenet_fn.examples import TIO2_STRUCTURES
 from aenet_fn.featurized import featurize_structures, set_jacobian, take_structures
 from aenet_fn.force_jacobian import BatchJacobian, SetJacobian
 from aenet_fn.train import assembled_jacobian, init_model, init_train_state, run_epoch
-from tests.conftest import batch_energies_and_forces, random_structure
+from tests.conftest import batch_energies_and_forces, random_structure, scaled_examples
 
 TWO_SPECIES = ChebyshevParams(
     species=["Ti", "O"], rad_order=5, rad_cutoff=4.0, ang_order=2, ang_cutoff=3.0, min_cutoff=0.5
@@ -67,7 +67,7 @@ def _stored_jacobian(jacobian: SetJacobian, data) -> tuple[torch.Tensor, torch.T
 @pytest.mark.parametrize(
     "params", [TWO_SPECIES, ONE_SPECIES, WIDE_ANGULAR], ids=["Ti-O", "Ti", "wide-angular"]
 )
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=scaled_examples(10), deadline=None)
 @given(seed=st.integers(0, 10**5))
 @example(seed=3)  # wide-angular: a mirror block without entries
 @example(seed=4540)  # wide-angular: the far structure's three atoms have no neighbours at all
