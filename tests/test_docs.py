@@ -31,3 +31,13 @@ def test_page_examples_run(page, monkeypatch):
     namespace: dict = {}
     for index, block in enumerate(python_blocks(DOCS / page)):
         run_block(block, f"docs/{page} block {index}", namespace, monkeypatch)
+
+
+def test_the_testing_page_is_a_test_file_that_passes(monkeypatch):
+    """docs/testing.md's first example is a pytest file: its tests run and pass."""
+    namespace: dict = {}
+    run_block(python_blocks(DOCS / "testing.md")[0], "docs/testing.md", namespace, monkeypatch)
+    tests = {name: value for name, value in namespace.items() if name.startswith("test_")}
+    assert len(tests) >= 5
+    for test in tests.values():
+        test()
