@@ -3,6 +3,10 @@ deliberately broken calculators at the right check, and CI runs the same example
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -11,9 +15,13 @@ from ase.neighborlist import neighbor_list
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from aenet_fn.examples import TIO2_STRUCTURES
+from aenet_fn.io import read_structures
 from aenet_fn.io.ase_io import to_ase
 from aenet_fn.testing import (
     PERIODICITIES,
+    Evaluation,
+    as_evaluator,
     check_energy_conservation,
     check_extensivity,
     check_forces,
@@ -31,6 +39,10 @@ from aenet_fn.testing import (
     translations,
 )
 from aenet_fn.testing.construction import plane_widths, rotation
+from aenet_fn.torch_featurize import ChebyshevDescriptor
+from aenet_fn.torch_training import TorchANNPotential, TorchCommitteePotential
+from tests.conftest import facade_config
+from tests.markdown_examples import ROOT
 
 METALS = ("Cu", "Ni", "Au")
 """Species ASE's EMT knows."""
@@ -196,3 +208,94 @@ def test_checks_refuse_a_potential_without_the_quantity():
         check_stress(EMT(), molecule)
     with pytest.raises(TypeError, match="a potential must be"):
         check_forces(42, structure)
+
+
+# ---------------------------------------------------------------- aenet_fn's facade potentials
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two briefly trained TiO2 potentials: the first, a committee of both, and its file."""
+    data = read_structures(sorted(TIO2_STRUCTURES.glob("*.xsf"))[:6])
+    descriptor = ChebyshevDescriptor(["Ti", "O"], 4, 4.0, 2, 3.0, min_cutoff=0.5)
+    folder = tmp_path_factory.mktemp("potentials")
+    potentials = []
+    for seed in (1, 2):
+        potential = TorchANNPotential({"Ti": [(5, "tanh")], "O": [(5, "tanh")]}, descriptor)
+        potential.train(structures=data, config=facade_config(seed=seed))
+        potential.save(folder / f"member-{seed}.pt")
+        potentials.append(potential)
+    committee = TorchCommitteePotential.from_files(sorted(folder.glob("*.pt")))
+    return {"potential": potentials[0], "committee": committee, "file": folder / "member-1.pt"}
+
+
+@pytest.mark.parametrize("kind", ["potential", "committee", "file"])
+def test_facade_potentials_pass_the_checks(trained, kind):
+    structure = random_structure(4, 5, species=("Ti", "O"), min_distance=1.5)
+    potential = trained[kind]
+    check_rotation_invariance(potential, structure, rotation((0.1, 0.7, 0.4), improper=True))
+    check_forces(potential, structure)
+    check_stress(potential, structure)
+
+
+def test_a_committee_is_checked_on_its_mean(trained):
+    """The committee's forces are the members' mean: a member's own forces fail against it."""
+    structure = random_structure(4, 5, species=("Ti", "O"), min_distance=1.5)
+    committee, member = as_evaluator(trained["committee"]), as_evaluator(trained["potential"])
+
+    def mixed(s):  # the committee's energy with the first member's forces
+        return Evaluation(committee(s).energy, member(s).forces)
+
+    with pytest.raises(AssertionError, match="forces at atom"):
+        check_forces(mixed, structure)
+
+
+# ---------------------------------------------------------------- CI runs the same examples
+
+
+_RECORD_EXAMPLES = """
+import hashlib
+
+import tests.conftest  # loads the profile as a test run does
+from hypothesis import given, settings
+
+from aenet_fn.testing import structures
+
+for run in range(2):
+    seen = []
+
+    @settings(max_examples=15)
+    @given(structures(max_atoms=4))
+    def record(structure):
+        seen.append(structure.positions.numpy().tobytes())
+
+    record()
+    print(len(set(seen)), hashlib.sha256(b"".join(seen)).hexdigest())
+"""
+
+
+def _examples_of_a_fresh_process(on_ci: bool) -> list[str]:
+    """The number and digest of the examples of two runs of one test in one fresh process,
+    with the tests' settings."""
+    environment = {k: v for k, v in os.environ.items() if k not in ("CI", "HYPOTHESIS_PROFILE")}
+    if on_ci:
+        environment["CI"] = "true"
+    environment["PYTHONPATH"] = str(ROOT)
+    run = subprocess.run(
+        [sys.executable, "-c", _RECORD_EXAMPLES],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return run.stdout.strip().splitlines()
+
+
+@pytest.mark.slow
+def test_ci_runs_draw_the_same_examples_every_time():
+    first, second = (_examples_of_a_fresh_process(on_ci=True) for _ in range(2))
+    assert first[0] == first[1] == second[0] == second[1] and int(first[0].split()[0]) > 5
+    # elsewhere every run draws new examples: what CI=true prevents
+    elsewhere = _examples_of_a_fresh_process(on_ci=False)
+    assert elsewhere[0] != elsewhere[1]
