@@ -11,6 +11,15 @@ from hypothesis import strategies as st
 from aenet_fn import ChebyshevParams, Structure, collate, featurize
 from aenet_fn.descriptor import chebyshev_polynomials, cutoff_function, typespin_weights
 from aenet_fn.io import read_structures
+from aenet_fn.testing import (
+    lattice_shifts,
+    permutations_of,
+    rotations,
+    structures,
+    supercells,
+    transforms,
+    translations,
+)
 from tests.conftest import random_structure
 
 FORTRAN_CASES = {
@@ -115,75 +124,43 @@ def _features(structure):
     return featurize(PARAMS, collate([structure], species=PARAMS.species))
 
 
-def _random_rotation(seed):
-    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
-    return q * np.sign(np.diag(r))
+drawn = structures(species=("Ti", "O"), max_atoms=6, min_distance=0.8)
 
 
-structures = st.builds(
-    random_structure,
-    seed=st.integers(0, 10**6),
-    n_atoms=st.integers(1, 6),
-    periodic=st.booleans(),
-)
-
-
-@given(structure=structures, seed=st.integers(0, 10**6))
-def test_rotation_invariance(structure, seed):
-    rotation = torch.tensor(_random_rotation(seed))
-    rotated = Structure(
-        structure.positions @ rotation,
-        structure.species,
-        cell=None if structure.cell is None else structure.cell @ rotation,
-    )
+@given(structure=drawn, rotation=rotations(improper=True))
+def test_rotations_and_reflections_keep_the_features(structure, rotation):
+    rotated = transforms.rotate(structure, rotation)
     torch.testing.assert_close(_features(rotated), _features(structure), rtol=0, atol=1e-10)
 
 
-@given(structure=structures, shift=st.tuples(*[st.floats(-20, 20)] * 3))
+@given(structure=drawn, shift=translations())
 def test_translation_invariance(structure, shift):
-    moved = Structure(
-        structure.positions + torch.tensor(shift), structure.species, cell=structure.cell
-    )
+    moved = transforms.translate(structure, shift)
     torch.testing.assert_close(_features(moved), _features(structure), rtol=0, atol=1e-10)
 
 
-@given(structure=structures, seed=st.integers(0, 10**6))
-def test_permutation_permutes_rows(structure, seed):
-    order = torch.from_numpy(np.random.default_rng(seed).permutation(structure.n_atoms))
-    permuted = Structure(
-        structure.positions[order],
-        [structure.species[i] for i in order],
-        cell=structure.cell,
-    )
+@given(structure=drawn, data=st.data())
+def test_permutation_permutes_rows(structure, data):
+    order = data.draw(permutations_of(structure))
+    permuted = transforms.permute(structure, order)
     torch.testing.assert_close(_features(permuted), _features(structure)[order], rtol=0, atol=1e-10)
 
 
-@given(seed=st.integers(0, 10**6), n_atoms=st.integers(1, 6))
-def test_choice_of_periodic_image_does_not_matter(seed, n_atoms):
-    structure = random_structure(seed, n_atoms)
-    jumps = torch.from_numpy(np.random.default_rng(seed).integers(-3, 4, (n_atoms, 3))).double()
-    unwrapped = Structure(
-        structure.positions + jumps @ structure.cell, structure.species, cell=structure.cell
-    )
+@given(structure=drawn, data=st.data())
+def test_choice_of_periodic_image_does_not_matter(structure, data):
+    shifts = data.draw(lattice_shifts(structure.n_atoms, max_images=3))
+    unwrapped = transforms.shift_images(structure, shifts)
     torch.testing.assert_close(_features(unwrapped), _features(structure), rtol=0, atol=1e-10)
 
 
 @given(
-    seed=st.integers(0, 10**6),
-    n_atoms=st.integers(1, 4),
-    repeat=st.tuples(*[st.integers(1, 2)] * 3),
+    structure=structures(species=("Ti", "O"), max_atoms=4, periodicity=["bulk", "slab"]),
+    data=st.data(),
 )
-def test_supercell_has_the_features_of_the_primitive_cell(seed, n_atoms, repeat):
-    primitive = random_structure(seed, n_atoms)
-    shifts = torch.tensor(
-        [(a, b, c) for a in range(repeat[0]) for b in range(repeat[1]) for c in range(repeat[2])],
-        dtype=torch.float64,
-    )
-    offsets = shifts @ primitive.cell  # [n_copies, 3]
-    positions = (primitive.positions[None] + offsets[:, None]).reshape(-1, 3)
-    cell = primitive.cell * torch.tensor(repeat, dtype=torch.float64)[:, None]
-    supercell = Structure(positions, list(primitive.species) * len(shifts), cell=cell)
-    expected = _features(primitive).repeat(len(shifts), 1)
+def test_supercell_has_the_features_of_the_primitive_cell(structure, data):
+    repeats = data.draw(supercells(structure.pbc))
+    supercell = transforms.repeat(structure, repeats)
+    expected = _features(structure).repeat(int(np.prod(repeats)), 1)
     torch.testing.assert_close(_features(supercell), expected, rtol=0, atol=1e-9)
 
 
