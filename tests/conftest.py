@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
+import attrs
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from aenet_fn import Structure
+from aenet_fn import Structure, testing
 from aenet_fn.potential import energy_and_forces_from_derivatives
+from aenet_fn.testing.transforms import shift_images
 
 REFERENCE_DATA = Path(__file__).resolve().parent / "data"  # provenance: data/README.md
 
@@ -57,31 +60,17 @@ def random_structure(
     min_distance: float = 0.8,
     outside: float = 0.0,
 ) -> Structure:
-    """A random structure whose atoms are at least ``min_distance`` Å apart (images included).
-
-    ``outside`` > 0 spreads fractional coordinates over ``[-outside, 1 + outside)`` so that atoms
-    lie outside the cell.
-    """
-    rng = np.random.default_rng(seed)
-    cell = random_cell(rng) if periodic else None
-    points: list[np.ndarray] = []
-    while len(points) < n_atoms:
-        if cell is not None:
-            candidate = rng.uniform(-outside, 1 + outside, 3) @ cell
-        else:
-            candidate = rng.uniform(0, 2.0 + n_atoms ** (1 / 3) * 1.5, 3)
-        if all(_image_distance(candidate, p, cell) >= min_distance for p in points):
-            points.append(candidate)
-    symbols = [species[i % len(species)] for i in range(n_atoms)]
-    rng.shuffle(symbols)
-    return Structure(np.array(points), symbols, cell=cell, pbc=pbc, name=f"random-{seed}")
-
-
-def _image_distance(a: np.ndarray, b: np.ndarray, cell: np.ndarray | None) -> float:
-    if cell is None:
-        return float(np.linalg.norm(a - b))
-    shifts = np.array(np.meshgrid(*[np.arange(-2, 3)] * 3, indexing="ij")).reshape(3, -1).T
-    return float(np.linalg.norm(a - b + shifts @ cell, axis=1).min())
+    """:func:`aenet_fn.testing.random_structure` of ``seed``: a periodic cell (or, with
+    ``pbc``, that periodicity) or, without ``periodic``, a molecule; atoms at least
+    ``min_distance`` Å apart, images included. ``outside`` > 0 moves each atom by up to
+    ``outside`` lattice vectors along each periodic axis (atoms outside the cell)."""
+    periodicity = pbc if pbc is not None else ("bulk" if periodic else "molecule")
+    structure = testing.random_structure(seed, n_atoms, species, periodicity, min_distance)
+    if outside > 0:
+        reach = math.ceil(outside)
+        shifts = np.random.default_rng(seed).integers(-reach, reach + 1, (n_atoms, 3))
+        structure = shift_images(structure, shifts)
+    return attrs.evolve(structure, name=f"random-{seed}")
 
 
 @pytest.fixture(scope="session")

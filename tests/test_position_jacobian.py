@@ -70,7 +70,7 @@ def _stored_jacobian(jacobian: SetJacobian, data) -> tuple[torch.Tensor, torch.T
 @settings(max_examples=scaled_examples(10), deadline=None)
 @given(seed=st.integers(0, 10**5))
 @example(seed=3)  # wide-angular: a mirror block without entries
-@example(seed=4540)  # wide-angular: the far structure's three atoms have no neighbours at all
+@example(seed=23)  # wide-angular: the far structure's three atoms have no neighbours at all
 def test_set_jacobian_is_the_dense_position_jacobian(params, storage, seed):
     structures = _structures(seed, tuple(params.species))
     data = featurize_structures(params, structures, with_derivatives=True)
