@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import doctest
-import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,15 +20,15 @@ from aenet_fn.torch_training import (
     TorchCommitteePotential,
     TorchTrainingConfig,
 )
+from tests.conftest import REFERENCE_DATA
 
-# The ænet Python tools' user guide of PyTorch training (plain text) is not part of this project:
-# its doctest examples run against aenet_fn when AENET_FN_TORCH_GUIDE names the guide's file.
-GUIDE = os.environ.get("AENET_FN_TORCH_GUIDE", "")
+GUIDE = REFERENCE_DATA / "torch-training-guide.txt"
+"""The ænet Python tools' user guide of PyTorch training (plain text; provenance:
+tests/data/README.md)."""
 
 
-@pytest.mark.skipif(not GUIDE, reason="AENET_FN_TORCH_GUIDE (the reference's guide) is not set")
 def test_every_doctest_example_of_the_guide_runs():
-    text = Path(GUIDE).read_text().replace("aenet.", "aenet_fn.")
+    text = GUIDE.read_text(encoding="utf-8").replace("aenet.", "aenet_fn.")
     test = doctest.DocTestParser().get_doctest(text, {}, "guide", str(GUIDE), 0)
     assert len(test.examples) >= 30
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
