@@ -7,6 +7,7 @@ The core is pure functions over frozen ``attrs`` records (registered as pytrees)
 ...                             ang_order=3, ang_cutoff=3.5, min_cutoff=0.5)
 """
 
+from aenet_fn._records import to
 from aenet_fn.ascii_potential import read_aenet_ascii, write_aenet_ascii
 from aenet_fn.batch import Batch, collate
 from aenet_fn.checkpoint import CheckpointWriter, load_checkpoint, save_checkpoint
@@ -97,6 +98,7 @@ __all__ = [
     "set_jacobian",
     "split_indices",
     "take_structures",
+    "to",
     "train_step",
     "value_and_forces",
     "write_aenet_ascii",

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 import attrs
+import torch
 import torch.utils._pytree as pytree
 
 _STATIC = "aenet_fn_static"
@@ -78,3 +79,26 @@ def pytree_record(cls: type[T]) -> type[T]:
 def replace(record: T, **changes: Any) -> T:
     """A copy of ``record`` with some fields changed (validators run again)."""
     return attrs.evolve(record, **changes)
+
+
+def to(tree: T, device: Any = None, dtype: Any = None) -> T:
+    """``tree`` (a record, tensor, or tuple, list or dict of them, nested) with every tensor
+    moved to ``device`` and every floating tensor cast to ``dtype`` (None: unchanged).
+    Integer and boolean tensors keep their dtype. Records are rebuilt by their constructors,
+    so their own conversions apply: energies stay float64 (the dtype policy of
+    :mod:`aenet_fn.normalization`)."""
+    if isinstance(tree, torch.Tensor):
+        cast = dtype if dtype is not None and tree.is_floating_point() else None
+        return tree.to(device=device, dtype=cast)
+    if attrs.has(type(tree)):
+        changes = {
+            f.alias: to(getattr(tree, f.name), device, dtype)
+            for f in attrs.fields(type(tree))
+            if f.init and not f.metadata.get(_STATIC)
+        }
+        return attrs.evolve(tree, **changes)
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(to(item, device, dtype) for item in tree)
+    if isinstance(tree, dict):
+        return {key: to(value, device, dtype) for key, value in tree.items()}
+    return tree

@@ -27,6 +27,7 @@ from aenet_fn.force_jacobian import (
     stack_jacobians,
 )
 from aenet_fn.local_derivatives import LocalDerivatives, local_derivatives
+from aenet_fn.normalization import ENERGY_DTYPE, as_energy
 from aenet_fn.structure import Structure, check_float_dtype
 
 
@@ -39,7 +40,7 @@ class FeaturizedSet:
         features: ``[N, F]`` raw descriptor features.
         species_index: ``[N]`` species of each atom in descriptor order.
         atom_start: ``[B]`` first atom of each structure; ``n_atoms`` ``[B]`` their counts.
-        energies: ``[B]`` total energies (eV), NaN where unknown.
+        energies: ``[B]`` total energies (eV, always float64), NaN where unknown.
         forces: ``[N, 3]`` forces (eV/Å), NaN where unknown.
         species_counts: ``[B, M]`` atoms of each descriptor species per structure.
         local: local descriptor derivatives (global atom indices), or None (energy-only).
@@ -54,7 +55,7 @@ class FeaturizedSet:
     species_index: torch.Tensor
     atom_start: torch.Tensor
     n_atoms: torch.Tensor
-    energies: torch.Tensor
+    energies: torch.Tensor = attrs.field(converter=as_energy)
     forces: torch.Tensor
     species_counts: torch.Tensor
     local: LocalDerivatives | None
@@ -69,6 +70,11 @@ class FeaturizedSet:
     def n_structures(self) -> int:
         """Number of structures ``B``."""
         return int(self.n_atoms.shape[0])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the features (and of a model's networks trained on them)."""
+        return self.features.dtype
 
     @property
     def has_forces(self) -> torch.Tensor:
@@ -95,7 +101,8 @@ class MiniBatch:
     shapes, hence ``vmap``-able over the stacked batches of committee members.
 
     Attributes:
-        features, species_index, energies, forces, n_atoms: the rows of the selected structures.
+        features, species_index, energies, forces, n_atoms: the rows of the selected structures
+            (energies float64).
         structure_index: ``[n]`` position of each atom's structure in the selection; padding
             atoms of stacked batches (:func:`stack_batches`) use the spare slot ``b``.
         force_atoms: ``[n]`` bool, atoms whose forces are supervised in this batch.
@@ -110,7 +117,7 @@ class MiniBatch:
     species_index: torch.Tensor
     structure_index: torch.Tensor
     n_atoms: torch.Tensor
-    energies: torch.Tensor
+    energies: torch.Tensor = attrs.field(converter=as_energy)
     forces: torch.Tensor
     force_atoms: torch.Tensor
     local: LocalDerivatives | BatchJacobian | StackedJacobians | None
@@ -196,7 +203,8 @@ def featurize_structures(
         atom_start=atom_start,
         n_atoms=n_atoms,
         energies=torch.tensor(
-            [float("nan") if s.energy is None else s.energy for s in structures], dtype=dtype
+            [float("nan") if s.energy is None else s.energy for s in structures],
+            dtype=ENERGY_DTYPE,
         ),
         forces=torch.cat(
             [

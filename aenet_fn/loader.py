@@ -35,7 +35,7 @@ from aenet_fn.featurized import (
     take_structures,
 )
 from aenet_fn.force_jacobian import SetJacobian
-from aenet_fn.normalization import FeatureMoments
+from aenet_fn.normalization import ENERGY_DTYPE, FeatureMoments
 from aenet_fn.structure import Structure
 
 
@@ -55,7 +55,7 @@ class StructureSource:
         structures: the structures (a list, or any lazy :class:`StructureSequence`); read once
             here for the metadata, then again for each batch that draws them.
         with_derivatives: whether force-supervised batches need local derivatives.
-        dtype: floating dtype of features and labels.
+        dtype: floating dtype of features and forces (energies are float64).
         cache_entries: featurized structures kept per process (DataLoader workers each keep
             their own) in a least-recently-used cache; 0 (default) keeps none, None all.
 
@@ -88,7 +88,7 @@ class StructureSource:
                 structure.forces is not None and bool(torch.isfinite(structure.forces).all())
             )
             names.append(structure.name)
-        self.energies = torch.tensor(energies, dtype=dtype)
+        self.energies = torch.tensor(energies, dtype=ENERGY_DTYPE)
         self.n_atoms = torch.tensor(n_atoms)
         self.species_counts = counts
         self.has_forces = torch.tensor(has_forces)

@@ -23,6 +23,16 @@ from aenet_fn.checks import is_real
 
 STD_FLOOR = 1e-12
 
+ENERGY_DTYPE = torch.float64
+"""The dtype of every energy: reference energies, shift, scaling and per-structure sums stay
+float64 whatever the features' and networks' dtype (float32 networks give float64 energies)."""
+
+
+def as_energy(value: object) -> torch.Tensor:
+    """``value`` as an energy tensor (:data:`ENERGY_DTYPE`, on its device)."""
+    tensor = torch.as_tensor(value)
+    return tensor if tensor.dtype == ENERGY_DTYPE else tensor.to(ENERGY_DTYPE)
+
 
 @pytree_record
 @attrs.frozen(eq=False)
@@ -36,15 +46,18 @@ class Normalization:
         energy_shift: ``[]`` E_shift (eV/atom).
         energy_scaling: ``[]`` E_scaling (1/(eV/atom)).
         atomic_energies: ``[M]`` reference energy of each species (eV), descriptor order.
+
+    The feature statistics have the features' dtype; the three energy fields are always
+    float64 (:data:`ENERGY_DTYPE`; converted at construction).
     """
 
     feature_mean: torch.Tensor
     feature_std: torch.Tensor
     feature_min: torch.Tensor
     feature_max: torch.Tensor
-    energy_shift: torch.Tensor
-    energy_scaling: torch.Tensor
-    atomic_energies: torch.Tensor
+    energy_shift: torch.Tensor = attrs.field(converter=as_energy)
+    energy_scaling: torch.Tensor = attrs.field(converter=as_energy)
+    atomic_energies: torch.Tensor = attrs.field(converter=as_energy)
 
     def normalize_features(
         self, features: torch.Tensor, species_index: torch.Tensor
@@ -88,10 +101,12 @@ def reference_energy_vector(
     return torch.tensor([float(atomic_energies.get(s, 0.0)) for s in species], dtype=dtype)
 
 
-def identity_normalization(n_features: int, atomic_energies: torch.Tensor) -> Normalization:
+def identity_normalization(
+    n_features: int, atomic_energies: torch.Tensor, dtype: torch.dtype
+) -> Normalization:
     """Normalisation that changes nothing (zero mean, unit std, scaling 1, shift 0) for the
-    ``M = len(atomic_energies)`` species."""
-    dtype, device = atomic_energies.dtype, atomic_energies.device
+    ``M = len(atomic_energies)`` species, with feature statistics in ``dtype``."""
+    device = atomic_energies.device
     zeros = torch.zeros(atomic_energies.shape[0], n_features, dtype=dtype, device=device)
     return Normalization(
         feature_mean=zeros,
@@ -109,7 +124,8 @@ def referenced_energy_per_atom(
 ) -> torch.Tensor:
     """``[B]`` per-atom referenced energies ``(E − Σ_a E_atom(a)) / N`` (eV/atom), from total
     energies ``[B]`` (eV) and per-structure species counts ``[B, M]``."""
-    counts = species_counts.to(energies.dtype)
+    energies, atomic_energies = as_energy(energies), as_energy(atomic_energies)
+    counts = species_counts.to(ENERGY_DTYPE)
     return (energies - counts @ atomic_energies) / counts.sum(dim=1)
 
 
@@ -192,7 +208,7 @@ def fit_normalization(
         raise ValueError("fit_normalization: training energies must be finite")
     dtype = features.dtype if moments is None else moments.total.dtype
     n_features = features.shape[1] if moments is None else moments.total.shape[0]
-    result = identity_normalization(n_features, atomic_energies.to(dtype))
+    result = identity_normalization(n_features, atomic_energies, dtype)
     n_species = result.atomic_energies.shape[0]
 
     def per_species(row: torch.Tensor) -> torch.Tensor:
@@ -223,9 +239,7 @@ def fit_normalization(
             raise ValueError(f"energy scaling must be finite and > 0, got {energy_scaling}")
         shift, scaling = float(energy_shift), float(energy_scaling)
     elif normalize_energy:
-        per_atom = referenced_energy_per_atom(
-            energies.to(dtype), species_counts, result.atomic_energies
-        )
+        per_atom = referenced_energy_per_atom(energies, species_counts, result.atomic_energies)
         low, high = float(per_atom.min()), float(per_atom.max())
         shift, scaling = ((high + low) / 2, 2 / (high - low)) if high > low else (0.0, 1.0)
     else:

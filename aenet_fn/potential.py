@@ -92,12 +92,14 @@ def atomic_energies_from_features(
     species_index: torch.Tensor,
     species_blocks: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """``[N]`` atomic energies (eV) from raw features ``[N, F]``; ``species_index`` in model
-    order (``species_blocks``: see :func:`~aenet_fn.network.atomic_outputs`). Includes the
-    energy shift and the atomic reference energy of each atom."""
+    """``[N]`` atomic energies (eV, float64) from raw features ``[N, F]``; ``species_index`` in
+    model order (``species_blocks``: see :func:`~aenet_fn.network.atomic_outputs`). Includes
+    the energy shift and the atomic reference energy of each atom. The networks run in the
+    features' dtype; their outputs are scaled and referenced in float64."""
     norm = model.normalization
     normalized = norm.normalize_features(features, species_index)
     outputs = atomic_outputs(model.network, normalized, species_index, species_blocks)
+    outputs = outputs.to(norm.atomic_energies.dtype)
     return outputs / norm.energy_scaling + norm.energy_shift + norm.atomic_energies[species_index]
 
 

@@ -61,6 +61,7 @@ from aenet_fn.loss import (
 )
 from aenet_fn.network import Architecture, init_network
 from aenet_fn.normalization import (
+    ENERGY_DTYPE,
     fit_normalization,
     reference_energy_vector,
     referenced_energy_per_atom,
@@ -246,8 +247,7 @@ def init_model(
     on the training split (spec §4.2–§4.3; overrides as in
     :func:`~aenet_fn.normalization.fit_normalization`)."""
     check_split(train, descriptor, "init_model")
-    dtype = train.energies.dtype
-    reference = reference_energy_vector(descriptor.species, atomic_energies, dtype)
+    reference = reference_energy_vector(descriptor.species, atomic_energies, ENERGY_DTYPE)
     if not bool(torch.isfinite(train.energies).all()):
         raise ValueError("init_model: every training structure needs a finite energy")
     normalization = fit_normalization(
@@ -263,7 +263,7 @@ def init_model(
     )
     generator = torch.Generator().manual_seed(seed)
     network = init_network(
-        arch, descriptor.species, descriptor.n_features, generator=generator, dtype=dtype
+        arch, descriptor.species, descriptor.n_features, generator=generator, dtype=train.dtype
     )
     return Model(descriptor, network, normalization)
 
