@@ -11,6 +11,9 @@ checks of the physics any potential must obey.
   differences), ``check_stress`` (strain derivative), ``check_energy_conservation`` (short NVE).
   They take an ASE calculator, a ``Model``, ``TorchANNPotential``, ``TorchCommitteePotential``,
   a saved model's path or a function of a :class:`~aenet_fn.structure.Structure`.
+- :mod:`~aenet_fn.testing.devices`: ``forbid_host_sync`` and ``count_host_syncs``, a check
+  without a GPU that a step never reads device data on the host, never makes data-dependent
+  shapes and never mixes devices.
 - :mod:`~aenet_fn.testing.transforms`: the operations themselves (``rotate``, ``translate``,
   ``permute``, ``shift_images``, ``repeat``, ``strain``) and :func:`random_structure` for
   deterministic structures without hypothesis.
@@ -27,6 +30,7 @@ from aenet_fn.testing.checks import (
     check_translation_invariance,
 )
 from aenet_fn.testing.construction import PERIODICITIES, random_structure
+from aenet_fn.testing.devices import HostSyncError, count_host_syncs, forbid_host_sync
 from aenet_fn.testing.evaluation import Evaluation, as_evaluator
 
 _STRATEGIES = (
@@ -56,6 +60,7 @@ def __getattr__(name: str):
 __all__ = [
     "PERIODICITIES",
     "Evaluation",
+    "HostSyncError",
     "as_evaluator",
     "check_energy_conservation",
     "check_extensivity",
@@ -65,6 +70,8 @@ __all__ = [
     "check_rotation_invariance",
     "check_stress",
     "check_translation_invariance",
+    "count_host_syncs",
+    "forbid_host_sync",
     "random_structure",
     *_STRATEGIES,
 ]
