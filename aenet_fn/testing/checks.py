@@ -86,6 +86,36 @@ def _compare(
     _assert_all(check, structure, lines)
 
 
+def _unchanged(value: Any) -> Any:
+    return value
+
+
+def _mapped(
+    evaluation: Evaluation, energy=_unchanged, forces=_unchanged, stress=_unchanged
+) -> Evaluation:
+    """``evaluation`` with each quantity it has mapped by the given function."""
+    return Evaluation(
+        energy(evaluation.energy),
+        None if evaluation.forces is None else forces(evaluation.forces),
+        None if evaluation.stress is None else stress(evaluation.stress),
+    )
+
+
+def _check_symmetry(
+    check: str,
+    potential: Any,
+    structure: Structure,
+    transformed: Structure,
+    expected_from: Any,
+    rtol: float,
+    atol: float,
+) -> None:
+    """``transformed`` evaluates to ``expected_from(evaluation of structure)``."""
+    evaluate = as_evaluator(potential)
+    expected = expected_from(evaluate(structure))
+    _compare(check, transformed, evaluate(transformed), expected, rtol, atol)
+
+
 def check_rotation_invariance(
     potential: Any,
     structure: Structure,
@@ -96,16 +126,13 @@ def check_rotation_invariance(
 ) -> None:
     """Rotating (or reflecting) positions and cell by the orthogonal ``rotation`` ``[3, 3]``
     (``r → r R``) keeps the energy and rotates forces (``F R``) and stress (``Rᵀ σ R``)."""
-    evaluate = as_evaluator(potential)
-    before = evaluate(structure)
-    moved = transforms.rotate(structure, rotation)
     matrix = np.asarray(rotation, dtype=np.float64)
-    expected = Evaluation(
-        energy=before.energy,
-        forces=None if before.forces is None else before.forces @ matrix,
-        stress=None if before.stress is None else matrix.T @ before.stress @ matrix,
-    )
-    _compare("rotation invariance", moved, evaluate(moved), expected, rtol, atol)
+    rotated = transforms.rotate(structure, rotation)
+
+    def expected(before: Evaluation) -> Evaluation:
+        return _mapped(before, forces=lambda f: f @ matrix, stress=lambda s: matrix.T @ s @ matrix)
+
+    _check_symmetry("rotation invariance", potential, structure, rotated, expected, rtol, atol)
 
 
 def check_translation_invariance(
@@ -117,9 +144,8 @@ def check_translation_invariance(
     atol: float = 1e-8,
 ) -> None:
     """Moving every atom by ``shift`` ``[3]`` (Å) changes no energy, force or stress."""
-    evaluate = as_evaluator(potential)
     moved = transforms.translate(structure, shift)
-    _compare("translation invariance", moved, evaluate(moved), evaluate(structure), rtol, atol)
+    _check_symmetry("translation invariance", potential, structure, moved, _mapped, rtol, atol)
 
 
 def check_permutation_invariance(
@@ -132,12 +158,13 @@ def check_permutation_invariance(
 ) -> None:
     """Reordering the atoms (atom ``i`` becomes atom ``order[i]``) keeps energy and stress and
     reorders the forces alike."""
-    evaluate = as_evaluator(potential)
-    before = evaluate(structure)
-    moved = transforms.permute(structure, order)
-    forces = None if before.forces is None else before.forces[np.asarray(order)]
-    expected = Evaluation(before.energy, forces, before.stress)
-    _compare("permutation invariance", moved, evaluate(moved), expected, rtol, atol)
+    index = np.asarray(order)
+    permuted = transforms.permute(structure, order)
+
+    def expected(before: Evaluation) -> Evaluation:
+        return _mapped(before, forces=lambda f: f[index])
+
+    _check_symmetry("permutation invariance", potential, structure, permuted, expected, rtol, atol)
 
 
 def check_rewrapping_invariance(
@@ -151,9 +178,8 @@ def check_rewrapping_invariance(
     """Replacing atoms by periodic images (atom ``i`` moved by ``shifts[i] @ cell``, integer
     ``shifts`` ``[N, 3]``, periodic axes only), as wrapping atoms into the cell does, changes
     nothing."""
-    evaluate = as_evaluator(potential)
     moved = transforms.shift_images(structure, shifts)
-    _compare("re-wrapping invariance", moved, evaluate(moved), evaluate(structure), rtol, atol)
+    _check_symmetry("re-wrapping invariance", potential, structure, moved, _mapped, rtol, atol)
 
 
 def check_extensivity(
@@ -166,13 +192,15 @@ def check_extensivity(
 ) -> None:
     """The supercell of ``repeats`` ``[3]`` copies (periodic axes only) has the energy of the
     copies, each copy the forces of the original, and the same stress."""
-    evaluate = as_evaluator(potential)
-    before = evaluate(structure)
     supercell = transforms.repeat(structure, repeats)
     copies = int(np.prod(repeats))
-    forces = None if before.forces is None else np.tile(before.forces, (copies, 1))
-    expected = Evaluation(copies * before.energy, forces, before.stress)
-    _compare("extensivity", supercell, evaluate(supercell), expected, rtol, atol)
+
+    def expected(before: Evaluation) -> Evaluation:
+        return _mapped(
+            before, energy=lambda e: copies * e, forces=lambda f: np.tile(f, (copies, 1))
+        )
+
+    _check_symmetry("extensivity", potential, structure, supercell, expected, rtol, atol)
 
 
 def _round_off(energies: Sequence[float], step: float) -> float:
