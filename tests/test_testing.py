@@ -34,8 +34,10 @@ from aenet_fn.testing import (
     permutations_of,
     random_structure,
     rotations,
+    strains,
     structures,
     supercells,
+    transforms,
     translations,
 )
 from aenet_fn.testing.construction import plane_widths, rotation
@@ -107,6 +109,19 @@ def test_emt_forces_and_stress_are_derivatives(structure):
     check_forces(EMT(), structure)
     if all(structure.pbc):
         check_stress(EMT(), structure)
+
+
+@given(
+    structure=structures(species=METALS, max_atoms=4, periodicity="bulk", min_distance=2.0),
+    strain=strains(),
+)
+def test_strained_cells_keep_their_stress_a_derivative(structure, strain):
+    assert np.allclose(strain, strain.T) and np.abs(strain).max() <= 0.03
+    strained = transforms.strain(structure, strain)
+    volume = abs(np.linalg.det(structure.cell.numpy()))
+    expected = volume * np.linalg.det(np.eye(3) + strain)
+    assert abs(np.linalg.det(strained.cell.numpy())) == pytest.approx(expected, rel=1e-12)
+    check_stress(EMT(), strained)
 
 
 def test_emt_conserves_energy():
