@@ -40,6 +40,13 @@ def typespin_weights(n_species: int) -> tuple[int, ...]:
     return tuple(values[:n_species])
 
 
+def typespin_vector(n_species: int, like: torch.Tensor) -> torch.Tensor:
+    """:func:`typespin_weights` as a ``[n_species]`` tensor of ``like``'s dtype and device,
+    computed there (no host-to-device copy inside a step)."""
+    spin = torch.arange(n_species, dtype=like.dtype, device=like.device) + int(-n_species / 2)
+    return spin + (spin >= 0).to(spin.dtype) if n_species % 2 == 0 else spin
+
+
 def _positive(name: str):
     def check(instance, attribute, value) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -132,6 +139,9 @@ class DescriptorGraph:
         triplet_first, triplet_second: ``[P]`` indices into ``pairs`` of the two legs ``(i→j,
             i→k)`` of each angular triplet (``d <= Ra``, each unordered pair once).
         species: ``[N]`` int64 index of every atom's element in ``ChebyshevParams.species``.
+        by_species: ``[N]`` the atoms ordered by species (stably), and ``species_blocks`` how
+            many atoms of each species: each species' network then runs on a static slice,
+            with no data-dependent shapes (None for the partial graphs of chunked features).
     """
 
     pairs: Neighbors
@@ -139,6 +149,8 @@ class DescriptorGraph:
     triplet_first: torch.Tensor
     triplet_second: torch.Tensor
     species: torch.Tensor
+    by_species: torch.Tensor | None = None
+    species_blocks: tuple[int, ...] | None = static_field(default=None)
 
 
 def species_lookup(params: ChebyshevParams, batch_species: Sequence[str]) -> torch.Tensor:
@@ -184,12 +196,16 @@ def build_graph(params: ChebyshevParams, batch: Batch) -> DescriptorGraph:
     radial = torch.nonzero(distance <= params.rad_cutoff).flatten()
     angular = torch.nonzero(distance <= params.ang_cutoff).flatten()
     first, second = _triplets(pairs.centers[angular], batch.positions.shape[0])
+    species = lookup[batch.species_index]
+    blocks = torch.bincount(species, minlength=len(params.species))
     return DescriptorGraph(
         pairs=pairs,
         radial=radial,
         triplet_first=angular.index_select(0, first),
         triplet_second=angular.index_select(0, second),
-        species=lookup[batch.species_index],
+        species=species,
+        by_species=torch.argsort(species, stable=True),
+        species_blocks=tuple(blocks.tolist()),
     )
 
 
@@ -327,7 +343,7 @@ def _chunk_features(params, positions, cells, structure_index, graph, first_atom
     angular = angular.view(-1, n_atoms, n_species**2)
     blocks = [radial.sum(dim=2), angular.sum(dim=2)]
     if params.multi:
-        spin = torch.tensor(params.typespin, dtype=positions.dtype, device=positions.device)
+        spin = typespin_vector(len(params.species), positions)
         blocks += [radial @ spin, angular @ torch.outer(spin, spin).flatten()]
     return torch.cat(blocks).T
 

@@ -20,7 +20,6 @@ from aenet_fn.descriptor import (
     DescriptorGraph,
     build_graph,
     features_from_graph,
-    species_lookup,
 )
 from aenet_fn.force_jacobian import (
     BatchJacobian,
@@ -80,12 +79,6 @@ def check_model_values(model: Model, source: str) -> None:
             raise ValueError(f"{source}: the model's {name} are not all finite")
 
 
-def model_species_index(model: Model, batch: Batch) -> torch.Tensor:
-    """``[N]`` index of each atom's species in the model's species order."""
-    lookup = species_lookup(model.descriptor, batch.species).to(batch.species_index.device)
-    return lookup[batch.species_index]
-
-
 def atomic_energies_from_features(
     model: Model,
     features: torch.Tensor,
@@ -103,6 +96,21 @@ def atomic_energies_from_features(
     return outputs / norm.energy_scaling + norm.energy_shift + norm.atomic_energies[species_index]
 
 
+def graph_atomic_energies(
+    model: Model, features: torch.Tensor, graph: DescriptorGraph
+) -> torch.Tensor:
+    """``[N]`` atomic energies (eV) of the atoms of ``graph`` (built for ``model.descriptor``)
+    from their raw features ``[N, F]``; each species' network runs on the static slice of the
+    graph's species grouping, so the step has no data-dependent shapes."""
+    if graph.species_blocks is None:
+        return atomic_energies_from_features(model, features, graph.species)
+    order = graph.by_species
+    grouped = atomic_energies_from_features(
+        model, features[order], graph.species[order], graph.species_blocks
+    )
+    return grouped[..., torch.argsort(order)]
+
+
 def sum_by_structure(
     atomic: torch.Tensor, structure_index: torch.Tensor, n_structures: int
 ) -> torch.Tensor:
@@ -118,12 +126,13 @@ def sum_by_structure(
 def atomic_energies(
     model: Model, batch: Batch, graph: DescriptorGraph | None = None
 ) -> torch.Tensor:
-    """``[N]`` energy of each atom (eV); they sum to the structure energies."""
+    """``[N]`` energy of each atom (eV); they sum to the structure energies. ``graph``: from
+    ``build_graph(model.descriptor, batch)`` (built when not given)."""
     graph = build_graph(model.descriptor, batch) if graph is None else graph
     features = features_from_graph(
         model.descriptor, batch.positions, batch.cells, batch.structure_index, graph
     )
-    return atomic_energies_from_features(model, features, model_species_index(model, batch))
+    return graph_atomic_energies(model, features, graph)
 
 
 def energy(model: Model, batch: Batch, graph: DescriptorGraph | None = None) -> torch.Tensor:
@@ -140,15 +149,19 @@ def energy_forces_stress(
     compute_stress: bool = False,
 ) -> EnergyForces:
     """Energies ``[B]`` (eV), forces ``[N, 3]`` (eV/Å) and optionally the stress ``[B, 3, 3]``
-    (eV/Å³, NaN for non-periodic structures), by ``torch.func`` through the descriptor."""
+    (eV/Å³, NaN for non-periodic structures), by ``torch.func`` through the descriptor.
+
+    ``graph`` (from ``build_graph(model.descriptor, batch)``; built when not given) holds
+    everything data-dependent: with it given, the evaluation reads nothing back to the host
+    and makes no data-dependent shape (an MD step that reuses its graph runs on a GPU without
+    stalls)."""
     graph = build_graph(model.descriptor, batch) if graph is None else graph
-    species_index = model_species_index(model, batch)
 
     def energies(positions: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         features = features_from_graph(
             model.descriptor, positions, cells, batch.structure_index, graph
         )
-        atomic = atomic_energies_from_features(model, features, species_index)
+        atomic = graph_atomic_energies(model, features, graph)
         return sum_by_structure(atomic, batch.structure_index, batch.n_structures)
 
     return value_and_forces(

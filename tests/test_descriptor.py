@@ -9,7 +9,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aenet_fn import ChebyshevParams, Structure, collate, featurize
-from aenet_fn.descriptor import chebyshev_polynomials, cutoff_function, typespin_weights
+from aenet_fn.descriptor import (
+    chebyshev_polynomials,
+    cutoff_function,
+    typespin_vector,
+    typespin_weights,
+)
 from aenet_fn.io import read_structures
 from aenet_fn.testing import (
     lattice_shifts,
@@ -76,6 +81,13 @@ def test_species_order_is_part_of_the_descriptor(reference_data):
 )
 def test_typespin_weights(n, expected):
     assert typespin_weights(n) == expected
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_typespin_vector_is_the_weights_on_the_device(n):
+    like = torch.zeros(1, dtype=torch.float32)
+    vector = typespin_vector(n, like)
+    assert vector.dtype == torch.float32 and vector.tolist() == list(typespin_weights(n))
 
 
 def test_typespin_weights_six_species():

@@ -11,7 +11,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aenet_fn import ChebyshevParams, Structure, collate, featurize
+import aenet_fn as af
+from aenet_fn import ChebyshevParams, Structure, build_graph, collate, featurize
 from aenet_fn.featurized import featurize_structures, set_jacobian, take_structures
 from aenet_fn.force_jacobian import BatchJacobian
 from aenet_fn.local_derivatives import LocalDerivatives, centre_sums
@@ -31,6 +32,8 @@ from aenet_fn.testing import (
     check_rotation_invariance,
     check_stress,
     check_translation_invariance,
+    count_host_syncs,
+    forbid_host_sync,
     lattice_shifts,
     permutations_of,
     rotations,
@@ -237,3 +240,27 @@ def test_centre_sums_off_the_cpu_use_index_add():
     spin = torch.empty(4, dtype=torch.float64, device="meta")
     plain, weighted = centre_sums(centres, 6, values, spin)
     assert plain.shape == weighted.shape == (6, 1, 5) and plain.device.type == "meta"
+
+
+def test_an_evaluation_with_its_graph_stays_on_the_device():
+    """With its graph built, an evaluation (energies, forces, stress) reads nothing back to the
+    host, makes no data-dependent shape and creates every tensor on the inputs' device: on the
+    shape-only "meta" device, where any of these would fail, and on the CPU."""
+    model = make_model(1)
+    batch = collate([random_structure(3, 5), random_structure(4, 3)], species=PARAMS.species)
+    graph = build_graph(PARAMS, batch)
+    on_meta = af.to((model, batch, graph), device="meta")
+    with forbid_host_sync(expected_device="meta"):
+        result = energy_forces_stress(*on_meta, compute_stress=True)
+    assert result.forces.device.type == "meta" and result.stress.shape == (2, 3, 3)
+    _, offences = count_host_syncs(
+        lambda: energy_forces_stress(model, batch, graph, compute_stress=True),
+        expected_device="cpu",
+    )
+    assert offences == []
+    # the graph's species grouping gives the energies of the per-atom grouping by index
+    atomic = af.atomic_energies(model, batch, graph)
+    ungrouped = attrs.evolve(graph, by_species=None, species_blocks=None)
+    torch.testing.assert_close(
+        atomic, af.atomic_energies(model, batch, ungrouped), rtol=0, atol=1e-12
+    )
