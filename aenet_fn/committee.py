@@ -172,7 +172,7 @@ def committee_epoch(
     out = None if workspace is None else workspace.network.values
     values = torch.stack([m.model.network.values for m in members], out=out)
     opt_state = _stack([m.opt_state for m in members])
-    lrs = torch.tensor([m.lr for m in members], dtype=values.dtype)
+    lrs = torch.tensor([m.lr for m in members], dtype=values.dtype, device=values.device)
     if config.uses_forces:
         steps = _force_steps(
             members, orders, shared, values, opt_state, lrs, train, config, jacobian
@@ -309,7 +309,7 @@ def committee_evaluate(
 
     sums = [error_sums_init() for _ in members]
     everything = data.has_forces if with_forces else None
-    for selection in torch.arange(data.n_structures).split(batch_size):
+    for selection in torch.arange(data.n_structures, device=data.n_atoms.device).split(batch_size):
         batch = take_structures(data, selection, everything, jacobian)
         with torch.no_grad():
             errors, differences = residuals(values, batch)

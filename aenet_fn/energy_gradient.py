@@ -362,8 +362,9 @@ def energy_plan(
         target = per_atom[:, 0] + rank
         rows = np.full(int(batch_rows.sum()), table.rows.shape[0] - 1)  # padding: zeros
         rows[target] = per_atom[:, 1] + rank
-        # [columns, batch_size], flat; in torch's (aligned) memory, filled through NumPy
-        summing = torch.zeros(rows.size * batch_size, dtype=torch.float64)
+        # [columns, batch_size], flat; in torch's (aligned) host memory, filled through NumPy
+        # and moved to the table's device once (below)
+        summing = torch.zeros(rows.size * batch_size, dtype=torch.float64, device="cpu")
         scales = summing.numpy()
         np.put(
             scales, target * batch_size + per_atom[:, 2], constants[..., 0].ravel()[per_atom[:, 3]]
@@ -574,8 +575,9 @@ class EnergyWorkspace:
         key = (groups, members_as_rows)
         if key not in self._scratch:
             # each block's values' positions, in the block's order: the layer views
-            # [W, B, in + 1, out] of the positions themselves, arranged as the block
-            index = torch.arange(self.gradient.numel()).view(self.gradient.shape)
+            # [W, B, in + 1, out] of the positions themselves, arranged as the block (worked
+            # out on the host, like the plans, and moved to the gradient's device once below)
+            index = torch.arange(self.gradient.numel(), device="cpu").view(self.gradient.shape)
             views = []
             for blocks, rows in zip(groups, members_as_rows):
                 parameters, _ = _group_parameters(index, self.network, blocks)

@@ -346,10 +346,14 @@ def take_structures(
     counts = take(data.n_atoms, 0, selection)
     atoms = ranges(take(data.atom_start, 0, selection), counts)
     new_start = torch.cumsum(counts, 0) - counts
-    structure_index = torch.repeat_interleave(torch.arange(selection.shape[0]), counts)
+    structure_index = torch.repeat_interleave(
+        torch.arange(selection.shape[0], device=selection.device), counts
+    )
     species = take(data.species_index, 0, atoms)
     order = torch.argsort(species, stable=True)  # batch position (species-major) → structure-major
-    position = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0]))
+    position = torch.empty_like(order).scatter_(
+        0, order, torch.arange(order.shape[0], device=order.device)
+    )
     atoms, structure_index, species = (take(x, 0, order) for x in (atoms, structure_index, species))
     forces = take(data.forces, 0, atoms)
     labelled = torch.isfinite(forces).all(dim=1)
@@ -479,24 +483,28 @@ def stack_batches(batches: Sequence[MiniBatch]) -> MiniBatch:
     (n_structures,) = sizes
     blocks = [max(column) for column in zip(*(batch.species_blocks for batch in batches))]
     blocks[-1] += 1  # guarantees a padding atom for padded derivative entries
-    block_start = torch.tensor([0, *blocks[:-1]]).cumsum(0)
+    device = batches[0].species_index.device
+    block_start = torch.tensor([0, *blocks[:-1]], device=device).cumsum(0)
     n_padded = sum(blocks)
     dummy_atom = n_padded - 1
 
     def remap(batch: MiniBatch) -> torch.Tensor:
         """New position of each atom of ``batch`` in the padded layout."""
-        own_start = torch.tensor([0, *batch.species_blocks[:-1]]).cumsum(0)
         species = batch.species_index
-        return block_start[species] + torch.arange(species.shape[0]) - own_start[species]
+        own_start = torch.tensor([0, *batch.species_blocks[:-1]], device=species.device).cumsum(0)
+        atoms = torch.arange(species.shape[0], device=species.device)
+        return block_start[species] + atoms - own_start[species]
 
     positions = [remap(batch) for batch in batches]
-    padding_species = torch.repeat_interleave(torch.arange(len(blocks)), torch.tensor(blocks))
+    padding_species = torch.repeat_interleave(
+        torch.arange(len(blocks), device=device), torch.tensor(blocks, device=device)
+    )
 
     def stacked(field: str, fill: torch.Tensor | float | bool) -> torch.Tensor:
         rows = []
         for batch, position in zip(batches, positions):
             value = getattr(batch, field)
-            padded = torch.empty((n_padded, *value.shape[1:]), dtype=value.dtype)
+            padded = value.new_empty((n_padded, *value.shape[1:]))
             padded[...] = (
                 fill
                 if not isinstance(fill, torch.Tensor)

@@ -320,7 +320,7 @@ def init_train_state(model: Model, train: Split, config: TrainConfig) -> TrainSt
     check_split(train, model.descriptor, "init_train_state")
     check_labels(train, config.uses_forces, "init_train_state: training")
     generator = torch.Generator().manual_seed(config.seed)
-    sampler = sampler_init(config.sampling_policy, train.n_structures)
+    sampler = sampler_init(config.sampling_policy, train.n_structures, device=train.energies.device)
     sampler = _draw_force_subset(sampler, train, config, generator)
     lr = config.optimizer.lr
     return TrainState(
@@ -336,7 +336,7 @@ def init_train_state(model: Model, train: Split, config: TrainConfig) -> TrainSt
 def _draw_force_subset(
     sampler: SamplerState, train: Split, config: TrainConfig, generator: torch.Generator
 ) -> SamplerState:
-    mask = torch.zeros(train.n_structures, dtype=torch.bool)
+    mask = torch.zeros(train.n_structures, dtype=torch.bool, device=train.energies.device)
     if config.uses_forces:
         candidates = torch.nonzero(train.has_forces).flatten()
         size = force_subset_size(
@@ -540,7 +540,8 @@ def _split_metrics(model, data, with_forces, batch_size, world, jacobian) -> dic
     sums = error_sums_init()
     everything = data.has_forces if with_forces else None
     for first in range(0, data.n_structures, batch_size):
-        selection = torch.arange(first, min(first + batch_size, data.n_structures))
+        last = min(first + batch_size, data.n_structures)
+        selection = torch.arange(first, last, device=data.n_atoms.device)
         share = shares(selection, world)[world.rank]
         if share.numel() == 0:
             continue
