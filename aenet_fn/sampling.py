@@ -34,7 +34,7 @@ def split_indices(
         raise ValueError(f"split_indices: n must be >= 0, got {n}")
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"split_indices: test fraction must lie in [0, 1), got {test_fraction}")
-    order = torch.randperm(n, generator=generator)
+    order = torch.randperm(n, generator=generator, device=generator.device)
     n_test = int(n * test_fraction)
     return order[n_test:].sort().values, order[:n_test].sort().values
 
@@ -94,10 +94,13 @@ def force_subset_size(
 def force_subset(
     candidates: torch.Tensor, size: int, *, generator: torch.Generator
 ) -> torch.Tensor:
-    """``size`` of ``candidates`` drawn without replacement, sorted."""
+    """``size`` of ``candidates`` drawn without replacement, sorted (drawn on the
+    generator's device, then moved to the candidates')."""
     if size >= candidates.numel():
         return candidates.sort().values
-    picked = torch.randperm(candidates.numel(), generator=generator)[:size]
+    n = candidates.numel()
+    picked = torch.randperm(n, generator=generator, device=generator.device)[:size]
+    picked = picked.to(candidates.device)
     return candidates[picked].sort().values
 
 
@@ -137,13 +140,14 @@ class SamplerState:
     policy: str = static_field()
 
 
-def sampler_init(policy: str, n: int) -> SamplerState:
-    """Initial state: scores 1.0, no force subset."""
+def sampler_init(policy: str, n: int, device: torch.device | str | None = None) -> SamplerState:
+    """Initial state: scores 1.0, no force subset; on ``device`` (the training data's; None:
+    torch's default device)."""
     if policy not in POLICIES:
         raise ValueError(f"sampling policy {policy!r} is not one of {POLICIES}")
     return SamplerState(
-        scores=torch.ones(n, dtype=torch.float64),
-        force_subset=torch.zeros(n, dtype=torch.bool),
+        scores=torch.ones(n, dtype=torch.float64, device=device),
+        force_subset=torch.zeros(n, dtype=torch.bool, device=device),
         policy=policy,
     )
 
@@ -153,10 +157,12 @@ def epoch_order(
 ) -> torch.Tensor:
     """Indices of the structures visited in one epoch, ``[n]``: a permutation (``uniform``) or
     ``n`` weighted draws with replacement. ``energy_per_atom`` ``[n]`` (referenced, eV/atom) is
-    used (and needed) by ``energy_weighted`` only."""
+    used (and needed) by ``energy_weighted`` only. A permutation is drawn on the generator's
+    device and moved to the sampler's (once per epoch)."""
     n = state.scores.numel()
     if state.policy == "uniform":
-        return torch.randperm(n, generator=generator)
+        order = torch.randperm(n, generator=generator, device=generator.device)
+        return order.to(state.scores.device)
     if state.policy == "energy_weighted":
         if energy_per_atom is None:
             raise ValueError("energy_weighted sampling needs the energies per atom")
