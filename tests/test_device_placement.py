@@ -1,0 +1,270 @@
+"""Device placement of the training side: every tensor of a training step, an epoch or an
+evaluation is made on the device of its inputs. Checked on the CPU with the dispatch-mode checker
+(:func:`aenet_fn.testing.devices.count_host_syncs` with ``expected_device="cpu"`` reports each
+constructor called without ``device=``, the line that would put a CPU tensor into a GPU step),
+and on the ``meta`` device, where a hard-coded CPU device mixes with the inputs' device.
+
+Only the "device" kind is pinned here: host reads and data-dependent shapes remain (see
+``python -m benchmarks.host_syncs``). An epoch's order and force subset are drawn from the run's
+CPU ``torch.Generator`` by design, with ``device=`` the generator's, and moved to the data's
+device once per epoch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import pytest
+import torch
+from torch.utils._pytree import tree_map
+
+import aenet_fn as af
+from aenet_fn.committee import committee_epoch, committee_fit, committee_step, init_committee
+from aenet_fn.examples import TIO2_STRUCTURES
+from aenet_fn.featurized import set_jacobian, stack_batches
+from aenet_fn.network import atomic_outputs, init_network
+from aenet_fn.optim import AdamConfig, SGDConfig, adam, sgd
+from aenet_fn.testing.devices import (
+    DEVICE,
+    HostSyncError,
+    Violation,
+    count_host_syncs,
+    forbid_host_sync,
+)
+from aenet_fn.train import assembled_jacobian
+
+PARAMS = af.ChebyshevParams(["Ti", "O"], 6, 5.0, 3, 3.5, min_cutoff=0.5)
+ARCH = {"Ti": [(5, "tanh")], "O": [(5, "tanh")]}
+E_ATOM = {"Ti": -1604.604515075, "O": -432.503149303}
+BATCH = 4
+
+
+def device_offences(
+    function: Callable[..., Any], *args: Any, expected_device: str = "cpu"
+) -> list[Violation]:
+    """The offences of kind "device" of one call of ``function(*args)`` (its first call: tensors
+    made once, for caches, must be made on the right device too)."""
+    _, offences = count_host_syncs(function, *args, expected_device=expected_device)
+    return [offence for offence in offences if offence.kind == DEVICE]
+
+
+def assert_on_device(function: Callable[..., Any], *args: Any, expected_device: str = "cpu"):
+    offences = device_offences(function, *args, expected_device=expected_device)
+    listed = "\n".join(f"  {v.where}: {v.code}  [{v.op}: {v.reason}]" for v in offences)
+    assert not offences, f"{len(offences)} tensors off the step's device:\n{listed}"
+
+
+@attrs.frozen
+class Setup:
+    train: af.FeaturizedSet
+    test: af.FeaturizedSet
+    model: Any
+    jacobian: Any
+    forces: af.TrainConfig
+    energies: af.TrainConfig
+    resampled: af.TrainConfig
+
+
+@pytest.fixture(scope="module")
+def setup() -> Setup:
+    structures = af.read_structures(sorted(TIO2_STRUCTURES.glob("*.xsf"))[:14])
+    train = af.featurize_structures(PARAMS, structures[:10], with_derivatives=True)
+    test = af.featurize_structures(PARAMS, structures[10:], with_derivatives=True)
+    model = af.init_model(PARAMS, ARCH, train, seed=0, atomic_energies=E_ATOM)
+    forces = af.TrainConfig(epochs=1, batch_size=BATCH, force_weight=0.1)
+    # error-weighted draws and a force subset re-drawn every epoch (force_subset's own draw)
+    resampled = attrs.evolve(
+        forces,
+        sampling_policy="error_weighted",
+        force_fraction=0.5,
+        force_resample_num_epochs=1,
+        force_scale_unbiased=True,
+        optimizer=SGDConfig(lr=1e-3, momentum=0.9),
+        use_scheduler=True,
+    )
+    return Setup(
+        train=train,
+        test=test,
+        model=model,
+        jacobian=assembled_jacobian(model, train, forces),
+        forces=forces,
+        energies=af.TrainConfig(epochs=3, batch_size=BATCH, force_weight=0.0),
+        resampled=resampled,
+    )
+
+
+def _selection() -> torch.Tensor:
+    return torch.tensor([0, 5, 2, 5])
+
+
+def _everything(setup: Setup) -> torch.Tensor:
+    return torch.ones(setup.train.n_structures, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("kind", ["energies", "entries", "assembled"])
+def test_take_structures(setup, kind):
+    force_selected = None if kind == "energies" else _everything(setup)
+    jacobian = setup.jacobian if kind == "assembled" else None
+    assert_on_device(af.take_structures, setup.train, _selection(), force_selected, jacobian)
+
+
+@pytest.mark.parametrize("kind", ["energy only", "forces", "forces, assembled"])
+def test_train_step(setup, kind):
+    config = setup.energies if kind == "energy only" else setup.forces
+    force_selected = None if kind == "energy only" else _everything(setup)
+    jacobian = setup.jacobian if kind == "forces, assembled" else None
+    state = af.init_train_state(setup.model, setup.train, config)
+    batch = af.take_structures(setup.train, _selection(), force_selected, jacobian)
+    assert_on_device(af.train_step, state, batch, config)
+
+
+@pytest.mark.parametrize("with_forces", [False, True], ids=["energies", "forces"])
+def test_evaluate(setup, with_forces):
+    assert_on_device(af.evaluate, setup.model, setup.test, with_forces, 2)
+
+
+@pytest.mark.parametrize("kind", ["energy only", "energy weighted", "forces", "resampled"])
+def test_run_epoch(setup, kind):
+    """Energy-only epochs take the energy route (their plans laid out through NumPy on the
+    host, then moved); force epochs go through assembled mini-batches."""
+    config = {
+        "energy only": setup.energies,
+        "energy weighted": attrs.evolve(setup.energies, sampling_policy="energy_weighted"),
+        "forces": setup.forces,
+        "resampled": setup.resampled,
+    }[kind]
+    state = af.init_train_state(setup.model, setup.train, config)
+    assert_on_device(af.run_epoch, state, setup.train, config)
+
+
+def test_init_train_state(setup):
+    """The sampler's scores and force subset are made on the training data's device."""
+    assert_on_device(af.init_train_state, setup.model, setup.train, setup.resampled)
+
+
+@pytest.mark.parametrize("kind", ["energy only", "forces"])
+def test_fit_with_a_test_split(setup, kind):
+    """Several epochs (energy-only ones drawn ahead into one plan) and the test metrics."""
+    config = setup.energies if kind == "energy only" else setup.forces
+    state = af.init_train_state(setup.model, setup.train, config)
+    assert_on_device(af.fit, state, setup.train, setup.test, config)
+
+
+@pytest.mark.parametrize("storage", [None, 0.0, math.inf], ids=["entries", "pairs", "dense"])
+def test_stack_batches(setup, storage):
+    jacobian = None if storage is None else set_jacobian(PARAMS, setup.train, storage)
+    everything = _everything(setup)
+    batches = [
+        af.take_structures(setup.train, torch.tensor([0, 5, 9]), everything, jacobian),
+        af.take_structures(setup.train, torch.tensor([3, 3, 1]), None, jacobian),
+    ]
+    assert_on_device(stack_batches, batches)
+
+
+def _members(setup: Setup, config: af.TrainConfig, shared: bool = False):
+    return init_committee(
+        PARAMS, ARCH, setup.train, config, [1, 2], shared_batches=shared, atomic_energies=E_ATOM
+    )
+
+
+@pytest.mark.parametrize("kind", ["shared", "stacked entries", "stacked assembled"])
+def test_committee_step(setup, kind):
+    members = _members(setup, setup.forces)
+    values = torch.stack([m.model.network.values for m in members])
+    opt_state = tree_map(lambda *leaves: torch.stack(leaves), *[m.opt_state for m in members])
+    lrs = torch.tensor([m.lr for m in members], dtype=values.dtype)
+    everything = _everything(setup)
+    jacobian = None if kind == "stacked entries" else setup.jacobian
+    if kind == "shared":
+        batch = af.take_structures(setup.train, _selection(), everything, jacobian)
+    else:
+        batch = stack_batches(
+            [
+                af.take_structures(setup.train, torch.tensor([0, 5, 9]), everything, jacobian),
+                af.take_structures(setup.train, torch.tensor([3, 3, 1]), None, jacobian),
+            ]
+        )
+    stacked = kind != "shared"
+    template = members[0].model
+    assert_on_device(committee_step, template, values, opt_state, lrs, batch, setup.forces, stacked)
+
+
+@pytest.mark.parametrize("kind", ["energy only", "forces, stacked", "forces, shared"])
+def test_committee_epoch(setup, kind):
+    config = setup.energies if kind == "energy only" else setup.forces
+    members = _members(setup, config, shared=kind == "forces, shared")
+    jacobian = setup.jacobian if kind == "forces, shared" else None
+    assert_on_device(committee_epoch, members, setup.train, config, None, None, jacobian)
+
+
+def test_committee_fit_with_a_test_split(setup):
+    """Energy-only committee epochs drawn ahead, and the members' test metrics."""
+    members = _members(setup, setup.energies)
+    assert_on_device(committee_fit, members, setup.train, setup.test, setup.energies)
+
+
+def _meta(tree: Any) -> Any:
+    return tree_map(lambda leaf: leaf.to("meta") if isinstance(leaf, torch.Tensor) else leaf, tree)
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_optimiser_on_the_meta_device(name):
+    """On the meta device a tensor made on a hard-coded CPU device mixes with the inputs (the
+    CPU check trusts an explicit ``device="cpu"``): the optimisers' pure init and update
+    (``torch.func``-able; the eager forms read the step count) make nothing off it."""
+    optimizer = adam(AdamConfig(lr=1e-3)) if name == "adam" else sgd(SGDConfig(momentum=0.9))
+    values = torch.linspace(-1.0, 1.0, 12, dtype=torch.float64, device="meta")
+    gradient = torch.ones(12, dtype=torch.float64, device="meta")
+
+    def two_steps() -> Any:
+        state = optimizer.init(values)
+        new_values, state = optimizer.update(gradient, state, values, 1e-3)
+        return optimizer.update(gradient, state, new_values, 1e-3)
+
+    assert_on_device(two_steps, expected_device="meta")
+    new_values, _ = two_steps()
+    assert new_values.device.type == "meta"
+
+
+def test_network_on_the_meta_device(setup):
+    """The atoms' network outputs with species blocks (static slices: no value read) run on
+    the meta device without a tensor off it."""
+    network = init_network(
+        ARCH,
+        PARAMS.species,
+        PARAMS.n_features,
+        generator=torch.Generator().manual_seed(0),
+        dtype=torch.float64,
+    )
+    batch = af.take_structures(setup.train, _selection())
+    arguments = _meta((network, batch.features, batch.species_index))
+    assert_on_device(atomic_outputs, *arguments, batch.species_blocks, expected_device="meta")
+
+
+def test_a_constructor_without_a_device_is_reported():
+    """The check this file relies on: a constructor without ``device=`` offends on the CPU,
+    and a hard-coded CPU device offends on the meta device; the line is named."""
+
+    def placed(x: torch.Tensor) -> torch.Tensor:
+        return x + torch.arange(x.shape[0], dtype=x.dtype, device=x.device)
+
+    def unplaced(x: torch.Tensor) -> torch.Tensor:
+        return x + torch.arange(x.shape[0], dtype=x.dtype)
+
+    def hard_coded(x: torch.Tensor) -> torch.Tensor:
+        return x + torch.arange(x.shape[0], dtype=x.dtype, device="cpu")
+
+    x = torch.zeros(5, dtype=torch.float64)
+    assert device_offences(placed, x) == []
+    assert device_offences(hard_coded, x) == []  # trusted on the CPU...
+    (offence,) = device_offences(unplaced, x)
+    assert (
+        offence.op == "torch.arange" and "torch.arange(x.shape[0], dtype=x.dtype)" in offence.code
+    )
+    on_meta = x.to("meta")
+    assert device_offences(placed, on_meta, expected_device="meta") == []
+    with pytest.raises(HostSyncError, match="tensor on cpu; the step's device is meta"):
+        with forbid_host_sync(expected_device="meta"):  # ...not on meta (torch fails there)
+            hard_coded(on_meta)
