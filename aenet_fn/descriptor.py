@@ -153,15 +153,18 @@ class DescriptorGraph:
     species_blocks: tuple[int, ...] | None = static_field(default=None)
 
 
-def species_lookup(params: ChebyshevParams, batch_species: Sequence[str]) -> torch.Tensor:
+def species_lookup(
+    params: ChebyshevParams, batch_species: Sequence[str], device: torch.device | None = None
+) -> torch.Tensor:
     """``[len(batch_species)]`` index of each batch symbol in ``params.species``; raises
-    ``ValueError`` for a symbol the descriptor does not know."""
+    ``ValueError`` for a symbol the descriptor does not know. Made on ``device`` (default CPU)."""
     unknown = [s for s in batch_species if s not in params.species]
     if unknown:
         raise ValueError(
             f"species {unknown} are not in the descriptor's species {list(params.species)}"
         )
-    return torch.tensor([params.species.index(s) for s in batch_species], dtype=torch.long)
+    indices = [params.species.index(s) for s in batch_species]
+    return torch.tensor(indices, dtype=torch.long, device=device)
 
 
 def _triplets(centers: torch.Tensor, n_atoms: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,7 +189,7 @@ def build_graph(params: ChebyshevParams, batch: Batch) -> DescriptorGraph:
     while positions move less than the distance to the nearest cutoff crossing (e.g. within a
     training run on fixed structures, or for finite-difference checks).
     """
-    lookup = species_lookup(params, batch.species).to(batch.positions.device)
+    lookup = species_lookup(params, batch.species, batch.positions.device)
     neighbors, distance = neighbors_with_distances(
         batch.positions, batch.cells, batch.pbc, batch.structure_index, params.cutoff
     )
