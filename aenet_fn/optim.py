@@ -197,8 +197,12 @@ class Optimizer:
         self, grads: PyTree, state: Any, params: PyTree, lr: LearningRate | None = None
     ) -> tuple[PyTree, Any]:
         """``update`` for one model outside ``torch.func`` transforms, by the optimiser's
-        faster eager form where it has one (same numbers as ``torch.optim``)."""
-        return (self.eager_update or self.update)(grads, state, params, lr)
+        faster eager form where it has one and the parameters are on the CPU (same numbers as
+        ``torch.optim``; the form reads the step count on the host, which would stall an
+        accelerator, where the pure ``update`` runs instead)."""
+        on_cpu = all(leaf.device.type == "cpu" for leaf in pytree.tree_leaves(params))
+        eager = self.eager_update if on_cpu else None
+        return (eager or self.update)(grads, state, params, lr)
 
     def update_in_place(
         self, grads: PyTree, state: Any, params: PyTree, lr: LearningRate | None = None

@@ -268,3 +268,20 @@ def test_a_constructor_without_a_device_is_reported():
     with pytest.raises(HostSyncError, match="tensor on cpu; the step's device is meta"):
         with forbid_host_sync(expected_device="meta"):  # ...not on meta (torch fails there)
             hard_coded(on_meta)
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_the_eager_update_off_the_cpu_reads_nothing_on_the_host(name):
+    """``update_eagerly`` takes its faster form (which reads the step count) only on the CPU;
+    elsewhere the pure update runs, with no host read and nothing made off the device."""
+    optimizer = adam(AdamConfig(lr=1e-3)) if name == "adam" else sgd(SGDConfig(momentum=0.9))
+    values = torch.linspace(-1.0, 1.0, 12, dtype=torch.float64)
+    gradient = torch.ones(12, dtype=torch.float64)
+    state = optimizer.init(values)
+    on_cpu, _ = optimizer.update_eagerly(gradient, state, values, 1e-3)
+    pure, _ = optimizer.update(gradient, state, values, 1e-3)
+    torch.testing.assert_close(on_cpu, pure, rtol=1e-15, atol=1e-15)
+    meta = _meta((gradient, state, values))
+    with forbid_host_sync(expected_device="meta"):
+        new_values, _ = optimizer.update_eagerly(*meta, 1e-3)
+    assert new_values.device.type == "meta"
