@@ -200,8 +200,7 @@ class Optimizer:
         faster eager form where it has one and the parameters are on the CPU (same numbers as
         ``torch.optim``; the form reads the step count on the host, which would stall an
         accelerator, where the pure ``update`` runs instead)."""
-        on_cpu = all(leaf.device.type == "cpu" for leaf in pytree.tree_leaves(params))
-        eager = self.eager_update if on_cpu else None
+        eager = self.eager_update if _on_cpu(params) else None
         return (eager or self.update)(grads, state, params, lr)
 
     def update_in_place(
@@ -210,9 +209,9 @@ class Optimizer:
         """:meth:`update_eagerly` that writes the new parameters into ``params`` and returns
         the new state, for working copies that the caller owns: the optimiser's in-place form
         where it has one (which also updates the tensors of ``state`` in place; Adam's: torch's
-        fused kernel, equal to :meth:`update_eagerly` to round-off), else the eager update
-        copied back."""
-        if self.in_place_update is not None:
+        fused kernel, equal to :meth:`update_eagerly` to round-off; on the CPU), else the
+        eager update copied back."""
+        if self.in_place_update is not None and _on_cpu(params):
             return self.in_place_update(grads, state, params, lr)[1]
         return _written_back(params, *self.update_eagerly(grads, state, params, lr))
 
@@ -223,11 +222,17 @@ class Optimizer:
         (``params``, ``grads``, ``state``), member ``i`` at learning rate ``lrs[i]``, written
         into ``params`` (and, for an in-place form, the state's tensors); returns the new
         state. The optimiser's members form where it has one (Adam: torch's fused kernel,
-        about 6× faster than vmapping ``update`` for eight members), else ``vmap(update)``
-        copied back."""
-        if self.members_in_place_update is not None:
+        about 6× faster than vmapping ``update`` for eight members; on the CPU, as it reads
+        the learning rates on the host), else ``vmap(update)`` copied back."""
+        if self.members_in_place_update is not None and _on_cpu(params):
             return self.members_in_place_update(grads, state, params, lrs)[1]
         return _written_back(params, *torch.func.vmap(self.update)(grads, state, params, lrs))
+
+
+def _on_cpu(params: PyTree) -> bool:
+    """Whether every tensor of ``params`` is on the CPU: the eager, in-place and members forms
+    read step counts or learning rates on the host, which would stall an accelerator."""
+    return all(leaf.device.type == "cpu" for leaf in pytree.tree_leaves(params))
 
 
 def _written_back(params: PyTree, new_params: PyTree, state: Any) -> Any:

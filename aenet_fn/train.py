@@ -461,11 +461,12 @@ def train_step(
 ) -> tuple[TrainState, tuple[torch.Tensor, torch.Tensor]]:
     """One optimiser step on ``batch``; returns the new state and the batch's per-atom energy
     errors ``[b]`` and supervised force differences (measured before the step). Energy-only
-    batches take the hand-derived gradient of :mod:`aenet_fn.energy_gradient`, others
-    ``torch.autograd``, ``∂E/∂G`` included (``by_autograd``; both equal ``torch.func.grad``
-    to round-off; tested)."""
+    batches on the CPU take the hand-derived gradient of :mod:`aenet_fn.energy_gradient`
+    (its plans are laid out on the host), others ``torch.autograd``, ``∂E/∂G`` included
+    (``by_autograd``; both equal ``torch.func.grad`` to round-off; tested). Off the CPU the
+    step reads nothing back to the host (tested on the meta device)."""
     values = state.model.network.values
-    if batch.local is None:
+    if batch.local is None and values.device.type == "cpu":
         gradient, aux = energy_loss_gradient(state.model, values, batch, config.force_weight)
     else:
         gradient, aux = autograd_gradient(

@@ -285,3 +285,47 @@ def test_the_eager_update_off_the_cpu_reads_nothing_on_the_host(name):
     with forbid_host_sync(expected_device="meta"):
         new_values, _ = optimizer.update_eagerly(*meta, 1e-3)
     assert new_values.device.type == "meta"
+
+
+# ------------------------------------------------ a step off the CPU reads nothing on the host
+
+
+@pytest.mark.parametrize("kind", ["energies", "entries", "assembled"])
+def test_a_training_step_off_the_cpu_never_waits_for_the_device(setup, kind):
+    """Given its batch, a single model's training step on another device (here the shape-only
+    meta device, where a value read or a data-dependent shape fails) reads nothing back to the
+    host, makes no data-dependent shape and nothing off the device: the CPU-only speed-ups
+    (the hand-derived energy gradient, the eager optimiser form, CSR sums) step aside."""
+    config = setup.energies if kind == "energies" else setup.forces
+    force_selected = None if kind == "energies" else _everything(setup)
+    jacobian = setup.jacobian if kind == "assembled" else None
+    batch = af.take_structures(setup.train, _selection(), force_selected, jacobian)
+    state = af.init_train_state(setup.model, setup.train, config)
+    on_meta = af.to((state, batch), device="meta")
+    with forbid_host_sync(expected_device="meta"):
+        new_state, (errors, _) = af.train_step(*on_meta, config)
+    assert new_state.model.network.values.device.type == "meta"
+    assert errors.shape == (BATCH,)
+
+
+@pytest.mark.parametrize("kind", ["shared", "stacked entries", "stacked assembled"])
+def test_a_committee_step_off_the_cpu_never_waits_for_the_device(setup, kind):
+    members = _members(setup, setup.forces)
+    values = torch.stack([m.model.network.values for m in members])
+    opt_state = tree_map(lambda *leaves: torch.stack(leaves), *[m.opt_state for m in members])
+    lrs = torch.tensor([m.lr for m in members], dtype=values.dtype)
+    everything = _everything(setup)
+    jacobian = None if kind == "stacked entries" else setup.jacobian
+    if kind == "shared":
+        batch = af.take_structures(setup.train, _selection(), everything, jacobian)
+    else:
+        batch = stack_batches(
+            [
+                af.take_structures(setup.train, torch.tensor([0, 5, 9]), everything, jacobian),
+                af.take_structures(setup.train, torch.tensor([3, 3, 1]), None, jacobian),
+            ]
+        )
+    arguments = af.to((members[0].model, values, opt_state, lrs, batch), device="meta")
+    with forbid_host_sync(expected_device="meta"):
+        new_values, _, _ = committee_step(*arguments, setup.forces, kind != "shared")
+    assert new_values.shape == values.shape and new_values.device.type == "meta"
