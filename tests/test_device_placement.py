@@ -169,8 +169,10 @@ def _members(setup: Setup, config: af.TrainConfig, shared: bool = False):
     )
 
 
-@pytest.mark.parametrize("kind", ["shared", "stacked entries", "stacked assembled"])
-def test_committee_step(setup, kind):
+def _committee_step_arguments(setup: Setup, kind: str) -> tuple[Any, ...]:
+    """The first arguments of :func:`committee_step` for two members (template model, stacked
+    values, optimiser state, learning rates) and a batch shared by them (``kind`` "shared") or
+    stacked, with derivative entries ("stacked entries") or assembled Jacobians."""
     members = _members(setup, setup.forces)
     values = torch.stack([m.model.network.values for m in members])
     opt_state = tree_map(lambda *leaves: torch.stack(leaves), *[m.opt_state for m in members])
@@ -186,9 +188,16 @@ def test_committee_step(setup, kind):
                 af.take_structures(setup.train, torch.tensor([3, 3, 1]), None, jacobian),
             ]
         )
-    stacked = kind != "shared"
-    template = members[0].model
-    assert_on_device(committee_step, template, values, opt_state, lrs, batch, setup.forces, stacked)
+    return members[0].model, values, opt_state, lrs, batch
+
+
+COMMITTEE_BATCHES = ["shared", "stacked entries", "stacked assembled"]
+
+
+@pytest.mark.parametrize("kind", COMMITTEE_BATCHES)
+def test_committee_step(setup, kind):
+    arguments = _committee_step_arguments(setup, kind)
+    assert_on_device(committee_step, *arguments, setup.forces, kind != "shared")
 
 
 @pytest.mark.parametrize("kind", ["energy only", "forces, stacked", "forces, shared"])
@@ -308,24 +317,10 @@ def test_a_training_step_off_the_cpu_never_waits_for_the_device(setup, kind):
     assert errors.shape == (BATCH,)
 
 
-@pytest.mark.parametrize("kind", ["shared", "stacked entries", "stacked assembled"])
+@pytest.mark.parametrize("kind", COMMITTEE_BATCHES)
 def test_a_committee_step_off_the_cpu_never_waits_for_the_device(setup, kind):
-    members = _members(setup, setup.forces)
-    values = torch.stack([m.model.network.values for m in members])
-    opt_state = tree_map(lambda *leaves: torch.stack(leaves), *[m.opt_state for m in members])
-    lrs = torch.tensor([m.lr for m in members], dtype=values.dtype)
-    everything = _everything(setup)
-    jacobian = None if kind == "stacked entries" else setup.jacobian
-    if kind == "shared":
-        batch = af.take_structures(setup.train, _selection(), everything, jacobian)
-    else:
-        batch = stack_batches(
-            [
-                af.take_structures(setup.train, torch.tensor([0, 5, 9]), everything, jacobian),
-                af.take_structures(setup.train, torch.tensor([3, 3, 1]), None, jacobian),
-            ]
-        )
-    arguments = af.to((members[0].model, values, opt_state, lrs, batch), device="meta")
+    arguments = _committee_step_arguments(setup, kind)
+    on_meta = af.to(arguments, device="meta")
     with forbid_host_sync(expected_device="meta"):
-        new_values, _, _ = committee_step(*arguments, setup.forces, kind != "shared")
-    assert new_values.shape == values.shape and new_values.device.type == "meta"
+        new_values, _, _ = committee_step(*on_meta, setup.forces, kind != "shared")
+    assert new_values.shape == arguments[1].shape and new_values.device.type == "meta"
