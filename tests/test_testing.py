@@ -314,3 +314,22 @@ def test_ci_runs_draw_the_same_examples_every_time():
     # elsewhere every run draws new examples: what CI=true prevents
     elsewhere = _examples_of_a_fresh_process(on_ci=False)
     assert elsewhere[0] != elsewhere[1]
+
+
+def test_the_checks_need_no_hypothesis_and_the_strategies_say_how_to_get_it():
+    """Without hypothesis installed (simulated), the checks import and the strategies raise an
+    ImportError naming the extra to install."""
+    script = (
+        "import sys\n"
+        "sys.modules['hypothesis'] = None\n"
+        "import aenet_fn.testing as t\n"
+        "assert callable(t.check_forces) and callable(t.random_structure)\n"
+        "try:\n"
+        "    t.structures\n"
+        "except ImportError as error:\n"
+        "    print(error)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert "pip install 'aenet_fn[testing]'" in run.stdout

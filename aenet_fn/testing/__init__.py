@@ -49,7 +49,7 @@ def __getattr__(name: str):
     if name in _STRATEGIES:
         try:
             from aenet_fn.testing import strategies
-        except ModuleNotFoundError as error:  # pragma: no cover - depends on the environment
+        except ModuleNotFoundError as error:
             raise ImportError(
                 f"aenet_fn.testing.{name} needs hypothesis: pip install 'aenet_fn[testing]'"
             ) from error
