@@ -16,6 +16,7 @@ import torch
 import torch.utils._pytree as pytree
 
 _STATIC = "aenet_fn_static"
+_HOST = "aenet_fn_host"
 T = TypeVar("T")
 
 RECORD_TYPES: dict[str, type] = {}
@@ -26,6 +27,14 @@ def static_field(**kwargs: Any) -> Any:
     """An ``attrs`` field that is not a pytree child (hyper-parameter, name, shape)."""
     metadata = dict(kwargs.pop("metadata", {}) or {})
     metadata[_STATIC] = True
+    return attrs.field(metadata=metadata, **kwargs)
+
+
+def host_field(**kwargs: Any) -> Any:
+    """An ``attrs`` field holding a tensor that lives on the host whatever the record's device
+    (e.g. a CPU ``torch.Generator``'s state): :func:`to` leaves it where it is."""
+    metadata = dict(kwargs.pop("metadata", {}) or {})
+    metadata[_HOST] = True
     return attrs.field(metadata=metadata, **kwargs)
 
 
@@ -84,8 +93,9 @@ def replace(record: T, **changes: Any) -> T:
 def to(tree: T, device: Any = None, dtype: Any = None) -> T:
     """``tree`` (a record, tensor, or tuple, list or dict of them, nested) with every tensor
     moved to ``device`` and every floating tensor cast to ``dtype`` (None: unchanged).
-    Integer and boolean tensors keep their dtype. Records are rebuilt by their constructors,
-    so their own conversions apply: energies stay float64 (the dtype policy of
+    Integer and boolean tensors keep their dtype; a record's host fields (:func:`host_field`,
+    e.g. a training state's generator state) stay where they are. Records are rebuilt by their
+    constructors, so their own conversions apply: energies stay float64 (the dtype policy of
     :mod:`aenet_fn.normalization`)."""
     if isinstance(tree, torch.Tensor):
         cast = dtype if dtype is not None and tree.is_floating_point() else None
@@ -94,7 +104,7 @@ def to(tree: T, device: Any = None, dtype: Any = None) -> T:
         changes = {
             f.alias: to(getattr(tree, f.name), device, dtype)
             for f in attrs.fields(type(tree))
-            if f.init and not f.metadata.get(_STATIC)
+            if f.init and not f.metadata.get(_STATIC) and not f.metadata.get(_HOST)
         }
         return attrs.evolve(tree, **changes)
     if isinstance(tree, (tuple, list)):

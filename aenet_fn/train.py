@@ -19,7 +19,7 @@ import torch
 from torch.func import grad
 from torch.utils._pytree import tree_map
 
-from aenet_fn._records import pytree_record, serializable, static_field
+from aenet_fn._records import host_field, pytree_record, serializable, static_field
 from aenet_fn.checks import is_integer, is_real
 from aenet_fn.descriptor import ChebyshevParams
 from aenet_fn.distributed import (
@@ -208,7 +208,7 @@ class TrainState:
         opt_state: optimiser state (moments, step count).
         sched_state: plateau-scheduler state, or None without a scheduler.
         sampler: structure-sampling state (error scores, force subset).
-        rng: state of the run's ``torch.Generator`` (uint8 tensor).
+        rng: state of the run's CPU ``torch.Generator`` (uint8 tensor; stays on the CPU).
         lr: current learning rate.
         best_values: network parameters of the best validation epoch so far (or None).
         epoch: epochs completed.
@@ -221,7 +221,7 @@ class TrainState:
     opt_state: Any
     sched_state: PlateauState | None
     sampler: SamplerState
-    rng: torch.Tensor
+    rng: torch.Tensor = host_field()  # noqa: RUF009 (an attrs field, not a default)
     lr: float = static_field()
     best_values: torch.Tensor | None = None
     epoch: int = static_field(default=0)

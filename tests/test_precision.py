@@ -74,3 +74,13 @@ def test_a_float32_calculator_resolves_small_energy_changes(models):
     expected = -float((forces * step).sum())
     assert abs(expected) > 1e-5
     assert moved.get_potential_energy() - energy == pytest.approx(expected, rel=0.05)
+
+
+def test_to_leaves_a_training_states_generator_on_the_host(models):
+    model, _, largest = models
+    data = af.featurize_structures(PARAMS, [largest], with_derivatives=False)
+    state = af.init_train_state(model, data, af.TrainConfig())
+    moved = af.to(state, device="meta")
+    assert moved.model.network.values.device.type == "meta"
+    assert moved.sampler.scores.device.type == "meta"
+    assert torch.equal(moved.rng, state.rng)  # the CPU generator's state, still readable
