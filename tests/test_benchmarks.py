@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from benchmarks.run import (
     DOC,
@@ -64,3 +65,14 @@ def test_markdown_and_doc_tables(results):
     assert update_doc(updated, results) == updated  # markers survive a rewrite
     with pytest.raises(ValueError, match="benchmark:scaling"):
         update_doc(doc.replace("<!-- /benchmark:scaling -->", ""), results)
+
+
+def test_the_gpu_benchmark_runs_on_the_cpu():
+    """The prepared accelerator benchmark runs end to end (here on the CPU, tiny)."""
+    from benchmarks.gpu import run
+
+    result = run(torch.device("cpu"), 8, [1, 2], 1)
+    assert [row["members"] for row in result["results"]] == [1, 2]
+    assert all("error" not in row and row["epoch_s"] > 0 for row in result["results"])
+    assert result["results"][0]["vs_one_member"] == 1.0
+    assert result["setup"]["device_name"] == "cpu"
