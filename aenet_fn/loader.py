@@ -96,6 +96,18 @@ class StructureSource:
         self._cache: LRUCache = LRUCache(cache_entries)
         self._loader: tuple[int, DataLoader, _Plan] | None = None
 
+    def close(self) -> None:
+        """Stop the DataLoader workers kept for this source (``persistent_workers``) now. The
+        source and its loader refer to each other, so without this they stop only at the next
+        full garbage collection, which then waits for them. The source stays usable."""
+        self._loader = None
+
+    def __enter__(self) -> StructureSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def __getstate__(self) -> dict:
         """Pickled (for DataLoader workers) without this process's loader."""
         return {**self.__dict__, "_loader": None}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import multiprocessing
+
 import attrs
 import pytest
 import torch
@@ -124,10 +127,29 @@ def test_the_facade_trains_with_workers_like_without(splits):
             checkpoint_dir=None,
             show_progress=False,
         )
-        potential.train(structures=structures, config=config)
+        gc.disable()  # the workers must stop when training ends, not at a later collection
+        try:
+            potential.train(structures=structures, config=config)
+            assert multiprocessing.active_children() == []
+        finally:
+            gc.enable()
         weights.append(potential.model.network.values)
     # lazy splits fit the feature statistics from streamed moments: equal to round-off
     torch.testing.assert_close(weights[1], weights[0], rtol=0, atol=1e-10)
+
+
+def test_closing_a_source_stops_its_persistent_workers(splits):
+    structures, in_memory, _ = splits
+    config = af.TrainConfig(epochs=2, batch_size=4, num_workers=2, persistent_workers=True)
+    model = af.init_model(PARAMS, ARCH, in_memory, seed=0, atomic_energies=REFERENCES)
+    gc.disable()
+    try:
+        with StructureSource(PARAMS, structures, with_derivatives=False) as source:
+            af.fit(af.init_train_state(model, source, config), source, None, config)
+            assert multiprocessing.active_children()  # kept between epochs
+        assert multiprocessing.active_children() == []
+    finally:
+        gc.enable()
 
 
 def test_runtime_caches_are_bounded_and_change_nothing(splits):

@@ -376,6 +376,7 @@ class TorchCommitteePotential:
                 )
         finally:
             progress.close()
+            data.close()
         return self._write(states, mine, seeds, split_seed, config, committee_config, world)
 
     def _write(

@@ -159,8 +159,11 @@ class TorchANNPotential:
         )
         config.seed = agreed_seed(config.seed, world)
         core = config.to_train_config()
-        state = self._initial_state(data, config, core, resume_from)
-        state = self._run_fit(state, data, config, core)
+        try:
+            state = self._initial_state(data, config, core, resume_from)
+            state = self._run_fit(state, data, config, core)
+        finally:
+            data.close()
         self.model, self.history = state.model, state.history
         if config.checkpoint_dir is not None and world.is_main:
             write_history(self.history, config.checkpoint_dir)
@@ -714,6 +717,12 @@ class _TrainingData:
     atomic_energies: Mapping[str, float] | None
     train_source: Any
     test_source: Any
+
+    def close(self) -> None:
+        """Stop the DataLoader workers of lazy splits (:meth:`StructureSource.close`)."""
+        for split in (self.train, self.test):
+            if isinstance(split, StructureSource):
+                split.close()
 
 
 def _features_from_samples(dataset: Any, species: list[str], dtype: torch.dtype):
