@@ -272,4 +272,28 @@ def batch_stream(
         if keep:
             data._loader = (num_workers, loader, plan)
     plan.items = items
-    return iter(loader)
+    return _worker_batches(data, iter(loader), keep)
+
+
+def _worker_batches(data: Split, iterator: Iterator[MiniBatch], kept: bool) -> Iterator[MiniBatch]:
+    """The batches of a DataLoader ``iterator``. Its workers stop as soon as the stream fails,
+    or is left before its end unless ``kept`` for the next epoch: torch would leave them to the
+    garbage collector (an error's traceback refers to the iterator)."""
+    try:
+        yield from iterator
+    except GeneratorExit:
+        if not kept:
+            _stop_workers(iterator)
+        raise
+    except BaseException:
+        if kept:
+            data.close()  # its workers are gone: the next epoch starts new ones
+        _stop_workers(iterator)
+        raise
+
+
+def _stop_workers(iterator: Iterator[MiniBatch]) -> None:
+    """Stop a DataLoader iterator's worker processes now (torch's own clean-up)."""
+    stop = getattr(iterator, "_shutdown_workers", None)
+    if stop is not None:
+        stop()

@@ -23,8 +23,8 @@ REFERENCES = {"Ti": -1604.604515075, "O": -432.503149303}
 def splits():
     structures = af.read_structures(sorted(TIO2_STRUCTURES.glob("*.xsf"))[:14])
     in_memory = af.featurize_structures(PARAMS, structures, with_derivatives=True)
-    lazy = StructureSource(PARAMS, structures, with_derivatives=True)
-    return structures, in_memory, lazy
+    with StructureSource(PARAMS, structures, with_derivatives=True) as lazy:
+        yield structures, in_memory, lazy  # closed after the module: its workers stop
 
 
 def test_lazy_batches_equal_in_memory_batches(splits):
@@ -184,6 +184,7 @@ def test_persistent_cached_workers_train_like_one_process(splits):
         got.model.network.values, expected.model.network.values, rtol=0, atol=1e-12
     )
     assert source._loader is not None  # the same workers served all three epochs
+    source.close()
 
 
 class _Unreadable:
@@ -204,13 +205,21 @@ class _Unreadable:
 
 def test_a_worker_that_raises_stops_training_with_its_error(splits):
     structures, _, _ = splits
-    source = StructureSource(PARAMS, _Unreadable(structures, 6), with_derivatives=False)
     model = af.init_model(
         PARAMS, ARCH, af.featurize_structures(PARAMS, structures, with_derivatives=False), seed=0
     )
-    config = af.TrainConfig(epochs=1, batch_size=4, num_workers=2)
-    with pytest.raises(ValueError, match="entry 6: unreadable"):
-        af.fit(af.init_train_state(model, source, config), source, None, config)
+    for persistent in (False, True):
+        source = StructureSource(PARAMS, _Unreadable(structures, 6), with_derivatives=False)
+        config = af.TrainConfig(
+            epochs=1, batch_size=4, num_workers=2, persistent_workers=persistent
+        )
+        gc.disable()  # the workers stop with the error, not at a later collection
+        try:
+            with pytest.raises(ValueError, match="entry 6: unreadable"):
+                af.fit(af.init_train_state(model, source, config), source, None, config)
+            assert multiprocessing.active_children() == []
+        finally:
+            gc.enable()
 
 
 def test_cache_scope_selects_the_cached_splits(splits):
