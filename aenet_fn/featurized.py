@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import attrs
 import torch
 
-from aenet_fn._records import pytree_record, static_field
+from aenet_fn._records import pytree_record, static_field, to
 from aenet_fn.batch import collate, ranges
 from aenet_fn.descriptor import ChebyshevParams, build_graph, features_from_graph, species_lookup
 from aenet_fn.force_jacobian import (
@@ -75,6 +75,11 @@ class FeaturizedSet:
     def dtype(self) -> torch.dtype:
         """Floating dtype of the features (and of a model's networks trained on them)."""
         return self.features.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the set (and of a model initialised on it)."""
+        return self.features.device
 
     @property
     def has_forces(self) -> torch.Tensor:
@@ -153,10 +158,13 @@ def featurize_structures(
     with_derivatives: bool,
     dtype: torch.dtype = torch.float64,
     chunk_size: int = 256,
+    device: torch.device | str | None = None,
 ) -> FeaturizedSet:
     """Featurize ``structures`` (in chunks of ``chunk_size`` to bound memory) into a
     :class:`FeaturizedSet`; with ``with_derivatives`` also the local descriptor derivatives.
-    ``dtype`` is ``torch.float32`` or ``torch.float64``; ``chunk_size`` a positive integer."""
+    ``dtype`` is ``torch.float32`` or ``torch.float64``; ``chunk_size`` a positive integer.
+    The set is computed on the CPU (the neighbour search runs on the host) and moved to
+    ``device`` once (default: stays on the CPU)."""
     check_float_dtype(dtype, "featurize_structures")
     _check_chunk_size(chunk_size)
     if not structures:
@@ -197,7 +205,7 @@ def featurize_structures(
         triplet_start, triplet_count = _entry_ranges(
             structure_index[local.triplet_centre], len(structures)
         )
-    return FeaturizedSet(
+    data = FeaturizedSet(
         features=torch.cat(blocks["features"]),
         species_index=species_index,
         atom_start=atom_start,
@@ -221,6 +229,7 @@ def featurize_structures(
         names=tuple(s.name for s in structures),
         descriptor=params,
     )
+    return data if device is None else to(data, device=device)
 
 
 _ATOM_FIELDS = (

@@ -117,6 +117,11 @@ class StructureSource:
         """Number of structures ``B``."""
         return len(self.names)
 
+    @property
+    def device(self) -> torch.device:
+        """Device of the metadata and of the batches this source builds: the CPU."""
+        return self.energies.device
+
     def featurized(self, indices: Sequence[int], with_derivatives: bool) -> FeaturizedSet:
         """The structures ``indices`` featurized (in that order)."""
         chosen = [self.structures[int(i)] for i in indices]

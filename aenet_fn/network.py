@@ -159,7 +159,12 @@ def init_network(
     for symbol in species:
         sizes = (n_features, *(nodes for nodes, _ in arch[symbol]), 1)
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-            draw = torch.rand(fan_out * fan_in + fan_out, generator=generator, dtype=torch.float64)
+            draw = torch.rand(
+                fan_out * fan_in + fan_out,
+                generator=generator,
+                dtype=torch.float64,
+                device=generator.device,  # drawn where the generator is, then moved
+            )
             pieces.append((2 * draw - 1) / math.sqrt(fan_in))
         all_sizes.append(sizes)
     return NetworkParams(

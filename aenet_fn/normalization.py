@@ -89,7 +89,10 @@ def check_reference_keys(
 
 
 def reference_energy_vector(
-    species: Sequence[str], atomic_energies: Mapping[str, float] | None, dtype: torch.dtype
+    species: Sequence[str],
+    atomic_energies: Mapping[str, float] | None,
+    dtype: torch.dtype,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """``[M]`` atomic reference energies (eV) in ``species`` order; missing species get 0.
     Keys that are not ``species`` are refused (:func:`check_reference_keys`)."""
@@ -98,7 +101,8 @@ def reference_energy_vector(
     for symbol, value in atomic_energies.items():
         if not (is_real(value) and math.isfinite(value)):
             raise ValueError(f"atomic energy of {symbol!r} must be a finite number, got {value!r}")
-    return torch.tensor([float(atomic_energies.get(s, 0.0)) for s in species], dtype=dtype)
+    values = [float(atomic_energies.get(s, 0.0)) for s in species]
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def identity_normalization(
@@ -222,7 +226,9 @@ def fit_normalization(
     else:
         stats = {"feature_min": moments.minimum, "feature_max": moments.maximum}
     if feature_stats is not None:
-        stats.update(_feature_override(feature_stats, n_features, dtype))
+        stats.update(
+            _feature_override(feature_stats, n_features, dtype, result.atomic_energies.device)
+        )
     elif normalize_features:
         if moments is None:
             mean, mean_square = features.mean(dim=0), (features * features).mean(dim=0)
@@ -244,14 +250,17 @@ def fit_normalization(
         shift, scaling = ((high + low) / 2, 2 / (high - low)) if high > low else (0.0, 1.0)
     else:
         shift, scaling = 0.0, 1.0
+    device = result.atomic_energies.device
     return attrs.evolve(
         result,
-        energy_shift=torch.tensor(shift, dtype=dtype),
-        energy_scaling=torch.tensor(scaling, dtype=dtype),
+        energy_shift=torch.tensor(shift, dtype=ENERGY_DTYPE, device=device),
+        energy_scaling=torch.tensor(scaling, dtype=ENERGY_DTYPE, device=device),
     )
 
 
-def _feature_override(stats: Mapping, n_features: int, dtype: torch.dtype) -> dict:
+def _feature_override(
+    stats: Mapping, n_features: int, dtype: torch.dtype, device: torch.device
+) -> dict:
     unknown = set(stats) - {"mean", "std", "min", "max"}
     if unknown or not {"mean", "std"} <= set(stats):
         raise ValueError(
@@ -260,7 +269,7 @@ def _feature_override(stats: Mapping, n_features: int, dtype: torch.dtype) -> di
         )
     values = {}
     for key, value in stats.items():
-        tensor = torch.as_tensor(value, dtype=dtype).flatten()
+        tensor = torch.as_tensor(value, dtype=dtype, device=device).flatten()
         if tensor.shape != (n_features,) or not torch.isfinite(tensor).all():
             raise ValueError(
                 f"feature_stats[{key!r}] must be {n_features} finite numbers, got shape "

@@ -245,9 +245,12 @@ def init_model(
 ) -> Model:
     """A fresh model for ``train``: networks initialised from ``seed``, normalisation fitted
     on the training split (spec §4.2–§4.3; overrides as in
-    :func:`~aenet_fn.normalization.fit_normalization`)."""
+    :func:`~aenet_fn.normalization.fit_normalization`), in the split's dtype and on its
+    device."""
     check_split(train, descriptor, "init_model")
-    reference = reference_energy_vector(descriptor.species, atomic_energies, ENERGY_DTYPE)
+    reference = reference_energy_vector(
+        descriptor.species, atomic_energies, ENERGY_DTYPE, train.device
+    )
     if not bool(torch.isfinite(train.energies).all()):
         raise ValueError("init_model: every training structure needs a finite energy")
     normalization = fit_normalization(
@@ -263,7 +266,12 @@ def init_model(
     )
     generator = torch.Generator().manual_seed(seed)
     network = init_network(
-        arch, descriptor.species, descriptor.n_features, generator=generator, dtype=train.dtype
+        arch,
+        descriptor.species,
+        descriptor.n_features,
+        generator=generator,
+        dtype=train.dtype,
+        device=train.device,
     )
     return Model(descriptor, network, normalization)
 

@@ -324,3 +324,22 @@ def test_a_committee_step_off_the_cpu_never_waits_for_the_device(setup, kind):
     with forbid_host_sync(expected_device="meta"):
         new_values, _, _ = committee_step(*on_meta, setup.forces, kind != "shared")
     assert new_values.shape == arguments[1].shape and new_values.device.type == "meta"
+
+
+# ------------------------------------------------ set-up on the data's device
+
+
+def test_featurize_structures_places_the_set_on_the_device():
+    structures = af.read_structures(sorted(TIO2_STRUCTURES.glob("*.xsf"))[:3])
+    data = af.featurize_structures(PARAMS, structures, with_derivatives=True, device="meta")
+    assert data.device.type == "meta" and data.local.radial.device.type == "meta"
+    assert data.n_atoms.device.type == "meta" and data.energies.dtype == torch.float64
+
+
+@pytest.mark.parametrize("overrides", [{}, {"energy_shift": 0.1, "energy_scaling": 2.0}])
+def test_init_model_makes_nothing_off_the_sets_device(setup, overrides):
+    stats = {"feature_stats": {"mean": [0.0] * PARAMS.n_features, "std": [1.0] * PARAMS.n_features}}
+    options = {**overrides, **(stats if overrides else {})}
+    assert_on_device(
+        lambda: af.init_model(PARAMS, ARCH, setup.train, seed=0, atomic_energies=E_ATOM, **options)
+    )
