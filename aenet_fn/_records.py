@@ -90,6 +90,13 @@ def replace(record: T, **changes: Any) -> T:
     return attrs.evolve(record, **changes)
 
 
+def on_cpu(tree: Any) -> bool:
+    """Whether every tensor of the pytree ``tree`` is on the CPU: where the CPU-only speed-ups
+    (forms that read counts, rates or plans on the host) apply; elsewhere they would stall an
+    accelerator and the pure forms run."""
+    return all(leaf.device.type == "cpu" for leaf in pytree.tree_leaves(tree))
+
+
 def to(tree: T, device: Any = None, dtype: Any = None) -> T:
     """``tree`` (a record, tensor, or tuple, list or dict of them, nested) with every tensor
     moved to ``device`` and every floating tensor cast to ``dtype`` (None: unchanged).

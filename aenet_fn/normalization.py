@@ -91,10 +91,10 @@ def check_reference_keys(
 def reference_energy_vector(
     species: Sequence[str],
     atomic_energies: Mapping[str, float] | None,
-    dtype: torch.dtype,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """``[M]`` atomic reference energies (eV) in ``species`` order; missing species get 0.
+    """``[M]`` atomic reference energies (eV, :data:`ENERGY_DTYPE`, on ``device``) in
+    ``species`` order; missing species get 0.
     Keys that are not ``species`` are refused (:func:`check_reference_keys`)."""
     atomic_energies = dict(atomic_energies or {})
     check_reference_keys(atomic_energies, species)
@@ -102,7 +102,7 @@ def reference_energy_vector(
         if not (is_real(value) and math.isfinite(value)):
             raise ValueError(f"atomic energy of {symbol!r} must be a finite number, got {value!r}")
     values = [float(atomic_energies.get(s, 0.0)) for s in species]
-    return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=ENERGY_DTYPE, device=device)
 
 
 def identity_normalization(
@@ -212,6 +212,7 @@ def fit_normalization(
         raise ValueError("fit_normalization: training energies must be finite")
     dtype = features.dtype if moments is None else moments.total.dtype
     n_features = features.shape[1] if moments is None else moments.total.shape[0]
+    device = atomic_energies.device
     result = identity_normalization(n_features, atomic_energies, dtype)
     n_species = result.atomic_energies.shape[0]
 
@@ -226,9 +227,7 @@ def fit_normalization(
     else:
         stats = {"feature_min": moments.minimum, "feature_max": moments.maximum}
     if feature_stats is not None:
-        stats.update(
-            _feature_override(feature_stats, n_features, dtype, result.atomic_energies.device)
-        )
+        stats.update(_feature_override(feature_stats, n_features, dtype, device))
     elif normalize_features:
         if moments is None:
             mean, mean_square = features.mean(dim=0), (features * features).mean(dim=0)
@@ -250,7 +249,6 @@ def fit_normalization(
         shift, scaling = ((high + low) / 2, 2 / (high - low)) if high > low else (0.0, 1.0)
     else:
         shift, scaling = 0.0, 1.0
-    device = result.atomic_energies.device
     return attrs.evolve(
         result,
         energy_shift=torch.tensor(shift, dtype=ENERGY_DTYPE, device=device),

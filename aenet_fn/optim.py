@@ -25,7 +25,7 @@ import attrs
 import torch
 import torch.utils._pytree as pytree
 
-from aenet_fn._records import pytree_record, static_field
+from aenet_fn._records import on_cpu, pytree_record, static_field
 from aenet_fn.checks import is_integer, is_real
 
 PyTree = Any
@@ -200,7 +200,7 @@ class Optimizer:
         faster eager form where it has one and the parameters are on the CPU (same numbers as
         ``torch.optim``; the form reads the step count on the host, which would stall an
         accelerator, where the pure ``update`` runs instead)."""
-        eager = self.eager_update if _on_cpu(params) else None
+        eager = self.eager_update if on_cpu(params) else None
         return (eager or self.update)(grads, state, params, lr)
 
     def update_in_place(
@@ -211,7 +211,7 @@ class Optimizer:
         where it has one (which also updates the tensors of ``state`` in place; Adam's: torch's
         fused kernel, equal to :meth:`update_eagerly` to round-off; on the CPU), else the
         eager update copied back."""
-        if self.in_place_update is not None and _on_cpu(params):
+        if self.in_place_update is not None and on_cpu(params):
             return self.in_place_update(grads, state, params, lr)[1]
         return _written_back(params, *self.update_eagerly(grads, state, params, lr))
 
@@ -224,15 +224,9 @@ class Optimizer:
         state. The optimiser's members form where it has one (Adam: torch's fused kernel,
         about 6× faster than vmapping ``update`` for eight members; on the CPU, as it reads
         the learning rates on the host), else ``vmap(update)`` copied back."""
-        if self.members_in_place_update is not None and _on_cpu(params):
+        if self.members_in_place_update is not None and on_cpu(params):
             return self.members_in_place_update(grads, state, params, lrs)[1]
         return _written_back(params, *torch.func.vmap(self.update)(grads, state, params, lrs))
-
-
-def _on_cpu(params: PyTree) -> bool:
-    """Whether every tensor of ``params`` is on the CPU: the eager, in-place and members forms
-    read step counts or learning rates on the host, which would stall an accelerator."""
-    return all(leaf.device.type == "cpu" for leaf in pytree.tree_leaves(params))
 
 
 def _written_back(params: PyTree, new_params: PyTree, state: Any) -> Any:

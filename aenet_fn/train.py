@@ -19,7 +19,7 @@ import torch
 from torch.func import grad
 from torch.utils._pytree import tree_map
 
-from aenet_fn._records import host_field, pytree_record, serializable, static_field
+from aenet_fn._records import host_field, on_cpu, pytree_record, serializable, static_field
 from aenet_fn.checks import is_integer, is_real
 from aenet_fn.descriptor import ChebyshevParams
 from aenet_fn.distributed import (
@@ -61,7 +61,6 @@ from aenet_fn.loss import (
 )
 from aenet_fn.network import Architecture, init_network
 from aenet_fn.normalization import (
-    ENERGY_DTYPE,
     fit_normalization,
     reference_energy_vector,
     referenced_energy_per_atom,
@@ -248,9 +247,7 @@ def init_model(
     :func:`~aenet_fn.normalization.fit_normalization`), in the split's dtype and on its
     device."""
     check_split(train, descriptor, "init_model")
-    reference = reference_energy_vector(
-        descriptor.species, atomic_energies, ENERGY_DTYPE, train.device
-    )
+    reference = reference_energy_vector(descriptor.species, atomic_energies, train.device)
     if not bool(torch.isfinite(train.energies).all()):
         raise ValueError("init_model: every training structure needs a finite energy")
     normalization = fit_normalization(
@@ -328,7 +325,7 @@ def init_train_state(model: Model, train: Split, config: TrainConfig) -> TrainSt
     check_split(train, model.descriptor, "init_train_state")
     check_labels(train, config.uses_forces, "init_train_state: training")
     generator = torch.Generator().manual_seed(config.seed)
-    sampler = sampler_init(config.sampling_policy, train.n_structures, device=train.energies.device)
+    sampler = sampler_init(config.sampling_policy, train.n_structures, device=train.device)
     sampler = _draw_force_subset(sampler, train, config, generator)
     lr = config.optimizer.lr
     return TrainState(
@@ -344,7 +341,7 @@ def init_train_state(model: Model, train: Split, config: TrainConfig) -> TrainSt
 def _draw_force_subset(
     sampler: SamplerState, train: Split, config: TrainConfig, generator: torch.Generator
 ) -> SamplerState:
-    mask = torch.zeros(train.n_structures, dtype=torch.bool, device=train.energies.device)
+    mask = torch.zeros(train.n_structures, dtype=torch.bool, device=train.device)
     if config.uses_forces:
         candidates = torch.nonzero(train.has_forces).flatten()
         size = force_subset_size(
@@ -474,7 +471,7 @@ def train_step(
     (``by_autograd``; both equal ``torch.func.grad`` to round-off; tested). Off the CPU the
     step reads nothing back to the host (tested on the meta device)."""
     values = state.model.network.values
-    if batch.local is None and values.device.type == "cpu":
+    if batch.local is None and on_cpu(values):
         gradient, aux = energy_loss_gradient(state.model, values, batch, config.force_weight)
     else:
         gradient, aux = autograd_gradient(
