@@ -195,9 +195,15 @@ class Structure:
         """True when any axis is periodic."""
         return any(self.pbc)
 
+    @property
+    def formula(self) -> str:
+        """Chemical formula in order of first appearance, e.g. ``Ti2O4``."""
+        counts: dict[str, int] = {}
+        for symbol in self.species:
+            counts[symbol] = counts.get(symbol, 0) + 1
+        return "".join(f"{s}{n if n > 1 else ''}" for s, n in counts.items())
+
     def __repr__(self) -> str:
-        formula = {}
-        for s in self.species:
-            formula[s] = formula.get(s, 0) + 1
-        text = "".join(f"{s}{n if n > 1 else ''}" for s, n in formula.items())
-        return f"Structure({text}, name={self.name!r}, pbc={self.pbc}, energy={self.energy})"
+        return (
+            f"Structure({self.formula}, name={self.name!r}, pbc={self.pbc}, energy={self.energy})"
+        )

@@ -137,3 +137,9 @@ def test_records_are_frozen():
     structure = random_structure(6, 2)
     with pytest.raises(AttributeError):
         structure.energy = 1.0
+
+
+def test_formula_counts_species_in_order_of_appearance():
+    structure = Structure(np.zeros((4, 3)) + np.arange(4)[:, None], ["O", "Ti", "O", "Cu"])
+    assert structure.formula == "O2TiCu"
+    assert "O2TiCu" in repr(structure)

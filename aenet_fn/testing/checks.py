@@ -25,11 +25,7 @@ _UNITS = {"energy": "eV", "forces": "eV/Å", "stress": "eV/Å³"}
 
 
 def _label(structure: Structure) -> str:
-    counts: dict[str, int] = {}
-    for symbol in structure.species:
-        counts[symbol] = counts.get(symbol, 0) + 1
-    formula = "".join(f"{s}{n if n > 1 else ''}" for s, n in counts.items())
-    return f"{structure.name or 'a structure'} ({formula}, pbc {structure.pbc})"
+    return f"{structure.name or 'a structure'} ({structure.formula}, pbc {structure.pbc})"
 
 
 def _where(quantity: str, index: tuple[int, ...], structure: Structure) -> str:
