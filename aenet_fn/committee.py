@@ -53,6 +53,7 @@ from aenet_fn.train import (
     optimizer_of,
     plan_epoch,
     run_jacobians,
+    takes_fast_route,
 )
 
 
@@ -173,8 +174,8 @@ def committee_epoch(
     values = torch.stack([m.model.network.values for m in members], out=out)
     opt_state = _stack([m.opt_state for m in members])
     lrs = torch.tensor([m.lr for m in members], dtype=values.dtype, device=values.device)
-    if config.uses_forces:
-        steps = _force_steps(
+    if config.uses_forces or not takes_fast_route(config, values):
+        steps = _batch_steps(
             members, orders, shared, values, opt_state, lrs, train, config, jacobian
         )
     else:
@@ -220,16 +221,21 @@ def committee_step(
     """One optimiser step of every member, from the stacked ``values`` ``[M, P]``,
     ``opt_state`` and learning rates ``lrs`` ``[M]``, on a ``batch`` shared by the members or
     (``stacked``) stacked along a leading member axis (:func:`~aenet_fn.featurized.stack_batches`).
-    The members' losses come from one :func:`~aenet_fn.train.batch_loss` of the stacked values
-    (the members a leading axis of every array, no ``vmap``) and their gradients from
-    ``torch.autograd`` (members are independent, so the gradient of the summed losses is each
-    member's own): the same numbers as vmapping :func:`~aenet_fn.train.member_step` to
-    round-off (tested), at about the cost of one member's step on a shared batch (the vmapped
-    form cost twice that). Stacked batches with derivative entries (no assembled Jacobians)
-    are the exception: they keep the vmapped ``member_step`` (autograd through their
-    per-member gathers measured slower)."""
-    if stacked and not isinstance(batch.local, StackedJacobians):
-        batch_dims = tree_map(lambda leaf: 0 if isinstance(leaf, torch.Tensor) else None, batch)
+    On the ``torch.func`` route (``config.route``) it is :func:`~aenet_fn.train.member_step`
+    vmapped over the members (and their stacked batches). On the CPU's fast route the members'
+    losses come from one :func:`~aenet_fn.train.batch_loss` of the stacked values (the members
+    a leading axis of every array, no ``vmap``) and their gradients from ``torch.autograd``
+    (members are independent, so the gradient of the summed losses is each member's own): the
+    same numbers to round-off (tested). Stacked batches take the vmapped ``member_step`` on
+    both routes, except those with stacked assembled Jacobians (fast route only), which only
+    the summed form takes."""
+    vmapped = stacked or not takes_fast_route(config, values)
+    if vmapped and not isinstance(batch.local, StackedJacobians):
+        batch_dims = (
+            tree_map(lambda leaf: 0 if isinstance(leaf, torch.Tensor) else None, batch)
+            if stacked
+            else None
+        )
         return vmap(
             lambda v, s, lr, b: member_step(model, v, s, lr, b, config),
             in_dims=(0, 0, 0, batch_dims),
@@ -247,10 +253,10 @@ def committee_step(
     return new_values, new_state, aux
 
 
-def _force_steps(members, orders, shared, values, opt_state, lrs, train, config, jacobian):
+def _batch_steps(members, orders, shared, values, opt_state, lrs, train, config, jacobian):
     """Steps of :func:`committee_step` on batches shared by the members or stacked: after
     each, the stacked values and optimiser states, the members' per-atom energy errors and
-    (force differences, supervised atoms)."""
+    (force differences, supervised atoms), or None for energy-only batches."""
     template = members[0].model
 
     def step(values, opt_state, lrs, batch):
@@ -263,7 +269,8 @@ def _force_steps(members, orders, shared, values, opt_state, lrs, train, config,
     for batches in zip(*streams):
         batch = batches[0] if shared else stack_batches(batches)
         values, opt_state, (errors, differences) = step(values, opt_state, lrs, batch)
-        yield values, opt_state, errors, (differences, batch.force_atoms)
+        forces = None if batch.local is None else (differences, batch.force_atoms)
+        yield values, opt_state, errors, forces
 
 
 def _energy_steps(
@@ -334,7 +341,10 @@ def committee_fit(
     members = tuple(members)
     # one per run: the members share the normalisation, which training does not change
     template = members[0].model
-    table = None if config.uses_forces else energy_table(template, train, config.batch_size)
+    fast = takes_fast_route(config, template.network.values)
+    table = (
+        None if config.uses_forces or not fast else energy_table(template, train, config.batch_size)
+    )
     jacobian, test_jacobian = run_jacobians(template, train, test, config)
     workspace = None  # the stacked values' buffers, kept for the run
     if table is not None:

@@ -98,6 +98,7 @@ from aenet_fn.sampling import (
 )
 
 FORCE_SAMPLING = ("random", "fixed")
+ROUTES = ("auto", "func", "fast")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -143,6 +144,11 @@ class TrainConfig:
         prefetch_factor: batches prepared ahead per worker.
         persistent_workers: keep the workers (and their caches) of a lazy split from one
             epoch to the next.
+        route: how steps are computed. ``"func"``: the ``torch.func`` route (parameter
+            gradients by ``torch.func.grad``, committees by ``vmap``, pure optimiser updates),
+            which runs on every device and dtype. ``"fast"``: the CPU speed-ups (hand-derived
+            energy gradient, stored Jacobians, fused optimiser forms; CPU only), the same
+            numbers to round-off. ``"auto"``: ``"fast"`` on the CPU, ``"func"`` elsewhere.
     """
 
     epochs: int = 100
@@ -161,6 +167,7 @@ class TrainConfig:
     num_workers: int = 0
     prefetch_factor: int = 2
     persistent_workers: bool = False
+    route: str = "auto"
 
     def __attrs_post_init__(self) -> None:
         for name, low in (("epochs", 0), ("batch_size", 1), ("force_resample_num_epochs", 0)):
@@ -182,6 +189,7 @@ class TrainConfig:
             self.sampling_policy in SAMPLING_POLICIES,
             f"sampling_policy must be one of {SAMPLING_POLICIES}, got {self.sampling_policy!r}",
         )
+        _check(self.route in ROUTES, f"route must be one of {ROUTES}, got {self.route!r}")
         _check(
             isinstance(self.optimizer, (AdamConfig, SGDConfig)),
             f"optimizer must be AdamConfig or SGDConfig, got {type(self.optimizer).__name__}",
@@ -195,6 +203,21 @@ class TrainConfig:
     def uses_forces(self) -> bool:
         """True when forces enter the loss."""
         return self.force_weight > 0
+
+
+def takes_fast_route(config: TrainConfig, values: torch.Tensor) -> bool:
+    """Whether a run of ``config`` whose parameters are ``values`` takes the CPU speed-ups
+    (``route="fast"``, or ``"auto"`` on the CPU) rather than the ``torch.func`` route. Refuses
+    ``"fast"`` off the CPU."""
+    if config.route == "func":
+        return False
+    if on_cpu(values):
+        return True
+    if config.route == "fast":
+        raise ValueError(
+            f"route='fast' runs on the CPU only, not on {values.device}: use 'auto' or 'func'"
+        )
+    return False
 
 
 @pytree_record
@@ -453,10 +476,17 @@ def member_step(
 
 
 def apply_gradient(state: TrainState, gradient: torch.Tensor, config: TrainConfig) -> TrainState:
-    """``state`` after one optimiser update of its network parameters with ``gradient`` ``[P]``."""
+    """``state`` after one optimiser update of its network parameters with ``gradient`` ``[P]``
+    (the optimiser's eager form on the fast route, its pure ``update`` on the ``torch.func``
+    one)."""
     values = state.model.network.values
     optimizer = optimizer_of(config)
-    values, opt_state = optimizer.update_eagerly(gradient, state.opt_state, values, state.lr)
+    update = optimizer.update_eagerly if takes_fast_route(config, values) else optimizer.update
+    return _with_parameters(state, *update(gradient, state.opt_state, values, state.lr))
+
+
+def _with_parameters(state: TrainState, values: torch.Tensor, opt_state: Any) -> TrainState:
+    """``state`` with network parameters ``values`` and optimiser state ``opt_state``."""
     model = attrs.evolve(state.model, network=attrs.evolve(state.model.network, values=values))
     return attrs.evolve(state, model=model, opt_state=opt_state)
 
@@ -465,13 +495,19 @@ def train_step(
     state: TrainState, batch: MiniBatch, config: TrainConfig
 ) -> tuple[TrainState, tuple[torch.Tensor, torch.Tensor]]:
     """One optimiser step on ``batch``; returns the new state and the batch's per-atom energy
-    errors ``[b]`` and supervised force differences (measured before the step). Energy-only
-    batches on the CPU take the hand-derived gradient of :mod:`aenet_fn.energy_gradient`
-    (its plans are laid out on the host), others ``torch.autograd``, ``∂E/∂G`` included
-    (``by_autograd``; both equal ``torch.func.grad`` to round-off; tested). Off the CPU the
-    step reads nothing back to the host (tested on the meta device)."""
+    errors ``[b]`` and supervised force differences (measured before the step). On the
+    ``torch.func`` route (``config.route``) the gradient is :func:`member_step`'s
+    ``torch.func.grad``; on the CPU's fast route energy-only batches take the hand-derived
+    gradient of :mod:`aenet_fn.energy_gradient`, others ``torch.autograd`` (the same numbers
+    to round-off; tested). Off the CPU the step reads nothing back to the host (tested on the
+    meta device)."""
     values = state.model.network.values
-    if batch.local is None and on_cpu(values):
+    if not takes_fast_route(config, values):
+        new_values, opt_state, aux = member_step(
+            state.model, values, state.opt_state, state.lr, batch, config
+        )
+        return _with_parameters(state, new_values, opt_state), aux
+    if batch.local is None:
         gradient, aux = energy_loss_gradient(state.model, values, batch, config.force_weight)
     else:
         gradient, aux = autograd_gradient(
@@ -496,8 +532,10 @@ def data_parallel_step(
     are summed (all-reduce), and every process applies the same update (see
     :mod:`aenet_fn.distributed`). Returns this share's residuals."""
 
+    fast = takes_fast_route(config, state.model.network.values)
+
     def loss(values: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        errors, differences = batch_residuals(state.model, values, batch, by_autograd=True)
+        errors, differences = batch_residuals(state.model, values, batch, by_autograd=fast)
         value = global_batch_loss(
             errors,
             differences,
@@ -510,7 +548,7 @@ def data_parallel_step(
         return value, (errors, differences)
 
     values = state.model.network.values
-    gradient, aux = autograd_gradient(loss, values)
+    gradient, aux = (autograd_gradient if fast else func_gradient)(loss, values)
     gradient = all_reduce_sum(gradient, world)
     return apply_gradient(state, gradient, config), aux
 
@@ -635,9 +673,12 @@ def energy_epoch_table(
 ) -> EnergyTable | None:
     """The table that lets :func:`run_epoch` take its energy-only route (one gather per many
     steps) for ``train``, or None where that route does not apply: force training, several
-    processes, DataLoader workers, lazy splits, or sets too large to copy."""
+    processes, DataLoader workers, lazy splits, sets too large to copy, or the ``torch.func``
+    route (:func:`takes_fast_route`)."""
     world = current_world() if world is None else world
     if config.uses_forces or world.size > 1 or config.num_workers > 0:
+        return None
+    if not takes_fast_route(config, state.model.network.values):
         return None
     if not isinstance(train, FeaturizedSet) or train.features.numel() > _TABLE_ELEMENTS:
         return None
@@ -658,10 +699,12 @@ def assembled_jacobian(model: Model, data: Split | None, config: TrainConfig) ->
     that lets its force batches apply assembled matrices (dense per small structure, sparse
     otherwise) instead of the per-entry maps (the same numbers to round-off, several times
     faster on CPU; built once per run), or None where that does not apply: energy-only
-    training, DataLoader workers, lazy or missing splits, sets without derivatives, other
-    devices than the CPU (not measured there), or sets whose blocks could be too large
-    (``_BLOCK_ELEMENTS``)."""
+    training, DataLoader workers, lazy or missing splits, sets without derivatives, the
+    ``torch.func`` route (:func:`takes_fast_route`), data off the CPU, or sets whose blocks
+    could be too large (``_BLOCK_ELEMENTS``)."""
     if not config.uses_forces or config.num_workers > 0 or not isinstance(data, FeaturizedSet):
+        return None
+    if not takes_fast_route(config, model.network.values):
         return None
     local = data.local
     if local is None or data.features.device.type != "cpu":

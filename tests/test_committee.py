@@ -51,11 +51,14 @@ def data():
         ("error_weighted", True),
     ],
 )
-def test_each_member_equals_the_member_trained_alone(data, policy, shared):
-    """Per-member batches (stacked, derivative entries) or shared batches (assembled
-    Jacobians, the members as columns of one product)."""
+@pytest.mark.parametrize("route", ["fast", "func"])
+def test_each_member_equals_the_member_trained_alone(data, policy, shared, route):
+    """Per-member batches (stacked, derivative entries) or shared batches (fast route:
+    assembled Jacobians, the members as columns of one product; ``torch.func`` route: vmapped
+    over the members)."""
     _, train, test = data
     config = af.TrainConfig(
+        route=route,
         epochs=3,
         batch_size=8,
         force_weight=0.3,

@@ -86,10 +86,12 @@ def test_loss_gradient_equals_finite_differences(tio2):
         assert float(gradient[index]) == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
+@pytest.mark.parametrize("route", ["fast", "func"])
 @pytest.mark.parametrize("policy", ["uniform", "energy_weighted", "error_weighted"])
-def test_resume_equals_the_uninterrupted_run_bit_for_bit(tio2, tmp_path, policy):
+def test_resume_equals_the_uninterrupted_run_bit_for_bit(tio2, tmp_path, policy, route):
     train, test, model = tio2
     config = af.TrainConfig(
+        route=route,
         epochs=4,
         batch_size=16,
         force_weight=0.2,

@@ -1,0 +1,34 @@
+"""Files written by earlier versions keep loading (``tests/data/saved/``, see its README)."""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+import aenet_fn as af
+from aenet_fn.examples import TIO2_STRUCTURES
+
+PARAMS = af.ChebyshevParams(
+    species=["Ti", "O"], rad_order=4, rad_cutoff=4.0, ang_order=2, ang_cutoff=3.0, min_cutoff=0.5
+)
+ARCH = {"Ti": [(4, "tanh")], "O": [(4, "tanh")]}
+E_ATOM = {"Ti": -1604.604515075, "O": -432.503149303}
+
+
+def test_a_checkpoint_from_before_routes_resumes_as_the_run_it_came_from(reference_data):
+    """Written by commit 36429d7 after 2 of the epochs of the run below: it loads (the route
+    it did not record is ``"auto"``), holds that run's state, and resumes to its end."""
+    state, config = af.load_checkpoint(reference_data / "saved" / "checkpoint-36429d7.pt")
+    assert config.route == "auto" and state.epoch == 2
+    structures = af.read_structures(sorted(TIO2_STRUCTURES.glob("*.xsf"))[:6])
+    train = af.featurize_structures(PARAMS, structures, with_derivatives=True)
+    model = af.init_model(PARAMS, ARCH, train, seed=1, atomic_energies=E_ATOM)
+    straight_config = attrs.evolve(config, epochs=3)
+    straight = af.fit(
+        af.init_train_state(model, train, straight_config), train, None, straight_config
+    )
+    resumed = af.fit(state, train, None, attrs.evolve(config, epochs=1))
+    assert resumed.epoch == straight.epoch == 3
+    values = resumed.model.network.values
+    torch.testing.assert_close(values, straight.model.network.values, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(resumed.sampler.scores, straight.sampler.scores, rtol=1e-12, atol=0)
