@@ -30,11 +30,13 @@ from ase.md import velocitydistribution
 from ase.stress import full_3x3_to_voigt_6_stress
 from torch.func import vmap
 
+from aenet_fn._records import to
 from aenet_fn.batch import Batch, collate
 from aenet_fn.committee import check_shared_parts, stack_members
 from aenet_fn.descriptor import DescriptorGraph, build_graph
 from aenet_fn.io.ase_io import from_ase
 from aenet_fn.potential import Model, atomic_energies, energy_forces_stress
+from aenet_fn.torch_featurize.chebyshev import as_device
 from aenet_fn.torch_training.committee import TorchCommitteePotential
 from aenet_fn.torch_training.trainer import TorchANNPotential
 
@@ -65,19 +67,22 @@ COMMITTEE_PROPERTIES = (
 COMMITTEE_METADATA = "committee_metadata.json"
 
 
-def load_potential(path: Path) -> TorchANNPotential | TorchCommitteePotential:
-    """The potential stored at ``path``: a committee directory or a model file."""
+def load_potential(
+    path: Path, device: str | torch.device | None = None
+) -> TorchANNPotential | TorchCommitteePotential:
+    """The potential stored at ``path``: a committee directory or a model file, on ``device``
+    (None: the CPU)."""
     if path.is_dir():
         if not (path / COMMITTEE_METADATA).is_file():
             raise ValueError(
                 f"{path}: a directory but not a committee directory (no {COMMITTEE_METADATA}); "
                 "give a model file written by TorchANNPotential.save or a committee directory"
             )
-        return TorchCommitteePotential.from_directory(path)
+        return TorchCommitteePotential.from_directory(path, device)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model file or committee directory")
     try:
-        return TorchANNPotential.from_file(path)
+        return TorchANNPotential.from_file(path, device)
     except ValueError as error:
         raise ValueError(
             f"{path}: neither an aenet_fn model file nor a committee directory ({error})"
@@ -149,9 +154,10 @@ class AenetCalculator(Calculator):
     ``member_energies`` ``[M]``, ``member_forces`` ``[M, N, 3]``, ``member_stresses``
     ``[M, 6]``. Read them with ``calc.get_property("energy_std", atoms)``.
 
-    The evaluation runs in the model's dtype (float64 unless the model is float32) on the
-    model's device. ASE's ``check_state`` decides when to recompute: results are reused until
-    positions, numbers, cell or pbc change.
+    The evaluation runs in the model's dtype (float64 unless the model is float32) on
+    ``device`` (None: the model's own; a path loads onto the CPU). ASE's ``check_state``
+    decides when to recompute: results are reused until positions, numbers, cell or pbc
+    change.
 
     Raises:
         ValueError: atoms with species the potential does not know, non-finite positions or
@@ -163,9 +169,13 @@ class AenetCalculator(Calculator):
 
     implemented_properties: tuple[str, ...] = PROPERTIES
 
-    def __init__(self, potential: PotentialLike, **kwargs: Any) -> None:
+    def __init__(
+        self, potential: PotentialLike, device: str | torch.device | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.models, self.is_committee = _members(potential)
+        if device is not None:
+            self.models = to(self.models, as_device("device", device))
         if self.is_committee:
             self.implemented_properties = (*PROPERTIES, *COMMITTEE_PROPERTIES)
 

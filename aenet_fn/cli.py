@@ -576,10 +576,11 @@ class Prediction:
 Potential = TorchANNPotential | TorchCommitteePotential
 
 
-def load_potential(path: str | os.PathLike) -> Potential:
-    """A model file (``TorchANNPotential.save``) or a committee directory."""
+def load_potential(path: str | os.PathLike, device: str | None = None) -> Potential:
+    """A model file (``TorchANNPotential.save``) or a committee directory, on ``device`` (None:
+    the CPU)."""
     try:
-        return calculator.load_potential(Path(path))
+        return calculator.load_potential(Path(path), device)
     except (ValueError, FileNotFoundError) as error:
         raise CLIError(str(error)) from error
 
@@ -973,6 +974,12 @@ def _json_ready(value: Any) -> Any:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     run = load_config(args.config, args.output)
+    if args.device is not None:
+        run.training.device = args.device
+        try:
+            run.training.validate()
+        except ValueError as error:
+            raise ConfigError(f"--device: {error}") from error
     if args.check:
         check_output(run.output, args.overwrite)
         kind = "single potential"
@@ -1084,7 +1091,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.output is not None:
         inputs = input_files([args.model]) | input_files(args.files, ".xsf")
         check_output_file(Path(args.output), inputs, args.overwrite)
-    potential = load_potential(args.model)
+    potential = load_potential(args.model, args.device)
     structures = read_structure_files([Path(f) for f in args.files], args.input_format)
     species = _models(potential)[0].descriptor.species
     check_species(structures, species, "FILES", "the model's")
@@ -1254,6 +1261,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace a trained model there")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.add_argument("--check", action="store_true", help="validate the configuration only")
+    train.add_argument(
+        "--device", help="train there, e.g. cuda or cpu (overrides [training] device)"
+    )
     train.set_defaults(handler=_cmd_train)
 
     predict = commands.add_parser("predict", help="energies (and forces) of structures")
@@ -1269,6 +1279,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", help="write to this file instead of the standard output")
     predict.add_argument("--input-format", help="ASE format of the structure files")
     predict.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    predict.add_argument("--device", help="evaluate there, e.g. cuda (default cpu)")
     predict.set_defaults(handler=_cmd_predict)
 
     export = commands.add_parser("export-ascii", help="write ænet Fortran .nn.ascii files")

@@ -166,6 +166,16 @@ def test_evaluation_runs_in_the_model_dtype(fortran_model):
     )
 
 
+def test_the_calculator_moves_the_models_to_its_device(fortran_model):
+    """``device`` moves the models (the meta device stands in for an accelerator); the models
+    given stay where they were."""
+    on_meta = AenetCalculator(fortran_model, device="meta")
+    assert on_meta.device.type == "meta" and on_meta.dtype == torch.float64
+    assert fortran_model.network.values.device.type == "cpu"
+    with pytest.raises(ValueError, match="device must be a torch device"):
+        AenetCalculator(fortran_model, device="abacus")
+
+
 # --- derivatives of the energy --------------------------------------------------------------
 
 

@@ -459,3 +459,24 @@ def test_existing_outputs_need_overwrite(single, tmp_path, capsys):
     assert main(["export-ascii", model, str(tmp_path / "nn")]) == 1
     assert "potential.Ti.nn.ascii already exists" in one_line_error(capsys, "export-ascii")
     assert main(["export-ascii", model, str(tmp_path / "nn"), "--overwrite"]) == 0
+
+
+def test_device_options_are_checked_and_name_the_option(single, tmp_path, capsys):
+    config = tables()
+    config["training"]["num_workers"] = 2
+    path = write_config(tmp_path, config)
+    assert main(["train", str(path), "--device", "cuda", "--check"]) == 2
+    assert "--device: DataLoader workers (num_workers=2)" in one_line_error(capsys, "train")
+    assert main(["train", str(path), "--device", "abacus", "--check"]) == 2
+    assert "--device: device must be a torch device" in one_line_error(capsys, "train")
+    assert main(["predict", str(single / "model.pt"), *structure_files(1), "--device", "x"]) == 1
+    assert "device must be a torch device" in one_line_error(capsys, "predict")
+
+
+def test_predict_on_an_explicit_device_gives_the_same_numbers(single, capsys):
+    files = structure_files(2)
+    arguments = ["predict", str(single / "model.pt"), *files, "--format", "json", "--forces"]
+    assert main(arguments) == 0
+    default = capsys.readouterr().out
+    assert main([*arguments, "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == default

@@ -79,3 +79,29 @@ def test_a_committee_trains_on_cuda_as_on_the_cpu(data):
         torch.testing.assert_close(
             on_cuda.model.network.values.cpu(), on_cpu.model.network.values, rtol=1e-9, atol=1e-11
         )
+
+
+def test_the_facade_trains_on_cuda_as_on_the_cpu(data):
+    """``TorchTrainingConfig(device="cuda")``: the splits move there once, the ``torch.func``
+    route trains, and the potential comes back to its descriptor's device (the CPU)."""
+    from aenet_fn.torch_featurize import ChebyshevDescriptor
+    from aenet_fn.torch_training import TorchANNPotential, TorchTrainingConfig
+
+    structures, _, _ = data
+    descriptor = ChebyshevDescriptor.from_params(PARAMS)
+    weights = {}
+    for device in ("cpu", "cuda"):
+        potential = TorchANNPotential(ARCH, descriptor)
+        config = TorchTrainingConfig(
+            iterations=2,
+            device=device,
+            force_weight=0.1,
+            atomic_energies=E_ATOM,
+            testpercent=20,
+            checkpoint_dir=None,
+            show_progress=False,
+        )
+        potential.train(structures=structures, config=config)
+        weights[device] = potential.model.network.values
+    assert weights["cuda"].device.type == "cpu"
+    torch.testing.assert_close(weights["cuda"], weights["cpu"], rtol=1e-9, atol=1e-11)

@@ -317,3 +317,56 @@ def test_save_energies_writes_one_line_per_structure(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "history.json").is_file() and (
         tmp_path / "run" / "history.csv"
     ).is_file()
+
+
+@pytest.mark.parametrize("committee", [False, True])
+def test_the_configs_device_receives_the_splits_and_the_trained_models_return(
+    committee, monkeypatch, tmp_path
+):
+    """``device`` moves both featurized splits there once (the move is recorded, not made:
+    this machine may have no accelerator; ``tests/test_cuda.py`` trains on one), the run's
+    ``route`` reaches the core, and the trained models come back to the descriptor's device."""
+    import aenet_fn.torch_training.committee as committee_module
+    import aenet_fn.torch_training.trainer as trainer_module
+
+    moves = []
+
+    def recorded(tree, device=None, dtype=None):
+        moves.append((type(tree).__name__, torch.device(device)))
+        return tree
+
+    monkeypatch.setattr(trainer_module, "to", recorded)
+    monkeypatch.setattr(committee_module, "to", recorded)
+    config = TorchTrainingConfig(
+        iterations=1,
+        device="cuda:1",
+        route="func",
+        testpercent=50,
+        atomic_energies={"H": 0.0},
+        checkpoint_dir=None,
+        show_progress=False,
+    )
+    potential = _tiny_potential(committee)
+    if committee:
+        from aenet_fn.torch_training import TorchCommitteeConfig
+
+        output = TorchCommitteeConfig(num_members=2, output_dir=str(tmp_path))
+        potential.train(structures=_tiny_structures(), config=config, committee_config=output)
+    else:
+        potential.train(structures=_tiny_structures(), config=config)
+    cuda, cpu = torch.device("cuda:1"), torch.device("cpu")
+    members = [("Model", cpu)] * (2 if committee else 1)
+    assert moves == [("FeaturizedSet", cuda), ("FeaturizedSet", cuda), *members]
+    assert config.to_train_config().route == "func"
+
+
+def test_device_defaults_to_cuda_only_for_splits_in_memory(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert TorchTrainingConfig().resolved_device() == torch.device("cuda")
+    assert TorchTrainingConfig(num_workers=2).resolved_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert TorchTrainingConfig().resolved_device() == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"num_workers=2.*CPU only, not for device='cuda'"):
+        TorchTrainingConfig(device="cuda", num_workers=2).validate()
+    with pytest.raises(ValueError, match="route must be one of"):
+        TorchTrainingConfig(route="fastest").validate()

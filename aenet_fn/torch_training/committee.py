@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from aenet_fn._records import to
 from aenet_fn.atomic import atomic_write_text
 from aenet_fn.batch import collate
 from aenet_fn.committee import (
@@ -401,7 +402,7 @@ class TorchCommitteePotential:
                 continue
             member = TorchANNPotential(self.arch, self.descriptor)
             member.model, member.history, member._training_config = (
-                state.model,
+                to(state.model, self.descriptor.device),
                 state.history,
                 config,
             )

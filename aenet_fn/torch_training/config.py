@@ -17,7 +17,7 @@ import torch
 
 from aenet_fn.optim import AdamConfig, PlateauConfig, SGDConfig
 from aenet_fn.torch_featurize.chebyshev import as_device
-from aenet_fn.train import TrainConfig
+from aenet_fn.train import ROUTES, TrainConfig
 
 
 @dataclass
@@ -130,6 +130,7 @@ _CHOICES = {
     "cache_scope": ("train", "val", "all"),
     "memory_mode": ("cpu", "gpu", "mixed"),
     "precision": ("auto", "float32", "float64"),
+    "route": ROUTES,
 }
 
 
@@ -143,6 +144,12 @@ class TorchTrainingConfig:
     ``precision`` selects the training dtype (the reference ignores it); ``save_forces`` and
     ``cache_persist_dir`` are accepted for compatibility (features and derivatives persist in
     HDF5 databases instead: ``HDF5StructureDataset.build_database(persist_features=True)``).
+
+    Additions: ``device`` None trains on CUDA when it is available and the splits are in
+    memory (``num_workers = 0``; DataLoader workers prepare batches for the CPU only), else
+    on the CPU; the trained potential then returns to its descriptor's device. ``route``: the
+    training route of :class:`~aenet_fn.train.TrainConfig` (``"auto"``, ``"func"`` or
+    ``"fast"``).
     """
 
     iterations: int = 100
@@ -180,6 +187,7 @@ class TorchTrainingConfig:
     num_workers: int = 0
     prefetch_factor: int = 2
     persistent_workers: bool = True
+    route: str = "auto"
     feature_stats: dict[str, Any] | None = None
     E_shift: float | None = None
     E_scaling: float | None = None
@@ -269,7 +277,12 @@ class TorchTrainingConfig:
         if not 0 < self.scheduler_factor < 1:
             raise ValueError(f"scheduler_factor must lie in (0, 1), got {self.scheduler_factor!r}")
         if self.device is not None:
-            as_device("device", self.device)
+            device = as_device("device", self.device)
+            if device.type != "cpu" and self.num_workers > 0:
+                raise ValueError(
+                    f"DataLoader workers (num_workers={self.num_workers}) prepare batches for "
+                    f"the CPU only, not for device={self.device!r}: use num_workers=0 there"
+                )
         if self.atomic_energies is not None:
             for symbol, value in dict(self.atomic_energies).items():
                 if not _is_number(value) or not math.isfinite(value):
@@ -278,9 +291,11 @@ class TorchTrainingConfig:
                     )
 
     def resolved_device(self) -> torch.device:
-        """``device``, or CUDA when available and CPU otherwise."""
+        """``device``, or CUDA when available and the splits are in memory (``num_workers``
+        0), the CPU otherwise."""
         if self.device is None:
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            cuda = torch.cuda.is_available() and self.num_workers == 0
+            return torch.device("cuda" if cuda else "cpu")
         return torch.device(self.device)
 
     def runtime_cache_entries(self) -> int | None:
@@ -317,6 +332,7 @@ class TorchTrainingConfig:
             num_workers=int(self.num_workers),
             prefetch_factor=int(self.prefetch_factor),
             persistent_workers=bool(self.persistent_workers),
+            route=self.route,
         )
 
 

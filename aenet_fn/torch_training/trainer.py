@@ -11,7 +11,7 @@ import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import ase
 import numpy as np
 import torch
 
+from aenet_fn._records import to
 from aenet_fn.ascii_potential import training_info, write_aenet_ascii
 from aenet_fn.batch import collate
 from aenet_fn.checkpoint import (
@@ -164,7 +165,7 @@ class TorchANNPotential:
             state = self._run_fit(state, data, config, core)
         finally:
             data.close()
-        self.model, self.history = state.model, state.history
+        self.model, self.history = to(state.model, self.device), state.history
         if config.checkpoint_dir is not None and world.is_main:
             write_history(self.history, config.checkpoint_dir)
         self.best_val = None if state.best_epoch < 0 else state.best_monitor
@@ -186,12 +187,14 @@ class TorchANNPotential:
         priority order of :meth:`train`."""
         structures, dataset, train_dataset, test_dataset = sources
         if train_dataset is not None or dataset is not None:
-            return self._data_from_datasets(
+            data = self._data_from_datasets(
                 dataset, train_dataset, test_dataset, config, dtype, with_forces
             )
-        if structures is not None:
-            return self._data_from_structures(structures, config, dtype, with_forces)
-        raise ValueError(f"{caller} needs structures=, dataset= or train_dataset=")
+        elif structures is not None:
+            data = self._data_from_structures(structures, config, dtype, with_forces)
+        else:
+            raise ValueError(f"{caller} needs structures=, dataset= or train_dataset=")
+        return data.on(config.resolved_device())
 
     def _data_from_structures(
         self, structures: Any, config: TorchTrainingConfig, dtype: torch.dtype, with_forces: bool
@@ -369,7 +372,7 @@ class TorchANNPotential:
             except (OSError, ValueError) as error:
                 raise RuntimeError(f"Failed to load checkpoint {resume_from}: {error}") from error
             self._check_resumable(state.model, resume_from)
-            return state
+            return to(state, data.train.device)
         model = init_model(
             self.descriptor.params,
             self.arch,
@@ -717,6 +720,13 @@ class _TrainingData:
     atomic_energies: Mapping[str, float] | None
     train_source: Any
     test_source: Any
+
+    def on(self, device: torch.device) -> _TrainingData:
+        """These splits on ``device`` (computed on the CPU, moved once; lazy splits stay
+        on the CPU)."""
+        if device.type == "cpu":
+            return self
+        return replace(self, train=to(self.train, device), test=to(self.test, device))
 
     def close(self) -> None:
         """Stop the DataLoader workers of lazy splits (:meth:`StructureSource.close`)."""
