@@ -41,12 +41,14 @@ from aenet_fn.potential import (
 from aenet_fn.sampling import split_indices
 from aenet_fn.structure import Structure
 from aenet_fn.train import (
+    Speedups,
     TrainConfig,
     TrainState,
     evaluate,
     fit,
     init_model,
     init_train_state,
+    prepare_speedups,
     run_epoch,
     train_step,
 )
@@ -68,6 +70,7 @@ __all__ = [
     "Normalization",
     "PlateauConfig",
     "SGDConfig",
+    "Speedups",
     "Structure",
     "TrainConfig",
     "TrainState",
@@ -91,6 +94,7 @@ __all__ = [
     "load_checkpoint",
     "neighbor_list",
     "pair_vectors",
+    "prepare_speedups",
     "read_aenet_ascii",
     "read_structures",
     "run_epoch",

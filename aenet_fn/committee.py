@@ -28,14 +28,15 @@ from torch.utils._pytree import tree_map
 from aenet_fn.batch import Batch
 from aenet_fn.descriptor import ChebyshevParams, build_graph
 from aenet_fn.distributed import World
-from aenet_fn.energy_gradient import EnergyTable, EnergyWorkspace, energy_gradients, energy_table
+from aenet_fn.energy_gradient import energy_gradients
 from aenet_fn.featurized import FeaturizedSet, MiniBatch, stack_batches, take_structures
-from aenet_fn.force_jacobian import SetJacobian, StackedJacobians
+from aenet_fn.force_jacobian import BatchJacobian, SetJacobian, StackedJacobians
 from aenet_fn.loss import accumulate_errors, error_sums_init, metrics_from_sums
 from aenet_fn.network import Architecture, NetworkParams
 from aenet_fn.potential import Model, energy, energy_forces_stress
 from aenet_fn.train import (
     DrawnEpoch,
+    Speedups,
     TrainConfig,
     TrainState,
     autograd_gradient,
@@ -44,6 +45,7 @@ from aenet_fn.train import (
     draw_member_energy_epochs,
     draws_ahead,
     end_of_epoch,
+    energy_epoch_table,
     epoch_batches,
     epochs_drawn_ahead,
     finish_epoch,
@@ -52,8 +54,7 @@ from aenet_fn.train import (
     member_step,
     optimizer_of,
     plan_epoch,
-    run_jacobians,
-    takes_fast_route,
+    prepare_speedups,
 )
 
 
@@ -145,44 +146,44 @@ def committee_epoch(
     train: FeaturizedSet,
     config: TrainConfig,
     on_batch: Callable[[int, int], None] | None = None,
-    table: EnergyTable | None = None,
-    jacobian: SetJacobian | None = None,
-    workspace: EnergyWorkspace | None = None,
-    drawn: Sequence[DrawnEpoch] | None = None,
+    speedups: Speedups | None = None,
 ) -> tuple[tuple[TrainState, ...], list[dict[str, float]]]:
     """One epoch of every member, one optimisation step of all members per batch
-    (:func:`committee_step`; energy-only epochs: the members' networks stacked into the
-    batched products of :mod:`aenet_fn.energy_gradient`, gathering from ``table``, built here
-    when not given, with the buffers of ``workspace``, the members' stacked values, kept
-    from epoch to epoch, or new ones; ``drawn``: each member's epoch drawn ahead by
-    :func:`~aenet_fn.train.draw_member_energy_epochs` with that workspace). Force batches
-    take assembled Jacobians from ``jacobian`` (:func:`~aenet_fn.train.assembled_jacobian` of
-    ``train``; shared batches: all members in one product of each matrix). Returns the
-    new states and each member's training metrics."""
+    (:func:`committee_step`). ``speedups``: the CPU's fast route of the run
+    (:func:`~aenet_fn.train.prepare_speedups` of the members): energy-only epochs stack the
+    members' networks into the batched products of :mod:`aenet_fn.energy_gradient`,
+    gathering from its table, with the buffers of its workspace (the members' stacked
+    values), or take each member's epoch drawn ahead
+    (:func:`~aenet_fn.train.draw_member_energy_epochs`); force batches take its stored
+    Jacobian (shared batches: all members in one product of each matrix). Without it,
+    energy-only epochs build their own table where one applies. Returns the new states and
+    each member's training metrics."""
     check_shared_parts([m.model for m in members])
-    if drawn is None:
+    if speedups is None:
+        speedups = Speedups(table=energy_epoch_table(members[0], train, config, World()))
+    if speedups.drawn is None:
         planned = [plan_epoch(member, train, config) for member in members]
     else:
-        planned = [d.take(m, table, workspace) for m, d in zip(members, drawn, strict=True)]
+        drawn = zip(members, speedups.drawn, strict=True)
+        planned = [epoch.take(member, speedups) for member, epoch in drawn]
     members = [state for state, _ in planned]
     orders = [order for _, order in planned]
     shared = all(torch.equal(orders[0], order) for order in orders) and all(
         torch.equal(members[0].sampler.force_subset, m.sampler.force_subset) for m in members
     )
     # the working values: stacked into the workspace's buffer where there is one
+    workspace = speedups.workspace
     out = None if workspace is None else workspace.network.values
     values = torch.stack([m.model.network.values for m in members], out=out)
     opt_state = _stack([m.opt_state for m in members])
     lrs = torch.tensor([m.lr for m in members], dtype=values.dtype, device=values.device)
-    if config.uses_forces or not takes_fast_route(config, values):
+    if speedups.table is None:
+        jacobian = speedups.jacobian
         steps = _batch_steps(
             members, orders, shared, values, opt_state, lrs, train, config, jacobian
         )
     else:
-        table = energy_table(members[0].model, train, config.batch_size) if table is None else table
-        steps = _energy_steps(
-            members, orders, shared, values, opt_state, lrs, table, config, workspace, drawn
-        )
+        steps = _energy_steps(members, orders, shared, values, opt_state, lrs, speedups, config)
     sums = [error_sums_init() for _ in members]
     member_errors: list[list[torch.Tensor]] = [[] for _ in members]
     n_batches = math.ceil(orders[0].numel() / config.batch_size)
@@ -221,16 +222,14 @@ def committee_step(
     """One optimiser step of every member, from the stacked ``values`` ``[M, P]``,
     ``opt_state`` and learning rates ``lrs`` ``[M]``, on a ``batch`` shared by the members or
     (``stacked``) stacked along a leading member axis (:func:`~aenet_fn.featurized.stack_batches`).
-    On the ``torch.func`` route (``config.route``) it is :func:`~aenet_fn.train.member_step`
-    vmapped over the members (and their stacked batches). On the CPU's fast route the members'
-    losses come from one :func:`~aenet_fn.train.batch_loss` of the stacked values (the members
-    a leading axis of every array, no ``vmap``) and their gradients from ``torch.autograd``
-    (members are independent, so the gradient of the summed losses is each member's own): the
-    same numbers to round-off (tested). Stacked batches take the vmapped ``member_step`` on
-    both routes, except those with stacked assembled Jacobians (fast route only), which only
-    the summed form takes."""
-    vmapped = stacked or not takes_fast_route(config, values)
-    if vmapped and not isinstance(batch.local, StackedJacobians):
+    It is :func:`~aenet_fn.train.member_step` vmapped over the members (and their stacked
+    batches). A batch with assembled Jacobians (the CPU's fast route,
+    :func:`~aenet_fn.train.assembled_jacobian`) takes the members' losses from one
+    :func:`~aenet_fn.train.batch_loss` of the stacked values instead (the members a leading
+    axis of every array, no ``vmap``) and their gradients from ``torch.autograd`` (members are
+    independent, so the gradient of the summed losses is each member's own): the same numbers
+    to round-off (tested)."""
+    if not isinstance(batch.local, (BatchJacobian, StackedJacobians)):
         batch_dims = (
             tree_map(lambda leaf: 0 if isinstance(leaf, torch.Tensor) else None, batch)
             if stacked
@@ -273,16 +272,15 @@ def _batch_steps(members, orders, shared, values, opt_state, lrs, train, config,
         yield values, opt_state, errors, forces
 
 
-def _energy_steps(
-    members, orders, shared, values, opt_state, lrs, table, config, workspace=None, drawn=None
-):
+def _energy_steps(members, orders, shared, values, opt_state, lrs, speedups, config):
     """Energy-only steps of all members at once: plans of their orders (one shared order, or
-    one per member) from ``table``, or the members' epochs ``drawn`` ahead, and one stacked
-    gradient per batch; ``values`` and ``opt_state`` (this epoch's stacked copies; ``values``
-    the buffer of ``workspace`` where given) are updated in place."""
+    one per member) from the table of ``speedups``, or the members' epochs drawn ahead, and
+    one stacked gradient per batch; ``values`` and ``opt_state`` (this epoch's stacked copies;
+    ``values`` the buffer of the workspace where there is one) are updated in place."""
     optimizer = optimizer_of(config)
-    if drawn is not None:
-        steps = drawn[0].gradients(config.batch_size)
+    workspace = speedups.workspace
+    if speedups.drawn is not None:
+        steps = speedups.drawn[0].gradients(config.batch_size)
     else:
         network = (
             attrs.evolve(members[0].model.network, values=values)
@@ -290,7 +288,7 @@ def _energy_steps(
             else workspace.network
         )
         draws = orders[0] if shared else torch.stack(orders)
-        batch_size, force_weight = config.batch_size, config.force_weight
+        table, batch_size, force_weight = speedups.table, config.batch_size, config.force_weight
         steps = energy_gradients(table, network, draws, batch_size, force_weight, workspace)
     for gradient, errors in steps:
         opt_state = optimizer.update_members_in_place(gradient, opt_state, values, lrs)
@@ -340,29 +338,21 @@ def committee_fit(
     callbacks get the tuple of member states."""
     members = tuple(members)
     # one per run: the members share the normalisation, which training does not change
-    template = members[0].model
-    fast = takes_fast_route(config, template.network.values)
-    table = (
-        None if config.uses_forces or not fast else energy_table(template, train, config.batch_size)
-    )
-    jacobian, test_jacobian = run_jacobians(template, train, test, config)
-    workspace = None  # the stacked values' buffers, kept for the run
-    if table is not None:
-        stacked = torch.stack([m.model.network.values for m in members])
-        workspace = EnergyWorkspace(attrs.evolve(template.network, values=stacked))
+    speedups = prepare_speedups(members, train, test, config, World())
 
     def draw(left: int) -> list[tuple[DrawnEpoch, ...]]:  # from the members the loop reached
-        return draw_member_energy_epochs(members, train, config, table, workspace, left)
+        return draw_member_energy_epochs(members, train, config, speedups, left)
 
-    ahead = draws_ahead(table, train, config)
+    ahead = draws_ahead(speedups, train, config)
     for drawn, start in epochs_drawn_ahead(config.epochs, draw if ahead else None):
-        members, train_metrics = committee_epoch(
-            members, train, config, on_batch, table, jacobian, workspace, drawn
-        )
+        epoch_speedups = attrs.evolve(speedups, drawn=drawn)
+        members, train_metrics = committee_epoch(members, train, config, on_batch, epoch_speedups)
         test_metrics: list[dict[str, float] | None] = (
             [None] * len(members)
             if test is None
-            else committee_evaluate(members, test, config.uses_forces, jacobian=test_jacobian)
+            else committee_evaluate(
+                members, test, config.uses_forces, jacobian=speedups.test_jacobian
+            )
         )
         seconds = time.perf_counter() - start
         members = tuple(

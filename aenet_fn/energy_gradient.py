@@ -863,20 +863,3 @@ def plan_gradient(
     with torch.inference_mode():
         gradient, errors = EnergySteps(network, plan, force_weight).gradient(k)
     return gradient.clone(), errors.clone()
-
-
-def energy_loss_gradient(
-    model: Model, values: torch.Tensor, batch: MiniBatch, force_weight: float
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Gradient ``[P]`` of the energy-only loss ``(1 − α)·RMSE_E`` of ``batch`` with respect
-    to the network parameters ``values`` ``[P]``, with the auxiliary output of
-    :func:`aenet_fn.train.batch_loss`: per-atom energy errors ``[b]`` (eV/atom, before the step)
-    and zero force differences ``[n, 3]``. ``batch`` must carry no force supervision."""
-    if batch.local is not None:
-        raise ValueError("energy_loss_gradient: the batch supervises forces; use batch_loss")
-    table = energy_table(model, batch)
-    network = attrs.evolve(model.network, values=values)
-    draws = torch.arange(batch.n_structures, device=values.device)
-    plan = energy_plan(table, network, draws, batch.n_structures)
-    gradient, errors = plan_gradient(network, plan, 0, force_weight)
-    return gradient, (errors, batch.forces.new_zeros(batch.forces.shape[0], 3))

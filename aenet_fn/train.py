@@ -37,12 +37,11 @@ from aenet_fn.energy_gradient import (
     EnergyTable,
     EnergyWorkspace,
     energy_gradients,
-    energy_loss_gradient,
     energy_plan,
     energy_table,
 )
 from aenet_fn.featurized import FeaturizedSet, MiniBatch, set_jacobian
-from aenet_fn.force_jacobian import SetJacobian
+from aenet_fn.force_jacobian import BatchJacobian, SetJacobian
 from aenet_fn.loader import (
     Split,
     batch_stream,
@@ -149,6 +148,9 @@ class TrainConfig:
             which runs on every device and dtype. ``"fast"``: the CPU speed-ups (hand-derived
             energy gradient, stored Jacobians, fused optimiser forms; CPU only), the same
             numbers to round-off. ``"auto"``: ``"fast"`` on the CPU, ``"func"`` elsewhere.
+        jacobian_memory_gib: the most memory (GiB) the fast route may spend on a split's
+            stored Jacobian (an upper bound is checked before it is built); a split that
+            could need more trains its forces on the ``torch.func`` route.
     """
 
     epochs: int = 100
@@ -168,6 +170,7 @@ class TrainConfig:
     prefetch_factor: int = 2
     persistent_workers: bool = False
     route: str = "auto"
+    jacobian_memory_gib: float = 8.0
 
     def __attrs_post_init__(self) -> None:
         for name, low in (("epochs", 0), ("batch_size", 1), ("force_resample_num_epochs", 0)):
@@ -190,6 +193,10 @@ class TrainConfig:
             f"sampling_policy must be one of {SAMPLING_POLICIES}, got {self.sampling_policy!r}",
         )
         _check(self.route in ROUTES, f"route must be one of {ROUTES}, got {self.route!r}")
+        _check(
+            is_real(self.jacobian_memory_gib) and self.jacobian_memory_gib >= 0,
+            f"jacobian_memory_gib must be a number >= 0, got {self.jacobian_memory_gib!r}",
+        )
         _check(
             isinstance(self.optimizer, (AdamConfig, SGDConfig)),
             f"optimizer must be AdamConfig or SGDConfig, got {type(self.optimizer).__name__}",
@@ -477,11 +484,9 @@ def member_step(
 
 def apply_gradient(state: TrainState, gradient: torch.Tensor, config: TrainConfig) -> TrainState:
     """``state`` after one optimiser update of its network parameters with ``gradient`` ``[P]``
-    (the optimiser's eager form on the fast route, its pure ``update`` on the ``torch.func``
-    one)."""
+    (outside ``torch.func`` transforms: the optimiser's eager form on the CPU)."""
     values = state.model.network.values
-    optimizer = optimizer_of(config)
-    update = optimizer.update_eagerly if takes_fast_route(config, values) else optimizer.update
+    update = optimizer_of(config).update_eagerly
     return _with_parameters(state, *update(gradient, state.opt_state, values, state.lr))
 
 
@@ -495,32 +500,29 @@ def train_step(
     state: TrainState, batch: MiniBatch, config: TrainConfig
 ) -> tuple[TrainState, tuple[torch.Tensor, torch.Tensor]]:
     """One optimiser step on ``batch``; returns the new state and the batch's per-atom energy
-    errors ``[b]`` and supervised force differences (measured before the step). On the
-    ``torch.func`` route (``config.route``) the gradient is :func:`member_step`'s
-    ``torch.func.grad``; on the CPU's fast route energy-only batches take the hand-derived
-    gradient of :mod:`aenet_fn.energy_gradient`, others ``torch.autograd`` (the same numbers
-    to round-off; tested). Off the CPU the step reads nothing back to the host (tested on the
+    errors ``[b]`` and supervised force differences (measured before the step): the
+    :func:`member_step` of the state's parameters (``torch.func.grad``). A batch with an
+    assembled Jacobian (the CPU's fast route, :func:`assembled_jacobian`) takes its gradient
+    from ``torch.autograd`` and the optimiser's eager form instead (the same numbers to
+    round-off; tested). Off the CPU the step reads nothing back to the host (tested on the
     meta device)."""
     values = state.model.network.values
-    if not takes_fast_route(config, values):
+    if not isinstance(batch.local, BatchJacobian):
         new_values, opt_state, aux = member_step(
             state.model, values, state.opt_state, state.lr, batch, config
         )
         return _with_parameters(state, new_values, opt_state), aux
-    if batch.local is None:
-        gradient, aux = energy_loss_gradient(state.model, values, batch, config.force_weight)
-    else:
-        gradient, aux = autograd_gradient(
-            lambda v: batch_loss(
-                state.model,
-                v,
-                batch,
-                config.force_weight,
-                config.force_scale_unbiased,
-                by_autograd=True,
-            ),
-            values,
-        )
+    gradient, aux = autograd_gradient(
+        lambda v: batch_loss(
+            state.model,
+            v,
+            batch,
+            config.force_weight,
+            config.force_scale_unbiased,
+            by_autograd=True,
+        ),
+        values,
+    )
     return apply_gradient(state, gradient, config), aux
 
 
@@ -531,11 +533,10 @@ def data_parallel_step(
     processes of ``world``: the loss is that of the global batch, the gradients of all shares
     are summed (all-reduce), and every process applies the same update (see
     :mod:`aenet_fn.distributed`). Returns this share's residuals."""
-
-    fast = takes_fast_route(config, state.model.network.values)
+    assembled = isinstance(batch.local, BatchJacobian)
 
     def loss(values: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        errors, differences = batch_residuals(state.model, values, batch, by_autograd=fast)
+        errors, differences = batch_residuals(state.model, values, batch, by_autograd=assembled)
         value = global_batch_loss(
             errors,
             differences,
@@ -548,9 +549,8 @@ def data_parallel_step(
         return value, (errors, differences)
 
     values = state.model.network.values
-    gradient, aux = (autograd_gradient if fast else func_gradient)(loss, values)
-    gradient = all_reduce_sum(gradient, world)
-    return apply_gradient(state, gradient, config), aux
+    gradient, aux = (autograd_gradient if assembled else func_gradient)(loss, values)
+    return apply_gradient(state, all_reduce_sum(gradient, world), config), aux
 
 
 EVALUATE_BATCH = 256
@@ -685,13 +685,18 @@ def energy_epoch_table(
     return energy_table(state.model, train, config.batch_size)
 
 
-_BLOCK_ELEMENTS = 1 << 28
-"""Largest estimate of a featurized set's pair-block values (blocks × 3 × features) for which
-force batches use assembled Jacobians (2 GiB in float64, stored twice). The estimate counts one
-block per radial entry, two per triplet and one per atom; periodic images and triplets merge,
-so there are usually several times fewer (TiO2: 54 000 blocks against an estimate of 526 000),
-while mirror blocks of pairs seen only through triplets (angular cutoff beyond the radial one)
-can add to it."""
+def stored_jacobian_bytes(data: FeaturizedSet) -> int:
+    """An upper bound of the memory (bytes) of the stored Jacobian of ``data``
+    (:func:`~aenet_fn.featurized.set_jacobian`), whichever way each structure is stored: a
+    structure of ``n`` atoms has at most ``entries`` blocks (one per radial entry, two per
+    triplet and their mirrors, one per atom), each stored twice with two indices when sparse,
+    and is dense (one ``n²`` block matrix) only where that is at most twice its blocks; per
+    atom two counts."""
+    n = data.n_atoms
+    entries = data.radial_count + 4 * data.triplet_count + n
+    block = 3 * data.features.shape[1] * data.features.element_size()
+    per_structure = torch.minimum(n * n * (block + 8), entries * (2 * block + 16))
+    return int(per_structure.sum()) + 16 * data.features.shape[0]
 
 
 def assembled_jacobian(model: Model, data: Split | None, config: TrainConfig) -> SetJacobian | None:
@@ -700,39 +705,81 @@ def assembled_jacobian(model: Model, data: Split | None, config: TrainConfig) ->
     otherwise) instead of the per-entry maps (the same numbers to round-off, several times
     faster on CPU; built once per run), or None where that does not apply: energy-only
     training, DataLoader workers, lazy or missing splits, sets without derivatives, the
-    ``torch.func`` route (:func:`takes_fast_route`), data off the CPU, or sets whose blocks
-    could be too large (``_BLOCK_ELEMENTS``)."""
+    ``torch.func`` route (:func:`takes_fast_route`), data off the CPU, or a Jacobian that
+    could exceed ``config.jacobian_memory_gib`` (:func:`stored_jacobian_bytes`)."""
     if not config.uses_forces or config.num_workers > 0 or not isinstance(data, FeaturizedSet):
         return None
     if not takes_fast_route(config, model.network.values):
         return None
-    local = data.local
-    if local is None or data.features.device.type != "cpu":
+    if data.local is None or data.features.device.type != "cpu":
         return None
-    bound = local.radial.shape[0] + 2 * local.angular_first.shape[0] + data.features.shape[0]
-    if bound * 3 * data.features.shape[1] > _BLOCK_ELEMENTS:
+    if stored_jacobian_bytes(data) > config.jacobian_memory_gib * 2**30:
         return None
     return set_jacobian(model.descriptor, data)
 
 
-def run_jacobians(
-    model: Model, train: Split, test: Split | None, config: TrainConfig
-) -> tuple[SetJacobian | None, SetJacobian | None]:
-    """The :func:`assembled_jacobian` of a run's train and test splits."""
-    return assembled_jacobian(model, train, config), assembled_jacobian(model, test, config)
+@attrs.frozen(eq=False)
+class Speedups:
+    """The CPU's fast route for one run (:func:`prepare_speedups`), the one thing the driver
+    passes on to take it; each part None where it does not apply.
+
+    Attributes:
+        table: the training split's :class:`~aenet_fn.energy_gradient.EnergyTable`, through
+            which energy-only epochs lay out many batches at once (:func:`energy_epoch_table`).
+        workspace: the :class:`~aenet_fn.energy_gradient.EnergyWorkspace` those epochs update
+            in place (the run's parameters, a committee's stacked), kept from epoch to epoch.
+        jacobian, test_jacobian: the stored position Jacobians of the train and test splits,
+            through which force batches and metrics go (:func:`assembled_jacobian`).
+        drawn: this epoch, drawn ahead (:func:`draw_energy_epochs`; a committee's: one per
+            member), set by :func:`fit` for each epoch.
+    """
+
+    table: EnergyTable | None = None
+    workspace: EnergyWorkspace | None = None
+    jacobian: SetJacobian | None = None
+    test_jacobian: SetJacobian | None = None
+    drawn: Any = None
+
+    @property
+    def applied(self) -> bool:
+        """Whether any speed-up applies to the run."""
+        return self.table is not None or self.jacobian is not None
+
+
+def prepare_speedups(
+    run: TrainState | Sequence[TrainState],
+    train: Split,
+    test: Split | None,
+    config: TrainConfig,
+    world: World | None = None,
+) -> Speedups:
+    """The :class:`Speedups` of a run of one model (``run``: its state) or of a committee
+    (``run``: its members' states, stacked) on these splits: built once per run, before the
+    first epoch (the energy table and the stored Jacobians depend on the splits and the
+    normalisation only, which training does not change); nothing on the ``torch.func`` route
+    (``config.route``, every device but the CPU)."""
+    members = [run] if isinstance(run, TrainState) else list(run)
+    template = members[0]
+    table = energy_epoch_table(template, train, config, world)
+    workspace = None
+    if table is not None:
+        values = [m.model.network.values for m in members]
+        if isinstance(run, TrainState):
+            stacked = values[0].clone(memory_format=torch.contiguous_format)
+        else:
+            stacked = torch.stack(values)
+        workspace = EnergyWorkspace(attrs.evolve(template.model.network, values=stacked))
+    return Speedups(
+        table=table,
+        workspace=workspace,
+        jacobian=assembled_jacobian(template.model, train, config),
+        test_jacobian=assembled_jacobian(template.model, test, config),
+    )
 
 
 StepReport = Callable[[torch.Tensor, torch.Tensor, Any], None]
 """Called after each step with this process's per-atom energy errors, those of the whole
 batch, and (force differences, supervised atoms) or None."""
-
-
-def energy_workspace(state: TrainState) -> EnergyWorkspace:
-    """An :class:`~aenet_fn.energy_gradient.EnergyWorkspace` for the energy-only epochs of a
-    run from ``state`` (its network's parameters copied into the workspace's own buffer)."""
-    network = state.model.network
-    values = network.values.clone(memory_format=torch.contiguous_format)
-    return EnergyWorkspace(attrs.evolve(network, values=values))
 
 
 @attrs.frozen(eq=False)
@@ -756,13 +803,11 @@ class DrawnEpoch:
             range(first, first + math.ceil(self.order.numel() / batch_size))
         )
 
-    def take(
-        self, state: TrainState, table: EnergyTable | None, workspace: EnergyWorkspace | None
-    ) -> tuple[TrainState, torch.Tensor]:
+    def take(self, state: TrainState, speedups: Speedups) -> tuple[TrainState, torch.Tensor]:
         """What :func:`plan_epoch` gives for ``state``: ``state`` with the sampler and
         generator after the draw, and the order drawn. Refuses a ``state`` this epoch was not
         drawn from, and a run without the table or with another workspace than its steps'."""
-        if table is None or self.steps.workspace is not workspace:
+        if speedups.table is None or self.steps.workspace is not speedups.workspace:
             raise ValueError("an epoch drawn ahead needs its table and workspace")
         if not torch.equal(self.start_rng, state.rng):
             raise ValueError("this epoch was drawn ahead from another state")
@@ -779,14 +824,14 @@ def epochs_per_plan(table: EnergyTable, train: Split) -> int:
     return min(DRAW_AHEAD, int(PLAN_ATOMS / (table.atoms_per_structure * train.n_structures)))
 
 
-def draws_ahead(table: EnergyTable | None, train: Split, config: TrainConfig) -> bool:
-    """Whether :func:`fit` draws energy-only epochs ahead: on the energy route (``table``),
-    where the draws do not depend on the epochs before (not ``error_weighted``) and several
-    epochs fit one plan."""
+def draws_ahead(speedups: Speedups, train: Split, config: TrainConfig) -> bool:
+    """Whether :func:`fit` draws energy-only epochs ahead: on the energy route (the table of
+    ``speedups``), where the draws do not depend on the epochs before (not
+    ``error_weighted``) and several epochs fit one plan."""
     return (
-        table is not None
+        speedups.table is not None
         and config.sampling_policy != "error_weighted"
-        and epochs_per_plan(table, train) > 1
+        and epochs_per_plan(speedups.table, train) > 1
     )
 
 
@@ -807,20 +852,16 @@ def epochs_drawn_ahead(
 
 
 def draw_energy_epochs(
-    state: TrainState,
-    train: Split,
-    config: TrainConfig,
-    table: EnergyTable,
-    workspace: EnergyWorkspace,
-    n_epochs: int,
+    state: TrainState, train: Split, config: TrainConfig, speedups: Speedups, n_epochs: int
 ) -> list[DrawnEpoch]:
     """Up to ``n_epochs`` (at most ``DRAW_AHEAD``, and about 2¹⁶ atoms) energy-only epochs
     from ``state``, their orders drawn as :func:`plan_epoch` would draw them one epoch at a
     time (only sampler and generator take part: not for ``error_weighted`` sampling, whose
     scores change every epoch), laid out in one plan (each epoch's short last batch ends in
     empty slots): one plan's fixed cost per several epochs. Each batch is laid out as in a
-    plan of its epoch alone (the same numbers, bit for bit)."""
-    epochs = draw_member_energy_epochs([state], train, config, table, workspace, n_epochs)
+    plan of its epoch alone (the same numbers, bit for bit). ``speedups``: the run's, with
+    its table and workspace."""
+    epochs = draw_member_energy_epochs([state], train, config, speedups, n_epochs)
     return [epoch for (epoch,) in epochs]
 
 
@@ -828,13 +869,13 @@ def draw_member_energy_epochs(
     states: Sequence[TrainState],
     train: Split,
     config: TrainConfig,
-    table: EnergyTable,
-    workspace: EnergyWorkspace,
+    speedups: Speedups,
     n_epochs: int,
 ) -> list[tuple[DrawnEpoch, ...]]:
-    """:func:`draw_energy_epochs` of committee members (``workspace``: of their stacked
-    values): per epoch, each member's; one plan of all, with one order per member, or one
-    for all where every member draws the same."""
+    """:func:`draw_energy_epochs` of committee members (the workspace of ``speedups``: of
+    their stacked values): per epoch, each member's; one plan of all, with one order per
+    member, or one for all where every member draws the same."""
+    table, workspace = speedups.table, speedups.workspace
     if config.sampling_policy == "error_weighted":
         raise ValueError(
             "draw_energy_epochs: error_weighted epochs depend on the errors of the ones before"
@@ -875,30 +916,31 @@ def _ordinary(tensor: torch.Tensor) -> torch.Tensor:
 def _energy_epoch(
     state: TrainState,
     order: torch.Tensor,
-    table: EnergyTable,
+    speedups: Speedups,
     config: TrainConfig,
     on_step: StepReport,
-    workspace: EnergyWorkspace | None,
-    drawn: DrawnEpoch | None = None,
 ) -> TrainState:
-    """The steps of an energy-only epoch from :class:`EnergyPlan` s of many batches each,
-    on working copies of the parameters (in ``workspace``, kept from epoch to epoch, or a new
-    one) and optimiser state, updated in place; returns the state after the last step (the
-    same numbers as :func:`train_step` on each batch)."""
+    """The steps of an energy-only epoch from :class:`EnergyPlan` s of many batches each
+    (the table of ``speedups``, or its epoch drawn ahead), on working copies of the
+    parameters (in its workspace, kept from epoch to epoch, or a new one) and optimiser state,
+    updated in place; returns the state after the last step (the same numbers as
+    :func:`train_step` on each batch)."""
     optimizer = optimizer_of(config)
+    workspace = speedups.workspace
     kept = workspace is not None
     if kept:
         workspace.network.values.copy_(state.model.network.values)
     else:
-        workspace = energy_workspace(state)
+        values = state.model.network.values.clone(memory_format=torch.contiguous_format)
+        workspace = EnergyWorkspace(attrs.evolve(state.model.network, values=values))
     network = workspace.network
     opt_state = tree_map(torch.clone, state.opt_state)
-    if drawn is None:
+    if speedups.drawn is None:
         steps = energy_gradients(
-            table, network, order, config.batch_size, config.force_weight, workspace
+            speedups.table, network, order, config.batch_size, config.force_weight, workspace
         )
     else:  # its batches of the plan of several epochs (in the region below)
-        steps = drawn.gradients(config.batch_size)
+        steps = speedups.drawn.gradients(config.batch_size)
     with torch.inference_mode():  # the in-place updates too: ordinary tensors stay ordinary
         for gradient, errors in steps:
             opt_state = optimizer.update_in_place(gradient, opt_state, network.values, state.lr)
@@ -920,8 +962,8 @@ def _batch_epoch(
     jacobian: SetJacobian | None,
 ) -> TrainState:
     """The steps of an epoch over assembled mini-batches (:func:`train_step`, or
-    :func:`data_parallel_step` under ``torch.distributed``); returns the state after the
-    last step."""
+    :func:`data_parallel_step` under ``torch.distributed``; with ``jacobian``, the training
+    split's stored Jacobian); returns the state after the last step."""
     batches = epoch_batches(state, order, train, config, world, jacobian)
     for selection, batch in zip(order.split(config.batch_size), batches):
         if world.size == 1:
@@ -941,10 +983,7 @@ def run_epoch(
     config: TrainConfig,
     on_batch: Callable[[int, int], None] | None = None,
     world: World | None = None,
-    table: EnergyTable | None = None,
-    workspace: EnergyWorkspace | None = None,
-    jacobian: SetJacobian | None = None,
-    drawn: DrawnEpoch | None = None,
+    speedups: Speedups | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
     """One epoch over the training split: sampler order, optional force re-draw, a
     :func:`train_step` per batch (:func:`data_parallel_step` under ``torch.distributed``),
@@ -952,22 +991,20 @@ def run_epoch(
     RMSE/MAE over every draw, measured before each step). ``world``: the processes sharing
     each batch (default: the current process group).
 
-    Energy-only epochs on a featurized set in one process take a faster route to the same
-    steps: the batches of many steps are laid out at once from ``table``
-    (:func:`energy_epoch_table`, built here when not given; :mod:`aenet_fn.energy_gradient`),
-    with the buffers of ``workspace`` (:func:`energy_workspace`; a new one when not given).
-    ``drawn``: this epoch drawn ahead by :func:`draw_energy_epochs` from this ``state`` (its
-    order and the plan its batches are in; ``workspace`` must be the one of its steps).
-    Force batches take assembled Jacobians from ``jacobian`` (:func:`assembled_jacobian` of
-    ``train``, built once per run by :func:`fit`; per-entry maps when not given)."""
+    ``speedups``: the run's CPU fast route (:func:`prepare_speedups`, which :func:`fit` calls
+    once per run), the same steps faster: energy-only epochs lay out the batches of many steps
+    at once from its table (:mod:`aenet_fn.energy_gradient`), or take this epoch drawn ahead
+    from this ``state``; force batches go through its stored Jacobian. Without it, energy-only
+    epochs build their own table where one applies; force batches take the ``torch.func``
+    route."""
     world = current_world() if world is None else world
-    if drawn is None:
+    if speedups is None:
+        speedups = Speedups(table=energy_epoch_table(state, train, config, world))
+    if speedups.drawn is None:
         state, order = plan_epoch(state, train, config)
     else:
-        state, order = drawn.take(state, table, workspace)
+        state, order = speedups.drawn.take(state, speedups)
     n_batches = math.ceil(order.numel() / config.batch_size)
-    if table is None:
-        table = energy_epoch_table(state, train, config, world)
     sums: ErrorSums = error_sums_init()
     own_errors: list[torch.Tensor] = []
     drawn_errors: list[torch.Tensor] = []
@@ -982,10 +1019,10 @@ def run_epoch(
             with torch.inference_mode(False):  # (energy-only steps run in inference mode)
                 on_batch(len(own_errors), n_batches)
 
-    if table is not None:
-        stepped = _energy_epoch(state, order, table, config, on_step, workspace, drawn)
+    if speedups.table is not None:
+        stepped = _energy_epoch(state, order, speedups, config, on_step)
     else:
-        stepped = _batch_epoch(state, order, train, config, world, on_step, jacobian)
+        stepped = _batch_epoch(state, order, train, config, world, on_step, speedups.jacobian)
     sums = accumulate_errors(sums, torch.cat(own_errors))
     sums = reduce_error_sums(sums, world)
     return finish_epoch(stepped, order, drawn_errors, config), metrics_from_sums(sums)
@@ -1035,16 +1072,16 @@ def fit(
     callbacks: Sequence[Callable[[TrainState], None]] = (),
     on_batch: Callable[[int, int], None] | None = None,
     world: World | None = None,
-    jacobians: tuple[SetJacobian | None, SetJacobian | None] | None = None,
+    speedups: Speedups | None = None,
 ) -> TrainState:
     """Run ``config.epochs`` more epochs from ``state``; after each, evaluate the test split
     (exact metrics), record history/best/scheduler and call every callback with the new state
     (progress bars, checkpoints, logs). Under ``torch.distributed`` every process runs this
     same loop on its shares; callbacks and ``on_batch`` run on rank 0 only. ``world``: the
     processes sharing each batch (default: the current process group; ``World()`` trains in
-    this process alone, e.g. committee members spread over ranks). ``jacobians``: the
-    :func:`assembled_jacobian` of the train and test splits (:func:`run_jacobians`), when
-    several runs on the same splits share them (built here when not given)."""
+    this process alone, e.g. committee members spread over ranks). ``speedups``: the CPU's
+    fast route for these splits (:func:`prepare_speedups`), when several runs on the same
+    splits share it (prepared here when not given)."""
     check_split(train, state.model.descriptor, "fit: training split")
     check_resumable(state, train, config)
     check_labels(train, config.uses_forces, "fit: training")
@@ -1054,25 +1091,26 @@ def fit(
     world = current_world() if world is None else world
     if not world.is_main:
         callbacks, on_batch = (), None
-    table = energy_epoch_table(state, train, config, world)  # one per run: fixed normalisation
-    workspace = None if table is None else energy_workspace(state)
-    if jacobians is None:
-        jacobians = run_jacobians(state.model, train, test, config)
-    jacobian, test_jacobian = jacobians
+    if speedups is None:
+        speedups = prepare_speedups(state, train, test, config, world)
 
     def draw(left: int) -> list[DrawnEpoch]:  # from the state the loop has reached
-        return draw_energy_epochs(state, train, config, table, workspace, left)
+        return draw_energy_epochs(state, train, config, speedups, left)
 
-    ahead = draws_ahead(table, train, config)
+    ahead = draws_ahead(speedups, train, config)
     for drawn, start in epochs_drawn_ahead(config.epochs, draw if ahead else None):
-        state, train_metrics = run_epoch(
-            state, train, config, on_batch, world, table, workspace, jacobian, drawn
-        )
+        epoch_speedups = attrs.evolve(speedups, drawn=drawn)
+        state, train_metrics = run_epoch(state, train, config, on_batch, world, epoch_speedups)
         test_metrics = (
             None
             if test is None
             else _split_metrics(
-                state.model, test, config.uses_forces, EVALUATE_BATCH, world, test_jacobian
+                state.model,
+                test,
+                config.uses_forces,
+                EVALUATE_BATCH,
+                world,
+                speedups.test_jacobian,
             )
         )
         state = end_of_epoch(

@@ -33,7 +33,7 @@ from aenet_fn.testing.devices import (
     count_host_syncs,
     forbid_host_sync,
 )
-from aenet_fn.train import assembled_jacobian
+from aenet_fn.train import Speedups, assembled_jacobian
 
 PARAMS = af.ChebyshevParams(["Ti", "O"], 6, 5.0, 3, 3.5, min_cutoff=0.5)
 ARCH = {"Ti": [(5, "tanh")], "O": [(5, "tanh")]}
@@ -204,8 +204,8 @@ def test_committee_step(setup, kind):
 def test_committee_epoch(setup, kind):
     config = setup.energies if kind == "energy only" else setup.forces
     members = _members(setup, config, shared=kind == "forces, shared")
-    jacobian = setup.jacobian if kind == "forces, shared" else None
-    assert_on_device(committee_epoch, members, setup.train, config, None, None, jacobian)
+    speedups = Speedups(jacobian=setup.jacobian) if kind == "forces, shared" else None
+    assert_on_device(committee_epoch, members, setup.train, config, None, speedups)
 
 
 def test_committee_fit_with_a_test_split(setup):

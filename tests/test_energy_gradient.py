@@ -10,12 +10,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 import aenet_fn as af
 import aenet_fn.energy_gradient as energy_gradient_module
 import aenet_fn.train as train_module
-from aenet_fn.energy_gradient import (
-    energy_loss_gradient,
-    energy_plan,
-    energy_table,
-    plan_gradient,
-)
+from aenet_fn.energy_gradient import energy_plan, energy_table, plan_gradient
 from aenet_fn.examples import TIO2_STRUCTURES
 from aenet_fn.network import ACTIVATIONS
 from aenet_fn.train import batch_loss, func_gradient
@@ -30,6 +25,14 @@ def tio2_structures():
 
 PARAMS = af.ChebyshevParams(["Ti", "O"], 6, 5.0, 3, 3.5, min_cutoff=0.5)
 ARCH = {"Ti": [(6, "tanh"), (5, "tanh")], "O": [(6, "tanh"), (5, "tanh")]}
+
+
+def _batch_gradient(model, batch, force_weight):
+    """The hand-derived gradient ``[P]`` and per-atom errors ``[b]`` of one whole batch: one
+    plan of its structures, in order."""
+    draws = torch.arange(batch.n_structures)
+    plan = energy_plan(energy_table(model, batch), model.network, draws, batch.n_structures)
+    return plan_gradient(model.network, plan, 0, force_weight)
 
 
 def _in_float64(tree):
@@ -70,9 +73,9 @@ def test_hand_gradient_equals_torch_func(tio2_structures, activation, dtype):
     train = af.featurize_structures(PARAMS, tio2_structures, with_derivatives=False, dtype=dtype)
     model = af.init_model(PARAMS, arch, train, seed=2, atomic_energies=REFERENCES)
     batch = af.take_structures(train, torch.tensor([3, 0, 7, 7, 12, 19, 5]))
-    gradient, (errors, differences) = energy_loss_gradient(model, model.network.values, batch, 0.3)
+    gradient, errors = _batch_gradient(model, batch, 0.3)
     _assert_gradient_of(model, batch, gradient, errors, 0.3)
-    assert gradient.dtype == dtype and not differences.any()
+    assert gradient.dtype == dtype
 
 
 @pytest.mark.parametrize("activation", ["tanh", "twist", "silu"])
@@ -183,14 +186,6 @@ def test_a_table_for_a_batch_size_fixes_the_grouping_of_all_its_plans():
         _assert_gradient_of(model, batch, gradient, errors, 0.0)
 
 
-def test_force_batches_are_refused(tio2_structures):
-    train = af.featurize_structures(PARAMS, tio2_structures[:3], with_derivatives=True)
-    model = af.init_model(PARAMS, {"Ti": [(3, "tanh")], "O": [(3, "tanh")]}, train, seed=0)
-    batch = af.take_structures(train, torch.arange(3), torch.ones(3, dtype=torch.bool))
-    with pytest.raises(ValueError, match="supervises forces"):
-        energy_loss_gradient(model, model.network.values, batch, 0.1)
-
-
 @pytest.mark.parametrize(
     ("optimizer", "policy"),
     [
@@ -291,20 +286,20 @@ def test_epochs_drawn_ahead_are_refused_for_another_state_or_error_weighted_samp
     model = af.init_model(PARAMS, ARCH, train, seed=3, atomic_energies=REFERENCES)
     config = af.TrainConfig(epochs=2, batch_size=3)
     state = af.init_train_state(model, train, config)
-    table = train_module.energy_epoch_table(state, train, config)
-    workspace = train_module.energy_workspace(state)
-    first, second = train_module.draw_energy_epochs(state, train, config, table, workspace, 2)
+    speedups = train_module.prepare_speedups(state, train, None, config)
+    first, second = train_module.draw_energy_epochs(state, train, config, speedups, 2)
     with pytest.raises(ValueError, match="drawn ahead from another state"):
-        train_module.run_epoch(state, train, config, table=table, workspace=workspace, drawn=second)
+        train_module.run_epoch(state, train, config, speedups=attrs.evolve(speedups, drawn=second))
+    elsewhere = train_module.Speedups(table=speedups.table, drawn=first)
     with pytest.raises(ValueError, match="its table and workspace"):
-        train_module.run_epoch(state, train, config, table=table, drawn=first)
+        train_module.run_epoch(state, train, config, speedups=elsewhere)
     after, _ = train_module.run_epoch(
-        state, train, config, table=table, workspace=workspace, drawn=first
+        state, train, config, speedups=attrs.evolve(speedups, drawn=first)
     )
-    train_module.run_epoch(after, train, config, table=table, workspace=workspace, drawn=second)
+    train_module.run_epoch(after, train, config, speedups=attrs.evolve(speedups, drawn=second))
     weighted = attrs.evolve(config, sampling_policy="error_weighted")
     with pytest.raises(ValueError, match="error_weighted"):
-        train_module.draw_energy_epochs(state, train, weighted, table, workspace, 2)
+        train_module.draw_energy_epochs(state, train, weighted, speedups, 2)
 
 
 def test_a_workspace_kept_across_epochs_changes_nothing(tio2_structures):
@@ -314,12 +309,12 @@ def test_a_workspace_kept_across_epochs_changes_nothing(tio2_structures):
     model = af.init_model(PARAMS, ARCH, train, seed=5, atomic_energies=REFERENCES)
     config = af.TrainConfig(epochs=1, batch_size=6, sampling_policy="error_weighted")
     state = af.init_train_state(model, train, config)
-    table = train_module.energy_epoch_table(state, train, config)
-    workspace = train_module.energy_workspace(state)
+    speedups = train_module.prepare_speedups(state, train, None, config)
+    workspace, fresh_workspace = speedups.workspace, train_module.Speedups(table=speedups.table)
     kept, fresh = state, state
     for _ in range(3):
-        kept, _ = train_module.run_epoch(kept, train, config, table=table, workspace=workspace)
-        fresh, _ = train_module.run_epoch(fresh, train, config, table=table)
+        kept, _ = train_module.run_epoch(kept, train, config, speedups=speedups)
+        fresh, _ = train_module.run_epoch(fresh, train, config, speedups=fresh_workspace)
         assert torch.equal(kept.model.network.values, fresh.model.network.values)
         assert torch.equal(kept.sampler.scores, fresh.sampler.scores)
     before = kept.model.network.values.clone()
@@ -352,11 +347,8 @@ def test_energy_route_states_carry_no_inference_tensors(tio2_structures, optimiz
     forces = attrs.evolve(config, force_weight=0.5, epochs=1)
     after = af.fit(state, train, None, forces)
     assert not torch.equal(after.model.network.values, state.model.network.values)
-    # a custom loop's energy-only step: its gradient and errors may be changed in place
+    # a custom loop's energy-only step
     batch = af.take_structures(train, torch.tensor([0, 2, 3]))
-    gradient, (errors, _) = energy_loss_gradient(model, model.network.values, batch, 0.0)
-    gradient.clamp_(-1.0, 1.0)
-    errors.mul_(2.0)
     stepped, (step_errors, _) = af.train_step(state, batch, config)
     assert not step_errors.is_inference()
     assert not any(leaf.is_inference() for leaf in tree_leaves(stepped.opt_state))

@@ -10,13 +10,21 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from torch.utils._pytree import tree_leaves
 
 import aenet_fn as af
 from aenet_fn import ChebyshevParams, Structure, collate, featurize
 from aenet_fn.examples import TIO2_STRUCTURES
 from aenet_fn.featurized import featurize_structures, set_jacobian, take_structures
 from aenet_fn.force_jacobian import BatchJacobian, SetJacobian
-from aenet_fn.train import assembled_jacobian, init_model, init_train_state, run_epoch
+from aenet_fn.train import (
+    Speedups,
+    assembled_jacobian,
+    init_model,
+    init_train_state,
+    run_epoch,
+    stored_jacobian_bytes,
+)
 from tests.conftest import batch_energies_and_forces, random_structure, scaled_examples
 
 TWO_SPECIES = ChebyshevParams(
@@ -148,7 +156,9 @@ def test_epochs_with_assembled_jacobians_equal_epochs_with_entries(tio2, policy,
     with_entries, with_jacobian = state, state
     for _ in range(3):
         with_entries, entries_metrics = run_epoch(with_entries, train, config)
-        with_jacobian, jacobian_metrics = run_epoch(with_jacobian, train, config, jacobian=jacobian)
+        with_jacobian, jacobian_metrics = run_epoch(
+            with_jacobian, train, config, speedups=Speedups(jacobian=jacobian)
+        )
         assert jacobian_metrics == pytest.approx(entries_metrics, rel=1e-10)
     values = with_jacobian.model.network.values
     assert not torch.equal(values, state.model.network.values)
@@ -179,7 +189,7 @@ def test_float32_assembled_forces_are_close_to_float64(tio2, storage):
     assert error < 1e-5 * float(reference.abs().max())
 
 
-def test_force_blocks_only_where_they_apply(tio2, monkeypatch):
+def test_force_blocks_only_where_they_apply(tio2):
     params, train, _ = tio2
     model = init_model(params, {"Ti": [(4, "tanh")], "O": [(4, "tanh")]}, train, seed=0)
     forces = af.TrainConfig(force_weight=0.1)
@@ -191,8 +201,24 @@ def test_force_blocks_only_where_they_apply(tio2, monkeypatch):
     assert assembled_jacobian(model, energy_only, forces) is None
     with pytest.raises(ValueError, match="no local derivatives"):
         set_jacobian(params, energy_only)
-    monkeypatch.setattr(af.train, "_BLOCK_ELEMENTS", 1000)
-    assert assembled_jacobian(model, train, forces) is None
+    assert assembled_jacobian(model, train, attrs.evolve(forces, route="func")) is None
+
+
+def test_the_jacobian_memory_budget_bounds_what_is_stored(tio2):
+    """:func:`stored_jacobian_bytes` bounds the memory of the Jacobian the fast route stores
+    (and is not far above it); a budget below the bound trains on the ``torch.func``
+    route."""
+    params, train, _ = tio2
+    model = init_model(params, {"Ti": [(4, "tanh")], "O": [(4, "tanh")]}, train, seed=0)
+    config = af.TrainConfig(force_weight=0.1, jacobian_memory_gib=math.inf)
+    jacobian = assembled_jacobian(model, train, config)
+    stored = sum(leaf.numel() * leaf.element_size() for leaf in tree_leaves(jacobian))
+    bound = stored_jacobian_bytes(train)
+    assert stored <= bound <= 2.5 * stored
+    budget = attrs.evolve(config, jacobian_memory_gib=bound / 2**30)
+    assert assembled_jacobian(model, train, budget) is not None
+    smaller = attrs.evolve(config, jacobian_memory_gib=0.99 * bound / 2**30)
+    assert assembled_jacobian(model, train, smaller) is None
 
 
 def test_jacobian_of_another_descriptor_or_set_is_refused(tio2):

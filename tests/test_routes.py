@@ -99,9 +99,12 @@ def test_auto_takes_the_speed_ups_on_the_cpu_only():
         takes_fast_route(af.TrainConfig(route="fast"), meta)
 
 
-def test_a_bad_route_is_refused():
+def test_bad_route_options_are_refused():
     with pytest.raises(ValueError, match="route must be one of"):
         af.TrainConfig(route="fastest")
+    for bad in (-1.0, float("nan"), "8", True):
+        with pytest.raises(ValueError, match="jacobian_memory_gib must be a number >= 0"):
+            af.TrainConfig(jacobian_memory_gib=bad)
 
 
 def test_the_route_is_recorded_in_the_checkpoint(data, tmp_path):

@@ -54,7 +54,7 @@ from aenet_fn.torch_training.trainer import (
     check_reference_species,
     convert_to_structures,
 )
-from aenet_fn.train import fit, run_jacobians
+from aenet_fn.train import fit, prepare_speedups
 
 EXECUTION_MODES = ("vmap", "sequential")
 
@@ -367,11 +367,13 @@ class TorchCommitteePotential:
                 states = committee_fit(
                     states, train, test, core, [lambda members: progress(members[0])]
                 )
-            else:  # the members share the splits: their Jacobians are built once
-                jacobians = run_jacobians(states[0].model, train, test, core) if states else None
+            else:  # the members share the splits: their speed-ups are prepared once
+                speedups = (
+                    prepare_speedups(states[0], train, test, core, World()) if states else None
+                )
                 states = tuple(
                     _member_outcome(
-                        state, train, test, attrs.evolve(core, seed=state_seed), jacobians
+                        state, train, test, attrs.evolve(core, seed=state_seed), speedups
                     )
                     for state, state_seed in zip(states, my_seeds)
                 )
@@ -631,12 +633,12 @@ _MEMBER_FILES = ("model.pt", "history.json", "history.csv", "summary.json")
 history files are those :func:`~aenet_fn.io.train.write_history` names)."""
 
 
-def _member_outcome(state, train, test, config, jacobians) -> Any:
+def _member_outcome(state, train, test, config, speedups) -> Any:
     """One sequential member's trained state, or the exception that stopped it (so that one
     failing member does not lose the others; :meth:`TorchCommitteePotential.train` reports
     the failures after writing everything else)."""
     try:
-        return fit(state, train, test, config, world=World(), jacobians=jacobians)
+        return fit(state, train, test, config, world=World(), speedups=speedups)
     except Exception as error:  # any failure of one member is recorded
         return error
 
