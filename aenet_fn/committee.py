@@ -332,13 +332,16 @@ def committee_fit(
     config: TrainConfig,
     callbacks: Sequence[Callable[[tuple[TrainState, ...]], None]] = (),
     on_batch: Callable[[int, int], None] | None = None,
+    speedups: Speedups | None = None,
 ) -> tuple[TrainState, ...]:
     """``config.epochs`` more epochs of every member together; after each epoch every member
     records its own history, best model and scheduler step (nothing is shared), then the
-    callbacks get the tuple of member states."""
+    callbacks get the tuple of member states. ``speedups``: the CPU's fast route for these
+    members and splits (:func:`~aenet_fn.train.prepare_speedups` of the members; prepared
+    here when not given)."""
     members = tuple(members)
-    # one per run: the members share the normalisation, which training does not change
-    speedups = prepare_speedups(members, train, test, config, World())
+    if speedups is None:  # one per run: the members share the normalisation
+        speedups = prepare_speedups(members, train, test, config, World())
 
     def draw(left: int) -> list[tuple[DrawnEpoch, ...]]:  # from the members the loop reached
         return draw_member_energy_epochs(members, train, config, speedups, left)

@@ -65,7 +65,7 @@ def _timed_run(data: DataSet, config: af.TrainConfig, members: int) -> tuple[flo
             data.params, data.arch, data.train, config, member_seeds(members)
         )
         speedups = af.prepare_speedups(committee, data.train, None, config)
-        states = list(committee_fit(committee, data.train, None, config))
+        states = list(committee_fit(committee, data.train, None, config, speedups=speedups))
     wall = time.perf_counter() - start
     epochs = [row["epoch_time"] for row in states[0].history]
     return wall - sum(epochs), min(epochs), speedups.applied
