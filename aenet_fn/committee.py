@@ -29,8 +29,9 @@ from aenet_fn.batch import Batch
 from aenet_fn.descriptor import ChebyshevParams, build_graph
 from aenet_fn.distributed import World
 from aenet_fn.energy_gradient import energy_gradients
-from aenet_fn.featurized import FeaturizedSet, MiniBatch, stack_batches, take_structures
+from aenet_fn.featurized import MiniBatch, stack_batches
 from aenet_fn.force_jacobian import BatchJacobian, SetJacobian, StackedJacobians
+from aenet_fn.loader import Split, take_batch
 from aenet_fn.loss import accumulate_errors, error_sums_init, metrics_from_sums
 from aenet_fn.network import Architecture, NetworkParams
 from aenet_fn.potential import Model, energy, energy_forces_stress
@@ -112,7 +113,7 @@ def check_shared_parts(models: Sequence[Model]) -> None:
 def init_committee(
     descriptor: ChebyshevParams,
     arch: Architecture,
-    train: FeaturizedSet,
+    train: Split,
     config: TrainConfig,
     seeds: Sequence[int],
     shared_batches: bool = False,
@@ -143,7 +144,7 @@ def _member(tree: Any, index: int) -> Any:
 
 def committee_epoch(
     members: Sequence[TrainState],
-    train: FeaturizedSet,
+    train: Split,
     config: TrainConfig,
     on_batch: Callable[[int, int], None] | None = None,
     speedups: Speedups | None = None,
@@ -297,7 +298,7 @@ def _energy_steps(members, orders, shared, values, opt_state, lrs, speedups, con
 
 def committee_evaluate(
     members: Sequence[TrainState],
-    data: FeaturizedSet,
+    data: Split,
     with_forces: bool,
     batch_size: int = 256,
     jacobian: SetJacobian | None = None,
@@ -315,7 +316,7 @@ def committee_evaluate(
     sums = [error_sums_init() for _ in members]
     everything = data.has_forces if with_forces else None
     for selection in torch.arange(data.n_structures, device=data.n_atoms.device).split(batch_size):
-        batch = take_structures(data, selection, everything, jacobian)
+        batch = take_batch(data, selection, everything, jacobian)
         with torch.no_grad():
             errors, differences = residuals(values, batch)
         sums = [
@@ -327,8 +328,8 @@ def committee_evaluate(
 
 def committee_fit(
     members: Sequence[TrainState],
-    train: FeaturizedSet,
-    test: FeaturizedSet | None,
+    train: Split,
+    test: Split | None,
     config: TrainConfig,
     callbacks: Sequence[Callable[[tuple[TrainState, ...]], None]] = (),
     on_batch: Callable[[int, int], None] | None = None,

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import attrs
 import torch
+from torch.utils._pytree import tree_leaves
 
 from aenet_fn._records import pytree_record, static_field, to
 from aenet_fn.batch import collate, ranges
@@ -239,6 +240,35 @@ _ATOM_FIELDS = (
     "triplet_first",
     "triplet_second",
 )
+
+
+def estimated_set_bytes(
+    params: ChebyshevParams,
+    structures: Sequence[Structure],
+    *,
+    with_derivatives: bool,
+    dtype: torch.dtype = torch.float64,
+    sample: int = 16,
+) -> int:
+    """The memory (bytes) :func:`featurize_structures` would take for ``structures``,
+    estimated from ``sample`` of them spread over the sequence (their bytes per atom, times
+    every structure's atoms): local derivatives grow with the neighbours of each atom, so a
+    set with force data can take far more than its features."""
+    count = len(structures)
+    if count == 0:
+        raise ValueError("estimated_set_bytes: no structures")
+    picked = sorted(
+        {round(k * (count - 1) / max(sample - 1, 1)) for k in range(min(sample, count))}
+    )
+    chosen = [structures[k] for k in picked]
+    part = featurize_structures(params, chosen, with_derivatives=with_derivatives, dtype=dtype)
+    part_bytes = sum(
+        leaf.numel() * leaf.element_size()
+        for leaf in tree_leaves(part)
+        if isinstance(leaf, torch.Tensor)
+    )
+    atoms = sum(structures[k].n_atoms for k in range(count))
+    return round(part_bytes * atoms / sum(s.n_atoms for s in chosen))
 
 
 def _offset_atoms(local: LocalDerivatives, offset: int) -> LocalDerivatives:

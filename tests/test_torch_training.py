@@ -370,3 +370,68 @@ def test_device_defaults_to_cuda_only_for_splits_in_memory(monkeypatch):
         TorchTrainingConfig(device="cuda", num_workers=2).validate()
     with pytest.raises(ValueError, match="route must be one of"):
         TorchTrainingConfig(route="fastest").validate()
+
+
+@pytest.mark.parametrize("committee", [False, True])
+def test_splits_beyond_the_memory_budget_recompute_derivatives_per_batch(
+    committee, monkeypatch, tmp_path
+):
+    """Force training whose stored derivatives would not fit ``memory_budget_gib`` reads the
+    splits lazily (derivatives recomputed per batch, memory bounded by the batch) and trains
+    to the weights of the run that keeps them in memory."""
+    import aenet_fn.torch_training.trainer as trainer_module
+
+    structures = af.read_structures(sorted(TIO2_STRUCTURES.glob("*.xsf"))[:10])
+    descriptor = ChebyshevDescriptor(["Ti", "O"], 4, 4.0, 2, 3.0, min_cutoff=0.5)
+    arch = {"Ti": [(4, "tanh")], "O": [(4, "tanh")]}
+    lazy = []
+
+    class Recorded(trainer_module.StructureSource):
+        def __init__(self, *args, **kwargs):
+            lazy.append(kwargs["with_derivatives"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "StructureSource", Recorded)
+    weights = {}
+    for budget in (8.0, 0.0):
+        config = TorchTrainingConfig(
+            iterations=2,
+            method=Adam(batchsize=4),
+            force_weight=0.3,
+            memory_budget_gib=budget,
+            seed=1,
+            split_seed=2,
+            atomic_energies={"Ti": -1604.604515075, "O": -432.503149303},
+            testpercent=20,
+            checkpoint_dir=None,
+            show_progress=False,
+        )
+        if committee:
+            from aenet_fn.torch_training import TorchCommitteeConfig
+
+            potential = TorchCommitteePotential(arch, descriptor)
+            members = TorchCommitteeConfig(num_members=2, output_dir=str(tmp_path / str(budget)))
+            potential.train(structures=structures, config=config, committee_config=members)
+            weights[budget] = torch.stack([m.model.network.values for m in potential.members])
+        else:
+            potential = TorchANNPotential(arch, descriptor)
+            potential.train(structures=structures, config=config)
+            weights[budget] = potential.model.network.values
+        assert lazy == ([True, True] if budget == 0.0 else [])
+    torch.testing.assert_close(weights[0.0], weights[8.0], rtol=1e-10, atol=1e-13)
+
+
+def test_the_set_size_estimate_is_close_to_the_featurized_set():
+    from torch.utils._pytree import tree_leaves
+
+    from aenet_fn.featurized import estimated_set_bytes
+
+    structures = af.read_structures(sorted(TIO2_STRUCTURES.glob("*.xsf")))
+    params = af.ChebyshevParams(["Ti", "O"], 6, 5.0, 3, 3.5, min_cutoff=0.5)
+    for forces in (False, True):
+        estimate = estimated_set_bytes(params, structures, with_derivatives=forces)
+        data = af.featurize_structures(params, structures, with_derivatives=forces)
+        real = sum(t.numel() * t.element_size() for t in tree_leaves(data) if torch.is_tensor(t))
+        assert 0.8 * real < estimate < 1.25 * real
+    with pytest.raises(ValueError, match="memory_budget_gib must be a number >= 0"):
+        TorchTrainingConfig(memory_budget_gib=-1).validate()

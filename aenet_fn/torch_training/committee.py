@@ -37,7 +37,6 @@ from aenet_fn.committee import (
     member_seeds,
 )
 from aenet_fn.distributed import World, agreed_seed, all_gather_objects, current_world, members_of
-from aenet_fn.featurized import FeaturizedSet
 from aenet_fn.io.predict import PredictOut
 from aenet_fn.io.train import TrainOut, read_history, write_history
 from aenet_fn.mlip.ensemble import (
@@ -336,10 +335,10 @@ class TorchCommitteePotential:
             sources, config, dtype, forces, "TorchCommitteePotential.train"
         )
         train, test = data.train, data.test
-        if committee_config.execution == "vmap" and not isinstance(train, FeaturizedSet):
+        if committee_config.execution == "vmap" and config.num_workers > 0:
             raise ValueError(
-                "vmapped committees train on featurized sets in memory: use num_workers=0, or "
-                'TorchCommitteeConfig(execution="sequential") for DataLoader workers'
+                "vmapped committees prepare their batches in this process: use num_workers=0, "
+                'or TorchCommitteeConfig(execution="sequential") for DataLoader workers'
             )
         params = self.descriptor.params
         seeds = committee_config.seeds(agreed_seed(config.seed, world))

@@ -149,7 +149,11 @@ class TorchTrainingConfig:
     memory (``num_workers = 0``; DataLoader workers prepare batches for the CPU only), else
     on the CPU; the trained potential then returns to its descriptor's device. ``route``: the
     training route of :class:`~aenet_fn.train.TrainConfig` (``"auto"``, ``"func"`` or
-    ``"fast"``).
+    ``"fast"``). ``memory_budget_gib``: the most memory (GiB) a split's stored derivative
+    data may take. Force training on the CPU keeps a split's local derivatives in memory when
+    they fit it (estimated from a sample of its structures), else recomputes them for each
+    batch (memory bounded by the batch, the same numbers); the CPU's stored Jacobians are
+    built within it too (``TrainConfig.jacobian_memory_gib``).
     """
 
     iterations: int = 100
@@ -188,6 +192,7 @@ class TorchTrainingConfig:
     prefetch_factor: int = 2
     persistent_workers: bool = True
     route: str = "auto"
+    memory_budget_gib: float = 8.0
     feature_stats: dict[str, Any] | None = None
     E_shift: float | None = None
     E_scaling: float | None = None
@@ -247,6 +252,10 @@ class TorchTrainingConfig:
                 raise ValueError(f"{name} must be True or False, got {value!r}")
             setattr(self, name, bool(value))
         self.iterations = _integer("iterations", self.iterations, minimum=0)
+        if not _is_number(self.memory_budget_gib) or not self.memory_budget_gib >= 0:
+            raise ValueError(
+                f"memory_budget_gib must be a number >= 0, got {self.memory_budget_gib!r}"
+            )
         if not _is_number(self.testpercent) or not 0 <= self.testpercent <= 100:
             raise ValueError(f"testpercent must lie in [0, 100], got {self.testpercent!r}")
         for name in ("seed", "split_seed"):
@@ -333,6 +342,7 @@ class TorchTrainingConfig:
             prefetch_factor=int(self.prefetch_factor),
             persistent_workers=bool(self.persistent_workers),
             route=self.route,
+            jacobian_memory_gib=float(self.memory_budget_gib),
         )
 
 

@@ -29,9 +29,9 @@ from aenet_fn.checkpoint import (
     safe_torch_load,
 )
 from aenet_fn.data import filter_structures, split_structures
-from aenet_fn.descriptor import build_graph
+from aenet_fn.descriptor import ChebyshevParams, build_graph
 from aenet_fn.distributed import agreed_seed, current_world
-from aenet_fn.featurized import FeaturizedSet, featurize_structures
+from aenet_fn.featurized import FeaturizedSet, estimated_set_bytes, featurize_structures
 from aenet_fn.io.ase_io import from_ase, read_structures
 from aenet_fn.io.predict import PredictOut
 from aenet_fn.io.train import TrainOut, write_energies, write_history
@@ -232,13 +232,14 @@ class TorchANNPotential:
         with_forces: bool,
         role: str,
     ) -> FeaturizedSet | StructureSource:
-        """A split featurized once and kept in memory or, with ``num_workers > 0``, a lazy
-        source whose batches the DataLoader workers read and featurize when drawn, keeping
-        :meth:`~TorchTrainingConfig.runtime_cache_entries` of them each when ``cache_scope``
-        covers the split's ``role`` (``"train"`` or ``"val"``; memory bounded by the batches and
-        the caches)."""
+        """A split featurized once and kept in memory or a lazy source whose batches are read
+        and featurized when drawn: with ``num_workers > 0`` by the DataLoader workers, and in
+        this process for force training whose derivatives would not fit
+        ``memory_budget_gib``; each keeps :meth:`~TorchTrainingConfig.runtime_cache_entries`
+        of them when ``cache_scope`` covers the split's ``role`` (``"train"`` or ``"val"``;
+        memory bounded by the batches and the caches)."""
         params = self.descriptor.params
-        if config.num_workers > 0:
+        if config.num_workers > 0 or _beyond_budget(params, structures, config, dtype, with_forces):
             return StructureSource(
                 params,
                 structures,
@@ -708,6 +709,21 @@ def _ascii_info(model: Model, structures: Any, compute_stats: bool) -> dict[str,
         return None
     references = dict(zip(model.descriptor.species, model.normalization.atomic_energies.tolist()))
     return training_info(convert_to_structures(structures), references)
+
+
+def _beyond_budget(
+    params: ChebyshevParams,
+    structures: StructureSequence,
+    config: TorchTrainingConfig,
+    dtype: torch.dtype,
+    with_forces: bool,
+) -> bool:
+    """Whether force training on the CPU should recompute a split's derivatives per batch:
+    kept in memory, they would exceed ``config.memory_budget_gib`` (an estimate)."""
+    if not with_forces or config.resolved_device().type != "cpu":
+        return False
+    budget = config.memory_budget_gib * 2**30
+    return estimated_set_bytes(params, structures, with_derivatives=True, dtype=dtype) > budget
 
 
 @dataclass
