@@ -76,3 +76,40 @@ def test_the_gpu_benchmark_runs_on_the_cpu():
     assert all("error" not in row and row["epoch_s"] > 0 for row in result["results"])
     assert result["results"][0]["vs_one_member"] == 1.0
     assert result["setup"]["device_name"] == "cpu"
+
+
+def test_the_routes_benchmark_measures_both_routes_and_judges_each_speed_up():
+    """benchmarks/routes.py on a tiny set: each case times both routes, says whether the fast
+    route's speed-up applied, and the verdicts name each speed-up with its least gain."""
+    import aenet_fn as af
+    from benchmarks import _common, routes
+
+    structures = _common.tio2_structures(6)
+    data = routes.DataSet(
+        "tiny",
+        af.featurize_structures(_common.PARAMS, structures, with_derivatives=True),
+        _common.PARAMS,
+        _common.ARCH,
+        4,
+    )
+    rows = [
+        row
+        for forces in (False, True)
+        for members in (1, 2)
+        for row in routes.measure_case(data, forces, members, epochs=1, rounds=1)
+    ]
+    assert [(r["mode"], r["members"], r["route"]) for r in rows] == [
+        (mode, members, route)
+        for mode in ("energy", "forces")
+        for members in (1, 2)
+        for route in routes.ROUTES
+    ]
+    assert all(r["applied"] for r in rows if r["route"] == "fast")
+    assert all(r["vs_func"] > 0 and r["run_100_s"] > 0 for r in rows)
+    verdicts = routes.verdicts(rows)
+    assert set(verdicts) == {
+        f"{part}, {members} member(s)"
+        for part in ("energy tables", "stored Jacobians")
+        for members in (1, 2)
+    }
+    assert all(v["keep"] == (v["least_gain"] >= routes.KEEP_AT) for v in verdicts.values())
