@@ -18,6 +18,8 @@ is never recomputed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 import torch
@@ -95,9 +97,12 @@ def local_derivatives(
     typespin = weights[graph.species]
     with torch.no_grad():
         vectors = pair_vectors(positions, cells, structure_index, graph.pairs)
-        radial = vmap(jacfwd(radial_of_vector))(vectors[graph.radial])
-        first, second = vmap(jacfwd(angular_of_vectors, argnums=(0, 1)))(
-            vectors[graph.triplet_first], vectors[graph.triplet_second]
+        radial = _in_pieces(vmap(jacfwd(radial_of_vector)), vectors, graph.radial)
+        first, second = _in_pieces(
+            vmap(jacfwd(angular_of_vectors, argnums=(0, 1))),
+            vectors,
+            graph.triplet_first,
+            graph.triplet_second,
         )
     return LocalDerivatives(
         radial_centre=centers[graph.radial],
@@ -112,6 +117,28 @@ def local_derivatives(
         angular_first=first,
         angular_second=second,
     )
+
+
+ENTRIES_PER_PIECE = 1 << 15
+"""Entries whose derivatives are computed at once: forward-mode AD keeps several times the
+result in temporaries, so pieces bound the memory of large chunks of structures."""
+
+
+def _in_pieces(derivative: Callable[..., Any], vectors: torch.Tensor, *entries: torch.Tensor):
+    """``derivative`` of the pair vectors picked by each of ``entries`` (index tensors of one
+    length), ``ENTRIES_PER_PIECE`` at a time, written into one result (a tensor, or a tuple
+    of tensors as ``derivative`` returns)."""
+    total = entries[0].shape[0]
+    out = None
+    for first in range(0, total, ENTRIES_PER_PIECE) or (0,):
+        last = min(first + ENTRIES_PER_PIECE, total)
+        piece = derivative(*(vectors[index[first:last]] for index in entries))
+        parts = piece if isinstance(piece, tuple) else (piece,)
+        if out is None:
+            out = tuple(p.new_empty((total, *p.shape[1:])) for p in parts)
+        for target, part in zip(out, parts):
+            target[first:last] = part
+    return out if len(out) > 1 else out[0]
 
 
 _FIELDS = tuple(f.name for f in attrs.fields(LocalDerivatives))

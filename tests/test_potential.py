@@ -102,6 +102,21 @@ def test_local_derivative_forces_equal_autodiff_forces(seed):
     torch.testing.assert_close(f_blocks, f_local, rtol=0, atol=1e-14)
 
 
+@pytest.mark.parametrize("piece", [1, 7, 1 << 15])
+def test_local_derivatives_computed_in_pieces_are_those_computed_at_once(piece, monkeypatch):
+    """Entries are differentiated ``ENTRIES_PER_PIECE`` at a time (bounded temporaries):
+    every field is bitwise the one-piece result, whatever the piece size."""
+    import aenet_fn.local_derivatives as local_module
+
+    structures = _structures(3, 3)
+    whole = featurize_structures(PARAMS, structures, with_derivatives=True).local
+    monkeypatch.setattr(local_module, "ENTRIES_PER_PIECE", piece)
+    pieces = featurize_structures(PARAMS, structures, with_derivatives=True).local
+    assert whole.radial.shape[0] > 7 and whole.angular_first.shape[0] > 7
+    for field in attrs.fields(LocalDerivatives):
+        assert torch.equal(getattr(pieces, field.name), getattr(whole, field.name)), field.name
+
+
 @pytest.mark.parametrize(
     "storage", [None, 0.0, 1.0, math.inf], ids=["entries", "pairs", "mixed", "dense"]
 )
