@@ -315,7 +315,8 @@ def committee_evaluate(
 
     sums = [error_sums_init() for _ in members]
     everything = data.has_forces if with_forces else None
-    for selection in torch.arange(data.n_structures, device=data.n_atoms.device).split(batch_size):
+    host = torch.arange(data.n_structures, device="cpu")  # batches are laid out on the host
+    for selection in host.split(batch_size):
         batch = take_batch(data, selection, everything, jacobian)
         with torch.no_grad():
             errors, differences = residuals(values, batch)

@@ -16,7 +16,7 @@ import attrs
 import torch
 from torch.utils._pytree import tree_leaves
 
-from aenet_fn._records import pytree_record, static_field, to
+from aenet_fn._records import host_field, pytree_record, static_field, to
 from aenet_fn.batch import collate, ranges
 from aenet_fn.descriptor import ChebyshevParams, build_graph, features_from_graph, species_lookup
 from aenet_fn.force_jacobian import (
@@ -30,6 +30,59 @@ from aenet_fn.force_jacobian import (
 from aenet_fn.local_derivatives import LocalDerivatives, local_derivatives
 from aenet_fn.normalization import ENERGY_DTYPE, as_energy
 from aenet_fn.structure import Structure, check_float_dtype
+
+HOST = torch.device("cpu")
+"""Where batches are laid out: the host, whatever the data's device."""
+
+
+@pytree_record
+@attrs.frozen(eq=False)
+class HostLayout:
+    """Host (CPU) copies of a featurized set's integer layout, from which a mini-batch's
+    indices and sizes are computed without reading the set's device (:func:`take_structures`).
+
+    Attributes:
+        n_atoms, atom_start: ``[B]`` atoms of each structure and its first atom.
+        species_index: ``[N]`` species of each atom.
+        labelled: ``[N]`` bool, atoms whose forces are known.
+        radial_start, radial_count, triplet_start, triplet_count: ``[N]`` each centre atom's
+            run of derivative entries (the set's entries are sorted by centre; zeros without
+            derivatives).
+    """
+
+    n_atoms: torch.Tensor
+    atom_start: torch.Tensor
+    species_index: torch.Tensor
+    labelled: torch.Tensor
+    radial_start: torch.Tensor
+    radial_count: torch.Tensor
+    triplet_start: torch.Tensor
+    triplet_count: torch.Tensor
+
+    @classmethod
+    def of(cls, data: FeaturizedSet) -> HostLayout:
+        """The layout of ``data``, read to the host once."""
+        n = data.features.shape[0]
+
+        def runs(centres: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            count = torch.zeros(n, dtype=torch.long, device=HOST)
+            if centres is not None:
+                count = torch.bincount(centres.cpu(), minlength=n)
+            return torch.cumsum(count, 0) - count, count
+
+        local = data.local
+        radial_start, radial_count = runs(None if local is None else local.radial_centre)
+        triplet_start, triplet_count = runs(None if local is None else local.triplet_centre)
+        return cls(
+            n_atoms=data.n_atoms.cpu(),
+            atom_start=data.atom_start.cpu(),
+            species_index=data.species_index.cpu(),
+            labelled=torch.isfinite(data.forces).all(dim=1).cpu(),
+            radial_start=radial_start,
+            radial_count=radial_count,
+            triplet_start=triplet_start,
+            triplet_count=triplet_count,
+        )
 
 
 @pytree_record
@@ -50,6 +103,8 @@ class FeaturizedSet:
         names: one name per structure.
         descriptor: the descriptor parameters the features were computed with (None: not
             recorded); models and other sets are checked against it.
+        layout: the :class:`HostLayout` of the set, on the host whatever the set's device
+            (derived from the fields above when the set is built; kept when it moves).
     """
 
     features: torch.Tensor
@@ -66,6 +121,12 @@ class FeaturizedSet:
     triplet_count: torch.Tensor
     names: tuple[str | None, ...] = static_field()
     descriptor: ChebyshevParams | None = static_field(default=None)  # noqa: RUF009 (immutable)
+    layout: HostLayout | None = host_field(default=None)  # noqa: RUF009 (an attrs field)
+
+    def __attrs_post_init__(self) -> None:
+        # derived on the CPU (cheap, never stale); a set elsewhere keeps the one it moved with
+        if self.layout is None or self.features.device.type == "cpu":
+            object.__setattr__(self, "layout", HostLayout.of(self))
 
     @property
     def n_structures(self) -> int:
@@ -84,10 +145,13 @@ class FeaturizedSet:
 
     @property
     def has_forces(self) -> torch.Tensor:
-        """``[B]`` bool: structures whose forces are all known."""
-        known = torch.isfinite(self.forces).all(dim=1).to(torch.long)
-        per_structure = torch.zeros_like(self.n_atoms).index_add(0, self.structure_index, known)
-        return per_structure == self.n_atoms
+        """``[B]`` bool, on the host: structures whose forces are all known."""
+        layout = self.layout
+        structure = torch.repeat_interleave(
+            torch.arange(self.n_structures, device=HOST), layout.n_atoms
+        )
+        known = torch.zeros_like(layout.n_atoms).index_add(0, structure, layout.labelled.long())
+        return known == layout.n_atoms
 
     @property
     def structure_index(self) -> torch.Tensor:
@@ -276,10 +340,17 @@ def _offset_atoms(local: LocalDerivatives, offset: int) -> LocalDerivatives:
 
 
 def _concat_local(parts: list[LocalDerivatives]) -> LocalDerivatives:
-    fields = attrs.fields(LocalDerivatives)
-    return LocalDerivatives(
-        **{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields}
-    )
+    """The entries of ``parts`` one after another. Consumes ``parts`` (the list is emptied):
+    each field's pieces are freed as soon as they are joined, so that the peak memory is the
+    result plus one field's pieces, not twice the result."""
+    if len(parts) == 1:
+        return parts.pop()
+    pieces = {f.name: [getattr(p, f.name) for p in parts] for f in attrs.fields(LocalDerivatives)}
+    parts.clear()
+    joined = {}
+    for name in list(pieces):
+        joined[name] = torch.cat(pieces.pop(name))
+    return LocalDerivatives(**joined)
 
 
 def select_structures(data: FeaturizedSet, indices: Sequence[int]) -> FeaturizedSet:
@@ -380,33 +451,35 @@ def take_structures(
     """The mini-batch of structures ``selection`` ``[b]`` (indices into ``data``, repeats
     allowed). ``force_selected`` ``[B]`` bool marks the structures whose forces are supervised;
     their local derivatives are included (``data`` must carry them): as derivative entries, or
-    with ``jacobian`` (:func:`set_jacobian` of ``data``) as the batch's assembled Jacobian."""
+    with ``jacobian`` (:func:`set_jacobian` of ``data``) as the batch's assembled Jacobian.
+    Every index and size is laid out on the host from the set's :class:`HostLayout`; a set
+    off the CPU only gathers its rows, with ``selection`` and ``force_selected`` given on the
+    CPU (as the training driver does) nothing is read back from it."""
     take = torch.Tensor.index_select  # much faster than advanced indexing on CPU
-    counts = take(data.n_atoms, 0, selection)
-    atoms = ranges(take(data.atom_start, 0, selection), counts)
+    layout, device = data.layout, data.features.device
+    selection = selection.cpu()
+    counts = take(layout.n_atoms, 0, selection)
+    atom_start = take(layout.atom_start, 0, selection)
+    atoms = ranges(atom_start, counts)
     new_start = torch.cumsum(counts, 0) - counts
-    structure_index = torch.repeat_interleave(
-        torch.arange(selection.shape[0], device=selection.device), counts
-    )
-    species = take(data.species_index, 0, atoms)
+    structure_index = torch.repeat_interleave(torch.arange(selection.shape[0], device=HOST), counts)
+    species = take(layout.species_index, 0, atoms)
     order = torch.argsort(species, stable=True)  # batch position (species-major) → structure-major
-    position = torch.empty_like(order).scatter_(
-        0, order, torch.arange(order.shape[0], device=order.device)
-    )
+    position = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=HOST))
     atoms, structure_index, species = (take(x, 0, order) for x in (atoms, structure_index, species))
-    forces = take(data.forces, 0, atoms)
-    labelled = torch.isfinite(forces).all(dim=1)
+    labelled = take(layout.labelled, 0, atoms)
     local = None
     force_atoms = torch.zeros_like(labelled)
     if force_selected is not None:
         known = torch.zeros_like(counts).index_add(0, structure_index, labelled.to(counts.dtype))
-        supervised = take(force_selected, 0, selection) & (known == counts)
+        supervised = take(force_selected.cpu(), 0, selection) & (known == counts)
         if bool(supervised.any()):
             if data.local is None:
                 raise ValueError("take_structures: forces requested but the set has no derivatives")
             force_atoms = take(supervised, 0, structure_index)
             if jacobian is None:
-                local = _select_local(data, selection, supervised, new_start, position, order)
+                shift = take(new_start - atom_start, 0, structure_index)[force_atoms]
+                local = _select_local(data, atoms[force_atoms], shift, position)
             elif (jacobian.n_atoms, jacobian.n_structures) != (
                 data.features.shape[0],
                 data.n_structures,
@@ -421,18 +494,20 @@ def take_structures(
                     jacobian, selection, supervised, atoms, order, position, force_atoms
                 )
     n_species = data.species_counts.shape[1]
+    blocks = tuple(torch.bincount(species, minlength=n_species).tolist())
+    atoms_here = _to_device(atoms, device)
     return MiniBatch(
-        features=take(data.features, 0, atoms),
-        species_index=species,
-        structure_index=structure_index,
-        n_atoms=counts,
-        energies=take(data.energies, 0, selection),
-        forces=forces,
-        force_atoms=force_atoms,
+        features=take(data.features, 0, atoms_here),
+        species_index=_to_device(species, device),
+        structure_index=_to_device(structure_index, device),
+        n_atoms=_to_device(counts, device),
+        energies=take(data.energies, 0, _to_device(selection, device)),
+        forces=take(data.forces, 0, atoms_here),
+        force_atoms=_to_device(force_atoms, device),
         local=local,
-        n_force_labelled=labelled.sum(),
-        atom_index=atoms,
-        species_blocks=tuple(torch.bincount(species, minlength=n_species).tolist()),
+        n_force_labelled=_to_device(labelled.sum(), device),
+        atom_index=atoms_here,
+        species_blocks=blocks,
     )
 
 
@@ -454,30 +529,31 @@ def set_jacobian(
     )
 
 
-def _select_local(data, selection, supervised, new_start, position, order) -> LocalDerivatives:
-    """Derivative entries of the supervised structures, in batch atom numbering (a global atom
-    maps to its structure-major batch position, then through ``position`` to the species-major
-    one) and sorted by centre atom like the set's own (for
+def _select_local(
+    data: FeaturizedSet,
+    supervised_atoms: torch.Tensor,
+    shift: torch.Tensor,
+    position: torch.Tensor,
+) -> LocalDerivatives:
+    """Derivative entries of the batch's supervised atoms (``supervised_atoms``: their global
+    indices, in the batch's species-major order), in batch atom numbering (a global atom maps
+    to its structure-major batch position by adding its structure's ``shift``, then through
+    ``position`` to the species-major one) and sorted by centre atom like the set's own (for
     :func:`~aenet_fn.local_derivatives.centre_sums`): each centre's entries are one run in
-    the set, so sorting permutes runs (``order``: species-major position → structure-major)."""
+    the set, laid out from the host layout; the device only gathers."""
     take = torch.Tensor.index_select  # much faster than advanced indexing on CPU
-    chosen = selection[supervised]
-    shift = new_start[supervised] - take(data.atom_start, 0, chosen)  # global → structure-major
-    local = data.local
-    r_count, t_count = take(data.radial_count, 0, chosen), take(data.triplet_count, 0, chosen)
+    layout, local, device = data.layout, data.local, data.features.device
 
-    def by_centre(starts: torch.Tensor, counts: torch.Tensor, centres: torch.Tensor):
-        """The set's entries of the chosen structures, sorted by species-major centre, and
-        the global → structure-major shift of each."""
-        entries = ranges(starts, counts)
-        entry_shift = torch.repeat_interleave(shift, counts)
-        runs = torch.bincount(take(centres, 0, entries) + entry_shift, minlength=order.shape[0])
-        run_start = torch.cumsum(runs, 0) - runs
-        permutation = ranges(take(run_start, 0, order), take(runs, 0, order))
-        return take(entries, 0, permutation), take(entry_shift, 0, permutation)
+    def entries_of(starts: torch.Tensor, counts: torch.Tensor):
+        """The chosen centres' entries in order, and each entry's shift (on the device)."""
+        chosen = take(counts, 0, supervised_atoms)
+        entries = ranges(take(starts, 0, supervised_atoms), chosen)
+        entry_shift = torch.repeat_interleave(shift, chosen)
+        return _to_device(entries, device), _to_device(entry_shift, device)
 
-    radial, r_shift = by_centre(take(data.radial_start, 0, chosen), r_count, local.radial_centre)
-    triplet, t_shift = by_centre(take(data.triplet_start, 0, chosen), t_count, local.triplet_centre)
+    radial, r_shift = entries_of(layout.radial_start, layout.radial_count)
+    triplet, t_shift = entries_of(layout.triplet_start, layout.triplet_count)
+    position = _to_device(position, device)
 
     def atom(field: torch.Tensor, entries: torch.Tensor, entry_shift: torch.Tensor):
         return take(position, 0, take(field, 0, entries) + entry_shift)
@@ -494,6 +570,16 @@ def _select_local(data, selection, supervised, new_start, position, order) -> Lo
         angular_first=take(local.angular_first, 0, triplet),
         angular_second=take(local.angular_second, 0, triplet),
     )
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host index ``tensor`` on the set's ``device`` (itself on the CPU; on CUDA one
+    asynchronous copy from pinned memory, so the host never waits for the device)."""
+    if device.type == "cpu":
+        return tensor
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _pad(tensor: torch.Tensor, length: int, value: float | int | bool) -> torch.Tensor:

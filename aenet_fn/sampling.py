@@ -20,7 +20,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from aenet_fn._records import pytree_record, static_field
+from aenet_fn._records import host_field, pytree_record, static_field
 
 POLICIES = ("uniform", "energy_weighted", "error_weighted")
 
@@ -63,8 +63,10 @@ def error_weights(scores: torch.Tensor) -> torch.Tensor:
 def weighted_draw(
     weights: torch.Tensor, n_draws: int, *, generator: torch.Generator
 ) -> torch.Tensor:
-    """``[n_draws]`` indices drawn with replacement with probability ∝ ``weights``."""
-    return torch.multinomial(weights.double(), n_draws, replacement=True, generator=generator)
+    """``[n_draws]`` indices drawn with replacement with probability ∝ ``weights``, on the
+    generator's device (the weights are copied there: once per epoch)."""
+    weights = weights.double().to(generator.device)
+    return torch.multinomial(weights, n_draws, replacement=True, generator=generator)
 
 
 def error_scores_update(
@@ -130,24 +132,26 @@ class SamplerState:
     """Sampling state of a training split of ``n`` structures.
 
     Attributes:
-        scores: ``[n]`` error scores (used by ``error_weighted``; start at 1.0).
-        force_subset: ``[n]`` bool, structures whose forces are supervised.
+        scores: ``[n]`` error scores (used by ``error_weighted``; start at 1.0), on the
+            training data's device.
+        force_subset: ``[n]`` bool, structures whose forces are supervised; on the host,
+            where batches are laid out, whatever the data's device.
         policy: ``uniform``, ``energy_weighted`` or ``error_weighted``.
     """
 
     scores: torch.Tensor
-    force_subset: torch.Tensor
+    force_subset: torch.Tensor = host_field()  # noqa: RUF009 (an attrs field)
     policy: str = static_field()
 
 
 def sampler_init(policy: str, n: int, device: torch.device | str | None = None) -> SamplerState:
-    """Initial state: scores 1.0, no force subset; on ``device`` (the training data's; None:
-    torch's default device)."""
+    """Initial state: scores 1.0 on ``device`` (the training data's; None: torch's default
+    device), no force subset (on the host)."""
     if policy not in POLICIES:
         raise ValueError(f"sampling policy {policy!r} is not one of {POLICIES}")
     return SamplerState(
         scores=torch.ones(n, dtype=torch.float64, device=device),
-        force_subset=torch.zeros(n, dtype=torch.bool, device=device),
+        force_subset=torch.zeros(n, dtype=torch.bool, device="cpu"),
         policy=policy,
     )
 
@@ -157,12 +161,11 @@ def epoch_order(
 ) -> torch.Tensor:
     """Indices of the structures visited in one epoch, ``[n]``: a permutation (``uniform``) or
     ``n`` weighted draws with replacement. ``energy_per_atom`` ``[n]`` (referenced, eV/atom) is
-    used (and needed) by ``energy_weighted`` only. A permutation is drawn on the generator's
-    device and moved to the sampler's (once per epoch)."""
+    used (and needed) by ``energy_weighted`` only. The order lies on the generator's device
+    (the host, where the driver lays out batches)."""
     n = state.scores.numel()
     if state.policy == "uniform":
-        order = torch.randperm(n, generator=generator, device=generator.device)
-        return order.to(state.scores.device)
+        return torch.randperm(n, generator=generator, device=generator.device)
     if state.policy == "energy_weighted":
         if energy_per_atom is None:
             raise ValueError("energy_weighted sampling needs the energies per atom")

@@ -371,9 +371,9 @@ def init_train_state(model: Model, train: Split, config: TrainConfig) -> TrainSt
 def _draw_force_subset(
     sampler: SamplerState, train: Split, config: TrainConfig, generator: torch.Generator
 ) -> SamplerState:
-    mask = torch.zeros(train.n_structures, dtype=torch.bool, device=train.device)
+    mask = torch.zeros(train.n_structures, dtype=torch.bool, device="cpu")  # on the host
     if config.uses_forces:
-        candidates = torch.nonzero(train.has_forces).flatten()
+        candidates = torch.nonzero(train.has_forces.cpu()).flatten()
         size = force_subset_size(
             candidates.numel(),
             train.n_structures,
@@ -585,7 +585,7 @@ def _split_metrics(model, data, with_forces, batch_size, world, jacobian) -> dic
     everything = data.has_forces if with_forces else None
     for first in range(0, data.n_structures, batch_size):
         last = min(first + batch_size, data.n_structures)
-        selection = torch.arange(first, last, device=data.n_atoms.device)
+        selection = torch.arange(first, last, device="cpu")  # batches are laid out on the host
         share = shares(selection, world)[world.rank]
         if share.numel() == 0:
             continue
@@ -610,7 +610,7 @@ def plan_epoch(
 ) -> tuple[TrainState, torch.Tensor]:
     """Draw one epoch's plan from the state's generator: the force subset (re-drawn when due)
     and the order of structures. Returns the state with sampler and generator advanced, and the
-    order ``[n_draws]``."""
+    order ``[n_draws]``, on the host (where batches are laid out)."""
     generator = torch.Generator()
     generator.set_state(state.rng)
     sampler = state.sampler
@@ -657,10 +657,12 @@ def epoch_batches(
 def finish_epoch(
     state: TrainState, order: torch.Tensor, errors: Sequence[torch.Tensor], config: TrainConfig
 ) -> TrainState:
-    """Update the error-weighted scores from the epoch's per-draw errors ``|ΔE|/N``."""
+    """Update the error-weighted scores from the epoch's per-draw errors ``|ΔE|/N`` (the
+    order, drawn on the host, copied to the scores' device once)."""
     if config.sampling_policy != "error_weighted":
         return state
-    scores = error_scores_update(state.sampler.scores, order, torch.cat(errors).abs())
+    drawn = order.to(state.sampler.scores.device)
+    scores = error_scores_update(state.sampler.scores, drawn, torch.cat(errors).abs())
     return attrs.evolve(state, sampler=attrs.evolve(state.sampler, scores=scores))
 
 

@@ -4,10 +4,11 @@ evaluation is made on the device of its inputs. Checked on the CPU with the disp
 constructor called without ``device=``, the line that would put a CPU tensor into a GPU step),
 and on the ``meta`` device, where a hard-coded CPU device mixes with the inputs' device.
 
-Only the "device" kind is pinned here: host reads and data-dependent shapes remain (see
-``python -m benchmarks.host_syncs``). An epoch's order and force subset are drawn from the run's
-CPU ``torch.Generator`` by design, with ``device=`` the generator's, and moved to the data's
-device once per epoch."""
+Batches are laid out on the host: an epoch's order and force subset are drawn from the run's
+CPU ``torch.Generator`` and stay there, a set carries its layout on the host
+(:class:`~aenet_fn.featurized.HostLayout`), and a batch cut from a set on another device only
+gathers from it (checked with ``host_work=True``). Steps and evaluations read nothing back;
+graph building still does (see ``python -m benchmarks.host_syncs``)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any
 import attrs
 import pytest
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 import aenet_fn as af
 from aenet_fn.committee import committee_epoch, committee_fit, committee_step, init_committee
@@ -315,6 +316,23 @@ def test_a_training_step_off_the_cpu_never_waits_for_the_device(setup, kind):
         new_state, (errors, _) = af.train_step(*on_meta, config)
     assert new_state.model.network.values.device.type == "meta"
     assert errors.shape == (BATCH,)
+
+
+@pytest.mark.parametrize("kind", ["energies", "entries"])
+def test_a_batch_is_cut_from_a_set_off_the_cpu_without_reading_it(setup, kind):
+    """Batches are laid out on the host from the set's layout: a set on another device (the
+    meta device) is only gathered from, and the batch equals the CPU's in every shape, the
+    species blocks and the host-side sizes."""
+    force_selected = None if kind == "energies" else _everything(setup)
+    expected = af.take_structures(setup.train, _selection(), force_selected)
+    on_meta = af.to(setup.train, device="meta")
+    selection = _selection()
+    with forbid_host_sync(expected_device="meta", host_work=True):
+        batch = af.take_structures(on_meta, selection, force_selected)
+    assert batch.species_blocks == expected.species_blocks
+    leaves = [(a, b) for a, b in zip(tree_leaves(batch), tree_leaves(expected), strict=True)]
+    assert leaves and all(a.device.type == "meta" for a, _ in leaves if a is not None)
+    assert all(a.shape == b.shape for a, b in leaves if a is not None)
 
 
 @pytest.mark.parametrize("kind", COMMITTEE_BATCHES)

@@ -195,6 +195,32 @@ def test_on_the_meta_device_mixing_and_hard_coded_devices_raise():
         loss.cpu()
 
 
+def test_host_work_passes_until_it_meets_the_device_uncopied():
+    """``host_work``: planning on the host (CPU ops, dynamic shapes and reads of host data
+    included) passes while the step's device is another; a host tensor copied to the device
+    passes, one that meets the device's tensors uncopied offends, as does a constructor
+    without ``device=``."""
+    data = torch.arange(12.0, device="meta").reshape(6, 2)
+    counts = torch.tensor([2, 0, 3])
+
+    def plan_and_gather(copy: bool) -> torch.Tensor:
+        rows = torch.repeat_interleave(torch.arange(3, device="cpu"), counts)
+        rows = rows[rows > 0] if int(counts.sum()) > 0 else rows  # host shapes and reads
+        return data.index_select(0, rows.to("meta") if copy else rows)
+
+    with forbid_host_sync("meta", host_work=True):
+        assert plan_and_gather(copy=True).shape == (3, 2)
+    with pytest.raises(HostSyncError, match="on cpu; the step's device is meta"):
+        with forbid_host_sync("meta"):
+            plan_and_gather(copy=True)
+    with pytest.raises(HostSyncError, match=r"mixes tensors on cpu, meta"):
+        with forbid_host_sync("meta", host_work=True):
+            plan_and_gather(copy=False)
+    with pytest.raises(HostSyncError, match=r"torch\.arange .*without device="):
+        with forbid_host_sync("meta", host_work=True):
+            torch.arange(3)
+
+
 class _ReadsInBackward(torch.autograd.Function):
     @staticmethod
     def forward(h):

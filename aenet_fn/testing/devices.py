@@ -284,11 +284,16 @@ class _Checker:
     """The state shared by the dispatch-level and API-level modes of one block."""
 
     def __init__(
-        self, expected_device: torch.device | str | None, raise_errors: bool, allow: Iterable[str]
+        self,
+        expected_device: torch.device | str | None,
+        raise_errors: bool,
+        allow: Iterable[str],
+        host_work: bool = False,
     ) -> None:
         self.expected = None if expected_device is None else torch.device(expected_device)
         self.raise_errors = raise_errors
         self.allow = frozenset(allow)
+        self.host_work = host_work
         self.violations: list[Violation] = []
         self.quiet = 0  # > 0: inside an API call already reported, its ATen ops are not
         self.quiet_devices = 0  # > 0: inside a constructor already checked for its device
@@ -300,6 +305,14 @@ class _Checker:
         if self.raise_errors:
             raise HostSyncError(violation)
         self.violations.append(violation)
+
+    def host_only(self, tensors: list[torch.Tensor]) -> bool:
+        """Whether an op on ``tensors`` is host work the block allows: every tensor on the
+        CPU while the step's device is another (``host_work``)."""
+        expected = self.expected
+        if not self.host_work or expected is None or expected.type == "cpu":
+            return False
+        return all(t.device.type == "cpu" for t in tensors)
 
     def read_matters(self, tensor: torch.Tensor) -> bool:
         """Whether reading ``tensor`` on the host counts: it is not on the CPU, or the step's
@@ -330,7 +343,8 @@ class _DispatchMode(TorchDispatchMode):
                 self._check_devices(name, args, kwargs)
         result = func(*args, **kwargs)
         if not checker.quiet and not checker.quiet_devices and checker.expected is not None:
-            self._check_result(_packet(func), result)
+            if not checker.host_only([*_tensors((args, kwargs)), *_tensors(result)]):
+                self._check_result(_packet(func), result)
         return result
 
     def _check_values(self, name: str, args: tuple, kwargs: dict) -> None:
@@ -383,7 +397,7 @@ class _DispatchMode(TorchDispatchMode):
             checker.offend(DEVICE, name, f"mixes tensors on {listed}")
             return
         expected = checker.expected
-        if expected is None:
+        if expected is None or checker.host_only(inputs):
             return
         for tensor in inputs:
             if not _on(tensor.device, expected):
@@ -494,7 +508,10 @@ class HostSyncCheck:
     checked, and constructors without a device are allowed). ``raise_errors``: raise
     :class:`HostSyncError` at the first offence (before the op runs), or record every offence
     in :attr:`violations` and let the block run on. ``allow``: names of ops to let pass
-    (``"aten.nonzero"``, ``"torch.arange"``, ``"Tensor.tolist"``).
+    (``"aten.nonzero"``, ``"torch.arange"``, ``"Tensor.tolist"``). ``host_work``: let ops
+    whose tensors all lie on the CPU pass while ``expected_device`` is another (planning on
+    the host, e.g. a batch's indices; constructors still need ``device=``, and host tensors
+    that meet the device's still offend, unless copied there).
     """
 
     def __init__(
@@ -503,8 +520,9 @@ class HostSyncCheck:
         *,
         raise_errors: bool = True,
         allow: Iterable[str] = (),
+        host_work: bool = False,
     ) -> None:
-        self._checker = _Checker(expected_device, raise_errors, allow)
+        self._checker = _Checker(expected_device, raise_errors, allow, host_work)
         self._stack: contextlib.ExitStack | None = None
 
     @property
@@ -526,13 +544,17 @@ class HostSyncCheck:
 
 
 def forbid_host_sync(
-    expected_device: torch.device | str | None = None, *, allow: Iterable[str] = ()
+    expected_device: torch.device | str | None = None,
+    *,
+    allow: Iterable[str] = (),
+    host_work: bool = False,
 ) -> HostSyncCheck:
     """A context manager that raises :class:`HostSyncError` (naming the op and the caller's
     source line) at the first host read, data-dependent shape or device mix in its block.
     ``expected_device``: the device the step's tensors live on; given, tensors on other devices
-    and constructors called without ``device=`` offend too (``"cpu"`` checks CPU code)."""
-    return HostSyncCheck(expected_device, raise_errors=True, allow=allow)
+    and constructors called without ``device=`` offend too (``"cpu"`` checks CPU code).
+    ``host_work``: see :class:`HostSyncCheck`."""
+    return HostSyncCheck(expected_device, raise_errors=True, allow=allow, host_work=host_work)
 
 
 def count_host_syncs(
@@ -540,13 +562,15 @@ def count_host_syncs(
     *args: Any,
     expected_device: torch.device | str | None = None,
     allow: Iterable[str] = (),
+    host_work: bool = False,
     **kwargs: Any,
 ) -> tuple[Any, list[Violation]]:
     """``function(*args, **kwargs)`` run to the end under the same checks as
     :func:`forbid_host_sync`; returns its result and every offence, in order (tally them with
-    ``collections.Counter((v.op, v.where) for v in offences)``). ``expected_device`` and
-    ``allow`` are this function's own keywords."""
-    with HostSyncCheck(expected_device, raise_errors=False, allow=allow) as check:
+    ``collections.Counter((v.op, v.where) for v in offences)``). ``expected_device``,
+    ``allow`` and ``host_work`` are this function's own keywords."""
+    check = HostSyncCheck(expected_device, raise_errors=False, allow=allow, host_work=host_work)
+    with check:
         result = function(*args, **kwargs)
     return result, list(check.violations)
 
