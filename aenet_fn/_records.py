@@ -85,6 +85,16 @@ def pytree_record(cls: type[T]) -> type[T]:
     return cls
 
 
+def tree_bytes(tree: Any) -> int:
+    """Memory (bytes) of the tensors of the pytree ``tree`` (a record, or nested tuples, lists
+    and dicts of them)."""
+    return sum(
+        leaf.numel() * leaf.element_size()
+        for leaf in pytree.tree_leaves(tree)
+        if isinstance(leaf, torch.Tensor)
+    )
+
+
 def replace(record: T, **changes: Any) -> T:
     """A copy of ``record`` with some fields changed (validators run again)."""
     return attrs.evolve(record, **changes)

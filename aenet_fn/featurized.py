@@ -14,9 +14,8 @@ from collections.abc import Sequence
 
 import attrs
 import torch
-from torch.utils._pytree import tree_leaves
 
-from aenet_fn._records import host_field, pytree_record, static_field, to
+from aenet_fn._records import host_field, pytree_record, static_field, to, tree_bytes
 from aenet_fn.batch import collate, ranges
 from aenet_fn.descriptor import ChebyshevParams, build_graph, features_from_graph, species_lookup
 from aenet_fn.force_jacobian import (
@@ -326,11 +325,7 @@ def estimated_set_bytes(
     )
     chosen = [structures[k] for k in picked]
     part = featurize_structures(params, chosen, with_derivatives=with_derivatives, dtype=dtype)
-    part_bytes = sum(
-        leaf.numel() * leaf.element_size()
-        for leaf in tree_leaves(part)
-        if isinstance(leaf, torch.Tensor)
-    )
+    part_bytes = tree_bytes(part)
     atoms = sum(structures[k].n_atoms for k in range(count))
     return round(part_bytes * atoms / sum(s.n_atoms for s in chosen))
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from torch.utils._pytree import tree_leaves
 
 import aenet_fn as af
 from aenet_fn import ChebyshevParams, Structure, collate, featurize
+from aenet_fn._records import tree_bytes
 from aenet_fn.examples import TIO2_STRUCTURES
 from aenet_fn.featurized import featurize_structures, set_jacobian, take_structures
 from aenet_fn.force_jacobian import BatchJacobian, SetJacobian
@@ -212,7 +212,7 @@ def test_the_jacobian_memory_budget_bounds_what_is_stored(tio2):
     model = init_model(params, {"Ti": [(4, "tanh")], "O": [(4, "tanh")]}, train, seed=0)
     config = af.TrainConfig(force_weight=0.1, jacobian_memory_gib=math.inf)
     jacobian = assembled_jacobian(model, train, config)
-    stored = sum(leaf.numel() * leaf.element_size() for leaf in tree_leaves(jacobian))
+    stored = tree_bytes(jacobian)
     bound = stored_jacobian_bytes(train)
     assert stored <= bound <= 2.5 * stored
     budget = attrs.evolve(config, jacobian_memory_gib=bound / 2**30)

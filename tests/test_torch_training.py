@@ -422,8 +422,7 @@ def test_splits_beyond_the_memory_budget_recompute_derivatives_per_batch(
 
 
 def test_the_set_size_estimate_is_close_to_the_featurized_set():
-    from torch.utils._pytree import tree_leaves
-
+    from aenet_fn._records import tree_bytes
     from aenet_fn.featurized import estimated_set_bytes
 
     structures = af.read_structures(sorted(TIO2_STRUCTURES.glob("*.xsf")))
@@ -431,7 +430,7 @@ def test_the_set_size_estimate_is_close_to_the_featurized_set():
     for forces in (False, True):
         estimate = estimated_set_bytes(params, structures, with_derivatives=forces)
         data = af.featurize_structures(params, structures, with_derivatives=forces)
-        real = sum(t.numel() * t.element_size() for t in tree_leaves(data) if torch.is_tensor(t))
+        real = tree_bytes(data)
         assert 0.8 * real < estimate < 1.25 * real
     with pytest.raises(ValueError, match="memory_budget_gib must be a number >= 0"):
         TorchTrainingConfig(memory_budget_gib=-1).validate()
