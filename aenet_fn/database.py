@@ -60,6 +60,7 @@ import torch
 from ase.data import atomic_numbers, chemical_symbols
 from tqdm.auto import tqdm
 
+from aenet_fn._records import to
 from aenet_fn.atomic import replacing
 from aenet_fn.data import referenced_energies_per_atom
 from aenet_fn.descriptor import ChebyshevParams
@@ -1001,11 +1002,17 @@ class StructureDatabase:
         return LocalDerivatives(**values)
 
     def featurized(
-        self, params: ChebyshevParams, *, with_derivatives: bool, dtype: torch.dtype
+        self,
+        params: ChebyshevParams,
+        *,
+        with_derivatives: bool,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
     ) -> FeaturizedSet:
         """The :class:`~aenet_fn.featurized.FeaturizedSet` of all entries: labels from the
         database, features persisted (cast to ``dtype``) or else computed in ``dtype``, and with
-        ``with_derivatives`` the persisted local derivatives (which must exist)."""
+        ``with_derivatives`` the persisted local derivatives (which must exist); read on the
+        CPU and moved to ``device`` once (default: stays on the CPU)."""
         if len(self) == 0:
             raise self._fail("the database is empty")
         if with_derivatives:
@@ -1051,7 +1058,7 @@ class StructureDatabase:
             )
             radial_start, radial_count = starts["radial"], entry_counts["radial"]
             triplet_start, triplet_count = starts["triplet"], entry_counts["triplet"]
-        return FeaturizedSet(
+        data = FeaturizedSet(
             features=features,
             species_index=species_index,
             atom_start=offsets[:-1].clone(),
@@ -1067,6 +1074,7 @@ class StructureDatabase:
             names=tuple(name or None for name in file["structures/name"].asstr()[:]),
             descriptor=params,
         )
+        return data if device is None else to(data, device=device)
 
     # -- lifecycle -----------------------------------------------------------------------------
 

@@ -196,6 +196,9 @@ def test_persisted_features_and_derivatives_rebuild_the_featurized_set(
             db.featurized(PARAMS, with_derivatives=False, dtype=torch.float64),
             featurize_structures(PARAMS, structures, with_derivatives=False),
         )
+        on_meta = db.featurized(PARAMS, with_derivatives=True, dtype=torch.float64, device="meta")
+        assert on_meta.device.type == "meta" and on_meta.local.radial.device.type == "meta"
+        assert torch.equal(on_meta.layout.n_atoms, reference.layout.n_atoms)  # on the host
         reference = featurize_structures(PARAMS, structures[5:6], with_derivatives=True)
         assert torch.equal(db.features(5, PARAMS), reference.features)
         local = db.local_derivatives(5, PARAMS)
