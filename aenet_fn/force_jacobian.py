@@ -91,6 +91,13 @@ class BatchJacobian:
     pairs: PositionJacobian | None
     structures: StructureJacobian | None
 
+    def position_gradient(
+        self, params: ChebyshevParams, feature_gradient: torch.Tensor
+    ) -> torch.Tensor:
+        """:func:`batch_position_gradient` (the
+        :class:`~aenet_fn.local_derivatives.PositionMap` method; ``params`` unused)."""
+        return batch_position_gradient(self, feature_gradient)
+
 
 def batch_jacobian(
     jacobian: SetJacobian,
@@ -146,6 +153,13 @@ class StackedJacobians:
     jacobians: tuple[BatchJacobian, ...]
     positions: tuple[torch.Tensor, ...]
     members: tuple[int, ...] = static_field()
+
+    def position_gradient(
+        self, params: ChebyshevParams, feature_gradient: torch.Tensor
+    ) -> torch.Tensor:
+        """:func:`stacked_position_gradient` (the
+        :class:`~aenet_fn.local_derivatives.PositionMap` method; ``params`` unused)."""
+        return stacked_position_gradient(self, feature_gradient)
 
 
 def stack_jacobians(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import torch
@@ -35,6 +35,19 @@ from aenet_fn.descriptor import (
 )
 from aenet_fn.linear_maps import csr_matrix, linear_pair, members_inner, members_outer
 from aenet_fn.neighbors import pair_vectors
+
+
+class PositionMap(Protocol):
+    """What turns ``∂E/∂G`` into ``∂E/∂r`` for a batch's force-supervised atoms: the
+    batch's :class:`LocalDerivatives`, or a form assembled from them by a speed-up (stored
+    Jacobians), which the energy model then uses without knowing it."""
+
+    def position_gradient(
+        self, params: ChebyshevParams, feature_gradient: torch.Tensor
+    ) -> torch.Tensor:
+        """``∂E/∂r`` ``[..., n, 3]`` (eV/Å) from ``∂E/∂G`` ``feature_gradient``
+        ``[..., n, F]`` (raw features); differentiable in ``feature_gradient``."""
+        ...
 
 
 @pytree_record
@@ -65,6 +78,12 @@ class LocalDerivatives:
     radial: torch.Tensor
     angular_first: torch.Tensor
     angular_second: torch.Tensor
+
+    def position_gradient(
+        self, params: ChebyshevParams, feature_gradient: torch.Tensor
+    ) -> torch.Tensor:
+        """:func:`position_gradient` of these entries (the :class:`PositionMap` method)."""
+        return position_gradient(params, self, feature_gradient)
 
 
 def local_derivatives(

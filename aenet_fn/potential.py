@@ -21,14 +21,8 @@ from aenet_fn.descriptor import (
     build_graph,
     features_from_graph,
 )
-from aenet_fn.force_jacobian import (
-    BatchJacobian,
-    StackedJacobians,
-    batch_position_gradient,
-    stacked_position_gradient,
-)
 from aenet_fn.forces import EnergyForces, value_and_forces
-from aenet_fn.local_derivatives import LocalDerivatives, position_gradient
+from aenet_fn.local_derivatives import PositionMap
 from aenet_fn.network import NetworkParams, atomic_outputs, parameter_count
 from aenet_fn.normalization import Normalization
 
@@ -188,12 +182,14 @@ def energy_and_forces_from_derivatives(
     species_index: torch.Tensor,
     structure_index: torch.Tensor,
     n_structures: int,
-    local: LocalDerivatives | BatchJacobian | StackedJacobians,
+    local: PositionMap,
     species_blocks: Sequence[int] | None = None,
     by_autograd: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Energies ``[B]`` and forces ``[N, 3]`` from precomputed raw features and local
-    descriptor derivatives (fixed positions, e.g. training data). Only the network is
+    descriptor derivatives (fixed positions, e.g. training data; ``local``: their
+    :class:`~aenet_fn.local_derivatives.PositionMap`, the entries or a form a speed-up
+    assembled from them). Only the network is
     differentiated (``∂E/∂G`` by ``torch.func.grad``), so gradients of a force loss with respect
     to the network parameters never pass through the descriptor. Stacked members' network
     values ``[M, P]`` give ``[M, B]`` and ``[M, N, 3]`` (each member's ``∂E/∂G`` its own).
@@ -213,12 +209,7 @@ def energy_and_forces_from_derivatives(
         feature_gradient, atomic = autograd_with_aux(total, features, create_graph=recording)
     else:
         feature_gradient, atomic = grad(total, has_aux=True)(features)
-    if isinstance(local, BatchJacobian):
-        forces = -batch_position_gradient(local, feature_gradient)
-    elif isinstance(local, StackedJacobians):
-        forces = -stacked_position_gradient(local, feature_gradient)
-    else:
-        forces = -position_gradient(model.descriptor, local, feature_gradient)
+    forces = -local.position_gradient(model.descriptor, feature_gradient)
     return sum_by_structure(atomic, structure_index, n_structures), forces
 
 
