@@ -22,9 +22,9 @@ from aenet_fn.featurized import (
     FeaturizedSet,
     MiniBatch,
     featurize_structures,
-    set_jacobian,
     take_structures,
 )
+from aenet_fn.force_jacobian import set_jacobian
 from aenet_fn.forces import EnergyForces, value_and_forces
 from aenet_fn.io import read_structures, write_xsf
 from aenet_fn.neighbors import Neighbors, batch_neighbor_list, neighbor_list, pair_vectors

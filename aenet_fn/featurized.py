@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from typing import Protocol
 
 import attrs
 import torch
@@ -18,17 +19,32 @@ import torch
 from aenet_fn._records import host_field, pytree_record, static_field, to, tree_bytes
 from aenet_fn.batch import collate, ranges
 from aenet_fn.descriptor import ChebyshevParams, build_graph, features_from_graph, species_lookup
-from aenet_fn.force_jacobian import (
-    BatchJacobian,
-    SetJacobian,
-    StackedJacobians,
-    assemble_set_jacobian,
-    batch_jacobian,
-    stack_jacobians,
-)
-from aenet_fn.local_derivatives import LocalDerivatives, local_derivatives
+from aenet_fn.local_derivatives import LocalDerivatives, PositionMap, local_derivatives
 from aenet_fn.normalization import ENERGY_DTYPE, as_energy
 from aenet_fn.structure import Structure, check_float_dtype
+
+
+class StoredJacobian(Protocol):
+    """A featurized set's derivative data assembled once by a speed-up (the CPU's stored
+    Jacobians, :func:`~aenet_fn.force_jacobian.set_jacobian`), from which
+    :func:`take_structures` cuts each batch's :class:`~aenet_fn.local_derivatives.PositionMap`
+    instead of gathering derivative entries."""
+
+    n_atoms: int
+    n_structures: int
+
+    def batch(
+        self,
+        selection: torch.Tensor,
+        supervised: torch.Tensor,
+        atoms: torch.Tensor,
+        structure_major: torch.Tensor,
+        position: torch.Tensor,
+        force_atoms: torch.Tensor,
+    ) -> PositionMap:
+        """The map of the batch of structures ``selection`` (see :func:`take_structures`)."""
+        ...
+
 
 HOST = torch.device("cpu")
 """Where batches are laid out: the host, whatever the data's device."""
@@ -189,7 +205,7 @@ class MiniBatch:
     energies: torch.Tensor = attrs.field(converter=as_energy)
     forces: torch.Tensor
     force_atoms: torch.Tensor
-    local: LocalDerivatives | BatchJacobian | StackedJacobians | None
+    local: PositionMap | None
     n_force_labelled: torch.Tensor
     atom_index: torch.Tensor
     species_blocks: tuple[int, ...] = static_field()
@@ -441,12 +457,13 @@ def take_structures(
     data: FeaturizedSet,
     selection: torch.Tensor,
     force_selected: torch.Tensor | None = None,
-    jacobian: SetJacobian | None = None,
+    jacobian: StoredJacobian | None = None,
 ) -> MiniBatch:
     """The mini-batch of structures ``selection`` ``[b]`` (indices into ``data``, repeats
     allowed). ``force_selected`` ``[B]`` bool marks the structures whose forces are supervised;
     their local derivatives are included (``data`` must carry them): as derivative entries, or
-    with ``jacobian`` (:func:`set_jacobian` of ``data``) as the batch's assembled Jacobian.
+    with ``jacobian`` (:func:`~aenet_fn.force_jacobian.set_jacobian` of ``data``) as the
+    batch's assembled Jacobian.
     Every index and size is laid out on the host from the set's :class:`HostLayout`; a set
     off the CPU only gathers its rows, with ``selection`` and ``force_selected`` given on the
     CPU (as the training driver does) nothing is read back from it."""
@@ -485,9 +502,7 @@ def take_structures(
                     f"({data.features.shape[0]} atoms; use set_jacobian of this set)"
                 )
             else:
-                local = batch_jacobian(
-                    jacobian, selection, supervised, atoms, order, position, force_atoms
-                )
+                local = jacobian.batch(selection, supervised, atoms, order, position, force_atoms)
     n_species = data.species_counts.shape[1]
     blocks = tuple(torch.bincount(species, minlength=n_species).tolist())
     atoms_here = _to_device(atoms, device)
@@ -503,24 +518,6 @@ def take_structures(
         n_force_labelled=_to_device(labelled.sum(), device),
         atom_index=atoms_here,
         species_blocks=blocks,
-    )
-
-
-def set_jacobian(
-    params: ChebyshevParams, data: FeaturizedSet, dense_up_to: float = 2.0
-) -> SetJacobian:
-    """The position Jacobian of ``data`` (which must carry local derivatives) stored for
-    :func:`take_structures` (:class:`~aenet_fn.force_jacobian.SetJacobian`: dense for the
-    structures of ``n`` atoms with at least ``n² / dense_up_to`` pair blocks)."""
-    if data.local is None:
-        raise ValueError("set_jacobian: the featurized set has no local derivatives")
-    if params.n_features != data.features.shape[1]:
-        raise ValueError(
-            f"set_jacobian: the descriptor has {params.n_features} features, the featurized "
-            f"set {data.features.shape[1]}: not the descriptor that featurized it"
-        )
-    return assemble_set_jacobian(
-        params, data.local, data.species_index, data.structure_index, data.n_atoms, dense_up_to
     )
 
 
@@ -636,10 +633,10 @@ def stack_batches(batches: Sequence[MiniBatch]) -> MiniBatch:
 
     local = None
     template = next((batch.local for batch in batches if batch.local is not None), None)
-    if isinstance(template, BatchJacobian):
+    if template is not None and not isinstance(template, LocalDerivatives):
         if any(isinstance(batch.local, LocalDerivatives) for batch in batches):
             raise ValueError("stack_batches: batches mix derivative entries and Jacobians")
-        local = stack_jacobians([batch.local for batch in batches], positions)
+        local = template.stack([batch.local for batch in batches], positions)
     elif template is not None:
         filled = [
             _empty_like_local(template) if batch.local is None else batch.local for batch in batches

@@ -19,6 +19,7 @@ import torch
 
 from aenet_fn._records import pytree_record, static_field
 from aenet_fn.descriptor import ChebyshevParams
+from aenet_fn.featurized import FeaturizedSet
 from aenet_fn.local_derivatives import LocalDerivatives
 from aenet_fn.position_jacobian import (
     PairBlocks,
@@ -55,6 +56,39 @@ class SetJacobian:
     def n_structures(self) -> int:
         """Structures of the set."""
         return int(self.structures.n_atoms.shape[0])
+
+    def batch(
+        self,
+        selection: torch.Tensor,
+        supervised: torch.Tensor,
+        atoms: torch.Tensor,
+        structure_major: torch.Tensor,
+        position: torch.Tensor,
+        force_atoms: torch.Tensor,
+    ) -> BatchJacobian:
+        """:func:`batch_jacobian` of this set's Jacobian (the
+        :class:`~aenet_fn.featurized.StoredJacobian` method)."""
+        return batch_jacobian(
+            self, selection, supervised, atoms, structure_major, position, force_atoms
+        )
+
+
+def set_jacobian(
+    params: ChebyshevParams, data: FeaturizedSet, dense_up_to: float = 2.0
+) -> SetJacobian:
+    """The position Jacobian of ``data`` (which must carry local derivatives) stored for
+    :func:`~aenet_fn.featurized.take_structures` (:class:`SetJacobian`: dense for the
+    structures of ``n`` atoms with at least ``n² / dense_up_to`` pair blocks)."""
+    if data.local is None:
+        raise ValueError("set_jacobian: the featurized set has no local derivatives")
+    if params.n_features != data.features.shape[1]:
+        raise ValueError(
+            f"set_jacobian: the descriptor has {params.n_features} features, the featurized "
+            f"set {data.features.shape[1]}: not the descriptor that featurized it"
+        )
+    return assemble_set_jacobian(
+        params, data.local, data.species_index, data.structure_index, data.n_atoms, dense_up_to
+    )
 
 
 def assemble_set_jacobian(
@@ -97,6 +131,14 @@ class BatchJacobian:
         """:func:`batch_position_gradient` (the
         :class:`~aenet_fn.local_derivatives.PositionMap` method; ``params`` unused)."""
         return batch_position_gradient(self, feature_gradient)
+
+    @staticmethod
+    def stack(
+        jacobians: Sequence[BatchJacobian | None], positions: Sequence[torch.Tensor]
+    ) -> StackedJacobians:
+        """:func:`stack_jacobians` (how :func:`~aenet_fn.featurized.stack_batches` stacks
+        the members' batches that carry Jacobians)."""
+        return stack_jacobians(jacobians, positions)
 
 
 def batch_jacobian(

@@ -40,8 +40,8 @@ from aenet_fn.energy_gradient import (
     energy_plan,
     energy_table,
 )
-from aenet_fn.featurized import FeaturizedSet, MiniBatch, set_jacobian
-from aenet_fn.force_jacobian import BatchJacobian, SetJacobian
+from aenet_fn.featurized import FeaturizedSet, MiniBatch
+from aenet_fn.force_jacobian import BatchJacobian, SetJacobian, set_jacobian
 from aenet_fn.loader import (
     Split,
     batch_stream,
@@ -689,7 +689,7 @@ def energy_epoch_table(
 
 def stored_jacobian_bytes(data: FeaturizedSet) -> int:
     """An upper bound of the memory (bytes) of the stored Jacobian of ``data``
-    (:func:`~aenet_fn.featurized.set_jacobian`), whichever way each structure is stored: a
+    (:func:`~aenet_fn.force_jacobian.set_jacobian`), whichever way each structure is stored: a
     structure of ``n`` atoms has at most ``entries`` blocks (one per radial entry, two per
     triplet and their mirrors, one per atom), each stored twice with two indices when sparse,
     and is dense (one ``n²`` block matrix) only where that is at most twice its blocks; per

@@ -22,8 +22,8 @@ from aenet_fn.committee import (
     unstack_members,
 )
 from aenet_fn.examples import TIO2_STRUCTURES
-from aenet_fn.featurized import set_jacobian, stack_batches
-from aenet_fn.force_jacobian import StackedJacobians
+from aenet_fn.featurized import stack_batches
+from aenet_fn.force_jacobian import StackedJacobians, set_jacobian
 from aenet_fn.train import assembled_jacobian, batch_loss, member_step
 
 PARAMS = af.ChebyshevParams(

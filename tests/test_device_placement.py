@@ -24,7 +24,8 @@ from torch.utils._pytree import tree_leaves, tree_map
 import aenet_fn as af
 from aenet_fn.committee import committee_epoch, committee_fit, committee_step, init_committee
 from aenet_fn.examples import TIO2_STRUCTURES
-from aenet_fn.featurized import set_jacobian, stack_batches
+from aenet_fn.featurized import stack_batches
+from aenet_fn.force_jacobian import set_jacobian
 from aenet_fn.network import atomic_outputs, init_network
 from aenet_fn.optim import AdamConfig, SGDConfig, adam, sgd
 from aenet_fn.testing.devices import (

@@ -15,8 +15,8 @@ import aenet_fn as af
 from aenet_fn import ChebyshevParams, Structure, collate, featurize
 from aenet_fn._records import tree_bytes
 from aenet_fn.examples import TIO2_STRUCTURES
-from aenet_fn.featurized import featurize_structures, set_jacobian, take_structures
-from aenet_fn.force_jacobian import BatchJacobian, SetJacobian
+from aenet_fn.featurized import featurize_structures, take_structures
+from aenet_fn.force_jacobian import BatchJacobian, SetJacobian, set_jacobian
 from aenet_fn.train import (
     Speedups,
     assembled_jacobian,

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 import aenet_fn as af
 from aenet_fn import ChebyshevParams, Structure, build_graph, collate, featurize
-from aenet_fn.featurized import featurize_structures, set_jacobian, take_structures
-from aenet_fn.force_jacobian import BatchJacobian
+from aenet_fn.featurized import featurize_structures, take_structures
+from aenet_fn.force_jacobian import BatchJacobian, set_jacobian
 from aenet_fn.local_derivatives import LocalDerivatives, centre_sums
 from aenet_fn.network import atomic_outputs, init_network
 from aenet_fn.normalization import Normalization
