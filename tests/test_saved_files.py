@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import attrs
+import numpy as np
 import torch
 
 import aenet_fn as af
@@ -32,3 +35,39 @@ def test_a_checkpoint_from_before_routes_resumes_as_the_run_it_came_from(referen
     values = resumed.model.network.values
     torch.testing.assert_close(values, straight.model.network.values, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(resumed.sampler.scores, straight.sampler.scores, rtol=1e-12, atol=0)
+
+
+SAVED_BY = "90a819d"
+"""The commit that wrote the model file and committee fixtures (module-path record names)."""
+
+
+def _expected(reference_data) -> dict:
+    return json.loads((reference_data / "saved" / f"predictions-{SAVED_BY}.json").read_text())
+
+
+def _probe(expected: dict) -> list[str]:
+    return [str(TIO2_STRUCTURES / name) for name in expected["structures"]]
+
+
+def test_a_model_file_from_an_earlier_version_predicts_what_it_did(reference_data):
+    from aenet_fn.torch_training import TorchANNPotential
+
+    expected = _expected(reference_data)
+    potential = TorchANNPotential.from_file(reference_data / "saved" / f"model-{SAVED_BY}.pt")
+    predicted = potential.predict(_probe(expected), eval_forces=True)
+    np.testing.assert_allclose(predicted.total_energy, expected["model"]["energies"], rtol=1e-12)
+    for forces, wanted in zip(predicted.forces, expected["model"]["forces"], strict=True):
+        np.testing.assert_allclose(forces, np.array(wanted), rtol=1e-9, atol=1e-12)
+
+
+def test_a_committee_from_an_earlier_version_predicts_what_it_did(reference_data):
+    from aenet_fn.torch_training import TorchCommitteePotential
+
+    expected = _expected(reference_data)
+    folder = reference_data / "saved" / f"committee-{SAVED_BY}"
+    committee = TorchCommitteePotential.from_directory(folder)
+    assert len(committee.members) == 2
+    together = committee.predict(_probe(expected), eval_forces=True)
+    wanted = expected["committee"]
+    np.testing.assert_allclose(together.energy_mean, wanted["energy_mean"], rtol=1e-12)
+    np.testing.assert_allclose(together.energy_std, wanted["energy_std"], rtol=1e-9, atol=1e-12)
