@@ -20,7 +20,14 @@ _HOST = "aenet_fn_host"
 T = TypeVar("T")
 
 RECORD_TYPES: dict[str, type] = {}
-"""Every record class by ``module.qualname``: the only classes a saved file may name."""
+"""Every record class by its saved name (:func:`saved_name`): the only classes a saved file
+may name."""
+
+
+def saved_name(cls: type) -> str:
+    """The name files record for ``cls``: ``aenet_fn.<class name>``, whatever module defines
+    it, so that moving a class between modules changes no saved file."""
+    return f"aenet_fn.{cls.__qualname__}"
 
 
 def static_field(**kwargs: Any) -> Any:
@@ -53,8 +60,13 @@ def _rebuild(cls: type, values: dict[str, Any]) -> Any:
 
 
 def serializable(cls: type[T]) -> type[T]:
-    """Allow a record class to be saved and loaded by name (see ``aenet_fn.serialization``)."""
-    RECORD_TYPES[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    """Allow a record class to be saved and loaded by its :func:`saved_name` (see
+    ``aenet_fn.serialization``); two classes may not share one."""
+    name = saved_name(cls)
+    known = RECORD_TYPES.get(name)
+    if known is not None and known is not cls:
+        raise TypeError(f"{name} names both {known.__module__} and {cls.__module__} records")
+    RECORD_TYPES[name] = cls
     return cls
 
 

@@ -6,6 +6,11 @@ dicts, tensors and plain values into a tree that ``torch.save`` stores and
 rebuilds the records, accepting only the record classes of ``aenet_fn`` (those made with
 ``pytree_record``), by name: a file can never make the
 loader import or run anything else.
+
+Records are saved under stable names (``aenet_fn.TrainConfig``,
+:func:`~aenet_fn._records.saved_name`) that do not depend on the module defining the class.
+Files written before that (up to commit 90a819d) named records by module path; those names
+are read through :data:`MODULE_PATH_NAMES`, which stays as it is when modules move.
 """
 
 from __future__ import annotations
@@ -16,6 +21,41 @@ import attrs
 import torch
 
 from aenet_fn._records import RECORD_TYPES as _REGISTRY
+from aenet_fn._records import saved_name
+
+MODULE_PATH_NAMES = {
+    f"aenet_fn.{module}.{name}": f"aenet_fn.{name}"
+    for module, names in {
+        "batch": ("Batch",),
+        "descriptor": ("ChebyshevParams", "DescriptorGraph"),
+        "energy_gradient": ("EnergyPlan", "EnergyTable"),
+        "featurized": ("FeaturizedSet", "HostLayout", "MiniBatch"),
+        "force_jacobian": ("BatchJacobian", "SetJacobian", "StackedJacobians"),
+        "forces": ("EnergyForces",),
+        "local_derivatives": ("LocalDerivatives",),
+        "loss": ("ErrorSums",),
+        "neighbors": ("Neighbors",),
+        "network": ("NetworkParams",),
+        "normalization": ("Normalization",),
+        "optim": (
+            "AdamConfig",
+            "AdamState",
+            "PlateauConfig",
+            "PlateauState",
+            "SGDConfig",
+            "SGDState",
+        ),
+        "position_jacobian": ("PairBlocks", "PositionJacobian"),
+        "potential": ("Model",),
+        "sampling": ("SamplerState",),
+        "structure": ("Structure",),
+        "structure_jacobian": ("StructureBlocks", "StructureJacobian"),
+        "train": ("TrainConfig", "TrainState"),
+    }.items()
+    for name in names
+}
+"""The record names of files written up to commit 90a819d (``module.class``), and the stable
+names they stand for. A fixed table: it must not follow later moves of the classes."""
 
 _RECORD = "__record__"
 _TUPLE = "__tuple__"
@@ -24,7 +64,7 @@ _TUPLE = "__tuple__"
 def to_tree(value: Any) -> Any:
     """A plain tree (dicts, lists, tensors, str/int/float/bool/None) describing ``value``."""
     if attrs.has(type(value)):
-        name = f"{type(value).__module__}.{type(value).__qualname__}"
+        name = saved_name(type(value))
         if name not in _REGISTRY:
             raise TypeError(f"to_tree: record type {name} is not registered for serialization")
         fields = {f.name: to_tree(getattr(value, f.name)) for f in attrs.fields(type(value))}
@@ -49,7 +89,7 @@ def from_tree(tree: Any) -> Any:
     if isinstance(tree, dict):
         if _RECORD in tree:
             name = tree[_RECORD]
-            cls = _REGISTRY.get(name)
+            cls = _REGISTRY.get(MODULE_PATH_NAMES.get(name, name))
             if cls is None:
                 raise ValueError(f"from_tree: unknown record type {name!r} in the file")
             return cls(**{k: from_tree(v) for k, v in tree["fields"].items()})

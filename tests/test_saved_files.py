@@ -71,3 +71,19 @@ def test_a_committee_from_an_earlier_version_predicts_what_it_did(reference_data
     wanted = expected["committee"]
     np.testing.assert_allclose(together.energy_mean, wanted["energy_mean"], rtol=1e-12)
     np.testing.assert_allclose(together.energy_std, wanted["energy_std"], rtol=1e-9, atol=1e-12)
+
+
+def test_records_are_saved_under_names_that_do_not_follow_their_modules():
+    """New files name records ``aenet_fn.<class>``; every module-path name of the files
+    written before stands for a registered record, so those files keep loading after moves."""
+    from aenet_fn._records import RECORD_TYPES
+    from aenet_fn.serialization import MODULE_PATH_NAMES, from_tree, to_tree
+
+    config = af.TrainConfig(route="func", optimizer=af.SGDConfig(lr=0.1, momentum=0.5))
+    tree = to_tree(config)
+    assert tree["__record__"] == "aenet_fn.TrainConfig"
+    assert tree["fields"]["optimizer"]["__record__"] == "aenet_fn.SGDConfig"
+    assert from_tree(tree) == config
+    assert set(MODULE_PATH_NAMES.values()) <= set(RECORD_TYPES)
+    old = {**tree, "__record__": "aenet_fn.train.TrainConfig"}
+    assert from_tree(old) == config
