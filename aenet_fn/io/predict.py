@@ -71,12 +71,107 @@ class PredictOut:
         files: dict[str, list[Structure]] = {}
         return [_read_again(name, files) for name in self.structure_paths]
 
+    @classmethod
+    def from_file(
+        cls, filename: str | os.PathLike, structure_paths: Sequence[str] | None = None
+    ) -> PredictOut:
+        """The predictions printed by ænet's Fortran ``predict.x`` in ``filename``: per
+        structure the atom types and coordinates (Å), the forces (eV/Å) where the run asked
+        for them (``FORCES``), the cohesive and total energies (eV). ``structure_paths``: the
+        structures' files (default: the file names ``predict.x`` printed). Raises
+        ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file and line
+        for output it cannot read."""
+        path = os.fspath(filename)
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            lines = handle.read().splitlines()
+        blocks = _predict_x_blocks(path, lines)
+        names = [block["name"] for block in blocks]
+        if structure_paths is not None and len(structure_paths) != len(blocks):
+            raise ValueError(
+                f"{path}: {len(blocks)} structures, but {len(structure_paths)} structure paths"
+            )
+        return cls(
+            coords=[block["coords"] for block in blocks],
+            forces=[block["forces"] for block in blocks],
+            atom_types=[block["types"] for block in blocks],
+            atom_energies=[None] * len(blocks),
+            cohesive_energy=[block["cohesive"] for block in blocks],
+            total_energy=[block["total"] for block in blocks],
+            structure_paths=list(structure_paths) if structure_paths is not None else names,
+        )
+
     def __str__(self) -> str:
         lines = [f"PredictOut: {self.num_structures} structures"]
         names: Sequence[str] = self.structure_paths or [f"#{i}" for i in range(self.num_structures)]
         for name, energy, atoms in zip(names, self.total_energy, self.atom_types):
             lines.append(f"  {name}: {len(atoms)} atoms, total energy {energy:.8f} eV")
         return "\n".join(lines)
+
+
+def _predict_x_blocks(path: str, lines: list[str]) -> list[dict]:
+    """The structures of a ``predict.x`` output (see :meth:`PredictOut.from_file`)."""
+    blocks: list[dict] = []
+    block: dict | None = None
+    k = 0
+
+    def fail(message: str) -> ValueError:
+        return ValueError(f"{path}, line {k + 1}: {message}")
+
+    def value(line: str) -> str:
+        return line.split(":", 1)[1].strip()
+
+    def number(text: str, what: str) -> float:
+        try:
+            return float(text.split()[0])
+        except (ValueError, IndexError):
+            raise fail(f"expected {what}, found {text!r}") from None
+
+    while k < len(lines):
+        line = lines[k].strip()
+        if line.startswith("Structure number"):
+            block = {"name": None, "atoms": None, "forces": None, "cohesive": None}
+            blocks.append(block)
+        elif block is None:
+            pass
+        elif line.startswith("File name"):
+            block["name"] = value(line)
+        elif line.startswith("Number of atoms"):
+            block["atoms"] = int(number(value(line), "the number of atoms"))
+        elif line.startswith("Cartesian atomic coordinates"):
+            if block["atoms"] is None:
+                raise fail("coordinates before the number of atoms")
+            with_forces = "forces" in line
+            k += 1
+            while k < len(lines) and not lines[k].strip().startswith("---"):
+                k += 1
+            rows = lines[k + 1 : k + 1 + block["atoms"]]
+            types, table = [], []
+            for offset, row in enumerate(rows):
+                fields = row.split()
+                if len(fields) != (7 if with_forces else 4):
+                    k += 1 + offset
+                    raise fail(f"expected an atom row of {block['atoms']}, found {row!r}")
+                types.append(fields[0])
+                table.append([number(f, "a coordinate") for f in fields[1:]])
+            if len(rows) != block["atoms"]:
+                k = len(lines) - 1
+                raise fail(f"the file ends within the {block['atoms']} atom rows")
+            values = np.array(table, dtype=np.float64).reshape(len(rows), -1)
+            block["types"], block["coords"] = types, values[:, :3]
+            block["forces"] = values[:, 3:] if with_forces else None
+            k += block["atoms"]
+        elif line.startswith("Cohesive energy"):
+            block["cohesive"] = number(value(line), "the cohesive energy")
+        elif line.startswith("Total energy"):
+            block["total"] = number(value(line), "the total energy")
+        k += 1
+    if not blocks:
+        raise ValueError(f"{path}: no structure found (not predict.x output?)")
+    for index, found in enumerate(blocks, start=1):
+        missing = [key for key in ("coords", "cohesive", "total") if found.get(key) is None]
+        if missing:
+            raise ValueError(f"{path}: structure {index} lacks its {', '.join(missing)}")
+    return blocks
 
 
 def _read_again(name: str, files: dict[str, list[Structure]]) -> Structure:
