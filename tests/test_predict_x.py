@@ -3,8 +3,10 @@ the published TiO2 potential equal what predict.x printed (tests/data/nn-tio2/pr
 
 from __future__ import annotations
 
+import attrs
 import numpy as np
 import pytest
+import torch
 
 import aenet_fn as af
 from aenet_fn.examples import TIO2_POTENTIAL, TIO2_STRUCTURES
@@ -87,3 +89,36 @@ def test_missing_truncated_and_foreign_files_are_refused(reference_data, tmp_pat
     foreign.write_text("this is not predict.x output\n")
     with pytest.raises(ValueError, match="no structure found"):
         PredictOut.from_file(foreign)
+
+
+def test_the_facade_opens_ascii_potentials_and_predicts_as_predict_x(outputs, tmp_path):
+    from aenet_fn.torch_training import TorchANNPotential, TorchCommitteePotential
+
+    paths = [str(TIO2_STRUCTURES / name) for name in NAMES]
+    potential = TorchANNPotential.from_aenet_ascii(TIO2_POTENTIAL)
+    predicted = potential.predict(paths, eval_forces=True)
+    read = outputs["forces"]
+    np.testing.assert_allclose(predicted.total_energy, read.total_energy, rtol=0, atol=2e-8)
+    for mine, printed in zip(predicted.forces, read.forces, strict=True):
+        np.testing.assert_allclose(mine, printed, rtol=0, atol=6e-7)
+    committee = TorchCommitteePotential.from_aenet_ascii([TIO2_POTENTIAL, TIO2_POTENTIAL])
+    together = committee.predict(paths)
+    np.testing.assert_allclose(together.energy_mean, read.total_energy, rtol=0, atol=2e-8)
+    assert np.all(together.energy_std == 0.0)
+    other = af.read_aenet_ascii(TIO2_POTENTIAL)
+    arch = {s: [(6, "tanh")] for s in ("Ti", "O")}
+    wider = af.init_network(arch, ["Ti", "O"], 56, generator=torch.Generator().manual_seed(0))
+    af.write_aenet_ascii(attrs.evolve(other, network=wider), tmp_path)
+    with pytest.raises(ValueError, match="architecture or descriptor differs"):
+        TorchCommitteePotential.from_aenet_ascii([TIO2_POTENTIAL, tmp_path])
+
+
+def test_a_model_file_loads_onto_the_device_asked_for(tmp_path):
+    from aenet_fn.torch_training import TorchANNPotential
+
+    potential = TorchANNPotential.from_aenet_ascii(TIO2_POTENTIAL)
+    path = tmp_path / "model.pt"
+    potential.save(path)
+    on_meta = TorchANNPotential.from_file(path, device="meta")
+    assert on_meta.device.type == "meta"
+    assert on_meta.model.network.values.device.type == "meta"

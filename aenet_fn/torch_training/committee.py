@@ -498,13 +498,34 @@ class TorchCommitteePotential:
         """A committee from member model files; they must share architecture, descriptor and
         normalisation (a missing or corrupt file raises an error naming it)."""
         members = [TorchANNPotential.from_file(path, device) for path in model_paths]
+        return cls._of_members(members, model_paths, "no member model files given")
+
+    @classmethod
+    def from_aenet_ascii(
+        cls,
+        member_paths: Sequence[Any],
+        device: Any = None,
+        dtype: torch.dtype = torch.float64,
+    ) -> TorchCommitteePotential:
+        """A committee from ænet ``.nn.ascii`` potentials, one entry of ``member_paths`` per
+        member (a folder, its files or a species → file mapping, as
+        :meth:`TorchANNPotential.from_aenet_ascii` takes); the members must share
+        architecture, descriptor and normalisation."""
+        members = [TorchANNPotential.from_aenet_ascii(p, device, dtype) for p in member_paths]
+        return cls._of_members(members, member_paths, "no member potentials given")
+
+    @classmethod
+    def _of_members(
+        cls, members: list[TorchANNPotential], sources: Sequence[Any], empty: str
+    ) -> TorchCommitteePotential:
+        """The committee of loaded ``members`` (read from ``sources``, named in errors)."""
         if not members:
-            raise ValueError("no member model files given")
+            raise ValueError(empty)
         first = members[0]
-        for path, member in zip(model_paths, members):
+        for source, member in zip(sources, members):
             if member.arch != first.arch or member.descriptor.params != first.descriptor.params:
                 raise ValueError(
-                    f"{path}: its architecture or descriptor differs from the first member's"
+                    f"{source}: its architecture or descriptor differs from the first member's"
                 )
         check_shared_parts([m.model for m in members])
         committee = cls(first.arch, first.descriptor)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from aenet_fn._records import to
-from aenet_fn.ascii_potential import training_info, write_aenet_ascii
+from aenet_fn.ascii_potential import read_aenet_ascii, training_info, write_aenet_ascii
 from aenet_fn.batch import collate
 from aenet_fn.checkpoint import (
     CheckpointWriter,
@@ -677,6 +677,18 @@ class TorchANNPotential:
         atomic_torch_save(payload, path)
 
     @classmethod
+    def from_aenet_ascii(
+        cls,
+        paths: Any,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float64,
+    ) -> TorchANNPotential:
+        """A potential from ænet ``.nn.ascii`` files, ready to predict (or to train on):
+        ``paths`` a folder of them, one file per species, or a mapping species → file (see
+        :func:`~aenet_fn.ascii_potential.read_aenet_ascii`); on ``device`` (None: the CPU)."""
+        return _ascii_potential(cls, paths, device, dtype)
+
+    @classmethod
     def from_file(
         cls, path: str | os.PathLike, device: str | torch.device | None = None
     ) -> TorchANNPotential:
@@ -696,11 +708,23 @@ class TorchANNPotential:
         potential = cls(
             {s: [tuple(layer) for layer in layers] for s, layers in arch.items()}, descriptor
         )
-        potential.model = model
+        potential.model = to(model, descriptor.device)
         potential.history = tuple(payload.get("training_history") or ())
         potential.best_val = payload.get("best_val_loss")
         potential._metadata = {k: v for k, v in payload.items() if k != "model"}
         return potential
+
+
+def _ascii_potential(
+    cls: type, paths: Any, device: str | torch.device | None, dtype: torch.dtype
+) -> Any:
+    """A ``cls`` potential (:class:`TorchANNPotential`) holding the model of ænet
+    ``.nn.ascii`` files (:func:`~aenet_fn.ascii_potential.read_aenet_ascii`) on ``device``."""
+    model = read_aenet_ascii(paths, dtype=dtype)
+    descriptor = ChebyshevDescriptor.from_params(model.descriptor, device or "cpu", dtype)
+    potential = cls(model.network.architecture(), descriptor)
+    potential.model = to(model, descriptor.device)
+    return potential
 
 
 def _ascii_info(model: Model, structures: Any, compute_stats: bool) -> dict[str, Any] | None:
