@@ -26,7 +26,7 @@ from aenet_fn.torch_training.dataset import (
     train_test_split,
     train_test_split_dataset,
 )
-from aenet_fn.torch_training.trainer import convert_to_structures as trainer_convert
+from aenet_fn.torch_training import convert_to_structures as facade_convert
 from tests.conftest import assert_same_featurized, facade_config
 
 REFERENCES = {"Ti": -1604.604515075, "O": -432.503149303}
@@ -70,7 +70,7 @@ def test_the_dataset_interface(structures, descriptor):
     assert dataset.get_statistics()["total_atoms"] == sum(s.n_atoms for s in structures)
     with pytest.raises(IndexError):
         dataset[9]
-    assert convert_to_structures is trainer_convert
+    assert convert_to_structures is facade_convert  # one function, exported by both modules
     unnamed = StructureDataset([attrs.evolve(structures[0], name=None)], descriptor)
     assert unnamed.get_structure_identifier(0) == "structure_000000"
 

@@ -14,13 +14,14 @@ from typing import Any
 
 import ase
 import ase.io
+import attrs
 import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from aenet_fn.io.xsf import read_xsf
 from aenet_fn.structure import Structure
 
-__all__ = ["from_ase", "read_structures", "to_ase"]
+__all__ = ["convert_to_structures", "from_ase", "read_structures", "to_ase"]
 
 PathLike = str | os.PathLike[str]
 
@@ -174,3 +175,28 @@ def read_structures(
             raise TypeError(f"read_structures: expected a path, got {type(path).__name__}")
         structures.extend(_read_one(Path(os.fspath(path)), format))
     return structures
+
+
+def convert_to_structures(inputs: Any) -> list[Structure]:
+    """Structures from :class:`Structure` records, ASE ``Atoms``, file paths (every frame; any
+    format ASE reads, XSF by aenet_fn's reader) or a list mixing them. Unnamed structures are
+    named ``structure_{index:06d}``."""
+    if isinstance(inputs, (str, os.PathLike, Structure, ase.Atoms)):
+        inputs = [inputs]
+    structures: list[Structure] = []
+    for item in inputs:
+        if isinstance(item, Structure):
+            structures.append(item)
+        elif isinstance(item, ase.Atoms):
+            structures.append(from_ase(item))
+        elif isinstance(item, (str, os.PathLike)):
+            structures.extend(read_structures(item))
+        else:
+            raise TypeError(f"cannot use a {type(item).__name__} as a structure")
+    return [
+        s if s.name else _renamed(s, f"structure_{index:06d}") for index, s in enumerate(structures)
+    ]
+
+
+def _renamed(structure: Structure, name: str) -> Structure:
+    return attrs.evolve(structure, name=name)

@@ -3,6 +3,7 @@
 Change ``aenet`` to ``aenet_fn`` in the imports of existing scripts.
 """
 
+from aenet_fn.io.ase_io import convert_to_structures
 from aenet_fn.io.train import TrainOut
 from aenet_fn.structure import Structure
 from aenet_fn.torch_training.committee import (
@@ -20,7 +21,7 @@ from aenet_fn.torch_training.dataset import (
     train_test_split_dataset,
 )
 from aenet_fn.torch_training.hdf5_dataset import HDF5StructureDataset
-from aenet_fn.torch_training.trainer import TorchANNPotential, convert_to_structures
+from aenet_fn.torch_training.trainer import TorchANNPotential
 
 __all__ = [
     "SGD",

@@ -37,6 +37,7 @@ from aenet_fn.committee import (
     member_seeds,
 )
 from aenet_fn.distributed import World, agreed_seed, all_gather_objects, current_world, members_of
+from aenet_fn.io.ase_io import convert_to_structures
 from aenet_fn.io.predict import PredictOut
 from aenet_fn.io.train import TrainOut, read_history, write_history
 from aenet_fn.mlip.ensemble import (
@@ -51,7 +52,6 @@ from aenet_fn.torch_training.trainer import (
     TorchANNPotential,
     _training_dtype,
     check_reference_species,
-    convert_to_structures,
 )
 from aenet_fn.train import fit, prepare_speedups
 

@@ -28,9 +28,9 @@ from torch.utils.data import Dataset, Subset
 
 from aenet_fn.data import filter_structures
 from aenet_fn.featurized import FeaturizedSet, featurize_structures, select_structures
+from aenet_fn.io.ase_io import convert_to_structures
 from aenet_fn.structure import Structure
 from aenet_fn.torch_featurize.chebyshev import ChebyshevDescriptor
-from aenet_fn.torch_training.trainer import convert_to_structures
 
 __all__ = [
     "CachedStructureDataset",

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import ase
 import numpy as np
 import torch
 
@@ -32,7 +31,7 @@ from aenet_fn.data import filter_structures, split_structures
 from aenet_fn.descriptor import ChebyshevParams, build_graph
 from aenet_fn.distributed import agreed_seed, current_world
 from aenet_fn.featurized import FeaturizedSet, estimated_set_bytes, featurize_structures
-from aenet_fn.io.ase_io import from_ase, read_structures
+from aenet_fn.io.ase_io import convert_to_structures
 from aenet_fn.io.predict import PredictOut
 from aenet_fn.io.train import TrainOut, write_energies, write_history
 from aenet_fn.loader import StructureSequence, StructureSource
@@ -50,37 +49,19 @@ from aenet_fn.serialization import from_tree, to_tree
 from aenet_fn.structure import Structure
 from aenet_fn.torch_featurize.chebyshev import ChebyshevDescriptor
 from aenet_fn.torch_training.config import TorchTrainingConfig
+from aenet_fn.torch_training.dataset import (
+    LazyStructures,
+    check_descriptor,
+    dataset_descriptor,
+    featurized_of,
+    owned_atomic_energies,
+    structures_of,
+    train_test_split,
+)
 from aenet_fn.train import fit, init_model, init_train_state
 
 MODEL_FORMAT = "aenet_fn-model"
 MODEL_VERSION = 1
-
-
-def convert_to_structures(inputs: Any) -> list[Structure]:
-    """Structures from :class:`Structure` records, ASE ``Atoms``, file paths (every frame; any
-    format ASE reads, XSF by aenet_fn's reader) or a list mixing them. Unnamed structures are
-    named ``structure_{index:06d}``."""
-    if isinstance(inputs, (str, os.PathLike, Structure, ase.Atoms)):
-        inputs = [inputs]
-    structures: list[Structure] = []
-    for item in inputs:
-        if isinstance(item, Structure):
-            structures.append(item)
-        elif isinstance(item, ase.Atoms):
-            structures.append(from_ase(item))
-        elif isinstance(item, (str, os.PathLike)):
-            structures.extend(read_structures(item))
-        else:
-            raise TypeError(f"cannot use a {type(item).__name__} as a structure")
-    return [
-        s if s.name else _renamed(s, f"structure_{index:06d}") for index, s in enumerate(structures)
-    ]
-
-
-def _renamed(structure: Structure, name: str) -> Structure:
-    import attrs
-
-    return attrs.evolve(structure, name=name)
 
 
 class TorchANNPotential:
@@ -262,13 +243,6 @@ class TorchANNPotential:
     ) -> _TrainingData:
         """Sources (a) and (b): pick or split the datasets, resolve the atomic references they
         own and take their (cached) featurized sets."""
-        from aenet_fn.torch_training.dataset import (
-            LazyStructures,
-            check_descriptor,
-            featurized_of,
-            train_test_split,
-        )
-
         if train_dataset is not None:
             if dataset is not None:
                 warnings.warn(
@@ -320,8 +294,6 @@ class TorchANNPotential:
         """Atomic references owned by the datasets (spec §1.2 step 4): train and test must
         agree, and so must ``config.atomic_energies`` when both give them; config values with
         a dataset that owns none are ignored with a warning."""
-        from aenet_fn.torch_training.dataset import owned_atomic_energies
-
         species = self.descriptor.species
 
         def per_species(values: Mapping[str, float]) -> list[float]:
@@ -438,8 +410,6 @@ class TorchANNPotential:
     def _energies_files(self, data: _TrainingData):
         """``save_energies``: the energies files of both splits, or ``(None, None)`` with a
         warning when a dataset cannot expose its structures."""
-        from aenet_fn.torch_training.dataset import structures_of
-
         splits = []
         for source in (data.train_source, data.test_source):
             if source is None or isinstance(source, list):
@@ -565,12 +535,6 @@ class TorchANNPotential:
         (``get_structure``, ``structures`` or a Subset of such a dataset) and calls
         :meth:`predict`. Raises ``ValueError`` when the structures or coordinates needed cannot
         be obtained."""
-        from aenet_fn.torch_training.dataset import (
-            dataset_descriptor,
-            featurized_of,
-            structures_of,
-        )
-
         model = self._require_model()
         if len(dataset) == 0:
             raise ValueError("predict_dataset(): the dataset is empty")
