@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from aenet_fn.cli import CONFIG_EXAMPLE, main
-from aenet_fn.demo import toml_text
+from aenet_fn.cli.demo import toml_text
 from aenet_fn.examples import TIO2_STRUCTURES
 from aenet_fn.torch_training import TorchANNPotential, TorchCommitteePotential
 

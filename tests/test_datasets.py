@@ -18,6 +18,7 @@ from aenet_fn.examples import TIO2_STRUCTURES
 from aenet_fn.featurized import featurize_structures
 from aenet_fn.torch_featurize import ChebyshevDescriptor
 from aenet_fn.torch_training import Structure, TorchANNPotential
+from aenet_fn.torch_training import convert_to_structures as facade_convert
 from aenet_fn.torch_training.dataset import (
     CachedStructureDataset,
     StructureDataset,
@@ -26,7 +27,6 @@ from aenet_fn.torch_training.dataset import (
     train_test_split,
     train_test_split_dataset,
 )
-from aenet_fn.torch_training import convert_to_structures as facade_convert
 from tests.conftest import assert_same_featurized, facade_config
 
 REFERENCES = {"Ti": -1604.604515075, "O": -432.503149303}

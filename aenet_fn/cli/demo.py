@@ -1,5 +1,6 @@
-"""The main job, ``aenet-fn demo``: a committee trained on energies and forces of the built-in
-EMT Cu/Ni/Au data set, its errors, plots and a short molecular-dynamics check.
+"""The main job, ``aenet-fn demo`` (:func:`run_demo` and the command's handler): a committee
+trained on energies and forces of the built-in EMT Cu/Ni/Au data set, its errors, plots and a
+short molecular-dynamics check.
 
 The demo goes through the same path as ``aenet-fn train``: it writes the generated structures
 (``data/emt-alloys.xsf``) and a configuration (``demo.toml``) into the output folder, validates
@@ -11,6 +12,7 @@ force spread.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
@@ -27,7 +29,8 @@ from ase.md.verlet import VelocityVerlet
 
 from aenet_fn.atomic import atomic_write_text
 from aenet_fn.calculator import AenetCalculator, thermalize_momenta
-from aenet_fn.cli import format_summary, parse_config, run_training
+from aenet_fn.cli.config import parse_config
+from aenet_fn.cli.train import format_summary, run_training
 from aenet_fn.examples import ALLOY_SPECIES, emt_alloys
 from aenet_fn.io.ase_io import to_ase
 from aenet_fn.io.xsf import write_xsf
@@ -205,3 +208,13 @@ def _run(size: DemoSize, show_progress: bool, out: Path, seed: int) -> dict[str,
     if not all(math.isfinite(v) for v in (*test.values(), md["drift"])):
         raise RuntimeError("demo: training or MD produced non-finite numbers")
     return {"metrics": result.metrics, "md": md, "seconds": seconds}
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    threads = 1 if args.threads is None else args.threads
+    run_demo(args.fast, not args.no_progress, args.output, threads=threads)
+    return 0

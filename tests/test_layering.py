@@ -1,0 +1,111 @@
+"""The package's import graph: no cycles, not even through imports inside functions, and the
+core never imports the driver, the CPU speed-ups, the facade or the command line."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import aenet_fn
+
+PACKAGE = Path(aenet_fn.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+
+
+def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """The aenet_fn modules ``path`` imports anywhere in its code (``from a.b import c`` counts
+    as ``a.b.c`` where that is a module, else ``a.b``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name in modules}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                target = f"{node.module}.{alias.name}"
+                found.add(target if target in modules else node.module)
+    return {name for name in found if name in modules}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every aenet_fn module and the aenet_fn modules it imports (a package's own
+    ``__init__`` left out of its submodules' edges: Python runs it first anyway)."""
+    modules = _modules()
+    return {
+        name: {t for t in _imports(path, modules) if not name.startswith(t + ".")} - {name}
+        for name, path in modules.items()
+    }
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for other in sorted(graph[node]):
+            if state.get(other) == 1:
+                return [*stack[stack.index(other) :], other]
+            if other not in state and (found := visit(other)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = import_graph()
+    assert len(graph) > 30
+    cycle = _cycle(graph)
+    assert cycle is None, " -> ".join(cycle or [])
+
+
+def test_the_cycle_finder_finds_a_planted_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
+    assert _cycle(graph) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+SPEED_UPS = {
+    "aenet_fn.energy_gradient",
+    "aenet_fn.force_jacobian",
+    "aenet_fn.position_jacobian",
+    "aenet_fn.structure_jacobian",
+}
+CORE = {
+    "aenet_fn.structure",
+    "aenet_fn.batch",
+    "aenet_fn.neighbors",
+    "aenet_fn.descriptor",
+    "aenet_fn.forces",
+    "aenet_fn.network",
+    "aenet_fn.normalization",
+    "aenet_fn.potential",
+    "aenet_fn.loss",
+    "aenet_fn.optim",
+    "aenet_fn.sampling",
+    "aenet_fn.local_derivatives",
+    "aenet_fn.featurized",
+}
+
+
+def test_the_core_imports_only_the_core():
+    graph = import_graph()
+    for name in CORE:
+        outside = {t for t in graph[name] if t.startswith("aenet_fn.") and t not in CORE}
+        allowed = {"aenet_fn._records", "aenet_fn.checks", "aenet_fn.linear_maps"}
+        assert outside <= allowed, f"{name} imports {sorted(outside - allowed)}"
+        assert not graph[name] & SPEED_UPS
