@@ -43,6 +43,7 @@ from aenet_fn.structure import Structure
 from aenet_fn.train import (
     Speedups,
     TrainConfig,
+    TrainingDiverged,
     TrainState,
     evaluate,
     fit,
@@ -74,6 +75,7 @@ __all__ = [
     "Structure",
     "TrainConfig",
     "TrainState",
+    "TrainingDiverged",
     "__version__",
     "atomic_energies",
     "batch_neighbor_list",

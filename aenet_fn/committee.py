@@ -39,10 +39,12 @@ from aenet_fn.train import (
     DrawnEpoch,
     Speedups,
     TrainConfig,
+    TrainingDiverged,
     TrainState,
     autograd_gradient,
     batch_loss,
     batch_residuals,
+    check_finite_epoch,
     draw_member_energy_epochs,
     draws_ahead,
     end_of_epoch,
@@ -338,9 +340,11 @@ def committee_fit(
 ) -> tuple[TrainState, ...]:
     """``config.epochs`` more epochs of every member together; after each epoch every member
     records its own history, best model and scheduler step (nothing is shared), then the
-    callbacks get the tuple of member states. ``speedups``: the CPU's fast route for these
-    members and splits (:func:`~aenet_fn.train.prepare_speedups` of the members; prepared
-    here when not given)."""
+    callbacks get the tuple of member states. An epoch that makes a member's loss or weights
+    non-finite stops the run with :class:`~aenet_fn.train.TrainingDiverged` (carrying every
+    member's state before that epoch) before the callbacks run. ``speedups``: the CPU's fast
+    route for these members and splits (:func:`~aenet_fn.train.prepare_speedups` of the
+    members; prepared here when not given)."""
     members = tuple(members)
     if speedups is None:  # one per run: the members share the normalisation
         speedups = prepare_speedups(members, train, test, config, World())
@@ -351,7 +355,13 @@ def committee_fit(
     ahead = draws_ahead(speedups, train, config)
     for drawn, start in epochs_drawn_ahead(config.epochs, draw if ahead else None):
         epoch_speedups = attrs.evolve(speedups, drawn=drawn)
+        before = members
         members, train_metrics = committee_epoch(members, train, config, on_batch, epoch_speedups)
+        for index, (old, new, metrics) in enumerate(zip(before, members, train_metrics)):
+            try:
+                check_finite_epoch(old, new, metrics, f"committee member {index}")
+            except TrainingDiverged as error:
+                raise TrainingDiverged(str(error), before) from None
         test_metrics: list[dict[str, float] | None] = (
             [None] * len(members)
             if test is None

@@ -1030,6 +1030,36 @@ def run_epoch(
     return finish_epoch(stepped, order, drawn_errors, config), metrics_from_sums(sums)
 
 
+class TrainingDiverged(ValueError):
+    """Training made the loss or the network weights non-finite. ``state``: the last state with
+    finite weights (the one the diverging epoch started from); what was written before it (e.g.
+    checkpoints) stays as it was."""
+
+    def __init__(self, message: str, state: Any) -> None:
+        super().__init__(message)
+        self.state = state
+
+
+def check_finite_epoch(
+    before: TrainState, after: TrainState, metrics: dict[str, float], who: str = "training"
+) -> None:
+    """Raise :class:`TrainingDiverged` (carrying ``before``) when the epoch from ``before`` to
+    ``after`` left non-finite network weights or a non-finite training energy error (one read
+    on the host per epoch)."""
+    loss = metrics["rmse_energy"]
+    if bool(torch.isfinite(after.model.network.values).all()) and math.isfinite(loss):
+        return
+    if math.isfinite(loss):
+        what = "the network weights became non-finite"
+    else:
+        what = f"the training energy RMSE became {loss}"
+    raise TrainingDiverged(
+        f"{who} diverged in epoch {before.epoch}: {what}; stopped at the state before that "
+        "epoch (a smaller learning rate, or labels and features checked for outliers, may help)",
+        before,
+    )
+
+
 def end_of_epoch(
     state: TrainState,
     train_metrics: dict[str, float],
@@ -1078,7 +1108,9 @@ def fit(
 ) -> TrainState:
     """Run ``config.epochs`` more epochs from ``state``; after each, evaluate the test split
     (exact metrics), record history/best/scheduler and call every callback with the new state
-    (progress bars, checkpoints, logs). Under ``torch.distributed`` every process runs this
+    (progress bars, checkpoints, logs). An epoch that makes the loss or the weights non-finite
+    stops the run with :class:`TrainingDiverged` before its callbacks run (so checkpoints stay
+    finite). Under ``torch.distributed`` every process runs this
     same loop on its shares; callbacks and ``on_batch`` run on rank 0 only. ``world``: the
     processes sharing each batch (default: the current process group; ``World()`` trains in
     this process alone, e.g. committee members spread over ranks). ``speedups``: the CPU's
@@ -1102,7 +1134,9 @@ def fit(
     ahead = draws_ahead(speedups, train, config)
     for drawn, start in epochs_drawn_ahead(config.epochs, draw if ahead else None):
         epoch_speedups = attrs.evolve(speedups, drawn=drawn)
+        before = state
         state, train_metrics = run_epoch(state, train, config, on_batch, world, epoch_speedups)
+        check_finite_epoch(before, state, train_metrics)
         test_metrics = (
             None
             if test is None

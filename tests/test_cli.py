@@ -480,3 +480,12 @@ def test_predict_on_an_explicit_device_gives_the_same_numbers(single, capsys):
     default = capsys.readouterr().out
     assert main([*arguments, "--device", "cpu"]) == 0
     assert capsys.readouterr().out == default
+
+
+def test_a_diverging_run_fails_with_one_line_and_writes_no_model(tmp_path, capsys):
+    config = tables()
+    config["training"]["adam"]["mu"] = 1e300
+    path = write_config(tmp_path, config)
+    assert main(["train", str(path), "--no-progress"]) == 1
+    assert "diverged in epoch 0" in one_line_error(capsys, "train")
+    assert not (tmp_path / "run" / "model.pt").exists()
