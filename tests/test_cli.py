@@ -489,3 +489,24 @@ def test_a_diverging_run_fails_with_one_line_and_writes_no_model(tmp_path, capsy
     assert main(["train", str(path), "--no-progress"]) == 1
     assert "diverged in epoch 0" in one_line_error(capsys, "train")
     assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_a_json_configuration_repeating_a_key_is_refused(tmp_path, capsys):
+    path = write_config(tmp_path, tables(), toml=False)
+    text = path.read_text().replace('"iterations": 2', '"iterations": 2, "iterations": 50')
+    path.write_text(text)
+    assert main(["train", str(path), "--check"]) == 2
+    assert "the key 'iterations' appears twice" in one_line_error(capsys, "train")
+
+
+def test_committee_metadata_listing_a_member_twice_is_refused(committee, tmp_path):
+    import shutil
+
+    copy = tmp_path / "committee"
+    shutil.copytree(committee, copy)
+    metadata = copy / "committee_metadata.json"
+    document = json.loads(metadata.read_text())
+    document["members"].append(document["members"][0])
+    metadata.write_text(json.dumps(document))
+    with pytest.raises(ValueError, match="member 0 is listed more than once"):
+        TorchCommitteePotential.from_directory(copy)

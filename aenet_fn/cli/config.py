@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import difflib
 import glob
-import json
 import os
 import sys
 import types
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from aenet_fn.cli.errors import ConfigError
+from aenet_fn.io.strict_json import strict_json_loads
 from aenet_fn.network import check_architecture
 from aenet_fn.torch_featurize import ChebyshevDescriptor
 from aenet_fn.torch_training import SGD, Adam, TorchCommitteeConfig, TorchTrainingConfig
@@ -281,8 +281,8 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read the configuration: {error.strerror}") from error
     if path.suffix.lower() == ".json":
         try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as error:
+            raw = strict_json_loads(text)
+        except ValueError as error:  # json.JSONDecodeError is one
             raise ConfigError(f"{path}: invalid JSON: {error}") from error
     elif path.suffix.lower() == ".toml":
         try:

@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 
 from aenet_fn.atomic import atomic_write_text
+from aenet_fn.io.strict_json import strict_json_loads
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -299,9 +300,11 @@ def read_history(json_path: PathLike) -> tuple[dict[str, Any], ...]:
     path = Path(os.fspath(json_path))
     with path.open(encoding="utf-8") as handle:
         try:
-            data = json.load(handle)
+            data = strict_json_loads(handle.read())
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}, line {error.lineno}: invalid JSON ({error.msg})") from None
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
     if not isinstance(data, Mapping):
         raise ValueError(f"{path}: expected a JSON object of per-epoch lists")
     names, rows = _history_rows(data)

@@ -39,6 +39,7 @@ from aenet_fn.committee import (
 from aenet_fn.distributed import World, agreed_seed, all_gather_objects, current_world, members_of
 from aenet_fn.io.ase_io import convert_to_structures
 from aenet_fn.io.predict import PredictOut
+from aenet_fn.io.strict_json import strict_json_loads
 from aenet_fn.io.train import TrainOut, read_history, write_history
 from aenet_fn.mlip.ensemble import (
     AenetEnsembleResult,
@@ -481,7 +482,7 @@ class TorchCommitteePotential:
         if not metadata_path.is_file():
             raise FileNotFoundError(f"{metadata_path}: no committee metadata")
         try:
-            members = json.loads(metadata_path.read_text())["members"]
+            members = strict_json_loads(metadata_path.read_text())["members"]
             indices = [
                 int(m["member_index"])
                 for m in members
@@ -489,6 +490,9 @@ class TorchCommitteePotential:
             ]
         except (KeyError, ValueError, TypeError, AttributeError) as error:
             raise ValueError(f"{metadata_path}: corrupt committee metadata ({error})") from error
+        repeated = sorted({i for i in indices if indices.count(i) > 1})
+        if repeated:
+            raise ValueError(f"{metadata_path}: member {repeated[0]} is listed more than once")
         return [_member_dir(Path(directory), i) / _MEMBER_FILES[0] for i in indices]
 
     @classmethod
