@@ -660,7 +660,8 @@ def build_database(
         show_progress: show a tqdm bar over the sources.
         compression: "gzip" (alias "zlib"), "lzf" or None; ``compression_level`` 0-9 for gzip.
 
-    Raises ``ValueError`` for no sources or bad options, ``FileNotFoundError`` for a missing
+    Raises ``ValueError`` for no sources, bad options or a ``path`` that is one of the sources
+    (it would be destroyed), ``FileNotFoundError`` for a missing
     source, ``RuntimeError`` naming a source that cannot be read, ``TypeError`` for an
     unsupported source.
     """
@@ -685,6 +686,13 @@ def build_database(
         for first in range(0, len(items), _SOURCES_PER_TASK)
     ]
     path = Path(path)
+    if path.exists() and any(
+        source.kind == "file" and path.samefile(source.item) for source in items
+    ):
+        raise ValueError(
+            f"build_database: {path} is one of its sources; writing the database there would "
+            "destroy that input: choose another path"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     with replacing(path) as temporary:
         with (

@@ -535,3 +535,33 @@ def test_training_from_hdf5_in_workers_equals_training_in_memory(persisted, desc
         runs[1].model.network.values, runs[0].model.network.values, rtol=0, atol=1e-10
     )
     assert runs[1].history[-1]["RMSE_test"] == pytest.approx(runs[0].history[-1]["RMSE_test"])
+
+
+def test_a_database_is_never_written_over_one_of_its_sources(tio2_files, tmp_path):
+    """Through the function and the dataset, named directly or through its folder (and a
+    hard link to it): the source is refused as the output and left unchanged."""
+    import os
+    import shutil
+
+    for name in tio2_files[:3]:
+        shutil.copy(name, tmp_path)
+    source = tmp_path / "structure-001.xsf"
+    before = source.read_bytes()
+    os.link(source, tmp_path / "linked.h5")
+    for sources, output in (
+        ([source], source),
+        ([tmp_path], source),
+        ([source], tmp_path / "linked.h5"),
+    ):
+        with pytest.raises(ValueError, match="is one of its sources"):
+            build_database(output, sources, show_progress=False)
+    dataset = HDF5StructureDataset(None, source, sources=[tmp_path], mode="build")
+    with pytest.raises(ValueError, match="is one of its sources"):
+        dataset.build_database(show_progress=False)
+    assert source.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "linked.h5",
+        "structure-001.xsf",
+        "structure-002.xsf",
+        "structure-003.xsf",
+    ]
