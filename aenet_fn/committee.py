@@ -45,6 +45,8 @@ from aenet_fn.train import (
     batch_loss,
     batch_residuals,
     check_finite_epoch,
+    check_same_data,
+    data_fingerprint,
     draw_member_energy_epochs,
     draws_ahead,
     end_of_epoch,
@@ -345,7 +347,10 @@ def committee_fit(
     member's state before that epoch) before the callbacks run. ``speedups``: the CPU's fast
     route for these members and splits (:func:`~aenet_fn.train.prepare_speedups` of the
     members; prepared here when not given)."""
-    members = tuple(members)
+    fingerprint = data_fingerprint(train, test, members[0].model.descriptor)
+    for member in members:
+        check_same_data(member, fingerprint, config)
+    members = tuple(attrs.evolve(member, data_fingerprint=fingerprint) for member in members)
     if speedups is None:  # one per run: the members share the normalisation
         speedups = prepare_speedups(members, train, test, config, World())
 

@@ -9,6 +9,7 @@ continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -151,6 +152,8 @@ class TrainConfig:
         jacobian_memory_gib: the most memory (GiB) the fast route may spend on a split's
             stored Jacobian (an upper bound is checked before it is built); a split that
             could need more trains its forces on the ``torch.func`` route.
+        allow_other_data: let :func:`fit` continue a state on other structures than those it
+            was trained on (refused by default: see :func:`data_fingerprint`).
     """
 
     epochs: int = 100
@@ -171,6 +174,7 @@ class TrainConfig:
     persistent_workers: bool = False
     route: str = "auto"
     jacobian_memory_gib: float = 8.0
+    allow_other_data: bool = False
 
     def __attrs_post_init__(self) -> None:
         for name, low in (("epochs", 0), ("batch_size", 1), ("force_resample_num_epochs", 0)):
@@ -182,7 +186,8 @@ class TrainConfig:
             _check_integer("force_min_structures_per_epoch", self.force_min_structures_per_epoch, 0)
         _check_fraction("force_weight", self.force_weight)
         _check_fraction("force_fraction", self.force_fraction)
-        for name in ("force_scale_unbiased", "use_scheduler", "persistent_workers"):
+        switches = ("force_scale_unbiased", "use_scheduler", "persistent_workers")
+        for name in (*switches, "allow_other_data"):
             _check_switch(name, getattr(self, name))
         _check(
             self.force_sampling in FORCE_SAMPLING,
@@ -244,6 +249,8 @@ class TrainState:
         best_monitor: best validation monitor so far (inf when none).
         best_epoch: epoch of ``best_values`` (-1 when none).
         history: one dict of metrics per completed epoch.
+        data_fingerprint: the :func:`data_fingerprint` of the splits :func:`fit` trained it
+            on ("" before its first fit, and in states saved before fingerprints existed).
     """
 
     model: Model
@@ -257,6 +264,7 @@ class TrainState:
     best_monitor: float = static_field(default=math.inf)
     best_epoch: int = static_field(default=-1)
     history: tuple[dict[str, float], ...] = static_field(default=())
+    data_fingerprint: str = static_field(default="")
 
 
 def init_model(
@@ -323,6 +331,33 @@ def check_labels(data: Split, with_forces: bool, caller: str) -> None:
         raise ValueError(
             f"{caller} forces are weighted (force_weight > 0) but no structure has forces"
         )
+
+
+def data_fingerprint(train: Split, test: Split | None, descriptor: ChebyshevParams) -> str:
+    """sha256 (hex) of what identifies a run's data: per structure of the training and test
+    splits its name, atom count, species counts and energy, and the descriptor. Read on the
+    host once per :func:`fit`."""
+    digest = hashlib.sha256(repr(descriptor).encode())
+    for split in (train, test):
+        if split is None:
+            digest.update(b"no split")
+            continue
+        digest.update("\0".join(str(name) for name in split.names).encode())
+        for tensor in (split.n_atoms, split.species_counts, split.energies):
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_same_data(state: TrainState, fingerprint: str, config: TrainConfig) -> None:
+    """Refuse to continue ``state`` on data whose :func:`data_fingerprint` differs from the
+    one it was trained on, unless ``config.allow_other_data``."""
+    if state.data_fingerprint and state.data_fingerprint != fingerprint:
+        if not config.allow_other_data:
+            raise ValueError(
+                "fit: the state was trained on other structures or another descriptor (data "
+                f"fingerprint {state.data_fingerprint[:12]}…, these splits {fingerprint[:12]}…); "
+                "continue on these only with TrainConfig(allow_other_data=True)"
+            )
 
 
 def check_resumable(state: TrainState, train: Split, config: TrainConfig) -> None:
@@ -1113,11 +1148,15 @@ def fit(
     finite). Under ``torch.distributed`` every process runs this
     same loop on its shares; callbacks and ``on_batch`` run on rank 0 only. ``world``: the
     processes sharing each batch (default: the current process group; ``World()`` trains in
-    this process alone, e.g. committee members spread over ranks). ``speedups``: the CPU's
+    this process alone, e.g. committee members spread over ranks). A state already trained
+    on other splits is refused (:func:`check_same_data`). ``speedups``: the CPU's
     fast route for these splits (:func:`prepare_speedups`), when several runs on the same
     splits share it (prepared here when not given)."""
     check_split(train, state.model.descriptor, "fit: training split")
     check_resumable(state, train, config)
+    fingerprint = data_fingerprint(train, test, state.model.descriptor)
+    check_same_data(state, fingerprint, config)
+    state = attrs.evolve(state, data_fingerprint=fingerprint)
     check_labels(train, config.uses_forces, "fit: training")
     if test is not None:
         check_split(test, state.model.descriptor, "fit: test split")

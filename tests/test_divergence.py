@@ -45,7 +45,9 @@ def test_a_diverging_run_stops_and_keeps_its_finite_checkpoints(
     resumed = attrs.evolve(good, opt_state=sgd_state, lr=EXPLODING.lr)
     with pytest.raises(TrainingDiverged, match="diverged in epoch 2: the training energy") as info:
         af.fit(resumed, train, None, exploding, [writer])
-    assert info.value.state is resumed and _finite(info.value.state)
+    kept = info.value.state
+    assert kept.epoch == resumed.epoch == 2 and _finite(kept)
+    assert torch.equal(kept.model.network.values, resumed.model.network.values)
     saved = sorted(tmp_path.glob("checkpoint_epoch_*.pt"))
     assert [path.name for path in saved] == ["checkpoint_epoch_0000.pt", "checkpoint_epoch_0001.pt"]
     for path in saved:
@@ -58,7 +60,10 @@ def test_a_diverging_committee_member_stops_the_committee_by_name(train):
     members = init_committee(PARAMS, ARCH, train, config, [1, 2], atomic_energies=E_ATOM)
     with pytest.raises(TrainingDiverged, match="committee member 0 diverged in epoch 0") as info:
         committee_fit(members, train, None, config)
-    assert info.value.state == tuple(members) and all(_finite(m) for m in info.value.state)
+    kept = info.value.state
+    assert len(kept) == 2 and all(_finite(m) and m.epoch == 0 for m in kept)
+    for member, start in zip(kept, members, strict=True):
+        assert torch.equal(member.model.network.values, start.model.network.values)
 
 
 def test_non_finite_weights_are_caught_even_with_a_finite_loss(train):

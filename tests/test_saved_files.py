@@ -6,6 +6,7 @@ import json
 
 import attrs
 import numpy as np
+import pytest
 import torch
 
 import aenet_fn as af
@@ -87,3 +88,66 @@ def test_records_are_saved_under_names_that_do_not_follow_their_modules():
     assert set(MODULE_PATH_NAMES.values()) <= set(RECORD_TYPES)
     old = {**tree, "__record__": "aenet_fn.train.TrainConfig"}
     assert from_tree(old) == config
+
+
+def test_a_checkpoint_knows_its_data_and_refuses_other_structures(tmp_path):
+    """The state records a fingerprint of its splits and descriptor when it is fitted;
+    resuming on other structures (even as many, with one energy changed) is refused unless
+    ``allow_other_data``; the same splits resume."""
+    structures = af.read_structures(sorted(TIO2_STRUCTURES.glob("*.xsf"))[:8])
+    train = af.featurize_structures(PARAMS, structures[:6], with_derivatives=False)
+    test = af.featurize_structures(PARAMS, structures[6:], with_derivatives=False)
+    model = af.init_model(PARAMS, ARCH, train, seed=1, atomic_energies=E_ATOM)
+    config = af.TrainConfig(epochs=1, batch_size=3)
+    assert af.init_train_state(model, train, config).data_fingerprint == ""
+    writer = af.CheckpointWriter(tmp_path, config, interval=1)
+    af.fit(af.init_train_state(model, train, config), train, test, config, [writer])
+    state, _ = af.load_checkpoint(tmp_path / "checkpoint_epoch_0000.pt")
+    assert len(state.data_fingerprint) == 64
+    assert af.fit(state, train, test, config).epoch == 2
+    shifted = attrs.evolve(train, energies=train.energies + torch.arange(6) * 1e-9)
+    others = [
+        (shifted, test),
+        (train, None),
+        (train, af.featurize_structures(PARAMS, structures[5:7], with_derivatives=False)),
+    ]
+    for other_train, other_test in others:
+        with pytest.raises(ValueError, match="trained on other structures"):
+            af.fit(state, other_train, other_test, config)
+    allowed = attrs.evolve(config, allow_other_data=True)
+    moved_on = af.fit(state, shifted, test, allowed)
+    assert moved_on.data_fingerprint not in ("", state.data_fingerprint)
+
+
+def test_the_facade_refuses_to_resume_on_other_structures(tmp_path):
+    from aenet_fn.torch_featurize import ChebyshevDescriptor
+    from aenet_fn.torch_training import Adam, TorchANNPotential, TorchTrainingConfig
+
+    paths = [str(p) for p in sorted(TIO2_STRUCTURES.glob("*.xsf"))[:8]]
+    descriptor = ChebyshevDescriptor.from_params(PARAMS)
+
+    def config(**changes):
+        return TorchTrainingConfig(
+            iterations=1,
+            method=Adam(batchsize=3),
+            testpercent=25,
+            seed=1,
+            split_seed=2,
+            atomic_energies=E_ATOM,
+            checkpoint_dir=str(tmp_path),
+            show_progress=False,
+            **changes,
+        )
+
+    TorchANNPotential(ARCH, descriptor).train(structures=paths[:6], config=config())
+    checkpoint = tmp_path / "checkpoint_epoch_0000.pt"
+    again = TorchANNPotential(ARCH, descriptor)
+    again.train(structures=paths[:6], config=config(), resume_from=checkpoint)
+    assert len(again.history) == 2
+    with pytest.raises(ValueError, match="trained on other structures"):
+        TorchANNPotential(ARCH, descriptor).train(
+            structures=paths[2:], config=config(), resume_from=checkpoint
+        )
+    other = TorchANNPotential(ARCH, descriptor)
+    other.train(structures=paths[2:], config=config(allow_other_data=True), resume_from=checkpoint)
+    assert len(other.history) == 2

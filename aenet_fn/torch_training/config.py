@@ -106,6 +106,7 @@ _BOOLEANS = (
     "show_batch_progress",
     "save_best",
     "use_scheduler",
+    "allow_other_data",
 )
 """The options that must be ``True`` or ``False`` (a string such as ``"no"`` is refused)."""
 
@@ -153,7 +154,9 @@ class TorchTrainingConfig:
     data may take. Force training on the CPU keeps a split's local derivatives in memory when
     they fit it (estimated from a sample of its structures), else recomputes them for each
     batch (memory bounded by the batch, the same numbers); the CPU's stored Jacobians are
-    built within it too (``TrainConfig.jacobian_memory_gib``).
+    built within it too (``TrainConfig.jacobian_memory_gib``). ``allow_other_data``: let
+    ``resume_from`` continue a checkpoint on other structures than it was trained on (refused
+    by default).
     """
 
     iterations: int = 100
@@ -193,6 +196,7 @@ class TorchTrainingConfig:
     persistent_workers: bool = True
     route: str = "auto"
     memory_budget_gib: float = 8.0
+    allow_other_data: bool = False
     feature_stats: dict[str, Any] | None = None
     E_shift: float | None = None
     E_scaling: float | None = None
@@ -343,6 +347,7 @@ class TorchTrainingConfig:
             persistent_workers=bool(self.persistent_workers),
             route=self.route,
             jacobian_memory_gib=float(self.memory_budget_gib),
+            allow_other_data=bool(self.allow_other_data),
         )
 
 
