@@ -510,3 +510,23 @@ def test_committee_metadata_listing_a_member_twice_is_refused(committee, tmp_pat
     metadata.write_text(json.dumps(document))
     with pytest.raises(ValueError, match="member 0 is listed more than once"):
         TorchCommitteePotential.from_directory(copy)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [MemoryError(), RecursionError("maximum recursion depth exceeded"), RuntimeError("CUDA oops")],
+    ids=["memory", "recursion", "runtime"],
+)
+def test_unexpected_errors_are_one_line_with_exit_status_3(single, capsys, monkeypatch, error):
+    import aenet_fn.cli.predict as predict_module
+
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(predict_module, "predict_structures", fails)
+    arguments = ["predict", str(single / "model.pt"), *structure_files(1)]
+    assert main(arguments) == 3
+    message = one_line_error(capsys, "predict")
+    assert f"unexpected {type(error).__name__}" in message and "--debug" in message
+    with pytest.raises(type(error)):
+        main(["--debug", *arguments])

@@ -11,8 +11,9 @@ Sub-commands::
     aenet-fn demo [--fast] [--no-progress] [--output DIR]
 
 :func:`main` returns the exit status: 0 on success, 1 when the input is wrong (a missing or
-unreadable file, a model that cannot be exported, ...), 2 for a usage or configuration error; the
-message names the problem and is printed without a traceback (``--debug`` shows it). No command
+unreadable file, a model that cannot be exported, ...), 2 for a usage or configuration error, 3
+for anything unexpected (an error inside a library, memory exhausted, ...); the message names
+the problem on one line and is printed without a traceback (``--debug`` shows it). No command
 replaces one of its own input files, and none replaces an existing output file (``train``: a
 trained model) without ``--overwrite``.
 
@@ -196,6 +197,15 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"{PROG}: warning: {message}", file=sys.stderr if file is None else file)
 
 
+UNEXPECTED = 3
+"""The exit status of an unexpected error (one that names no input or option)."""
+
+
+def _report(command: str, message: str) -> None:
+    """Print ``message`` as one line of standard error."""
+    print(f"{PROG} {command}: error: {' '.join(message.splitlines())}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``aenet-fn`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
@@ -211,9 +221,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.handler(args)
         except (CLIError, ValueError, OSError) as error:
             # ValueError and OSError (UnicodeDecodeError included): the library's messages name
-            # the problem; only a program error (anything else) shows a traceback.
+            # the problem
             if args.debug:
                 raise
-            message = " ".join(str(error).splitlines())
-            print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+            _report(args.command, str(error))
             return error.status if isinstance(error, CLIError) else 1
+        except Exception as error:  # anything else: named on one line, never a traceback
+            if args.debug:
+                raise
+            detail = str(error) or "no message"
+            _report(
+                args.command,
+                f"unexpected {type(error).__name__}: {detail} (run with --debug for the traceback)",
+            )
+            return UNEXPECTED
