@@ -972,7 +972,8 @@ class StructureDatabase:
         self._require("features", params)
         i = self._index(index)
         rows = slice(int(self._atom_offset[i]), int(self._atom_offset[i + 1]))
-        return torch.from_numpy(self._file["features/values"][rows]).to(dtype)
+        values = torch.from_numpy(self._file["features/values"][rows])
+        return self._finite(values, f"features of entry {i}").to(dtype)
 
     def local_derivatives(
         self, index: int, params: ChebyshevParams, dtype: torch.dtype = torch.float64
@@ -988,26 +989,48 @@ class StructureDatabase:
             "radial": slice(int(radial_offset[i]), int(radial_offset[i + 1])),
             "triplet": slice(int(triplet_offset[i]), int(triplet_offset[i + 1])),
         }
-        return self._local(ranges, None, dtype)
+        size = int(self._atom_offset[i + 1] - self._atom_offset[i])
+        return self._local(ranges, None, lambda kind: size, dtype)
 
     def _local(
-        self, ranges: dict[str, slice], atom_shift: Callable | None, dtype: torch.dtype
+        self,
+        ranges: dict[str, slice],
+        atom_shift: Callable | None,
+        atom_count: Callable,
+        dtype: torch.dtype,
     ) -> LocalDerivatives:
         """Read the derivative rows ``ranges`` (by entry kind), values cast to ``dtype``;
         ``atom_shift(kind)`` gives the per-entry offset that makes atom indices global (None:
-        keep them structure-local)."""
+        keep them structure-local), ``atom_count(kind)`` the atoms of each entry's structure:
+        an index outside its own structure, or a non-finite value, is refused naming the
+        field and entry."""
         values = {}
         for field in attrs.fields(LocalDerivatives):
             kind = "radial" if field.name.startswith("radial") else "triplet"
             data = torch.from_numpy(self._file[f"local_derivatives/{field.name}"][ranges[kind]])
             if field.name in _LOCAL_ATOM_FIELDS:
                 data = data.to(torch.long)
+                outside = (data < 0) | (data >= atom_count(kind))
+                if bool(outside.any()):
+                    row = int(torch.nonzero(outside)[0, 0]) + (ranges[kind].start or 0)
+                    raise self._fail(
+                        f"local_derivatives/{field.name} row {row} indexes atom "
+                        f"{int(data[outside][0])}, outside its own structure"
+                    )
                 if atom_shift is not None:
                     data = data + atom_shift(kind)
             else:
-                data = data.to(dtype)
+                data = self._finite(data, f"local_derivatives/{field.name}").to(dtype)
             values[field.name] = data
         return LocalDerivatives(**values)
+
+    def _finite(self, values: torch.Tensor, what: str) -> torch.Tensor:
+        """``values``, refused (naming ``what`` and the first bad row) when not all finite."""
+        bad = ~torch.isfinite(values)
+        if bool(bad.any()):
+            row = int(torch.nonzero(bad)[0, 0])
+            raise self._fail(f"{what}: non-finite value in row {row}")
+        return values
 
     def featurized(
         self,
@@ -1046,7 +1069,8 @@ class StructureDatabase:
         ).reshape(n_structures, n_species)
         if self.has_features:
             self._require("features", params)
-            features = torch.from_numpy(file["features/values"][:]).to(dtype)
+            features = self._finite(torch.from_numpy(file["features/values"][:]), "features")
+            features = features.to(dtype)
         else:
             features = featurize_structures(
                 params, self.structures(), with_derivatives=False, dtype=dtype
@@ -1062,6 +1086,7 @@ class StructureDatabase:
             local = self._local(
                 {"radial": slice(None), "triplet": slice(None)},
                 lambda kind: torch.repeat_interleave(offsets[:-1], entry_counts[kind]),
+                lambda kind: torch.repeat_interleave(n_atoms, entry_counts[kind]),
                 dtype,
             )
             radial_start, radial_count = starts["radial"], entry_counts["radial"]

@@ -565,3 +565,34 @@ def test_a_database_is_never_written_over_one_of_its_sources(tio2_files, tmp_pat
         "structure-002.xsf",
         "structure-003.xsf",
     ]
+
+
+@pytest.mark.parametrize(
+    ("dataset", "row", "value", "message"),
+    [
+        ("local_derivatives/radial_neighbour", 3, 10**6, "radial_neighbour row 3 indexes atom"),
+        ("local_derivatives/triplet_second", 7, -1, "triplet_second row 7 indexes atom -1"),
+        ("local_derivatives/angular_first", 5, np.nan, "angular_first: non-finite value in row 5"),
+        ("features/values", 2, np.inf, "features: non-finite value in row 2"),
+    ],
+)
+def test_persisted_indices_and_values_are_checked_when_read(
+    persisted, tmp_path, dataset, row, value, message
+):
+    """Every persisted atom index points into its own structure and every persisted value is
+    finite: a damaged file is refused naming the dataset and row, never left to an IndexError
+    or a NaN mid-training."""
+    import shutil
+
+    damaged = tmp_path / "damaged.h5"
+    shutil.copy(persisted, damaged)
+    with h5py.File(damaged, "r+") as file:
+        file[dataset][row] = value
+    with open_database(damaged) as db:
+        with pytest.raises(DatabaseError, match=message.replace("[", r"\[")):
+            db.featurized(PARAMS, with_derivatives=True, dtype=torch.float64)
+        first = "features" if dataset.startswith("features") else "local_derivatives"
+        read = db.features if first == "features" else db.local_derivatives
+        with pytest.raises(DatabaseError):
+            for index in range(len(db)):
+                read(index, PARAMS)
