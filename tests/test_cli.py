@@ -530,3 +530,92 @@ def test_unexpected_errors_are_one_line_with_exit_status_3(single, capsys, monke
     assert f"unexpected {type(error).__name__}" in message and "--debug" in message
     with pytest.raises(type(error)):
         main(["--debug", *arguments])
+
+
+def _checkpointed(folder: Path, iterations: int) -> Path:
+    config = tables()
+    config["training"].update(iterations=iterations, checkpoint_dir="checkpoints")
+    return write_config(folder, config)
+
+
+def _weights(folder: Path) -> torch.Tensor:
+    return TorchANNPotential.from_file(folder / "model.pt").model.network.values
+
+
+def test_resume_continues_the_folders_run_as_if_never_stopped(tmp_path, capsys):
+    straight = _checkpointed(tmp_path / "straight", 3)
+    assert main(["train", str(straight), "--no-progress"]) == 0
+    stopped = _checkpointed(tmp_path / "stopped", 1)  # a run that ended after 1 of 3 epochs
+    assert main(["train", str(stopped), "--no-progress"]) == 0
+    resumed = _checkpointed(tmp_path / "stopped", 3)
+    assert main(["train", str(resumed), "--no-progress"]) == 1
+    assert "pass --resume to continue it or --overwrite" in one_line_error(capsys, "train")
+    assert main(["train", str(resumed), "--no-progress", "--resume"]) == 0
+    capsys.readouterr()
+    assert torch.equal(
+        _weights(tmp_path / "stopped" / "run"), _weights(tmp_path / "straight" / "run")
+    )
+    history = json.loads((tmp_path / "stopped" / "run" / "history.json").read_text())
+    assert len(history["RMSE_train"]) == 3
+    assert main(["train", str(resumed), "--no-progress", "--resume"]) == 1
+    assert "the run is complete (3 of 3 epochs)" in one_line_error(capsys, "train")
+    assert main(["train", str(resumed), "--resume", "--overwrite"]) == 2
+    assert "give one" in one_line_error(capsys, "train")
+
+
+def test_resume_needs_a_checkpoint_and_a_single_potential(tmp_path, capsys):
+    path = write_config(tmp_path / "plain", tables())
+    assert main(["train", str(path), "--resume", "--check"]) == 1
+    assert "no checkpoint to resume from" in one_line_error(capsys, "train")
+    path = write_config(tmp_path / "committee", tables(True))
+    assert main(["train", str(path), "--resume", "--check"]) == 1
+    assert "committees keep no checkpoints" in one_line_error(capsys, "train")
+
+
+def test_overwrite_replaces_a_run_as_a_whole_or_not_at_all(tmp_path, capsys, monkeypatch):
+    import aenet_fn.cli.train as train_module
+
+    path = _checkpointed(tmp_path, 2)
+    run = tmp_path / "run"
+    assert main(["train", str(path), "--no-progress"]) == 0
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the new run failed half-way")
+
+    monkeypatch.setattr(train_module, "_write_results", broken)
+    assert main(["train", str(path), "--no-progress", "--overwrite"]) == 3
+    capsys.readouterr()
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before  # the old run, whole: nothing of the failed one, no lock
+    monkeypatch.undo()
+    changed = tables()
+    changed["training"].update(iterations=1, checkpoint_dir="checkpoints", seed=9)
+    assert (
+        main(["train", str(write_config(tmp_path, changed)), "--no-progress", "--overwrite"]) == 0
+    )
+    names = sorted(p.name for p in (run / "checkpoints").glob("checkpoint_epoch_*.pt"))
+    assert names == ["checkpoint_epoch_0000.pt"]  # none of the old run's epochs is left
+    assert not (run / ".replaced-run").exists()
+
+
+def test_a_folder_in_use_by_a_live_run_is_refused_and_a_dead_runs_lock_is_taken_over(
+    tmp_path, capsys
+):
+    import os
+    import socket
+
+    path = write_config(tmp_path, tables())
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = run / ".aenet-fn.lock"
+    lock.write_text(f"{os.getppid()} {socket.gethostname()}")  # a live process on this host
+    assert main(["train", str(path), "--no-progress"]) == 1
+    assert f"in use by another aenet-fn run (process {os.getppid()}" in one_line_error(
+        capsys, "train"
+    )
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    lock.write_text(f"{dead} {socket.gethostname()}")
+    assert main(["train", str(path), "--no-progress"]) == 0
+    assert (run / "model.pt").exists() and not lock.exists()

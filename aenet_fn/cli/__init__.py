@@ -124,7 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("config", help="configuration file (.toml, or .json)")
     train.add_argument("--output", help="output folder (overrides [output] directory)")
-    train.add_argument("--overwrite", action="store_true", help="replace a trained model there")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in the output folder"
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the output folder's run from its newest checkpoint",
+    )
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.add_argument("--check", action="store_true", help="validate the configuration only")
     train.add_argument(

@@ -6,6 +6,7 @@ energies files, metrics, plots) and the final-errors table (:func:`error_metrics
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from aenet_fn.atomic import atomic_write_text
+from aenet_fn.checkpoint import load_checkpoint
 from aenet_fn.cli.config import RunConfig, load_config
 from aenet_fn.cli.errors import CLIError, ConfigError
 from aenet_fn.cli.files import check_species, naming_structures, read_structure_files
@@ -27,6 +29,14 @@ from aenet_fn.cli.predict import (
     _json_ready,
     _models,
     predict_structures,
+)
+from aenet_fn.cli.run_folder import (
+    locked,
+    newest_checkpoint,
+    read_record,
+    replacing_run,
+    run_outputs,
+    write_record,
 )
 from aenet_fn.io.train import TrainOut, write_energies, write_history
 from aenet_fn.plots import committee_training_summary, parity_figure, save_figure
@@ -111,14 +121,36 @@ class TrainingRun:
     seconds: float
 
 
-def check_output(directory: Path, overwrite: bool) -> None:
-    """Refuse to train into a folder that already holds a model, unless ``overwrite``."""
-    for name in ("model.pt", "committee_metadata.json"):
-        if (directory / name).exists() and not overwrite:
+def _checkpoints(run: RunConfig) -> Path | None:
+    directory = run.training.checkpoint_dir
+    return None if directory is None else Path(directory)
+
+
+def check_output(run: RunConfig, overwrite: bool, resume: bool = False) -> list[Path]:
+    """The outputs another run left in ``run.output`` (see
+    :func:`~aenet_fn.cli.run_folder.run_outputs`); refuses them unless ``overwrite`` (they
+    will be replaced as a whole) or ``resume`` (a single potential's run continued from its
+    newest checkpoint)."""
+    if overwrite and resume:
+        raise ConfigError(
+            "--resume continues the folder's run and --overwrite replaces it: give one"
+        )
+    previous = run_outputs(run.output, _checkpoints(run))
+    if resume:
+        if run.committee is not None:
+            raise CLIError("--resume continues single potentials (committees keep no checkpoints)")
+        if newest_checkpoint(_checkpoints(run)) is None:
             raise CLIError(
-                f"{directory} already holds a trained potential ({name}); choose another "
-                "[output] directory or pass --overwrite"
+                f"{run.output}: no checkpoint to resume from (checkpoint_dir "
+                f"{run.training.checkpoint_dir})"
             )
+    elif previous and not overwrite:
+        names = ", ".join(sorted(p.name for p in previous)[:4])
+        raise CLIError(
+            f"{run.output} already holds a training run's outputs ({names}); pass --resume to "
+            "continue it or --overwrite to replace it, or choose another [output] directory"
+        )
+    return previous
 
 
 def _check_labels(structures: Sequence[Structure], descriptor: ChebyshevDescriptor, what: str):
@@ -131,24 +163,47 @@ def _check_labels(structures: Sequence[Structure], descriptor: ChebyshevDescript
 
 
 def run_training(
-    run: RunConfig, overwrite: bool = False, show_progress: bool | None = None
+    run: RunConfig,
+    overwrite: bool = False,
+    show_progress: bool | None = None,
+    resume: bool = False,
 ) -> TrainingRun:
     """Train the potential or committee of ``run`` and write the output folder: the model
     (``model.pt``, or the committee layout), ``history.json``/``.csv``, ``energies.train.0`` /
-    ``energies.test.0``, ``metrics.json``, ``training_summary.png`` and ``parity.png``."""
+    ``energies.test.0``, ``metrics.json``, ``training_summary.png``, ``parity.png`` and
+    ``run.json`` (the split seed). The folder is locked for the run (:mod:`~aenet_fn.cli.
+    run_folder`); another run's outputs there are refused, replaced as a whole
+    (``overwrite``) or continued from their newest checkpoint to the configured number of
+    epochs, as the uninterrupted run would have gone (``resume``)."""
     start = time.perf_counter()
-    check_output(run.output, overwrite)
     config = run.training
     if show_progress is not None:
         config.show_progress = show_progress
     config.save_energies = False  # written below, into the output folder
-    if config.split_seed is None:  # drawn once, so that the split can be reported
-        config.split_seed = int(torch.Generator().seed() % 2**31)
-    if run.committee is None:
-        potential, train_s, test_s, trainouts = _train_single(run)
-    else:
-        potential, train_s, test_s, trainouts = _train_committee(run)
-    files, metrics = _write_results(run, potential, train_s, test_s, trainouts)
+    with locked(run.output):
+        previous = check_output(run, overwrite, resume)
+        checkpoint = None
+        if resume:
+            checkpoint = newest_checkpoint(_checkpoints(run))
+            config.split_seed = int(read_record(run.output)["split_seed"])
+            done = load_checkpoint(checkpoint)[0].epoch
+            if done >= config.iterations:
+                raise CLIError(
+                    f"{run.output}: the run is complete ({done} of {config.iterations} epochs); "
+                    "nothing to resume"
+                )
+            config.iterations -= done
+        if config.split_seed is None:  # drawn once, so that the split can be reported
+            config.split_seed = int(torch.Generator().seed() % 2**31)
+        replacing = overwrite and previous
+        context = replacing_run(run.output, previous, _checkpoints(run)) if replacing else None
+        with context or contextlib.nullcontext():
+            write_record(run.output, config.split_seed)
+            if run.committee is None:
+                potential, train_s, test_s, trainouts = _train_single(run, checkpoint)
+            else:
+                potential, train_s, test_s, trainouts = _train_committee(run)
+            files, metrics = _write_results(run, potential, train_s, test_s, trainouts)
     return TrainingRun(potential, train_s, test_s, metrics, files, time.perf_counter() - start)
 
 
@@ -192,12 +247,17 @@ def _datasets(run: RunConfig):
     return train_dataset, test_dataset if test_s else None, train_s, test_s
 
 
-def _train_single(run: RunConfig):
-    """A single potential trained on the datasets of ``run``."""
+def _train_single(run: RunConfig, resume_from: Path | None = None):
+    """A single potential trained on the datasets of ``run`` (continuing ``resume_from``)."""
     train_dataset, test_dataset, train_s, test_s = _datasets(run)
     potential = TorchANNPotential(run.arch, run.descriptor)
     with naming_structures([*train_s, *test_s], run.descriptor.featurize):
-        potential.train(train_dataset=train_dataset, test_dataset=test_dataset, config=run.training)
+        potential.train(
+            train_dataset=train_dataset,
+            test_dataset=test_dataset,
+            config=run.training,
+            resume_from=resume_from,
+        )
     return potential, train_s, test_s, [TrainOut.from_torch_history(potential.history)]
 
 
@@ -282,14 +342,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise ConfigError(f"--device: {error}") from error
     if args.check:
-        check_output(run.output, args.overwrite)
+        check_output(run, args.overwrite, args.resume)
         kind = "single potential"
         if run.committee is not None:
             kind = f"committee of {run.committee.num_members}"
         files = len(run.paths) + len(run.test_paths or [])
         print(f"{args.config}: valid ({kind}, {files} data path(s)); output: {run.output}")
         return 0
-    result = run_training(run, args.overwrite, False if args.no_progress else None)
+    result = run_training(run, args.overwrite, False if args.no_progress else None, args.resume)
     print(format_summary(result.metrics))
     print(f"wrote {run.output} in {result.seconds:.1f} s")
     return 0
