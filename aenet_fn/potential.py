@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -57,7 +58,9 @@ class Model:
 
 def check_model_values(model: Model, source: str) -> None:
     """Refuse a (loaded) ``model`` whose flat parameters do not fit its architecture or whose
-    parameters or normalisation are not finite; ``source`` (a file) names it in the message."""
+    parameters or normalisation are not finite (``feature_std`` may be ``+inf``: a feature
+    switched off, as ænet files mark constant features), or whose ``feature_std`` is negative;
+    ``source`` (a file) names it in the message."""
     expected = sum(parameter_count(sizes) for sizes in model.network.sizes)
     values = model.network.values
     if values.ndim != 1 or values.numel() != expected:
@@ -69,8 +72,14 @@ def check_model_values(model: Model, source: str) -> None:
     tensors = {"network parameters": values}
     tensors.update({f.name: getattr(norm, f.name) for f in attrs.fields(type(norm))})
     for name, tensor in tensors.items():
-        if isinstance(tensor, torch.Tensor) and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{source}: the model's {name} are not all finite")
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        allowed = torch.isfinite(tensor)
+        if name == "feature_std":
+            allowed = (allowed | (tensor == math.inf)) & ~(tensor < 0)
+        if not bool(allowed.all()):
+            rule = " (or +inf: switched off) and >= 0" if name == "feature_std" else ""
+            raise ValueError(f"{source}: the model's {name} are not all finite{rule}")
 
 
 def atomic_energies_from_features(

@@ -15,7 +15,8 @@ import torch
 
 from aenet_fn.cli import CONFIG_EXAMPLE, main
 from aenet_fn.cli.demo import toml_text
-from aenet_fn.examples import TIO2_STRUCTURES
+from aenet_fn.examples import TIO2_POTENTIAL, TIO2_STRUCTURES
+from aenet_fn.torch_featurize import ChebyshevDescriptor
 from aenet_fn.torch_training import TorchANNPotential, TorchCommitteePotential
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -619,3 +620,48 @@ def test_a_folder_in_use_by_a_live_run_is_refused_and_a_dead_runs_lock_is_taken_
     lock.write_text(f"{dead} {socket.gethostname()}")
     assert main(["train", str(path), "--no-progress"]) == 0
     assert (run / "model.pt").exists() and not lock.exists()
+
+
+def test_a_potential_with_switched_off_features_survives_export_and_import(tmp_path, capsys):
+    """Angular cutoff 1.0 Å: no triplets, constant angular features, which ænet files mark as
+    switched off (std +inf on reading); export-ascii → import-ascii → predict closes and
+    predicts what the original did."""
+    from aenet_fn.torch_training import Adam, TorchTrainingConfig
+
+    descriptor = ChebyshevDescriptor(["Ti", "O"], 4, 4.0, 2, 1.0, min_cutoff=0.5)
+    potential = TorchANNPotential({"Ti": [(4, "tanh")], "O": [(4, "tanh")]}, descriptor)
+    config = TorchTrainingConfig(
+        iterations=1,
+        method=Adam(batchsize=3),
+        testpercent=0,
+        atomic_energies={"Ti": -1604.6, "O": -432.5},
+        checkpoint_dir=None,
+        show_progress=False,
+    )
+    potential.train(structures=structure_files(6), config=config)
+    potential.save(tmp_path / "model.pt")
+    assert main(["export-ascii", str(tmp_path / "model.pt"), str(tmp_path / "ascii")]) == 0
+    back = tmp_path / "back.pt"
+    assert main(["import-ascii", str(tmp_path / "ascii"), "--output", str(back)]) == 0
+    capsys.readouterr()
+    imported = TorchANNPotential.from_file(back)
+    assert torch.isinf(imported.model.normalization.feature_std).any()
+    files = structure_files(3)
+    np.testing.assert_allclose(
+        imported.predict(files).total_energy, potential.predict(files).total_energy, rtol=1e-12
+    )
+    assert main(["predict", str(back), *files]) == 0
+
+
+def test_model_files_with_nan_or_negative_feature_spread_are_refused(tmp_path):
+    import attrs
+
+    potential = TorchANNPotential.from_aenet_ascii(TIO2_POTENTIAL)
+    for bad in (float("nan"), -1.0):
+        std = potential.model.normalization.feature_std.clone()
+        std[0, 3] = bad
+        norm = attrs.evolve(potential.model.normalization, feature_std=std)
+        potential.model = attrs.evolve(potential.model, normalization=norm)
+        potential.save(tmp_path / "bad.pt")
+        with pytest.raises(ValueError, match=r"feature_std are not all finite \(or \+inf"):
+            TorchANNPotential.from_file(tmp_path / "bad.pt")
