@@ -11,6 +11,7 @@ import ase.io
 import numpy as np
 import pytest
 import torch
+from ase import units
 from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
@@ -501,7 +502,7 @@ def test_non_numeric_force(tmp_path: Path) -> None:
     lines = _tio2_lines()
     lines[9] = lines[9].replace("-0.31428097", "nan")
     path = _corrupt(tmp_path, "\n".join(lines) + "\n")
-    with pytest.raises(ValueError, match=_where(path, 10) + r" force component is 'nan'"):
+    with pytest.raises(ValueError, match=_where(path, 10) + r" force component 'nan' is not a"):
         read_xsf(path)
 
 
@@ -668,3 +669,38 @@ def test_write_into_missing_directory(tmp_path: Path) -> None:
     (structure,) = read_xsf(FORTRAN / "aucu.xsf")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         write_xsf(tmp_path / "nowhere" / "out.xsf", structure)
+
+
+@pytest.mark.parametrize("token", ["1_000.0", "0x1p-2", "inf", "Infinity", "1.0e", "--1.0"])
+def test_numbers_outside_fortran_syntax_are_refused(tmp_path: Path, token: str) -> None:
+    lines = _tio2_lines()
+    lines[9] = lines[9].replace("-0.31428097", token)
+    path = _corrupt(tmp_path, "\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=_where(path, 10) + " force component"):
+        read_xsf(path)
+
+
+def test_fortran_exponents_are_read(tmp_path: Path) -> None:
+    lines = _tio2_lines()
+    lines[9] = lines[9].replace("-0.31428097", "-0.31428097D+01")
+    structure = read_xsf(_corrupt(tmp_path, "\n".join(lines) + "\n"))[0]
+    assert -3.1428097 in structure.forces.flatten().tolist()
+
+
+@pytest.mark.parametrize(
+    ("unit", "factor"),
+    [("", 1.0), ("eV", 1.0), ("Ry", units.Ry), ("hartree", units.Hartree), ("kJ/mol", 0.0103643)],
+)
+def test_an_energy_comment_in_another_unit_is_converted(tmp_path, unit, factor) -> None:
+    lines = [line for line in _tio2_lines() if "total energy" not in line]
+    lines.insert(0, f"# total energy = -2.5 {unit}")
+    structure = read_xsf(_corrupt(tmp_path, "\n".join(lines) + "\n"))[0]
+    assert structure.energy == pytest.approx(-2.5 * factor, rel=1e-5)  # ASE's CODATA values
+
+
+def test_an_energy_comment_in_an_unknown_unit_is_refused(tmp_path) -> None:
+    lines = [line for line in _tio2_lines() if "total energy" not in line]
+    lines.insert(0, "# total energy = -2.5 meV")
+    path = _corrupt(tmp_path, "\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=_where(path, 1) + " unknown energy unit 'meV'"):
+        read_xsf(path)

@@ -5,7 +5,11 @@ Conventions (reference §7):
 * Coordinates are Cartesian (Å) and are never wrapped into the cell; lattice vectors are the
   rows of ``PRIMVEC`` (Å); forces (eV/Å, F = −∂E/∂r) are the optional columns 5–7 of an atom line.
 * The total energy (eV) comes from a comment line containing ``total energy``: the first token
-  after ``=`` (``# total energy = -19517.09425849 eV``).
+  after ``=`` (``# total energy = -19517.09425849 eV``). A unit after the number is converted
+  (``eV``, ``Ry``, ``Ha``/``Hartree``, ``kcal/mol``, ``kJ/mol``, case-insensitive); any other
+  word there is refused, never read as eV.
+* Numbers follow Fortran's syntax (``-1.5``, ``2.``, ``.5``, ``1.0E-3``, ``1.0D-3``); Python-only
+  forms (``1_000``, ``inf``, ``nan``, hexadecimal) are refused.
 * ``CRYSTAL`` gives pbc (T, T, T) with the cell from ``PRIMVEC``; ``SLAB`` (T, T, F) and
   ``POLYMER`` (T, F, F) are read the same way; ``ATOMS`` blocks are isolated (no cell).
 * Several ``PRIMCOORD``/``ATOMS`` blocks in one file are frames; the ``ANIMSTEPS`` variant, where
@@ -20,10 +24,12 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from ase import units
 from ase.data import chemical_symbols
 
 from aenet_fn.atomic import replacing
@@ -40,6 +46,17 @@ _PBC = {
 _KEYWORDS = frozenset(
     {*_PBC, "ANIMSTEPS", "PRIMVEC", "CONVVEC", "PRIMCOORD", "CONVCOORD", "ATOMS", "DIM-GROUP"}
 )
+FORTRAN_REAL = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+))(?:[eEdD]([+-]?\d+))?\Z")
+"""A real number as Fortran writes one: mantissa and optional E or D exponent."""
+ENERGY_UNITS = {
+    "ev": 1.0,
+    "ry": units.Ry,
+    "ha": units.Hartree,
+    "hartree": units.Hartree,
+    "kcal/mol": units.kcal / units.mol,
+    "kj/mol": units.kJ / units.mol,
+}
+"""Energy units an energy comment may name, in eV."""
 _EXPECTED = "an XSF keyword (CRYSTAL, PRIMVEC, PRIMCOORD, ATOMS, ANIMSTEPS, ...)"
 _ATOM_FORMAT = "'<species> x y z' or '<species> x y z fx fy fz'"
 
@@ -111,6 +128,15 @@ class _XsfParser:
         if not after:
             raise self.error(line, f"expected a number after '=' in the energy line {text!r}")
         energy = self._number(line, after[0], "total energy")
+        if len(after) > 1:
+            unit = ENERGY_UNITS.get(after[1].lower())
+            if unit is None:
+                raise self.error(
+                    line,
+                    f"unknown energy unit {after[1]!r} in {text!r}; expected one of "
+                    f"{', '.join(sorted(ENERGY_UNITS))} (or none: eV)",
+                )
+            energy *= unit
         if self.pending_energy is not None:
             raise self.error(
                 line,
@@ -120,10 +146,10 @@ class _XsfParser:
         self.pending_energy = (energy, line)
 
     def _number(self, line: int, token: str, what: str) -> float:
-        try:
-            value = float(token.replace("D", "E").replace("d", "e"))  # Fortran 1.0D-3
-        except ValueError:
+        match = FORTRAN_REAL.match(token)
+        if match is None:
             raise self.error(line, f"{what} {token!r} is not a number") from None
+        value = float(f"{match.group(1)}e{match.group(2) or 0}")  # Fortran 1.0D-3 too
         if not math.isfinite(value):
             raise self.error(line, f"{what} is {token!r}; expected a finite number")
         return value
