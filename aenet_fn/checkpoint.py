@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from aenet_fn.atomic import replacing
 from aenet_fn.checks import is_integer
@@ -80,7 +81,8 @@ def save_checkpoint(path: str | os.PathLike, state: TrainState, config: TrainCon
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[TrainState, TrainConfig]:
     """``(state, config)`` from a checkpoint written by :func:`save_checkpoint`; refuses a
-    file whose records are of other types or whose model is not whole and finite."""
+    file whose records are of other types, whose model is not whole and finite, or whose
+    optimiser state, sampler scores or best model hold a non-finite number."""
     payload = safe_torch_load(path, CHECKPOINT_FORMAT)
     if payload.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{path}: checkpoint version {payload.get('version')!r} is not supported")
@@ -91,6 +93,13 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[TrainState, TrainConfig]:
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path}: corrupt checkpoint ({error})") from error
     check_model_values(state.model, str(path))
+    parts = {"optimizer state": state.opt_state, "sampler scores": state.sampler.scores}
+    if state.best_values is not None:
+        parts["best model's parameters"] = state.best_values
+    for what, tree in parts.items():
+        leaves = [leaf for leaf in tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
+        if any(leaf.is_floating_point() and not bool(leaf.isfinite().all()) for leaf in leaves):
+            raise ValueError(f"{path}: the checkpoint's {what} are not all finite")
     return state, config
 
 

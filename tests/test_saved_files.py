@@ -151,3 +151,27 @@ def test_the_facade_refuses_to_resume_on_other_structures(tmp_path):
     other = TorchANNPotential(ARCH, descriptor)
     other.train(structures=paths[2:], config=config(allow_other_data=True), resume_from=checkpoint)
     assert len(other.history) == 2
+
+
+@pytest.mark.parametrize("part", ["optimizer state", "sampler scores", "best model's parameters"])
+def test_a_checkpoint_holding_a_non_finite_number_is_refused_by_name(tmp_path, part):
+    structures = af.read_structures(sorted(TIO2_STRUCTURES.glob("*.xsf"))[:6])
+    train = af.featurize_structures(PARAMS, structures, with_derivatives=False)
+    model = af.init_model(PARAMS, ARCH, train, seed=1, atomic_energies=E_ATOM)
+    config = af.TrainConfig(epochs=1, batch_size=3)
+    state = af.fit(af.init_train_state(model, train, config), train, None, config)
+    values = state.model.network.values.clone()
+    if part == "optimizer state":
+        moment = state.opt_state.mu.clone()
+        moment[2] = float("nan")
+        state = attrs.evolve(state, opt_state=attrs.evolve(state.opt_state, mu=moment))
+    elif part == "sampler scores":
+        scores = state.sampler.scores.clone()
+        scores[0] = float("inf")
+        state = attrs.evolve(state, sampler=attrs.evolve(state.sampler, scores=scores))
+    else:
+        values[0] = float("nan")
+        state = attrs.evolve(state, best_values=values)
+    path = af.save_checkpoint(tmp_path / "damaged.pt", state, config)
+    with pytest.raises(ValueError, match=f"damaged.pt: the checkpoint's {part} are not all finite"):
+        af.load_checkpoint(path)
