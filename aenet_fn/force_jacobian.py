@@ -66,11 +66,20 @@ class SetJacobian:
         position: torch.Tensor,
         force_atoms: torch.Tensor,
     ) -> BatchJacobian:
-        """:func:`batch_jacobian` of this set's Jacobian (the
-        :class:`~aenet_fn.featurized.StoredJacobian` method)."""
-        return batch_jacobian(
-            self, selection, supervised, atoms, structure_major, position, force_atoms
+        """The :class:`BatchJacobian` of the batch of structures ``selection`` ``[b]`` of this
+        Jacobian's set (the :class:`~aenet_fn.featurized.StoredJacobian` method), of which
+        ``supervised`` ``[b]`` have their forces supervised: ``atoms`` ``[n]`` (set
+        indices, in batch order; a structure drawn twice appears twice),
+        ``structure_major`` ``[n]`` the structure-major position of each (structures one after
+        another, their atoms in set order), ``position`` ``[n]`` its inverse map, and
+        ``force_atoms`` ``[n]`` bool the atoms of the supervised structures."""
+        dense = structure_jacobian(
+            self.structures, selection, supervised, position, structure_major
         )
+        pairs = None  # needed where a supervised structure has no dense matrix
+        if int(supervised.sum()) > (0 if dense is None else len(dense.matrices)):
+            pairs = pair_jacobian(self.pairs, atoms, structure_major, position, force_atoms)
+        return BatchJacobian(pairs=pairs, structures=dense)
 
 
 def set_jacobian(
@@ -139,30 +148,6 @@ class BatchJacobian:
         """:func:`stack_jacobians` (how :func:`~aenet_fn.featurized.stack_batches` stacks
         the members' batches that carry Jacobians)."""
         return stack_jacobians(jacobians, positions)
-
-
-def batch_jacobian(
-    jacobian: SetJacobian,
-    selection: torch.Tensor,
-    supervised: torch.Tensor,
-    atoms: torch.Tensor,
-    structure_major: torch.Tensor,
-    position: torch.Tensor,
-    force_atoms: torch.Tensor,
-) -> BatchJacobian:
-    """The :class:`BatchJacobian` of the batch of structures ``selection`` ``[b]`` of the set
-    of ``jacobian``, of which ``supervised`` ``[b]`` have their forces supervised: ``atoms``
-    ``[n]`` (set indices, in batch order; a structure drawn twice appears twice),
-    ``structure_major`` ``[n]`` the structure-major position of each (structures one after
-    another, their atoms in set order), ``position`` ``[n]`` its inverse map, and
-    ``force_atoms`` ``[n]`` bool the atoms of the supervised structures."""
-    dense = structure_jacobian(
-        jacobian.structures, selection, supervised, position, structure_major
-    )
-    pairs = None  # needed where a supervised structure has no dense matrix
-    if int(supervised.sum()) > (0 if dense is None else len(dense.matrices)):
-        pairs = pair_jacobian(jacobian.pairs, atoms, structure_major, position, force_atoms)
-    return BatchJacobian(pairs=pairs, structures=dense)
 
 
 def batch_position_gradient(
