@@ -413,6 +413,19 @@ def select_structures(data: FeaturizedSet, indices: Sequence[int]) -> Featurized
     )
 
 
+def energy_view(data: FeaturizedSet) -> FeaturizedSet:
+    """``data`` without local derivatives (an energy-only view; nothing copied)."""
+    empty = torch.zeros(0, dtype=torch.long)
+    return attrs.evolve(
+        data,
+        local=None,
+        radial_start=empty,
+        radial_count=empty,
+        triplet_start=empty,
+        triplet_count=empty,
+    )
+
+
 def concatenate(sets: Sequence[FeaturizedSet]) -> FeaturizedSet:
     """The structures of ``sets`` one after another in one :class:`FeaturizedSet` (local
     derivatives re-indexed); all sets with derivatives, or none."""

@@ -303,3 +303,11 @@ def test_atomic_energy_ownership(structures, descriptor):
     )
     with pytest.warns(UserWarning, match="max_energy / max_forces are ignored"):
         potential.train(dataset=owned, config=facade_config(max_energy=10.0))
+
+
+def test_the_reference_import_paths_of_the_datasets_work():
+    """As in the ænet tools, the dataset module also exports the HDF5 dataset."""
+    from aenet_fn.torch_training import HDF5StructureDataset as exported
+    from aenet_fn.torch_training.dataset import HDF5StructureDataset
+
+    assert HDF5StructureDataset is exported

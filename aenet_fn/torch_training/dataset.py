@@ -22,18 +22,25 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import attrs
 import torch
 from torch.utils.data import Dataset, Subset
 
 from aenet_fn.data import filter_structures
-from aenet_fn.featurized import FeaturizedSet, featurize_structures, select_structures
+from aenet_fn.featurized import (
+    FeaturizedSet,
+    energy_view,
+    featurize_structures,
+    select_structures,
+)
 from aenet_fn.io.ase_io import convert_to_structures
 from aenet_fn.structure import Structure
 from aenet_fn.torch_featurize.chebyshev import ChebyshevDescriptor
+from aenet_fn.torch_training.hdf5_dataset import HDF5StructureDataset
+from aenet_fn.torch_training.samples import structure_sample
 
 __all__ = [
     "CachedStructureDataset",
+    "HDF5StructureDataset",
     "StructureDataset",
     "StructureSubset",
     "convert_to_structures",
@@ -70,29 +77,6 @@ def _position(index: int, length: int) -> int:
     if not 0 <= position < length:
         raise IndexError(f"index {index} out of range for a dataset of {length} structures")
     return position
-
-
-def structure_sample(
-    structure: Structure, descriptor: ChebyshevDescriptor, features: torch.Tensor, name: str
-) -> dict[str, Any]:
-    """The reference's sample dict of one structure: ``structure``, ``features`` ``[N, F]``,
-    ``species``, ``species_indices`` (descriptor order), ``positions``, ``cell``, ``pbc``,
-    ``energy``, ``forces``, ``has_forces``, ``n_atoms``, ``name``."""
-    lookup = descriptor.species_to_idx
-    return {
-        "structure": structure,
-        "features": features,
-        "species": list(structure.species),
-        "species_indices": torch.tensor([lookup[s] for s in structure.species]),
-        "positions": structure.positions,
-        "cell": structure.cell,
-        "pbc": structure.pbc,
-        "energy": structure.energy,
-        "forces": structure.forces,
-        "has_forces": structure.has_forces(),
-        "n_atoms": structure.n_atoms,
-        "name": name,
-    }
 
 
 class StructureDataset(Dataset):
@@ -326,19 +310,6 @@ class StructureSubset(Subset):
 
     def __repr__(self) -> str:
         return f"StructureSubset({len(self)} of {len(self.dataset)} structures)"
-
-
-def energy_view(data: FeaturizedSet) -> FeaturizedSet:
-    """``data`` without local derivatives."""
-    empty = torch.zeros(0, dtype=torch.long)
-    return attrs.evolve(
-        data,
-        local=None,
-        radial_start=empty,
-        radial_count=empty,
-        triplet_start=empty,
-        triplet_count=empty,
-    )
 
 
 def _draw(n: int, test_fraction: float, seed: int | None) -> tuple[list[int], list[int]]:

@@ -30,11 +30,11 @@ from torch.utils.data import Dataset
 
 from aenet_fn import database
 from aenet_fn.cache import lru_evictions
-from aenet_fn.featurized import FeaturizedSet, featurize_structures
+from aenet_fn.featurized import FeaturizedSet, energy_view, featurize_structures
 from aenet_fn.local_derivatives import LocalDerivatives
 from aenet_fn.structure import Structure
 from aenet_fn.torch_featurize.chebyshev import ChebyshevDescriptor
-from aenet_fn.torch_training.dataset import energy_view, structure_sample
+from aenet_fn.torch_training.samples import structure_sample
 
 __all__ = ["HDF5StructureDataset"]
 
