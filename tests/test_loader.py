@@ -224,15 +224,16 @@ def test_a_worker_that_raises_stops_training_with_its_error(splits):
 
 def test_cache_scope_selects_the_cached_splits(splits):
     from aenet_fn.torch_featurize import ChebyshevDescriptor
-    from aenet_fn.torch_training import TorchANNPotential, TorchTrainingConfig
+    from aenet_fn.torch_training import TorchTrainingConfig
+    from aenet_fn.torch_training.sources import TrainingSources
 
     structures, _, _ = splits
     descriptor = ChebyshevDescriptor(["Ti", "O"], 6, 5.0, 3, 3.5, min_cutoff=0.5)
-    potential = TorchANNPotential(ARCH, descriptor=descriptor)
+    sources = TrainingSources(descriptor)
     for scope, expected in (("all", (7, 7)), ("train", (7, 0)), ("val", (0, 7))):
         config = TorchTrainingConfig(
             num_workers=1, cache_features=True, cache_feature_max_entries=7, cache_scope=scope
         )
-        train = potential._split(structures, config, torch.float64, False, "train")
-        test = potential._split(structures, config, torch.float64, False, "val")
+        train = sources._split(structures, config, torch.float64, False, "train")
+        test = sources._split(structures, config, torch.float64, False, "val")
         assert (train._cache.capacity, test._cache.capacity) == expected

@@ -327,6 +327,7 @@ def test_the_configs_device_receives_the_splits_and_the_trained_models_return(
     this machine may have no accelerator; ``tests/test_cuda.py`` trains on one), the run's
     ``route`` reaches the core, and the trained models come back to the descriptor's device."""
     import aenet_fn.torch_training.committee as committee_module
+    import aenet_fn.torch_training.sources as sources_module
     import aenet_fn.torch_training.trainer as trainer_module
 
     moves = []
@@ -337,6 +338,7 @@ def test_the_configs_device_receives_the_splits_and_the_trained_models_return(
 
     monkeypatch.setattr(trainer_module, "to", recorded)
     monkeypatch.setattr(committee_module, "to", recorded)
+    monkeypatch.setattr(sources_module, "to", recorded)
     config = TorchTrainingConfig(
         iterations=1,
         device="cuda:1",
@@ -379,19 +381,19 @@ def test_splits_beyond_the_memory_budget_recompute_derivatives_per_batch(
     """Force training whose stored derivatives would not fit ``memory_budget_gib`` reads the
     splits lazily (derivatives recomputed per batch, memory bounded by the batch) and trains
     to the weights of the run that keeps them in memory."""
-    import aenet_fn.torch_training.trainer as trainer_module
+    import aenet_fn.torch_training.sources as sources_module
 
     structures = af.read_structures(sorted(TIO2_STRUCTURES.glob("*.xsf"))[:10])
     descriptor = ChebyshevDescriptor(["Ti", "O"], 4, 4.0, 2, 3.0, min_cutoff=0.5)
     arch = {"Ti": [(4, "tanh")], "O": [(4, "tanh")]}
     lazy = []
 
-    class Recorded(trainer_module.StructureSource):
+    class Recorded(sources_module.StructureSource):
         def __init__(self, *args, **kwargs):
             lazy.append(kwargs["with_derivatives"])
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "StructureSource", Recorded)
+    monkeypatch.setattr(sources_module, "StructureSource", Recorded)
     weights = {}
     for budget in (8.0, 0.0):
         config = TorchTrainingConfig(

@@ -49,11 +49,12 @@ from aenet_fn.mlip.ensemble import (
 from aenet_fn.progress import EpochProgress
 from aenet_fn.torch_featurize.chebyshev import ChebyshevDescriptor
 from aenet_fn.torch_training.config import TorchTrainingConfig
-from aenet_fn.torch_training.trainer import (
-    TorchANNPotential,
-    _training_dtype,
+from aenet_fn.torch_training.sources import (
+    TrainingSources,
     check_reference_species,
+    training_dtype,
 )
+from aenet_fn.torch_training.trainer import TorchANNPotential
 from aenet_fn.train import fit, prepare_speedups
 
 EXECUTION_MODES = ("vmap", "sequential")
@@ -329,10 +330,9 @@ class TorchCommitteePotential:
         split_seed = agreed_seed(config.split_seed, world)
         config = copy.copy(config)  # the caller's config keeps its own split_seed
         config.split_seed = split_seed
-        resolver = TorchANNPotential(self.arch, self.descriptor)
-        dtype, forces = _training_dtype(config, self.descriptor.dtype), config.force_weight > 0
+        dtype, forces = training_dtype(config, self.descriptor.dtype), config.force_weight > 0
         sources = (structures, dataset, train_dataset, test_dataset)
-        data = resolver._training_data(
+        data = TrainingSources(self.descriptor).training_data(
             sources, config, dtype, forces, "TorchCommitteePotential.train"
         )
         train, test = data.train, data.test

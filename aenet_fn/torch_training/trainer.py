@@ -11,7 +11,7 @@ import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +27,12 @@ from aenet_fn.checkpoint import (
     load_checkpoint,
     safe_torch_load,
 )
-from aenet_fn.data import filter_structures, split_structures
-from aenet_fn.descriptor import ChebyshevParams, build_graph
+from aenet_fn.descriptor import build_graph
 from aenet_fn.distributed import agreed_seed, current_world
-from aenet_fn.featurized import FeaturizedSet, estimated_set_bytes, featurize_structures
 from aenet_fn.io.ase_io import convert_to_structures
 from aenet_fn.io.predict import PredictOut
 from aenet_fn.io.train import TrainOut, write_energies, write_history
-from aenet_fn.loader import StructureSequence, StructureSource
 from aenet_fn.network import check_architecture
-from aenet_fn.normalization import check_reference_keys
 from aenet_fn.potential import (
     Model,
     atomic_energies,
@@ -50,13 +46,15 @@ from aenet_fn.structure import Structure
 from aenet_fn.torch_featurize.chebyshev import ChebyshevDescriptor
 from aenet_fn.torch_training.config import TorchTrainingConfig
 from aenet_fn.torch_training.dataset import (
-    LazyStructures,
-    check_descriptor,
     dataset_descriptor,
     featurized_of,
-    owned_atomic_energies,
     structures_of,
-    train_test_split,
+)
+from aenet_fn.torch_training.sources import (
+    TrainingData,
+    TrainingSources,
+    check_reference_species,
+    training_dtype,
 )
 from aenet_fn.train import fit, init_model, init_train_state
 
@@ -130,9 +128,9 @@ class TorchANNPotential:
         world = current_world()
         if world.size > 1:  # every process must draw the same split (rank 0's seed)
             config.split_seed = agreed_seed(config.split_seed, world)
-        dtype = _training_dtype(config, self.dtype)
+        dtype = training_dtype(config, self.dtype)
         with_forces = config.force_weight > 0
-        data = self._training_data(
+        data = TrainingSources(self.descriptor).training_data(
             (structures, dataset, train_dataset, test_dataset),
             config,
             dtype,
@@ -156,183 +154,9 @@ class TorchANNPotential:
             self.history, config=config, energies_train_files=files[0], energies_test_files=files[1]
         )
 
-    def _training_data(
-        self,
-        sources: tuple[Any, Any, Any, Any],
-        config: TorchTrainingConfig,
-        dtype: torch.dtype,
-        with_forces: bool,
-        caller: str,
-    ) -> _TrainingData:
-        """The splits from ``(structures, dataset, train_dataset, test_dataset)``, in the
-        priority order of :meth:`train`."""
-        structures, dataset, train_dataset, test_dataset = sources
-        if train_dataset is not None or dataset is not None:
-            data = self._data_from_datasets(
-                dataset, train_dataset, test_dataset, config, dtype, with_forces
-            )
-        elif structures is not None:
-            data = self._data_from_structures(structures, config, dtype, with_forces)
-        else:
-            raise ValueError(f"{caller} needs structures=, dataset= or train_dataset=")
-        return data.on(config.resolved_device())
-
-    def _data_from_structures(
-        self, structures: Any, config: TorchTrainingConfig, dtype: torch.dtype, with_forces: bool
-    ) -> _TrainingData:
-        """Source (c): convert, filter and split ``structures``, then featurize both splits."""
-        structures = convert_to_structures(structures)
-        if not structures:
-            raise ValueError("train(): no structures given")
-        missing = [s.name for s in structures if s.energy is None]
-        if missing:
-            raise ValueError(f"structures without an energy cannot be trained on: {missing[:5]}")
-        if not config.atomic_energies:
-            warnings.warn("No atomic_energies provided: training on total energies", stacklevel=3)
-        kept, _ = filter_structures(
-            structures, config.atomic_energies, config.max_energy, config.max_forces
-        )
-        if not kept:
-            raise ValueError("every structure was removed by max_energy / max_forces")
-        train_structures, test_structures = split_structures(
-            kept, config.testpercent, config.split_seed
-        )
-        train = self._split(train_structures, config, dtype, with_forces, "train")
-        test = (
-            self._split(test_structures, config, dtype, with_forces, "val")
-            if test_structures
-            else None
-        )
-        return _TrainingData(train, test, config.atomic_energies, train_structures, test_structures)
-
-    def _split(
-        self,
-        structures: StructureSequence,
-        config: TorchTrainingConfig,
-        dtype: torch.dtype,
-        with_forces: bool,
-        role: str,
-    ) -> FeaturizedSet | StructureSource:
-        """A split featurized once and kept in memory or a lazy source whose batches are read
-        and featurized when drawn: with ``num_workers > 0`` by the DataLoader workers, and in
-        this process for force training whose derivatives would not fit
-        ``memory_budget_gib``; each keeps :meth:`~TorchTrainingConfig.runtime_cache_entries`
-        of them when ``cache_scope`` covers the split's ``role`` (``"train"`` or ``"val"``;
-        memory bounded by the batches and the caches)."""
-        params = self.descriptor.params
-        if config.num_workers > 0 or _beyond_budget(params, structures, config, dtype, with_forces):
-            return StructureSource(
-                params,
-                structures,
-                with_derivatives=with_forces,
-                dtype=dtype,
-                cache_entries=config.runtime_cache_entries()
-                if config.cache_scope in ("all", role)
-                else 0,
-            )
-        return featurize_structures(params, structures, with_derivatives=with_forces, dtype=dtype)
-
-    def _data_from_datasets(
-        self,
-        dataset: Any,
-        train_dataset: Any,
-        test_dataset: Any,
-        config: TorchTrainingConfig,
-        dtype: torch.dtype,
-        with_forces: bool,
-    ) -> _TrainingData:
-        """Sources (a) and (b): pick or split the datasets, resolve the atomic references they
-        own and take their (cached) featurized sets."""
-        if train_dataset is not None:
-            if dataset is not None:
-                warnings.warn(
-                    "train(): dataset= is ignored because train_dataset= is given", stacklevel=3
-                )
-            train_source, test_source = train_dataset, test_dataset
-        elif test_dataset is None and config.testpercent > 0:
-            train_source, test_source = train_test_split(
-                dataset, config.testpercent / 100, config.split_seed
-            )
-        else:
-            train_source, test_source = dataset, test_dataset
-        if config.max_energy is not None or config.max_forces is not None:
-            warnings.warn(
-                "TorchTrainingConfig.max_energy / max_forces are ignored for prebuilt datasets: "
-                "filter when constructing the dataset instead",
-                UserWarning,
-                stacklevel=3,
-            )
-        if len(train_source) == 0:
-            raise ValueError(
-                "the training dataset is empty (no structures, or all removed by its filters)"
-            )
-        if test_source is not None and len(test_source) == 0:
-            test_source = None
-        for source in (train_source, test_source):
-            if source is not None:
-                check_descriptor(source, self.descriptor)
-        references = self._dataset_references(train_source, test_source, config)
-
-        def split_of(source: Any, role: str) -> FeaturizedSet | StructureSource:
-            if config.num_workers > 0:
-                return self._split(LazyStructures(source), config, dtype, with_forces, role)
-            return featurized_of(source, self.descriptor, with_forces, dtype)
-
-        train = split_of(train_source, "train")
-        test = None if test_source is None else split_of(test_source, "val")
-        for label, data in (("training", train), ("test", test)):
-            if data is not None and not bool(torch.isfinite(data.energies).all()):
-                names = [n for n, e in zip(data.names, data.energies.tolist()) if e != e]
-                raise ValueError(
-                    f"{label} structures without an energy cannot be trained on: {names[:5]}"
-                )
-        return _TrainingData(train, test, references, train_source, test_source)
-
-    def _dataset_references(
-        self, train_source: Any, test_source: Any, config: TorchTrainingConfig
-    ) -> dict[str, float] | None:
-        """Atomic references owned by the datasets (spec §1.2 step 4): train and test must
-        agree, and so must ``config.atomic_energies`` when both give them; config values with
-        a dataset that owns none are ignored with a warning."""
-        species = self.descriptor.species
-
-        def per_species(values: Mapping[str, float]) -> list[float]:
-            return [float(values.get(s, 0.0)) for s in species]
-
-        owned_train = owned_atomic_energies(train_source)
-        owned_test = None if test_source is None else owned_atomic_energies(test_source)
-        if (
-            owned_train is not None
-            and owned_test is not None
-            and per_species(owned_train) != per_species(owned_test)
-        ):
-            raise ValueError(
-                "the training and test datasets have conflicting atomic_energies: "
-                f"{owned_train} vs {owned_test}"
-            )
-        owned = owned_train if owned_train is not None else owned_test
-        check_reference_species(owned, species, "the dataset's atomic_energies", allow_unknown=True)
-        if config.atomic_energies:
-            if owned is None:
-                warnings.warn(
-                    "TorchTrainingConfig.atomic_energies is ignored: the prebuilt dataset owns "
-                    "no atomic_energies (give them to the dataset instead)",
-                    UserWarning,
-                    stacklevel=4,
-                )
-            elif per_species(owned) != per_species(config.atomic_energies):
-                raise ValueError(
-                    f"config.atomic_energies {dict(config.atomic_energies)} conflict with the "
-                    f"dataset's atomic_energies {owned}"
-                )
-        if not owned:
-            warnings.warn("No atomic_energies provided: training on total energies", stacklevel=4)
-            return owned
-        return {s: value for s, value in owned.items() if s in species}  # the model's species
-
     def _initial_state(
         self,
-        data: _TrainingData,
+        data: TrainingData,
         config: TorchTrainingConfig,
         core: Any,
         resume_from: str | os.PathLike | None,
@@ -377,7 +201,7 @@ class TorchANNPotential:
         raise RuntimeError(f"Failed to load checkpoint {path}: {problem}")
 
     def _run_fit(
-        self, state: Any, data: _TrainingData, config: TorchTrainingConfig, core: Any
+        self, state: Any, data: TrainingData, config: TorchTrainingConfig, core: Any
     ) -> Any:
         """Run the core training loop with the progress bar and checkpoint callbacks."""
         callbacks, progress = [], None
@@ -407,7 +231,7 @@ class TorchANNPotential:
             if progress is not None:
                 progress.close()
 
-    def _energies_files(self, data: _TrainingData):
+    def _energies_files(self, data: TrainingData):
         """``save_energies``: the energies files of both splits, or ``(None, None)`` with a
         warning when a dataset cannot expose its structures."""
         splits = []
@@ -699,46 +523,6 @@ def _ascii_info(model: Model, structures: Any, compute_stats: bool) -> dict[str,
     return training_info(convert_to_structures(structures), references)
 
 
-def _beyond_budget(
-    params: ChebyshevParams,
-    structures: StructureSequence,
-    config: TorchTrainingConfig,
-    dtype: torch.dtype,
-    with_forces: bool,
-) -> bool:
-    """Whether force training on the CPU should recompute a split's derivatives per batch:
-    kept in memory, they would exceed ``config.memory_budget_gib`` (an estimate)."""
-    if not with_forces or config.resolved_device().type != "cpu":
-        return False
-    budget = config.memory_budget_gib * 2**30
-    return estimated_set_bytes(params, structures, with_derivatives=True, dtype=dtype) > budget
-
-
-@dataclass
-class _TrainingData:
-    """The featurized splits of one training run, the atomic references in force and where the
-    splits came from (structure lists or datasets, for ``save_energies``)."""
-
-    train: FeaturizedSet | StructureSource
-    test: FeaturizedSet | StructureSource | None
-    atomic_energies: Mapping[str, float] | None
-    train_source: Any
-    test_source: Any
-
-    def on(self, device: torch.device) -> _TrainingData:
-        """These splits on ``device`` (computed on the CPU, moved once; lazy splits stay
-        on the CPU)."""
-        if device.type == "cpu":
-            return self
-        return replace(self, train=to(self.train, device), test=to(self.test, device))
-
-    def close(self) -> None:
-        """Stop the DataLoader workers of lazy splits (:meth:`StructureSource.close`)."""
-        for split in (self.train, self.test):
-            if isinstance(split, StructureSource):
-                split.close()
-
-
 def _features_from_samples(dataset: Any, species: list[str], dtype: torch.dtype):
     """Features, species indices, atom counts, coordinates, symbols and names from the samples
     of a dataset without structures; samples must carry ``features`` and ``species``."""
@@ -776,27 +560,6 @@ def _features_from_samples(dataset: Any, species: list[str], dtype: torch.dtype)
     )
 
 
-def check_reference_species(
-    atomic_energies: Mapping[str, float] | None,
-    species: Sequence[str],
-    what: str,
-    allow_unknown: bool = False,
-) -> None:
-    """Raise ``ValueError`` when ``atomic_energies`` is given (non-empty) but names a symbol that
-    is not one of the descriptor's ``species`` (a misspelt key would be ignored; permitted with
-    ``allow_unknown``, for a dataset's references) or lacks some of them (a missing reference
-    would silently count as 0 eV)."""
-    if atomic_energies:
-        if not allow_unknown:
-            check_reference_keys(atomic_energies, species, what)
-        missing = [s for s in species if s not in atomic_energies]
-        if missing:
-            raise ValueError(
-                f"{what} has no reference energy for species {missing} (descriptor species "
-                f"{list(species)}); give every species, 0.0 for total-energy targets"
-            )
-
-
 def _prediction_batch_size(config: Any) -> int:
     """``config.batch_size`` (default 32) checked to be an integer >= 1."""
     batch_size = getattr(config, "batch_size", 32)
@@ -804,12 +567,6 @@ def _prediction_batch_size(config: Any) -> int:
     if not integral or batch_size < 1:
         raise ValueError(f"prediction batch_size must be an integer >= 1, got {batch_size!r}")
     return int(batch_size)
-
-
-def _training_dtype(config: TorchTrainingConfig, descriptor_dtype: torch.dtype) -> torch.dtype:
-    return {"float32": torch.float32, "float64": torch.float64}.get(
-        config.precision, descriptor_dtype
-    )
 
 
 def _config_tree(config: TorchTrainingConfig) -> dict[str, Any]:
