@@ -31,6 +31,7 @@ from aenet_fn.distributed import World
 from aenet_fn.energy_gradient import energy_gradients
 from aenet_fn.featurized import MiniBatch, stack_batches
 from aenet_fn.force_jacobian import BatchJacobian, SetJacobian, StackedJacobians
+from aenet_fn.fused_optim import update_members_in_place
 from aenet_fn.loader import Split, take_batch
 from aenet_fn.loss import accumulate_errors, error_sums_init, metrics_from_sums
 from aenet_fn.network import Architecture, NetworkParams
@@ -253,7 +254,8 @@ def committee_step(
 
     gradient, aux = autograd_gradient(summed_loss, values)
     new_values, new_state = values.clone(), tree_map(torch.clone, opt_state)
-    new_state = optimizer_of(config).update_members_in_place(gradient, new_state, new_values, lrs)
+    optimizer = optimizer_of(config)
+    new_state = update_members_in_place(optimizer, gradient, new_state, new_values, lrs)
     return new_values, new_state, aux
 
 
@@ -296,7 +298,7 @@ def _energy_steps(members, orders, shared, values, opt_state, lrs, speedups, con
         table, batch_size, force_weight = speedups.table, config.batch_size, config.force_weight
         steps = energy_gradients(table, network, draws, batch_size, force_weight, workspace)
     for gradient, errors in steps:
-        opt_state = optimizer.update_members_in_place(gradient, opt_state, values, lrs)
+        opt_state = update_members_in_place(optimizer, gradient, opt_state, values, lrs)
         yield values, opt_state, errors, None
 
 

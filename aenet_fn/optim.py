@@ -17,7 +17,7 @@ tuple, ...). ``update`` never modifies its inputs; it returns new parameters and
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Union
 
@@ -25,7 +25,7 @@ import attrs
 import torch
 import torch.utils._pytree as pytree
 
-from aenet_fn._records import on_cpu, pytree_record, static_field
+from aenet_fn._records import pytree_record, static_field
 from aenet_fn.checks import is_integer, is_real
 
 PyTree = Any
@@ -178,61 +178,14 @@ class Optimizer:
         init: ``init(params) -> state``.
         update: ``update(grads, state, params, lr=None) -> (new_params, new_state)``.
         config: the bound configuration (:class:`AdamConfig` or :class:`SGDConfig`).
-        eager_update: an optional faster form of ``update`` for use outside transforms.
-        in_place_update: an optional ``eager_update`` that writes into the parameters and state
-            tensors it is given (same signature; its numbers may differ from
-            ``eager_update``'s by round-off, e.g. a fused kernel).
-        members_in_place_update: an optional in-place update of committee members stacked
-            along a leading axis, one learning rate each (``lrs`` ``[W]``).
+
+    Faster eager, in-place and committee forms for the CPU are speed-ups that take an
+    optimiser (:mod:`aenet_fn.fused_optim`); this record stays a pure pair.
     """
 
     init: Callable[[PyTree], Any]
     update: Callable[..., tuple[PyTree, Any]]
     config: Any = None
-    eager_update: Callable[..., tuple[PyTree, Any]] | None = None
-    in_place_update: Callable[..., tuple[PyTree, Any]] | None = None
-    members_in_place_update: Callable[..., tuple[PyTree, Any]] | None = None
-
-    def update_eagerly(
-        self, grads: PyTree, state: Any, params: PyTree, lr: LearningRate | None = None
-    ) -> tuple[PyTree, Any]:
-        """``update`` for one model outside ``torch.func`` transforms, by the optimiser's
-        faster eager form where it has one and the parameters are on the CPU (same numbers as
-        ``torch.optim``; the form reads the step count on the host, which would stall an
-        accelerator, where the pure ``update`` runs instead)."""
-        eager = self.eager_update if on_cpu(params) else None
-        return (eager or self.update)(grads, state, params, lr)
-
-    def update_in_place(
-        self, grads: PyTree, state: Any, params: PyTree, lr: LearningRate | None = None
-    ) -> Any:
-        """:meth:`update_eagerly` that writes the new parameters into ``params`` and returns
-        the new state, for working copies that the caller owns: the optimiser's in-place form
-        where it has one (which also updates the tensors of ``state`` in place; Adam's: torch's
-        fused kernel, equal to :meth:`update_eagerly` to round-off; on the CPU), else the
-        eager update copied back."""
-        if self.in_place_update is not None and on_cpu(params):
-            return self.in_place_update(grads, state, params, lr)[1]
-        return _written_back(params, *self.update_eagerly(grads, state, params, lr))
-
-    def update_members_in_place(
-        self, grads: PyTree, state: Any, params: PyTree, lrs: torch.Tensor
-    ) -> Any:
-        """One step of ``W`` committee members stacked along the leading axis of every leaf
-        (``params``, ``grads``, ``state``), member ``i`` at learning rate ``lrs[i]``, written
-        into ``params`` (and, for an in-place form, the state's tensors); returns the new
-        state. The optimiser's members form where it has one (Adam: torch's fused kernel,
-        about 6× faster than vmapping ``update`` for eight members; on the CPU, as it reads
-        the learning rates on the host), else ``vmap(update)`` copied back."""
-        if self.members_in_place_update is not None and on_cpu(params):
-            return self.members_in_place_update(grads, state, params, lrs)[1]
-        return _written_back(params, *torch.func.vmap(self.update)(grads, state, params, lrs))
-
-
-def _written_back(params: PyTree, new_params: PyTree, state: Any) -> Any:
-    """Copy ``new_params`` into ``params`` (in place) and return ``state``."""
-    pytree.tree_map(lambda target, new: target.copy_(new), params, new_params)
-    return state
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,91 +268,6 @@ def _adam_leaves(config: AdamConfig, grads, state: AdamState, params, step, new_
     return pytree.tree_unflatten(new_params, spec), new_state
 
 
-def adam_update_eager(
-    config: AdamConfig,
-    grads: PyTree,
-    state: AdamState,
-    params: PyTree,
-    lr: LearningRate | None = None,
-) -> tuple[PyTree, AdamState]:
-    """:func:`adam_update` for one model outside ``torch.func`` transforms: the step count is
-    read and the bias corrections are Python numbers, exactly as ``torch.optim.Adam`` forms
-    them, which saves a dozen small tensor operations per step (reading the count is a host
-    synchronisation on accelerators). Not ``vmap``-able."""
-    step = int(state.step) + 1
-    step_size = _number("lr", config.lr if lr is None else float(lr)) / (1 - config.beta1**step)
-    bias_correction2_sqrt = (1 - config.beta2**step) ** 0.5
-
-    def new_leaf(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        denom = (v.sqrt() / bias_correction2_sqrt).add_(config.epsilon)
-        return torch.addcdiv(p, m, denom, value=-step_size)
-
-    return _adam_leaves(config, grads, state, params, state.step + 1, new_leaf)
-
-
-def _fused_adam(config: AdamConfig, leaves: list[list[torch.Tensor]], steps, lr) -> None:
-    """torch's fused Adam kernel on ``leaves`` (parameters, gradients, first and second
-    moments: four lists of tensors), each tensor with its step count in ``steps``."""
-    torch._fused_adam_(
-        *leaves,
-        [],
-        steps,
-        lr=_number("lr", lr),
-        beta1=config.beta1,
-        beta2=config.beta2,
-        weight_decay=config.weight_decay,
-        eps=config.epsilon,
-        amsgrad=False,
-        maximize=False,
-    )
-
-
-def adam_update_fused(
-    config: AdamConfig,
-    grads: PyTree,
-    state: AdamState,
-    params: PyTree,
-    lr: LearningRate | None = None,
-) -> tuple[PyTree, AdamState]:
-    """:func:`adam_update_eager` that writes the new parameters, moments and step count into
-    ``params``, ``state.mu`` / ``state.nu`` and ``state.step`` (tensors the caller owns) with
-    torch's fused Adam kernel: one operation for all leaves instead of seven per leaf, the
-    numbers of ``torch.optim.Adam(fused=True)`` (the unfused form's to round-off). Returns
-    ``(params, state)``, both updated. Not ``vmap``-able; CPU and CUDA tensors."""
-    _, *leaves = _adam_leaf_lists(grads, state, params)
-    state.step.add_(1)  # the kernel reads the (integer) count as torch's float one
-    _fused_adam(
-        config, leaves, [state.step] * len(leaves[0]), config.lr if lr is None else float(lr)
-    )
-    return params, state
-
-
-def adam_update_members_fused(
-    config: AdamConfig,
-    grads: PyTree,
-    state: AdamState,
-    params: PyTree,
-    lrs: torch.Tensor | Sequence[float],
-) -> tuple[PyTree, AdamState]:
-    """:func:`adam_update_fused` of ``W`` committee members stacked along the leading axis
-    of every leaf (state included: ``state.step`` ``[W]``), member ``i`` with learning rate
-    ``lrs[i]``: one fused call per group of members sharing a learning rate, on their rows
-    (parameters, moments and counts updated in place, as there). Each member's numbers are
-    those of :func:`adam_update_fused` on its own rows."""
-    _, *leaves = _adam_leaf_lists(grads, state, params)
-    rows = [[leaf.unbind(0) for leaf in kind] for kind in leaves]  # [kind][leaf][member]
-    state.step.add_(1)
-    member_steps = state.step.unbind(0)
-    groups: dict[float, list[int]] = {}
-    for member, lr in enumerate(lrs.tolist() if isinstance(lrs, torch.Tensor) else lrs):
-        groups.setdefault(float(lr), []).append(member)
-    for lr, members in groups.items():
-        chosen = [[leaf[i] for i in members for leaf in kind] for kind in rows]
-        steps = [member_steps[i] for i in members for _ in leaves[0]]
-        _fused_adam(config, chosen, steps, lr)
-    return params, state
-
-
 # --------------------------------------------------------------------------------------------
 # SGD
 
@@ -458,14 +326,7 @@ def sgd_update(
 def adam(config: AdamConfig | None = None) -> Optimizer:
     """Adam as an :class:`Optimizer` (``init(params)``, ``update(grads, state, params, lr)``)."""
     config = AdamConfig() if config is None else config
-    return Optimizer(
-        init=adam_init,
-        update=partial(adam_update, config),
-        config=config,
-        eager_update=partial(adam_update_eager, config),
-        in_place_update=partial(adam_update_fused, config),
-        members_in_place_update=partial(adam_update_members_fused, config),
-    )
+    return Optimizer(init=adam_init, update=partial(adam_update, config), config=config)
 
 
 def sgd(config: SGDConfig | None = None) -> Optimizer:

@@ -43,6 +43,7 @@ from aenet_fn.energy_gradient import (
 )
 from aenet_fn.featurized import FeaturizedSet, MiniBatch
 from aenet_fn.force_jacobian import BatchJacobian, SetJacobian, set_jacobian
+from aenet_fn.fused_optim import update_eagerly, update_in_place
 from aenet_fn.loader import (
     Split,
     batch_stream,
@@ -521,8 +522,8 @@ def apply_gradient(state: TrainState, gradient: torch.Tensor, config: TrainConfi
     """``state`` after one optimiser update of its network parameters with ``gradient`` ``[P]``
     (outside ``torch.func`` transforms: the optimiser's eager form on the CPU)."""
     values = state.model.network.values
-    update = optimizer_of(config).update_eagerly
-    return _with_parameters(state, *update(gradient, state.opt_state, values, state.lr))
+    updated = update_eagerly(optimizer_of(config), gradient, state.opt_state, values, state.lr)
+    return _with_parameters(state, *updated)
 
 
 def _with_parameters(state: TrainState, values: torch.Tensor, opt_state: Any) -> TrainState:
@@ -980,7 +981,7 @@ def _energy_epoch(
         steps = speedups.drawn.gradients(config.batch_size)
     with torch.inference_mode():  # the in-place updates too: ordinary tensors stay ordinary
         for gradient, errors in steps:
-            opt_state = optimizer.update_in_place(gradient, opt_state, network.values, state.lr)
+            opt_state = update_in_place(optimizer, gradient, opt_state, network.values, state.lr)
             on_step(errors, errors, None)
     opt_state = tree_map(_ordinary, opt_state)  # what updates made anew (SGD's momentum)
     if kept:  # the workspace's buffer serves the next epoch: the state gets its own copy

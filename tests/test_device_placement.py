@@ -26,6 +26,7 @@ from aenet_fn.committee import committee_epoch, committee_fit, committee_step, i
 from aenet_fn.examples import TIO2_STRUCTURES
 from aenet_fn.featurized import stack_batches
 from aenet_fn.force_jacobian import set_jacobian
+from aenet_fn.fused_optim import update_eagerly
 from aenet_fn.network import atomic_outputs, init_network
 from aenet_fn.optim import AdamConfig, SGDConfig, adam, sgd
 from aenet_fn.testing.devices import (
@@ -289,12 +290,12 @@ def test_the_eager_update_off_the_cpu_reads_nothing_on_the_host(name):
     values = torch.linspace(-1.0, 1.0, 12, dtype=torch.float64)
     gradient = torch.ones(12, dtype=torch.float64)
     state = optimizer.init(values)
-    on_cpu, _ = optimizer.update_eagerly(gradient, state, values, 1e-3)
+    on_cpu, _ = update_eagerly(optimizer, gradient, state, values, 1e-3)
     pure, _ = optimizer.update(gradient, state, values, 1e-3)
     torch.testing.assert_close(on_cpu, pure, rtol=1e-15, atol=1e-15)
     meta = _meta((gradient, state, values))
     with forbid_host_sync(expected_device="meta"):
-        new_values, _ = optimizer.update_eagerly(*meta, 1e-3)
+        new_values, _ = update_eagerly(optimizer, *meta, 1e-3)
     assert new_values.device.type == "meta"
 
 

@@ -84,6 +84,7 @@ SPEED_UPS = {
     "aenet_fn.force_jacobian",
     "aenet_fn.position_jacobian",
     "aenet_fn.structure_jacobian",
+    "aenet_fn.fused_optim",
 }
 CORE = {
     "aenet_fn.structure",

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aenet_fn._records import pytree_record
+from aenet_fn.fused_optim import update_eagerly, update_in_place, update_members_in_place
 from aenet_fn.optim import (
     AdamConfig,
     AdamState,
@@ -82,7 +83,7 @@ def _compare_with_torch(
         _loss(_Params(*reference), x, y).backward()
         torch_opt.step()
         params, state = opt.update(_grads(params, x, y), state, params)
-        eager, eager_state = opt.update_eagerly(_grads(eager, x, y), eager_state, eager)
+        eager, eager_state = update_eagerly(opt, _grads(eager, x, y), eager_state, eager)
         for ours in (params, eager):
             _assert_close(ours.w, reference[0].detach(), TOLERANCE[dtype])
             _assert_close(ours.b, reference[1].detach(), TOLERANCE[dtype])
@@ -151,7 +152,7 @@ def test_lr_override_matches_changing_torch_lr(
         torch_opt.step()
         step_lr = torch.tensor(lr, dtype=torch.float64) if lr_as_tensor else lr
         params, state = opt.update(_grads(params, x, y), state, params, step_lr)
-        eager, eager_state = opt.update_eagerly(_grads(eager, x, y), eager_state, eager, step_lr)
+        eager, eager_state = update_eagerly(opt, _grads(eager, x, y), eager_state, eager, step_lr)
         for ours in (params, eager):
             _assert_close(ours.w, reference[0].detach(), 1e-12)
             _assert_close(ours.b, reference[1].detach(), 1e-12)
@@ -441,10 +442,10 @@ def test_eager_adam_is_bitwise_torch_optim(
         torch_opt.step()
         if in_place:
             moments = state.mu
-            state = opt.update_in_place(grads, state, params)
+            state = update_in_place(opt, grads, state, params)
             assert state.mu is moments and int(state.step) == step + 1
         else:
-            params, state = opt.update_eagerly(grads, state, params)
+            params, state = update_eagerly(opt, grads, state, params)
         assert torch.equal(params, reference.detach())
     torch.testing.assert_close(state.nu, torch_opt.state[reference]["exp_avg_sq"], rtol=0, atol=0)
 
@@ -458,8 +459,8 @@ def test_in_place_update_without_an_in_place_form_copies_the_eager_update() -> N
     state = eager_state = opt.init(params)
     for _ in range(4):
         grads = torch.randn(12, dtype=torch.float64, generator=generator)
-        eager, eager_state = opt.update_eagerly(grads, eager_state, eager)
-        state = opt.update_in_place(grads, state, buffer)
+        eager, eager_state = update_eagerly(opt, grads, eager_state, eager)
+        state = update_in_place(opt, grads, state, buffer)
         assert buffer is params and torch.equal(buffer, eager)
         assert torch.equal(state.momentum_buffer, eager_state.momentum_buffer)
 
@@ -485,20 +486,20 @@ def test_members_update_in_place_is_each_member_alone(opt: Optimizer) -> None:
     members = [randn() for _ in lrs]
     alone = [opt.init(m) for m in members]
     for i in (1, 3, 3):  # members 1 and 3 one and two steps ahead
-        alone[i] = opt.update_in_place(randn(), alone[i], members[i], lrs[i])
+        alone[i] = update_in_place(opt, randn(), alone[i], members[i], lrs[i])
     params = pytree.tree_map(lambda *leaves: torch.stack(leaves), *members)
     state = pytree.tree_map(lambda *leaves: torch.stack(leaves), *alone)
     for _ in range(4):
         grads = [randn() for _ in lrs]
         stacked_grads = pytree.tree_map(lambda *leaves: torch.stack(leaves), *grads)
-        state = opt.update_members_in_place(
-            stacked_grads, state, params, torch.tensor(lrs, dtype=torch.float64)
+        state = update_members_in_place(
+            opt, stacked_grads, state, params, torch.tensor(lrs, dtype=torch.float64)
         )
         alone = [
-            opt.update_in_place(g, s, m, lr) for g, s, m, lr in zip(grads, alone, members, lrs)
+            update_in_place(opt, g, s, m, lr) for g, s, m, lr in zip(grads, alone, members, lrs)
         ]
     for i, member in enumerate(members):
         torch.testing.assert_close(params["w"][i], member["w"], rtol=1e-15, atol=0)
-        if opt.members_in_place_update is not None:
+        if isinstance(opt.config, AdamConfig):  # the fused members form
             assert torch.equal(params["w"][i], member["w"])
     assert state.step.tolist() == [4, 5, 4, 6]
