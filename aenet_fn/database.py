@@ -38,12 +38,16 @@ returns a read-only :class:`StructureDatabase`.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import hashlib
 import json
 import math
 import multiprocessing
 import os
+import signal
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -482,8 +486,22 @@ def _prepare(task: _Task) -> _Chunk:
     return _Chunk(tuple(rows), arrays, counts, n_removed)
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int) -> None:
+    """Set up a build worker: one torch thread, and (on Linux) a SIGTERM when the parent dies,
+    so that a killed build leaves no orphaned workers."""
     torch.set_num_threads(1)
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1
+"""Linux ``prctl`` option: the signal a process receives when its parent dies."""
 
 
 @contextmanager
@@ -497,7 +515,9 @@ def _chunks(tasks: Sequence[_Task], workers: int) -> Iterator[Iterable[_Chunk]]:
     # fork: workers inherit the imported modules (a fresh interpreter spends seconds on torch)
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else None)
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
+    pool = ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),)
+    )
     waiting = iter(tasks)
     pending: deque[Future] = deque()
 
