@@ -102,7 +102,9 @@ class _Records:
             for token in _TOKEN.findall(self.lines[self.next_line - 1]):
                 repeat = _REPEAT.match(token)
                 if repeat and not token.startswith(("'", '"')):
-                    found.extend([(repeat.group(2), self.next_line)] * int(repeat.group(1)))
+                    # values a repeat gives beyond this read are not read (never allocated)
+                    times = min(int(repeat.group(1)), count - len(found))
+                    found.extend([(repeat.group(2), self.next_line)] * times)
                 else:
                     found.append((token, self.next_line))
         return found[:count]
@@ -138,9 +140,12 @@ class _Records:
         return values
 
     def floats(self, count: int, what: str) -> np.ndarray:
-        """``count`` finite reals (Fortran ``E``/``D``/``Q`` exponents accepted)."""
+        """``count`` finite reals (Fortran ``E``/``D``/``Q`` exponents accepted); the values
+        are read before anything is allocated for them, so a count the file does not hold is
+        an error naming both numbers, whatever its size."""
+        tokens = self._tokens(count, what)
         values = np.empty(count, dtype=np.float64)
-        for k, (token, line) in enumerate(self._tokens(count, what)):
+        for k, (token, line) in enumerate(tokens):
             match = _REAL.match(token)
             value = math.nan
             if match:

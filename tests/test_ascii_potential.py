@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 from pathlib import Path
 
 import attrs
@@ -304,3 +305,53 @@ def test_malformed_files_name_the_file(tmp_path: Path) -> None:
     _edit_line(ti, 22, lambda _: "7308.0\n")
     with pytest.raises(ValueError, match=r"Ti\.nn\.ascii: line 22: expected an integer"):
         read_aenet_ascii([ti, o])
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("              321\n", "    10000000000000\n", r"10000000000000"),
+        ("-0.12282115179966388", "1000000000000*0.5", None),
+    ],
+    ids=["absurd count", "absurd repeat"],
+)
+def test_absurd_counts_in_a_file_are_refused_before_allocating(tmp_path, old, new, message):
+    """A count or a Fortran repeat count far beyond what the file holds never reaches the
+    allocator: the reader fails with both numbers, or reads no more values than it needs."""
+    folder = tmp_path / "nn"
+    shutil.copytree(NN, folder)
+    target = folder / "O.nn.ascii"
+    text = target.read_text()
+    assert old in text
+    target.write_text(text.replace(old, new, 1))
+    start = time.perf_counter()
+    try:
+        read_aenet_ascii([folder / "Ti.nn.ascii", target])
+    except ValueError as error:
+        assert message is None or re.search(message, str(error)), str(error)
+    else:
+        assert message is None
+    assert time.perf_counter() - start < 10
+
+
+def test_a_consistent_but_absurd_network_is_refused_by_its_counts(tmp_path):
+    """Layer sizes and weight count agreeing with each other but not with the file: the reader
+    asks for the announced values and fails at the end of the file, allocating nothing."""
+    folder = tmp_path / "nn"
+    shutil.copytree(NN, folder)
+    target = folder / "O.nn.ascii"
+    lines = target.read_text().split("\n")
+    hidden = 2_000_000_000
+    weights = 56 * hidden + hidden + hidden * 5 + 5 + 5 + 1
+    lines[1] = f"{hidden:>17d}"  # the widest layer
+    lines[2] = f"{weights:>17d}"
+    lines[3] = f"{56 + hidden + 5 + 1 + 3:>17d}"  # nodes with the bias nodes
+    lines[4] = f"{56:>17d}{hidden:>18d}{5:>18d}{1:>18d} "
+    offsets = [0, 57 * hidden, 57 * hidden + (hidden + 1) * 5, weights]  # each layer's weights
+    lines[6] = "".join(f"{k:>18d}" for k in offsets)
+    lines[7] = "".join(f"{k:>18d}" for k in (0, 57, 57 + hidden + 1, 57 + hidden + 1 + 6))
+    target.write_text("\n".join(lines))
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=rf"expected {weights} value\(s\), found"):
+        read_aenet_ascii([folder / "Ti.nn.ascii", target])
+    assert time.perf_counter() - start < 10
