@@ -167,9 +167,25 @@ def species_lookup(
     return torch.tensor(indices, dtype=torch.long, device=device)
 
 
-def _triplets(centers: torch.Tensor, n_atoms: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All ``(a, b)`` with ``a < b`` among entries sharing a centre (entries sorted by centre)."""
+MAX_TRIPLETS = 1 << 30
+"""Most angular triplets one graph may hold (their indices alone take 16 GiB): beyond, the
+structures are refused with their numbers instead of being left to the allocator."""
+
+
+def _triplets(
+    centers: torch.Tensor, n_atoms: int, ang_cutoff: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ``(a, b)`` with ``a < b`` among entries sharing a centre (entries sorted by centre),
+    counted before they are made (at most ``MAX_TRIPLETS``)."""
     counts = torch.bincount(centers, minlength=n_atoms)
+    total = int((counts * (counts - 1) // 2).sum()) if counts.numel() else 0
+    if total > MAX_TRIPLETS:
+        crowded = int(counts.argmax())
+        raise ValueError(
+            f"build_graph: {total} angular triplets, more than {MAX_TRIPLETS}: atom {crowded} "
+            f"has {int(counts[crowded])} neighbours within the angular cutoff {ang_cutoff} Å "
+            "(atoms far too close together, or too many structures at once)"
+        )
     group_start = torch.cumsum(counts, 0) - counts
     local = torch.arange(centers.shape[0], device=centers.device) - group_start[centers]
     partners_after = counts[centers] - 1 - local
@@ -198,7 +214,7 @@ def build_graph(params: ChebyshevParams, batch: Batch) -> DescriptorGraph:
     distance = distance.index_select(0, beyond_minimum)
     radial = torch.nonzero(distance <= params.rad_cutoff).flatten()
     angular = torch.nonzero(distance <= params.ang_cutoff).flatten()
-    first, second = _triplets(pairs.centers[angular], batch.positions.shape[0])
+    first, second = _triplets(pairs.centers[angular], batch.positions.shape[0], params.ang_cutoff)
     species = lookup[batch.species_index]
     blocks = torch.bincount(species, minlength=len(params.species))
     return DescriptorGraph(

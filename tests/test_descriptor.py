@@ -8,13 +8,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aenet_fn import ChebyshevParams, Structure, collate, featurize
+from aenet_fn import ChebyshevParams, Structure, build_graph, collate, featurize
 from aenet_fn.descriptor import (
     chebyshev_polynomials,
     cutoff_function,
     typespin_vector,
     typespin_weights,
 )
+from aenet_fn.examples import TIO2_STRUCTURES
 from aenet_fn.io import read_structures
 from aenet_fn.testing import (
     lattice_shifts,
@@ -238,3 +239,20 @@ def test_chunked_featurization_equals_one_pass(monkeypatch):
     monkeypatch.setattr(descriptor, "_PAIRS_PER_CHUNK", 7)
     chunked = featurize(PARAMS, batch)
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-13)
+
+
+def test_triplets_beyond_the_limit_are_refused_with_their_numbers(monkeypatch):
+    """The triplets of a graph are counted before they are made: a graph that would hold more
+    than ``MAX_TRIPLETS`` is refused naming the count and the most crowded atom; at the limit
+    it is built, with exactly that many."""
+    import aenet_fn.descriptor as descriptor_module
+
+    params = ChebyshevParams(["Ti", "O"], 4, 4.0, 2, 3.0, min_cutoff=0.5)
+    batch = collate(read_structures(TIO2_STRUCTURES / "structure-001.xsf"))
+    triplets = build_graph(params, batch).triplet_first.numel()
+    assert triplets > 10
+    monkeypatch.setattr(descriptor_module, "MAX_TRIPLETS", triplets)
+    assert build_graph(params, batch).triplet_first.numel() == triplets
+    monkeypatch.setattr(descriptor_module, "MAX_TRIPLETS", triplets - 1)
+    with pytest.raises(ValueError, match=rf"{triplets} angular triplets, more than .*atom \d+ has"):
+        build_graph(params, batch)
