@@ -665,3 +665,19 @@ def test_model_files_with_nan_or_negative_feature_spread_are_refused(tmp_path):
         potential.save(tmp_path / "bad.pt")
         with pytest.raises(ValueError, match=r"feature_std are not all finite \(or \+inf"):
             TorchANNPotential.from_file(tmp_path / "bad.pt")
+
+
+def test_check_refuses_output_and_checkpoint_folders_that_are_files(tmp_path, capsys):
+    config = tables()
+    config["training"]["checkpoint_dir"] = "checkpoints"
+    path = write_config(tmp_path, config)
+    (tmp_path / "run").write_text("a file where the output folder goes")
+    assert main(["train", str(path), "--check"]) == 1
+    assert "[output] directory" in one_line_error(capsys, "train")
+    (tmp_path / "run").unlink()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("a file where checkpoints go")
+    assert main(["train", str(path), "--check"]) == 1
+    assert "checkpoint_dir" in one_line_error(capsys, "train")
+    (tmp_path / "run" / "checkpoints").unlink()
+    assert main(["train", str(path), "--check"]) == 0

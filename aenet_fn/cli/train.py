@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -126,15 +127,33 @@ def _checkpoints(run: RunConfig) -> Path | None:
     return None if directory is None else Path(directory)
 
 
+def _check_writable_folder(folder: Path, what: str) -> None:
+    """Refuse a folder a run could not write into: a file in its place (or in place of one of
+    its parents), or a first existing ancestor that is not writable."""
+    existing = folder
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise CLIError(f"{what} {folder}: {existing} is a file, not a folder")
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(f"{what} {folder}: {existing} is not writable")
+
+
 def check_output(run: RunConfig, overwrite: bool, resume: bool = False) -> list[Path]:
     """The outputs another run left in ``run.output`` (see
     :func:`~aenet_fn.cli.run_folder.run_outputs`); refuses them unless ``overwrite`` (they
     will be replaced as a whole) or ``resume`` (a single potential's run continued from its
-    newest checkpoint)."""
+    newest checkpoint), and refuses output or checkpoint folders a run could not write
+    (``--check`` runs it too)."""
     if overwrite and resume:
         raise ConfigError(
             "--resume continues the folder's run and --overwrite replaces it: give one"
         )
+    for what, folder in (("[output] directory", run.output), ("checkpoint_dir", _checkpoints(run))):
+        if folder is not None:
+            _check_writable_folder(folder, what)
     previous = run_outputs(run.output, _checkpoints(run))
     if resume:
         if run.committee is not None:
