@@ -1044,6 +1044,15 @@ class StructureDatabase:
             values[field.name] = data
         return LocalDerivatives(**values)
 
+    def _labels(self, values: np.ndarray, what: str) -> torch.Tensor:
+        """Labels read from ``what``: NaN marks an unknown label; an infinite one is refused
+        naming its row."""
+        bad = np.isinf(values)
+        if bad.any():
+            row = int(np.nonzero(bad.reshape(bad.shape[0], -1).any(axis=1))[0][0])
+            raise self._fail(f"{what}: infinite value in row {row}")
+        return torch.from_numpy(values)
+
     def _finite(self, values: torch.Tensor, what: str) -> torch.Tensor:
         """``values``, refused (naming ``what`` and the first bad row) when not all finite."""
         bad = ~torch.isfinite(values)
@@ -1116,8 +1125,8 @@ class StructureDatabase:
             species_index=species_index,
             atom_start=offsets[:-1].clone(),
             n_atoms=n_atoms,
-            energies=torch.from_numpy(file["structures/energy"][:]).to(dtype),
-            forces=torch.from_numpy(file["structures/forces"][:]).to(dtype),
+            energies=self._labels(file["structures/energy"][:], "structures/energy").to(dtype),
+            forces=self._labels(file["structures/forces"][:], "structures/forces").to(dtype),
             species_counts=counts,
             local=local,
             radial_start=radial_start,

@@ -574,6 +574,8 @@ def test_a_database_is_never_written_over_one_of_its_sources(tio2_files, tmp_pat
         ("local_derivatives/triplet_second", 7, -1, "triplet_second row 7 indexes atom -1"),
         ("local_derivatives/angular_first", 5, np.nan, "angular_first: non-finite value in row 5"),
         ("features/values", 2, np.inf, "features: non-finite value in row 2"),
+        ("structures/energy", 4, -np.inf, "structures/energy: infinite value in row 4"),
+        ("structures/forces", 9, np.inf, "structures/forces: infinite value in row 9"),
     ],
 )
 def test_persisted_indices_and_values_are_checked_when_read(
@@ -591,6 +593,8 @@ def test_persisted_indices_and_values_are_checked_when_read(
     with open_database(damaged) as db:
         with pytest.raises(DatabaseError, match=message.replace("[", r"\[")):
             db.featurized(PARAMS, with_derivatives=True, dtype=torch.float64)
+        if dataset.startswith("structures"):
+            return  # labels: read with the whole set
         first = "features" if dataset.startswith("features") else "local_derivatives"
         read = db.features if first == "features" else db.local_derivatives
         with pytest.raises(DatabaseError):
