@@ -493,7 +493,7 @@ def take_structures(
     position = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=HOST))
     atoms, structure_index, species = (take(x, 0, order) for x in (atoms, structure_index, species))
     labelled = take(layout.labelled, 0, atoms)
-    local = None
+    local, entries = None, ()
     force_atoms = torch.zeros_like(labelled)
     if force_selected is not None:
         known = torch.zeros_like(counts).index_add(0, structure_index, labelled.to(counts.dtype))
@@ -504,7 +504,7 @@ def take_structures(
             force_atoms = take(supervised, 0, structure_index)
             if jacobian is None:
                 shift = take(new_start - atom_start, 0, structure_index)[force_atoms]
-                local = _select_local(data, atoms[force_atoms], shift, position)
+                entries = _entry_plan(layout, atoms[force_atoms], shift)
             elif (jacobian.n_atoms, jacobian.n_structures) != (
                 data.features.shape[0],
                 data.n_structures,
@@ -518,57 +518,67 @@ def take_structures(
                 local = jacobian.batch(selection, supervised, atoms, order, position, force_atoms)
     n_species = data.species_counts.shape[1]
     blocks = tuple(torch.bincount(species, minlength=n_species).tolist())
-    atoms_here = _to_device(atoms, device)
+    host = (atoms, species, structure_index, counts, selection, force_atoms, labelled.sum())
+    (atoms, species, structure_index, counts, selection, force_atoms, labelled, *planned) = (
+        _to_device(device, *host, *((position, *entries) if entries else ()))
+    )
+    if planned:
+        local = _gather_local(data.local, *planned)
     return MiniBatch(
-        features=take(data.features, 0, atoms_here),
-        species_index=_to_device(species, device),
-        structure_index=_to_device(structure_index, device),
-        n_atoms=_to_device(counts, device),
-        energies=take(data.energies, 0, _to_device(selection, device)),
-        forces=take(data.forces, 0, atoms_here),
-        force_atoms=_to_device(force_atoms, device),
+        features=take(data.features, 0, atoms),
+        species_index=species,
+        structure_index=structure_index,
+        n_atoms=counts,
+        energies=take(data.energies, 0, selection),
+        forces=take(data.forces, 0, atoms),
+        force_atoms=force_atoms,
         local=local,
-        n_force_labelled=_to_device(labelled.sum(), device),
-        atom_index=atoms_here,
+        n_force_labelled=labelled,
+        atom_index=atoms,
         species_blocks=blocks,
     )
 
 
-def _select_local(
-    data: FeaturizedSet,
-    supervised_atoms: torch.Tensor,
-    shift: torch.Tensor,
-    position: torch.Tensor,
-) -> LocalDerivatives:
-    """Derivative entries of the batch's supervised atoms (``supervised_atoms``: their global
-    indices, in the batch's species-major order), in batch atom numbering (a global atom maps
-    to its structure-major batch position by adding its structure's ``shift``, then through
-    ``position`` to the species-major one) and sorted by centre atom like the set's own (for
-    :func:`~aenet_fn.local_derivatives.centre_sums`): each centre's entries are one run in
-    the set, laid out from the host layout; the device only gathers."""
+def _entry_plan(
+    layout: HostLayout, supervised_atoms: torch.Tensor, shift: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """On the host, the derivative entries of the batch's supervised atoms
+    (``supervised_atoms``: their global indices, in the batch's species-major order) and each
+    entry's ``shift`` (global → structure-major batch atom): ``(radial, radial_shift,
+    triplet, triplet_shift)``. Each centre's entries are one run in the set, so the entries come
+    sorted by species-major centre, as :func:`~aenet_fn.local_derivatives.centre_sums` needs."""
     take = torch.Tensor.index_select  # much faster than advanced indexing on CPU
-    layout, local, device = data.layout, data.local, data.features.device
-
-    def entries_of(starts: torch.Tensor, counts: torch.Tensor):
-        """The chosen centres' entries in order, and each entry's shift (on the device)."""
+    plan = []
+    for starts, counts in (
+        (layout.radial_start, layout.radial_count),
+        (layout.triplet_start, layout.triplet_count),
+    ):
         chosen = take(counts, 0, supervised_atoms)
-        entries = ranges(take(starts, 0, supervised_atoms), chosen)
-        entry_shift = torch.repeat_interleave(shift, chosen)
-        return _to_device(entries, device), _to_device(entry_shift, device)
+        plan += [ranges(take(starts, 0, supervised_atoms), chosen), shift.repeat_interleave(chosen)]
+    return tuple(plan)
 
-    radial, r_shift = entries_of(layout.radial_start, layout.radial_count)
-    triplet, t_shift = entries_of(layout.triplet_start, layout.triplet_count)
-    position = _to_device(position, device)
+
+def _gather_local(
+    local: LocalDerivatives,
+    position: torch.Tensor,
+    radial: torch.Tensor,
+    radial_shift: torch.Tensor,
+    triplet: torch.Tensor,
+    triplet_shift: torch.Tensor,
+) -> LocalDerivatives:
+    """The entries of :func:`_entry_plan` gathered from the set's ``local`` (on its device),
+    their atoms renumbered into the batch (``position``: structure-major → species-major)."""
+    take = torch.Tensor.index_select
 
     def atom(field: torch.Tensor, entries: torch.Tensor, entry_shift: torch.Tensor):
         return take(position, 0, take(field, 0, entries) + entry_shift)
 
     return LocalDerivatives(
-        radial_centre=atom(local.radial_centre, radial, r_shift),
-        radial_neighbour=atom(local.radial_neighbour, radial, r_shift),
-        triplet_centre=atom(local.triplet_centre, triplet, t_shift),
-        triplet_first=atom(local.triplet_first, triplet, t_shift),
-        triplet_second=atom(local.triplet_second, triplet, t_shift),
+        radial_centre=atom(local.radial_centre, radial, radial_shift),
+        radial_neighbour=atom(local.radial_neighbour, radial, radial_shift),
+        triplet_centre=atom(local.triplet_centre, triplet, triplet_shift),
+        triplet_first=atom(local.triplet_first, triplet, triplet_shift),
+        triplet_second=atom(local.triplet_second, triplet, triplet_shift),
         radial_spin=take(local.radial_spin, 0, radial),
         triplet_spin=take(local.triplet_spin, 0, triplet),
         radial=take(local.radial, 0, radial),
@@ -577,14 +587,17 @@ def _select_local(
     )
 
 
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host index ``tensor`` on the set's ``device`` (itself on the CPU; on CUDA one
-    asynchronous copy from pinned memory, so the host never waits for the device)."""
+def _to_device(device: torch.device, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Host index ``tensors`` (integer or bool) on the set's ``device``: themselves on the CPU,
+    elsewhere all in one copy (on CUDA, one asynchronous copy from pinned memory, so the host
+    never waits for the device), split and cast back there."""
     if device.type == "cpu":
-        return tensor
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
+        return tensors
+    flat = torch.cat([t.reshape(-1).to(torch.long) for t in tensors])
+    cuda = device.type == "cuda"
+    moved = (flat.pin_memory() if cuda else flat).to(device, non_blocking=cuda)
+    pieces = moved.split([t.numel() for t in tensors])
+    return tuple(p.view(t.shape).to(t.dtype) for p, t in zip(pieces, tensors))
 
 
 def _pad(tensor: torch.Tensor, length: int, value: float | int | bool) -> torch.Tensor:
