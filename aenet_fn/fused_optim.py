@@ -39,7 +39,7 @@ def update_eagerly(
 ) -> tuple[PyTree, Any]:
     """``optimizer.update`` for one model outside ``torch.func`` transforms, by Adam's eager
     form where the parameters are on the CPU (the same numbers as ``torch.optim``)."""
-    if isinstance(optimizer.config, AdamConfig) and on_cpu(params):
+    if _fused(optimizer, params):
         return adam_update_eager(optimizer.config, grads, state, params, lr)
     return optimizer.update(grads, state, params, lr)
 
@@ -50,7 +50,7 @@ def update_in_place(
     """:func:`update_eagerly` written into ``params`` (working copies the caller owns);
     returns the new state. Adam on the CPU: torch's fused kernel, which also updates the
     tensors of ``state`` in place; otherwise the eager update copied back."""
-    if isinstance(optimizer.config, AdamConfig) and on_cpu(params):
+    if _fused(optimizer, params):
         return adam_update_fused(optimizer.config, grads, state, params, lr)[1]
     return _written_back(params, *update_eagerly(optimizer, grads, state, params, lr))
 
@@ -63,10 +63,15 @@ def update_members_in_place(
     ``params``; returns the new state. Adam on the CPU: one fused call per learning rate on
     the members' rows (it reads the rates on the host); otherwise ``vmap(update)`` copied
     back."""
-    if isinstance(optimizer.config, AdamConfig) and on_cpu(params):
+    if _fused(optimizer, params):
         return adam_update_members_fused(optimizer.config, grads, state, params, lrs)[1]
     new = torch.func.vmap(optimizer.update)(grads, state, params, lrs)
     return _written_back(params, *new)
+
+
+def _fused(optimizer: Optimizer, params: PyTree) -> bool:
+    """Whether the faster forms apply: Adam (the one optimiser that has them) on the CPU."""
+    return isinstance(optimizer.config, AdamConfig) and on_cpu(params)
 
 
 def _written_back(params: PyTree, new_params: PyTree, state: Any) -> Any:
