@@ -7,52 +7,43 @@ The core is pure functions over frozen ``attrs`` records (registered as pytrees)
 ...                             ang_order=3, ang_cutoff=3.5, min_cutoff=0.5)
 """
 
-from aenet_fn._records import to
-from aenet_fn.ascii_potential import read_aenet_ascii, write_aenet_ascii
-from aenet_fn.batch import Batch, collate
-from aenet_fn.checkpoint import CheckpointWriter, load_checkpoint, save_checkpoint
-from aenet_fn.descriptor import (
+from aenet_fn.core.batch import Batch, collate
+from aenet_fn.core.descriptor import (
     ChebyshevParams,
     DescriptorGraph,
     build_graph,
     features_from_graph,
     featurize,
 )
-from aenet_fn.featurized import (
+from aenet_fn.core.featurized import (
     FeaturizedSet,
     MiniBatch,
     featurize_structures,
     take_structures,
 )
-from aenet_fn.force_jacobian import set_jacobian
-from aenet_fn.forces import EnergyForces, value_and_forces
-from aenet_fn.io import read_structures, write_xsf
-from aenet_fn.neighbors import Neighbors, batch_neighbor_list, neighbor_list, pair_vectors
-from aenet_fn.network import NetworkParams, init_network
-from aenet_fn.normalization import Normalization, fit_normalization
-from aenet_fn.optim import AdamConfig, PlateauConfig, SGDConfig
-from aenet_fn.potential import (
+from aenet_fn.core.forces import EnergyForces, value_and_forces
+from aenet_fn.core.neighbors import Neighbors, batch_neighbor_list, neighbor_list, pair_vectors
+from aenet_fn.core.network import NetworkParams, init_network
+from aenet_fn.core.normalization import Normalization, fit_normalization
+from aenet_fn.core.optim import AdamConfig, PlateauConfig, SGDConfig
+from aenet_fn.core.potential import (
     Model,
     atomic_energies,
     energy,
     energy_and_forces,
     energy_forces_stress,
 )
-from aenet_fn.sampling import split_indices
-from aenet_fn.structure import Structure
-from aenet_fn.train import (
-    Speedups,
-    TrainConfig,
-    TrainingDiverged,
-    TrainState,
-    evaluate,
-    fit,
-    init_model,
-    init_train_state,
-    prepare_speedups,
-    run_epoch,
-    train_step,
-)
+from aenet_fn.core.records import to
+from aenet_fn.core.sampling import split_indices
+from aenet_fn.core.structure import Structure
+from aenet_fn.driver.checkpoint import CheckpointWriter, load_checkpoint, save_checkpoint
+from aenet_fn.driver.seam import Speedups, prepare_speedups
+from aenet_fn.driver.state import TrainConfig, TrainState, init_model, init_train_state
+from aenet_fn.driver.step import evaluate, train_step
+from aenet_fn.driver.train import TrainingDiverged, fit, run_epoch
+from aenet_fn.io import read_structures, write_xsf
+from aenet_fn.io.ascii_potential import read_aenet_ascii, write_aenet_ascii
+from aenet_fn.speedups.force_jacobian import set_jacobian
 
 __version__ = "0.1.0"
 

@@ -1,11 +1,11 @@
 """``AenetCalculator``: an ASE calculator over aenet_fn potentials and committees.
 
 Every number comes from the core: energies, forces and stress from
-:func:`~aenet_fn.potential.energy_forces_stress`, per-atom energies from
-:func:`~aenet_fn.potential.atomic_energies`, the atoms converted by
+:func:`~aenet_fn.core.potential.energy_forces_stress`, per-atom energies from
+:func:`~aenet_fn.core.potential.atomic_energies`, the atoms converted by
 :func:`~aenet_fn.io.ase_io.from_ase`. A committee is evaluated in one pass, the same core
 function ``torch.func.vmap``-ed over the members' stacked network parameters (the construction
-of :func:`~aenet_fn.committee.committee_predict`, which gives no stress); its energy, forces,
+of :func:`~aenet_fn.driver.committee.committee_predict`, which gives no stress); its energy, forces,
 stress and per-atom energies are the member means, and the spreads are population standard
 deviations over the members, as in ``committee_predict``. Since every property is linear in the
 energy, the mean forces and stress are exactly the derivatives of the mean energy.
@@ -30,12 +30,12 @@ from ase.md import velocitydistribution
 from ase.stress import full_3x3_to_voigt_6_stress
 from torch.func import vmap
 
-from aenet_fn._records import to
-from aenet_fn.batch import Batch, collate
-from aenet_fn.committee import check_shared_parts, stack_members
-from aenet_fn.descriptor import DescriptorGraph, build_graph
+from aenet_fn.core.batch import Batch, collate
+from aenet_fn.core.descriptor import DescriptorGraph, build_graph
+from aenet_fn.core.potential import Model, atomic_energies, energy_forces_stress
+from aenet_fn.core.records import to
+from aenet_fn.driver.committee import check_shared_parts, stack_members
 from aenet_fn.io.ase_io import from_ase
-from aenet_fn.potential import Model, atomic_energies, energy_forces_stress
 from aenet_fn.torch_featurize.chebyshev import as_device
 from aenet_fn.torch_training.committee import TorchCommitteePotential
 from aenet_fn.torch_training.trainer import TorchANNPotential
@@ -135,7 +135,7 @@ class AenetCalculator(Calculator):
     """ASE calculator for an aenet_fn potential or committee.
 
     Args:
-        potential: a core :class:`~aenet_fn.potential.Model`, a trained or loaded
+        potential: a core :class:`~aenet_fn.core.potential.Model`, a trained or loaded
             :class:`~aenet_fn.torch_training.TorchANNPotential` or
             :class:`~aenet_fn.torch_training.TorchCommitteePotential`, the path of a model file
             (written by ``TorchANNPotential.save``) or of a committee directory (holding

@@ -21,8 +21,8 @@ import numpy as np
 from ase.build import bulk
 from ase.calculators.emt import EMT
 
+from aenet_fn.core.structure import Structure
 from aenet_fn.io.ase_io import from_ase
-from aenet_fn.structure import Structure
 
 ALLOY_SPECIES = ("Cu", "Ni", "Au")
 

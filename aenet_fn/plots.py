@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from aenet_fn.atomic import replacing
+from aenet_fn.io.atomic import replacing
 from aenet_fn.io.train import Energies, TrainOut
 
 if TYPE_CHECKING:
@@ -24,7 +24,7 @@ _BANDS = (
 
 
 def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
-    """Write ``figure`` as a PNG to ``path`` atomically (:func:`aenet_fn.atomic.replacing`);
+    """Write ``figure`` as a PNG to ``path`` atomically (:func:`aenet_fn.io.atomic.replacing`);
     returns the path."""
     with replacing(path) as temporary:
         figure.savefig(temporary, format="png", dpi=120)

@@ -49,8 +49,8 @@ import ase.io
 import attrs
 import numpy as np
 
+from aenet_fn.core.structure import ELEMENT_SYMBOLS
 from aenet_fn.io.ase_io import from_ase, read_structures
-from aenet_fn.structure import ELEMENT_SYMBOLS
 
 __all__ = ["ReferenceEnergies", "iter_composition_energy_samples_from_files"]
 

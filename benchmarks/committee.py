@@ -17,7 +17,7 @@ import argparse
 import attrs
 
 import aenet_fn as af
-from aenet_fn.committee import committee_fit, init_committee, member_seeds
+from aenet_fn.driver.committee import committee_fit, init_committee, member_seeds
 from benchmarks._common import (
     ARCH,
     BATCH_SIZE,

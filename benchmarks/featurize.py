@@ -18,8 +18,8 @@ from functools import partial
 import torch
 
 from aenet_fn import Structure, build_graph, collate, features_from_graph
-from aenet_fn.forces import value_and_forces
-from aenet_fn.neighbors import batch_neighbor_list
+from aenet_fn.core.forces import value_and_forces
+from aenet_fn.core.neighbors import batch_neighbor_list
 from benchmarks._common import (
     PARAMS,
     best_time,

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 import aenet_fn as af
-from aenet_fn.committee import committee_fit, init_committee, member_seeds
+from aenet_fn.driver.committee import committee_fit, init_committee, member_seeds
 from aenet_fn.examples import emt_alloys
 from benchmarks._common import markdown_table, peak_rss_mib, setup_info
 

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 import aenet_fn as af
-from aenet_fn.descriptor import build_graph
-from aenet_fn.potential import energy_forces_stress
+from aenet_fn.core.descriptor import build_graph
+from aenet_fn.core.potential import energy_forces_stress
 from aenet_fn.testing.devices import (
     DEVICE,
     DYNAMIC_SHAPE,

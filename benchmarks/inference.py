@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 import aenet_fn as af
-from aenet_fn.committee import committee_predict
+from aenet_fn.driver.committee import committee_predict
 from aenet_fn.torch_featurize import ChebyshevDescriptor
 from aenet_fn.torch_training import TorchANNPotential, TorchCommitteePotential
 from benchmarks._common import (

@@ -27,7 +27,7 @@ from typing import Any
 import attrs
 
 import aenet_fn as af
-from aenet_fn.committee import committee_fit, init_committee, member_seeds
+from aenet_fn.driver.committee import committee_fit, init_committee, member_seeds
 from aenet_fn.examples import emt_alloys
 from benchmarks import _common, gpu
 from benchmarks._common import markdown_table, peak_rss_mib, report, setup_info

@@ -56,8 +56,8 @@ def _descriptor():
 
 def build(folder: Path, n_structures: int) -> dict:
     """Generate the structures, then build the plain and the persisted-features databases."""
-    from aenet_fn.database import build_database
     from aenet_fn.examples import emt_alloys
+    from aenet_fn.io.database import build_database
 
     start = time.perf_counter()
     structures = emt_alloys(n_structures, seed=0, repeats=REPEATS)
@@ -81,7 +81,7 @@ def build(folder: Path, n_structures: int) -> dict:
 def train_from_disk(path: Path, workers: int, epochs: int, limit: int | None) -> dict:
     """Epoch time and peak RSS of training from the on-disk database with ``workers``."""
     import aenet_fn as af
-    from aenet_fn.loader import StructureSource
+    from aenet_fn.driver.loader import StructureSource
     from aenet_fn.torch_training import HDF5StructureDataset
     from aenet_fn.torch_training.dataset import LazyStructures
 

@@ -23,7 +23,7 @@ import sys
 import time
 
 import aenet_fn as af
-from aenet_fn.train import DRAW_AHEAD
+from aenet_fn.driver.seam import DRAW_AHEAD
 from benchmarks._common import (
     ARCH,
     BATCH_SIZE,

@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 from aenet_fn import Structure, testing
-from aenet_fn.potential import energy_and_forces_from_derivatives
+from aenet_fn.core.potential import energy_and_forces_from_derivatives
 from aenet_fn.testing.transforms import shift_images
 
 REFERENCE_DATA = Path(__file__).resolve().parent / "data"  # provenance: data/README.md

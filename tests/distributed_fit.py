@@ -86,7 +86,7 @@ def train_committee(output_dir: Path) -> list[torch.Tensor]:
 def facade_seeds() -> list[tuple[int, int]]:
     """Train the facade with ``seed`` and ``split_seed`` left unset; returns every rank's
     ``(seed, split_seed)``, which must agree (rank 0's draw, broadcast)."""
-    from aenet_fn.distributed import all_gather_objects, current_world
+    from aenet_fn.driver.distributed import all_gather_objects, current_world
     from aenet_fn.torch_featurize import ChebyshevDescriptor
     from aenet_fn.torch_training import Adam, TorchANNPotential, TorchTrainingConfig
 

@@ -13,10 +13,10 @@ import torch
 
 import aenet_fn
 from aenet_fn import ChebyshevParams, collate, init_network, read_structures
-from aenet_fn.ascii_potential import _parse_file, read_aenet_ascii, write_aenet_ascii
+from aenet_fn.core.normalization import Normalization
+from aenet_fn.core.potential import Model
 from aenet_fn.examples import TIO2_POTENTIAL, TIO2_STRUCTURES
-from aenet_fn.normalization import Normalization
-from aenet_fn.potential import Model
+from aenet_fn.io.ascii_potential import _parse_file, read_aenet_ascii, write_aenet_ascii
 from tests.conftest import random_structure
 
 NN = TIO2_POTENTIAL

@@ -20,7 +20,7 @@ from ase.md.verlet import VelocityVerlet
 import aenet_fn as af
 import aenet_fn.calculator as calculator_module
 from aenet_fn.calculator import COMMITTEE_PROPERTIES, AenetCalculator, thermalize_momenta
-from aenet_fn.committee import committee_predict
+from aenet_fn.driver.committee import committee_predict
 from aenet_fn.examples import TIO2_POTENTIAL, TIO2_STRUCTURES
 from aenet_fn.io.ase_io import from_ase, to_ase
 from aenet_fn.torch_featurize import ChebyshevDescriptor

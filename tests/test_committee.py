@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import aenet_fn as af
-import aenet_fn.train as train_module
-from aenet_fn.committee import (
+import aenet_fn.driver.seam as seam_module
+from aenet_fn.core.featurized import stack_batches
+from aenet_fn.driver.committee import (
     check_shared_parts,
     committee_evaluate,
     committee_fit,
@@ -21,10 +22,10 @@ from aenet_fn.committee import (
     stack_members,
     unstack_members,
 )
+from aenet_fn.driver.seam import assembled_jacobian
+from aenet_fn.driver.step import batch_loss, member_step
 from aenet_fn.examples import TIO2_STRUCTURES
-from aenet_fn.featurized import stack_batches
-from aenet_fn.force_jacobian import StackedJacobians, set_jacobian
-from aenet_fn.train import assembled_jacobian, batch_loss, member_step
+from aenet_fn.speedups.force_jacobian import StackedJacobians, set_jacobian
 
 PARAMS = af.ChebyshevParams(
     species=["Ti", "O"], rad_order=8, rad_cutoff=5.0, ang_order=3, ang_cutoff=3.5, min_cutoff=0.5
@@ -114,16 +115,16 @@ def test_energy_committee_epochs_drawn_ahead_equal_epochs_planned_alone(
         PARAMS, ARCH, train, config, seeds, shared_batches=shared, atomic_energies=E_ATOM
     )
     plans = []
-    real_plan = train_module.energy_plan
+    real_plan = seam_module.energy_plan
 
     def counted(*args, **kwargs):
         plans.append(tuple(args[2].shape))
         return real_plan(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "energy_plan", counted)
+    monkeypatch.setattr(seam_module, "energy_plan", counted)
     ahead = committee_fit(members, train, None, config)
     assert plans == [(5 * 32,) if shared else (3, 5 * 32)]  # 30 draws, 2 empty slots each
-    monkeypatch.setattr(train_module, "DRAW_AHEAD", 1)
+    monkeypatch.setattr(seam_module, "DRAW_AHEAD", 1)
     alone = committee_fit(members, train, None, config)
     for ours, theirs, seed in zip(ahead, alone, seeds):
         assert torch.equal(ours.model.network.values, theirs.model.network.values)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import aenet_fn as af
+from aenet_fn.core.featurized import concatenate, select_structures
 from aenet_fn.examples import TIO2_STRUCTURES
-from aenet_fn.featurized import concatenate, select_structures
 
 PARAMS = af.ChebyshevParams(
     species=["Ti", "O"], rad_order=4, rad_cutoff=4.0, ang_order=2, ang_cutoff=3.0, min_cutoff=0.5

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import aenet_fn as af
-from aenet_fn.committee import committee_fit, init_committee
+from aenet_fn.core.potential import energy_forces_stress
+from aenet_fn.driver.committee import committee_fit, init_committee
 from aenet_fn.examples import TIO2_STRUCTURES
-from aenet_fn.potential import energy_forces_stress
 from aenet_fn.testing import forbid_host_sync
 
 pytestmark = [

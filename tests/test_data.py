@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from aenet_fn import Structure
-from aenet_fn.data import filter_structures, referenced_energies_per_atom, split_structures
+from aenet_fn.core.splits import filter_structures, referenced_energies_per_atom, split_structures
 
 
 def _structure(name, energy, n=2, force=0.1):

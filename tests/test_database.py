@@ -1,4 +1,4 @@
-"""HDF5 structure databases: the driver (aenet_fn.database) and the facade
+"""HDF5 structure databases: the driver (aenet_fn.io.database) and the facade
 (HDF5StructureDataset): round trips, persisted features and local derivatives, parallel builds,
 training through the dataset protocol, the build-time energy filter, the LRU cache, pickling and
 bad input."""
@@ -20,13 +20,13 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from torch.utils.data import DataLoader
 
 import aenet_fn as af
-from aenet_fn import database
-from aenet_fn.cache import lru_evictions
-from aenet_fn.data import filter_structures
-from aenet_fn.database import DatabaseError, build_database, entry_identifier, open_database
+from aenet_fn.core.featurized import featurize_structures, select_structures
+from aenet_fn.core.local_derivatives import LocalDerivatives
+from aenet_fn.core.splits import filter_structures
+from aenet_fn.driver.cache import lru_evictions
 from aenet_fn.examples import TIO2_STRUCTURES
-from aenet_fn.featurized import featurize_structures, select_structures
-from aenet_fn.local_derivatives import LocalDerivatives
+from aenet_fn.io import database
+from aenet_fn.io.database import DatabaseError, build_database, entry_identifier, open_database
 from aenet_fn.torch_featurize import ChebyshevDescriptor
 from aenet_fn.torch_training import TorchANNPotential
 from aenet_fn.torch_training.dataset import train_test_split_dataset

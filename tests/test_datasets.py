@@ -13,9 +13,9 @@ from torch.utils.data import Dataset, Subset
 
 import aenet_fn as af
 import aenet_fn.torch_training.dataset as dataset_module
-from aenet_fn.data import split_structures
+from aenet_fn.core.featurized import featurize_structures
+from aenet_fn.core.splits import split_structures
 from aenet_fn.examples import TIO2_STRUCTURES
-from aenet_fn.featurized import featurize_structures
 from aenet_fn.torch_featurize import ChebyshevDescriptor
 from aenet_fn.torch_training import Structure, TorchANNPotential
 from aenet_fn.torch_training import convert_to_structures as facade_convert

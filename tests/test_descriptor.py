@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aenet_fn import ChebyshevParams, Structure, build_graph, collate, featurize
-from aenet_fn.descriptor import (
+from aenet_fn.core.descriptor import (
     chebyshev_polynomials,
     cutoff_function,
     typespin_vector,
@@ -231,7 +231,7 @@ def test_invalid_descriptor_parameters(changes, message):
 
 
 def test_chunked_featurization_equals_one_pass(monkeypatch):
-    import aenet_fn.descriptor as descriptor
+    import aenet_fn.core.descriptor as descriptor
 
     structures = [random_structure(s, 6, periodic=s % 2 == 0) for s in range(4)]
     batch = collate(structures, species=PARAMS.species)
@@ -245,7 +245,7 @@ def test_triplets_beyond_the_limit_are_refused_with_their_numbers(monkeypatch):
     """The triplets of a graph are counted before they are made: a graph that would hold more
     than ``MAX_TRIPLETS`` is refused naming the count and the most crowded atom; at the limit
     it is built, with exactly that many."""
-    import aenet_fn.descriptor as descriptor_module
+    import aenet_fn.core.descriptor as descriptor_module
 
     params = ChebyshevParams(["Ti", "O"], 4, 4.0, 2, 3.0, min_cutoff=0.5)
     batch = collate(read_structures(TIO2_STRUCTURES / "structure-001.xsf"))

@@ -6,7 +6,7 @@ and on the ``meta`` device, where a hard-coded CPU device mixes with the inputs'
 
 Batches are laid out on the host: an epoch's order and force subset are drawn from the run's
 CPU ``torch.Generator`` and stay there, a set carries its layout on the host
-(:class:`~aenet_fn.featurized.HostLayout`), and a batch cut from a set on another device only
+(:class:`~aenet_fn.core.featurized.HostLayout`), and a batch cut from a set on another device only
 gathers from it (checked with ``host_work=True``). Steps and evaluations read nothing back;
 graph building still does (see ``python -m benchmarks.host_syncs``)."""
 
@@ -22,13 +22,14 @@ import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
 import aenet_fn as af
-from aenet_fn.committee import committee_epoch, committee_fit, committee_step, init_committee
+from aenet_fn.core.featurized import stack_batches
+from aenet_fn.core.network import atomic_outputs, init_network
+from aenet_fn.core.optim import AdamConfig, SGDConfig, adam, sgd
+from aenet_fn.driver.committee import committee_epoch, committee_fit, committee_step, init_committee
+from aenet_fn.driver.seam import Speedups, assembled_jacobian
 from aenet_fn.examples import TIO2_STRUCTURES
-from aenet_fn.featurized import stack_batches
-from aenet_fn.force_jacobian import set_jacobian
-from aenet_fn.fused_optim import update_eagerly
-from aenet_fn.network import atomic_outputs, init_network
-from aenet_fn.optim import AdamConfig, SGDConfig, adam, sgd
+from aenet_fn.speedups.force_jacobian import set_jacobian
+from aenet_fn.speedups.fused_optim import update_eagerly
 from aenet_fn.testing.devices import (
     DEVICE,
     HostSyncError,
@@ -36,7 +37,6 @@ from aenet_fn.testing.devices import (
     count_host_syncs,
     forbid_host_sync,
 )
-from aenet_fn.train import Speedups, assembled_jacobian
 
 PARAMS = af.ChebyshevParams(["Ti", "O"], 6, 5.0, 3, 3.5, min_cutoff=0.5)
 ARCH = {"Ti": [(5, "tanh")], "O": [(5, "tanh")]}

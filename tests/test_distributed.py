@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import aenet_fn as af
-from aenet_fn.distributed import World, gather_parts, shares
+from aenet_fn.driver.distributed import World, gather_parts, shares
 from aenet_fn.torch_training import TorchCommitteePotential
 from tests.distributed_fit import CASES, run_cases, train_committee
 
@@ -63,4 +63,4 @@ def test_two_gloo_processes_equal_one(tmp_path):
 
 
 def test_fit_outside_a_process_group_is_single_process():
-    assert af.distributed.current_world() == World(rank=0, size=1)
+    assert af.driver.distributed.current_world() == World(rank=0, size=1)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import aenet_fn as af
-from aenet_fn.committee import committee_fit, init_committee
+from aenet_fn.driver.committee import committee_fit, init_committee
+from aenet_fn.driver.train import TrainingDiverged
 from aenet_fn.examples import TIO2_STRUCTURES
-from aenet_fn.train import TrainingDiverged
 
 PARAMS = af.ChebyshevParams(["Ti", "O"], 4, 4.0, 2, 3.0, min_cutoff=0.5)
 ARCH = {"Ti": [(4, "tanh")], "O": [(4, "tanh")]}
@@ -41,7 +41,7 @@ def test_a_diverging_run_stops_and_keeps_its_finite_checkpoints(
     writer = af.CheckpointWriter(tmp_path, config, interval=1)
     good = af.fit(af.init_train_state(model, train, config), train, None, config, [writer])
     exploding = attrs.evolve(config, optimizer=EXPLODING)
-    sgd_state = af.optim.sgd_init(good.model.network.values)
+    sgd_state = af.core.optim.sgd_init(good.model.network.values)
     resumed = attrs.evolve(good, opt_state=sgd_state, lr=EXPLODING.lr)
     with pytest.raises(TrainingDiverged, match="diverged in epoch 2: the training energy") as info:
         af.fit(resumed, train, None, exploding, [writer])
@@ -67,7 +67,7 @@ def test_a_diverging_committee_member_stops_the_committee_by_name(train):
 
 
 def test_non_finite_weights_are_caught_even_with_a_finite_loss(train):
-    from aenet_fn.train import check_finite_epoch
+    from aenet_fn.driver.train import check_finite_epoch
 
     model = af.init_model(PARAMS, ARCH, train, seed=0, atomic_energies=E_ATOM)
     state = af.init_train_state(model, train, af.TrainConfig())

@@ -8,12 +8,13 @@ import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
 import aenet_fn as af
-import aenet_fn.energy_gradient as energy_gradient_module
-import aenet_fn.train as train_module
-from aenet_fn.energy_gradient import energy_plan, energy_table, plan_gradient
+import aenet_fn.driver.seam as seam_module
+import aenet_fn.driver.train as train_module
+import aenet_fn.speedups.energy_gradient as energy_gradient_module
+from aenet_fn.core.network import ACTIVATIONS
+from aenet_fn.driver.step import batch_loss, func_gradient
 from aenet_fn.examples import TIO2_STRUCTURES
-from aenet_fn.network import ACTIVATIONS
-from aenet_fn.train import batch_loss, func_gradient
+from aenet_fn.speedups.energy_gradient import energy_plan, energy_table, plan_gradient
 
 REFERENCES = {"Ti": -1604.604515075, "O": -432.503149303}
 
@@ -207,7 +208,7 @@ def test_energy_route_epochs_equal_train_step_epochs(
     before = start.model.network.values.clone()
     fast = af.fit(start, train, None, config)
     assert torch.equal(start.model.network.values, before)
-    monkeypatch.setattr(train_module, "energy_epoch_table", lambda *args, **kwargs: None)
+    monkeypatch.setattr(seam_module, "energy_epoch_table", lambda *args, **kwargs: None)
     slow = af.fit(start, train, None, config)
     values = fast.model.network.values
     torch.testing.assert_close(values, slow.model.network.values, rtol=1e-10, atol=1e-13)
@@ -255,20 +256,20 @@ def test_epochs_drawn_ahead_equal_epochs_drawn_one_by_one(
     config = af.TrainConfig(epochs=7, batch_size=batch_size, sampling_policy=policy, seed=4)
     start = af.init_train_state(model, train, config)
     plans = []
-    real_plan = train_module.energy_plan
+    real_plan = seam_module.energy_plan
 
     def counted(*args, **kwargs):
         plans.append(args[2].numel())
         return real_plan(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "energy_plan", counted)
+    monkeypatch.setattr(seam_module, "energy_plan", counted)
     monkeypatch.setattr(energy_gradient_module, "energy_plan", counted)
     ahead = af.fit(start, train, None, config)
     slots = -(-20 // batch_size) * batch_size  # 20 draws, then empty slots
     assert plans == [7 * slots]
     part = af.fit(start, train, None, attrs.evolve(config, epochs=3))
     resumed = af.fit(part, train, None, attrs.evolve(config, epochs=4))
-    monkeypatch.setattr(train_module, "DRAW_AHEAD", 1)
+    monkeypatch.setattr(seam_module, "DRAW_AHEAD", 1)
     alone = af.fit(start, train, None, config)
     assert plans[-7:] == [20] * 7  # a plan per epoch
     for other in (resumed, alone):
@@ -286,11 +287,11 @@ def test_epochs_drawn_ahead_are_refused_for_another_state_or_error_weighted_samp
     model = af.init_model(PARAMS, ARCH, train, seed=3, atomic_energies=REFERENCES)
     config = af.TrainConfig(epochs=2, batch_size=3)
     state = af.init_train_state(model, train, config)
-    speedups = train_module.prepare_speedups(state, train, None, config)
-    first, second = train_module.draw_energy_epochs(state, train, config, speedups, 2)
+    speedups = seam_module.prepare_speedups(state, train, None, config)
+    first, second = seam_module.draw_energy_epochs(state, train, config, speedups, 2)
     with pytest.raises(ValueError, match="drawn ahead from another state"):
         train_module.run_epoch(state, train, config, speedups=attrs.evolve(speedups, drawn=second))
-    elsewhere = train_module.Speedups(table=speedups.table, drawn=first)
+    elsewhere = seam_module.Speedups(table=speedups.table, drawn=first)
     with pytest.raises(ValueError, match="its table and workspace"):
         train_module.run_epoch(state, train, config, speedups=elsewhere)
     after, _ = train_module.run_epoch(
@@ -299,7 +300,7 @@ def test_epochs_drawn_ahead_are_refused_for_another_state_or_error_weighted_samp
     train_module.run_epoch(after, train, config, speedups=attrs.evolve(speedups, drawn=second))
     weighted = attrs.evolve(config, sampling_policy="error_weighted")
     with pytest.raises(ValueError, match="error_weighted"):
-        train_module.draw_energy_epochs(state, train, weighted, speedups, 2)
+        seam_module.draw_energy_epochs(state, train, weighted, speedups, 2)
 
 
 def test_a_workspace_kept_across_epochs_changes_nothing(tio2_structures):
@@ -309,8 +310,8 @@ def test_a_workspace_kept_across_epochs_changes_nothing(tio2_structures):
     model = af.init_model(PARAMS, ARCH, train, seed=5, atomic_energies=REFERENCES)
     config = af.TrainConfig(epochs=1, batch_size=6, sampling_policy="error_weighted")
     state = af.init_train_state(model, train, config)
-    speedups = train_module.prepare_speedups(state, train, None, config)
-    workspace, fresh_workspace = speedups.workspace, train_module.Speedups(table=speedups.table)
+    speedups = seam_module.prepare_speedups(state, train, None, config)
+    workspace, fresh_workspace = speedups.workspace, seam_module.Speedups(table=speedups.table)
     kept, fresh = state, state
     for _ in range(3):
         kept, _ = train_module.run_epoch(kept, train, config, speedups=speedups)

@@ -154,7 +154,7 @@ def _export_relu(context: Context) -> None:
 
 def _corrupt_model(context: Context) -> None:
     payload = torch.load(context.model_path, weights_only=True)
-    payload["model"]["fields"]["descriptor"]["__record__"] = "aenet_fn.descriptor.Unknown"
+    payload["model"]["fields"]["descriptor"]["__record__"] = "aenet_fn.core.descriptor.Unknown"
     path = context.folder / "unknown-descriptor.pt"
     torch.save(payload, path)
     TorchANNPotential.from_file(path)
@@ -351,7 +351,7 @@ CASES = [
          lambda c: TorchANNPotential.from_file(_write(c.folder / "garbage.pt", b"garbage")),
          note="ValueError (reference: RuntimeError)"),
     Case(54, "load-unknown-descriptor-class", ValueError,
-         "unknown record type 'aenet_fn.descriptor.Unknown'", _corrupt_model,
+         "unknown record type 'aenet_fn.core.descriptor.Unknown'", _corrupt_model,
          note="ValueError (reference: RuntimeError); loading never imports a named class"),
     Case(56, "ascii-unknown-activation", ValueError, "'relu' of species 'H'", _export_relu,
          note="ValueError (reference: NotImplementedError)"),

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aenet_fn import ChebyshevParams, build_graph, collate, features_from_graph
-from aenet_fn.forces import value_and_forces
+from aenet_fn.core.forces import value_and_forces
 from aenet_fn.testing import check_forces, check_stress, structures
 from tests.conftest import random_structure
 

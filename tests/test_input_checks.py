@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import aenet_fn as af
-from aenet_fn.ascii_potential import read_aenet_ascii, write_aenet_ascii
-from aenet_fn.batch import collate
+from aenet_fn.core.batch import collate
+from aenet_fn.core.featurized import featurize_structures
+from aenet_fn.core.structure import Structure, check_float_dtype
 from aenet_fn.examples import TIO2_POTENTIAL
-from aenet_fn.featurized import featurize_structures
 from aenet_fn.io import read_structures
-from aenet_fn.structure import Structure, check_float_dtype
+from aenet_fn.io.ascii_potential import read_aenet_ascii, write_aenet_ascii
 from tests.conftest import random_structure
 
 NN = TIO2_POTENTIAL

@@ -79,34 +79,41 @@ def test_the_cycle_finder_finds_a_planted_cycle():
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
-SPEED_UPS = {
-    "aenet_fn.energy_gradient",
-    "aenet_fn.force_jacobian",
-    "aenet_fn.position_jacobian",
-    "aenet_fn.structure_jacobian",
-    "aenet_fn.fused_optim",
-}
-CORE = {
-    "aenet_fn.structure",
-    "aenet_fn.batch",
-    "aenet_fn.neighbors",
-    "aenet_fn.descriptor",
-    "aenet_fn.forces",
-    "aenet_fn.network",
-    "aenet_fn.normalization",
-    "aenet_fn.potential",
-    "aenet_fn.loss",
-    "aenet_fn.optim",
-    "aenet_fn.sampling",
-    "aenet_fn.local_derivatives",
-    "aenet_fn.featurized",
-}
+LAYERS = ("core", "speedups", "io", "driver")
+"""The layered subpackages, lowest first; each may import only itself and the ones before it
+(``io`` reads and writes the core's records; the driver uses all three)."""
 
 
-def test_the_core_imports_only_the_core():
+def _layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import from a layer to a layer above it or to the facade, as ``a -> b``."""
+    found = []
+    for name, targets in sorted(graph.items()):
+        layer = _layer(name)
+        if layer is not None:
+            allowed = set(LAYERS[: LAYERS.index(layer) + 1])
+            found += [f"{name} -> {t}" for t in sorted(targets) if _layer(t) not in allowed]
+    return found
+
+
+def test_each_layer_imports_only_itself_and_the_layers_below():
     graph = import_graph()
-    for name in CORE:
-        outside = {t for t in graph[name] if t.startswith("aenet_fn.") and t not in CORE}
-        allowed = {"aenet_fn._records", "aenet_fn.checks", "aenet_fn.linear_maps"}
-        assert outside <= allowed, f"{name} imports {sorted(outside - allowed)}"
-        assert not graph[name] & SPEED_UPS
+    assert {_layer(name) for name in graph} >= set(LAYERS)
+    assert upward_imports(graph) == []
+
+
+def test_the_layer_check_finds_planted_upward_imports():
+    graph = {
+        "aenet_fn.core.a": {"aenet_fn.speedups.b", "aenet_fn.core.c"},
+        "aenet_fn.speedups.b": {"aenet_fn.core.c"},
+        "aenet_fn.io.d": {"aenet_fn.calculator"},
+        "aenet_fn.calculator": {"aenet_fn.driver.e"},
+    }
+    assert upward_imports(graph) == [
+        "aenet_fn.core.a -> aenet_fn.speedups.b",
+        "aenet_fn.io.d -> aenet_fn.calculator",
+    ]

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import aenet_fn as af
+from aenet_fn.core.normalization import FeatureMoments, fit_normalization
+from aenet_fn.driver.loader import StructureSource, batch_stream, take_batch
 from aenet_fn.examples import TIO2_STRUCTURES
-from aenet_fn.loader import StructureSource, batch_stream, take_batch
-from aenet_fn.normalization import FeatureMoments, fit_normalization
 
 PARAMS = af.ChebyshevParams(["Ti", "O"], 6, 5.0, 3, 3.5, min_cutoff=0.5)
 ARCH = {"Ti": [(5, "tanh")], "O": [(5, "tanh")]}
@@ -153,7 +153,7 @@ def test_closing_a_source_stops_its_persistent_workers(splits):
 
 
 def test_runtime_caches_are_bounded_and_change_nothing(splits):
-    from aenet_fn.cache import LRUCache, lru_evictions
+    from aenet_fn.driver.cache import LRUCache, lru_evictions
 
     assert lru_evictions(["a", "b", "c"], 2) == ["a"]
     assert lru_evictions(["a", "b"], None) == [] and lru_evictions(["a"], 0) == ["a"]

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aenet_fn.loss import (
+from aenet_fn.core.loss import (
     accumulate_errors,
     combined_loss,
     energy_rmse,

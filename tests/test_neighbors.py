@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aenet_fn import batch_neighbor_list, collate, neighbor_list, pair_vectors
-from aenet_fn import neighbors as neighbors_module
+from aenet_fn.core import neighbors as neighbors_module
 from tests.conftest import random_structure
 
 BOUNDARY = 1e-9  # pairs this close to the cutoff are left out of set comparisons

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aenet_fn.network import (
+from aenet_fn.core.network import (
     ACTIVATIONS,
     atomic_outputs,
     check_architecture,

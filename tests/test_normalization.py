@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aenet_fn.normalization import fit_normalization, referenced_energy_per_atom
+from aenet_fn.core.normalization import fit_normalization, referenced_energy_per_atom
 
 E_ATOM = torch.tensor([-3.0, -1.5], dtype=torch.float64)
 

@@ -12,9 +12,7 @@ import torch.utils._pytree as pytree
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aenet_fn._records import pytree_record
-from aenet_fn.fused_optim import update_eagerly, update_in_place, update_members_in_place
-from aenet_fn.optim import (
+from aenet_fn.core.optim import (
     AdamConfig,
     AdamState,
     Optimizer,
@@ -31,7 +29,9 @@ from aenet_fn.optim import (
     sgd_init,
     sgd_update,
 )
-from aenet_fn.serialization import from_tree, to_tree
+from aenet_fn.core.records import pytree_record
+from aenet_fn.core.serialization import from_tree, to_tree
+from aenet_fn.speedups.fused_optim import update_eagerly, update_in_place, update_members_in_place
 
 N_STEPS = 10
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-6}

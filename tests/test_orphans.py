@@ -17,7 +17,7 @@ from aenet_fn.examples import TIO2_STRUCTURES
 BUILD = """
 import sys
 from aenet_fn import ChebyshevParams
-from aenet_fn.database import build_database
+from aenet_fn.io.database import build_database
 params = ChebyshevParams(["Ti", "O"], 20, 6.5, 6, 5.0, min_cutoff=0.5)
 files = sys.argv[2:] * 20
 build_database(sys.argv[1], files, descriptor_params=params, persist_features=True,

@@ -13,18 +13,13 @@ from hypothesis import strategies as st
 
 import aenet_fn as af
 from aenet_fn import ChebyshevParams, Structure, collate, featurize
-from aenet_fn._records import tree_bytes
+from aenet_fn.core.featurized import featurize_structures, take_structures
+from aenet_fn.core.records import tree_bytes
+from aenet_fn.driver.seam import Speedups, assembled_jacobian, stored_jacobian_bytes
+from aenet_fn.driver.state import init_model, init_train_state
+from aenet_fn.driver.train import run_epoch
 from aenet_fn.examples import TIO2_STRUCTURES
-from aenet_fn.featurized import featurize_structures, take_structures
-from aenet_fn.force_jacobian import BatchJacobian, SetJacobian, set_jacobian
-from aenet_fn.train import (
-    Speedups,
-    assembled_jacobian,
-    init_model,
-    init_train_state,
-    run_epoch,
-    stored_jacobian_bytes,
-)
+from aenet_fn.speedups.force_jacobian import BatchJacobian, SetJacobian, set_jacobian
 from tests.conftest import batch_energies_and_forces, random_structure, scaled_examples
 
 TWO_SPECIES = ChebyshevParams(
@@ -228,7 +223,7 @@ def test_jacobian_of_another_descriptor_or_set_is_refused(tio2):
             set_jacobian(params, train, bad)
     with pytest.raises(ValueError, match="not the descriptor that featurized it"):
         set_jacobian(attrs.evolve(params, rad_order=4), train)
-    smaller = af.featurized.select_structures(train, [0, 1, 2])
+    smaller = af.core.featurized.select_structures(train, [0, 1, 2])
     jacobian = set_jacobian(params, smaller)
     everything = torch.ones(train.n_structures, dtype=torch.bool)
     with pytest.raises(ValueError, match="use set_jacobian of this set"):

@@ -13,17 +13,17 @@ from hypothesis import strategies as st
 
 import aenet_fn as af
 from aenet_fn import ChebyshevParams, Structure, build_graph, collate, featurize
-from aenet_fn.featurized import featurize_structures, take_structures
-from aenet_fn.force_jacobian import BatchJacobian, set_jacobian
-from aenet_fn.local_derivatives import LocalDerivatives, centre_sums
-from aenet_fn.network import atomic_outputs, init_network
-from aenet_fn.normalization import Normalization
-from aenet_fn.potential import (
+from aenet_fn.core.featurized import featurize_structures, take_structures
+from aenet_fn.core.local_derivatives import LocalDerivatives, centre_sums
+from aenet_fn.core.network import atomic_outputs, init_network
+from aenet_fn.core.normalization import Normalization
+from aenet_fn.core.potential import (
     Model,
     energy,
     energy_and_forces,
     energy_forces_stress,
 )
+from aenet_fn.speedups.force_jacobian import BatchJacobian, set_jacobian
 from aenet_fn.testing import (
     check_extensivity,
     check_forces,
@@ -106,7 +106,7 @@ def test_local_derivative_forces_equal_autodiff_forces(seed):
 def test_local_derivatives_computed_in_pieces_are_those_computed_at_once(piece, monkeypatch):
     """Entries are differentiated ``ENTRIES_PER_PIECE`` at a time (bounded temporaries):
     every field is bitwise the one-piece result, whatever the piece size."""
-    import aenet_fn.local_derivatives as local_module
+    import aenet_fn.core.local_derivatives as local_module
 
     structures = _structures(3, 3)
     whole = featurize_structures(PARAMS, structures, with_derivatives=True).local

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import aenet_fn as af
-from aenet_fn.committee import committee_fit, init_committee, member_seeds
+from aenet_fn.driver.committee import committee_fit, init_committee, member_seeds
+from aenet_fn.driver.state import takes_fast_route
 from aenet_fn.examples import TIO2_STRUCTURES
-from aenet_fn.train import takes_fast_route
 
 PARAMS = af.ChebyshevParams(
     species=["Ti", "O"], rad_order=8, rad_cutoff=5.0, ang_order=3, ang_cutoff=3.5, min_cutoff=0.5

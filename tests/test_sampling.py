@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aenet_fn.sampling import (
+from aenet_fn.core.sampling import (
     energy_filter_mask,
     energy_weights,
     epoch_order,

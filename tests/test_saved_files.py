@@ -77,8 +77,8 @@ def test_a_committee_from_an_earlier_version_predicts_what_it_did(reference_data
 def test_records_are_saved_under_names_that_do_not_follow_their_modules():
     """New files name records ``aenet_fn.<class>``; every module-path name of the files
     written before stands for a registered record, so those files keep loading after moves."""
-    from aenet_fn._records import RECORD_TYPES
-    from aenet_fn.serialization import MODULE_PATH_NAMES, from_tree, to_tree
+    from aenet_fn.core.records import RECORD_TYPES
+    from aenet_fn.core.serialization import MODULE_PATH_NAMES, from_tree, to_tree
 
     config = af.TrainConfig(route="func", optimizer=af.SGDConfig(lr=0.1, momentum=0.5))
     tree = to_tree(config)

@@ -201,7 +201,7 @@ def test_committee_ascii_export_reproduces_every_member(setup, tmp_path):
 def test_committee_trains_on_datasets_like_on_structures(setup, tmp_path):
     """train_dataset/test_dataset holding the structures path's own split train the same
     members; dataset= is split once for all members; the datasets own the references."""
-    from aenet_fn.data import split_structures
+    from aenet_fn.core.splits import split_structures
     from aenet_fn.torch_training import StructureDataset
 
     structures, runs = setup
@@ -281,7 +281,7 @@ def test_members_predicting_one_by_one_analysed_like_the_committee(setup, tmp_pa
 
 def test_sequential_members_share_the_jacobians_of_the_splits(setup, tmp_path, monkeypatch):
     """Force training builds each split's stored Jacobian once for all sequential members."""
-    import aenet_fn.train as driver
+    import aenet_fn.driver.seam as driver
 
     structures, runs = setup
     trained, _ = runs["sequential"]

@@ -424,8 +424,8 @@ def test_splits_beyond_the_memory_budget_recompute_derivatives_per_batch(
 
 
 def test_the_set_size_estimate_is_close_to_the_featurized_set():
-    from aenet_fn._records import tree_bytes
-    from aenet_fn.featurized import estimated_set_bytes
+    from aenet_fn.core.featurized import estimated_set_bytes
+    from aenet_fn.core.records import tree_bytes
 
     structures = af.read_structures(sorted(TIO2_STRUCTURES.glob("*.xsf")))
     params = af.ChebyshevParams(["Ti", "O"], 6, 5.0, 3, 3.5, min_cutoff=0.5)

@@ -10,16 +10,11 @@ import pytest
 import torch
 
 import aenet_fn as af
-from aenet_fn.checkpoint import checkpoints_to_delete
+from aenet_fn.driver.checkpoint import checkpoints_to_delete
+from aenet_fn.driver.seam import epochs_drawn_ahead
+from aenet_fn.driver.step import autograd_gradient, batch_loss, func_gradient, member_step
+from aenet_fn.driver.train import end_of_epoch
 from aenet_fn.examples import TIO2_STRUCTURES
-from aenet_fn.train import (
-    autograd_gradient,
-    batch_loss,
-    end_of_epoch,
-    epochs_drawn_ahead,
-    func_gradient,
-    member_step,
-)
 
 E_ATOM = {"Ti": -1604.604515075, "O": -432.503149303}
 PARAMS = af.ChebyshevParams(
@@ -74,7 +69,9 @@ def test_loss_gradient_equals_finite_differences(tio2):
     batch = af.take_structures(train, selection, torch.ones(train.n_structures, dtype=torch.bool))
     values = model.network.values
     config = af.TrainConfig(force_weight=0.3, optimizer=af.SGDConfig(lr=1.0))
-    new_values, _, _ = member_step(model, values, af.optim.sgd_init(values), 1.0, batch, config)
+    new_values, _, _ = member_step(
+        model, values, af.core.optim.sgd_init(values), 1.0, batch, config
+    )
     gradient = values - new_values  # SGD, lr 1, no momentum: the gradient itself
     generator = torch.Generator().manual_seed(0)
     for index in torch.randint(0, values.numel(), (8,), generator=generator).tolist():
@@ -271,7 +268,7 @@ def test_float32_training_runs_and_learns():
 
 
 def test_progress_bar_shows_epochs_and_metrics(tio2):
-    from aenet_fn.progress import EpochProgress
+    from aenet_fn.driver.progress import EpochProgress
 
     train, test, model = tio2
     config = af.TrainConfig(epochs=2, batch_size=32)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from aenet_fn.ascii_potential import read_aenet_ascii, training_info, write_aenet_ascii
 from aenet_fn.cli.errors import CLIError
 from aenet_fn.cli.files import check_output_file, input_files, read_structure_files
 from aenet_fn.cli.predict import _models, load_potential
+from aenet_fn.io.ascii_potential import read_aenet_ascii, training_info, write_aenet_ascii
 from aenet_fn.torch_featurize import ChebyshevDescriptor
 from aenet_fn.torch_training import TorchANNPotential, TorchCommitteePotential
 

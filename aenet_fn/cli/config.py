@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from aenet_fn.cli.errors import ConfigError
+from aenet_fn.core.network import check_architecture
 from aenet_fn.io.strict_json import strict_json_loads
-from aenet_fn.network import check_architecture
 from aenet_fn.torch_featurize import ChebyshevDescriptor
 from aenet_fn.torch_training import SGD, Adam, TorchCommitteeConfig, TorchTrainingConfig
 from aenet_fn.torch_training.trainer import check_reference_species

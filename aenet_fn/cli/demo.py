@@ -27,14 +27,14 @@ from ase import units
 from ase.md.velocitydistribution import Stationary
 from ase.md.verlet import VelocityVerlet
 
-from aenet_fn.atomic import atomic_write_text
 from aenet_fn.calculator import AenetCalculator, thermalize_momenta
 from aenet_fn.cli.config import parse_config
 from aenet_fn.cli.train import format_summary, run_training
+from aenet_fn.core.structure import Structure
 from aenet_fn.examples import ALLOY_SPECIES, emt_alloys
 from aenet_fn.io.ase_io import to_ase
+from aenet_fn.io.atomic import atomic_write_text
 from aenet_fn.io.xsf import write_xsf
-from aenet_fn.structure import Structure
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from aenet_fn.torch_featurize import ChebyshevDescriptor
 
 
 def _cmd_featurize(args: argparse.Namespace) -> int:
-    from aenet_fn.database import build_database
+    from aenet_fn.io.database import build_database
 
     inputs = input_files(args.files, ".xsf")
     if args.descriptor is not None:

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from aenet_fn.cli.errors import CLIError
+from aenet_fn.core.structure import Structure
 from aenet_fn.io.ase_io import read_structures
-from aenet_fn.structure import Structure
 from aenet_fn.torch_training import convert_to_structures
 
 

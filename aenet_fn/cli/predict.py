@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from aenet_fn import calculator
-from aenet_fn.atomic import atomic_write_text
 from aenet_fn.cli.errors import CLIError
 from aenet_fn.cli.files import (
     check_output_file,
@@ -29,7 +28,8 @@ from aenet_fn.cli.files import (
     naming_structures,
     read_structure_files,
 )
-from aenet_fn.structure import Structure
+from aenet_fn.core.structure import Structure
+from aenet_fn.io.atomic import atomic_write_text
 from aenet_fn.torch_training import TorchANNPotential, TorchCommitteePotential
 
 PREDICT_CHUNK = 32

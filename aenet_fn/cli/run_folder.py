@@ -20,8 +20,8 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from aenet_fn.atomic import atomic_write_text
 from aenet_fn.cli.errors import CLIError
+from aenet_fn.io.atomic import atomic_write_text
 
 LOCK = ".aenet-fn.lock"
 RECORD = "run.json"

@@ -18,8 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aenet_fn.atomic import atomic_write_text
-from aenet_fn.checkpoint import load_checkpoint
 from aenet_fn.cli.config import RunConfig, load_config
 from aenet_fn.cli.errors import CLIError, ConfigError
 from aenet_fn.cli.files import check_species, naming_structures, read_structure_files
@@ -39,9 +37,11 @@ from aenet_fn.cli.run_folder import (
     run_outputs,
     write_record,
 )
+from aenet_fn.core.structure import Structure
+from aenet_fn.driver.checkpoint import load_checkpoint
+from aenet_fn.io.atomic import atomic_write_text
 from aenet_fn.io.train import TrainOut, write_energies, write_history
 from aenet_fn.plots import committee_training_summary, parity_figure, save_figure
-from aenet_fn.structure import Structure
 from aenet_fn.torch_featurize import ChebyshevDescriptor
 from aenet_fn.torch_training import (
     StructureDataset,

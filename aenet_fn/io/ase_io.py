@@ -1,4 +1,4 @@
-"""Conversion between :class:`~aenet_fn.structure.Structure` and ``ase.Atoms``, and reading of
+"""Conversion between :class:`~aenet_fn.core.structure.Structure` and ``ase.Atoms``, and reading of
 any structure file: XSF through :mod:`aenet_fn.io.xsf`, everything else through ``ase.io``.
 
 Units are ASE's and ours: Å for positions and cells, eV for energies, eV/Å for forces.
@@ -18,8 +18,8 @@ import attrs
 import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
 
+from aenet_fn.core.structure import Structure
 from aenet_fn.io.xsf import read_xsf
-from aenet_fn.structure import Structure
 
 __all__ = ["convert_to_structures", "from_ase", "read_structures", "to_ase"]
 

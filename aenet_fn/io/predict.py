@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from aenet_fn.atomic import replacing
+from aenet_fn.core.structure import Structure
 from aenet_fn.io.ase_io import read_structures, to_ase
-from aenet_fn.structure import Structure
+from aenet_fn.io.atomic import replacing
 
 
 @dataclass

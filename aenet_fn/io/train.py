@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from aenet_fn.atomic import atomic_write_text
+from aenet_fn.io.atomic import atomic_write_text
 from aenet_fn.io.strict_json import strict_json_loads
 
 if TYPE_CHECKING:

@@ -32,8 +32,8 @@ from typing import Any, TextIO
 from ase import units
 from ase.data import chemical_symbols
 
-from aenet_fn.atomic import replacing
-from aenet_fn.structure import ELEMENT_SYMBOLS, Structure
+from aenet_fn.core.structure import ELEMENT_SYMBOLS, Structure
+from aenet_fn.io.atomic import replacing
 
 __all__ = ["read_xsf", "write_xsf"]
 

@@ -10,7 +10,7 @@ checks of the physics any potential must obey.
   ``check_rewrapping_invariance``, ``check_extensivity``, ``check_forces`` (finite
   differences), ``check_stress`` (strain derivative), ``check_energy_conservation`` (short NVE).
   They take an ASE calculator, a ``Model``, ``TorchANNPotential``, ``TorchCommitteePotential``,
-  a saved model's path or a function of a :class:`~aenet_fn.structure.Structure`.
+  a saved model's path or a function of a :class:`~aenet_fn.core.structure.Structure`.
 - :mod:`~aenet_fn.testing.devices`: ``forbid_host_sync`` and ``count_host_syncs``, a check
   without a GPU that a step never reads device data on the host, never makes data-dependent
   shapes and never mixes devices.

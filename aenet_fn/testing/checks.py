@@ -2,7 +2,7 @@
 
 Every check takes a ``potential`` in any form :func:`~aenet_fn.testing.evaluation.as_evaluator`
 accepts (an ASE calculator, a ``Model``, ``TorchANNPotential``, ``TorchCommitteePotential``, a
-saved model's path, or a function of a :class:`~aenet_fn.structure.Structure`) and compares
+saved model's path, or a function of a :class:`~aenet_fn.core.structure.Structure`) and compares
 energies (eV), forces (eV/Å) and stress (eV/Å³) wherever the potential gives them. A quantity
 passes when ``|actual − expected| <= atol + rtol · max|expected|`` for its largest difference.
 """
@@ -16,7 +16,7 @@ import numpy as np
 from ase.data import atomic_masses, atomic_numbers
 from ase.units import fs, kB
 
-from aenet_fn.structure import Structure
+from aenet_fn.core.structure import Structure
 from aenet_fn.testing import transforms
 from aenet_fn.testing.evaluation import Evaluation, as_evaluator
 

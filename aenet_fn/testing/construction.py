@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import attrs
 import numpy as np
 
-from aenet_fn.structure import Structure
+from aenet_fn.core.structure import Structure
 
 PERIODICITIES: dict[str, tuple[bool, bool, bool]] = {
     "bulk": (True, True, True),

@@ -11,9 +11,9 @@ import numpy as np
 from ase.calculators.calculator import BaseCalculator, PropertyNotImplementedError
 
 from aenet_fn.calculator import AenetCalculator
+from aenet_fn.core.potential import Model
+from aenet_fn.core.structure import Structure
 from aenet_fn.io.ase_io import to_ase
-from aenet_fn.potential import Model
-from aenet_fn.structure import Structure
 from aenet_fn.torch_training import TorchANNPotential, TorchCommitteePotential
 
 

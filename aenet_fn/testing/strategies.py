@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 from hypothesis import strategies as st
 
-from aenet_fn.structure import Structure
+from aenet_fn.core.structure import Structure
 from aenet_fn.testing.construction import (
     PERIODICITIES,
     as_pbc,

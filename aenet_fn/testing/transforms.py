@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from aenet_fn.structure import Structure
+from aenet_fn.core.structure import Structure
 
 
 def _tensor(value, like: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from aenet_fn.batch import collate
-from aenet_fn.descriptor import ChebyshevParams, featurize
-from aenet_fn.structure import Structure
+from aenet_fn.core.batch import collate
+from aenet_fn.core.descriptor import ChebyshevParams, featurize
+from aenet_fn.core.structure import Structure
 
 
 def as_device(name: str, value: Any) -> torch.device:

@@ -3,9 +3,9 @@
 Change ``aenet`` to ``aenet_fn`` in the imports of existing scripts.
 """
 
+from aenet_fn.core.structure import Structure
 from aenet_fn.io.ase_io import convert_to_structures
 from aenet_fn.io.train import TrainOut
-from aenet_fn.structure import Structure
 from aenet_fn.torch_training.committee import (
     TorchCommitteeConfig,
     TorchCommitteeMemberResult,

@@ -1,4 +1,4 @@
-"""Committee facade with the ænet tools' names, over :mod:`aenet_fn.committee`.
+"""Committee facade with the ænet tools' names, over :mod:`aenet_fn.driver.committee`.
 
 ``TorchCommitteePotential.train`` resolves the split once, featurizes once, and trains every
 member together with ``vmap`` (``execution="vmap"``, the default) or one after another
@@ -26,18 +26,27 @@ import numpy as np
 import pandas as pd
 import torch
 
-from aenet_fn._records import to
-from aenet_fn.atomic import atomic_write_text
-from aenet_fn.batch import collate
-from aenet_fn.committee import (
+from aenet_fn.core.batch import collate
+from aenet_fn.core.records import to
+from aenet_fn.driver.committee import (
     check_shared_parts,
     committee_fit,
     committee_predict,
     init_committee,
     member_seeds,
 )
-from aenet_fn.distributed import World, agreed_seed, all_gather_objects, current_world, members_of
+from aenet_fn.driver.distributed import (
+    World,
+    agreed_seed,
+    all_gather_objects,
+    current_world,
+    members_of,
+)
+from aenet_fn.driver.progress import EpochProgress
+from aenet_fn.driver.seam import prepare_speedups
+from aenet_fn.driver.train import fit
 from aenet_fn.io.ase_io import convert_to_structures
+from aenet_fn.io.atomic import atomic_write_text
 from aenet_fn.io.predict import PredictOut
 from aenet_fn.io.strict_json import strict_json_loads
 from aenet_fn.io.train import TrainOut, read_history, write_history
@@ -46,7 +55,6 @@ from aenet_fn.mlip.ensemble import (
     normalize_ensemble_members,
     validate_aggregation_mode,
 )
-from aenet_fn.progress import EpochProgress
 from aenet_fn.torch_featurize.chebyshev import ChebyshevDescriptor
 from aenet_fn.torch_training.config import TorchTrainingConfig
 from aenet_fn.torch_training.sources import (
@@ -55,7 +63,6 @@ from aenet_fn.torch_training.sources import (
     training_dtype,
 )
 from aenet_fn.torch_training.trainer import TorchANNPotential
-from aenet_fn.train import fit, prepare_speedups
 
 EXECUTION_MODES = ("vmap", "sequential")
 

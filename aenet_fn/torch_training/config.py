@@ -1,7 +1,7 @@
 """``TorchTrainingConfig`` and the training-method records of the ænet Python tools.
 
 Same field names, defaults and validation as the reference (spec reference-api.md §1.1); each
-config translates to the functional core's :class:`~aenet_fn.train.TrainConfig` with
+config translates to the functional core's :class:`~aenet_fn.driver.state.TrainConfig` with
 :meth:`TorchTrainingConfig.to_train_config`. Options that only make sense for the reference's data
 loaders are accepted and validated; what aenet_fn does with each is documented on the field.
 """
@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from aenet_fn.optim import AdamConfig, PlateauConfig, SGDConfig
+from aenet_fn.core.optim import AdamConfig, PlateauConfig, SGDConfig
+from aenet_fn.driver.state import ROUTES, TrainConfig
 from aenet_fn.torch_featurize.chebyshev import as_device
-from aenet_fn.train import ROUTES, TrainConfig
 
 
 @dataclass
@@ -149,7 +149,7 @@ class TorchTrainingConfig:
     Additions: ``device`` None trains on CUDA when it is available and the splits are in
     memory (``num_workers = 0``; DataLoader workers prepare batches for the CPU only), else
     on the CPU; the trained potential then returns to its descriptor's device. ``route``: the
-    training route of :class:`~aenet_fn.train.TrainConfig` (``"auto"``, ``"func"`` or
+    training route of :class:`~aenet_fn.driver.state.TrainConfig` (``"auto"``, ``"func"`` or
     ``"fast"``). ``memory_budget_gib``: the most memory (GiB) a split's stored derivative
     data may take. Force training on the CPU keeps a split's local derivatives in memory when
     they fit it (estimated from a sample of its structures), else recomputes them for each
@@ -322,7 +322,7 @@ class TorchTrainingConfig:
         return self.cache_feature_max_entries if self.cache_features else 0
 
     def to_train_config(self) -> TrainConfig:
-        """The functional core's :class:`~aenet_fn.train.TrainConfig` for these options."""
+        """The functional core's :class:`~aenet_fn.driver.state.TrainConfig` for these options."""
         self.validate()
         return TrainConfig(
             epochs=self.iterations,

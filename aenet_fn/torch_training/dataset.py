@@ -3,11 +3,11 @@
 A dataset owns filtered :class:`~aenet_fn.Structure` records, a descriptor and (optionally) the
 atomic reference energies its structures were filtered with. Besides the torch-style sample
 interface (``len``, ``dataset[i]``) each dataset hands the functional core a
-:class:`~aenet_fn.featurized.FeaturizedSet` of its structures (:meth:`StructureDataset.featurized`),
-computed once per ``(with_derivatives, dtype)`` and cached, so that training the same dataset
-again, or on splits of it, never featurizes a structure twice. Splits
-(:func:`train_test_split`, :func:`train_test_split_dataset`) are :class:`StructureSubset`\\ s that
-slice the parent's cached set.
+:class:`~aenet_fn.core.featurized.FeaturizedSet` of its structures
+(:meth:`StructureDataset.featurized`), computed once per ``(with_derivatives, dtype)`` and cached,
+so that training the same dataset again, or on splits of it, never featurizes a structure twice.
+Splits (:func:`train_test_split`, :func:`train_test_split_dataset`) are :class:`StructureSubset`\\ s
+that slice the parent's cached set.
 
 Differences from the reference, on purpose: unknown species raise ``ValueError`` naming them (the
 reference's ``KeyError``); the train/test draw is the one of ``TorchTrainingConfig.split_seed``
@@ -25,15 +25,15 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Subset
 
-from aenet_fn.data import filter_structures
-from aenet_fn.featurized import (
+from aenet_fn.core.featurized import (
     FeaturizedSet,
     energy_view,
     featurize_structures,
     select_structures,
 )
+from aenet_fn.core.splits import filter_structures
+from aenet_fn.core.structure import Structure
 from aenet_fn.io.ase_io import convert_to_structures
-from aenet_fn.structure import Structure
 from aenet_fn.torch_featurize.chebyshev import ChebyshevDescriptor
 from aenet_fn.torch_training.hdf5_dataset import HDF5StructureDataset
 from aenet_fn.torch_training.samples import structure_sample
@@ -193,9 +193,9 @@ class StructureDataset(Dataset):
     def featurized(
         self, with_derivatives: bool = False, dtype: torch.dtype | None = None
     ) -> FeaturizedSet:
-        """The core :class:`~aenet_fn.featurized.FeaturizedSet` of all structures (dtype default:
-        the descriptor's), computed once per ``(with_derivatives, dtype)``. An energy-only view
-        is taken from a cached set with derivatives when there is one."""
+        """The core :class:`~aenet_fn.core.featurized.FeaturizedSet` of all structures (dtype
+        default: the descriptor's), computed once per ``(with_derivatives, dtype)``. An energy-only
+        view is taken from a cached set with derivatives when there is one."""
         dtype = self.descriptor.dtype if dtype is None else dtype
         key = (bool(with_derivatives), dtype)
         if key not in self._featurized:
@@ -286,7 +286,8 @@ class StructureSubset(Subset):
     def featurized(
         self, with_derivatives: bool = False, dtype: torch.dtype | None = None
     ) -> FeaturizedSet:
-        """The subset's :class:`~aenet_fn.featurized.FeaturizedSet`, sliced from the parent's."""
+        """The subset's :class:`~aenet_fn.core.featurized.FeaturizedSet`, sliced from the
+        parent's."""
         descriptor = self.descriptor
         if dtype is None:
             dtype = torch.float64 if descriptor is None else descriptor.dtype
@@ -315,7 +316,7 @@ class StructureSubset(Subset):
 def _draw(n: int, test_fraction: float, seed: int | None) -> tuple[list[int], list[int]]:
     """``(train, test)`` positions in drawn order: a permutation of ``range(n)`` by a torch
     generator seeded with ``seed`` (None: fresh entropy) whose first ``floor(n · f)`` entries are
-    the test split (the draw of :func:`aenet_fn.data.split_structures`)."""
+    the test split (the draw of :func:`aenet_fn.core.splits.split_structures`)."""
     if isinstance(test_fraction, bool) or not 0.0 <= float(test_fraction) < 1.0:
         raise ValueError(f"test_fraction must lie in [0, 1), got {test_fraction!r}")
     generator = torch.Generator()
@@ -396,7 +397,7 @@ def structures_of(dataset: Any) -> list[Structure] | None:
 
 class LazyStructures:
     """The structures of a dataset read one at a time on access (``len``, ``[i]``): what a
-    lazy :class:`~aenet_fn.loader.StructureSource` needs of an HDF5 database or a subset."""
+    lazy :class:`~aenet_fn.driver.loader.StructureSource` needs of an HDF5 database or a subset."""
 
     def __init__(self, dataset: Any) -> None:
         if not (hasattr(dataset, "get_structure") or isinstance(dataset, Subset)):
@@ -428,7 +429,7 @@ def featurized_of(
     with_derivatives: bool,
     dtype: torch.dtype,
 ) -> FeaturizedSet:
-    """The :class:`~aenet_fn.featurized.FeaturizedSet` of ``dataset`` for a model over
+    """The :class:`~aenet_fn.core.featurized.FeaturizedSet` of ``dataset`` for a model over
     ``descriptor``: the dataset's cached one when it has ``featurized`` (its descriptor must
     match), a slice of the parent's for a torch ``Subset``, else computed from its structures."""
     check_descriptor(dataset, descriptor)

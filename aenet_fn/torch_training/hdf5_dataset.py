@@ -1,11 +1,11 @@
-"""``HDF5StructureDataset``: a lazily read structure database (:mod:`aenet_fn.database`) with
+"""``HDF5StructureDataset``: a lazily read structure database (:mod:`aenet_fn.io.database`) with
 the dataset interface of :mod:`aenet_fn.torch_training.dataset`.
 
 Structures are read one entry at a time and kept in a bounded least-recently-used cache
 (:func:`lru_evictions` decides what goes). Each process opens its own read-only h5py handle on
 first use; pickling drops it (``DataLoader`` workers open their own) and :meth:`close` or leaving
 a ``with`` block closes it. For training, :meth:`HDF5StructureDataset.featurized` gives the core
-:class:`~aenet_fn.featurized.FeaturizedSet` from persisted features and local derivatives when
+:class:`~aenet_fn.core.featurized.FeaturizedSet` from persisted features and local derivatives when
 the database has them for this descriptor, and featurizes the structures otherwise.
 
 Differences from the reference, on purpose: entries are typed arrays, never pickles (reference
@@ -28,11 +28,11 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from aenet_fn import database
-from aenet_fn.cache import lru_evictions
-from aenet_fn.featurized import FeaturizedSet, energy_view, featurize_structures
-from aenet_fn.local_derivatives import LocalDerivatives
-from aenet_fn.structure import Structure
+from aenet_fn.core.featurized import FeaturizedSet, energy_view, featurize_structures
+from aenet_fn.core.local_derivatives import LocalDerivatives
+from aenet_fn.core.structure import Structure
+from aenet_fn.driver.cache import lru_evictions
+from aenet_fn.io import database
 from aenet_fn.torch_featurize.chebyshev import ChebyshevDescriptor
 from aenet_fn.torch_training.samples import structure_sample
 
@@ -324,7 +324,7 @@ class HDF5StructureDataset(Dataset):
     def featurized(
         self, with_derivatives: bool = False, dtype: torch.dtype | None = None
     ) -> FeaturizedSet:
-        """The core :class:`~aenet_fn.featurized.FeaturizedSet` of all entries (dtype default:
+        """The core :class:`~aenet_fn.core.featurized.FeaturizedSet` of all entries (dtype default:
         the descriptor's), once per ``(with_derivatives, dtype)``: persisted features and
         derivatives when the file has them, else computed from the structures."""
         descriptor = self._require_descriptor()

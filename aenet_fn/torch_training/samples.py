@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from aenet_fn.structure import Structure
+from aenet_fn.core.structure import Structure
 from aenet_fn.torch_featurize.chebyshev import ChebyshevDescriptor
 
 

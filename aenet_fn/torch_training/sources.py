@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
-from aenet_fn._records import to
-from aenet_fn.data import filter_structures, split_structures
-from aenet_fn.descriptor import ChebyshevParams
-from aenet_fn.featurized import FeaturizedSet, estimated_set_bytes, featurize_structures
+from aenet_fn.core.descriptor import ChebyshevParams
+from aenet_fn.core.featurized import FeaturizedSet, estimated_set_bytes, featurize_structures
+from aenet_fn.core.normalization import check_reference_keys
+from aenet_fn.core.records import to
+from aenet_fn.core.splits import filter_structures, split_structures
+from aenet_fn.driver.loader import StructureSequence, StructureSource
 from aenet_fn.io.ase_io import convert_to_structures
-from aenet_fn.loader import StructureSequence, StructureSource
-from aenet_fn.normalization import check_reference_keys
 from aenet_fn.torch_featurize.chebyshev import ChebyshevDescriptor
 from aenet_fn.torch_training.config import TorchTrainingConfig
 from aenet_fn.torch_training.dataset import (

@@ -1,7 +1,8 @@
 """``TorchANNPotential``: the ænet tools' stateful trainer, as a thin shell over the driver.
 
-Every number comes from the functional core (:mod:`aenet_fn.train`, :mod:`aenet_fn.potential`);
-this class only converts inputs, keeps the model between calls, writes files and wraps results.
+Every number comes from the functional core (:mod:`aenet_fn.driver.train`,
+:mod:`aenet_fn.core.potential`); this class only converts inputs, keeps the model between calls,
+writes files and wraps results.
 """
 
 from __future__ import annotations
@@ -18,31 +19,33 @@ from typing import Any
 import numpy as np
 import torch
 
-from aenet_fn._records import to
-from aenet_fn.ascii_potential import read_aenet_ascii, training_info, write_aenet_ascii
-from aenet_fn.batch import collate
-from aenet_fn.checkpoint import (
-    CheckpointWriter,
-    atomic_torch_save,
-    load_checkpoint,
-    safe_torch_load,
-)
-from aenet_fn.descriptor import build_graph
-from aenet_fn.distributed import agreed_seed, current_world
-from aenet_fn.io.ase_io import convert_to_structures
-from aenet_fn.io.predict import PredictOut
-from aenet_fn.io.train import TrainOut, write_energies, write_history
-from aenet_fn.network import check_architecture
-from aenet_fn.potential import (
+from aenet_fn.core.batch import collate
+from aenet_fn.core.descriptor import build_graph
+from aenet_fn.core.network import check_architecture
+from aenet_fn.core.potential import (
     Model,
     atomic_energies,
     atomic_energies_from_features,
     check_model_values,
     energy_forces_stress,
 )
-from aenet_fn.progress import EpochProgress
-from aenet_fn.serialization import from_tree, to_tree
-from aenet_fn.structure import Structure
+from aenet_fn.core.records import to
+from aenet_fn.core.serialization import from_tree, to_tree
+from aenet_fn.core.structure import Structure
+from aenet_fn.driver.checkpoint import (
+    CheckpointWriter,
+    atomic_torch_save,
+    load_checkpoint,
+    safe_torch_load,
+)
+from aenet_fn.driver.distributed import agreed_seed, current_world
+from aenet_fn.driver.progress import EpochProgress
+from aenet_fn.driver.state import init_model, init_train_state
+from aenet_fn.driver.train import fit
+from aenet_fn.io.ascii_potential import read_aenet_ascii, training_info, write_aenet_ascii
+from aenet_fn.io.ase_io import convert_to_structures
+from aenet_fn.io.predict import PredictOut
+from aenet_fn.io.train import TrainOut, write_energies, write_history
 from aenet_fn.torch_featurize.chebyshev import ChebyshevDescriptor
 from aenet_fn.torch_training.config import TorchTrainingConfig
 from aenet_fn.torch_training.dataset import (
@@ -56,7 +59,6 @@ from aenet_fn.torch_training.sources import (
     check_reference_species,
     training_dtype,
 )
-from aenet_fn.train import fit, init_model, init_train_state
 
 MODEL_FORMAT = "aenet_fn-model"
 MODEL_VERSION = 1
@@ -473,7 +475,7 @@ class TorchANNPotential:
     ) -> TorchANNPotential:
         """A potential from ænet ``.nn.ascii`` files, ready to predict (or to train on):
         ``paths`` a folder of them, one file per species, or a mapping species → file (see
-        :func:`~aenet_fn.ascii_potential.read_aenet_ascii`); on ``device`` (None: the CPU)."""
+        :func:`~aenet_fn.io.ascii_potential.read_aenet_ascii`); on ``device`` (None: the CPU)."""
         return _ascii_potential(cls, paths, device, dtype)
 
     @classmethod
@@ -507,7 +509,7 @@ def _ascii_potential(
     cls: type, paths: Any, device: str | torch.device | None, dtype: torch.dtype
 ) -> Any:
     """A ``cls`` potential (:class:`TorchANNPotential`) holding the model of ænet
-    ``.nn.ascii`` files (:func:`~aenet_fn.ascii_potential.read_aenet_ascii`) on ``device``."""
+    ``.nn.ascii`` files (:func:`~aenet_fn.io.ascii_potential.read_aenet_ascii`) on ``device``."""
     model = read_aenet_ascii(paths, dtype=dtype)
     descriptor = ChebyshevDescriptor.from_params(model.descriptor, device or "cpu", dtype)
     potential = cls(model.network.architecture(), descriptor)

@@ -1,0 +1,272 @@
+"""One optimiser step on one mini-batch, and exact metrics over a split.
+
+``train_step(state, batch, config) -> (state, errors)``: the loss of :func:`batch_loss`, its
+gradient by ``torch.func.grad`` (:func:`member_step`, which committees vmap), and the
+optimiser's pure update.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import torch
+from torch.func import grad
+from torch.utils._pytree import tree_map
+
+from aenet_fn.core.checks import is_integer
+from aenet_fn.core.featurized import MiniBatch
+from aenet_fn.core.loss import (
+    accumulate_errors,
+    energy_error_per_atom,
+    error_sums_init,
+    loss_from_sums,
+    masked_force_differences,
+    metrics_from_sums,
+)
+from aenet_fn.core.potential import (
+    Model,
+    atomic_energies_from_features,
+    autograd_with_aux,
+    energy_and_forces_from_derivatives,
+    sum_by_structure,
+)
+from aenet_fn.driver.distributed import (
+    World,
+    all_reduce_sum,
+    current_world,
+    global_batch_loss,
+    reduce_error_sums,
+    shares,
+)
+from aenet_fn.driver.loader import (
+    Split,
+    check_split,
+    take_batch,
+)
+from aenet_fn.driver.state import TrainConfig, TrainState, check_labels, optimizer_of
+from aenet_fn.speedups.force_jacobian import BatchJacobian, SetJacobian
+from aenet_fn.speedups.fused_optim import update_eagerly
+
+
+def batch_residuals(
+    model: Model, values: torch.Tensor, batch: MiniBatch, by_autograd: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-atom energy errors ``[b]`` (eV/atom) and force differences ``[n, 3]`` (eV/Å) of the
+    supervised atoms (0 elsewhere, and everywhere when the batch supervises no force) of
+    ``batch`` for network parameters ``values`` ``[P]``. Written without data-dependent shapes,
+    so it ``vmap``s over members (and over padded, stacked batches); stacked members' values
+    ``[M, P]`` on one batch, or on their stacked batches with an assembled Jacobian, give
+    ``[M, b]`` and ``[M, n, 3]`` without ``vmap``. ``by_autograd``: see
+    :func:`~aenet_fn.core.potential.energy_and_forces_from_derivatives` (outside ``torch.func``
+    transforms only)."""
+    model = attrs.evolve(model, network=attrs.evolve(model.network, values=values))
+    slots = batch.n_structures + 1  # the last slot collects padding atoms of stacked batches
+    if batch.local is None:
+        atomic = atomic_energies_from_features(
+            model, batch.features, batch.species_index, batch.species_blocks
+        )
+        energies = sum_by_structure(atomic, batch.structure_index, slots)
+        differences = batch.forces.new_zeros(*energies.shape[:-1], batch.force_atoms.shape[0], 3)
+    else:
+        energies, forces = energy_and_forces_from_derivatives(
+            model,
+            batch.features,
+            batch.species_index,
+            batch.structure_index,
+            slots,
+            batch.local,
+            batch.species_blocks,
+            by_autograd,
+        )
+        differences = masked_force_differences(forces, batch.forces, batch.force_atoms)
+    errors = energy_error_per_atom(
+        energies[..., : batch.n_structures], batch.energies, batch.n_atoms
+    )
+    return errors, differences
+
+
+def batch_loss(
+    model: Model,
+    values: torch.Tensor,
+    batch: MiniBatch,
+    force_weight: float,
+    unbiased: bool,
+    by_autograd: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Loss of ``batch`` for network parameters ``values`` ``[P]`` (see
+    :func:`~aenet_fn.core.loss.loss_from_sums`), with :func:`batch_residuals` as auxiliary
+    output; for stacked members' values ``[M, P]``, their losses ``[M]``. ``by_autograd``:
+    see :func:`batch_residuals`."""
+    errors, differences = batch_residuals(model, values, batch, by_autograd)
+    loss = loss_from_sums(
+        (errors * errors).sum(-1),
+        errors.shape[-1],
+        (differences * differences).sum((-2, -1)),
+        batch.force_atoms.sum(-1),
+        batch.n_force_labelled,
+        force_weight,
+        unbiased,
+    )
+    return loss, (errors, differences)
+
+
+LossFunction = Callable[[torch.Tensor], tuple[torch.Tensor, Any]]
+
+
+def func_gradient(loss: LossFunction, values: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """``(∂loss/∂values, aux)`` by ``torch.func.grad``: composes with ``vmap`` (committees)."""
+    return grad(loss, has_aux=True)(values)
+
+
+def autograd_gradient(loss: LossFunction, values: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """``(∂loss/∂values, aux)`` by ``torch.autograd`` on a leaf copy of ``values``: the same
+    numbers as :func:`func_gradient` (tested) at about half the per-op overhead, for the
+    un-vmapped single-model step (:func:`~aenet_fn.core.potential.autograd_with_aux`, the
+    auxiliary output detached). Not for use inside ``vmap``."""
+    gradient, aux = autograd_with_aux(loss, values)
+    return gradient, tree_map(lambda t: t.detach(), aux)
+
+
+def member_step(
+    model: Model,
+    values: torch.Tensor,
+    opt_state: Any,
+    lr: float,
+    batch: MiniBatch,
+    config: TrainConfig,
+) -> tuple[torch.Tensor, Any, tuple[torch.Tensor, torch.Tensor]]:
+    """One optimiser step of one model's parameters ``values`` with ``torch.func.grad``; pure
+    and ``vmap``-able over ``values`` and ``opt_state`` (committees)."""
+
+    def loss(v: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        return batch_loss(model, v, batch, config.force_weight, config.force_scale_unbiased)
+
+    gradient, aux = func_gradient(loss, values)
+    new_values, new_state = optimizer_of(config).update(gradient, opt_state, values, lr)
+    return new_values, new_state, aux
+
+
+def apply_gradient(state: TrainState, gradient: torch.Tensor, config: TrainConfig) -> TrainState:
+    """``state`` after one optimiser update of its network parameters with ``gradient`` ``[P]``
+    (outside ``torch.func`` transforms: the optimiser's eager form on the CPU)."""
+    values = state.model.network.values
+    updated = update_eagerly(optimizer_of(config), gradient, state.opt_state, values, state.lr)
+    return _with_parameters(state, *updated)
+
+
+def _with_parameters(state: TrainState, values: torch.Tensor, opt_state: Any) -> TrainState:
+    """``state`` with network parameters ``values`` and optimiser state ``opt_state``."""
+    model = attrs.evolve(state.model, network=attrs.evolve(state.model.network, values=values))
+    return attrs.evolve(state, model=model, opt_state=opt_state)
+
+
+def train_step(
+    state: TrainState, batch: MiniBatch, config: TrainConfig
+) -> tuple[TrainState, tuple[torch.Tensor, torch.Tensor]]:
+    """One optimiser step on ``batch``; returns the new state and the batch's per-atom energy
+    errors ``[b]`` and supervised force differences (measured before the step): the
+    :func:`member_step` of the state's parameters (``torch.func.grad``). A batch with an
+    assembled Jacobian (the CPU's fast route, :func:`assembled_jacobian`) takes its gradient
+    from ``torch.autograd`` and the optimiser's eager form instead (the same numbers to
+    round-off; tested). Off the CPU the step reads nothing back to the host (tested on the
+    meta device)."""
+    values = state.model.network.values
+    if not isinstance(batch.local, BatchJacobian):
+        new_values, opt_state, aux = member_step(
+            state.model, values, state.opt_state, state.lr, batch, config
+        )
+        return _with_parameters(state, new_values, opt_state), aux
+    gradient, aux = autograd_gradient(
+        lambda v: batch_loss(
+            state.model,
+            v,
+            batch,
+            config.force_weight,
+            config.force_scale_unbiased,
+            by_autograd=True,
+        ),
+        values,
+    )
+    return apply_gradient(state, gradient, config), aux
+
+
+def data_parallel_step(
+    state: TrainState, batch: MiniBatch, config: TrainConfig, world: World
+) -> tuple[TrainState, tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`train_step` for one process's share ``batch`` of a global batch split over the
+    processes of ``world``: the loss is that of the global batch, the gradients of all shares
+    are summed (all-reduce), and every process applies the same update (see
+    :mod:`aenet_fn.driver.distributed`). Returns this share's residuals."""
+    assembled = isinstance(batch.local, BatchJacobian)
+
+    def loss(values: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        errors, differences = batch_residuals(state.model, values, batch, by_autograd=assembled)
+        value = global_batch_loss(
+            errors,
+            differences,
+            batch.force_atoms,
+            batch.n_force_labelled,
+            config.force_weight,
+            config.force_scale_unbiased,
+            world,
+        )
+        return value, (errors, differences)
+
+    values = state.model.network.values
+    gradient, aux = (autograd_gradient if assembled else func_gradient)(loss, values)
+    return apply_gradient(state, all_reduce_sum(gradient, world), config), aux
+
+
+EVALUATE_BATCH = 256
+"""Structures per batch of :func:`evaluate` (and of ``fit``'s test metrics)."""
+
+
+def evaluate(
+    model: Model,
+    data: Split,
+    with_forces: bool,
+    batch_size: int = EVALUATE_BATCH,
+    world: World | None = None,
+    jacobian: SetJacobian | None = None,
+) -> dict[str, float]:
+    """Exact metrics of ``model`` over all of ``data``: per-atom energy RMSE and MAE (eV/atom)
+    over every structure, force RMSE (eV/Å) over every labelled component when ``with_forces``
+    (with ``jacobian``, :func:`assembled_jacobian` of ``data``, through assembled Jacobians).
+    In a data-parallel run (``world``; default: the current process group) each process
+    evaluates its share and the sums are reduced."""
+    if not (is_integer(batch_size) and batch_size >= 1):
+        raise ValueError(f"evaluate: batch_size must be an integer >= 1, got {batch_size!r}")
+    check_split(data, model.descriptor, "evaluate")
+    check_labels(data, with_forces, "evaluate:")
+    return split_metrics(model, data, with_forces, batch_size, world, jacobian)
+
+
+def split_metrics(model, data, with_forces, batch_size, world, jacobian) -> dict[str, float]:
+    """:func:`evaluate` (the same arguments) of a split already checked: ``fit`` checks its
+    test split once, before the first epoch."""
+    world = current_world() if world is None else world
+    sums = error_sums_init()
+    everything = data.has_forces if with_forces else None
+    for first in range(0, data.n_structures, batch_size):
+        last = min(first + batch_size, data.n_structures)
+        selection = torch.arange(first, last, device="cpu")  # batches are laid out on the host
+        share = shares(selection, world)[world.rank]
+        if share.numel() == 0:
+            continue
+        batch = take_batch(data, share, everything, jacobian)
+        with torch.no_grad():
+            errors, differences = batch_residuals(
+                model, model.network.values, batch, by_autograd=True
+            )
+        sums = accumulate_errors(sums, errors, differences, batch.force_atoms)
+    return metrics_from_sums(reduce_error_sums(sums, world))
+
+
+def monitored_value(metrics: dict[str, float], force_weight: float) -> float:
+    value = (1 - force_weight) * metrics["rmse_energy"]
+    if force_weight > 0 and not math.isnan(metrics["rmse_forces"]):
+        value += force_weight * metrics["rmse_forces"]
+    return value
