@@ -27,6 +27,7 @@ from aenet_fn.driver.cache import lru_evictions
 from aenet_fn.examples import TIO2_STRUCTURES
 from aenet_fn.io import database
 from aenet_fn.io.database import DatabaseError, build_database, entry_identifier, open_database
+from aenet_fn.io.database import build as database_build
 from aenet_fn.torch_featurize import ChebyshevDescriptor
 from aenet_fn.torch_training import TorchANNPotential
 from aenet_fn.torch_training.dataset import train_test_split_dataset
@@ -256,7 +257,7 @@ def test_derivatives_only_for_labelled_structures_and_without_persisted_features
 def test_parallel_build_writes_the_same_arrays(
     persisted, tio2_files, structures, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(database, "_SOURCES_PER_TASK", 5)  # three tasks, the last one short
+    monkeypatch.setattr(database_build, "_SOURCES_PER_TASK", 5)  # three tasks, the last one short
     parallel = tmp_path / "parallel.h5"
     build_database(
         parallel,
@@ -482,7 +483,7 @@ def test_an_interrupted_build_leaves_no_file(tio2_files, tmp_path, monkeypatch):
     def interrupt(self, chunk):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(database._Writer, "append", interrupt)
+    monkeypatch.setattr(database_build._Writer, "append", interrupt)
     with pytest.raises(KeyboardInterrupt):
         build_database(tmp_path / "db.h5", tio2_files[:2], show_progress=False)
     assert list(tmp_path.iterdir()) == []
