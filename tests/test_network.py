@@ -16,6 +16,7 @@ from aenet_fn.core.network import (
     check_architecture,
     init_network,
     network_size,
+    weight_mask,
 )
 
 ARCH = {"Ti": [(6, "tanh"), (4, "sigmoid")], "O": [(5, "mtanh")]}
@@ -45,6 +46,14 @@ def test_layout_and_size():
     shapes = [[tuple(w.shape) for w, _ in layers] for layers in network.layers()]
     assert shapes == [[(7, 6), (6, 4), (4, 1)], [(7, 5), (5, 1)]]
     assert network.architecture() == {"Ti": [(6, "tanh"), (4, "sigmoid")], "O": [(5, "mtanh")]}
+
+
+def test_the_weight_mask_marks_every_weight_and_no_bias():
+    network = _init()
+    marked = attrs.evolve(network, values=weight_mask(network).to(torch.float64))
+    for layers in marked.layers():
+        for weight, bias in layers:
+            assert bool(weight.eq(1).all()) and bool(bias.eq(0).all())
 
 
 def _direct(network, x, species):

@@ -23,6 +23,7 @@ from aenet_fn.core.optim import (
     adam,
     adam_init,
     adam_update,
+    decoupled_weight_decay,
     plateau_init,
     plateau_step,
     sgd,
@@ -72,7 +73,11 @@ def _compare_with_torch(
     torch_kwargs: dict,
     opt: Optimizer,
     dtype: torch.dtype,
+    rtol: float | None = None,
 ) -> None:
+    """``opt`` for ``N_STEPS`` steps against the torch optimiser (within ``rtol``, default
+    ``TOLERANCE``), both its pure and its eager update."""
+    rtol = TOLERANCE[dtype] if rtol is None else rtol
     x, y, params = _problem(dtype)
     reference = [params.w.clone().requires_grad_(True), params.b.clone().requires_grad_(True)]
     torch_opt = make_torch(reference, **torch_kwargs)
@@ -85,8 +90,8 @@ def _compare_with_torch(
         params, state = opt.update(_grads(params, x, y), state, params)
         eager, eager_state = update_eagerly(opt, _grads(eager, x, y), eager_state, eager)
         for ours in (params, eager):
-            _assert_close(ours.w, reference[0].detach(), TOLERANCE[dtype])
-            _assert_close(ours.b, reference[1].detach(), TOLERANCE[dtype])
+            _assert_close(ours.w, reference[0].detach(), rtol)
+            _assert_close(ours.b, reference[1].detach(), rtol)
     assert int(state.step) == int(eager_state.step) == N_STEPS
 
 
@@ -503,3 +508,61 @@ def test_members_update_in_place_is_each_member_alone(opt: Optimizer) -> None:
         if isinstance(opt.config, AdamConfig):  # the fused members form
             assert torch.equal(params["w"][i], member["w"])
     assert state.step.tolist() == [4, 5, 4, 6]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("lr", "rate"), [(1e-3, 0.1), (0.05, 0.01), (0.05, 0.0)])
+def test_adam_with_decoupled_weight_decay_is_torch_adamw(dtype, lr, rate) -> None:
+    """Adam chained with the decoupled decay of every parameter is ``torch.optim.AdamW``;
+    with a mask, AdamW on the selected parameters and Adam on the rest (float32 to round-off
+    of the parameters' size: AdamW shrinks before its step, the chain after; a decay off by
+    its own size would be 5e-3 after these steps)."""
+    rtol = 1e-4 if dtype == torch.float32 else TOLERANCE[dtype]
+    opt = decoupled_weight_decay(adam(AdamConfig(lr=lr)), rate)
+    _compare_with_torch(torch.optim.AdamW, {"lr": lr, "weight_decay": rate}, opt, dtype, rtol)
+
+    def adamw_on_weights_only(tensors, **kwargs):
+        weights, biases = tensors
+        groups = [{"params": [weights]}, {"params": [biases], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, **kwargs)
+
+    mask = _Params(w=torch.ones(4, 3, dtype=torch.bool), b=torch.zeros(3, dtype=torch.bool))
+    masked = decoupled_weight_decay(adam(AdamConfig(lr=lr)), rate, mask)
+    kwargs = {"lr": lr, "weight_decay": rate}
+    _compare_with_torch(adamw_on_weights_only, kwargs, masked, dtype, rtol)
+
+
+@given(
+    lr=st.floats(1e-4, 1.0),
+    rate=st.floats(0.0, 0.5),
+    lr_override=st.one_of(st.none(), st.floats(1e-4, 1.0)),
+)
+def test_decoupled_decay_shrinks_exactly_the_masked_parameters(lr, rate, lr_override) -> None:
+    """With zero gradients SGD does not move, so the chained step is the decay alone:
+    ``p(1 − lr·λ)`` where the mask is set, ``p`` elsewhere, at the step's learning rate."""
+    _, _, params = _problem(torch.float64)
+    mask = _Params(w=torch.rand(4, 3) < 0.5, b=torch.zeros(3, dtype=torch.bool))
+    opt = decoupled_weight_decay(sgd(SGDConfig(lr=lr)), rate, mask)
+    zeros = pytree.tree_map(torch.zeros_like, params)
+    new, state = opt.update(zeros, opt.init(params), params, lr_override)
+    factor = 1 - (lr if lr_override is None else lr_override) * rate
+    expected_w = torch.where(mask.w, params.w * factor, params.w)
+    torch.testing.assert_close(new.w, expected_w, rtol=1e-14, atol=0)
+    assert torch.equal(new.b, params.b)
+    assert isinstance(state, SGDState) and opt.config.inner == SGDConfig(lr=lr)
+
+
+def test_decoupled_decay_vmaps_over_members_and_refuses_a_mask_of_another_shape() -> None:
+    _, _, params = _problem(torch.float64)
+    opt = decoupled_weight_decay(adam(AdamConfig(lr=0.1)), 0.3)
+    stacked = pytree.tree_map(lambda t: torch.stack([t, 2 * t]), params)
+    grads = pytree.tree_map(torch.ones_like, stacked)
+    state = torch.func.vmap(opt.init)(stacked)
+    together, _ = torch.func.vmap(opt.update)(grads, state, stacked)
+    for i, member in enumerate((params, pytree.tree_map(lambda t: 2 * t, params))):
+        alone, _ = opt.update(pytree.tree_map(torch.ones_like, member), opt.init(member), member)
+        torch.testing.assert_close(together.w[i], alone.w, rtol=1e-15, atol=0)
+    wrong = decoupled_weight_decay(adam(), 0.1, {"w": torch.ones(4, 3, dtype=torch.bool)})
+    ones = pytree.tree_map(torch.ones_like, params)
+    with pytest.raises(ValueError, match="mask does not have the structure of params"):
+        wrong.update(ones, wrong.init(params), params)

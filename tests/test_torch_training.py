@@ -436,3 +436,12 @@ def test_the_set_size_estimate_is_close_to_the_featurized_set():
         assert 0.8 * real < estimate < 1.25 * real
     with pytest.raises(ValueError, match="memory_budget_gib must be a number >= 0"):
         TorchTrainingConfig(memory_budget_gib=-1).validate()
+
+
+def test_the_facade_passes_decoupled_weight_decay_to_the_core():
+    """``decoupled_weight_decay`` reaches the core's TrainConfig; a negative one is refused."""
+    config = TorchTrainingConfig(decoupled_weight_decay=0.05, method=Adam(weight_decay=0.01))
+    core = config.to_train_config()
+    assert core.decoupled_weight_decay == 0.05 and core.optimizer.weight_decay == 0.01
+    with pytest.raises(ValueError, match="decoupled_weight_decay must be a number >= 0"):
+        TorchTrainingConfig(decoupled_weight_decay=-0.1).to_train_config()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import aenet_fn as af
+from aenet_fn.core.network import weight_mask
 from aenet_fn.driver.checkpoint import checkpoints_to_delete
 from aenet_fn.driver.seam import epochs_drawn_ahead
 from aenet_fn.driver.step import autograd_gradient, batch_loss, func_gradient, member_step
@@ -81,6 +82,34 @@ def test_loss_gradient_equals_finite_differences(tio2):
         down = batch_loss(model, values - step, batch, 0.3, False)[0]
         expected = float(up - down) / 2e-6
         assert float(gradient[index]) == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_decoupled_weight_decay_shrinks_the_weights_and_spares_the_biases(tio2):
+    """A step with ``decoupled_weight_decay`` is the plain step minus ``lr·λ·w`` on the
+    weights only; both routes train to the same weights with it."""
+    train, _, model = tio2
+    batch = af.take_structures(
+        train, torch.arange(6), torch.ones(train.n_structures, dtype=torch.bool)
+    )
+    values = model.network.values
+    plain = af.TrainConfig(force_weight=0.3, optimizer=af.SGDConfig(lr=0.5))
+    decayed = attrs.evolve(plain, decoupled_weight_decay=0.2)
+    state = af.core.optim.sgd_init(values)
+    without, _, _ = member_step(model, values, state, 0.5, batch, plain)
+    with_decay, _, _ = member_step(model, values, state, 0.5, batch, decayed)
+    weights = weight_mask(model.network)
+    expected = without - 0.5 * 0.2 * values * weights
+    torch.testing.assert_close(with_decay, expected, rtol=1e-13, atol=1e-15)
+    assert torch.equal(with_decay[~weights], without[~weights])
+    config = af.TrainConfig(epochs=2, batch_size=8, force_weight=0.2, decoupled_weight_decay=0.1)
+    fast, func = (
+        af.fit(af.init_train_state(model, train, c), train, None, c).model.network.values
+        for c in (attrs.evolve(config, route="fast"), attrs.evolve(config, route="func"))
+    )
+    torch.testing.assert_close(fast, func, rtol=1e-10, atol=1e-12)
+    undecayed = attrs.evolve(config, decoupled_weight_decay=0.0)
+    plain_run = af.fit(af.init_train_state(model, train, undecayed), train, None, undecayed)
+    assert not torch.equal(plain_run.model.network.values, fast)
 
 
 @pytest.mark.parametrize("route", ["fast", "func"])

@@ -123,6 +123,20 @@ class NetworkParams:
         }
 
 
+def weight_mask(network: NetworkParams) -> torch.Tensor:
+    """``[P]`` bool, True at the weights of ``network.values`` and False at the biases (on the
+    values' device), e.g. the mask of :func:`~aenet_fn.core.optim.decoupled_weight_decay`."""
+    device = network.values.device
+    return torch.cat(
+        [
+            torch.full((count,), is_weight, dtype=torch.bool, device=device)
+            for sizes in network.sizes
+            for fan_in, fan_out in zip(sizes[:-1], sizes[1:])
+            for is_weight, count in ((True, fan_in * fan_out), (False, fan_out))
+        ]
+    )
+
+
 def parameter_count(sizes: Sequence[int]) -> int:
     """Number of weights and biases of one network with layer widths ``sizes``."""
     return sum(fan_in * fan_out + fan_out for fan_in, fan_out in zip(sizes[:-1], sizes[1:]))

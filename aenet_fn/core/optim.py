@@ -7,6 +7,8 @@ tuple, ...). ``update`` never modifies its inputs; it returns new parameters and
   bias correction as torch computes it, ``amsgrad=False``, ``maximize=False``).
 * SGD reproduces ``torch.optim.SGD`` (momentum buffer set to the gradient at the first step,
   ``dampening=0``, ``nesterov=False``, L2 weight decay).
+* :func:`decoupled_weight_decay` chains AdamW-style decay (``p ← p − lr·λ·p`` beside the
+  optimiser's step, on the parameters a mask selects, e.g. weights but not biases) onto either.
 * ``update`` uses tensor operations only (no Python branches on tensor values), so
   ``torch.func.vmap`` over parameters, gradients and states stacked along a leading committee axis
   gives, for every member, the result of updating that member alone.
@@ -333,6 +335,55 @@ def sgd(config: SGDConfig | None = None) -> Optimizer:
     """SGD as an :class:`Optimizer` (``init(params)``, ``update(grads, state, params, lr)``)."""
     config = SGDConfig() if config is None else config
     return Optimizer(init=sgd_init, update=partial(sgd_update, config), config=config)
+
+
+@attrs.frozen
+class DecoupledWeightDecay:
+    """The configuration of an optimiser chained with :func:`decoupled_weight_decay`.
+
+    Attributes:
+        inner: the chained optimiser's configuration.
+        rate: decay per unit learning rate, ``λ`` in ``p ← p − lr·λ·p`` (>= 0).
+    """
+
+    inner: Any
+    rate: float = attrs.field(validator=_non_negative)
+
+    @property
+    def lr(self) -> float:
+        """The chained optimiser's default learning rate."""
+        return self.inner.lr
+
+
+def decoupled_weight_decay(optimizer: Optimizer, rate: float, mask: PyTree = None) -> Optimizer:
+    """``optimizer`` chained with decoupled weight decay (AdamW, Loshchilov & Hutter 2019):
+    each step also moves every parameter ``mask`` selects by ``−lr·rate·p`` (``p`` before the
+    step), as ``torch.optim.AdamW`` does, instead of adding ``rate·p`` to the gradient as the
+    optimisers' own ``weight_decay`` (the reference's coupled L2) does.
+
+    Args:
+        optimizer: the optimiser to chain (its ``init`` and state are unchanged).
+        rate: ``λ`` (>= 0; 0 gives ``optimizer``'s numbers).
+        mask: a pytree like the parameters of bool tensors (True: decayed), e.g.
+            :func:`~aenet_fn.core.network.weight_mask` for a network's flat values (weights
+            decayed, biases not); None decays every parameter.
+    """
+    config = DecoupledWeightDecay(optimizer.config, rate)
+
+    def update(grads: PyTree, state: Any, params: PyTree, lr: LearningRate | None = None):
+        new_params, new_state = optimizer.update(grads, state, params, lr)
+        leaves, spec = pytree.tree_flatten(params)
+        masks = [None] * len(leaves) if mask is None else _flatten_like(mask, spec, "mask")
+        rate_lr = _lr_tensor(config.lr if lr is None else lr, leaves[0]) * rate
+
+        def decayed(new: torch.Tensor, p: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+            shrink = rate_lr.to(p.dtype) * (p if m is None else p * m.to(p.dtype))
+            return new - shrink
+
+        new_leaves = pytree.tree_leaves(new_params)
+        return spec.unflatten(list(map(decayed, new_leaves, leaves, masks))), new_state
+
+    return Optimizer(init=optimizer.init, update=update, config=config)
 
 
 # --------------------------------------------------------------------------------------------

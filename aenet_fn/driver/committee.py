@@ -256,7 +256,7 @@ def committee_step(
 
     gradient, aux = autograd_gradient(summed_loss, values)
     new_values, new_state = values.clone(), tree_map(torch.clone, opt_state)
-    optimizer = optimizer_of(config)
+    optimizer = optimizer_of(config, model.network)
     new_state = update_members_in_place(optimizer, gradient, new_state, new_values, lrs)
     return new_values, new_state, aux
 
@@ -286,7 +286,7 @@ def _energy_steps(members, orders, shared, values, opt_state, lrs, speedups, con
     one per member) from the table of ``speedups``, or the members' epochs drawn ahead, and
     one stacked gradient per batch; ``values`` and ``opt_state`` (this epoch's stacked copies;
     ``values`` the buffer of the workspace where there is one) are updated in place."""
-    optimizer = optimizer_of(config)
+    optimizer = optimizer_of(config, members[0].model.network)
     workspace = speedups.workspace
     if speedups.drawn is not None:
         steps = speedups.drawn[0].gradients(config.batch_size)

@@ -101,11 +101,12 @@ class Speedups:
     passes on to take it; each part None where it does not apply.
 
     Attributes:
-        table: the training split's :class:`~aenet_fn.speedups.energy_gradient.EnergyTable`, through
-            which energy-only epochs lay out many batches at once (:func:`energy_epoch_table`).
-        workspace: the :class:`~aenet_fn.speedups.energy_gradient.EnergyWorkspace` those epochs
-        update
-            in place (the run's parameters, a committee's stacked), kept from epoch to epoch.
+        table: the training split's
+            :class:`~aenet_fn.speedups.energy_gradient.EnergyTable`, through which energy-only
+            epochs lay out many batches at once (:func:`energy_epoch_table`).
+        workspace: the :class:`~aenet_fn.speedups.energy_gradient.EnergyWorkspace` those
+            epochs update in place (the run's parameters, a committee's stacked), kept from
+            epoch to epoch.
         jacobian, test_jacobian: the stored position Jacobians of the train and test splits,
             through which force batches and metrics go (:func:`assembled_jacobian`).
         drawn: this epoch, drawn ahead (:func:`draw_energy_epochs`; a committee's: one per

@@ -14,7 +14,7 @@ import torch
 
 from aenet_fn.core.checks import is_integer, is_real
 from aenet_fn.core.descriptor import ChebyshevParams
-from aenet_fn.core.network import Architecture, init_network
+from aenet_fn.core.network import Architecture, NetworkParams, init_network, weight_mask
 from aenet_fn.core.normalization import (
     fit_normalization,
     reference_energy_vector,
@@ -23,11 +23,13 @@ from aenet_fn.core.normalization import (
 from aenet_fn.core.optim import (
     AdamConfig,
     AdamState,
+    Optimizer,
     PlateauConfig,
     PlateauState,
     SGDConfig,
     SGDState,
     adam,
+    decoupled_weight_decay,
     plateau_init,
     sgd,
 )
@@ -83,8 +85,13 @@ class TrainConfig:
         epochs: epochs to run in this call to :func:`fit` (additional epochs when resuming).
         batch_size: structures per mini-batch (last partial batch kept).
         optimizer: :class:`~aenet_fn.core.optim.AdamConfig` or
-        :class:`~aenet_fn.core.optim.SGDConfig`. force_weight: α in ``(1 − α) RMSE_E + α RMSE_F``,
-        in [0, 1]. force_fraction: fraction of the training structures whose forces are supervised.
+            :class:`~aenet_fn.core.optim.SGDConfig`.
+        decoupled_weight_decay: AdamW-style decay of the networks' weights (not their biases)
+            chained onto the optimiser (:func:`~aenet_fn.core.optim.decoupled_weight_decay`),
+            ``p ← p − lr·λ·p`` per step (>= 0; 0: none). The optimiser's own
+            ``weight_decay`` is the reference's L2 term added to every gradient.
+        force_weight: α in ``(1 − α) RMSE_E + α RMSE_F``, in [0, 1].
+        force_fraction: fraction of the training structures whose forces are supervised.
         force_sampling: ``"random"`` (re-drawn every ``force_resample_num_epochs``) or
             ``"fixed"``.
         force_resample_num_epochs: re-draw period of the force subset (0: never).
@@ -114,6 +121,7 @@ class TrainConfig:
     epochs: int = 100
     batch_size: int = 32
     optimizer: AdamConfig | SGDConfig = attrs.field(factory=AdamConfig)
+    decoupled_weight_decay: float = 0.0
     force_weight: float = 0.0
     force_fraction: float = 1.0
     force_sampling: str = "random"
@@ -151,6 +159,10 @@ class TrainConfig:
         _check(
             self.sampling_policy in SAMPLING_POLICIES,
             f"sampling_policy must be one of {SAMPLING_POLICIES}, got {self.sampling_policy!r}",
+        )
+        _check(
+            is_real(self.decoupled_weight_decay) and self.decoupled_weight_decay >= 0,
+            f"decoupled_weight_decay must be a number >= 0, got {self.decoupled_weight_decay!r}",
         )
         _check(self.route in ROUTES, f"route must be one of {ROUTES}, got {self.route!r}")
         _check(
@@ -266,13 +278,18 @@ def init_model(
     return Model(descriptor, network, normalization)
 
 
-def optimizer_of(config: TrainConfig):
-    """The :class:`~aenet_fn.core.optim.Optimizer` of ``config``."""
-    return (
+def optimizer_of(config: TrainConfig, network: NetworkParams) -> Optimizer:
+    """The :class:`~aenet_fn.core.optim.Optimizer` of ``config`` for ``network``'s values,
+    chained with the decoupled decay of its weights where ``config`` asks for it."""
+    optimizer = (
         adam(config.optimizer)
         if isinstance(config.optimizer, AdamConfig)
         else sgd(config.optimizer)
     )
+    if config.decoupled_weight_decay == 0:
+        return optimizer
+    mask = weight_mask(network)
+    return decoupled_weight_decay(optimizer, config.decoupled_weight_decay, mask)
 
 
 def check_labels(data: Split, with_forces: bool, caller: str) -> None:
@@ -350,7 +367,7 @@ def init_train_state(model: Model, train: Split, config: TrainConfig) -> TrainSt
     lr = config.optimizer.lr
     return TrainState(
         model=model,
-        opt_state=optimizer_of(config).init(model.network.values),
+        opt_state=optimizer_of(config, model.network).init(model.network.values),
         sched_state=plateau_init(config.scheduler, lr) if config.use_scheduler else None,
         sampler=sampler,
         rng=generator.get_state(),

@@ -145,7 +145,9 @@ def member_step(
         return batch_loss(model, v, batch, config.force_weight, config.force_scale_unbiased)
 
     gradient, aux = func_gradient(loss, values)
-    new_values, new_state = optimizer_of(config).update(gradient, opt_state, values, lr)
+    new_values, new_state = optimizer_of(config, model.network).update(
+        gradient, opt_state, values, lr
+    )
     return new_values, new_state, aux
 
 
@@ -153,7 +155,9 @@ def apply_gradient(state: TrainState, gradient: torch.Tensor, config: TrainConfi
     """``state`` after one optimiser update of its network parameters with ``gradient`` ``[P]``
     (outside ``torch.func`` transforms: the optimiser's eager form on the CPU)."""
     values = state.model.network.values
-    updated = update_eagerly(optimizer_of(config), gradient, state.opt_state, values, state.lr)
+    updated = update_eagerly(
+        optimizer_of(config, state.model.network), gradient, state.opt_state, values, state.lr
+    )
     return _with_parameters(state, *updated)
 
 

@@ -138,7 +138,7 @@ def _energy_epoch(
     parameters (in its workspace, kept from epoch to epoch, or a new one) and optimiser state,
     updated in place; returns the state after the last step (the same numbers as
     :func:`train_step` on each batch)."""
-    optimizer = optimizer_of(config)
+    optimizer = optimizer_of(config, state.model.network)
     workspace = speedups.workspace
     kept = workspace is not None
     if kept:

@@ -150,12 +150,15 @@ class TorchTrainingConfig:
     memory (``num_workers = 0``; DataLoader workers prepare batches for the CPU only), else
     on the CPU; the trained potential then returns to its descriptor's device. ``route``: the
     training route of :class:`~aenet_fn.driver.state.TrainConfig` (``"auto"``, ``"func"`` or
-    ``"fast"``). ``memory_budget_gib``: the most memory (GiB) a split's stored derivative
-    data may take. Force training on the CPU keeps a split's local derivatives in memory when
-    they fit it (estimated from a sample of its structures), else recomputes them for each
-    batch (memory bounded by the batch, the same numbers); the CPU's stored Jacobians are
-    built within it too (``TrainConfig.jacobian_memory_gib``). ``allow_other_data``: let
-    ``resume_from`` continue a checkpoint on other structures than it was trained on (refused
+    ``"fast"``). ``decoupled_weight_decay``: AdamW-style decay of the networks' weights (not
+    their biases), ``p ← p − lr·λ·p`` per step, beside the method's ``weight_decay`` (the
+    reference's L2 term on every gradient). ``memory_budget_gib``: the most memory (GiB) a
+    split's stored derivative data may take. Force training on the CPU keeps a split's local
+    derivatives in memory when they fit it (estimated from a sample of its structures), else
+    recomputes them for each batch (memory bounded by the batch, the same numbers); the CPU's
+    stored Jacobians are built within it too (``TrainConfig.jacobian_memory_gib``).
+    ``allow_other_data``: let ``resume_from`` continue a checkpoint on other structures than
+    it was trained on (refused
     by default).
     """
 
@@ -195,6 +198,7 @@ class TorchTrainingConfig:
     prefetch_factor: int = 2
     persistent_workers: bool = True
     route: str = "auto"
+    decoupled_weight_decay: float = 0.0
     memory_budget_gib: float = 8.0
     allow_other_data: bool = False
     feature_stats: dict[str, Any] | None = None
@@ -346,6 +350,7 @@ class TorchTrainingConfig:
             prefetch_factor=int(self.prefetch_factor),
             persistent_workers=bool(self.persistent_workers),
             route=self.route,
+            decoupled_weight_decay=self.decoupled_weight_decay,
             jacobian_memory_gib=float(self.memory_budget_gib),
             allow_other_data=bool(self.allow_other_data),
         )
