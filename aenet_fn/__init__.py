@@ -15,13 +15,9 @@ from aenet_fn.core.descriptor import (
     features_from_graph,
     featurize,
 )
-from aenet_fn.core.featurized import (
-    FeaturizedSet,
-    MiniBatch,
-    featurize_structures,
-    take_structures,
-)
+from aenet_fn.core.featurized import FeaturizedSet, featurize_structures
 from aenet_fn.core.forces import EnergyForces, value_and_forces
+from aenet_fn.core.minibatch import MiniBatch, take_structures
 from aenet_fn.core.neighbors import Neighbors, batch_neighbor_list, neighbor_list, pair_vectors
 from aenet_fn.core.network import NetworkParams, init_network
 from aenet_fn.core.normalization import Normalization, fit_normalization

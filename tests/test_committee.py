@@ -10,7 +10,7 @@ import torch
 
 import aenet_fn as af
 import aenet_fn.driver.seam as seam_module
-from aenet_fn.core.featurized import stack_batches
+from aenet_fn.core.minibatch import stack_batches
 from aenet_fn.driver.committee import (
     check_shared_parts,
     committee_evaluate,

@@ -22,7 +22,7 @@ import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
 import aenet_fn as af
-from aenet_fn.core.featurized import stack_batches
+from aenet_fn.core.minibatch import stack_batches
 from aenet_fn.core.network import atomic_outputs, init_network
 from aenet_fn.core.optim import AdamConfig, SGDConfig, adam, sgd
 from aenet_fn.driver.committee import committee_epoch, committee_fit, committee_step, init_committee

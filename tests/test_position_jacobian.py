@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 import aenet_fn as af
 from aenet_fn import ChebyshevParams, Structure, collate, featurize
-from aenet_fn.core.featurized import featurize_structures, take_structures
+from aenet_fn.core.featurized import featurize_structures
+from aenet_fn.core.minibatch import take_structures
 from aenet_fn.core.records import tree_bytes
 from aenet_fn.driver.seam import Speedups, assembled_jacobian, stored_jacobian_bytes
 from aenet_fn.driver.state import init_model, init_train_state

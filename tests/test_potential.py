@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 import aenet_fn as af
 from aenet_fn import ChebyshevParams, Structure, build_graph, collate, featurize
-from aenet_fn.core.featurized import featurize_structures, take_structures
+from aenet_fn.core.featurized import featurize_structures
 from aenet_fn.core.local_derivatives import LocalDerivatives, centre_sums
+from aenet_fn.core.minibatch import take_structures
 from aenet_fn.core.network import atomic_outputs, init_network
 from aenet_fn.core.normalization import Normalization
 from aenet_fn.core.potential import (

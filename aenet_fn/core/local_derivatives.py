@@ -86,6 +86,17 @@ class LocalDerivatives:
         return position_gradient(params, self, feature_gradient)
 
 
+ATOM_INDEX_FIELDS = (
+    "radial_centre",
+    "radial_neighbour",
+    "triplet_centre",
+    "triplet_first",
+    "triplet_second",
+)
+"""The fields of :class:`LocalDerivatives` that hold atom indices (shifted when sets are
+joined, re-indexed when batches are cut, range-checked when read from a file)."""
+
+
 def local_derivatives(
     params: ChebyshevParams,
     positions: torch.Tensor,

@@ -5,7 +5,7 @@ split. Each keeps its own :class:`~aenet_fn.driver.state.TrainState` (seed, gene
 optimiser, scheduler, best model, history); for the optimisation steps their parameters and
 optimiser states are stacked along a leading axis (:func:`committee_step`). Each member draws its
 own batches; the batches are gathered from the one featurized set (features and local derivatives
-computed once) and stacked with padding (:func:`~aenet_fn.core.featurized.stack_batches`), which
+computed once) and stacked with padding (:func:`~aenet_fn.core.minibatch.stack_batches`), which
 changes no number. Members drawing the same batches (``shared_batches``) share each batch instead,
 and its forces go through the batch's one assembled Jacobian, applied to all members in one product
 per structure or component (:mod:`aenet_fn.speedups.force_jacobian`). Nothing couples the members
@@ -27,8 +27,8 @@ from torch.utils._pytree import tree_map
 
 from aenet_fn.core.batch import Batch
 from aenet_fn.core.descriptor import ChebyshevParams, build_graph
-from aenet_fn.core.featurized import MiniBatch, stack_batches
 from aenet_fn.core.loss import accumulate_errors, error_sums_init, metrics_from_sums
+from aenet_fn.core.minibatch import MiniBatch, stack_batches
 from aenet_fn.core.network import Architecture, NetworkParams
 from aenet_fn.core.potential import Model, energy, energy_forces_stress
 from aenet_fn.driver.distributed import World
@@ -229,7 +229,7 @@ def committee_step(
     """One optimiser step of every member, from the stacked ``values`` ``[M, P]``,
     ``opt_state`` and learning rates ``lrs`` ``[M]``, on a ``batch`` shared by the members or
     (``stacked``) stacked along a leading member axis
-    (:func:`~aenet_fn.core.featurized.stack_batches`). It is
+    (:func:`~aenet_fn.core.minibatch.stack_batches`). It is
     :func:`~aenet_fn.driver.step.member_step` vmapped over the members (and their stacked batches).
     A batch with assembled Jacobians (the CPU's fast route,
     :func:`~aenet_fn.driver.seam.assembled_jacobian`) takes the members' losses from one

@@ -2,10 +2,10 @@
 
 The driver needs two things of a training split: per-structure metadata for the sampler
 (energies, atom and species counts, which structures carry forces) and, for each drawn
-selection, a :class:`~aenet_fn.core.featurized.MiniBatch`. Two kinds of split provide both:
+selection, a :class:`~aenet_fn.core.minibatch.MiniBatch`. Two kinds of split provide both:
 
 * :class:`~aenet_fn.core.featurized.FeaturizedSet`: every feature (and derivative) in memory,
-  batches sliced out of it (:func:`~aenet_fn.core.featurized.take_structures`);
+  batches sliced out of it (:func:`~aenet_fn.core.minibatch.take_structures`);
 * :class:`StructureSource`: only the structures (a list, or a lazy sequence such as an HDF5
   database), each batch featurized when it is drawn; memory stays bounded by the batch, not by
   the data set.
@@ -27,12 +27,11 @@ from torch.utils.data import DataLoader, Dataset
 from aenet_fn.core.descriptor import ChebyshevParams, species_lookup
 from aenet_fn.core.featurized import (
     FeaturizedSet,
-    MiniBatch,
     concatenate,
     featurize_structures,
     select_structures,
-    take_structures,
 )
+from aenet_fn.core.minibatch import MiniBatch, take_structures
 from aenet_fn.core.normalization import ENERGY_DTYPE, FeatureMoments
 from aenet_fn.core.structure import Structure
 from aenet_fn.driver.cache import LRUCache
@@ -131,7 +130,7 @@ class StructureSource:
 
     def take(self, selection: torch.Tensor, force_selected: torch.Tensor | None) -> MiniBatch:
         """The mini-batch of ``selection`` ``[b]`` (repeats allowed), as
-        :func:`~aenet_fn.core.featurized.take_structures` would cut it from the whole featurized
+        :func:`~aenet_fn.core.minibatch.take_structures` would cut it from the whole featurized
         split; only the drawn structures are featurized."""
         unique, inverse = torch.unique(selection, return_inverse=True)
         mask = None if force_selected is None else force_selected[unique]
@@ -202,7 +201,7 @@ def take_batch(
     """The mini-batch of structures ``selection`` ``[b]`` of ``data``; ``force_selected``
     ``[B]`` marks the force-supervised structures (None: energies only). ``jacobian``: the
     :class:`~aenet_fn.speedups.force_jacobian.SetJacobian` of a featurized ``data``, to give the
-    batch an assembled Jacobian (see :func:`~aenet_fn.core.featurized.take_structures`)."""
+    batch an assembled Jacobian (see :func:`~aenet_fn.core.minibatch.take_structures`)."""
     if isinstance(data, StructureSource):
         return data.take(selection, force_selected)
     return take_structures(data, selection, force_selected, jacobian)

@@ -17,7 +17,6 @@ from torch.func import grad
 from torch.utils._pytree import tree_map
 
 from aenet_fn.core.checks import is_integer
-from aenet_fn.core.featurized import MiniBatch
 from aenet_fn.core.loss import (
     accumulate_errors,
     energy_error_per_atom,
@@ -26,6 +25,7 @@ from aenet_fn.core.loss import (
     masked_force_differences,
     metrics_from_sums,
 )
+from aenet_fn.core.minibatch import MiniBatch
 from aenet_fn.core.potential import (
     Model,
     atomic_energies_from_features,

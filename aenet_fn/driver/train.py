@@ -18,13 +18,13 @@ import attrs
 import torch
 from torch.utils._pytree import tree_map
 
-from aenet_fn.core.featurized import MiniBatch
 from aenet_fn.core.loss import (
     ErrorSums,
     accumulate_errors,
     error_sums_init,
     metrics_from_sums,
 )
+from aenet_fn.core.minibatch import MiniBatch
 from aenet_fn.core.optim import (
     plateau_step,
 )

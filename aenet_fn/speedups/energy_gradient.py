@@ -40,7 +40,8 @@ import attrs
 import numpy as np
 import torch
 
-from aenet_fn.core.featurized import FeaturizedSet, MiniBatch
+from aenet_fn.core.featurized import FeaturizedSet
+from aenet_fn.core.minibatch import MiniBatch
 from aenet_fn.core.network import (
     _MTANH_A,
     _MTANH_B,
@@ -322,7 +323,7 @@ def energy_plan(
     mini-batches of ``batch_size`` structures for :class:`EnergySteps` (``-1``: an empty slot,
     only after a batch's structures, the same in every order: several epochs' short last
     batches in one plan); each batch's atoms of
-    a species in the order of :func:`~aenet_fn.core.featurized.take_structures`, the species
+    a species in the order of :func:`~aenet_fn.core.minibatch.take_structures`, the species
     grouped as ``table.grouping`` says where it is set, else as these draws' batches favour
     (:func:`_species_groups`). The index
     arithmetic runs in NumPy on the host (a few hundred numbers: cheaper per operation than

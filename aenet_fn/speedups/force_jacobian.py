@@ -67,7 +67,7 @@ class SetJacobian:
         force_atoms: torch.Tensor,
     ) -> BatchJacobian:
         """The :class:`BatchJacobian` of the batch of structures ``selection`` ``[b]`` of this
-        Jacobian's set (the :class:`~aenet_fn.core.featurized.StoredJacobian` method), of which
+        Jacobian's set (the :class:`~aenet_fn.core.minibatch.StoredJacobian` method), of which
         ``supervised`` ``[b]`` have their forces supervised: ``atoms`` ``[n]`` (set
         indices, in batch order; a structure drawn twice appears twice),
         ``structure_major`` ``[n]`` the structure-major position of each (structures one after
@@ -86,7 +86,7 @@ def set_jacobian(
     params: ChebyshevParams, data: FeaturizedSet, dense_up_to: float = 2.0
 ) -> SetJacobian:
     """The position Jacobian of ``data`` (which must carry local derivatives) stored for
-    :func:`~aenet_fn.core.featurized.take_structures` (:class:`SetJacobian`: dense for the
+    :func:`~aenet_fn.core.minibatch.take_structures` (:class:`SetJacobian`: dense for the
     structures of ``n`` atoms with at least ``n² / dense_up_to`` pair blocks)."""
     if data.local is None:
         raise ValueError("set_jacobian: the featurized set has no local derivatives")
@@ -145,7 +145,7 @@ class BatchJacobian:
     def stack(
         jacobians: Sequence[BatchJacobian | None], positions: Sequence[torch.Tensor]
     ) -> StackedJacobians:
-        """:func:`stack_jacobians` (how :func:`~aenet_fn.core.featurized.stack_batches` stacks
+        """:func:`stack_jacobians` (how :func:`~aenet_fn.core.minibatch.stack_batches` stacks
         the members' batches that carry Jacobians)."""
         return stack_jacobians(jacobians, positions)
 
@@ -169,7 +169,7 @@ def batch_position_gradient(
 @attrs.frozen(eq=False)
 class StackedJacobians:
     """The Jacobians of the batches of committee members stacked by
-    :func:`~aenet_fn.core.featurized.stack_batches`, each kept in its own batch's numbering.
+    :func:`~aenet_fn.core.minibatch.stack_batches`, each kept in its own batch's numbering.
 
     Attributes:
         jacobians: the :class:`BatchJacobian` of each member whose batch supervises forces.

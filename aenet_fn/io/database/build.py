@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from aenet_fn.core.descriptor import ChebyshevParams
 from aenet_fn.core.featurized import FeaturizedSet, featurize_structures
-from aenet_fn.core.local_derivatives import LocalDerivatives
+from aenet_fn.core.local_derivatives import ATOM_INDEX_FIELDS, LocalDerivatives
 from aenet_fn.core.sampling import energy_filter_mask
 from aenet_fn.core.splits import referenced_energies_per_atom
 from aenet_fn.core.structure import Structure
@@ -38,7 +38,6 @@ from aenet_fn.io.atomic import replacing
 from aenet_fn.io.database.schema import (
     BASE_COLUMNS,
     FORMAT,
-    LOCAL_ATOM_FIELDS,
     SCHEMA_VERSION,
     TEXT,
     PathLike,
@@ -211,7 +210,7 @@ def _derivative_arrays(data: FeaturizedSet) -> dict[str, np.ndarray]:
     arrays = {}
     for field in attrs.fields(LocalDerivatives):
         value = getattr(local, field.name)
-        if field.name in LOCAL_ATOM_FIELDS:
+        if field.name in ATOM_INDEX_FIELDS:
             kind = "radial" if field.name.startswith("radial") else "triplet"
             value = (value - first_atom[kind]).to(torch.int32)
         arrays[f"local_derivatives/{field.name}"] = value.numpy()

@@ -16,13 +16,12 @@ from ase.data import atomic_numbers, chemical_symbols
 
 from aenet_fn.core.descriptor import ChebyshevParams
 from aenet_fn.core.featurized import FeaturizedSet, featurize_structures
-from aenet_fn.core.local_derivatives import LocalDerivatives
+from aenet_fn.core.local_derivatives import ATOM_INDEX_FIELDS, LocalDerivatives
 from aenet_fn.core.records import to
 from aenet_fn.core.structure import Structure
 from aenet_fn.io.database.schema import (
     BASE_COLUMNS,
     FORMAT,
-    LOCAL_ATOM_FIELDS,
     OFFSET_ROWS,
     SCHEMA_VERSION,
     TEXT,
@@ -331,7 +330,7 @@ class StructureDatabase:
         for field in attrs.fields(LocalDerivatives):
             kind = "radial" if field.name.startswith("radial") else "triplet"
             data = torch.from_numpy(self._file[f"local_derivatives/{field.name}"][ranges[kind]])
-            if field.name in LOCAL_ATOM_FIELDS:
+            if field.name in ATOM_INDEX_FIELDS:
                 data = data.to(torch.long)
                 outside = (data < 0) | (data >= atom_count(kind))
                 if bool(outside.any()):

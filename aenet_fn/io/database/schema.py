@@ -17,19 +17,12 @@ import h5py
 import numpy as np
 
 from aenet_fn.core.descriptor import ChebyshevParams
+from aenet_fn.core.local_derivatives import ATOM_INDEX_FIELDS
 
 FORMAT = "aenet_fn-structure-database"
 SCHEMA_VERSION = 1
 
 PathLike = str | os.PathLike[str]
-
-LOCAL_ATOM_FIELDS = (
-    "radial_centre",
-    "radial_neighbour",
-    "triplet_centre",
-    "triplet_first",
-    "triplet_second",
-)
 
 
 class DatabaseError(ValueError):
@@ -160,7 +153,7 @@ def derivative_columns(n_radial: int, n_angular: int) -> dict[str, Column]:
         "local_derivatives/angular_first": Column(np.float64, (n_angular, 3), "triplet"),
         "local_derivatives/angular_second": Column(np.float64, (n_angular, 3), "triplet"),
     }
-    for field in LOCAL_ATOM_FIELDS:
+    for field in ATOM_INDEX_FIELDS:
         rows = "radial" if field.startswith("radial") else "triplet"
         columns[f"local_derivatives/{field}"] = Column(np.int32, (), rows)
     return columns
