@@ -117,3 +117,18 @@ def test_the_layer_check_finds_planted_upward_imports():
         "aenet_fn.core.a -> aenet_fn.speedups.b",
         "aenet_fn.io.d -> aenet_fn.calculator",
     ]
+
+
+MODULE_LINES = 650
+"""Modules stay under about 600 lines; a longer one says why at its top."""
+
+
+def test_a_long_module_says_why_at_its_top():
+    long = {}
+    for name, path in _modules().items():
+        text = path.read_text(encoding="utf-8")
+        if text.count("\n") > MODULE_LINES:
+            long[name] = ast.get_docstring(ast.parse(text)) or ""
+    unexplained = sorted(name for name, doc in long.items() if "Why one module" not in doc)
+    assert not unexplained, unexplained
+    assert 0 < len(long) <= 5, sorted(long)

@@ -1,4 +1,6 @@
-"""Structure file I/O: XSF (own reader/writer, ænet conventions) and everything ASE reads.
+"""Files: structures (XSF, everything ASE reads), ``.nn.ascii`` potentials, HDF5 databases,
+training results and predict.x output, all written atomically (:mod:`aenet_fn.io.atomic`).
+Reads and writes the core's records; imports nothing above the core.
 
 * :func:`read_structures` reads one path, several, or a directory of ``*.xsf`` files.
 * :func:`read_xsf` / :func:`write_xsf` handle XSF files (single or multi-frame).

@@ -20,6 +20,9 @@ The writer uses ``%.17e`` exponent form for every float (never fixed-point, spec
 float64 values round-trip exactly; only the standard deviation passes through
 ``sqrt(cov − avg²)``: the writer picks the ``cov`` that reproduces it exactly where float64
 allows (always for statistics that came from a file), else to ``~1e-16·(1 + avg²/std²)``.
+
+Why one module of about 770 lines: the reader and the writer of one format share its record
+layout and must change together for files to keep round-tripping.
 """
 
 from __future__ import annotations

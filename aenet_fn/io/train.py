@@ -28,6 +28,10 @@ Deliberate differences from the reference (see ``docs/differences.md``):
   in a script save it with ``fig.savefig(...)`` or pass ``outfile``.
 
 Errors in a file raise ``ValueError`` as ``"<file>, line <n>: <what was expected>"``.
+
+Why one module of about 850 lines: it is the reference's ``aenet.io.train`` (users import
+:class:`TrainOut` and :class:`Energies` from this path), and both classes share its column
+tables, parsers and plotting helpers.
 """
 
 from __future__ import annotations

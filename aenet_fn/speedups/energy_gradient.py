@@ -28,6 +28,9 @@ explicit back-propagation, with no autograd graph, and with as few operations as
 
 It is checked against ``torch.func.grad`` of :func:`~aenet_fn.driver.step.batch_loss` in the tests;
 force training keeps autodiff.
+
+Why one module of about 870 lines: a plan's layout and the forward and backward passes
+over it change together (a different layout means different index arithmetic in both passes).
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ member together with ``vmap`` (``execution="vmap"``, the default) or one after a
 
     output_dir/committee_metadata.json
     output_dir/member_000/{model.pt, history.json, history.csv, summary.json}
+
+Why one module of about 700 lines: the reference's ``TorchCommitteePotential`` is one class
+(train, predict, save, load) with its configuration and result records; this module offers
+exactly that, the work itself being the driver's.
 """
 
 from __future__ import annotations
