@@ -219,13 +219,13 @@ def _to_positions(layout: tuple[int, int, bool], g: torch.Tensor, *fields) -> to
 
 
 _CSR_DEVICES = ("cpu",)
-"""Devices whose sparse CSR matrix products the centre sums use, where they were measured
-faster (others, accelerators included, keep ``index_add``)."""
+"""Devices whose centre sums are sparse CSR matrix products (others, accelerators included,
+keep ``index_add``; see ``benchmarks/NOTES.md``)."""
 
 _CSR_WIDEST = 64
-"""Widest rows whose plain sums are CSR products (measured: 2–7× faster than index_add up to
-64 values per row, 2× slower at 88). Weighted sums are CSR products at any width: the weights
-are the matrix values, where index_add needs a weighted copy (up to 4× slower)."""
+"""Widest rows whose plain sums are CSR products (beyond it ``index_add`` is faster). Weighted
+sums are CSR products at any width: the weights are the matrix values, where ``index_add``
+needs a weighted copy."""
 
 
 def centre_sums(

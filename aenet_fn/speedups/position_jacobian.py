@@ -6,8 +6,7 @@ pair or triplet. Summed by (atom moved ``j``, atom described ``i``) they give th
 (the periodic images of a pair and every triplet through it fall into the same block), and the
 force map ``∂E/∂r_j = Σ_i (∂G_i/∂r_j) ∂E/∂G_i`` becomes a sparse (CSR) matrix product per
 Cartesian component, with committee members as the dense operand's columns: one product for
-every atom and member instead of gathers, per-entry products and scatters (measured 5× faster
-for one member and 20× for eight, on CPU).
+every atom and member instead of gathers, per-entry products and scatters.
 
 :func:`block_values` sums a featurized set's blocks once; :func:`pair_blocks` keeps those of
 the structures stored sparse (:mod:`aenet_fn.speedups.force_jacobian` stores small ones dense),

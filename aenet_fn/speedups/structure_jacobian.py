@@ -133,9 +133,9 @@ def _per_structure(
     transposed: bool,
 ) -> torch.Tensor:
     """Each structure's rows of ``rows`` ``[M, n, k]`` (structure-major, contiguous; members
-    ``M`` first, so that each product has them as its rows: measured twice as fast for eight
-    members as columns) times its matrix's transpose (or the matrix, for the transposed map):
-    ``[M, n, k']``, zero for the structures without one."""
+    ``M`` first, so that each product has them as its rows, the faster order) times its
+    matrix's transpose (or the matrix, for the transposed map): ``[M, n, k']``, zero for the
+    structures without one."""
     sizes, with_matrix, width = layout
     out_width, members = (width if transposed else 3), rows.shape[0]
     pieces, start, matrix = [], 0, iter(matrices)
