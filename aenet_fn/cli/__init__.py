@@ -213,6 +213,13 @@ def _report(command: str, message: str) -> None:
     print(f"{PROG} {command}: error: {' '.join(message.splitlines())}", file=sys.stderr)
 
 
+def _message(error: Exception) -> str:
+    """What the user reads: an OS error as ``path: what happened``, others as they are."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return str(error)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``aenet-fn`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
@@ -231,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # the problem
             if args.debug:
                 raise
-            _report(args.command, str(error))
+            _report(args.command, _message(error))
             return error.status if isinstance(error, CLIError) else 1
         except Exception as error:  # anything else: named on one line, never a traceback
             if args.debug:

@@ -3,7 +3,8 @@
 Every writer of the project (models, checkpoints, histories, XSF, ``.nn.ascii``, databases,
 plots) writes to a fresh temporary file in the target's folder, flushes it to disk and renames
 it over the target with ``os.replace``; on any failure (including ``KeyboardInterrupt``) the
-temporary file is removed and whatever was under the name before is untouched.
+temporary file is removed and whatever was under the name before is untouched. A failed write
+(disk full, file size limit) raises ``OSError`` naming the target.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
         with open(temporary, "rb+") as stream:
             os.fsync(stream.fileno())
         os.replace(temporary, path)
+    except OSError as err:
+        temporary.unlink(missing_ok=True)
+        if err.filename is None or Path(err.filename) == temporary:  # name the file meant
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+        raise
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import io
 import json
 import math
 import multiprocessing
@@ -332,8 +333,59 @@ def _chunks(tasks: Sequence[_Task], workers: int) -> Iterator[Iterable[_Chunk]]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+class _LatchingFile(io.RawIOBase):
+    """A new file for HDF5 to write through (h5py's file-object driver) that keeps the first
+    write error instead of passing it on: later writes are dropped and reported done, so
+    HDF5 never meets a failed write (after one, closing an HDF5 file can crash the process)
+    and the caller raises :attr:`error` itself. The file is abandoned after an error."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.stream = open(path, "xb+", buffering=0)
+        self.error: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return self.stream.readinto(buffer)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self.stream.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.stream.tell()
+
+    def write(self, data: Any) -> int:
+        if self.error is None:
+            try:
+                return self.stream.write(data)
+            except OSError as err:
+                self.error = err
+        return memoryview(data).nbytes
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return self.stream.truncate(size)
+            except OSError as err:
+                self.error = err
+        return self.tell() if size is None else size
+
+    def close(self) -> None:
+        self.stream.close()
+        super().close()
+
+
 class _Writer:
-    """Appends chunks to a new database file; :meth:`finish` marks it complete."""
+    """Appends chunks to a new database file; :meth:`finish` marks it complete. A failed write
+    (disk full, file size limit) raises its ``OSError``."""
 
     def __init__(
         self,
@@ -343,7 +395,8 @@ class _Writer:
         derivatives: bool,
         filters: dict[str, Any],
     ) -> None:
-        self.file = h5py.File(path, "w-")
+        self.stream = _LatchingFile(path)
+        self.file = h5py.File(self.stream, "w")
         self.columns = dict(BASE_COLUMNS)
         if params is not None:
             group = self.file.create_group("descriptor")
@@ -396,6 +449,12 @@ class _Writer:
         self.n_sources += len(chunk.sources)
         self.n_structures += len(chunk.counts.get("structures/atom_offset", ()))
         self.n_removed += chunk.n_removed
+        self.check()
+
+    def check(self) -> None:
+        """Raise the first failed write."""
+        if self.stream.error is not None:
+            raise self.stream.error
 
     def finish(self, max_energy: float | None, atomic_energies: Mapping[str, float] | None) -> None:
         """Write the root attributes; the format mark comes last."""
@@ -410,8 +469,12 @@ class _Writer:
         attributes["format"] = FORMAT
 
     def close(self) -> None:
-        """Close the file."""
-        self.file.close()
+        """Close the file (a failed write during the last flush raises, see :meth:`check`)."""
+        try:
+            self.file.close()
+        finally:
+            self.stream.close()
+        self.check()
 
 
 def compression_filters(compression: str | None, level: int | None) -> dict[str, Any]:
@@ -509,7 +572,11 @@ def build_database(
             tqdm(total=len(items), desc=path.name, unit="source", disable=not show_progress) as bar,
         ):
             writer = _Writer(
-                temporary, descriptor_params, persist_features, persist_force_derivatives, filters
+                temporary,
+                descriptor_params,
+                persist_features,
+                persist_force_derivatives,
+                filters,
             )
             try:
                 for chunk in chunks:
