@@ -186,3 +186,44 @@ def test_nan_positions_are_rejected():
 def test_periodic_without_cell_is_rejected():
     with pytest.raises(ValueError, match="need a cell"):
         neighbor_list(torch.zeros(1, 3), None, (True, True, True), 3.0)
+
+
+@given(seed=st.integers(0, 10_000), n_atoms=st.integers(2, 30), cutoff=st.floats(2.0, 6.0))
+def test_a_search_split_for_its_candidates_finds_the_same_pairs(seed, n_atoms, cutoff):
+    """Chunks of centres with too many candidate pairs are searched in halves, down to single
+    atoms: the same neighbour list, entry for entry."""
+    structure = random_structure(seed, n_atoms, periodic=seed % 2 == 0)
+    batch = collate([structure])
+    args = (batch.positions, batch.cells, batch.pbc, batch.structure_index, cutoff)
+    whole = batch_neighbor_list(*args)
+    limit, split = 1, None
+    with pytest.MonkeyPatch.context() as patch:
+        while split is None:  # the smallest power of two no single atom exceeds
+            patch.setattr(neighbors_module, "_CANDIDATES_PER_CHUNK", limit)
+            try:
+                split = batch_neighbor_list(*args)
+            except ValueError as error:
+                assert "atoms in the bins around it" in str(error)
+                limit *= 2
+    for field in ("centers", "neighbors", "shifts"):
+        assert torch.equal(getattr(split, field), getattr(whole, field))
+
+
+def test_absurd_neighbour_counts_are_refused_with_their_numbers(monkeypatch):
+    """More entries than ``MAX_PAIRS``, or one atom with more candidates than a search step
+    holds, is refused before more is allocated, naming the counts; at the limit it passes."""
+    structure = random_structure(3, 12, periodic=True)
+    batch = collate([structure])
+    args = (batch.positions, batch.cells, batch.pbc, batch.structure_index, 5.0)
+    entries = len(batch_neighbor_list(*args))
+    monkeypatch.setattr(neighbors_module, "MAX_PAIRS", entries)
+    assert len(batch_neighbor_list(*args)) == entries
+    monkeypatch.setattr(neighbors_module, "MAX_PAIRS", entries - 1)
+    with pytest.raises(
+        ValueError,
+        match=rf"more than {entries - 1} neighbour entries .*\({entries} for the first 12 of 12",
+    ):
+        batch_neighbor_list(*args)
+    monkeypatch.setattr(neighbors_module, "_CANDIDATES_PER_CHUNK", 1)
+    with pytest.raises(ValueError, match=r"atom \d+ \(structure 0\) has \d+ atoms in the bins"):
+        batch_neighbor_list(*args)

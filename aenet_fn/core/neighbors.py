@@ -29,6 +29,15 @@ _BINS_PER_CUTOFF = 2
 """Bin edge = cutoff / this; each atom scans (2·this + 1)³ bins around its own."""
 _CENTRE_CHUNK = 4096
 """Centre atoms searched at a time: keeps the temporaries of a chunk in cache."""
+
+MAX_PAIRS = 1 << 28
+"""Most neighbour entries one search returns (with their shifts and distances about 13 GiB):
+beyond, the structures are refused with their numbers instead of being left to the allocator."""
+
+_CANDIDATES_PER_CHUNK = 1 << 24
+"""Most candidate pairs (points in the bins around the centres) one step of the search holds:
+a denser chunk of centres is searched in halves, and a single atom with more is refused."""
+
 _DENSE_BINS_PER_POINT = 16
 _DENSE_BINS_MIN = 1 << 16
 """Bins are looked up in a dense table up to this many per binned point (plus the minimum)."""
@@ -272,6 +281,17 @@ def neighbors_with_distances(
         ) + key_offset[own][:, None, None, None]
         scanned_bins = torch.nonzero(scanned.flatten()).flatten()
         first, counts = bin_ranges(key_table.flatten()[scanned_bins])
+        candidates = int(counts.sum())  # counted before they are made
+        if candidates > _CANDIDATES_PER_CHUNK:
+            if high - low == 1:
+                raise ValueError(
+                    f"neighbor_list: atom {low} (structure {int(structure_index[low])}) has "
+                    f"{candidates} atoms in the bins around it (more than "
+                    f"{_CANDIDATES_PER_CHUNK}) for the cutoff {cutoff} Å: atoms far too close "
+                    "together (are the coordinates in Å?)"
+                )
+            middle = (low + high) // 2
+            return tuple(map(torch.cat, zip(search(low, middle), search(middle, high))))
         centre = torch.repeat_interleave(scanned_bins // steps.shape[0] ** 3 + low, counts)
         run_start = torch.cumsum(counts, 0) - counts
         point = torch.arange(centre.shape[0], device=device) + torch.repeat_interleave(
@@ -290,9 +310,18 @@ def neighbors_with_distances(
         shift = shift - wraps.index_select(0, neighbour) + wraps.index_select(0, centre)
         return centre, neighbour, shift, distance  # shifts relative to r as given
 
-    chunks = [
-        search(low, min(low + _CENTRE_CHUNK, n_atoms)) for low in range(0, n_atoms, _CENTRE_CHUNK)
-    ]
+    chunks, found = [], 0
+    for low in range(0, n_atoms, _CENTRE_CHUNK):
+        chunks.append(search(low, min(low + _CENTRE_CHUNK, n_atoms)))
+        found += chunks[-1][0].shape[0]
+        if found > MAX_PAIRS:
+            searched = min(low + _CENTRE_CHUNK, n_atoms)
+            raise ValueError(
+                f"neighbor_list: more than {MAX_PAIRS} neighbour entries within the cutoff "
+                f"{cutoff} Å ({found} for the first {searched} of {n_atoms} atoms, "
+                f"{found / searched:.0f} per atom): atoms far too close together (are the "
+                "coordinates in Å?), or too many structures at once"
+            )
     centre, neighbour, shifts, distance = (torch.cat(parts) for parts in zip(*chunks))
 
     if distance.numel() and float(distance.min()) < OVERLAP_DISTANCE:
