@@ -681,3 +681,25 @@ def test_check_refuses_output_and_checkpoint_folders_that_are_files(tmp_path, ca
     assert "checkpoint_dir" in one_line_error(capsys, "train")
     (tmp_path / "run" / "checkpoints").unlink()
     assert main(["train", str(path), "--check"]) == 0
+
+
+def test_check_estimates_the_memory_of_the_run_and_refuses_what_does_not_fit(
+    tmp_path, capsys, monkeypatch
+):
+    """``--check`` reads the data and prints what the run would hold (structures, atoms,
+    neighbours per atom, networks) against the memory available; more than that is refused
+    naming the numbers, without writing anything."""
+    import aenet_fn.cli.memory as memory
+
+    path = write_config(tmp_path, tables())
+    assert main(["train", str(path), "--check"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("memory: about ") and "for 8 structures, 215 atoms" in line
+    assert "derivatives kept in memory" in line and "available" in line
+    neighbours = int(line.split("; ")[1].split(" neighbours")[0])
+    assert 5 < neighbours < 60  # TiO2 within 4 Å
+    monkeypatch.setattr(memory, "available_memory", lambda: 1000)
+    assert main(["train", str(path), "--check"]) == 1
+    error = capsys.readouterr().err
+    assert "more than the 0.000954 MiB available" in error and "8 structures" in error
+    assert not (tmp_path / "run").exists()

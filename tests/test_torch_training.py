@@ -424,16 +424,24 @@ def test_splits_beyond_the_memory_budget_recompute_derivatives_per_batch(
 
 
 def test_the_set_size_estimate_is_close_to_the_featurized_set():
-    from aenet_fn.core.featurized import estimated_set_bytes
+    from aenet_fn.core.featurized import energy_view, estimate_set
     from aenet_fn.core.records import tree_bytes
 
     structures = af.read_structures(sorted(TIO2_STRUCTURES.glob("*.xsf")))
     params = af.ChebyshevParams(["Ti", "O"], 6, 5.0, 3, 3.5, min_cutoff=0.5)
     for forces in (False, True):
-        estimate = estimated_set_bytes(params, structures, with_derivatives=forces)
+        estimate = estimate_set(params, structures, with_derivatives=forces)
         data = af.featurize_structures(params, structures, with_derivatives=forces)
         real = tree_bytes(data)
-        assert 0.8 * real < estimate < 1.25 * real
+        assert 0.8 * real < estimate.total_bytes < 1.25 * real
+        features = tree_bytes(energy_view(data))
+        assert 0.8 * features < estimate.feature_bytes < 1.25 * features
+        assert (estimate.n_structures, estimate.n_atoms) == (100, int(data.n_atoms.sum()))
+        if forces:  # the sample's mean neighbours per atom against the whole set's
+            whole = data.local.radial_centre.numel() / estimate.n_atoms
+            assert 0.8 * whole < estimate.neighbours_per_atom < 1.25 * whole
+        else:
+            assert estimate.neighbours_per_atom == 0
     with pytest.raises(ValueError, match="memory_budget_gib must be a number >= 0"):
         TorchTrainingConfig(memory_budget_gib=-1).validate()
 

@@ -133,7 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the output folder's run from its newest checkpoint",
     )
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    train.add_argument("--check", action="store_true", help="validate the configuration only")
+    train.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the configuration, output folders and memory estimate; do not train",
+    )
     train.add_argument(
         "--device", help="train there, e.g. cuda or cpu (overrides [training] device)"
     )

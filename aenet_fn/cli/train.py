@@ -21,6 +21,7 @@ import torch
 from aenet_fn.cli.config import RunConfig, load_config
 from aenet_fn.cli.errors import CLIError, ConfigError
 from aenet_fn.cli.files import check_species, naming_structures, read_structure_files
+from aenet_fn.cli.memory import check_memory
 from aenet_fn.cli.predict import (
     Potential,
     Prediction,
@@ -366,7 +367,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if run.committee is not None:
             kind = f"committee of {run.committee.num_members}"
         files = len(run.paths) + len(run.test_paths or [])
+        memory = check_memory(run)
         print(f"{args.config}: valid ({kind}, {files} data path(s)); output: {run.output}")
+        print(memory)
         return 0
     result = run_training(run, args.overwrite, False if args.no_progress else None, args.resume)
     print(format_summary(result.metrics))

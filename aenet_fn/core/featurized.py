@@ -253,29 +253,55 @@ def featurize_structures(
     return data if device is None else to(data, device=device)
 
 
-def estimated_set_bytes(
+@attrs.frozen
+class SetEstimate:
+    """What :func:`featurize_structures` would take for a set of structures, estimated from a
+    sample of them (:func:`estimate_set`).
+
+    Attributes:
+        n_structures, n_atoms: the set's size.
+        neighbours_per_atom: mean neighbour entries per atom within the radial cutoff (periodic
+            images included; 0 for an energy-only estimate).
+        feature_bytes: memory of the features and labels.
+        total_bytes: memory of the whole set (features and, ``with_derivatives``, the local
+            derivatives, which grow with the neighbours of each atom).
+    """
+
+    n_structures: int
+    n_atoms: int
+    neighbours_per_atom: float
+    feature_bytes: int
+    total_bytes: int
+
+
+def estimate_set(
     params: ChebyshevParams,
     structures: Sequence[Structure],
     *,
     with_derivatives: bool,
     dtype: torch.dtype = torch.float64,
     sample: int = 16,
-) -> int:
-    """The memory (bytes) :func:`featurize_structures` would take for ``structures``,
-    estimated from ``sample`` of them spread over the sequence (their bytes per atom, times
-    every structure's atoms): local derivatives grow with the neighbours of each atom, so a
-    set with force data can take far more than its features."""
+) -> SetEstimate:
+    """The memory :func:`featurize_structures` would take for ``structures``, from ``sample``
+    of them spread over the sequence (their bytes per atom, times every structure's atoms)."""
     count = len(structures)
     if count == 0:
-        raise ValueError("estimated_set_bytes: no structures")
+        raise ValueError("estimate_set: no structures")
     picked = sorted(
         {round(k * (count - 1) / max(sample - 1, 1)) for k in range(min(sample, count))}
     )
     chosen = [structures[k] for k in picked]
     part = featurize_structures(params, chosen, with_derivatives=with_derivatives, dtype=dtype)
-    part_bytes = tree_bytes(part)
     atoms = sum(structures[k].n_atoms for k in range(count))
-    return round(part_bytes * atoms / sum(s.n_atoms for s in chosen))
+    per_atom = atoms / sum(s.n_atoms for s in chosen)
+    entries = 0 if part.local is None else part.local.radial_centre.numel()
+    return SetEstimate(
+        n_structures=count,
+        n_atoms=atoms,
+        neighbours_per_atom=entries / max(int(part.n_atoms.sum()), 1),
+        feature_bytes=round(tree_bytes(energy_view(part)) * per_atom),
+        total_bytes=round(tree_bytes(part) * per_atom),
+    )
 
 
 def _offset_atoms(local: LocalDerivatives, offset: int) -> LocalDerivatives:

@@ -32,7 +32,8 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(temporary, path)
     except OSError as err:
         temporary.unlink(missing_ok=True)
-        if err.filename is None or Path(err.filename) == temporary:  # name the file meant
+        unnamed = err.filename is None or Path(err.filename) == temporary
+        if err.errno is not None and unnamed:  # an OS error: name the file meant
             raise OSError(err.errno, err.strerror or str(err), str(path)) from err
         raise
     except BaseException:

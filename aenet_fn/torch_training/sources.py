@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from aenet_fn.core.descriptor import ChebyshevParams
-from aenet_fn.core.featurized import FeaturizedSet, estimated_set_bytes, featurize_structures
+from aenet_fn.core.featurized import FeaturizedSet, SetEstimate, estimate_set, featurize_structures
+from aenet_fn.core.network import network_size
 from aenet_fn.core.normalization import check_reference_keys
 from aenet_fn.core.records import to
 from aenet_fn.core.splits import filter_structures, split_structures
@@ -253,8 +254,54 @@ def _beyond_budget(
     kept in memory, they would exceed ``config.memory_budget_gib`` (an estimate)."""
     if not with_forces or config.resolved_device().type != "cpu":
         return False
-    budget = config.memory_budget_gib * 2**30
-    return estimated_set_bytes(params, structures, with_derivatives=True, dtype=dtype) > budget
+    estimate = estimate_set(params, structures, with_derivatives=True, dtype=dtype)
+    return estimate.total_bytes > config.memory_budget_gib * 2**30
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What a training run holds in memory, estimated before it starts
+    (:func:`estimate_training_memory`).
+
+    Attributes:
+        data: the estimate of the structures' featurized set (sizes, neighbours per atom).
+        derivatives_kept: force training keeps the local derivatives in memory (within
+            ``memory_budget_gib``); False: recomputed per batch, or energy-only training.
+        network_bytes: parameters, gradients and optimiser moments of every member.
+    """
+
+    data: SetEstimate
+    derivatives_kept: bool
+    network_bytes: int
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes held for the whole run: the features, the derivatives where they are kept,
+        the networks."""
+        data = self.data.total_bytes if self.derivatives_kept else self.data.feature_bytes
+        return data + self.network_bytes
+
+
+def estimate_training_memory(
+    descriptor: ChebyshevDescriptor,
+    arch: Mapping[str, Sequence[tuple[int, str]]],
+    structures: StructureSequence,
+    config: TorchTrainingConfig,
+    members: int = 1,
+) -> MemoryEstimate:
+    """The memory a run of ``config`` would hold for ``structures`` (all splits) and
+    ``members`` networks of ``arch``, from a sample of the structures."""
+    params = descriptor.params
+    dtype = training_dtype(config, descriptor.dtype)
+    with_forces = config.force_weight > 0
+    data = estimate_set(params, structures, with_derivatives=with_forces, dtype=dtype)
+    kept = with_forces and (
+        config.resolved_device().type != "cpu"
+        or data.total_bytes <= config.memory_budget_gib * 2**30
+    )
+    size = network_size(arch, params.species, params.n_features)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return MemoryEstimate(data, kept, 4 * size * members * itemsize)  # values, grads, 2 moments
 
 
 @dataclass
