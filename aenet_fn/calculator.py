@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import ase
-import attrs
 import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
@@ -32,7 +31,7 @@ from torch.func import vmap
 
 from aenet_fn.core.batch import Batch, collate
 from aenet_fn.core.descriptor import DescriptorGraph, build_graph
-from aenet_fn.core.potential import Model, atomic_energies, energy_forces_stress
+from aenet_fn.core.potential import Model, atomic_energies, energy_forces_stress, with_values
 from aenet_fn.core.records import to
 from aenet_fn.driver.committee import check_shared_parts, stack_members
 from aenet_fn.io.ase_io import from_ase
@@ -114,11 +113,6 @@ def _members(potential: PotentialLike) -> tuple[tuple[Model, ...], bool]:
         "TorchCommitteePotential, model file or committee directory, "
         f"not a {type(potential).__name__}"
     )
-
-
-def _with_values(template: Model, values: torch.Tensor) -> Model:
-    """``template`` with its flat network parameters replaced by ``values`` ``[P]``."""
-    return attrs.evolve(template, network=attrs.evolve(template.network, values=values))
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -271,7 +265,7 @@ class AenetCalculator(Calculator):
             return tuple(t.detach()[None] for t in function(self.models[0]))
         template = self.models[0]
         stacked = stack_members([m.network for m in self.models]).values
-        outputs = vmap(lambda values: function(_with_values(template, values)))(stacked)
+        outputs = vmap(lambda values: function(with_values(template, values)))(stacked)
         return tuple(t.detach() for t in outputs)
 
     @staticmethod

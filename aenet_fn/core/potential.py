@@ -56,6 +56,11 @@ class Model:
             )
 
 
+def with_values(model: Model, values: torch.Tensor) -> Model:
+    """``model`` with network parameters ``values`` ``[P]``."""
+    return attrs.evolve(model, network=attrs.evolve(model.network, values=values))
+
+
 def check_model_values(model: Model, source: str) -> None:
     """Refuse a (loaded) ``model`` whose flat parameters do not fit its architecture or whose
     parameters or normalisation are not finite (``feature_std`` may be ``+inf``: a feature

@@ -30,7 +30,7 @@ from aenet_fn.core.descriptor import ChebyshevParams, build_graph
 from aenet_fn.core.loss import accumulate_errors, error_sums_init, metrics_from_sums
 from aenet_fn.core.minibatch import MiniBatch, stack_batches
 from aenet_fn.core.network import Architecture, NetworkParams
-from aenet_fn.core.potential import Model, energy, energy_forces_stress
+from aenet_fn.core.potential import Model, energy, energy_forces_stress, with_values
 from aenet_fn.driver.distributed import World
 from aenet_fn.driver.loader import Split, take_batch
 from aenet_fn.driver.seam import (
@@ -52,9 +52,16 @@ from aenet_fn.driver.state import (
     optimizer_of,
     plan_epoch,
 )
-from aenet_fn.driver.step import autograd_gradient, batch_loss, batch_residuals, member_step
+from aenet_fn.driver.step import (
+    Loss,
+    autograd_gradient,
+    batch_loss,
+    batch_residuals,
+    member_step,
+)
 from aenet_fn.driver.train import (
     TrainingDiverged,
+    check_custom_loss,
     check_finite_epoch,
     end_of_epoch,
     epoch_batches,
@@ -154,6 +161,7 @@ def committee_epoch(
     config: TrainConfig,
     on_batch: Callable[[int, int], None] | None = None,
     speedups: Speedups | None = None,
+    loss: Loss | None = None,
 ) -> tuple[tuple[TrainState, ...], list[dict[str, float]]]:
     """One epoch of every member, one optimisation step of all members per batch
     (:func:`committee_step`). ``speedups``: the CPU's fast route of the run
@@ -163,11 +171,14 @@ def committee_epoch(
     values), or take each member's epoch drawn ahead
     (:func:`~aenet_fn.driver.seam.draw_member_energy_epochs`); force batches take its stored
     Jacobian (shared batches: all members in one product of each matrix). Without it,
-    energy-only epochs build their own table where one applies. Returns the new states and
-    each member's training metrics."""
+    energy-only epochs build their own table where one applies. ``loss``: a custom
+    :data:`~aenet_fn.driver.step.Loss` of every member (the ``torch.func`` route). Returns the
+    new states and each member's training metrics."""
     check_shared_parts([m.model for m in members])
+    check_custom_loss(loss, speedups, World())
     if speedups is None:
-        speedups = Speedups(table=energy_epoch_table(members[0], train, config, World()))
+        table = None if loss is not None else energy_epoch_table(members[0], train, config, World())
+        speedups = Speedups(table=table)
     if speedups.drawn is None:
         planned = [plan_epoch(member, train, config) for member in members]
     else:
@@ -187,7 +198,7 @@ def committee_epoch(
     if speedups.table is None:
         jacobian = speedups.jacobian
         steps = _batch_steps(
-            members, orders, shared, values, opt_state, lrs, train, config, jacobian
+            members, orders, shared, values, opt_state, lrs, train, config, jacobian, loss
         )
     else:
         steps = _energy_steps(members, orders, shared, values, opt_state, lrs, speedups, config)
@@ -225,6 +236,7 @@ def committee_step(
     batch: MiniBatch,
     config: TrainConfig,
     stacked: bool = False,
+    loss: Loss | None = None,
 ) -> tuple[torch.Tensor, Any, tuple[torch.Tensor, torch.Tensor]]:
     """One optimiser step of every member, from the stacked ``values`` ``[M, P]``,
     ``opt_state`` and learning rates ``lrs`` ``[M]``, on a ``batch`` shared by the members or
@@ -236,7 +248,8 @@ def committee_step(
     :func:`~aenet_fn.driver.step.batch_loss` of the stacked values instead (the members a leading
     axis of every array, no ``vmap``) and their gradients from ``torch.autograd`` (members are
     independent, so the gradient of the summed losses is each member's own): the same numbers to
-    round-off (tested)."""
+    round-off (tested). ``loss``: a custom :data:`~aenet_fn.driver.step.Loss` of every member
+    (default :func:`~aenet_fn.driver.step.default_loss`; not with assembled Jacobians)."""
     if not isinstance(batch.local, (BatchJacobian, StackedJacobians)):
         batch_dims = (
             tree_map(lambda leaf: 0 if isinstance(leaf, torch.Tensor) else None, batch)
@@ -244,9 +257,12 @@ def committee_step(
             else None
         )
         return vmap(
-            lambda v, s, lr, b: member_step(model, v, s, lr, b, config),
+            lambda v, s, lr, b: member_step(model, v, s, lr, b, config, loss),
             in_dims=(0, 0, 0, batch_dims),
         )(values, opt_state, lrs, batch)
+
+    if loss is not None:
+        raise ValueError("a custom loss takes batches without a stored Jacobian (route='func')")
 
     def summed_loss(leaf: torch.Tensor) -> tuple[torch.Tensor, Any]:
         losses, aux = batch_loss(
@@ -261,14 +277,16 @@ def committee_step(
     return new_values, new_state, aux
 
 
-def _batch_steps(members, orders, shared, values, opt_state, lrs, train, config, jacobian):
+def _batch_steps(members, orders, shared, values, opt_state, lrs, train, config, jacobian, loss):
     """Steps of :func:`committee_step` on batches shared by the members or stacked: after
     each, the stacked values and optimiser states, the members' per-atom energy errors and
     (force differences, supervised atoms), or None for energy-only batches."""
     template = members[0].model
 
     def step(values, opt_state, lrs, batch):
-        return committee_step(template, values, opt_state, lrs, batch, config, stacked=not shared)
+        return committee_step(
+            template, values, opt_state, lrs, batch, config, stacked=not shared, loss=loss
+        )
 
     # members of one process: a committee spreads its members over ranks, not its batches;
     # members drawing the same batches share them instead of stacking them
@@ -343,6 +361,7 @@ def committee_fit(
     callbacks: Sequence[Callable[[tuple[TrainState, ...]], None]] = (),
     on_batch: Callable[[int, int], None] | None = None,
     speedups: Speedups | None = None,
+    loss: Loss | None = None,
 ) -> tuple[TrainState, ...]:
     """``config.epochs`` more epochs of every member together; after each epoch every member
     records its own history, best model and scheduler step (nothing is shared), then the
@@ -350,13 +369,19 @@ def committee_fit(
     non-finite stops the run with :class:`~aenet_fn.driver.train.TrainingDiverged` (carrying every
     member's state before that epoch) before the callbacks run. ``speedups``: the CPU's fast
     route for these members and splits (:func:`~aenet_fn.driver.seam.prepare_speedups` of the
-    members; prepared here when not given)."""
+    members; prepared here when not given). ``loss``: a custom
+    :data:`~aenet_fn.driver.step.Loss` of every member, trained on the ``torch.func`` route."""
+    check_custom_loss(loss, speedups, World())
     fingerprint = data_fingerprint(train, test, members[0].model.descriptor)
     for member in members:
         check_same_data(member, fingerprint, config)
     members = tuple(attrs.evolve(member, data_fingerprint=fingerprint) for member in members)
     if speedups is None:  # one per run: the members share the normalisation
-        speedups = prepare_speedups(members, train, test, config, World())
+        speedups = (
+            Speedups()
+            if loss is not None
+            else prepare_speedups(members, train, test, config, World())
+        )
 
     def draw(left: int) -> list[tuple[DrawnEpoch, ...]]:  # from the members the loop reached
         return draw_member_energy_epochs(members, train, config, speedups, left)
@@ -365,7 +390,9 @@ def committee_fit(
     for drawn, start in epochs_drawn_ahead(config.epochs, draw if ahead else None):
         epoch_speedups = attrs.evolve(speedups, drawn=drawn)
         before = members
-        members, train_metrics = committee_epoch(members, train, config, on_batch, epoch_speedups)
+        members, train_metrics = committee_epoch(
+            members, train, config, on_batch, epoch_speedups, loss
+        )
         for index, (old, new, metrics) in enumerate(zip(before, members, train_metrics)):
             try:
                 check_finite_epoch(old, new, metrics, f"committee member {index}")
@@ -416,11 +443,8 @@ def committee_predict(
     stacked = stack_members([m.network for m in models]).values
     graph = build_graph(template.descriptor, batch)
 
-    def model_of(values: torch.Tensor) -> Model:
-        return attrs.evolve(template, network=attrs.evolve(template.network, values=values))
-
     def energies_and_forces(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        result = energy_forces_stress(model_of(values), batch, graph)
+        result = energy_forces_stress(with_values(template, values), batch, graph)
         return result.energy, result.forces
 
     forces = force_mean = force_std = None
@@ -429,7 +453,9 @@ def committee_predict(
         force_mean, force_std = forces.mean(0), forces.std(0, unbiased=False)
     else:
         with torch.no_grad():
-            energies = vmap(lambda values: energy(model_of(values), batch, graph))(stacked)
+            energies = vmap(lambda values: energy(with_values(template, values), batch, graph))(
+                stacked
+            )
     return CommitteePrediction(
         member_energies=energies,
         energy_mean=energies.mean(0),

@@ -32,6 +32,7 @@ from aenet_fn.core.potential import (
     autograd_with_aux,
     energy_and_forces_from_derivatives,
     sum_by_structure,
+    with_values,
 )
 from aenet_fn.driver.distributed import (
     World,
@@ -62,7 +63,7 @@ def batch_residuals(
     ``[M, b]`` and ``[M, n, 3]`` without ``vmap``. ``by_autograd``: see
     :func:`~aenet_fn.core.potential.energy_and_forces_from_derivatives` (outside ``torch.func``
     transforms only)."""
-    model = attrs.evolve(model, network=attrs.evolve(model.network, values=values))
+    model = with_values(model, values)
     slots = batch.n_structures + 1  # the last slot collects padding atoms of stacked batches
     if batch.local is None:
         atomic = atomic_energies_from_features(
@@ -113,6 +114,36 @@ def batch_loss(
     return loss, (errors, differences)
 
 
+Residuals = tuple[torch.Tensor, torch.Tensor]
+"""A batch's per-atom energy errors ``[b]`` (eV/atom) and supervised force differences
+``[n, 3]`` (eV/Å), as :func:`residuals` gives them."""
+
+Loss = Callable[[Model, MiniBatch], tuple[torch.Tensor, Residuals]]
+"""A training loss: ``loss(model, batch) -> (value, residuals)``, pure and differentiable in
+the model's network parameters; ``residuals`` (:func:`residuals` of the model and batch) is
+what training records as its errors."""
+
+
+def residuals(model: Model, batch: MiniBatch) -> Residuals:
+    """The residuals of ``model`` on ``batch`` inside a loss: per-atom energy errors ``[b]``
+    (prediction − label, eV/atom) and the force differences ``[n, 3]`` (eV/Å) of the atoms
+    whose forces the batch supervises (``batch.force_atoms``; zero elsewhere and on an
+    energy-only batch)."""
+    return batch_residuals(model, model.network.values, batch)
+
+
+def default_loss(config: TrainConfig) -> Loss:
+    """The loss :func:`fit` trains by default, ``(1 − α) RMSE_E + α RMSE_F`` with α
+    ``config.force_weight`` (see :func:`~aenet_fn.core.loss.loss_from_sums`), as a
+    :data:`Loss`."""
+
+    def loss(model: Model, batch: MiniBatch) -> tuple[torch.Tensor, Residuals]:
+        values = model.network.values
+        return batch_loss(model, values, batch, config.force_weight, config.force_scale_unbiased)
+
+    return loss
+
+
 LossFunction = Callable[[torch.Tensor], tuple[torch.Tensor, Any]]
 
 
@@ -137,14 +168,18 @@ def member_step(
     lr: float,
     batch: MiniBatch,
     config: TrainConfig,
+    loss: Loss | None = None,
 ) -> tuple[torch.Tensor, Any, tuple[torch.Tensor, torch.Tensor]]:
-    """One optimiser step of one model's parameters ``values`` with ``torch.func.grad``; pure
-    and ``vmap``-able over ``values`` and ``opt_state`` (committees)."""
+    """One optimiser step of one model's parameters ``values`` with ``torch.func.grad`` of
+    ``loss`` (default: :func:`default_loss`); pure and ``vmap``-able over ``values`` and
+    ``opt_state`` (committees)."""
 
-    def loss(v: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        return batch_loss(model, v, batch, config.force_weight, config.force_scale_unbiased)
+    def value(v: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        if loss is None:
+            return batch_loss(model, v, batch, config.force_weight, config.force_scale_unbiased)
+        return loss(with_values(model, v), batch)
 
-    gradient, aux = func_gradient(loss, values)
+    gradient, aux = func_gradient(value, values)
     new_values, new_state = optimizer_of(config, model.network).update(
         gradient, opt_state, values, lr
     )
@@ -163,26 +198,27 @@ def apply_gradient(state: TrainState, gradient: torch.Tensor, config: TrainConfi
 
 def _with_parameters(state: TrainState, values: torch.Tensor, opt_state: Any) -> TrainState:
     """``state`` with network parameters ``values`` and optimiser state ``opt_state``."""
-    model = attrs.evolve(state.model, network=attrs.evolve(state.model.network, values=values))
-    return attrs.evolve(state, model=model, opt_state=opt_state)
+    return attrs.evolve(state, model=with_values(state.model, values), opt_state=opt_state)
 
 
 def train_step(
-    state: TrainState, batch: MiniBatch, config: TrainConfig
+    state: TrainState, batch: MiniBatch, config: TrainConfig, loss: Loss | None = None
 ) -> tuple[TrainState, tuple[torch.Tensor, torch.Tensor]]:
-    """One optimiser step on ``batch``; returns the new state and the batch's per-atom energy
-    errors ``[b]`` and supervised force differences (measured before the step): the
-    :func:`member_step` of the state's parameters (``torch.func.grad``). A batch with an
+    """One optimiser step on ``batch``; returns the new state and the batch's residuals
+    (:data:`Residuals`, measured before the step): the :func:`member_step` of the state's
+    parameters (``torch.func.grad`` of ``loss``, default :func:`default_loss`). A batch with an
     assembled Jacobian (the CPU's fast route, :func:`assembled_jacobian`) takes its gradient
     from ``torch.autograd`` and the optimiser's eager form instead (the same numbers to
-    round-off; tested). Off the CPU the step reads nothing back to the host (tested on the
-    meta device)."""
+    round-off; tested; not with a custom ``loss``). Off the CPU the step reads nothing back to
+    the host (tested on the meta device)."""
     values = state.model.network.values
     if not isinstance(batch.local, BatchJacobian):
         new_values, opt_state, aux = member_step(
-            state.model, values, state.opt_state, state.lr, batch, config
+            state.model, values, state.opt_state, state.lr, batch, config, loss
         )
         return _with_parameters(state, new_values, opt_state), aux
+    if loss is not None:
+        raise ValueError("a custom loss takes batches without a stored Jacobian (route='func')")
     gradient, aux = autograd_gradient(
         lambda v: batch_loss(
             state.model,

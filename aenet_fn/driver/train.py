@@ -64,6 +64,7 @@ from aenet_fn.driver.state import (
 )
 from aenet_fn.driver.step import (
     EVALUATE_BATCH,
+    Loss,
     data_parallel_step,
     monitored_value,
     split_metrics,
@@ -173,14 +174,15 @@ def _batch_epoch(
     world: World,
     on_step: StepReport,
     jacobian: SetJacobian | None,
+    loss: Loss | None,
 ) -> TrainState:
-    """The steps of an epoch over assembled mini-batches (:func:`train_step`, or
+    """The steps of an epoch over assembled mini-batches (:func:`train_step` of ``loss``, or
     :func:`data_parallel_step` under ``torch.distributed``; with ``jacobian``, the training
     split's stored Jacobian); returns the state after the last step."""
     batches = epoch_batches(state, order, train, config, world, jacobian)
     for selection, batch in zip(order.split(config.batch_size), batches):
         if world.size == 1:
-            state, (errors, differences) = train_step(state, batch, config)
+            state, (errors, differences) = train_step(state, batch, config, loss)
             drawn = errors.detach()
         else:
             state, (errors, differences) = data_parallel_step(state, batch, config, world)
@@ -190,6 +192,17 @@ def _batch_epoch(
     return state
 
 
+def check_custom_loss(loss: Loss | None, speedups: Speedups | None, world: World) -> None:
+    """Refuse a custom ``loss`` where it cannot train: with the fast route's ``speedups``
+    (they compute the default loss) or over several processes."""
+    if loss is None:
+        return
+    if speedups is not None and (speedups.table is not None or speedups.jacobian is not None):
+        raise ValueError("a custom loss trains on the torch.func route: pass no speedups")
+    if world.size > 1:
+        raise ValueError("a custom loss trains in one process (torch.distributed is running)")
+
+
 def run_epoch(
     state: TrainState,
     train: Split,
@@ -197,12 +210,15 @@ def run_epoch(
     on_batch: Callable[[int, int], None] | None = None,
     world: World | None = None,
     speedups: Speedups | None = None,
+    loss: Loss | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
     """One epoch over the training split: sampler order, optional force re-draw, a
     :func:`train_step` per batch (:func:`data_parallel_step` under ``torch.distributed``),
     error-score update. Returns the new state and the epoch's training metrics (global
     RMSE/MAE over every draw, measured before each step). ``world``: the processes sharing
-    each batch (default: the current process group).
+    each batch (default: the current process group). ``loss``: a custom
+    :data:`~aenet_fn.driver.step.Loss` (default :func:`~aenet_fn.driver.step.default_loss`);
+    it trains in one process, on the ``torch.func`` route.
 
     ``speedups``: the run's CPU fast route (:func:`prepare_speedups`, which :func:`fit` calls
     once per run), the same steps faster: energy-only epochs lay out the batches of many steps
@@ -211,8 +227,10 @@ def run_epoch(
     epochs build their own table where one applies; force batches take the ``torch.func``
     route."""
     world = current_world() if world is None else world
+    check_custom_loss(loss, speedups, world)
     if speedups is None:
-        speedups = Speedups(table=energy_epoch_table(state, train, config, world))
+        table = None if loss is not None else energy_epoch_table(state, train, config, world)
+        speedups = Speedups(table=table)
     if speedups.drawn is None:
         state, order = plan_epoch(state, train, config)
     else:
@@ -235,7 +253,8 @@ def run_epoch(
     if speedups.table is not None:
         stepped = _energy_epoch(state, order, speedups, config, on_step)
     else:
-        stepped = _batch_epoch(state, order, train, config, world, on_step, speedups.jacobian)
+        jacobian = speedups.jacobian
+        stepped = _batch_epoch(state, order, train, config, world, on_step, jacobian, loss)
     sums = accumulate_errors(sums, torch.cat(own_errors))
     sums = reduce_error_sums(sums, world)
     return finish_epoch(stepped, order, drawn_errors, config), metrics_from_sums(sums)
@@ -316,6 +335,7 @@ def fit(
     on_batch: Callable[[int, int], None] | None = None,
     world: World | None = None,
     speedups: Speedups | None = None,
+    loss: Loss | None = None,
 ) -> TrainState:
     """Run ``config.epochs`` more epochs from ``state``; after each, evaluate the test split
     (exact metrics), record history/best/scheduler and call every callback with the new state
@@ -327,7 +347,10 @@ def fit(
     this process alone, e.g. committee members spread over ranks). A state already trained
     on other splits is refused (:func:`check_same_data`). ``speedups``: the CPU's
     fast route for these splits (:func:`prepare_speedups`), when several runs on the same
-    splits share it (prepared here when not given)."""
+    splits share it (prepared here when not given). ``loss``: a custom
+    :data:`~aenet_fn.driver.step.Loss` ``loss(model, batch) -> (value, residuals)`` (default
+    :func:`~aenet_fn.driver.step.default_loss`), trained on the ``torch.func`` route in one
+    process; the test split's metrics stay the exact RMSE/MAE."""
     check_split(train, state.model.descriptor, "fit: training split")
     check_resumable(state, train, config)
     fingerprint = data_fingerprint(train, test, state.model.descriptor)
@@ -340,8 +363,11 @@ def fit(
     world = current_world() if world is None else world
     if not world.is_main:
         callbacks, on_batch = (), None
+    check_custom_loss(loss, speedups, world)
     if speedups is None:
-        speedups = prepare_speedups(state, train, test, config, world)
+        speedups = (
+            Speedups() if loss is not None else prepare_speedups(state, train, test, config, world)
+        )
 
     def draw(left: int) -> list[DrawnEpoch]:  # from the state the loop has reached
         return draw_energy_epochs(state, train, config, speedups, left)
@@ -350,7 +376,9 @@ def fit(
     for drawn, start in epochs_drawn_ahead(config.epochs, draw if ahead else None):
         epoch_speedups = attrs.evolve(speedups, drawn=drawn)
         before = state
-        state, train_metrics = run_epoch(state, train, config, on_batch, world, epoch_speedups)
+        state, train_metrics = run_epoch(
+            state, train, config, on_batch, world, epoch_speedups, loss
+        )
         check_finite_epoch(before, state, train_metrics)
         test_metrics = (
             None
