@@ -66,6 +66,24 @@ def _as_float64(value: Any, what: str, name: str | None) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
+VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
+"""The ``[3, 3]`` entries of Voigt components ``[xx, yy, zz, yz, xz, xy]``."""
+
+
+def _stress_tensor(stress: torch.Tensor, label: str) -> torch.Tensor:
+    """``stress`` as a ``[3, 3]`` tensor: Voigt ``[6]`` made symmetric, ``[3, 3]`` kept."""
+    if stress.shape == (6,):
+        tensor = stress.new_zeros(3, 3)
+        for value, (i, j) in zip(stress, VOIGT):
+            tensor[i, j] = tensor[j, i] = value
+        return tensor
+    if stress.shape != (3, 3):
+        raise ValueError(
+            f"{label}: stress must have shape [3, 3] or Voigt [6], got {tuple(stress.shape)}"
+        )
+    return stress
+
+
 def _check_finite(tensor: torch.Tensor, what: str, name: str | None) -> None:
     bad = ~torch.isfinite(tensor)
     if bad.any():
@@ -104,6 +122,10 @@ class Structure:
         cell: ``[3, 3]`` float64 lattice vectors as rows (Å) or ``None`` for an isolated system.
         pbc: three periodic flags; defaults to all True with a cell, all False without.
         name: a label used in messages and outputs (e.g. the file it came from).
+        stress: ``[3, 3]`` float64 stress (eV/Å³, ASE's sign convention ``σ = (1/V) ∂E/∂ε``:
+            positive when the cell wants to shrink) or ``None``; given in Voigt order
+            ``[xx, yy, zz, yz, xz, xy]`` it is stored as the symmetric ``[3, 3]`` tensor. Only
+            for structures periodic along all three axes.
     """
 
     positions: torch.Tensor
@@ -113,6 +135,7 @@ class Structure:
     cell: torch.Tensor | None = attrs.field(default=None)
     pbc: tuple[bool, bool, bool] | None = static_field(default=None)
     name: str | None = static_field(default=None)
+    stress: torch.Tensor | None = attrs.field(default=None)
 
     def __attrs_post_init__(self) -> None:
         name = self.name
@@ -172,6 +195,12 @@ class Structure:
             pbc = tuple(bool(f) for f in flags)
         if any(pbc) and cell is None:
             raise ValueError(f"{label}: periodic boundary conditions {pbc} need a cell")
+        stress = self.stress
+        if stress is not None:
+            stress = _stress_tensor(_as_float64(stress, "stress", name), label)
+            _check_finite(stress, "stress", name)
+            if not all(pbc):
+                raise ValueError(f"{label}: a stress needs a cell periodic along x, y and z")
         for field, value in (
             ("positions", positions),
             ("species", species),
@@ -179,6 +208,7 @@ class Structure:
             ("forces", forces),
             ("cell", cell),
             ("pbc", pbc),
+            ("stress", stress),
         ):
             object.__setattr__(self, field, value)
 
@@ -190,6 +220,10 @@ class Structure:
     def has_forces(self) -> bool:
         """True when force labels are present."""
         return self.forces is not None
+
+    def has_stress(self) -> bool:
+        """True when a stress label is present."""
+        return self.stress is not None
 
     def is_periodic(self) -> bool:
         """True when any axis is periodic."""

@@ -18,7 +18,7 @@ import attrs
 import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from aenet_fn.core.structure import Structure
+from aenet_fn.core.structure import VOIGT, Structure
 from aenet_fn.io.xsf import read_xsf
 
 __all__ = ["convert_to_structures", "from_ase", "read_structures", "to_ase"]
@@ -55,9 +55,10 @@ def from_ase(atoms: ase.Atoms, name: str | None = None) -> Structure:
     Energy (eV) and forces ``[n, 3]`` (eV/Å) come from the results already stored on an
     attached calculator (e.g. the ``SinglePointCalculator`` that ``ase.io.read`` attaches):
     ``results["energy"]`` (or ``"free_energy"`` when there is no ``"energy"``) and
-    ``results["forces"]``. Nothing is ever computed, and stale results (the calculator's atoms
-    differ from ``atoms``) are ignored. ``name`` defaults to ``atoms.info["name"]`` if that is a
-    string.
+    ``results["forces"]``, and the stress (eV/Å³, ASE's convention, Voigt or ``[3, 3]``) of a
+    structure periodic along all three axes from ``results["stress"]``. Nothing is ever
+    computed, and stale results (the calculator's atoms differ from ``atoms``) are ignored.
+    ``name`` defaults to ``atoms.info["name"]`` if that is a string.
     """
     if name is None and isinstance(atoms.info.get("name"), str):
         name = atoms.info["name"]
@@ -66,6 +67,7 @@ def from_ase(atoms: ase.Atoms, name: str | None = None) -> Structure:
     forces = results.get("forces")
     pbc = tuple(bool(p) for p in atoms.pbc)
     periodic = any(pbc)
+    stress = results.get("stress") if all(pbc) else None
     return Structure(
         positions=np.array(atoms.get_positions(), dtype=np.float64),
         species=tuple(atoms.get_chemical_symbols()),
@@ -74,13 +76,15 @@ def from_ase(atoms: ase.Atoms, name: str | None = None) -> Structure:
         cell=np.array(atoms.cell.array, dtype=np.float64) if periodic else None,
         pbc=pbc if periodic else None,
         name=name,
+        stress=None if stress is None else np.array(stress, dtype=np.float64),
     )
 
 
 def to_ase(structure: Structure) -> ase.Atoms:
     """An ``ase.Atoms`` from a :class:`Structure`: symbols, positions (Å), cell (Å, zero when
-    the structure has none) and pbc. When the energy (eV) or forces ``[n, 3]`` (eV/Å) are known
-    they are attached as a ``SinglePointCalculator``; the name goes to ``atoms.info["name"]``."""
+    the structure has none) and pbc. When the energy (eV), forces ``[n, 3]`` (eV/Å) or stress
+    (eV/Å³, Voigt) are known they are attached as a ``SinglePointCalculator``; the name goes
+    to ``atoms.info["name"]``."""
     atoms = ase.Atoms(
         symbols=list(structure.species),
         positions=structure.positions.detach().cpu().numpy().copy(),
@@ -94,6 +98,9 @@ def to_ase(structure: Structure) -> ase.Atoms:
         labels["energy"] = float(structure.energy)
     if structure.forces is not None:
         labels["forces"] = structure.forces.detach().cpu().numpy().copy()
+    if structure.stress is not None:
+        stress = structure.stress.detach().cpu().numpy()
+        labels["stress"] = np.array([stress[i, j] for i, j in VOIGT])
     if labels:
         atoms.calc = SinglePointCalculator(atoms, **labels)
     return atoms

@@ -40,6 +40,7 @@ from aenet_fn.io.database.schema import (
     BASE_COLUMNS,
     FORMAT,
     SCHEMA_VERSION,
+    STRESS_COLUMNS,
     TEXT,
     PathLike,
     derivative_columns,
@@ -188,6 +189,12 @@ def _structure_arrays(structures: Sequence[Structure]) -> dict[str, np.ndarray]:
             [math.nan if s.energy is None else s.energy for s in structures], dtype=np.float64
         ),
         "structures/has_forces": np.array([s.has_forces() for s in structures]),
+        "structures/stress": np.array(
+            [
+                np.full((3, 3), math.nan) if s.stress is None else s.stress.numpy()
+                for s in structures
+            ]
+        ).reshape(-1, 3, 3),
         "structures/numbers": np.array(
             [atomic_numbers[x] for s in structures for x in s.species], dtype=np.uint8
         ),
@@ -397,7 +404,7 @@ class _Writer:
     ) -> None:
         self.stream = _LatchingFile(path)
         self.file = h5py.File(self.stream, "w")
-        self.columns = dict(BASE_COLUMNS)
+        self.columns = {**BASE_COLUMNS, **STRESS_COLUMNS}
         if params is not None:
             group = self.file.create_group("descriptor")
             group.attrs["kind"] = "chebyshev"

@@ -24,6 +24,7 @@ from aenet_fn.io.database.schema import (
     FORMAT,
     OFFSET_ROWS,
     SCHEMA_VERSION,
+    STRESS_COLUMNS,
     TEXT,
     DatabaseError,
     EntryMetadata,
@@ -85,6 +86,8 @@ class StructureDatabase:
         if schema != SCHEMA_VERSION:
             raise self._fail(f"schema version {schema}; this version reads {SCHEMA_VERSION}")
         columns = dict(BASE_COLUMNS)
+        if "structures/stress" in file:
+            columns.update(STRESS_COLUMNS)
         group_attrs = {}
         for name, build in (
             ("features", lambda a: feature_columns(int(a["n_features"]))),
@@ -246,6 +249,7 @@ class StructureDatabase:
             pbc=file["structures/pbc"][i],
             energy=float(file["structures/energy"][i]),
             name=file["structures/name"].asstr()[i],
+            stress=file["structures/stress"][i] if "structures/stress" in file else None,
         )
 
     def structures(self) -> list[Structure]:
@@ -256,6 +260,7 @@ class StructureDatabase:
             for k in ("positions", "numbers", "forces", "cell", "has_cell", "pbc", "energy")
         }
         names = file["structures/name"].asstr()[:]
+        stresses = file["structures/stress"][:] if "structures/stress" in file else None
         offsets = self._atom_offset
         return [
             _structure(
@@ -268,6 +273,7 @@ class StructureDatabase:
                 pbc=columns["pbc"][i],
                 energy=float(columns["energy"][i]),
                 name=names[i],
+                stress=None if stresses is None else stresses[i],
             )
             for i in range(len(self))
         ]
@@ -464,8 +470,10 @@ def _structure(
     pbc: np.ndarray,
     energy: float,
     name: str,
+    stress: np.ndarray | None,
 ) -> Structure:
-    """A :class:`Structure` from database rows (NaN energy and "" name mean unknown)."""
+    """A :class:`Structure` from database rows (NaN energy or stress and "" name mean
+    unknown)."""
     return Structure(
         positions=positions,
         species=tuple(chemical_symbols[z] for z in numbers),
@@ -474,4 +482,5 @@ def _structure(
         cell=cell,
         pbc=tuple(bool(p) for p in pbc),
         name=name or None,
+        stress=None if stress is None or np.isnan(stress).all() else stress,
     )

@@ -139,6 +139,11 @@ BASE_COLUMNS = {
 }
 
 
+STRESS_COLUMNS = {"structures/stress": Column(np.float64, (3, 3), "structure")}
+"""Stress labels (eV/Å³, NaN: unknown): written by every build since they were added, read
+where present (databases written before have none, and read as unknown stresses)."""
+
+
 def feature_columns(n_features: int) -> dict[str, Column]:
     return {"features/values": Column(np.float64, (n_features,), "atom")}
 
