@@ -170,9 +170,10 @@ def test_padding_of_stacked_batches_changes_nothing(data, storage):
     for k, batch in enumerate(batches):
         expected = torch.func.grad(loss_of)(values, batch)
         torch.testing.assert_close(gradients[k], expected, rtol=1e-12, atol=1e-13)
-        loss, (errors, differences) = batch_loss(model, values, batch, 0.4, True)
+        loss, found = batch_loss(model, values, batch, 0.4, True)
+        errors, differences = found.energy, found.forces
         torch.testing.assert_close(together[0][k], loss, rtol=1e-14, atol=1e-14)
-        torch.testing.assert_close(together[1][0][k], errors, rtol=1e-14, atol=1e-14)
+        torch.testing.assert_close(together[1].energy[k], errors, rtol=1e-14, atol=1e-14)
         n = batch.features.shape[0]
         kept = stacked.atom_index[k] >= 0
         assert int(kept.sum()) == n
@@ -180,7 +181,7 @@ def test_padding_of_stacked_batches_changes_nothing(data, storage):
         for position in torch.nonzero(kept).flatten().tolist():
             atom = int(stacked.atom_index[k, position])
             torch.testing.assert_close(
-                together[1][1][k, position], by_atom[atom], rtol=1e-12, atol=1e-12
+                together[1].forces[k, position], by_atom[atom], rtol=1e-12, atol=1e-12
             )
 
 
@@ -224,12 +225,12 @@ def test_batch_loss_of_stacked_members_is_each_members_loss(data, kind):
     jacobian = None if storage is None else set_jacobian(PARAMS, train, storage)
     batch = af.take_structures(train, torch.tensor([4, 0, 13, 4, 21]), forces, jacobian)
     stacked = torch.stack([m.network.values for m in members])
-    losses, (errors, differences) = batch_loss(members[0], stacked, batch, 0.3, True)
+    losses, found = batch_loss(members[0], stacked, batch, 0.3, True)
+    errors, differences = found.energy, found.forces
     assert losses.shape == (2,) and differences.shape[0] == 2
     for k, member in enumerate(members):
-        loss, (own_errors, own_differences) = batch_loss(
-            member, member.network.values, batch, 0.3, True
-        )
+        loss, own = batch_loss(member, member.network.values, batch, 0.3, True)
+        own_errors, own_differences = own.energy, own.forces
         torch.testing.assert_close(losses[k], loss, rtol=1e-13, atol=1e-14)
         torch.testing.assert_close(errors[k], own_errors, rtol=1e-13, atol=1e-14)
         torch.testing.assert_close(differences[k], own_differences, rtol=1e-12, atol=1e-13)

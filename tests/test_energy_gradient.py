@@ -47,9 +47,10 @@ def _assert_gradient_of(model, batch, gradient, errors, force_weight):
     on the same (widened) numbers: float32 results are held to float32 round-off of the truth."""
     model64, batch64 = _in_float64(model), _in_float64(batch)
     values64 = model64.network.values
-    expected, (expected_errors, _) = func_gradient(
+    expected, expected_found = func_gradient(
         lambda v: batch_loss(model64, v, batch64, force_weight, False), values64
     )
+    expected_errors = expected_found.energy
     dtype = gradient.dtype
     tolerance = 1e-11 if dtype == torch.float64 else 2e-4
     scale = float(expected.abs().max())
@@ -350,6 +351,7 @@ def test_energy_route_states_carry_no_inference_tensors(tio2_structures, optimiz
     assert not torch.equal(after.model.network.values, state.model.network.values)
     # a custom loop's energy-only step
     batch = af.take_structures(train, torch.tensor([0, 2, 3]))
-    stepped, (step_errors, _) = af.train_step(state, batch, config)
+    stepped, found = af.train_step(state, batch, config)
+    step_errors = found.energy
     assert not step_errors.is_inference()
     assert not any(leaf.is_inference() for leaf in tree_leaves(stepped.opt_state))

@@ -279,8 +279,8 @@ def test_autograd_and_torch_func_gradients_agree(tio2, force_weight, assembled):
     all_autograd, aux_all = autograd_gradient(lambda v: loss(v, by_autograd=True), values)
     torch.testing.assert_close(by_autograd, by_func, rtol=1e-13, atol=1e-15)
     torch.testing.assert_close(all_autograd, by_func, rtol=1e-13, atol=1e-15)
-    torch.testing.assert_close(aux_autograd[0], aux_func[0], rtol=0, atol=0)
-    torch.testing.assert_close(aux_all[1], aux_func[1], rtol=0, atol=1e-14)
+    torch.testing.assert_close(aux_autograd.energy, aux_func.energy, rtol=0, atol=0)
+    torch.testing.assert_close(aux_all.forces, aux_func.forces, rtol=0, atol=1e-14)
 
 
 def test_float32_training_runs_and_learns():

@@ -14,14 +14,18 @@ from collections.abc import Sequence
 
 import attrs
 import torch
+from torch import Tensor
+from torch.func import jacfwd
 
-from aenet_fn.core.batch import collate, ranges
+from aenet_fn.core.batch import Batch, collate, ranges
 from aenet_fn.core.descriptor import (
     ChebyshevParams,
+    DescriptorGraph,
     build_graph,
     features_from_graph,
     species_lookup,
 )
+from aenet_fn.core.forces import strained
 from aenet_fn.core.local_derivatives import ATOM_INDEX_FIELDS, LocalDerivatives, local_derivatives
 from aenet_fn.core.normalization import ENERGY_DTYPE, as_energy
 from aenet_fn.core.records import host_field, pytree_record, static_field, to, tree_bytes
@@ -83,6 +87,30 @@ class HostLayout:
 
 @pytree_record
 @attrs.frozen(eq=False)
+class StrainData:
+    """Stress labels of a featurized set and the strain derivatives of its features.
+
+    Attributes:
+        stresses: ``[B, 3, 3]`` stress labels (eV/Å³, float64), NaN where unknown.
+        volumes: ``[B]`` cell volumes (Å³, float64; NaN for structures not periodic along x,
+            y and z).
+        derivatives: ``[N, F, 3, 3]`` ``∂G_i/∂ε`` of every atom's raw features under a
+            homogeneous strain ``ε`` of its structure, so that a model's stress is
+            ``(1/V) Σ_i (∂E_i/∂G_i) · ∂G_i/∂ε`` (symmetrised).
+    """
+
+    stresses: torch.Tensor
+    volumes: torch.Tensor
+    derivatives: torch.Tensor
+
+    @property
+    def known(self) -> torch.Tensor:
+        """``[B]`` bool: structures with a stress label."""
+        return torch.isfinite(self.stresses).all(dim=-1).all(dim=-1)
+
+
+@pytree_record
+@attrs.frozen(eq=False)
 class FeaturizedSet:
     """Features and labels of ``B`` structures (``N`` atoms), ready for training.
 
@@ -101,6 +129,8 @@ class FeaturizedSet:
             recorded); models and other sets are checked against it.
         layout: the :class:`HostLayout` of the set, on the host whatever the set's device
             (derived from the fields above when the set is built; kept when it moves).
+        strain: stress labels and the features' strain derivatives (:class:`StrainData`), or
+            None (featurized without ``with_stress``).
     """
 
     features: torch.Tensor
@@ -118,6 +148,7 @@ class FeaturizedSet:
     names: tuple[str | None, ...] = static_field()
     descriptor: ChebyshevParams | None = static_field(default=None)  # noqa: RUF009 (immutable)
     layout: HostLayout | None = host_field(default=None)  # noqa: RUF009 (an attrs field)
+    strain: StrainData | None = None
 
     def __attrs_post_init__(self) -> None:
         # derived on the CPU (cheap, never stale); a set elsewhere keeps the one it moved with
@@ -180,17 +211,22 @@ def featurize_structures(
     dtype: torch.dtype = torch.float64,
     chunk_size: int = 256,
     device: torch.device | str | None = None,
+    with_stress: bool = False,
 ) -> FeaturizedSet:
     """Featurize ``structures`` (in chunks of ``chunk_size`` to bound memory) into a
-    :class:`FeaturizedSet`; with ``with_derivatives`` also the local descriptor derivatives.
-    ``dtype`` is ``torch.float32`` or ``torch.float64``; ``chunk_size`` a positive integer.
-    The set is computed on the CPU (the neighbour search runs on the host) and moved to
-    ``device`` once (default: stays on the CPU)."""
+    :class:`FeaturizedSet`; with ``with_derivatives`` also the local descriptor derivatives,
+    with ``with_stress`` the stress labels and the features' strain derivatives
+    (:class:`StrainData`, 9 numbers per feature and atom). ``dtype`` is ``torch.float32`` or
+    ``torch.float64``; ``chunk_size`` a positive integer. The set is computed on the CPU (the
+    neighbour search runs on the host) and moved to ``device`` once (default: stays on the
+    CPU)."""
     check_float_dtype(dtype, "featurize_structures")
     _check_chunk_size(chunk_size)
     if not structures:
         raise ValueError("featurize_structures: no structures")
-    blocks: dict[str, list[torch.Tensor]] = {k: [] for k in ("features", "species", "local")}
+    blocks: dict[str, list[torch.Tensor]] = {
+        k: [] for k in ("features", "species", "local", "strain")
+    }
     atom_offset = 0
     for first in range(0, len(structures), chunk_size):
         batch = collate(structures[first : first + chunk_size], species=None, dtype=dtype)
@@ -201,6 +237,8 @@ def featurize_structures(
                     params, batch.positions, batch.cells, batch.structure_index, graph
                 )
             )
+        if with_stress:
+            blocks["strain"].append(strain_derivatives(params, batch, graph))
         lookup = species_lookup(params, batch.species)
         blocks["species"].append(lookup[batch.species_index])
         if with_derivatives:
@@ -249,8 +287,35 @@ def featurize_structures(
         triplet_count=triplet_count,
         names=tuple(s.name for s in structures),
         descriptor=params,
+        strain=_strain_data(structures, blocks["strain"]) if with_stress else None,
     )
     return data if device is None else to(data, device=device)
+
+
+def strain_derivatives(params: ChebyshevParams, batch: Batch, graph: DescriptorGraph) -> Tensor:
+    """``[N, F, 3, 3]`` ``∂G_i/∂ε`` of the raw features of ``batch`` (its ``graph``) under one
+    homogeneous strain ``ε`` applied to every structure (structures do not interact, so each
+    atom's derivative is that of its own structure's strain), by forward-mode ``torch.func``."""
+
+    def features(strain: Tensor) -> Tensor:
+        strains = strain.expand(batch.cells.shape[0], 3, 3)
+        positions, cells = strained(batch.positions, batch.cells, batch.structure_index, strains)
+        return features_from_graph(params, positions, cells, batch.structure_index, graph)
+
+    return jacfwd(features)(batch.positions.new_zeros(3, 3)).detach()
+
+
+def _strain_data(structures: Sequence[Structure], derivatives: list[Tensor]) -> StrainData:
+    """The :class:`StrainData` of ``structures`` from their chunks' strain derivatives."""
+    nan = torch.full((3, 3), float("nan"), dtype=ENERGY_DTYPE)
+    volumes = [
+        float(torch.linalg.det(s.cell).abs()) if all(s.pbc) else float("nan") for s in structures
+    ]
+    return StrainData(
+        stresses=torch.stack([nan if s.stress is None else s.stress for s in structures]),
+        volumes=torch.tensor(volumes, dtype=ENERGY_DTYPE),
+        derivatives=torch.cat(derivatives),
+    )
 
 
 @attrs.frozen
@@ -368,11 +433,19 @@ def select_structures(data: FeaturizedSet, indices: Sequence[int]) -> Featurized
         triplet_count=triplet_count,
         names=tuple(data.names[i] for i in selection.tolist()),
         descriptor=data.descriptor,
+        strain=None
+        if data.strain is None
+        else StrainData(
+            stresses=data.strain.stresses[selection],
+            volumes=data.strain.volumes[selection],
+            derivatives=data.strain.derivatives[atoms],
+        ),
     )
 
 
 def energy_view(data: FeaturizedSet) -> FeaturizedSet:
-    """``data`` without local derivatives (an energy-only view; nothing copied)."""
+    """``data`` without local derivatives (an energy-only view, stress data kept; nothing
+    copied)."""
     empty = torch.zeros(0, dtype=torch.long)
     return attrs.evolve(
         data,
@@ -386,12 +459,15 @@ def energy_view(data: FeaturizedSet) -> FeaturizedSet:
 
 def concatenate(sets: Sequence[FeaturizedSet]) -> FeaturizedSet:
     """The structures of ``sets`` one after another in one :class:`FeaturizedSet` (local
-    derivatives re-indexed); all sets with derivatives, or none."""
+    derivatives re-indexed); all sets with derivatives (stress data), or none."""
     if not sets:
         raise ValueError("concatenate: no featurized sets")
     with_local = [s.local is not None for s in sets]
     if any(with_local) and not all(with_local):
         raise ValueError("concatenate: some sets carry local derivatives and some do not")
+    with_strain = [s.strain is not None for s in sets]
+    if any(with_strain) and not all(with_strain):
+        raise ValueError("concatenate: some sets carry stress data and some do not")
     descriptors = {s.descriptor for s in sets} - {None}
     if len(descriptors) > 1:
         raise ValueError("concatenate: the sets were featurized with different descriptors")
@@ -421,4 +497,12 @@ def concatenate(sets: Sequence[FeaturizedSet]) -> FeaturizedSet:
         triplet_count=triplet_count,
         names=tuple(name for s in sets for name in s.names),
         descriptor=next(iter(descriptors), None),
+        strain=StrainData(
+            *(
+                torch.cat([getattr(s.strain, f.name) for s in sets])
+                for f in attrs.fields(StrainData)
+            )
+        )
+        if all(with_strain)
+        else None,
     )

@@ -47,6 +47,24 @@ class StoredJacobian(Protocol):
 
 @pytree_record
 @attrs.frozen(eq=False)
+class StrainBatch:
+    """A mini-batch's stress labels and its features' strain derivatives.
+
+    Attributes:
+        derivatives: ``[n, F, 3, 3]`` ``∂G_i/∂ε`` of the batch's atoms (batch order).
+        stresses: ``[b, 3, 3]`` stress labels (eV/Å³, float64; 0 where not supervised).
+        volumes: ``[b]`` cell volumes (Å³, float64; 1 where not supervised).
+        supervised: ``[b]`` bool, structures whose stress the batch supervises.
+    """
+
+    derivatives: torch.Tensor
+    stresses: torch.Tensor
+    volumes: torch.Tensor
+    supervised: torch.Tensor
+
+
+@pytree_record
+@attrs.frozen(eq=False)
 class MiniBatch:
     """A selection of ``b`` whole structures (``n`` atoms) from a :class:`FeaturizedSet`.
 
@@ -65,6 +83,8 @@ class MiniBatch:
         n_force_labelled: ``[]`` atoms of the batch with force labels (for the unbiased scale).
         atom_index: ``[n]`` index of each atom in the featurized set (-1 for padding).
         species_blocks: atoms of each species, in order (static).
+        strain: stress labels and strain derivatives (:class:`StrainBatch`), or None when the
+            batch supervises no stress.
     """
 
     features: torch.Tensor
@@ -78,6 +98,7 @@ class MiniBatch:
     n_force_labelled: torch.Tensor
     atom_index: torch.Tensor
     species_blocks: tuple[int, ...] = static_field()
+    strain: StrainBatch | None = None
 
     @property
     def n_structures(self) -> int:
@@ -90,12 +111,14 @@ def take_structures(
     selection: torch.Tensor,
     force_selected: torch.Tensor | None = None,
     jacobian: StoredJacobian | None = None,
+    with_stress: bool = False,
 ) -> MiniBatch:
     """The mini-batch of structures ``selection`` ``[b]`` (indices into ``data``, repeats
     allowed). ``force_selected`` ``[B]`` bool marks the structures whose forces are supervised;
     their local derivatives are included (``data`` must carry them): as derivative entries, or
     with ``jacobian`` (:func:`~aenet_fn.speedups.force_jacobian.set_jacobian` of ``data``) as the
-    batch's assembled Jacobian.
+    batch's assembled Jacobian. ``with_stress``: the batch supervises the stress of its
+    structures with a stress label (``data`` must carry :class:`StrainData`).
     Every index and size is laid out on the host from the set's :class:`HostLayout`; a set
     off the CPU only gathers its rows, with ``selection`` and ``force_selected`` given on the
     CPU (as the training driver does) nothing is read back from it."""
@@ -143,6 +166,18 @@ def take_structures(
     )
     if planned:
         local = _gather_local(data.local, *planned)
+    strain = None
+    if with_stress:
+        if data.strain is None:
+            raise ValueError("take_structures: stresses requested but the set has no stress data")
+        stresses = take(data.strain.stresses, 0, selection)
+        supervised = torch.isfinite(stresses).all(dim=-1).all(dim=-1)
+        strain = StrainBatch(
+            derivatives=take(data.strain.derivatives, 0, atoms),
+            stresses=torch.where(supervised[:, None, None], stresses, 0.0),
+            volumes=torch.where(supervised, take(data.strain.volumes, 0, selection), 1.0),
+            supervised=supervised,
+        )
     return MiniBatch(
         features=take(data.features, 0, atoms),
         species_index=species,
@@ -155,6 +190,7 @@ def take_structures(
         n_force_labelled=labelled,
         atom_index=atoms,
         species_blocks=blocks,
+        strain=strain,
     )
 
 
@@ -313,4 +349,27 @@ def stack_batches(batches: Sequence[MiniBatch]) -> MiniBatch:
         n_force_labelled=torch.stack([batch.n_force_labelled for batch in batches]),
         atom_index=stacked("atom_index", -1),
         species_blocks=tuple(blocks),
+        strain=_stacked_strain(batches, positions, n_padded),
+    )
+
+
+def _stacked_strain(
+    batches: Sequence[MiniBatch], positions: Sequence[torch.Tensor], n_padded: int
+) -> StrainBatch | None:
+    """The members' strain data stacked (derivatives padded with zeros), or None."""
+    parts = [batch.strain for batch in batches]
+    if all(part is None for part in parts):
+        return None
+    if any(part is None for part in parts):
+        raise ValueError("stack_batches: some batches supervise stresses and some do not")
+    derivatives = []
+    for part, position in zip(parts, positions):
+        padded = part.derivatives.new_zeros((n_padded, *part.derivatives.shape[1:]))
+        padded[position] = part.derivatives
+        derivatives.append(padded)
+    return StrainBatch(
+        derivatives=torch.stack(derivatives),
+        stresses=torch.stack([part.stresses for part in parts]),
+        volumes=torch.stack([part.volumes for part in parts]),
+        supervised=torch.stack([part.supervised for part in parts]),
     )

@@ -210,6 +210,25 @@ def energy_and_forces_from_derivatives(
     ``by_autograd``: ``∂E/∂G`` by ``torch.autograd.grad`` instead (its graph kept where
     gradients are recorded): the same numbers at less overhead, not inside ``torch.func``
     transforms."""
+    energies, feature_gradient = energy_and_feature_gradient(
+        model, features, species_index, structure_index, n_structures, species_blocks, by_autograd
+    )
+    return energies, -local.position_gradient(model.descriptor, feature_gradient)
+
+
+def energy_and_feature_gradient(
+    model: Model,
+    features: torch.Tensor,
+    species_index: torch.Tensor,
+    structure_index: torch.Tensor,
+    n_structures: int,
+    species_blocks: Sequence[int] | None = None,
+    by_autograd: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Energies ``[B]`` and ``∂E/∂G`` ``[N, F]`` of raw ``features``: what forces
+    (:func:`energy_and_forces_from_derivatives`) and stresses
+    (:func:`stress_from_feature_gradient`) of fixed structures are made of. Stacked members'
+    values ``[M, P]`` give ``[M, B]`` and ``[M, N, F]``; ``by_autograd`` as there."""
 
     def total(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         atomic = atomic_energies_from_features(model, raw, species_index, species_blocks)
@@ -223,8 +242,30 @@ def energy_and_forces_from_derivatives(
         feature_gradient, atomic = autograd_with_aux(total, features, create_graph=recording)
     else:
         feature_gradient, atomic = grad(total, has_aux=True)(features)
-    forces = -local.position_gradient(model.descriptor, feature_gradient)
-    return sum_by_structure(atomic, structure_index, n_structures), forces
+    return sum_by_structure(atomic, structure_index, n_structures), feature_gradient
+
+
+def stress_from_feature_gradient(
+    feature_gradient: torch.Tensor,
+    strain_derivatives: torch.Tensor,
+    structure_index: torch.Tensor,
+    volumes: torch.Tensor,
+) -> torch.Tensor:
+    """Stresses ``[B, 3, 3]`` (eV/Å³, ``σ = (1/V) ∂E/∂ε`` symmetrised) of fixed structures
+    from ``∂E/∂G`` ``[N, F]`` and the features' strain derivatives ``[N, F, 3, 3]``
+    (:func:`~aenet_fn.core.featurized.strain_derivatives`); ``volumes`` ``[B]`` (Å³). Leading
+    member axes of ``feature_gradient`` (and of stacked batches' inputs) carry through."""
+    per_atom = torch.einsum("...nf,...nfij->...nij", feature_gradient, strain_derivatives)
+    flat = per_atom.flatten(-2).movedim(-1, -2)  # [..., 9, N]
+    n_structures = volumes.shape[-1]
+    sums = flat.new_zeros(*flat.shape[:-1], n_structures)
+    if structure_index.ndim > 1:  # stacked batches: one index row per member
+        sums = sums.scatter_add(-1, structure_index[..., None, :].expand(flat.shape), flat)
+    else:
+        sums = sums.index_add(-1, structure_index, flat)
+    gradient = sums.movedim(-2, -1).unflatten(-1, (3, 3))  # [..., B, 3, 3]
+    symmetric = 0.5 * (gradient + gradient.transpose(-1, -2))
+    return symmetric / volumes.to(symmetric.dtype)[..., None, None]
 
 
 def autograd_with_aux(

@@ -77,14 +77,20 @@ def pytree_record(cls: type[T]) -> type[T]:
     static = tuple(f.name for f in attrs.fields(cls) if f.metadata.get(_STATIC))
 
     def flatten(obj: Any) -> tuple[list[Any], tuple[Any, ...]]:
-        return [getattr(obj, n) for n in dynamic], tuple(getattr(obj, n) for n in static)
+        # an optional field holding None is no child (so vmap and tree_map never meet None)
+        present = tuple(n for n in dynamic if getattr(obj, n) is not None)
+        statics = tuple(getattr(obj, n) for n in static)
+        return [getattr(obj, n) for n in present], (present, statics)
 
     def unflatten(children: Any, context: tuple[Any, ...]) -> Any:
-        return _rebuild(cls, {**dict(zip(dynamic, children)), **dict(zip(static, context))})
+        present, statics = context
+        values = dict.fromkeys(dynamic)
+        values.update(zip(present, children))
+        return _rebuild(cls, {**values, **dict(zip(static, statics))})
 
     def flatten_with_keys(obj: Any) -> tuple[list[tuple[Any, Any]], tuple[Any, ...]]:
         children, context = flatten(obj)
-        return [(pytree.GetAttrKey(n), c) for n, c in zip(dynamic, children)], context
+        return [(pytree.GetAttrKey(n), c) for n, c in zip(context[0], children)], context
 
     serializable(cls)
     pytree.register_pytree_node(

@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_map
 
 from aenet_fn.core.batch import Batch
 from aenet_fn.core.descriptor import ChebyshevParams, build_graph
-from aenet_fn.core.loss import accumulate_errors, error_sums_init, metrics_from_sums
+from aenet_fn.core.loss import Residuals, accumulate_errors, error_sums_init, metrics_from_sums
 from aenet_fn.core.minibatch import MiniBatch, stack_batches
 from aenet_fn.core.network import Architecture, NetworkParams
 from aenet_fn.core.potential import Model, energy, energy_forces_stress, with_values
@@ -55,8 +55,8 @@ from aenet_fn.driver.state import (
 from aenet_fn.driver.step import (
     Loss,
     autograd_gradient,
-    batch_loss,
     batch_residuals,
+    config_loss,
     member_step,
 )
 from aenet_fn.driver.train import (
@@ -206,13 +206,11 @@ def committee_epoch(
     member_errors: list[list[torch.Tensor]] = [[] for _ in members]
     n_batches = math.ceil(orders[0].numel() / config.batch_size)
     for k, step in enumerate(steps):
-        values, opt_state, errors, forces = step
+        values, opt_state, errors, found, batch = step
         for i in range(len(members)):
             member_errors[i].append(errors[i].detach())
-            if forces is not None:
-                differences, mask = forces
-                mask = mask if shared else mask[i]
-                sums[i] = accumulate_errors(sums[i], errors.new_zeros(0), differences[i], mask)
+            if found is not None and (batch.local is not None or batch.strain is not None):
+                sums[i] = _add_member_labels(sums[i], found, batch, i, shared)
         if on_batch is not None:
             on_batch(k + 1, n_batches)
     new_members = []
@@ -265,9 +263,7 @@ def committee_step(
         raise ValueError("a custom loss takes batches without a stored Jacobian (route='func')")
 
     def summed_loss(leaf: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        losses, aux = batch_loss(
-            model, leaf, batch, config.force_weight, config.force_scale_unbiased, by_autograd=True
-        )
+        losses, aux = config_loss(model, leaf, batch, config, by_autograd=True)
         return losses.sum(), aux
 
     gradient, aux = autograd_gradient(summed_loss, values)
@@ -294,9 +290,8 @@ def _batch_steps(members, orders, shared, values, opt_state, lrs, train, config,
     streams = [epoch_batches(m, o, train, config, World(), jacobian) for m, o in drawing]
     for batches in zip(*streams):
         batch = batches[0] if shared else stack_batches(batches)
-        values, opt_state, (errors, differences) = step(values, opt_state, lrs, batch)
-        forces = None if batch.local is None else (differences, batch.force_atoms)
-        yield values, opt_state, errors, forces
+        values, opt_state, found = step(values, opt_state, lrs, batch)
+        yield values, opt_state, found.energy, found, batch
 
 
 def _energy_steps(members, orders, shared, values, opt_state, lrs, speedups, config):
@@ -319,7 +314,25 @@ def _energy_steps(members, orders, shared, values, opt_state, lrs, speedups, con
         steps = energy_gradients(table, network, draws, batch_size, force_weight, workspace)
     for gradient, errors in steps:
         opt_state = update_members_in_place(optimizer, gradient, opt_state, values, lrs)
-        yield values, opt_state, errors, None
+        yield values, opt_state, errors, None, None
+
+
+def _add_member_labels(sums, found: Residuals, batch: MiniBatch, member: int, shared: bool):
+    """``sums`` of member ``member`` with its force and stress residuals of a step added
+    (``found`` and ``batch`` with a leading member axis where the batch is not ``shared``)."""
+
+    def own(mask: torch.Tensor) -> torch.Tensor:
+        return mask if shared else mask[member]
+
+    stress_mask = None if batch.strain is None else own(batch.strain.supervised)
+    return accumulate_errors(
+        sums,
+        found.energy.new_zeros(0),
+        found.forces[member],
+        own(batch.force_atoms),
+        found.stress[member],
+        stress_mask,
+    )
 
 
 def committee_evaluate(
@@ -328,6 +341,7 @@ def committee_evaluate(
     with_forces: bool,
     batch_size: int = 256,
     jacobian: SetJacobian | None = None,
+    with_stress: bool = False,
 ) -> list[dict[str, float]]:
     """Exact metrics of every member over ``data`` (see :func:`~aenet_fn.driver.step.evaluate`), the
     members evaluated together, their stacked values a leading axis of each batch's residuals
@@ -336,18 +350,18 @@ def committee_evaluate(
     template = members[0].model
     values = torch.stack([m.model.network.values for m in members])
 
-    def residuals(values: torch.Tensor, batch: MiniBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def residuals(values: torch.Tensor, batch: MiniBatch) -> Residuals:
         return batch_residuals(template, values, batch, by_autograd=True)  # members: leading axis
 
     sums = [error_sums_init() for _ in members]
     everything = data.has_forces if with_forces else None
     host = torch.arange(data.n_structures, device="cpu")  # batches are laid out on the host
     for selection in host.split(batch_size):
-        batch = take_batch(data, selection, everything, jacobian)
+        batch = take_batch(data, selection, everything, jacobian, with_stress)
         with torch.no_grad():
-            errors, differences = residuals(values, batch)
+            found = residuals(values, batch)
         sums = [
-            accumulate_errors(s, errors[i], differences[i], batch.force_atoms)
+            accumulate_errors(_add_member_labels(s, found, batch, i, shared=True), found.energy[i])
             for i, s in enumerate(sums)
         ]
     return [metrics_from_sums(s) for s in sums]
@@ -402,7 +416,11 @@ def committee_fit(
             [None] * len(members)
             if test is None
             else committee_evaluate(
-                members, test, config.uses_forces, jacobian=speedups.test_jacobian
+                members,
+                test,
+                config.uses_forces,
+                jacobian=speedups.test_jacobian,
+                with_stress=config.uses_stress,
             )
         )
         seconds = time.perf_counter() - start

@@ -23,7 +23,7 @@ import attrs
 import torch
 import torch.distributed as dist
 
-from aenet_fn.core.loss import ErrorSums, loss_from_sums
+from aenet_fn.core.loss import ErrorSums, Residuals, loss_from_sums
 
 
 @attrs.frozen
@@ -89,20 +89,27 @@ def reduce_error_sums(sums: ErrorSums, world: World) -> ErrorSums:
 
 
 def global_batch_loss(
-    errors: torch.Tensor,
-    differences: torch.Tensor,
+    found: Residuals,
     supervised: torch.Tensor,
     n_labelled: torch.Tensor,
+    stress_supervised: torch.Tensor | None,
     force_weight: float,
     unbiased: bool,
+    stress_weight: float,
     world: World,
 ) -> torch.Tensor:
-    """The loss of the global batch from this process's residuals: per-atom energy errors
-    ``[b_r]``, masked force differences ``[n_r, 3]``, ``supervised`` ``[n_r]`` atoms and
-    ``n_labelled`` labelled atoms of its share. Its value is the global batch loss; its
-    gradient is the contribution of this share, so that the sum of all processes' gradients
-    is the global gradient."""
+    """The loss of the global batch from this process's residuals ``found`` (of its share:
+    ``supervised`` ``[n_r]`` atoms, ``n_labelled`` labelled atoms, ``stress_supervised``
+    ``[b_r]`` structures or None). Its value is the global batch loss; its gradient is the
+    contribution of this share, so that the sum of all processes' gradients is the global
+    gradient."""
+    errors, differences, stress = found.energy, found.forces, found.stress
     dtype = errors.dtype
+    n_stresses = (
+        torch.zeros((), dtype=dtype, device=errors.device)
+        if stress_supervised is None
+        else stress_supervised.sum().to(dtype)
+    )
     local = torch.stack(
         [
             (errors * errors).sum(),
@@ -110,11 +117,22 @@ def global_batch_loss(
             supervised.sum().to(dtype),
             n_labelled.to(dtype),
             torch.tensor(float(errors.shape[0]), dtype=dtype, device=errors.device),
+            (stress * stress).sum(),
+            n_stresses,
         ]
     )
     total = all_reduce_sum(local.detach(), world)
     sums = local + (total - local.detach())  # value: the global sums; gradient: this share's
-    return loss_from_sums(sums[0], sums[4], sums[1], sums[2], sums[3], force_weight, unbiased)
+    stress_terms = {}
+    if stress_supervised is not None:
+        stress_terms = {
+            "stress_squared": sums[5],
+            "n_stresses": sums[6],
+            "stress_weight": stress_weight,
+        }
+    return loss_from_sums(
+        sums[0], sums[4], sums[1], sums[2], sums[3], force_weight, unbiased, **stress_terms
+    )
 
 
 def agreed_seed(seed: int | None, world: World) -> int:

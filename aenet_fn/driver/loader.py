@@ -197,14 +197,18 @@ def take_batch(
     selection: torch.Tensor,
     force_selected: torch.Tensor | None,
     jacobian: SetJacobian | None = None,
+    with_stress: bool = False,
 ) -> MiniBatch:
     """The mini-batch of structures ``selection`` ``[b]`` of ``data``; ``force_selected``
     ``[B]`` marks the force-supervised structures (None: energies only). ``jacobian``: the
     :class:`~aenet_fn.speedups.force_jacobian.SetJacobian` of a featurized ``data``, to give the
-    batch an assembled Jacobian (see :func:`~aenet_fn.core.minibatch.take_structures`)."""
+    batch an assembled Jacobian (see :func:`~aenet_fn.core.minibatch.take_structures`).
+    ``with_stress``: the batch supervises stresses (a featurized set with stress data)."""
     if isinstance(data, StructureSource):
+        if with_stress:
+            raise ValueError("stress training reads featurized sets in memory, not lazy sources")
         return data.take(selection, force_selected)
-    return take_structures(data, selection, force_selected, jacobian)
+    return take_structures(data, selection, force_selected, jacobian, with_stress)
 
 
 def normalization_features(data: Split) -> torch.Tensor | FeatureMoments:
@@ -250,6 +254,7 @@ def batch_stream(
     prefetch_factor: int = 2,
     persistent_workers: bool = False,
     jacobian: SetJacobian | None = None,
+    with_stress: bool = False,
 ) -> Iterator[MiniBatch]:
     """The mini-batches of ``selections`` in order: built here when ``num_workers == 0``
     (with ``jacobian``: see :func:`take_batch`), otherwise ``prefetch_factor`` batches ahead per
@@ -258,7 +263,9 @@ def batch_stream(
     :class:`StructureSource` keeps its workers (and their caches) from one epoch to the next."""
     items = [(selection, force_selected) for selection in selections]
     if num_workers == 0:
-        return (take_batch(data, *item, jacobian) for item in items)
+        return (take_batch(data, *item, jacobian, with_stress) for item in items)
+    if with_stress:
+        raise ValueError("stress training reads featurized sets in memory (num_workers = 0)")
     keep = persistent_workers and isinstance(data, StructureSource)
     if keep and data._loader is not None and data._loader[0] == num_workers:
         _, loader, plan = data._loader

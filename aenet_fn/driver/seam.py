@@ -53,7 +53,7 @@ def energy_epoch_table(
     processes, DataLoader workers, lazy splits, sets too large to copy, or the ``torch.func``
     route (:func:`takes_fast_route`)."""
     world = current_world() if world is None else world
-    if config.uses_forces or world.size > 1 or config.num_workers > 0:
+    if config.uses_forces or config.uses_stress or world.size > 1 or config.num_workers > 0:
         return None
     if not takes_fast_route(config, state.model.network.values):
         return None

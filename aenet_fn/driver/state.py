@@ -90,7 +90,10 @@ class TrainConfig:
             chained onto the optimiser (:func:`~aenet_fn.core.optim.decoupled_weight_decay`),
             ``p ← p − lr·λ·p`` per step (>= 0; 0: none). The optimiser's own
             ``weight_decay`` is the reference's L2 term added to every gradient.
-        force_weight: α in ``(1 − α) RMSE_E + α RMSE_F``, in [0, 1].
+        force_weight: α in ``(1 − α − β) RMSE_E + α RMSE_F + β RMSE_S``, in [0, 1].
+        stress_weight: β, the weight of the stress RMSE (eV/Å³) over the structures with a
+            stress label, in [0, 1] with α + β <= 1; it needs splits featurized
+            ``with_stress`` (in memory).
         force_fraction: fraction of the training structures whose forces are supervised.
         force_sampling: ``"random"`` (re-drawn every ``force_resample_num_epochs``) or
             ``"fixed"``.
@@ -123,6 +126,7 @@ class TrainConfig:
     optimizer: AdamConfig | SGDConfig = attrs.field(factory=AdamConfig)
     decoupled_weight_decay: float = 0.0
     force_weight: float = 0.0
+    stress_weight: float = 0.0
     force_fraction: float = 1.0
     force_sampling: str = "random"
     force_resample_num_epochs: int = 0
@@ -148,6 +152,12 @@ class TrainConfig:
         if self.force_min_structures_per_epoch is not None:
             _check_integer("force_min_structures_per_epoch", self.force_min_structures_per_epoch, 0)
         _check_fraction("force_weight", self.force_weight)
+        _check_fraction("stress_weight", self.stress_weight)
+        _check(
+            self.force_weight + self.stress_weight <= 1,
+            f"force_weight + stress_weight must be <= 1, got {self.force_weight} + "
+            f"{self.stress_weight}",
+        )
         _check_fraction("force_fraction", self.force_fraction)
         switches = ("force_scale_unbiased", "use_scheduler", "persistent_workers")
         for name in (*switches, "allow_other_data"):
@@ -182,6 +192,11 @@ class TrainConfig:
     def uses_forces(self) -> bool:
         """True when forces enter the loss."""
         return self.force_weight > 0
+
+    @property
+    def uses_stress(self) -> bool:
+        """True when stresses enter the loss."""
+        return self.stress_weight > 0
 
 
 def takes_fast_route(config: TrainConfig, values: torch.Tensor) -> bool:
@@ -292,9 +307,11 @@ def optimizer_of(config: TrainConfig, network: NetworkParams) -> Optimizer:
     return decoupled_weight_decay(optimizer, config.decoupled_weight_decay, mask)
 
 
-def check_labels(data: Split, with_forces: bool, caller: str) -> None:
+def check_labels(data: Split, with_forces: bool, caller: str, with_stress: bool = False) -> None:
     """Refuse a split with structures that lack an energy, or, ``with_forces``, one in which
-    no structure has forces (``caller`` names the split in the message)."""
+    no structure has forces, or, ``with_stress``, one without stress data (featurized
+    ``with_stress``, in memory) or without any stress label (``caller`` names the split in
+    the message)."""
     missing = torch.nonzero(~torch.isfinite(data.energies)).flatten().tolist()
     if missing:
         names = [data.names[i] or f"#{i}" for i in missing[:5]]
@@ -303,6 +320,17 @@ def check_labels(data: Split, with_forces: bool, caller: str) -> None:
         raise ValueError(
             f"{caller} forces are weighted (force_weight > 0) but no structure has forces"
         )
+    if with_stress:
+        strain = getattr(data, "strain", None)
+        if strain is None:
+            raise ValueError(
+                f"{caller} stresses are weighted (stress_weight > 0) but the split carries no "
+                "stress data: featurize it in memory with with_stress=True"
+            )
+        if not bool(strain.known.any()):
+            raise ValueError(
+                f"{caller} stresses are weighted (stress_weight > 0) but no structure has a stress"
+            )
 
 
 def data_fingerprint(train: Split, test: Split | None, descriptor: ChebyshevParams) -> str:
@@ -317,6 +345,9 @@ def data_fingerprint(train: Split, test: Split | None, descriptor: ChebyshevPara
         digest.update("\0".join(str(name) for name in split.names).encode())
         for tensor in (split.n_atoms, split.species_counts, split.energies):
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        strain = getattr(split, "strain", None)
+        if strain is not None and bool(strain.known.any()):  # (runs without stresses: as before)
+            digest.update(strain.stresses.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -360,7 +391,7 @@ def init_train_state(model: Model, train: Split, config: TrainConfig) -> TrainSt
     if train.n_structures == 0:
         raise ValueError("init_train_state: the training split is empty")
     check_split(train, model.descriptor, "init_train_state")
-    check_labels(train, config.uses_forces, "init_train_state: training")
+    check_labels(train, config.uses_forces, "init_train_state: training", config.uses_stress)
     generator = torch.Generator().manual_seed(config.seed)
     sampler = sampler_init(config.sampling_policy, train.n_structures, device=train.device)
     sampler = _draw_force_subset(sampler, train, config, generator)

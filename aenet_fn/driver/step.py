@@ -18,6 +18,8 @@ from torch.utils._pytree import tree_map
 
 from aenet_fn.core.checks import is_integer
 from aenet_fn.core.loss import (
+    ErrorSums,
+    Residuals,
     accumulate_errors,
     energy_error_per_atom,
     error_sums_init,
@@ -30,7 +32,8 @@ from aenet_fn.core.potential import (
     Model,
     atomic_energies_from_features,
     autograd_with_aux,
-    energy_and_forces_from_derivatives,
+    energy_and_feature_gradient,
+    stress_from_feature_gradient,
     sum_by_structure,
     with_values,
 )
@@ -54,39 +57,55 @@ from aenet_fn.speedups.fused_optim import update_eagerly
 
 def batch_residuals(
     model: Model, values: torch.Tensor, batch: MiniBatch, by_autograd: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-atom energy errors ``[b]`` (eV/atom) and force differences ``[n, 3]`` (eV/Å) of the
-    supervised atoms (0 elsewhere, and everywhere when the batch supervises no force) of
-    ``batch`` for network parameters ``values`` ``[P]``. Written without data-dependent shapes,
-    so it ``vmap``s over members (and over padded, stacked batches); stacked members' values
-    ``[M, P]`` on one batch, or on their stacked batches with an assembled Jacobian, give
-    ``[M, b]`` and ``[M, n, 3]`` without ``vmap``. ``by_autograd``: see
+) -> Residuals:
+    """The :class:`~aenet_fn.core.loss.Residuals` of ``batch`` for network parameters
+    ``values`` ``[P]``: per-atom energy errors ``[b]`` (eV/atom), the force differences
+    ``[n, 3]`` (eV/Å) of the supervised atoms and the stress differences ``[b, 3, 3]``
+    (eV/Å³) of the stress-supervised structures (0 elsewhere). Written without data-dependent
+    shapes, so it ``vmap``s over members (and over padded, stacked batches); stacked members'
+    values ``[M, P]`` on one batch, or on their stacked batches with an assembled Jacobian,
+    give a leading member axis without ``vmap``. ``by_autograd``: see
     :func:`~aenet_fn.core.potential.energy_and_forces_from_derivatives` (outside ``torch.func``
     transforms only)."""
     model = with_values(model, values)
     slots = batch.n_structures + 1  # the last slot collects padding atoms of stacked batches
-    if batch.local is None:
+    strain = batch.strain
+    if batch.local is None and strain is None:
         atomic = atomic_energies_from_features(
             model, batch.features, batch.species_index, batch.species_blocks
         )
         energies = sum_by_structure(atomic, batch.structure_index, slots)
-        differences = batch.forces.new_zeros(*energies.shape[:-1], batch.force_atoms.shape[0], 3)
+        feature_gradient = None
     else:
-        energies, forces = energy_and_forces_from_derivatives(
+        energies, feature_gradient = energy_and_feature_gradient(
             model,
             batch.features,
             batch.species_index,
             batch.structure_index,
             slots,
-            batch.local,
             batch.species_blocks,
             by_autograd,
         )
+    members = energies.shape[:-1]
+    if batch.local is None:
+        differences = batch.forces.new_zeros(*members, batch.force_atoms.shape[-1], 3)
+    else:
+        forces = -batch.local.position_gradient(model.descriptor, feature_gradient)
         differences = masked_force_differences(forces, batch.forces, batch.force_atoms)
+    if strain is None:
+        stress = energies.new_zeros(*members, batch.n_structures, 3, 3)
+    else:
+        spare = strain.volumes.new_ones(*strain.volumes.shape[:-1], 1)  # the padding slot
+        volumes = torch.cat([strain.volumes, spare], -1)
+        predicted = stress_from_feature_gradient(
+            feature_gradient, strain.derivatives, batch.structure_index, volumes
+        )[..., : batch.n_structures, :, :]
+        supervised = strain.supervised[..., None, None]
+        stress = torch.where(supervised, predicted - strain.stresses.to(predicted.dtype), 0.0)
     errors = energy_error_per_atom(
         energies[..., : batch.n_structures], batch.energies, batch.n_atoms
     )
-    return errors, differences
+    return Residuals(energy=errors, forces=differences, stress=stress)
 
 
 def batch_loss(
@@ -96,12 +115,21 @@ def batch_loss(
     force_weight: float,
     unbiased: bool,
     by_autograd: bool = False,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    stress_weight: float = 0.0,
+) -> tuple[torch.Tensor, Residuals]:
     """Loss of ``batch`` for network parameters ``values`` ``[P]`` (see
-    :func:`~aenet_fn.core.loss.loss_from_sums`), with :func:`batch_residuals` as auxiliary
-    output; for stacked members' values ``[M, P]``, their losses ``[M]``. ``by_autograd``:
-    see :func:`batch_residuals`."""
-    errors, differences = batch_residuals(model, values, batch, by_autograd)
+    :func:`~aenet_fn.core.loss.loss_from_sums`; the stress term where the batch supervises
+    stresses), with :func:`batch_residuals` as auxiliary output; for stacked members' values
+    ``[M, P]``, their losses ``[M]``. ``by_autograd``: see :func:`batch_residuals`."""
+    found = batch_residuals(model, values, batch, by_autograd)
+    errors, differences = found.energy, found.forces
+    stress_sums = {}
+    if batch.strain is not None:
+        stress_sums = {
+            "stress_squared": (found.stress * found.stress).sum((-3, -2, -1)),
+            "n_stresses": batch.strain.supervised.sum(-1),
+            "stress_weight": stress_weight,
+        }
     loss = loss_from_sums(
         (errors * errors).sum(-1),
         errors.shape[-1],
@@ -110,38 +138,54 @@ def batch_loss(
         batch.n_force_labelled,
         force_weight,
         unbiased,
+        **stress_sums,
     )
-    return loss, (errors, differences)
+    return loss, found
 
-
-Residuals = tuple[torch.Tensor, torch.Tensor]
-"""A batch's per-atom energy errors ``[b]`` (eV/atom) and supervised force differences
-``[n, 3]`` (eV/Å), as :func:`residuals` gives them."""
 
 Loss = Callable[[Model, MiniBatch], tuple[torch.Tensor, Residuals]]
 """A training loss: ``loss(model, batch) -> (value, residuals)``, pure and differentiable in
-the model's network parameters; ``residuals`` (:func:`residuals` of the model and batch) is
-what training records as its errors."""
+the model's network parameters; ``residuals`` (:func:`residuals` of the model and batch, a
+:class:`~aenet_fn.core.loss.Residuals`) is what training records as its errors."""
 
 
 def residuals(model: Model, batch: MiniBatch) -> Residuals:
-    """The residuals of ``model`` on ``batch`` inside a loss: per-atom energy errors ``[b]``
-    (prediction − label, eV/atom) and the force differences ``[n, 3]`` (eV/Å) of the atoms
-    whose forces the batch supervises (``batch.force_atoms``; zero elsewhere and on an
-    energy-only batch)."""
+    """The :class:`~aenet_fn.core.loss.Residuals` of ``model`` on ``batch`` inside a loss:
+    per-atom energy errors ``[b]`` (prediction − label, eV/atom), the force differences
+    ``[n, 3]`` (eV/Å) of the atoms whose forces the batch supervises (``batch.force_atoms``)
+    and the stress differences ``[b, 3, 3]`` (eV/Å³) of the structures whose stress it
+    supervises (``batch.strain.supervised``), zero elsewhere."""
     return batch_residuals(model, model.network.values, batch)
 
 
 def default_loss(config: TrainConfig) -> Loss:
-    """The loss :func:`fit` trains by default, ``(1 − α) RMSE_E + α RMSE_F`` with α
-    ``config.force_weight`` (see :func:`~aenet_fn.core.loss.loss_from_sums`), as a
-    :data:`Loss`."""
+    """The loss :func:`fit` trains by default, ``(1 − α − β) RMSE_E + α RMSE_F + β RMSE_S``
+    with α ``config.force_weight`` and β ``config.stress_weight`` (see
+    :func:`~aenet_fn.core.loss.loss_from_sums`), as a :data:`Loss`."""
 
     def loss(model: Model, batch: MiniBatch) -> tuple[torch.Tensor, Residuals]:
-        values = model.network.values
-        return batch_loss(model, values, batch, config.force_weight, config.force_scale_unbiased)
+        return config_loss(model, model.network.values, batch, config)
 
     return loss
+
+
+def config_loss(
+    model: Model,
+    values: torch.Tensor,
+    batch: MiniBatch,
+    config: TrainConfig,
+    by_autograd: bool = False,
+) -> tuple[torch.Tensor, Residuals]:
+    """:func:`batch_loss` with the weights of ``config``."""
+    return batch_loss(
+        model,
+        values,
+        batch,
+        config.force_weight,
+        config.force_scale_unbiased,
+        by_autograd,
+        config.stress_weight,
+    )
 
 
 LossFunction = Callable[[torch.Tensor], tuple[torch.Tensor, Any]]
@@ -176,7 +220,7 @@ def member_step(
 
     def value(v: torch.Tensor) -> tuple[torch.Tensor, Any]:
         if loss is None:
-            return batch_loss(model, v, batch, config.force_weight, config.force_scale_unbiased)
+            return config_loss(model, v, batch, config)
         return loss(with_values(model, v), batch)
 
     gradient, aux = func_gradient(value, values)
@@ -220,15 +264,7 @@ def train_step(
     if loss is not None:
         raise ValueError("a custom loss takes batches without a stored Jacobian (route='func')")
     gradient, aux = autograd_gradient(
-        lambda v: batch_loss(
-            state.model,
-            v,
-            batch,
-            config.force_weight,
-            config.force_scale_unbiased,
-            by_autograd=True,
-        ),
-        values,
+        lambda v: config_loss(state.model, v, batch, config, by_autograd=True), values
     )
     return apply_gradient(state, gradient, config), aux
 
@@ -243,17 +279,19 @@ def data_parallel_step(
     assembled = isinstance(batch.local, BatchJacobian)
 
     def loss(values: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        errors, differences = batch_residuals(state.model, values, batch, by_autograd=assembled)
+        found = batch_residuals(state.model, values, batch, by_autograd=assembled)
+        stress_supervised = None if batch.strain is None else batch.strain.supervised
         value = global_batch_loss(
-            errors,
-            differences,
+            found,
             batch.force_atoms,
             batch.n_force_labelled,
+            stress_supervised,
             config.force_weight,
             config.force_scale_unbiased,
+            config.stress_weight,
             world,
         )
-        return value, (errors, differences)
+        return value, found
 
     values = state.model.network.values
     gradient, aux = (autograd_gradient if assembled else func_gradient)(loss, values)
@@ -271,20 +309,24 @@ def evaluate(
     batch_size: int = EVALUATE_BATCH,
     world: World | None = None,
     jacobian: SetJacobian | None = None,
+    with_stress: bool = False,
 ) -> dict[str, float]:
     """Exact metrics of ``model`` over all of ``data``: per-atom energy RMSE and MAE (eV/atom)
     over every structure, force RMSE (eV/Å) over every labelled component when ``with_forces``
-    (with ``jacobian``, :func:`assembled_jacobian` of ``data``, through assembled Jacobians).
+    (with ``jacobian``, :func:`assembled_jacobian` of ``data``, through assembled Jacobians),
+    stress RMSE (eV/Å³) over the nine components of every stress label when ``with_stress``.
     In a data-parallel run (``world``; default: the current process group) each process
     evaluates its share and the sums are reduced."""
     if not (is_integer(batch_size) and batch_size >= 1):
         raise ValueError(f"evaluate: batch_size must be an integer >= 1, got {batch_size!r}")
     check_split(data, model.descriptor, "evaluate")
-    check_labels(data, with_forces, "evaluate:")
-    return split_metrics(model, data, with_forces, batch_size, world, jacobian)
+    check_labels(data, with_forces, "evaluate:", with_stress)
+    return split_metrics(model, data, with_forces, batch_size, world, jacobian, with_stress)
 
 
-def split_metrics(model, data, with_forces, batch_size, world, jacobian) -> dict[str, float]:
+def split_metrics(
+    model, data, with_forces, batch_size, world, jacobian, with_stress=False
+) -> dict[str, float]:
     """:func:`evaluate` (the same arguments) of a split already checked: ``fit`` checks its
     test split once, before the first epoch."""
     world = current_world() if world is None else world
@@ -296,17 +338,29 @@ def split_metrics(model, data, with_forces, batch_size, world, jacobian) -> dict
         share = shares(selection, world)[world.rank]
         if share.numel() == 0:
             continue
-        batch = take_batch(data, share, everything, jacobian)
+        batch = take_batch(data, share, everything, jacobian, with_stress)
         with torch.no_grad():
-            errors, differences = batch_residuals(
-                model, model.network.values, batch, by_autograd=True
-            )
-        sums = accumulate_errors(sums, errors, differences, batch.force_atoms)
+            found = batch_residuals(model, model.network.values, batch, by_autograd=True)
+        sums = accumulate_residuals(sums, found, batch)
     return metrics_from_sums(reduce_error_sums(sums, world))
 
 
-def monitored_value(metrics: dict[str, float], force_weight: float) -> float:
-    value = (1 - force_weight) * metrics["rmse_energy"]
-    if force_weight > 0 and not math.isnan(metrics["rmse_forces"]):
-        value += force_weight * metrics["rmse_forces"]
+def accumulate_residuals(sums: ErrorSums, found: Residuals, batch: MiniBatch) -> ErrorSums:
+    """``sums`` with the residuals ``found`` of ``batch`` added (forces and stresses where the
+    batch supervises them)."""
+    stress_supervised = None if batch.strain is None else batch.strain.supervised
+    return accumulate_errors(
+        sums, found.energy, found.forces, batch.force_atoms, found.stress, stress_supervised
+    )
+
+
+def monitored_value(metrics: dict[str, float], config: TrainConfig) -> float:
+    """The validation monitor: the loss's weighting of the split's exact RMSEs."""
+    value = (1 - config.force_weight - config.stress_weight) * metrics["rmse_energy"]
+    for weight, key in (
+        (config.force_weight, "rmse_forces"),
+        (config.stress_weight, "rmse_stress"),
+    ):
+        if weight > 0 and not math.isnan(metrics.get(key, math.nan)):
+            value += weight * metrics[key]
     return value

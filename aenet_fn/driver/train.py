@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_map
 
 from aenet_fn.core.loss import (
     ErrorSums,
+    Residuals,
     accumulate_errors,
     error_sums_init,
     metrics_from_sums,
@@ -65,6 +66,7 @@ from aenet_fn.driver.state import (
 from aenet_fn.driver.step import (
     EVALUATE_BATCH,
     Loss,
+    accumulate_residuals,
     data_parallel_step,
     monitored_value,
     split_metrics,
@@ -102,6 +104,7 @@ def epoch_batches(
         prefetch_factor=config.prefetch_factor,
         persistent_workers=config.persistent_workers,
         jacobian=jacobian,
+        with_stress=config.uses_stress,
     )
 
 
@@ -117,9 +120,9 @@ def finish_epoch(
     return attrs.evolve(state, sampler=attrs.evolve(state.sampler, scores=scores))
 
 
-StepReport = Callable[[torch.Tensor, torch.Tensor, Any], None]
+StepReport = Callable[..., None]
 """Called after each step with this process's per-atom energy errors, those of the whole
-batch, and (force differences, supervised atoms) or None."""
+batch, and (batch steps) the step's :class:`~aenet_fn.core.loss.Residuals` and its batch."""
 
 
 def _ordinary(tensor: torch.Tensor) -> torch.Tensor:
@@ -182,13 +185,13 @@ def _batch_epoch(
     batches = epoch_batches(state, order, train, config, world, jacobian)
     for selection, batch in zip(order.split(config.batch_size), batches):
         if world.size == 1:
-            state, (errors, differences) = train_step(state, batch, config, loss)
-            drawn = errors.detach()
+            state, found = train_step(state, batch, config, loss)
+            drawn = found.energy.detach()
         else:
-            state, (errors, differences) = data_parallel_step(state, batch, config, world)
+            state, found = data_parallel_step(state, batch, config, world)
             sizes = [part.numel() for part in shares(selection, world)]
-            drawn = gather_parts(errors.detach(), sizes, world)
-        on_step(errors, drawn, None if batch.local is None else (differences, batch.force_atoms))
+            drawn = gather_parts(found.energy.detach(), sizes, world)
+        on_step(found.energy, drawn, found, batch)
     return state
 
 
@@ -240,12 +243,18 @@ def run_epoch(
     own_errors: list[torch.Tensor] = []
     drawn_errors: list[torch.Tensor] = []
 
-    def on_step(errors: torch.Tensor, drawn: torch.Tensor, forces: Any) -> None:
+    def on_step(
+        errors: torch.Tensor,
+        drawn: torch.Tensor,
+        found: Residuals | None = None,
+        batch: MiniBatch | None = None,
+    ) -> None:
         nonlocal sums
         own_errors.append(errors.detach())
         drawn_errors.append(drawn)
-        if forces is not None:
-            sums = accumulate_errors(sums, errors.new_zeros(0), *forces)
+        if found is not None and (batch.local is not None or batch.strain is not None):
+            labels = attrs.evolve(found, energy=errors.new_zeros(0))  # energies: once, below
+            sums = accumulate_residuals(sums, labels, batch)
         if on_batch is not None:
             with torch.inference_mode(False):  # (energy-only steps run in inference mode)
                 on_batch(len(own_errors), n_batches)
@@ -299,7 +308,11 @@ def end_of_epoch(
 ) -> TrainState:
     """Record the epoch: history row, best model on the validation monitor, scheduler step."""
     nan = float("nan")
-    test = test_metrics or {"rmse_energy": nan, "mae_energy": nan, "rmse_forces": nan}
+    test = test_metrics or {
+        "rmse_energy": nan,
+        "mae_energy": nan,
+        "rmse_forces": nan,
+    }
     row = {
         "epoch": state.epoch,
         "MAE_train": train_metrics["mae_energy"],
@@ -311,9 +324,14 @@ def end_of_epoch(
         "learning_rate": state.lr,
         "epoch_time": seconds,
     }
+    if config.uses_stress:  # (histories without stress training keep their columns)
+        row.update(
+            RMSE_stress_train=train_metrics.get("rmse_stress", nan),
+            RMSE_stress_test=test.get("rmse_stress", nan),
+        )
     changes: dict[str, Any] = {"epoch": state.epoch + 1, "history": (*state.history, row)}
     if test_metrics is not None:
-        monitor = monitored_value(test_metrics, config.force_weight)
+        monitor = monitored_value(test_metrics, config)
         if monitor < state.best_monitor:
             changes.update(
                 best_monitor=monitor,
@@ -356,10 +374,10 @@ def fit(
     fingerprint = data_fingerprint(train, test, state.model.descriptor)
     check_same_data(state, fingerprint, config)
     state = attrs.evolve(state, data_fingerprint=fingerprint)
-    check_labels(train, config.uses_forces, "fit: training")
+    check_labels(train, config.uses_forces, "fit: training", config.uses_stress)
     if test is not None:
         check_split(test, state.model.descriptor, "fit: test split")
-        check_labels(test, config.uses_forces, "fit: test")
+        check_labels(test, config.uses_forces, "fit: test", config.uses_stress)
     world = current_world() if world is None else world
     if not world.is_main:
         callbacks, on_batch = (), None
@@ -390,6 +408,7 @@ def fit(
                 EVALUATE_BATCH,
                 world,
                 speedups.test_jacobian,
+                config.uses_stress,
             )
         )
         state = end_of_epoch(
