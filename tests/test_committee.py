@@ -197,8 +197,15 @@ def test_committee_prediction_is_the_members_in_one_pass(data):
     torch.testing.assert_close(prediction.energy_std, energies.std(0, unbiased=False))
     torch.testing.assert_close(prediction.force_mean, forces.mean(0))
     energy_only = committee_predict(models, batch, eval_forces=False)
-    assert energy_only.member_forces is None
+    assert energy_only.member_forces is None and energy_only.member_stresses is None
     torch.testing.assert_close(energy_only.energy_mean, prediction.energy_mean)
+    with_stress = committee_predict(models, batch, compute_stress=True)
+    stresses = torch.stack(
+        [af.energy_forces_stress(m, batch, compute_stress=True).stress for m in models]
+    )
+    torch.testing.assert_close(with_stress.member_stresses, stresses, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(with_stress.stress_std, stresses.std(0, unbiased=False))
+    torch.testing.assert_close(with_stress.stress_mean, stresses.mean(0))
 
 
 @pytest.mark.parametrize("assembled", [False, True], ids=["entries", "assembled-jacobian"])

@@ -131,3 +131,44 @@ def test_stress_training_refuses_what_cannot_train_stresses(emt):
     lazy = StructureSource(PARAMS, structures[:8], with_derivatives=False)
     with pytest.raises(ValueError, match=r"fit: training stresses are weighted .* no stress data"):
         af.fit(state, lazy, None, config)
+
+
+@pytest.mark.filterwarnings("ignore:No atomic_energies provided")
+def test_the_facade_and_the_command_line_train_on_stresses(emt, tmp_path):
+    """``TorchTrainingConfig(stress_weight=...)`` trains on the stresses of ASE structures and
+    reports them in its TrainOut; the command line takes the same key from extended XYZ."""
+    from ase.io import write
+
+    from aenet_fn.cli import main
+    from aenet_fn.io.ase_io import to_ase
+    from aenet_fn.torch_featurize import ChebyshevDescriptor
+    from aenet_fn.torch_training import Adam, TorchANNPotential, TorchTrainingConfig
+
+    structures = emt[0][:24]
+    descriptor = ChebyshevDescriptor(
+        species=PARAMS.species,
+        rad_order=6,
+        rad_cutoff=4.0,
+        ang_order=3,
+        ang_cutoff=3.0,
+        min_cutoff=0.5,
+    )
+    config = TorchTrainingConfig(
+        iterations=6, stress_weight=0.4, testpercent=25, method=Adam(mu=5e-3, batchsize=6)
+    )
+    potential = TorchANNPotential(ARCH, descriptor)
+    result = potential.train(structures=[to_ase(s) for s in structures], config=config)
+    errors = result.errors
+    assert errors["RMSE_stress_train"].iloc[-1] < errors["RMSE_stress_train"].iloc[0]
+    assert result.stats["final_RMSE_stress_test"] > 0
+    write(tmp_path / "emt.xyz", [to_ase(s) for s in structures])
+    (tmp_path / "run.json").write_text(
+        '{"data": {"paths": ["emt.xyz"]}, "descriptor": {"species": ["Cu", "Ni", "Au"], '
+        '"rad_order": 6, "rad_cutoff": 4.0, "ang_order": 3, "ang_cutoff": 3.0, '
+        '"min_cutoff": 0.5}, "network": {"default": [[8, "tanh"]]}, "training": '
+        '{"iterations": 2, "stress_weight": 0.3, "checkpoint_dir": false}, '
+        '"output": {"directory": "out"}}'
+    )
+    assert main(["train", str(tmp_path / "run.json"), "--no-progress"]) == 0
+    header = (tmp_path / "out" / "history.csv").read_text().splitlines()[0]
+    assert "RMSE_stress_train" in header and "RMSE_stress_test" in header

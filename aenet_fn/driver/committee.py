@@ -440,6 +440,8 @@ class CommitteePrediction:
     Attributes:
         member_energies: ``[M, B]`` (eV); energy_mean / energy_std ``[B]``.
         member_forces: ``[M, N, 3]`` (eV/Å) or None; force_mean / force_std ``[N, 3]`` or None.
+        member_stresses: ``[M, B, 3, 3]`` (eV/Å³, NaN for structures not periodic along x, y
+            and z) or None; stress_mean / stress_std ``[B, 3, 3]`` or None.
     """
 
     member_energies: torch.Tensor
@@ -448,27 +450,40 @@ class CommitteePrediction:
     member_forces: torch.Tensor | None
     force_mean: torch.Tensor | None
     force_std: torch.Tensor | None
+    member_stresses: torch.Tensor | None = None
+    stress_mean: torch.Tensor | None = None
+    stress_std: torch.Tensor | None = None
 
 
 def committee_predict(
-    models: Sequence[Model], batch: Batch, *, eval_forces: bool = True
+    models: Sequence[Model],
+    batch: Batch,
+    *,
+    eval_forces: bool = True,
+    compute_stress: bool = False,
 ) -> CommitteePrediction:
-    """Energies (and forces) of every member in one ``vmap``-ed pass: the graph is built once,
-    the members' forces come from one vmapped ``torch.func`` gradient. Standard deviations are
-    the population std over members (0 for a single member)."""
+    """Energies (and forces, and with ``compute_stress`` the stresses) of every member in one
+    ``vmap``-ed pass: the graph is built once, the members' forces and stresses come from one
+    vmapped ``torch.func`` gradient. Standard deviations are the population std over members
+    (0 for a single member)."""
     check_shared_parts(models)
     template = models[0]
     stacked = stack_members([m.network for m in models]).values
     graph = build_graph(template.descriptor, batch)
 
-    def energies_and_forces(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        result = energy_forces_stress(with_values(template, values), batch, graph)
-        return result.energy, result.forces
+    def derivatives(values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        model = with_values(template, values)
+        result = energy_forces_stress(model, batch, graph, compute_stress=compute_stress)
+        return result.energy, result.forces, *((result.stress,) if compute_stress else ())
 
     forces = force_mean = force_std = None
-    if eval_forces:
-        energies, forces = vmap(energies_and_forces)(stacked)
+    stresses = stress_mean = stress_std = None
+    if eval_forces or compute_stress:
+        energies, forces, *stress = vmap(derivatives)(stacked)
         force_mean, force_std = forces.mean(0), forces.std(0, unbiased=False)
+        if compute_stress:
+            stresses = stress[0]
+            stress_mean, stress_std = stresses.mean(0), stresses.std(0, unbiased=False)
     else:
         with torch.no_grad():
             energies = vmap(lambda values: energy(with_values(template, values), batch, graph))(
@@ -481,4 +496,7 @@ def committee_predict(
         member_forces=forces,
         force_mean=force_mean,
         force_std=force_std,
+        member_stresses=stresses,
+        stress_mean=stress_mean,
+        stress_std=stress_std,
     )

@@ -60,6 +60,7 @@ __all__ = [
     "ENERGY_COLUMNS",
     "FORCE_COLUMNS",
     "HISTORY_COLUMNS",
+    "STRESS_COLUMNS",
     "Energies",
     "TrainOut",
     "read_history",
@@ -73,6 +74,8 @@ PathLike = str | os.PathLike[str]
 ENERGY_COLUMNS: tuple[str, ...] = ("MAE_train", "RMSE_train", "MAE_test", "RMSE_test")
 #: Force error columns (eV/Å) of :attr:`TrainOut.errors` for in-memory histories.
 FORCE_COLUMNS: tuple[str, ...] = ("RMSE_force_train", "RMSE_force_test")
+#: Stress error columns (eV/Å³) of :attr:`TrainOut.errors`, where the run trained on stresses.
+STRESS_COLUMNS: tuple[str, ...] = ("RMSE_stress_train", "RMSE_stress_test")
 #: Every column of :attr:`TrainOut.errors` for in-memory histories, in order.
 HISTORY_COLUMNS: tuple[str, ...] = (*ENERGY_COLUMNS, *FORCE_COLUMNS, "learning_rate", "epoch_time")
 _TIMING_COLUMNS = ("epoch_time", "forward_time", "backward_time")
@@ -453,8 +456,9 @@ class TrainOut:
                 "history_data: none of the expected keys " + ", ".join(HISTORY_COLUMNS) + " found"
                 f" (keys: {', '.join(columns)})"
             )
+        names = [*HISTORY_COLUMNS, *(c for c in STRESS_COLUMNS if c in columns)]
         self.errors = pd.DataFrame(
-            {name: _numeric_column(columns, name, n) for name in HISTORY_COLUMNS}, dtype=float
+            {name: _numeric_column(columns, name, n) for name in names}, dtype=float
         )
         if "learning_rate" in columns:
             self.learning_rate = self.errors["learning_rate"].tolist()
@@ -495,8 +499,9 @@ class TrainOut:
         Keys: ``final_MAE_train, final_RMSE_train, final_MAE_test, final_RMSE_test`` (last
         epoch), ``min_RMSE_test`` and ``epoch_min_RMSE_test`` (1-based epoch of the minimum,
         NaN values skipped); when the force columns exist also ``final_RMSE_force_train,
-        final_RMSE_force_test, min_RMSE_force_test, epoch_min_RMSE_force_test``. A column
-        whose values are all NaN (or that is empty) gives NaN for both its minimum and its epoch.
+        final_RMSE_force_test, min_RMSE_force_test, epoch_min_RMSE_force_test``, and the same
+        of the stress columns (eV/Å³) of a run trained on stresses. A column whose values are
+        all NaN (or that is empty) gives NaN for both its minimum and its epoch.
         """
         stats: dict[str, float | int] = {}
 
@@ -513,12 +518,12 @@ class TrainOut:
         for column in ENERGY_COLUMNS:
             stats[f"final_{column}"] = final(column)
         stats["min_RMSE_test"], stats["epoch_min_RMSE_test"] = minimum("RMSE_test")
-        if all(column in self.errors.columns for column in FORCE_COLUMNS):
-            for column in FORCE_COLUMNS:
-                stats[f"final_{column}"] = final(column)
-            stats["min_RMSE_force_test"], stats["epoch_min_RMSE_force_test"] = minimum(
-                "RMSE_force_test"
-            )
+        for columns in (FORCE_COLUMNS, STRESS_COLUMNS):
+            if all(column in self.errors.columns for column in columns):
+                for column in columns:
+                    stats[f"final_{column}"] = final(column)
+                test = columns[1]
+                stats[f"min_{test}"], stats[f"epoch_min_{test}"] = minimum(test)
         return stats
 
     def __str__(self) -> str:

@@ -146,7 +146,9 @@ class TorchTrainingConfig:
     ``cache_persist_dir`` are accepted for compatibility (features and derivatives persist in
     HDF5 databases instead: ``HDF5StructureDataset.build_database(persist_features=True)``).
 
-    Additions: ``device`` None trains on CUDA when it is available and the splits are in
+    Additions: ``stress_weight`` β weighs the stress RMSE (eV/Å³) of the structures with a
+    stress label in ``(1 − α − β) RMSE_E + α RMSE_F + β RMSE_S`` (splits kept in memory).
+    ``device`` None trains on CUDA when it is available and the splits are in
     memory (``num_workers = 0``; DataLoader workers prepare batches for the CPU only), else
     on the CPU; the trained potential then returns to its descriptor's device. ``route``: the
     training route of :class:`~aenet_fn.driver.state.TrainConfig` (``"auto"``, ``"func"`` or
@@ -168,6 +170,7 @@ class TorchTrainingConfig:
     seed: int | None = None
     split_seed: int | None = None
     force_weight: float = 0.0
+    stress_weight: float = 0.0
     force_fraction: float = 1.0
     sampling_policy: str = "uniform"
     force_sampling: str = "random"
@@ -270,7 +273,7 @@ class TorchTrainingConfig:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, _integer(name, value))
-        for name in ("force_weight", "force_fraction"):
+        for name in ("force_weight", "stress_weight", "force_fraction"):
             value = getattr(self, name)
             if not _is_number(value) or not 0 <= value <= 1:
                 raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
@@ -333,6 +336,7 @@ class TorchTrainingConfig:
             batch_size=self.batch_size,
             optimizer=self.method.to_core(),
             force_weight=float(self.force_weight),
+            stress_weight=float(self.stress_weight),
             force_fraction=float(self.force_fraction),
             force_sampling=self.force_sampling,
             force_resample_num_epochs=self.force_resample_num_epochs,

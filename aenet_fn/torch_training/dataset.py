@@ -428,17 +428,21 @@ def featurized_of(
     descriptor: ChebyshevDescriptor,
     with_derivatives: bool,
     dtype: torch.dtype,
+    with_stress: bool = False,
 ) -> FeaturizedSet:
     """The :class:`~aenet_fn.core.featurized.FeaturizedSet` of ``dataset`` for a model over
     ``descriptor``: the dataset's cached one when it has ``featurized`` (its descriptor must
-    match), a slice of the parent's for a torch ``Subset``, else computed from its structures."""
+    match), a slice of the parent's for a torch ``Subset``, else computed from its structures
+    (always so ``with_stress``: stress labels and the features' strain derivatives)."""
     check_descriptor(dataset, descriptor)
     if len(dataset) == 0:
         raise ValueError("the dataset is empty")
-    if hasattr(dataset, "featurized"):
+    if hasattr(dataset, "featurized") and not with_stress:
         return dataset.featurized(with_derivatives, dtype)
-    if isinstance(dataset, Subset) and (
-        hasattr(dataset.dataset, "featurized") or isinstance(dataset.dataset, Subset)
+    if (
+        not with_stress
+        and isinstance(dataset, Subset)
+        and (hasattr(dataset.dataset, "featurized") or isinstance(dataset.dataset, Subset))
     ):
         parent = featurized_of(dataset.dataset, descriptor, with_derivatives, dtype)
         return select_structures(parent, dataset.indices)
@@ -450,5 +454,9 @@ def featurized_of(
         )
     _check_species(structures, descriptor)
     return featurize_structures(
-        descriptor.params, structures, with_derivatives=with_derivatives, dtype=dtype
+        descriptor.params,
+        structures,
+        with_derivatives=with_derivatives,
+        dtype=dtype,
+        with_stress=with_stress,
     )

@@ -132,7 +132,16 @@ class TrainingSources:
         of them when ``cache_scope`` covers the split's ``role`` (``"train"`` or ``"val"``;
         memory bounded by the batches and the caches)."""
         params = self.descriptor.params
-        if config.num_workers > 0 or _beyond_budget(params, structures, config, dtype, with_forces):
+        with_stress = config.stress_weight > 0
+        lazy = config.num_workers > 0 or _beyond_budget(
+            params, structures, config, dtype, with_forces
+        )
+        if lazy and with_stress:
+            raise ValueError(
+                "stress training keeps its splits in memory: set num_workers = 0 (and a "
+                "memory_budget_gib the force derivatives fit)"
+            )
+        if lazy:
             return StructureSource(
                 params,
                 structures,
@@ -142,7 +151,9 @@ class TrainingSources:
                 if config.cache_scope in ("all", role)
                 else 0,
             )
-        return featurize_structures(params, structures, with_derivatives=with_forces, dtype=dtype)
+        return featurize_structures(
+            params, structures, with_derivatives=with_forces, dtype=dtype, with_stress=with_stress
+        )
 
     def _data_from_datasets(
         self,
@@ -188,7 +199,8 @@ class TrainingSources:
         def split_of(source: Any, role: str) -> FeaturizedSet | StructureSource:
             if config.num_workers > 0:
                 return self._split(LazyStructures(source), config, dtype, with_forces, role)
-            return featurized_of(source, self.descriptor, with_forces, dtype)
+            with_stress = config.stress_weight > 0
+            return featurized_of(source, self.descriptor, with_forces, dtype, with_stress)
 
         train = split_of(train_source, "train")
         test = None if test_source is None else split_of(test_source, "val")
