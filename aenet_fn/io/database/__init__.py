@@ -15,7 +15,9 @@ atoms, ``S`` sources; units Å, eV, eV/Å)::
                          cell [B,3,3] f8 (zeros without a cell), has_cell [B] bool, pbc [B,3] bool
                          energy [B] f8 (NaN: unknown), has_forces [B] bool
                          numbers [N] u1 (atomic numbers), positions [N,3] f8,
-                         forces [N,3] f8 (NaN rows where unknown)
+                         forces [N,3] f8 (NaN rows where unknown),
+                         stress [B,3,3] f8 (eV/Å³, NaN: unknown; absent in databases written
+                         before stresses, read as unknown)
     /descriptor          (optional) attrs kind="chebyshev", parameters (JSON), sha256
     /features/           (optional) attrs descriptor_sha256, n_features; values [N,F] f8 (raw)
     /local_derivatives/  (optional) attrs descriptor_sha256, n_radial, n_angular;
