@@ -17,11 +17,6 @@ from aenet_fn.io.train import Energies, TrainOut
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-_BANDS = (
-    (0, ("RMSE_train", "train"), ("RMSE_test", "test")),
-    (1, ("RMSE_force_train", "train"), ("RMSE_force_test", "test")),
-)
-
 
 def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
     """Write ``figure`` as a PNG to ``path`` atomically (:func:`aenet_fn.io.atomic.replacing`);
@@ -39,15 +34,13 @@ def committee_training_summary(trainouts: Sequence[TrainOut]) -> Figure:
     frames = [t.errors for t in trainouts]
     stacked = pd.concat(frames, keys=range(len(frames)))
     mean = stacked.groupby(level=1).mean()
-    figure = TrainOut.from_torch_history(mean).plot_training_summary()
+    summary = TrainOut.from_torch_history(mean)
+    figure = summary.plot_training_summary()
     low, high = stacked.groupby(level=1).min(), stacked.groupby(level=1).max()
     epochs = np.arange(1, len(mean) + 1)
-    for panel, *series in _BANDS:
-        if panel >= len(figure.axes):
-            continue
-        axes = figure.axes[panel]
+    for axes, (columns, _, _) in zip(figure.axes, summary.summary_panels()):
         colors = {line.get_label(): line.get_color() for line in axes.lines}
-        for column, label in series:
+        for column, label in zip(columns, ("train", "test")):
             if label in colors:
                 axes.fill_between(
                     epochs, low[column], high[column], color=colors[label], alpha=0.2, lw=0

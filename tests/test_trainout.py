@@ -367,6 +367,22 @@ def test_plots_write_png(tmp_path: Path, forces: bool) -> None:
         assert not (tmp_path / "forces.png").exists()
 
 
+@pytest.mark.parametrize("forces", [False, True])
+def test_a_stress_history_adds_a_stress_panel_and_statistics(tmp_path: Path, forces: bool) -> None:
+    history = [
+        {**row, "RMSE_stress_train": 0.1 / (k + 1), "RMSE_stress_test": 0.2 / (k + 1)}
+        for k, row in enumerate(_history(4, forces=forces))
+    ]
+    out = TrainOut.from_torch_history(history)
+    summary = out.plot_training_summary(outfile=tmp_path / "summary.png")
+    assert [axis.get_title() for axis in summary.axes][-1] == "Stress errors"
+    assert len(summary.axes) == (3 if forces else 2)
+    assert out.stats["final_RMSE_stress_test"] == pytest.approx(0.05)
+    assert out.stats["epoch_min_RMSE_stress_test"] == 4
+    _assert_png(tmp_path / "summary.png")
+    assert "final_RMSE_stress_test" not in TrainOut.from_torch_history(_history(4)).stats
+
+
 def test_plot_without_outfile_returns_figure_and_custom_data(tmp_path: Path) -> None:
     out = TrainOut.from_torch_history(_history(4))
     figure = out.plot_training_errors()

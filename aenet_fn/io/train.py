@@ -576,27 +576,31 @@ class TrainOut:
         axes.set_title("Force errors")
         return _finish(figure, outfile)
 
+    def summary_panels(self) -> list[tuple[tuple[str, str], str, str]]:
+        """The panels of :meth:`plot_training_summary`: ``((train column, test column), axis
+        label, title)`` for the energy errors, and the force and stress errors where the
+        history holds finite values of them."""
+        panels = [(("RMSE_train", "RMSE_test"), "Energy RMSE (eV/atom)", "Energy errors")]
+        if self.has_force_data:
+            panels.append((FORCE_COLUMNS, "Force RMSE (eV/Å)", "Force errors"))
+        if any(
+            column in self.errors.columns and bool(np.isfinite(self.errors[column]).any())
+            for column in STRESS_COLUMNS
+        ):
+            panels.append((STRESS_COLUMNS, "Stress RMSE (eV/Å³)", "Stress errors"))
+        return panels
+
     def plot_training_summary(self, outfile: PathLike | None = None) -> Figure:
-        """Energy RMSE panel, plus a force RMSE panel when there is force data.
+        """Energy RMSE panel, plus force and stress RMSE panels where there is such data
+        (:meth:`summary_panels`).
 
         Writes a PNG to ``outfile`` when given; returns the figure.
         """
-        figure, axes = _new_figure(2 if self.has_force_data else 1)
-        _plot_series(
-            axes[0],
-            self.errors,
-            [("RMSE_train", "train"), ("RMSE_test", "test")],
-            "Energy RMSE (eV/atom)",
-        )
-        axes[0].set_title("Energy errors")
-        if self.has_force_data:
-            _plot_series(
-                axes[1],
-                self.errors,
-                [("RMSE_force_train", "train"), ("RMSE_force_test", "test")],
-                "Force RMSE (eV/Å)",
-            )
-            axes[1].set_title("Force errors")
+        panels = self.summary_panels()
+        figure, axes = _new_figure(len(panels))
+        for axis, ((train, test), label, title) in zip(axes, panels):
+            _plot_series(axis, self.errors, [(train, "train"), (test, "test")], label)
+            axis.set_title(title)
         return _finish(figure, outfile)
 
 
