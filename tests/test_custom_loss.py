@@ -102,3 +102,39 @@ def test_a_custom_loss_refuses_the_fast_route(data):
         af.train_step(state, batch, config, default_loss(config))
     trained = af.fit(state, train, None, config, loss=default_loss(config))  # no speedups: fine
     assert trained.epoch == 1 and trained.history[0]["RMSE_force_train"] > 0
+
+
+def test_trainable_hands_out_the_networks_and_the_normalisation_only_when_asked(data):
+    """``trainable`` splits a model optax-``masked`` style: by default only the networks'
+    parameters reach ``grad`` and the optimiser; with ``normalization`` the feature and energy
+    scaling too (their gradient equals finite differences); ``rebuild`` puts them back."""
+    from torch.func import grad
+
+    from aenet_fn.core.optim import adam
+    from aenet_fn.core.potential import trainable
+
+    train, _, model = data
+    batch = af.take_structures(train, torch.arange(6))
+
+    def loss(parameters, rebuild):
+        return residuals(rebuild(parameters), batch).energy.pow(2).mean()
+
+    parameters, rebuild = trainable(model)
+    assert set(parameters) == {"network"}
+    assert torch.equal(rebuild(parameters).network.values, model.network.values)
+    full, rebuild_full = trainable(model, normalization=True)
+    assert set(full) == {"network", "feature_mean", "feature_std", "energy_shift", "energy_scaling"}
+    gradient = grad(loss)(full, rebuild_full)
+    step = torch.zeros_like(full["feature_mean"])
+    step.view(-1)[3] = 1e-6
+    up = loss({**full, "feature_mean": full["feature_mean"] + step}, rebuild_full)
+    down = loss({**full, "feature_mean": full["feature_mean"] - step}, rebuild_full)
+    numeric = float(up - down) / 2e-6
+    assert float(gradient["feature_mean"].view(-1)[3]) == pytest.approx(numeric, rel=1e-5, abs=1e-9)
+    optimizer = adam(af.AdamConfig(lr=1e-2))
+    updated, _ = optimizer.update(gradient, optimizer.init(full), full)
+    moved = rebuild_full(updated)
+    assert not torch.equal(moved.normalization.feature_mean, model.normalization.feature_mean)
+    assert torch.equal(
+        moved.normalization.atomic_energies, model.normalization.atomic_energies
+    )  # not handed out: frozen

@@ -61,6 +61,36 @@ def with_values(model: Model, values: torch.Tensor) -> Model:
     return attrs.evolve(model, network=attrs.evolve(model.network, values=values))
 
 
+TRAINABLE_NORMALIZATION = ("feature_mean", "feature_std", "energy_shift", "energy_scaling")
+"""The normalisation's tensors :func:`trainable` hands out when asked."""
+
+
+def trainable(
+    model: Model, normalization: bool = False
+) -> tuple[dict[str, torch.Tensor], Callable[[dict[str, torch.Tensor]], Model]]:
+    """Split ``model`` into what a custom loop trains and the rest (optax ``masked`` style):
+    ``(parameters, rebuild)``, where ``parameters`` is ``{"network": values [P]}`` and, with
+    ``normalization``, the feature mean and std ``[M, F]`` (per species) and the energy shift
+    and scaling;
+    ``rebuild(parameters)`` is ``model`` with them put back. Everything not handed out (the
+    normalisation by default, the atomic reference energies, the descriptor) stays frozen:
+    ``torch.func.grad`` of ``loss(rebuild(p))`` over ``p`` never trains it by accident."""
+    parameters = {"network": model.network.values}
+    if normalization:
+        norm = model.normalization
+        parameters.update({name: getattr(norm, name) for name in TRAINABLE_NORMALIZATION})
+
+    def rebuild(values: dict[str, torch.Tensor]) -> Model:
+        rebuilt = with_values(model, values["network"])
+        changed = {k: v for k, v in values.items() if k in TRAINABLE_NORMALIZATION}
+        if changed:
+            scaled = attrs.evolve(rebuilt.normalization, **changed)
+            rebuilt = attrs.evolve(rebuilt, normalization=scaled)
+        return rebuilt
+
+    return parameters, rebuild
+
+
 def check_model_values(model: Model, source: str) -> None:
     """Refuse a (loaded) ``model`` whose flat parameters do not fit its architecture or whose
     parameters or normalisation are not finite (``feature_std`` may be ``+inf``: a feature
