@@ -11,7 +11,7 @@ import torch
 
 import aenet_fn as af
 from aenet_fn.core.network import weight_mask
-from aenet_fn.driver.checkpoint import checkpoints_to_delete
+from aenet_fn.driver.checkpoint import checkpoints_to_delete, newest_checkpoint
 from aenet_fn.driver.seam import epochs_drawn_ahead
 from aenet_fn.driver.step import autograd_gradient, batch_loss, func_gradient, member_step
 from aenet_fn.driver.train import end_of_epoch
@@ -197,6 +197,17 @@ def test_rotation_rule_is_pure():
     assert checkpoints_to_delete(names, 2) == ["checkpoint_epoch_0002.pt"]
     assert checkpoints_to_delete(names, None) == []
     assert checkpoints_to_delete(names, 5) == []
+
+
+def test_the_newest_checkpoint_is_the_latest_epoch_by_number(tmp_path):
+    """Past epoch 9999 the names grow a digit: ordering by text would resume an older one."""
+    for name in ("checkpoint_epoch_9999.pt", "checkpoint_epoch_10000.pt", "best_model.pt"):
+        (tmp_path / name).write_bytes(b"")
+    assert newest_checkpoint(tmp_path) == tmp_path / "checkpoint_epoch_10000.pt"
+    assert checkpoints_to_delete([p.name for p in tmp_path.iterdir()], 1) == [
+        "checkpoint_epoch_9999.pt"
+    ]
+    assert newest_checkpoint(tmp_path / "missing") is None and newest_checkpoint(None) is None
 
 
 def test_loading_refuses_foreign_and_corrupt_files(tmp_path):

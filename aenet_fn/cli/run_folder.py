@@ -22,6 +22,7 @@ from pathlib import Path
 
 from aenet_fn.cli.errors import CLIError
 from aenet_fn.io.atomic import atomic_write_text
+from aenet_fn.io.strict_json import strict_json_loads
 
 LOCK = ".aenet-fn.lock"
 RECORD = "run.json"
@@ -54,19 +55,11 @@ def run_outputs(folder: Path, checkpoints: Path | None) -> list[Path]:
     return found
 
 
-def newest_checkpoint(checkpoints: Path | None) -> Path | None:
-    """The checkpoint of the latest epoch in ``checkpoints`` (None: none)."""
-    if checkpoints is None:
-        return None
-    found = sorted(checkpoints.glob("checkpoint_epoch_*.pt"))
-    return found[-1] if found else None
-
-
 def read_record(folder: Path) -> dict:
     """The run's ``run.json`` (its split seed), refused by name when missing or unreadable."""
     path = folder / RECORD
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = strict_json_loads(path.read_text(encoding="utf-8"))
         int(record["split_seed"])
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CLIError(f"{path}: cannot resume without the run's record ({error})") from None

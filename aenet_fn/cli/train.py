@@ -32,14 +32,13 @@ from aenet_fn.cli.predict import (
 )
 from aenet_fn.cli.run_folder import (
     locked,
-    newest_checkpoint,
     read_record,
     replacing_run,
     run_outputs,
     write_record,
 )
 from aenet_fn.core.structure import Structure
-from aenet_fn.driver.checkpoint import load_checkpoint
+from aenet_fn.driver.checkpoint import load_checkpoint, newest_checkpoint
 from aenet_fn.io.atomic import atomic_write_text
 from aenet_fn.io.train import TrainOut, write_energies, write_history
 from aenet_fn.plots import committee_training_summary, parity_figure, save_figure

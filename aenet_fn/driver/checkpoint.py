@@ -104,13 +104,28 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[TrainState, TrainConfig]:
     return state, config
 
 
+def numbered_checkpoints(names: Sequence[str]) -> list[str]:
+    """The numbered checkpoint names among ``names``, oldest epoch first (by number, not by
+    text: epoch 10000 comes after epoch 9999)."""
+    numbered = sorted((int(m.group(1)), n) for n in names if (m := _NUMBERED.match(n)))
+    return [name for _, name in numbered]
+
+
+def newest_checkpoint(folder: str | os.PathLike | None) -> Path | None:
+    """The numbered checkpoint of the latest epoch in ``folder`` (None: none, or no folder)."""
+    if folder is None or not Path(folder).is_dir():
+        return None
+    names = numbered_checkpoints([p.name for p in Path(folder).iterdir()])
+    return Path(folder) / names[-1] if names else None
+
+
 def checkpoints_to_delete(names: Sequence[str], max_checkpoints: int | None) -> list[str]:
     """Which numbered checkpoints to delete so that the ``max_checkpoints`` newest remain
     (pure; other file names are ignored; None keeps all)."""
-    numbered = sorted((int(m.group(1)), n) for n in names if (m := _NUMBERED.match(n)))
+    numbered = numbered_checkpoints(names)
     if max_checkpoints is None or len(numbered) <= max_checkpoints:
         return []
-    return [name for _, name in numbered[: len(numbered) - max_checkpoints]]
+    return numbered[: len(numbered) - max_checkpoints]
 
 
 class CheckpointWriter:
