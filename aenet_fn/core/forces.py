@@ -50,6 +50,13 @@ def strained(
     return positions, cells + cells @ strain
 
 
+def symmetric_stress(strain_gradient: torch.Tensor, volumes: torch.Tensor) -> torch.Tensor:
+    """The stress ``(1/V) ∂E/∂ε`` (eV/Å³) from the strain gradients ``[..., B, 3, 3]`` (eV)
+    and volumes ``[..., B]`` (Å³), symmetrised."""
+    symmetric = 0.5 * (strain_gradient + strain_gradient.transpose(-1, -2))
+    return symmetric / volumes.to(symmetric.dtype)[..., None, None]
+
+
 def value_and_forces(
     energy_fn: EnergyFunction,
     positions: torch.Tensor,
@@ -89,8 +96,7 @@ def value_and_forces(
     (gradient, strain_gradient), energies = grad(total, argnums=(0, 1), has_aux=True)(
         positions, strain
     )
-    volume = torch.linalg.det(cells).abs()
     fully_periodic = torch.as_tensor(pbc, device=positions.device).all(dim=1)
-    stress = 0.5 * (strain_gradient + strain_gradient.transpose(-1, -2)) / volume[:, None, None]
+    stress = symmetric_stress(strain_gradient, torch.linalg.det(cells).abs())
     stress = torch.where(fully_periodic[:, None, None], stress, torch.nan)
     return EnergyForces(energy=energies, forces=-gradient, stress=stress)

@@ -105,6 +105,11 @@ class MiniBatch:
         """Number of structures ``b`` (of each member's batch, in stacked batches)."""
         return int(self.n_atoms.shape[-1])
 
+    @property
+    def stress_supervised(self) -> torch.Tensor | None:
+        """``[b]`` bool, structures whose stress the batch supervises (None: no stress)."""
+        return None if self.strain is None else self.strain.supervised
+
 
 def take_structures(
     data: FeaturizedSet,
@@ -171,7 +176,7 @@ def take_structures(
         if data.strain is None:
             raise ValueError("take_structures: stresses requested but the set has no stress data")
         stresses = take(data.strain.stresses, 0, selection)
-        supervised = torch.isfinite(stresses).all(dim=-1).all(dim=-1)
+        supervised = take(data.strain.known, 0, selection)
         strain = StrainBatch(
             derivatives=take(data.strain.derivatives, 0, atoms),
             stresses=torch.where(supervised[:, None, None], stresses, 0.0),

@@ -21,7 +21,7 @@ from aenet_fn.core.descriptor import (
     build_graph,
     features_from_graph,
 )
-from aenet_fn.core.forces import EnergyForces, value_and_forces
+from aenet_fn.core.forces import EnergyForces, symmetric_stress, value_and_forces
 from aenet_fn.core.local_derivatives import PositionMap
 from aenet_fn.core.network import NetworkParams, atomic_outputs, parameter_count
 from aenet_fn.core.normalization import Normalization
@@ -156,8 +156,11 @@ def sum_by_structure(
     from ``[..., N]``: members; ``structure_index`` ``[N]``, or ``[M, N]`` for stacked
     batches)."""
     sums = atomic.new_zeros(*atomic.shape[:-1], n_structures)
-    if structure_index.ndim > 1:
-        return sums.scatter_add(-1, structure_index, atomic)
+    if structure_index.ndim > 1:  # stacked batches: one index row per member
+        index = structure_index.reshape(
+            structure_index.shape[0], *([1] * (atomic.ndim - 2)), -1
+        ).expand(atomic.shape)
+        return sums.scatter_add(-1, index, atomic)
     return sums.index_add(-1, structure_index, atomic)
 
 
@@ -279,23 +282,18 @@ def stress_from_feature_gradient(
     feature_gradient: torch.Tensor,
     strain_derivatives: torch.Tensor,
     structure_index: torch.Tensor,
+    n_structures: int,
     volumes: torch.Tensor,
 ) -> torch.Tensor:
-    """Stresses ``[B, 3, 3]`` (eV/Å³, ``σ = (1/V) ∂E/∂ε`` symmetrised) of fixed structures
-    from ``∂E/∂G`` ``[N, F]`` and the features' strain derivatives ``[N, F, 3, 3]``
-    (:func:`~aenet_fn.core.featurized.strain_derivatives`); ``volumes`` ``[B]`` (Å³). Leading
-    member axes of ``feature_gradient`` (and of stacked batches' inputs) carry through."""
+    """Stresses ``[B, 3, 3]`` (eV/Å³, ``σ = (1/V) ∂E/∂ε`` symmetrised) of the first ``B``
+    (``volumes`` ``[B]``, Å³) of ``n_structures`` fixed structures (the others: padding
+    slots), from ``∂E/∂G`` ``[N, F]`` and the features' strain derivatives ``[N, F, 3, 3]``
+    (:func:`~aenet_fn.core.featurized.strain_derivatives`). Leading member axes of
+    ``feature_gradient`` (and of stacked batches' inputs) carry through."""
     per_atom = torch.einsum("...nf,...nfij->...nij", feature_gradient, strain_derivatives)
     flat = per_atom.flatten(-2).movedim(-1, -2)  # [..., 9, N]
-    n_structures = volumes.shape[-1]
-    sums = flat.new_zeros(*flat.shape[:-1], n_structures)
-    if structure_index.ndim > 1:  # stacked batches: one index row per member
-        sums = sums.scatter_add(-1, structure_index[..., None, :].expand(flat.shape), flat)
-    else:
-        sums = sums.index_add(-1, structure_index, flat)
-    gradient = sums.movedim(-2, -1).unflatten(-1, (3, 3))  # [..., B, 3, 3]
-    symmetric = 0.5 * (gradient + gradient.transpose(-1, -2))
-    return symmetric / volumes.to(symmetric.dtype)[..., None, None]
+    sums = sum_by_structure(flat, structure_index, n_structures)[..., : volumes.shape[-1]]
+    return symmetric_stress(sums.movedim(-2, -1).unflatten(-1, (3, 3)), volumes)
 
 
 def autograd_with_aux(

@@ -15,6 +15,7 @@ import attrs
 import numpy as np
 import torch
 from ase.data import chemical_symbols
+from ase.stress import voigt_6_to_full_3x3_stress
 
 from aenet_fn.core.records import pytree_record, static_field
 
@@ -66,17 +67,11 @@ def _as_float64(value: Any, what: str, name: str | None) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
-"""The ``[3, 3]`` entries of Voigt components ``[xx, yy, zz, yz, xz, xy]``."""
-
-
 def _stress_tensor(stress: torch.Tensor, label: str) -> torch.Tensor:
-    """``stress`` as a ``[3, 3]`` tensor: Voigt ``[6]`` made symmetric, ``[3, 3]`` kept."""
+    """``stress`` as a ``[3, 3]`` tensor: Voigt ``[6]`` (xx, yy, zz, yz, xz, xy) made
+    symmetric by ASE's conversion, ``[3, 3]`` kept."""
     if stress.shape == (6,):
-        tensor = stress.new_zeros(3, 3)
-        for value, (i, j) in zip(stress, VOIGT):
-            tensor[i, j] = tensor[j, i] = value
-        return tensor
+        return torch.from_numpy(voigt_6_to_full_3x3_stress(stress.numpy()))
     if stress.shape != (3, 3):
         raise ValueError(
             f"{label}: stress must have shape [3, 3] or Voigt [6], got {tuple(stress.shape)}"

@@ -95,11 +95,9 @@ def batch_residuals(
     if strain is None:
         stress = energies.new_zeros(*members, batch.n_structures, 3, 3)
     else:
-        spare = strain.volumes.new_ones(*strain.volumes.shape[:-1], 1)  # the padding slot
-        volumes = torch.cat([strain.volumes, spare], -1)
         predicted = stress_from_feature_gradient(
-            feature_gradient, strain.derivatives, batch.structure_index, volumes
-        )[..., : batch.n_structures, :, :]
+            feature_gradient, strain.derivatives, batch.structure_index, slots, strain.volumes
+        )
         supervised = strain.supervised[..., None, None]
         stress = torch.where(supervised, predicted - strain.stresses.to(predicted.dtype), 0.0)
     errors = energy_error_per_atom(
@@ -280,7 +278,7 @@ def data_parallel_step(
 
     def loss(values: torch.Tensor) -> tuple[torch.Tensor, Any]:
         found = batch_residuals(state.model, values, batch, by_autograd=assembled)
-        stress_supervised = None if batch.strain is None else batch.strain.supervised
+        stress_supervised = batch.stress_supervised
         value = global_batch_loss(
             found,
             batch.force_atoms,
@@ -348,7 +346,7 @@ def split_metrics(
 def accumulate_residuals(sums: ErrorSums, found: Residuals, batch: MiniBatch) -> ErrorSums:
     """``sums`` with the residuals ``found`` of ``batch`` added (forces and stresses where the
     batch supervises them)."""
-    stress_supervised = None if batch.strain is None else batch.strain.supervised
+    stress_supervised = batch.stress_supervised
     return accumulate_errors(
         sums, found.energy, found.forces, batch.force_atoms, found.stress, stress_supervised
     )

@@ -200,7 +200,7 @@ def check_custom_loss(loss: Loss | None, speedups: Speedups | None, world: World
     (they compute the default loss) or over several processes."""
     if loss is None:
         return
-    if speedups is not None and (speedups.table is not None or speedups.jacobian is not None):
+    if speedups is not None and speedups.applied:
         raise ValueError("a custom loss trains on the torch.func route: pass no speedups")
     if world.size > 1:
         raise ValueError("a custom loss trains in one process (torch.distributed is running)")

@@ -17,8 +17,9 @@ import ase.io
 import attrs
 import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
+from ase.stress import full_3x3_to_voigt_6_stress
 
-from aenet_fn.core.structure import VOIGT, Structure
+from aenet_fn.core.structure import Structure
 from aenet_fn.io.xsf import read_xsf
 
 __all__ = ["convert_to_structures", "from_ase", "read_structures", "to_ase"]
@@ -99,8 +100,7 @@ def to_ase(structure: Structure) -> ase.Atoms:
     if structure.forces is not None:
         labels["forces"] = structure.forces.detach().cpu().numpy().copy()
     if structure.stress is not None:
-        stress = structure.stress.detach().cpu().numpy()
-        labels["stress"] = np.array([stress[i, j] for i, j in VOIGT])
+        labels["stress"] = full_3x3_to_voigt_6_stress(structure.stress.detach().cpu().numpy())
     if labels:
         atoms.calc = SinglePointCalculator(atoms, **labels)
     return atoms
