@@ -333,20 +333,22 @@ class StructureDatabase:
         an index outside its own structure, or a non-finite value, is refused naming the
         field and entry."""
         values = {}
+        counts = {kind: atom_count(kind) for kind in ranges}  # once per kind, not per field
+        shifts = {kind: atom_shift(kind) for kind in ranges} if atom_shift is not None else None
         for field in attrs.fields(LocalDerivatives):
             kind = "radial" if field.name.startswith("radial") else "triplet"
             data = torch.from_numpy(self._file[f"local_derivatives/{field.name}"][ranges[kind]])
             if field.name in ATOM_INDEX_FIELDS:
                 data = data.to(torch.long)
-                outside = (data < 0) | (data >= atom_count(kind))
+                outside = (data < 0) | (data >= counts[kind])
                 if bool(outside.any()):
                     row = int(torch.nonzero(outside)[0, 0]) + (ranges[kind].start or 0)
                     raise self._fail(
                         f"local_derivatives/{field.name} row {row} indexes atom "
                         f"{int(data[outside][0])}, outside its own structure"
                     )
-                if atom_shift is not None:
-                    data = data + atom_shift(kind)
+                if shifts is not None:
+                    data = data + shifts[kind]
             else:
                 data = self._finite(data, f"local_derivatives/{field.name}").to(dtype)
             values[field.name] = data
