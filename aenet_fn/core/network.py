@@ -126,15 +126,14 @@ class NetworkParams:
 def weight_mask(network: NetworkParams) -> torch.Tensor:
     """``[P]`` bool, True at the weights of ``network.values`` and False at the biases (on the
     values' device), e.g. the mask of :func:`~aenet_fn.core.optim.decoupled_weight_decay`."""
-    device = network.values.device
-    return torch.cat(
-        [
-            torch.full((count,), is_weight, dtype=torch.bool, device=device)
-            for sizes in network.sizes
-            for fan_in, fan_out in zip(sizes[:-1], sizes[1:])
-            for is_weight, count in ((True, fan_in * fan_out), (False, fan_out))
-        ]
-    )
+    counts = [
+        count
+        for sizes in network.sizes
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:])
+        for count in (fan_in * fan_out, fan_out)  # a layer's weights, then its biases
+    ]
+    kinds = torch.tensor([True, False] * (len(counts) // 2))
+    return torch.repeat_interleave(kinds, torch.tensor(counts)).to(network.values.device)
 
 
 def parameter_count(sizes: Sequence[int]) -> int:

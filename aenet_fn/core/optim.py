@@ -369,11 +369,14 @@ def decoupled_weight_decay(optimizer: Optimizer, rate: float, mask: PyTree = Non
             decayed, biases not); None decays every parameter.
     """
     config = DecoupledWeightDecay(optimizer.config, rate)
+    mask_leaves, mask_spec = (None, None) if mask is None else pytree.tree_flatten(mask)
 
     def update(grads: PyTree, state: Any, params: PyTree, lr: LearningRate | None = None):
         new_params, new_state = optimizer.update(grads, state, params, lr)
         leaves, spec = pytree.tree_flatten(params)
-        masks = [None] * len(leaves) if mask is None else _flatten_like(mask, spec, "mask")
+        if mask_spec is not None and mask_spec != spec:
+            raise ValueError(f"mask does not have the structure of params: {mask_spec} != {spec}")
+        masks = [None] * len(leaves) if mask_leaves is None else mask_leaves
         rate_lr = _lr_tensor(config.lr if lr is None else lr, leaves[0]) * rate
 
         def decayed(new: torch.Tensor, p: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
