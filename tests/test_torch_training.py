@@ -442,6 +442,11 @@ def test_the_set_size_estimate_is_close_to_the_featurized_set():
             assert 0.8 * whole < estimate.neighbours_per_atom < 1.25 * whole
         else:
             assert estimate.neighbours_per_atom == 0
+    with_stress = estimate_set(params, structures, with_derivatives=False, with_stress=True)
+    real = tree_bytes(
+        af.featurize_structures(params, structures, with_derivatives=False, with_stress=True)
+    )
+    assert 0.8 * real < with_stress.total_bytes < 1.25 * real
     with pytest.raises(ValueError, match="memory_budget_gib must be a number >= 0"):
         TorchTrainingConfig(memory_budget_gib=-1).validate()
 

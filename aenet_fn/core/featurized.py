@@ -327,7 +327,8 @@ class SetEstimate:
         n_structures, n_atoms: the set's size.
         neighbours_per_atom: mean neighbour entries per atom within the radial cutoff (periodic
             images included; 0 for an energy-only estimate).
-        feature_bytes: memory of the features and labels.
+        feature_bytes: memory of the features and labels (and, ``with_stress``, the stress
+            data, which training keeps in memory).
         total_bytes: memory of the whole set (features and, ``with_derivatives``, the local
             derivatives, which grow with the neighbours of each atom).
     """
@@ -346,9 +347,11 @@ def estimate_set(
     with_derivatives: bool,
     dtype: torch.dtype = torch.float64,
     sample: int = 16,
+    with_stress: bool = False,
 ) -> SetEstimate:
     """The memory :func:`featurize_structures` would take for ``structures``, from ``sample``
-    of them spread over the sequence (their bytes per atom, times every structure's atoms)."""
+    of them spread over the sequence (their bytes per atom, times every structure's atoms);
+    ``with_derivatives`` and ``with_stress`` as :func:`featurize_structures` takes them."""
     count = len(structures)
     if count == 0:
         raise ValueError("estimate_set: no structures")
@@ -356,7 +359,9 @@ def estimate_set(
         {round(k * (count - 1) / max(sample - 1, 1)) for k in range(min(sample, count))}
     )
     chosen = [structures[k] for k in picked]
-    part = featurize_structures(params, chosen, with_derivatives=with_derivatives, dtype=dtype)
+    part = featurize_structures(
+        params, chosen, with_derivatives=with_derivatives, dtype=dtype, with_stress=with_stress
+    )
     atoms = sum(structures[k].n_atoms for k in range(count))
     per_atom = atoms / sum(s.n_atoms for s in chosen)
     entries = 0 if part.local is None else part.local.radial_centre.numel()

@@ -265,9 +265,16 @@ def _beyond_budget(
     """Whether force training on the CPU should recompute a split's derivatives per batch:
     kept in memory, they would exceed ``config.memory_budget_gib`` (an estimate)."""
     if not with_forces or config.resolved_device().type != "cpu":
-        return False
+        return False  # (nothing to estimate)
     estimate = estimate_set(params, structures, with_derivatives=True, dtype=dtype)
-    return estimate.total_bytes > config.memory_budget_gib * 2**30
+    return not _within_budget(estimate.total_bytes, config)
+
+
+def _within_budget(total_bytes: int, config: TorchTrainingConfig) -> bool:
+    """Whether a split of ``total_bytes`` with force derivatives stays in memory: always off
+    the CPU, within ``memory_budget_gib`` on it."""
+    cpu = config.resolved_device().type == "cpu"
+    return not cpu or total_bytes <= config.memory_budget_gib * 2**30
 
 
 @dataclass(frozen=True)
@@ -305,12 +312,12 @@ def estimate_training_memory(
     ``members`` networks of ``arch``, from a sample of the structures."""
     params = descriptor.params
     dtype = training_dtype(config, descriptor.dtype)
-    with_forces = config.force_weight > 0
-    data = estimate_set(params, structures, with_derivatives=with_forces, dtype=dtype)
-    kept = with_forces and (
-        config.resolved_device().type != "cpu"
-        or data.total_bytes <= config.memory_budget_gib * 2**30
+    with_forces, with_stress = config.force_weight > 0, config.stress_weight > 0
+    data = estimate_set(
+        params, structures, with_derivatives=with_forces, dtype=dtype, with_stress=with_stress
     )
+    # the rule of TrainingSources._split: workers read lazily, else in memory within budget
+    kept = with_forces and config.num_workers == 0 and _within_budget(data.total_bytes, config)
     size = network_size(arch, params.species, params.n_features)
     itemsize = torch.empty((), dtype=dtype).element_size()
     return MemoryEstimate(data, kept, 4 * size * members * itemsize)  # values, grads, 2 moments
