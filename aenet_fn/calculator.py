@@ -5,7 +5,7 @@ Every number comes from the core: energies, forces and stress from
 :func:`~aenet_fn.core.potential.atomic_energies`, the atoms converted by
 :func:`~aenet_fn.io.ase_io.from_ase`. A committee is evaluated in one pass, the same core
 function ``torch.func.vmap``-ed over the members' stacked network parameters (the construction
-of :func:`~aenet_fn.driver.committee.committee_predict`, which gives no stress); its energy, forces,
+of :func:`~aenet_fn.driver.committee.committee_predict`, for one structure); its energy, forces,
 stress and per-atom energies are the member means, and the spreads are population standard
 deviations over the members, as in ``committee_predict``. Since every property is linear in the
 energy, the mean forces and stress are exactly the derivatives of the mean energy.

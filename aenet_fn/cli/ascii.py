@@ -9,8 +9,7 @@ from pathlib import Path
 from aenet_fn.cli.errors import CLIError
 from aenet_fn.cli.files import check_output_file, input_files, read_structure_files
 from aenet_fn.cli.predict import _models, load_potential
-from aenet_fn.io.ascii_potential import read_aenet_ascii, training_info, write_aenet_ascii
-from aenet_fn.torch_featurize import ChebyshevDescriptor
+from aenet_fn.io.ascii_potential import training_info, write_aenet_ascii
 from aenet_fn.torch_training import TorchANNPotential, TorchCommitteePotential
 
 
@@ -50,12 +49,9 @@ def _cmd_import_ascii(args: argparse.Namespace) -> int:
     check_output_file(Path(args.output), input_files(args.files, ".nn.ascii"), args.overwrite)
     files = args.files[0] if len(args.files) == 1 else args.files
     try:
-        model = read_aenet_ascii(files)
+        potential = TorchANNPotential.from_aenet_ascii(files)
     except (OSError, ValueError) as error:
         raise CLIError(str(error)) from error
-    descriptor = ChebyshevDescriptor.from_params(model.descriptor)
-    potential = TorchANNPotential(model.network.architecture(), descriptor)
-    potential.model = model
     potential.save(args.output, {"imported_from": [str(f) for f in args.files]})
-    print(f"wrote {args.output} ({', '.join(descriptor.species)})")
+    print(f"wrote {args.output} ({', '.join(potential.descriptor.species)})")
     return 0

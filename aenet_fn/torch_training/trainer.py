@@ -476,7 +476,11 @@ class TorchANNPotential:
         """A potential from ænet ``.nn.ascii`` files, ready to predict (or to train on):
         ``paths`` a folder of them, one file per species, or a mapping species → file (see
         :func:`~aenet_fn.io.ascii_potential.read_aenet_ascii`); on ``device`` (None: the CPU)."""
-        return _ascii_potential(cls, paths, device, dtype)
+        model = read_aenet_ascii(paths, dtype=dtype)
+        descriptor = ChebyshevDescriptor.from_params(model.descriptor, device or "cpu", dtype)
+        potential = cls(model.network.architecture(), descriptor)
+        potential.model = to(model, descriptor.device)
+        return potential
 
     @classmethod
     def from_file(
@@ -503,18 +507,6 @@ class TorchANNPotential:
         potential.best_val = payload.get("best_val_loss")
         potential._metadata = {k: v for k, v in payload.items() if k != "model"}
         return potential
-
-
-def _ascii_potential(
-    cls: type, paths: Any, device: str | torch.device | None, dtype: torch.dtype
-) -> Any:
-    """A ``cls`` potential (:class:`TorchANNPotential`) holding the model of ænet
-    ``.nn.ascii`` files (:func:`~aenet_fn.io.ascii_potential.read_aenet_ascii`) on ``device``."""
-    model = read_aenet_ascii(paths, dtype=dtype)
-    descriptor = ChebyshevDescriptor.from_params(model.descriptor, device or "cpu", dtype)
-    potential = cls(model.network.architecture(), descriptor)
-    potential.model = to(model, descriptor.device)
-    return potential
 
 
 def _ascii_info(model: Model, structures: Any, compute_stats: bool) -> dict[str, Any] | None:
