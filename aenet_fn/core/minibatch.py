@@ -106,6 +106,11 @@ class MiniBatch:
         return int(self.n_atoms.shape[-1])
 
     @property
+    def supervises_labels(self) -> bool:
+        """Whether the batch supervises forces or stresses (beyond its energies)."""
+        return self.local is not None or self.strain is not None
+
+    @property
     def stress_supervised(self) -> torch.Tensor | None:
         """``[b]`` bool, structures whose stress the batch supervises (None: no stress)."""
         return None if self.strain is None else self.strain.supervised

@@ -209,7 +209,7 @@ def committee_epoch(
         values, opt_state, errors, found, batch = step
         for i in range(len(members)):
             member_errors[i].append(errors[i].detach())
-            if found is not None and (batch.local is not None or batch.strain is not None):
+            if found is not None and batch.supervises_labels:
                 sums[i] = _add_member_labels(sums[i], found, batch, i, shared)
         if on_batch is not None:
             on_batch(k + 1, n_batches)
@@ -235,7 +235,7 @@ def committee_step(
     config: TrainConfig,
     stacked: bool = False,
     loss: Loss | None = None,
-) -> tuple[torch.Tensor, Any, tuple[torch.Tensor, torch.Tensor]]:
+) -> tuple[torch.Tensor, Any, Residuals]:
     """One optimiser step of every member, from the stacked ``values`` ``[M, P]``,
     ``opt_state`` and learning rates ``lrs`` ``[M]``, on a ``batch`` shared by the members or
     (``stacked``) stacked along a leading member axis

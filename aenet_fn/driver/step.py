@@ -211,7 +211,7 @@ def member_step(
     batch: MiniBatch,
     config: TrainConfig,
     loss: Loss | None = None,
-) -> tuple[torch.Tensor, Any, tuple[torch.Tensor, torch.Tensor]]:
+) -> tuple[torch.Tensor, Any, Residuals]:
     """One optimiser step of one model's parameters ``values`` with ``torch.func.grad`` of
     ``loss`` (default: :func:`default_loss`); pure and ``vmap``-able over ``values`` and
     ``opt_state`` (committees)."""
@@ -245,7 +245,7 @@ def _with_parameters(state: TrainState, values: torch.Tensor, opt_state: Any) ->
 
 def train_step(
     state: TrainState, batch: MiniBatch, config: TrainConfig, loss: Loss | None = None
-) -> tuple[TrainState, tuple[torch.Tensor, torch.Tensor]]:
+) -> tuple[TrainState, Residuals]:
     """One optimiser step on ``batch``; returns the new state and the batch's residuals
     (:data:`Residuals`, measured before the step): the :func:`member_step` of the state's
     parameters (``torch.func.grad`` of ``loss``, default :func:`default_loss`). A batch with an
@@ -269,7 +269,7 @@ def train_step(
 
 def data_parallel_step(
     state: TrainState, batch: MiniBatch, config: TrainConfig, world: World
-) -> tuple[TrainState, tuple[torch.Tensor, torch.Tensor]]:
+) -> tuple[TrainState, Residuals]:
     """:func:`train_step` for one process's share ``batch`` of a global batch split over the
     processes of ``world``: the loss is that of the global batch, the gradients of all shares
     are summed (all-reduce), and every process applies the same update (see

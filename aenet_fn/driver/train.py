@@ -252,7 +252,7 @@ def run_epoch(
         nonlocal sums
         own_errors.append(errors.detach())
         drawn_errors.append(drawn)
-        if found is not None and (batch.local is not None or batch.strain is not None):
+        if found is not None and batch.supervises_labels:
             labels = attrs.evolve(found, energy=errors.new_zeros(0))  # energies: once, below
             sums = accumulate_residuals(sums, labels, batch)
         if on_batch is not None:

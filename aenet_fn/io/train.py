@@ -487,9 +487,13 @@ class TrainOut:
     @property
     def has_force_data(self) -> bool:
         """True when the force columns exist and hold at least one finite value."""
+        return self._has_finite(FORCE_COLUMNS)
+
+    def _has_finite(self, columns: Sequence[str]) -> bool:
+        """True when any of ``columns`` exists and holds a finite value."""
         return any(
             column in self.errors.columns and bool(np.isfinite(self.errors[column]).any())
-            for column in FORCE_COLUMNS
+            for column in columns
         )
 
     @property
@@ -583,10 +587,7 @@ class TrainOut:
         panels = [(("RMSE_train", "RMSE_test"), "Energy RMSE (eV/atom)", "Energy errors")]
         if self.has_force_data:
             panels.append((FORCE_COLUMNS, "Force RMSE (eV/Å)", "Force errors"))
-        if any(
-            column in self.errors.columns and bool(np.isfinite(self.errors[column]).any())
-            for column in STRESS_COLUMNS
-        ):
+        if self._has_finite(STRESS_COLUMNS):
             panels.append((STRESS_COLUMNS, "Stress RMSE (eV/Å³)", "Stress errors"))
         return panels
 
