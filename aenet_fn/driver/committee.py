@@ -177,7 +177,8 @@ def committee_epoch(
     check_shared_parts([m.model for m in members])
     check_custom_loss(loss, speedups, World())
     if speedups is None:
-        table = None if loss is not None else energy_epoch_table(members[0], train, config, World())
+        custom = loss is not None
+        table = energy_epoch_table(members[0], train, config, World(), custom_loss=custom)
         speedups = Speedups(table=table)
     if speedups.drawn is None:
         planned = [plan_epoch(member, train, config) for member in members]
@@ -391,11 +392,7 @@ def committee_fit(
         check_same_data(member, fingerprint, config)
     members = tuple(attrs.evolve(member, data_fingerprint=fingerprint) for member in members)
     if speedups is None:  # one per run: the members share the normalisation
-        speedups = (
-            Speedups()
-            if loss is not None
-            else prepare_speedups(members, train, test, config, World())
-        )
+        speedups = prepare_speedups(members, train, test, config, World(), loss is not None)
 
     def draw(left: int) -> list[tuple[DrawnEpoch, ...]]:  # from the members the loop reached
         return draw_member_energy_epochs(members, train, config, speedups, left)

@@ -46,14 +46,25 @@ _TABLE_ELEMENTS = 1 << 25
 
 
 def energy_epoch_table(
-    state: TrainState, train: Split, config: TrainConfig, world: World | None = None
+    state: TrainState,
+    train: Split,
+    config: TrainConfig,
+    world: World | None = None,
+    custom_loss: bool = False,
 ) -> EnergyTable | None:
     """The table that lets :func:`run_epoch` take its energy-only route (one gather per many
-    steps) for ``train``, or None where that route does not apply: force training, several
-    processes, DataLoader workers, lazy splits, sets too large to copy, or the ``torch.func``
-    route (:func:`takes_fast_route`)."""
+    steps) for ``train``, or None where that route does not apply: force or stress training,
+    a ``custom_loss`` (the table computes the default loss), several processes, DataLoader
+    workers, lazy splits, sets too large to copy, or the ``torch.func`` route
+    (:func:`takes_fast_route`)."""
     world = current_world() if world is None else world
-    if config.uses_forces or config.uses_stress or world.size > 1 or config.num_workers > 0:
+    if (
+        custom_loss
+        or config.uses_forces
+        or config.uses_stress
+        or world.size > 1
+        or config.num_workers > 0
+    ):
         return None
     if not takes_fast_route(config, state.model.network.values):
         return None
@@ -131,12 +142,16 @@ def prepare_speedups(
     test: Split | None,
     config: TrainConfig,
     world: World | None = None,
+    custom_loss: bool = False,
 ) -> Speedups:
     """The :class:`Speedups` of a run of one model (``run``: its state) or of a committee
     (``run``: its members' states, stacked) on these splits: built once per run, before the
     first epoch (the energy table and the stored Jacobians depend on the splits and the
     normalisation only, which training does not change); nothing on the ``torch.func`` route
-    (``config.route``, every device but the CPU)."""
+    (``config.route``, every device but the CPU) nor for a ``custom_loss`` (the speed-ups
+    compute the default loss)."""
+    if custom_loss:
+        return Speedups()
     members = [run] if isinstance(run, TrainState) else list(run)
     template = members[0]
     table = energy_epoch_table(template, train, config, world)

@@ -216,12 +216,8 @@ def member_step(
     ``loss`` (default: :func:`default_loss`); pure and ``vmap``-able over ``values`` and
     ``opt_state`` (committees)."""
 
-    def value(v: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        if loss is None:
-            return config_loss(model, v, batch, config)
-        return loss(with_values(model, v), batch)
-
-    gradient, aux = func_gradient(value, values)
+    chosen = default_loss(config) if loss is None else loss
+    gradient, aux = func_gradient(lambda v: chosen(with_values(model, v), batch), values)
     new_values, new_state = optimizer_of(config, model.network).update(
         gradient, opt_state, values, lr
     )

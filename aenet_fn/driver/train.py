@@ -232,7 +232,7 @@ def run_epoch(
     world = current_world() if world is None else world
     check_custom_loss(loss, speedups, world)
     if speedups is None:
-        table = None if loss is not None else energy_epoch_table(state, train, config, world)
+        table = energy_epoch_table(state, train, config, world, custom_loss=loss is not None)
         speedups = Speedups(table=table)
     if speedups.drawn is None:
         state, order = plan_epoch(state, train, config)
@@ -383,9 +383,7 @@ def fit(
         callbacks, on_batch = (), None
     check_custom_loss(loss, speedups, world)
     if speedups is None:
-        speedups = (
-            Speedups() if loss is not None else prepare_speedups(state, train, test, config, world)
-        )
+        speedups = prepare_speedups(state, train, test, config, world, loss is not None)
 
     def draw(left: int) -> list[DrawnEpoch]:  # from the state the loop has reached
         return draw_energy_epochs(state, train, config, speedups, left)
