@@ -311,3 +311,29 @@ def test_the_reference_import_paths_of_the_datasets_work():
     from aenet_fn.torch_training.dataset import HDF5StructureDataset
 
     assert HDF5StructureDataset is exported
+
+
+def test_stress_training_featurizes_a_dataset_once(monkeypatch):
+    """A dataset's stress data is cached like its features: two stress runs and a split of
+    the dataset featurize its structures once."""
+    from aenet_fn.examples import emt_alloys
+
+    calls = []
+    original = dataset_module.featurize_structures
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("with_stress", False))
+        return original(*args, **kwargs)
+
+    structures = emt_alloys(12, seed=2)
+    descriptor = ChebyshevDescriptor(["Cu", "Ni", "Au"], 4, 4.0, 2, 3.0, min_cutoff=0.5)
+    dataset = StructureDataset(structures, descriptor)
+    monkeypatch.setattr(dataset_module, "featurize_structures", counting)
+    potential = TorchANNPotential({s: [(4, "tanh")] for s in ["Cu", "Ni", "Au"]}, descriptor)
+    config = facade_config(stress_weight=0.3, iterations=1, atomic_energies=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # no atomic energies
+        for _ in range(2):
+            potential.train(dataset=dataset, config=config)
+    assert calls == [True]
+    assert np.isfinite(potential.history[-1]["RMSE_stress_train"])

@@ -125,7 +125,7 @@ class StructureDataset(Dataset):
                 stacklevel=2,
             )
         self.structures: list[Structure] = kept
-        self._featurized: dict[tuple[bool, torch.dtype], FeaturizedSet] = {}
+        self._featurized: dict[tuple[bool, torch.dtype, bool], FeaturizedSet] = {}
 
     def __len__(self) -> int:
         return len(self.structures)
@@ -169,9 +169,8 @@ class StructureDataset(Dataset):
     def _features_of(self, position: int) -> torch.Tensor:
         """``[N, F]`` features of one structure (descriptor dtype): from a cached set when one
         exists, else computed."""
-        cached = self._featurized.get((False, self.descriptor.dtype))
-        if cached is None:
-            cached = self._featurized.get((True, self.descriptor.dtype))
+        dtype = self.descriptor.dtype
+        cached = next((self._featurized[k] for k in self._featurized if k[1] == dtype), None)
         if cached is not None:
             start = int(cached.atom_start[position])
             return cached.features[start : start + int(cached.n_atoms[position])]
@@ -191,17 +190,21 @@ class StructureDataset(Dataset):
         )
 
     def featurized(
-        self, with_derivatives: bool = False, dtype: torch.dtype | None = None
+        self,
+        with_derivatives: bool = False,
+        dtype: torch.dtype | None = None,
+        with_stress: bool = False,
     ) -> FeaturizedSet:
         """The core :class:`~aenet_fn.core.featurized.FeaturizedSet` of all structures (dtype
-        default: the descriptor's), computed once per ``(with_derivatives, dtype)``. An energy-only
-        view is taken from a cached set with derivatives when there is one."""
+        default: the descriptor's; ``with_stress``: with stress data), computed once per
+        ``(with_derivatives, dtype, with_stress)``. An energy-only view is taken from a cached
+        set with derivatives when there is one."""
         dtype = self.descriptor.dtype if dtype is None else dtype
-        key = (bool(with_derivatives), dtype)
+        key = (bool(with_derivatives), dtype, bool(with_stress))
         if key not in self._featurized:
             if not self.structures:
                 raise ValueError(f"{type(self).__name__} is empty: there is nothing to featurize")
-            full = self._featurized.get((True, dtype))
+            full = self._featurized.get((True, dtype, bool(with_stress)))
             if not with_derivatives and full is not None:
                 self._featurized[key] = energy_view(full)
             else:
@@ -210,6 +213,7 @@ class StructureDataset(Dataset):
                     self.structures,
                     with_derivatives=bool(with_derivatives),
                     dtype=dtype,
+                    with_stress=bool(with_stress),
                 )
         return self._featurized[key]
 
@@ -251,7 +255,7 @@ class StructureSubset(Subset):
     def __init__(self, dataset: Any, indices: Sequence[int]) -> None:
         length = len(dataset)
         super().__init__(dataset, [_position(i, length) for i in indices])
-        self._featurized: dict[tuple[bool, torch.dtype], FeaturizedSet] = {}
+        self._featurized: dict[tuple[bool, torch.dtype, bool], FeaturizedSet] = {}
 
     @property
     def atomic_energies(self) -> dict[str, float] | None:
@@ -284,19 +288,22 @@ class StructureSubset(Subset):
         return [i for i in range(len(self)) if self.get_structure(i).has_forces()]
 
     def featurized(
-        self, with_derivatives: bool = False, dtype: torch.dtype | None = None
+        self,
+        with_derivatives: bool = False,
+        dtype: torch.dtype | None = None,
+        with_stress: bool = False,
     ) -> FeaturizedSet:
         """The subset's :class:`~aenet_fn.core.featurized.FeaturizedSet`, sliced from the
         parent's."""
         descriptor = self.descriptor
         if dtype is None:
             dtype = torch.float64 if descriptor is None else descriptor.dtype
-        key = (bool(with_derivatives), dtype)
+        key = (bool(with_derivatives), dtype, bool(with_stress))
         if key not in self._featurized:
             if not self.indices:
                 raise ValueError("the subset is empty: there is nothing to featurize")
             if hasattr(self.dataset, "featurized"):
-                parent = self.dataset.featurized(with_derivatives, dtype)
+                parent = self.dataset.featurized(with_derivatives, dtype, with_stress)
                 self._featurized[key] = select_structures(parent, self.indices)
             elif descriptor is not None:
                 self._featurized[key] = featurize_structures(
@@ -304,6 +311,7 @@ class StructureSubset(Subset):
                     self.structures,
                     with_derivatives=with_derivatives,
                     dtype=dtype,
+                    with_stress=with_stress,
                 )
             else:
                 raise TypeError("the subset's dataset has neither featurized() nor a descriptor")
@@ -433,18 +441,16 @@ def featurized_of(
     """The :class:`~aenet_fn.core.featurized.FeaturizedSet` of ``dataset`` for a model over
     ``descriptor``: the dataset's cached one when it has ``featurized`` (its descriptor must
     match), a slice of the parent's for a torch ``Subset``, else computed from its structures
-    (always so ``with_stress``: stress labels and the features' strain derivatives)."""
+    (``with_stress``: with stress labels and the features' strain derivatives)."""
     check_descriptor(dataset, descriptor)
     if len(dataset) == 0:
         raise ValueError("the dataset is empty")
-    if hasattr(dataset, "featurized") and not with_stress:
-        return dataset.featurized(with_derivatives, dtype)
-    if (
-        not with_stress
-        and isinstance(dataset, Subset)
-        and (hasattr(dataset.dataset, "featurized") or isinstance(dataset.dataset, Subset))
+    if hasattr(dataset, "featurized"):
+        return dataset.featurized(with_derivatives, dtype, with_stress)
+    if isinstance(dataset, Subset) and (
+        hasattr(dataset.dataset, "featurized") or isinstance(dataset.dataset, Subset)
     ):
-        parent = featurized_of(dataset.dataset, descriptor, with_derivatives, dtype)
+        parent = featurized_of(dataset.dataset, descriptor, with_derivatives, dtype, with_stress)
         return select_structures(parent, dataset.indices)
     structures = structures_of(dataset)
     if structures is None:

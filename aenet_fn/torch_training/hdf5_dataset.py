@@ -106,7 +106,7 @@ class HDF5StructureDataset(Dataset):
         self._handle: database.StructureDatabase | None = None
         self._pid: int | None = None
         self._cache: OrderedDict[int, Structure] = OrderedDict()
-        self._featurized: dict[tuple[bool, torch.dtype], FeaturizedSet] = {}
+        self._featurized: dict[tuple[bool, torch.dtype, bool], FeaturizedSet] = {}
 
     # -- the file ------------------------------------------------------------------------------
 
@@ -322,24 +322,32 @@ class HDF5StructureDataset(Dataset):
         return self._database().local_derivatives(position, descriptor.params, descriptor.dtype)
 
     def featurized(
-        self, with_derivatives: bool = False, dtype: torch.dtype | None = None
+        self,
+        with_derivatives: bool = False,
+        dtype: torch.dtype | None = None,
+        with_stress: bool = False,
     ) -> FeaturizedSet:
         """The core :class:`~aenet_fn.core.featurized.FeaturizedSet` of all entries (dtype default:
-        the descriptor's), once per ``(with_derivatives, dtype)``: persisted features and
-        derivatives when the file has them, else computed from the structures."""
+        the descriptor's), once per ``(with_derivatives, dtype, with_stress)``: persisted
+        features and derivatives when the file has them, else (and always for stress data,
+        whose strain derivatives are not persisted) computed from the structures."""
         descriptor = self._require_descriptor()
         dtype = descriptor.dtype if dtype is None else dtype
-        key = (bool(with_derivatives), dtype)
+        key = (bool(with_derivatives), dtype, bool(with_stress))
         if key not in self._featurized:
             if len(self) == 0:
                 raise ValueError(f"{type(self).__name__} is empty: there is nothing to featurize")
             handle = self._database()
-            full = self._featurized.get((True, dtype))
+            full = self._featurized.get((True, dtype, bool(with_stress)))
             if not with_derivatives and full is not None:
                 self._featurized[key] = energy_view(full)
-            elif with_derivatives and not handle.has_local_derivatives:
+            elif with_stress or (with_derivatives and not handle.has_local_derivatives):
                 self._featurized[key] = featurize_structures(
-                    descriptor.params, handle.structures(), with_derivatives=True, dtype=dtype
+                    descriptor.params,
+                    handle.structures(),
+                    with_derivatives=bool(with_derivatives),
+                    dtype=dtype,
+                    with_stress=bool(with_stress),
                 )
             else:
                 self._featurized[key] = handle.featurized(
