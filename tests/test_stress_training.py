@@ -154,7 +154,12 @@ def test_the_facade_and_the_command_line_train_on_stresses(emt, tmp_path):
         min_cutoff=0.5,
     )
     config = TorchTrainingConfig(
-        iterations=6, stress_weight=0.4, testpercent=25, method=Adam(mu=5e-3, batchsize=6)
+        iterations=6,
+        stress_weight=0.4,
+        testpercent=25,
+        method=Adam(mu=5e-3, batchsize=6),
+        checkpoint_dir=None,  # nothing written into the working folder
+        show_progress=False,
     )
     potential = TorchANNPotential(ARCH, descriptor)
     result = potential.train(structures=[to_ase(s) for s in structures], config=config)
