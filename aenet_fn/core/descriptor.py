@@ -11,7 +11,8 @@ centre's own images included, ``min_cutoff < d_ij``):
 
 ``fc(d; Rc) = (cos(π d / Rc) + 1) / 2`` for ``d < Rc``, else 0. The polynomials use the three-term
 recurrence, which is smooth everywhere (no infinite ``arccos`` slope at ``x = ±1``), so
-gradients with respect to positions (forces) and cells (stress) are finite and exact.
+gradients with respect to positions (forces) and cells (stress) are finite and exact; ``cos θ``
+is not clamped, so collinear triplets (rounded just past ±1) keep their exact gradients.
 
 The work is split in two: :func:`build_graph` finds the pairs and triplets (integer data, computed
 once, no gradients), and :func:`features_from_graph` is the differentiable, batched part.
@@ -345,7 +346,6 @@ def _chunk_features(params, positions, cells, structure_index, graph, first_atom
     units = vectors / distance[:, None]
     first, second = graph.triplet_first, graph.triplet_second
     cosine = (units.index_select(0, first) * units.index_select(0, second)).sum(dim=1)
-    cosine = cosine.clamp(-1.0, 1.0)
     fc_ang = cutoff_function(distance, params.ang_cutoff)
     fc_pair = fc_ang.index_select(0, first) * fc_ang.index_select(0, second)
     angular_terms = scaled_chebyshev(cosine, fc_pair, params.ang_order)

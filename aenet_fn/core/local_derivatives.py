@@ -114,7 +114,7 @@ def local_derivatives(
     def angular_of_vectors(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         d_first = first.norm(dim=-1, keepdim=True)
         d_second = second.norm(dim=-1, keepdim=True)
-        cosine = ((first * second).sum(-1, keepdim=True) / (d_first * d_second)).clamp(-1.0, 1.0)
+        cosine = (first * second).sum(-1, keepdim=True) / (d_first * d_second)
         return angular_basis(
             params,
             cosine,
