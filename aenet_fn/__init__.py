@@ -39,6 +39,7 @@ from aenet_fn.driver.step import evaluate, train_step
 from aenet_fn.driver.train import TrainingDiverged, fit, run_epoch
 from aenet_fn.io import read_structures, write_xsf
 from aenet_fn.io.ascii_potential import read_aenet_ascii, write_aenet_ascii
+from aenet_fn.io.program import export_program, save_program
 from aenet_fn.speedups.force_jacobian import set_jacobian
 
 __version__ = "0.1.0"
@@ -72,6 +73,7 @@ __all__ = [
     "energy_and_forces",
     "energy_forces_stress",
     "evaluate",
+    "export_program",
     "features_from_graph",
     "featurize",
     "featurize_structures",
@@ -88,6 +90,7 @@ __all__ = [
     "read_structures",
     "run_epoch",
     "save_checkpoint",
+    "save_program",
     "set_jacobian",
     "split_indices",
     "take_structures",

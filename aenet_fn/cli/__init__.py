@@ -66,6 +66,7 @@ from aenet_fn.cli.demo import _cmd_demo
 from aenet_fn.cli.errors import CLIError, ConfigError
 from aenet_fn.cli.featurize import _cmd_featurize
 from aenet_fn.cli.predict import Prediction, _cmd_predict, load_potential, predict_structures
+from aenet_fn.cli.program import PROGRAM_DTYPES, _cmd_export_program
 from aenet_fn.cli.train import (
     TrainingRun,
     _cmd_train,
@@ -177,6 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--output", required=True, help="model file to write (model.pt)")
     imp.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     imp.set_defaults(handler=_cmd_import_ascii)
+
+    program = commands.add_parser(
+        "export-program",
+        help="a self-contained torch.export program (.pt2) for MD codes, no aenet_fn needed",
+    )
+    program.add_argument("model", help="model file or committee directory")
+    program.add_argument("output", help="program file (.pt2); a folder for a committee")
+    program.add_argument(
+        "--dtype",
+        choices=sorted(PROGRAM_DTYPES),
+        help="the program's float type (default: the model's)",
+    )
+    program.add_argument("--overwrite", action="store_true", help="replace existing programs")
+    program.set_defaults(handler=_cmd_export_program)
 
     featurize = commands.add_parser("featurize", help="write an HDF5 structure database")
     featurize.add_argument("files", nargs="+", help="structure files or folders of XSF files")

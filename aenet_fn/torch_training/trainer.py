@@ -45,6 +45,7 @@ from aenet_fn.driver.train import fit
 from aenet_fn.io.ascii_potential import read_aenet_ascii, training_info, write_aenet_ascii
 from aenet_fn.io.ase_io import convert_to_structures
 from aenet_fn.io.predict import PredictOut
+from aenet_fn.io.program import save_program
 from aenet_fn.io.train import TrainOut, write_energies, write_history
 from aenet_fn.torch_featurize.chebyshev import ChebyshevDescriptor
 from aenet_fn.torch_training.config import TorchTrainingConfig
@@ -465,6 +466,13 @@ class TorchANNPotential:
             "extra_metadata": to_tree(dict(extra_metadata or {})),
         }
         atomic_torch_save(payload, path)
+
+    def save_program(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """Write the potential as a self-contained ``torch.export`` program (``.pt2``) that
+        computes energy, forces and stress from positions, cell, species and a neighbour list,
+        loadable with plain ``torch.export.load`` (see :mod:`aenet_fn.io.program`); ``dtype``:
+        its float type (default the model's). Returns the path."""
+        return save_program(self._require_model(), path, dtype)
 
     @classmethod
     def from_aenet_ascii(
