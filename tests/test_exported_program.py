@@ -200,7 +200,7 @@ def test_collinear_triplets_keep_their_exact_position_derivatives(tio2):
 
     for cotangent in cotangents:  # vector-Jacobian products: gradients of random feature sums
         found, expected = (
-            torch.func.grad(lambda p, f=form: (f(p) * cotangent).sum())(batch.positions)
+            torch.func.grad(lambda p, f=form, w=cotangent: (f(p) * w).sum())(batch.positions)
             for form in (moment_form, triplet_form)
         )
         torch.testing.assert_close(found, expected, rtol=0, atol=1e-12)

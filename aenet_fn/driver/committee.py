@@ -66,6 +66,7 @@ from aenet_fn.driver.train import (
     end_of_epoch,
     epoch_batches,
     finish_epoch,
+    member_epoch_batches,
 )
 from aenet_fn.speedups.energy_gradient import energy_gradients
 from aenet_fn.speedups.force_jacobian import BatchJacobian, SetJacobian, StackedJacobians
@@ -287,9 +288,13 @@ def _batch_steps(members, orders, shared, values, opt_state, lrs, train, config,
 
     # members of one process: a committee spreads its members over ranks, not its batches;
     # members drawing the same batches share them instead of stacking them
-    drawing = list(zip(members, orders))[: 1 if shared else None]
-    streams = [epoch_batches(m, o, train, config, World(), jacobian) for m, o in drawing]
-    for batches in zip(*streams):
+    if shared:
+        steps = (
+            (b,) for b in epoch_batches(members[0], orders[0], train, config, World(), jacobian)
+        )
+    else:
+        steps = member_epoch_batches(members, orders, train, config, jacobian)
+    for batches in steps:
         batch = batches[0] if shared else stack_batches(batches)
         values, opt_state, found = step(values, opt_state, lrs, batch)
         yield values, opt_state, found.energy, found, batch

@@ -222,23 +222,30 @@ class _Plan:
     replaced before each epoch, so that persistent workers serve every epoch."""
 
     def __init__(self) -> None:
-        self.items: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self.items: list = []
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    def __iter__(self) -> Iterator:
         return iter(self.items)
 
     def __len__(self) -> int:
         return len(self.items)
 
 
+BatchItem = tuple[torch.Tensor, Union[torch.Tensor, None]]
+"""What a batch is built from: a selection ``[b]`` and the force-selected flags (or None)."""
+
+
 class _Batches(Dataset):
-    """Map-style dataset whose items are ``(selection, force_selected)`` pairs → batches."""
+    """Map-style dataset whose items are ``(selection, force_selected)`` pairs → batches, or
+    tuples of them (one per committee member) → tuples of batches."""
 
     def __init__(self, data: Split) -> None:
         self.data = data
 
-    def __getitem__(self, item: tuple[torch.Tensor, torch.Tensor | None]) -> MiniBatch:
-        return take_batch(self.data, *item)
+    def __getitem__(self, item: BatchItem | tuple[BatchItem, ...]) -> MiniBatch | tuple:
+        if isinstance(item[0], torch.Tensor):
+            return take_batch(self.data, *item)
+        return tuple(take_batch(self.data, *member) for member in item)
 
 
 def _unchanged(batch: MiniBatch) -> MiniBatch:
@@ -264,6 +271,37 @@ def batch_stream(
     items = [(selection, force_selected) for selection in selections]
     if num_workers == 0:
         return (take_batch(data, *item, jacobian, with_stress) for item in items)
+    return _loaded(data, items, num_workers, prefetch_factor, persistent_workers, with_stress)
+
+
+def member_batch_stream(
+    data: Split,
+    selections: Sequence[Sequence[torch.Tensor]],
+    force_selected: Sequence[torch.Tensor | None],
+    *,
+    num_workers: int = 0,
+    prefetch_factor: int = 2,
+    persistent_workers: bool = False,
+    jacobian: SetJacobian | None = None,
+    with_stress: bool = False,
+) -> Iterator[tuple[MiniBatch, ...]]:
+    """Committee members' own batches, one tuple per step: member ``m``'s ``selections[m][k]``
+    with its ``force_selected[m]``; one stream for all members, so DataLoader workers (as in
+    :func:`batch_stream`) read each step's batches once, together."""
+    items = [
+        tuple(zip(step, force_selected, strict=True)) for step in zip(*selections, strict=True)
+    ]
+    if num_workers == 0:
+        return (
+            tuple(take_batch(data, *member, jacobian, with_stress) for member in item)
+            for item in items
+        )
+    return _loaded(data, items, num_workers, prefetch_factor, persistent_workers, with_stress)
+
+
+def _loaded(data, items, num_workers, prefetch_factor, persistent_workers, with_stress):
+    """The batches of ``items`` built in ``num_workers`` DataLoader processes (see
+    :func:`batch_stream`)."""
     if with_stress:
         raise ValueError("stress training reads featurized sets in memory (num_workers = 0)")
     keep = persistent_workers and isinstance(data, StructureSource)

@@ -43,6 +43,7 @@ from aenet_fn.driver.loader import (
     Split,
     batch_stream,
     check_split,
+    member_batch_stream,
 )
 from aenet_fn.driver.seam import (
     DrawnEpoch,
@@ -100,6 +101,29 @@ def epoch_batches(
         train,
         selections,
         force_mask,
+        num_workers=config.num_workers,
+        prefetch_factor=config.prefetch_factor,
+        persistent_workers=config.persistent_workers,
+        jacobian=jacobian,
+        with_stress=config.uses_stress,
+    )
+
+
+def member_epoch_batches(
+    members: Sequence[TrainState],
+    orders: Sequence[torch.Tensor],
+    train: Split,
+    config: TrainConfig,
+    jacobian: SetJacobian | None = None,
+) -> Iterator[tuple[MiniBatch, ...]]:
+    """Committee members' own mini-batches of their ``orders``, one tuple per step, from one
+    stream (:func:`~aenet_fn.driver.loader.member_batch_stream`: with DataLoader workers, each
+    step's batches are read once, together). Members of one process (no data parallelism)."""
+    masks = [m.sampler.force_subset if config.uses_forces else None for m in members]
+    return member_batch_stream(
+        train,
+        [list(order.split(config.batch_size)) for order in orders],
+        masks,
         num_workers=config.num_workers,
         prefetch_factor=config.prefetch_factor,
         persistent_workers=config.persistent_workers,

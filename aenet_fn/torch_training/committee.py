@@ -347,11 +347,6 @@ class TorchCommitteePotential:
             sources, config, dtype, forces, "TorchCommitteePotential.train"
         )
         train, test = data.train, data.test
-        if committee_config.execution == "vmap" and config.num_workers > 0:
-            raise ValueError(
-                "vmapped committees prepare their batches in this process: use num_workers=0, "
-                'or TorchCommitteeConfig(execution="sequential") for DataLoader workers'
-            )
         params = self.descriptor.params
         seeds = committee_config.seeds(agreed_seed(config.seed, world))
         mine = members_of(len(seeds), world)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -419,6 +421,28 @@ class LazyStructures:
         if isinstance(self.dataset, Subset):
             return LazyStructures(self.dataset.dataset)[self.dataset.indices[index]]
         return self.dataset.get_structure(index)
+
+
+@dataclass(frozen=True)
+class DatabaseEntries:
+    """The entries ``entries`` (database indices, in dataset order) of the HDF5 database at
+    ``path`` that a dataset stands for."""
+
+    path: Path
+    entries: list[int]
+
+
+def database_entries(dataset: Any) -> DatabaseEntries | None:
+    """Where an HDF5 database dataset (or a torch ``Subset`` of one, nested or not) reads its
+    structures from, else None."""
+    if isinstance(dataset, Subset):
+        parent = database_entries(dataset.dataset)
+        if parent is None:
+            return None
+        return DatabaseEntries(parent.path, [parent.entries[i] for i in dataset.indices])
+    if not isinstance(dataset, HDF5StructureDataset):
+        return None
+    return DatabaseEntries(dataset.database_file, list(range(len(dataset))))
 
 
 def check_descriptor(dataset: Any, descriptor: ChebyshevDescriptor) -> None:

@@ -20,13 +20,16 @@ from aenet_fn.core.network import network_size
 from aenet_fn.core.normalization import check_reference_keys
 from aenet_fn.core.records import to
 from aenet_fn.core.splits import filter_structures, split_structures
+from aenet_fn.driver.database_source import DatabaseSource
 from aenet_fn.driver.loader import StructureSequence, StructureSource
 from aenet_fn.io.ase_io import convert_to_structures
 from aenet_fn.torch_featurize.chebyshev import ChebyshevDescriptor
 from aenet_fn.torch_training.config import TorchTrainingConfig
 from aenet_fn.torch_training.dataset import (
+    DatabaseEntries,
     LazyStructures,
     check_descriptor,
+    database_entries,
     featurized_of,
     owned_atomic_energies,
     train_test_split,
@@ -124,13 +127,16 @@ class TrainingSources:
         dtype: torch.dtype,
         with_forces: bool,
         role: str,
+        database: DatabaseEntries | None = None,
     ) -> FeaturizedSet | StructureSource:
         """A split featurized once and kept in memory or a lazy source whose batches are read
         and featurized when drawn: with ``num_workers > 0`` by the DataLoader workers, and in
         this process for force training whose derivatives would not fit
-        ``memory_budget_gib``; each keeps :meth:`~TorchTrainingConfig.runtime_cache_entries`
-        of them when ``cache_scope`` covers the split's ``role`` (``"train"`` or ``"val"``;
-        memory bounded by the batches and the caches)."""
+        ``memory_budget_gib``; the entries of an HDF5 ``database`` are read from it in runs
+        (:class:`~aenet_fn.driver.database_source.DatabaseSource`); each keeps
+        :meth:`~TorchTrainingConfig.runtime_cache_entries` of them when ``cache_scope``
+        covers the split's ``role`` (``"train"`` or ``"val"``; memory bounded by the batches
+        and the caches)."""
         params = self.descriptor.params
         with_stress = config.stress_weight > 0
         lazy = config.num_workers > 0 or _beyond_budget(
@@ -142,15 +148,11 @@ class TrainingSources:
                 "memory_budget_gib the force derivatives fit)"
             )
         if lazy:
-            return StructureSource(
-                params,
-                structures,
-                with_derivatives=with_forces,
-                dtype=dtype,
-                cache_entries=config.runtime_cache_entries()
-                if config.cache_scope in ("all", role)
-                else 0,
-            )
+            cache = config.runtime_cache_entries() if config.cache_scope in ("all", role) else 0
+            options = {"with_derivatives": with_forces, "dtype": dtype, "cache_entries": cache}
+            if database is not None:
+                return DatabaseSource(params, database.path, database.entries, **options)
+            return StructureSource(params, structures, **options)
         return featurize_structures(
             params, structures, with_derivatives=with_forces, dtype=dtype, with_stress=with_stress
         )
@@ -197,8 +199,16 @@ class TrainingSources:
         references = self._dataset_references(train_source, test_source, config)
 
         def split_of(source: Any, role: str) -> FeaturizedSet | StructureSource:
-            if config.num_workers > 0:
-                return self._split(LazyStructures(source), config, dtype, with_forces, role)
+            database = database_entries(source)
+            if config.num_workers > 0 or (
+                database is not None
+                and _beyond_budget(
+                    self.descriptor.params, LazyStructures(source), config, dtype, with_forces
+                )
+            ):
+                return self._split(
+                    LazyStructures(source), config, dtype, with_forces, role, database
+                )
             with_stress = config.stress_weight > 0
             return featurized_of(source, self.descriptor, with_forces, dtype, with_stress)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import attrs
@@ -38,6 +38,18 @@ from aenet_fn.io.database.schema import (
     missing_file,
     plain_atomic_energies,
 )
+
+
+@attrs.frozen(eq=False)
+class SplitMetadata:
+    """Per-entry data of a whole database: ``energies`` ``[B]`` (eV, NaN unknown),
+    ``n_atoms`` ``[B]``, ``species_counts`` ``[B, M]``, ``has_forces`` ``[B]``, ``names``."""
+
+    energies: torch.Tensor
+    n_atoms: torch.Tensor
+    species_counts: torch.Tensor
+    has_forces: torch.Tensor
+    names: tuple[str | None, ...]
 
 
 def open_database(path: PathLike) -> StructureDatabase:
@@ -314,38 +326,38 @@ class StructureDatabase:
             return None
         radial_offset, triplet_offset = self._local_offsets
         ranges = {
-            "radial": slice(int(radial_offset[i]), int(radial_offset[i + 1])),
-            "triplet": slice(int(triplet_offset[i]), int(triplet_offset[i + 1])),
+            "radial": [(int(radial_offset[i]), int(radial_offset[i + 1]))],
+            "triplet": [(int(triplet_offset[i]), int(triplet_offset[i + 1]))],
         }
         size = int(self._atom_offset[i + 1] - self._atom_offset[i])
         return self._local(ranges, None, lambda kind: size, dtype)
 
     def _local(
         self,
-        ranges: dict[str, slice],
+        ranges: dict[str, list[tuple[int, int]]],
         atom_shift: Callable | None,
         atom_count: Callable,
         dtype: torch.dtype,
     ) -> LocalDerivatives:
-        """Read the derivative rows ``ranges`` (by entry kind), values cast to ``dtype``;
-        ``atom_shift(kind)`` gives the per-entry offset that makes atom indices global (None:
-        keep them structure-local), ``atom_count(kind)`` the atoms of each entry's structure:
-        an index outside its own structure, or a non-finite value, is refused naming the
-        field and entry."""
+        """Read the derivative rows ``ranges`` (``(first, end)`` runs by entry kind), values
+        cast to ``dtype``; ``atom_shift(kind)`` gives the per-entry offset that makes atom
+        indices global (None: keep them structure-local), ``atom_count(kind)`` the atoms of
+        each entry's structure: an index outside its own structure, or a non-finite value, is
+        refused naming the field and entry."""
         values = {}
         counts = {kind: atom_count(kind) for kind in ranges}  # once per kind, not per field
         shifts = {kind: atom_shift(kind) for kind in ranges} if atom_shift is not None else None
         for field in attrs.fields(LocalDerivatives):
             kind = "radial" if field.name.startswith("radial") else "triplet"
-            data = torch.from_numpy(self._file[f"local_derivatives/{field.name}"][ranges[kind]])
+            data = torch.from_numpy(self._read(f"local_derivatives/{field.name}", ranges[kind]))
             if field.name in ATOM_INDEX_FIELDS:
                 data = data.to(torch.long)
                 outside = (data < 0) | (data >= counts[kind])
                 if bool(outside.any()):
-                    row = int(torch.nonzero(outside)[0, 0]) + (ranges[kind].start or 0)
+                    row = int(torch.nonzero(outside)[0, 0])
                     raise self._fail(
-                        f"local_derivatives/{field.name} row {row} indexes atom "
-                        f"{int(data[outside][0])}, outside its own structure"
+                        f"local_derivatives/{field.name} row {_file_row(ranges[kind], row)} "
+                        f"indexes atom {int(data[outside][0])}, outside its own structure"
                     )
                 if shifts is not None:
                     data = data + shifts[kind]
@@ -371,6 +383,37 @@ class StructureDatabase:
             raise self._fail(f"{what}: non-finite value in row {row}")
         return values
 
+    def split_metadata(self, params: ChebyshevParams) -> SplitMetadata:
+        """What a sampler needs of every entry, read column by column (no structure is
+        built): energies, atom counts, species counts in ``params.species`` order, force
+        flags and names."""
+        offsets = self._atom_offset
+        n_atoms = np.diff(offsets)
+        species_index = self._species_index(self._file["structures/numbers"][:], params)
+        n_species, total = len(params.species), len(self)
+        owner = np.repeat(np.arange(total), n_atoms)
+        counts = np.bincount(owner * n_species + species_index, minlength=total * n_species)
+        energies = self._labels(self._file["structures/energy"][:], "structures/energy")
+        return SplitMetadata(
+            energies=energies.to(torch.float64),
+            n_atoms=torch.from_numpy(n_atoms),
+            species_counts=torch.from_numpy(counts.reshape(total, n_species)),
+            has_forces=torch.from_numpy(self._has_forces.astype(bool)),
+            names=tuple(name or None for name in self._file["structures/name"].asstr()[:]),
+        )
+
+    def _species_index(self, numbers: np.ndarray, params: ChebyshevParams) -> np.ndarray:
+        """Index in ``params.species`` of each atomic number; refused naming unknown species."""
+        lookup = np.full(len(chemical_symbols), -1, dtype=np.int64)
+        lookup[[atomic_numbers[s] for s in params.species]] = np.arange(len(params.species))
+        species_index = lookup[numbers]
+        if (species_index < 0).any():
+            unknown = sorted({chemical_symbols[z] for z in numbers[species_index < 0]})
+            raise self._fail(
+                f"species {unknown} are not in the descriptor's species {list(params.species)}"
+            )
+        return species_index
+
     def featurized(
         self,
         params: ChebyshevParams,
@@ -378,75 +421,103 @@ class StructureDatabase:
         with_derivatives: bool,
         dtype: torch.dtype,
         device: torch.device | str | None = None,
+        entries: Sequence[int] | np.ndarray | None = None,
     ) -> FeaturizedSet:
-        """The :class:`~aenet_fn.core.featurized.FeaturizedSet` of all entries: labels from the
-        database, features persisted (cast to ``dtype``) or else computed in ``dtype``, and with
-        ``with_derivatives`` the persisted local derivatives (which must exist); read on the
-        CPU and moved to ``device`` once (default: stays on the CPU)."""
+        """The :class:`~aenet_fn.core.featurized.FeaturizedSet` of the ``entries`` (increasing
+        indices; None: all): labels from the database, features persisted (cast to ``dtype``)
+        or else computed in ``dtype``, and with ``with_derivatives`` the persisted local
+        derivatives (which must exist); read on the CPU and moved to ``device`` once (default:
+        stays on the CPU). Each array is read in one slice per run of consecutive entries."""
         if len(self) == 0:
             raise self._fail("the database is empty")
         if with_derivatives:
             self._require("local_derivatives", params)
-        file = self._file
-        offsets = torch.from_numpy(self._atom_offset)
-        n_atoms = offsets[1:] - offsets[:-1]
-        n_structures = len(self)
-        lookup = np.full(len(chemical_symbols), -1, dtype=np.int64)
-        lookup[[atomic_numbers[s] for s in params.species]] = np.arange(len(params.species))
-        numbers = file["structures/numbers"][:]
-        species_index = lookup[numbers]
-        if (species_index < 0).any():
-            unknown = sorted({chemical_symbols[z] for z in numbers[species_index < 0]})
-            raise self._fail(
-                f"species {unknown} are not in the descriptor's species {list(params.species)}"
-            )
-        species_index = torch.from_numpy(species_index)
+        if self.has_features:
+            self._require("features", params)
+        runs = self._runs(entries)
+        offsets = self._atom_offset
+        atom_runs = [(int(offsets[a]), int(offsets[b])) for a, b in runs]
+        n_atoms = torch.cat([torch.from_numpy(np.diff(offsets[a : b + 1])) for a, b in runs])
+        n_structures = int(n_atoms.shape[0])
+        starts = torch.cumsum(n_atoms, 0) - n_atoms
+        numbers = self._read("structures/numbers", atom_runs)
+        species_index = torch.from_numpy(self._species_index(numbers, params))
         structure_index = torch.repeat_interleave(torch.arange(n_structures), n_atoms)
         n_species = len(params.species)
         counts = torch.bincount(
             structure_index * n_species + species_index, minlength=n_structures * n_species
         ).reshape(n_structures, n_species)
         if self.has_features:
-            self._require("features", params)
-            features = self._finite(torch.from_numpy(file["features/values"][:]), "features")
-            features = features.to(dtype)
+            features = torch.from_numpy(self._read("features/values", atom_runs))
+            features = self._finite(features, "features").to(dtype)
         else:
+            chosen = [self.structure(i) for a, b in runs for i in range(a, b)]
             features = featurize_structures(
-                params, self.structures(), with_derivatives=False, dtype=dtype
+                params, chosen, with_derivatives=False, dtype=dtype
             ).features
         local = None
         empty = torch.zeros(0, dtype=torch.long)
         radial_start = radial_count = triplet_start = triplet_count = empty
         if with_derivatives:
-            starts, entry_counts = {}, {}
+            ranges, entry_counts = {}, {}
             for kind, entry_offset in zip(("radial", "triplet"), self._local_offsets):
-                entry_offset = torch.from_numpy(entry_offset)
-                starts[kind], entry_counts[kind] = entry_offset[:-1], entry_offset.diff()
+                ranges[kind] = [(int(entry_offset[a]), int(entry_offset[b])) for a, b in runs]
+                entry_counts[kind] = torch.cat(
+                    [torch.from_numpy(np.diff(entry_offset[a : b + 1])) for a, b in runs]
+                )
             local = self._local(
-                {"radial": slice(None), "triplet": slice(None)},
-                lambda kind: torch.repeat_interleave(offsets[:-1], entry_counts[kind]),
+                ranges,
+                lambda kind: torch.repeat_interleave(starts, entry_counts[kind]),
                 lambda kind: torch.repeat_interleave(n_atoms, entry_counts[kind]),
                 dtype,
             )
-            radial_start, radial_count = starts["radial"], entry_counts["radial"]
-            triplet_start, triplet_count = starts["triplet"], entry_counts["triplet"]
+            radial_count, triplet_count = entry_counts["radial"], entry_counts["triplet"]
+            radial_start = torch.cumsum(radial_count, 0) - radial_count
+            triplet_start = torch.cumsum(triplet_count, 0) - triplet_count
+        names = self._read("structures/name", runs, text=True)
         data = FeaturizedSet(
             features=features,
             species_index=species_index,
-            atom_start=offsets[:-1].clone(),
+            atom_start=starts,
             n_atoms=n_atoms,
-            energies=self._labels(file["structures/energy"][:], "structures/energy").to(dtype),
-            forces=self._labels(file["structures/forces"][:], "structures/forces").to(dtype),
+            energies=self._labels(self._read("structures/energy", runs), "structures/energy").to(
+                dtype
+            ),
+            forces=self._labels(self._read("structures/forces", atom_runs), "structures/forces").to(
+                dtype
+            ),
             species_counts=counts,
             local=local,
             radial_start=radial_start,
             radial_count=radial_count,
             triplet_start=triplet_start,
             triplet_count=triplet_count,
-            names=tuple(name or None for name in file["structures/name"].asstr()[:]),
+            names=tuple(name or None for name in names),
             descriptor=params,
         )
         return data if device is None else to(data, device=device)
+
+    def _runs(self, entries: Sequence[int] | np.ndarray | None) -> list[tuple[int, int]]:
+        """``[(first, end)]`` runs of consecutive entries covering ``entries`` (increasing)."""
+        if entries is None:
+            return [(0, len(self))]
+        chosen = np.asarray(entries, dtype=np.int64).reshape(-1)
+        if chosen.size == 0:
+            raise self._fail("no entries chosen")
+        if (np.diff(chosen) <= 0).any() or chosen[0] < 0 or chosen[-1] >= len(self):
+            raise IndexError(
+                f"{self.path}: entries must increase within 0..{len(self) - 1}, got {chosen}"
+            )
+        breaks = np.nonzero(np.diff(chosen) > 1)[0] + 1
+        firsts = np.concatenate([[0], breaks])
+        ends = np.concatenate([breaks, [chosen.size]])
+        return [(int(chosen[f]), int(chosen[e - 1]) + 1) for f, e in zip(firsts, ends)]
+
+    def _read(self, path: str, runs: list[tuple[int, int]], text: bool = False) -> np.ndarray:
+        """Rows ``runs`` (``(first, end)`` pairs) of the dataset ``path``, one slice each."""
+        dataset = self._file[path].asstr() if text else self._file[path]
+        parts = [dataset[first:end] for first, end in runs]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -462,6 +533,15 @@ class StructureDatabase:
 
     def __repr__(self) -> str:
         return f"StructureDatabase({str(self.path)!r}, {len(self)} structures)"
+
+
+def _file_row(runs: list[tuple[int, int]], row: int) -> int:
+    """The file row of row ``row`` of the concatenated ``runs``."""
+    for first, end in runs:
+        if row < end - first:
+            return first + row
+        row -= end - first
+    raise IndexError(row)
 
 
 def _structure(

@@ -1,0 +1,111 @@
+"""A training split read from an HDF5 structure database batch by batch (data larger than
+memory).
+
+:class:`DatabaseSource` is a :class:`~aenet_fn.driver.loader.StructureSource` whose metadata
+(energies, atom and species counts, force flags, names) comes from the database's columns in a
+few reads, and whose batches read only their structures: the drawn entries, sorted, in one
+slice per run of consecutive entries for each array (features, labels, local derivatives).
+Persisted features and derivatives are read, not recomputed; what the file lacks is computed
+from its structures. Every epoch draws exactly what the same split in memory would draw, so
+the weights are the same (tested).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aenet_fn.core.descriptor import ChebyshevParams
+from aenet_fn.core.featurized import FeaturizedSet, featurize_structures, select_structures
+from aenet_fn.driver.cache import LRUCache
+from aenet_fn.driver.loader import StructureSource
+from aenet_fn.io.database import StructureDatabase
+
+
+class DatabaseSource(StructureSource):
+    """The ``entries`` of the database at ``path`` as a lazily read split.
+
+    Args:
+        params: the descriptor (persisted features must have been computed with it).
+        path: the HDF5 structure database.
+        entries: database indices of the split's structures, in split order (None: all).
+        with_derivatives: whether force-supervised batches need local derivatives (read where
+            persisted, else computed from the structures).
+        dtype: floating dtype of features and forces (energies are float64).
+        cache_entries: featurized structures kept per process (see
+            :class:`~aenet_fn.driver.loader.StructureSource`).
+
+    The file is opened in each process that reads it (DataLoader workers open their own).
+    """
+
+    def __init__(
+        self,
+        params: ChebyshevParams,
+        path: str | Path,
+        entries: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+        *,
+        with_derivatives: bool,
+        dtype: torch.dtype = torch.float64,
+        cache_entries: int | None = 0,
+    ) -> None:
+        self.params, self.path = params, Path(path)
+        self.with_derivatives, self.dtype = with_derivatives, dtype
+        self._handle: StructureDatabase | None = None
+        database = self._database()
+        total = len(database)
+        chosen = np.arange(total) if entries is None else np.asarray(entries, dtype=np.int64)
+        if chosen.ndim != 1 or chosen.size == 0:
+            raise ValueError(f"DatabaseSource: {self.path}: no entries chosen")
+        if chosen.min() < 0 or chosen.max() >= total:
+            raise IndexError(f"{self.path}: entries outside 0..{total - 1}")
+        self.entries = chosen
+        self.structures = None  # read by entry, never as structure objects
+        labels = database.split_metadata(params)
+        self.energies = labels.energies[chosen]
+        self.n_atoms = labels.n_atoms[chosen]
+        self.species_counts = labels.species_counts[chosen]
+        self.has_forces = labels.has_forces[chosen]
+        self.names = tuple(labels.names[i] for i in chosen)
+        self._cache = LRUCache(cache_entries)
+        self._loader = None
+
+    def _database(self) -> StructureDatabase:
+        """This process's open handle on the file."""
+        if self._handle is None:
+            self._handle = StructureDatabase(self.path)
+        return self._handle
+
+    def close(self) -> None:
+        """Stop kept DataLoader workers and close the file (it reopens when read again)."""
+        super().close()
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __getstate__(self) -> dict:
+        """Pickled (for DataLoader workers) without this process's loader and file handle."""
+        return {**super().__getstate__(), "_handle": None}
+
+    def featurized(self, indices: Sequence[int], with_derivatives: bool) -> FeaturizedSet:
+        """The split's structures ``indices`` (in that order), read from the database."""
+        wanted = self.entries[np.asarray(indices, dtype=np.int64)]
+        order = np.argsort(wanted, kind="stable")
+        unique, inverse = np.unique(wanted[order], return_inverse=True)
+        database = self._database()
+        if with_derivatives and not database.has_local_derivatives:  # computed from positions
+            structures = [database.structure(int(i)) for i in unique]
+            data = featurize_structures(
+                self.params, structures, with_derivatives=True, dtype=self.dtype
+            )
+        else:
+            data = database.featurized(
+                self.params, with_derivatives=with_derivatives, dtype=self.dtype, entries=unique
+            )
+        position = np.empty_like(order)
+        position[order] = inverse  # entry k of ``wanted`` is row position[k] of ``data``
+        if np.array_equal(position, np.arange(position.size)):
+            return data
+        return select_structures(data, position.tolist())
