@@ -7,9 +7,9 @@ EMT calculator (``aenet_fn.examples.emt_alloys``), descriptor rad 8/5.0 Å, ang 
 Each measurement runs in its own process so that its peak RSS is its own:
 
 * database build throughput (structures/s), plain and with persisted features;
-* training epoch time from the database kept on disk (``StructureSource``: batches read and
-  featurized when drawn) with 0, 1 and 2 DataLoader workers, and the peak RSS at the full size
-  and at a tenth of it (bounded memory: it must not grow with the data set);
+* training epoch time from the database kept on disk (``DatabaseSource``: each batch's
+  persisted features read when drawn) with 0, 1 and 2 DataLoader workers, and the peak RSS at
+  the full size and at a tenth of it (bounded memory: it must not grow with the data set);
 * one training process vs two gloo processes (``torchrun``) on the persisted features.
 """
 
@@ -79,26 +79,29 @@ def build(folder: Path, n_structures: int) -> dict:
 
 
 def train_from_disk(path: Path, workers: int, epochs: int, limit: int | None) -> dict:
-    """Epoch time and peak RSS of training from the on-disk database with ``workers``."""
+    """Epoch time and peak RSS of training from the on-disk database (persisted features,
+    batches read as drawn: ``DatabaseSource``) with ``workers``."""
     import aenet_fn as af
-    from aenet_fn.driver.loader import StructureSource
-    from aenet_fn.torch_training import HDF5StructureDataset
-    from aenet_fn.torch_training.dataset import LazyStructures
+    from aenet_fn.driver.database_source import DatabaseSource
 
-    dataset = HDF5StructureDataset(None, path, mode="load", in_memory_cache_size=256)
-    structures = LazyStructures(dataset)
-    if limit is not None:
-        structures = [structures[i] for i in range(limit)]  # small reference size
     params = _descriptor()
-    source = StructureSource(params, structures, with_derivatives=False)
+    entries = None if limit is None else range(limit)  # small reference size
+    source = DatabaseSource(params, path, entries, with_derivatives=False)
     start = time.perf_counter()
     arch = {s: NETWORK for s in params.species}
     model = af.init_model(params, arch, source, seed=0)
     statistics_s = time.perf_counter() - start
-    config = af.TrainConfig(epochs=epochs, batch_size=32, num_workers=workers, prefetch_factor=4)
+    config = af.TrainConfig(
+        epochs=epochs,
+        batch_size=32,
+        num_workers=workers,
+        prefetch_factor=4,
+        persistent_workers=True,
+    )
     start = time.perf_counter()
     af.fit(af.init_train_state(model, source, config), source, None, config)
     seconds = (time.perf_counter() - start) / epochs
+    source.close()
     mode = f"epoch from disk, {workers} workers (statistics pass {statistics_s:.1f} s)"
     return _row(mode, source.n_structures, seconds)
 
@@ -166,7 +169,7 @@ def main() -> None:
             result = build(folder, args.structures)
         elif kind == "disk":
             limit = None if args.child[3] == "all" else int(args.child[3])
-            result = train_from_disk(folder / "plain.h5", int(args.child[2]), args.epochs, limit)
+            result = train_from_disk(folder / "features.h5", int(args.child[2]), args.epochs, limit)
         else:
             result = train_in_memory(folder / "features.h5", args.epochs)
         if int(os.environ.get("RANK", 0)) == 0:

@@ -1,6 +1,7 @@
 """A data-parallel training run, launched by tests/test_distributed.py as
-``torchrun --standalone --nproc_per_node=2 tests/distributed_fit.py OUT`` (gloo, CPU), and called
-directly in the test process for the 1-process reference. Rank 0 writes the results to OUT."""
+``torchrun --standalone --nproc_per_node=2 tests/distributed_fit.py OUT DB.h5`` (gloo, CPU),
+and called directly in the test process for the 1-process reference. Rank 0 writes the
+results to OUT; DB.h5 is the database of :func:`database_run`."""
 
 from __future__ import annotations
 
@@ -26,16 +27,26 @@ CASES = {
 }
 
 
-def run_cases() -> dict[str, dict[str, object]]:
-    """Train every case for 2 epochs on 11 TiO2 structures (batches of 4: 4, 4, 3, whose
-    shares over 2 processes are uneven), validating on 4 more; returns weights and history."""
-    structures = af.read_structures(sorted(TIO2_STRUCTURES.glob("*.xsf"))[:15])
+STRUCTURES = 15
+"""TiO2 structures of the runs: 11 to train on, 4 to validate on."""
+
+
+def setup() -> tuple[af.ChebyshevParams, af.FeaturizedSet, af.FeaturizedSet, af.Model]:
+    """The descriptor, the training and test sets and the initial model of every case."""
+    structures = af.read_structures(sorted(TIO2_STRUCTURES.glob("*.xsf"))[:STRUCTURES])
     params = af.ChebyshevParams(["Ti", "O"], 6, 5.0, 3, 3.5, min_cutoff=0.5)
     train = af.featurize_structures(params, structures[:11], with_derivatives=True)
     test = af.featurize_structures(params, structures[11:], with_derivatives=True)
     arch = {"Ti": [(5, "tanh")], "O": [(5, "tanh")]}
     references = {"Ti": -1604.604515075, "O": -432.503149303}
     model = af.init_model(params, arch, train, seed=4, atomic_energies=references)
+    return params, train, test, model
+
+
+def run_cases() -> dict[str, dict[str, object]]:
+    """Train every case for 2 epochs on 11 TiO2 structures (batches of 4: 4, 4, 3, whose
+    shares over 2 processes are uneven), validating on 4 more; returns weights and history."""
+    _, train, test, model = setup()
     results = {}
     for name, options in CASES.items():
         config = af.TrainConfig(epochs=2, batch_size=4, seed=9, **options)
@@ -49,6 +60,37 @@ def run_cases() -> dict[str, dict[str, object]]:
             ],
         }
     return results
+
+
+def database_run(path: str) -> torch.Tensor:
+    """The ``uniform-forces`` case trained from the HDF5 database at ``path`` (the same
+    structures, features and derivatives persisted), read lazily: each process reads only its
+    share of each batch. Returns the weights."""
+    from aenet_fn.driver.database_source import DatabaseSource
+
+    params, _, _, model = setup()
+    train = DatabaseSource(params, path, range(11), with_derivatives=True)
+    test = DatabaseSource(params, path, range(11, STRUCTURES), with_derivatives=True)
+    config = af.TrainConfig(epochs=2, batch_size=4, seed=9, **CASES["uniform-forces"])
+    state = af.fit(af.init_train_state(model, train, config), train, test, config)
+    train.close()
+    test.close()
+    return state.model.network.values
+
+
+def build_tio2_database(path: str) -> None:
+    """The database :func:`database_run` reads."""
+    from aenet_fn.io.database import build_database
+
+    params = setup()[0]
+    build_database(
+        path,
+        sorted(TIO2_STRUCTURES.glob("*.xsf"))[:STRUCTURES],
+        descriptor_params=params,
+        persist_features=True,
+        persist_force_derivatives=True,
+        show_progress=False,
+    )
 
 
 def train_committee(output_dir: Path) -> list[torch.Tensor]:
@@ -106,12 +148,13 @@ def facade_seeds() -> list[tuple[int, int]]:
     return all_gather_objects([(config.seed, config.split_seed)], current_world())
 
 
-def main(out: str) -> None:
+def main(out: str, database: str) -> None:
     """Join the process group torchrun set up, train, and save the results on rank 0."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
         results = run_cases()
+        results["database"] = database_run(database)
         results["world_size"] = dist.get_world_size()
         results["committee"] = train_committee(Path(out).parent / "committee")
         results["facade_seeds"] = facade_seeds()
@@ -123,7 +166,7 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])
     # Leave without the interpreter's teardown: gloo's worker threads can still hold tensors
     # then, and about one run in twenty aborted there ("terminate called without an active
     # exception", exit code -6) after all its work was done and saved (a torch issue).

@@ -14,7 +14,13 @@ import torch
 import aenet_fn as af
 from aenet_fn.driver.distributed import World, gather_parts, shares
 from aenet_fn.torch_training import TorchCommitteePotential
-from tests.distributed_fit import CASES, run_cases, train_committee
+from tests.distributed_fit import (
+    CASES,
+    build_tio2_database,
+    database_run,
+    run_cases,
+    train_committee,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -30,10 +36,11 @@ def test_shares_cover_the_batch_in_order():
 
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one(tmp_path):
-    out = tmp_path / "two.pt"
+    out, database = tmp_path / "two.pt", tmp_path / "tio2.h5"
+    build_tio2_database(str(database))
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node=2", str(HERE / "distributed_fit.py"), str(out)]
+    command += ["--nproc_per_node=2", str(HERE / "distributed_fit.py"), str(out), str(database)]
     finished = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     two = torch.load(out, weights_only=True)
@@ -48,6 +55,11 @@ def test_two_gloo_processes_equal_one(tmp_path):
         for row_two, row_one in zip(two[name]["history"], one[name]["history"]):
             for a, b in zip(row_two, row_one):
                 assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-8)
+    # two processes reading their shares of each batch from the database train alike
+    torch.testing.assert_close(two["database"], one["uniform-forces"]["values"], rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        database_run(str(database)), one["uniform-forces"]["values"], rtol=0, atol=1e-9
+    )
     # committee members spread over the two ranks equal the members trained in one process,
     # and rank 0 wrote the metadata of all of them
     alone = train_committee(tmp_path / "one")

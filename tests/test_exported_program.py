@@ -130,6 +130,24 @@ def test_the_harmonics_obey_the_addition_theorem(seed, order):
         np.testing.assert_allclose(found, expected, atol=1e-13)
 
 
+def _both_forms(params: af.ChebyshevParams, structure: af.Structure, margin: float):
+    """``structure``'s positions and its features as functions of them, by the triplet form
+    and by the moment form (a neighbour list ``margin`` Å beyond the cutoff)."""
+    batch = af.collate([structure], species=params.species)
+    graph = build_graph(params, batch)
+    cell = batch.cells[0]
+    pairs = af.neighbor_list(batch.positions, cell, batch.pbc[0], params.cutoff + margin)
+
+    def triplet_form(positions):
+        return features_from_graph(params, positions, batch.cells, batch.structure_index, graph)
+
+    def moment_form(positions):
+        neighbours = (pairs.centers, pairs.neighbors, pairs.shifts)
+        return pair_features(params, positions, cell, graph.species, *neighbours)
+
+    return batch.positions, triplet_form, moment_form
+
+
 descriptors = st.builds(
     af.ChebyshevParams,
     species=st.sampled_from([("Ti", "O"), ("O",), ("Ti", "O", "H")]),
@@ -147,28 +165,11 @@ def test_neighbour_list_features_equal_the_triplet_features(params, data, margin
     """The moment form gives the core's features and position derivatives on any structure,
     from a neighbour list of any radius beyond the cutoff."""
     structure = data.draw(structures(species=params.species, max_atoms=6))
-    batch = af.collate([structure], species=params.species)
-    graph = build_graph(params, batch)
-    pairs = af.neighbor_list(batch.positions, batch.cells[0], batch.pbc[0], params.cutoff + margin)
-
-    def triplet_form(positions):
-        return features_from_graph(params, positions, batch.cells, batch.structure_index, graph)
-
-    def moment_form(positions):
-        return pair_features(
-            params,
-            positions,
-            batch.cells[0],
-            graph.species,
-            pairs.centers,
-            pairs.neighbors,
-            pairs.shifts,
-        )
-
-    expected, found = triplet_form(batch.positions), moment_form(batch.positions)
+    positions, triplet_form, moment_form = _both_forms(params, structure, margin)
+    expected, found = triplet_form(positions), moment_form(positions)
     scale = max(float(expected.abs().max()), 1.0)
     torch.testing.assert_close(found, expected, rtol=0, atol=1e-12 * scale)
-    jacobians = [torch.func.jacrev(f)(batch.positions) for f in (triplet_form, moment_form)]
+    jacobians = [torch.func.jacrev(f)(positions) for f in (triplet_form, moment_form)]
     scale = max(float(jacobians[0].abs().max()), 1.0)
     torch.testing.assert_close(jacobians[1], jacobians[0], rtol=0, atol=1e-12 * scale)
 
@@ -179,28 +180,12 @@ def test_collinear_triplets_keep_their_exact_position_derivatives(tio2):
     (8e-8 against derivatives of order 1); the moment form has no cosine to clamp."""
     model, (_, rutile, *_) = tio2
     params = model.descriptor
-    batch = af.collate([rutile], species=params.species)
-    graph = build_graph(params, batch)
-    pairs = af.neighbor_list(batch.positions, batch.cells[0], batch.pbc[0], params.cutoff)
-    cotangents = torch.randn(4, *batch.positions.shape[:1], params.n_features, dtype=torch.float64)
-
-    def triplet_form(positions):
-        return features_from_graph(params, positions, batch.cells, batch.structure_index, graph)
-
-    def moment_form(positions):
-        return pair_features(
-            params,
-            positions,
-            batch.cells[0],
-            graph.species,
-            pairs.centers,
-            pairs.neighbors,
-            pairs.shifts,
-        )
+    positions, triplet_form, moment_form = _both_forms(params, rutile, 0.0)
+    cotangents = torch.randn(4, positions.shape[0], params.n_features, dtype=torch.float64)
 
     for cotangent in cotangents:  # vector-Jacobian products: gradients of random feature sums
         found, expected = (
-            torch.func.grad(lambda p, f=form, w=cotangent: (f(p) * w).sum())(batch.positions)
+            torch.func.grad(lambda p, f=form, w=cotangent: (f(p) * w).sum())(positions)
             for form in (moment_form, triplet_form)
         )
         torch.testing.assert_close(found, expected, rtol=0, atol=1e-12)

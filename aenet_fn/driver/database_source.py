@@ -102,7 +102,11 @@ class DatabaseSource(StructureSource):
             )
         else:
             data = database.featurized(
-                self.params, with_derivatives=with_derivatives, dtype=self.dtype, entries=unique
+                self.params,
+                with_derivatives=with_derivatives,
+                dtype=self.dtype,
+                entries=unique,
+                force_labels=with_derivatives,
             )
         position = np.empty_like(order)
         position[order] = inverse  # entry k of ``wanted`` is row position[k] of ``data``

@@ -97,16 +97,18 @@ def epoch_batches(
     world = current_world() if world is None else world
     force_mask = state.sampler.force_subset if config.uses_forces else None
     selections = [shares(s, world)[world.rank] for s in order.split(config.batch_size)]
-    return batch_stream(
-        train,
-        selections,
-        force_mask,
-        num_workers=config.num_workers,
-        prefetch_factor=config.prefetch_factor,
-        persistent_workers=config.persistent_workers,
-        jacobian=jacobian,
-        with_stress=config.uses_stress,
-    )
+    return batch_stream(train, selections, force_mask, **_stream_options(config, jacobian))
+
+
+def _stream_options(config: TrainConfig, jacobian: SetJacobian | None) -> dict[str, Any]:
+    """How ``config`` has batches built (workers, prefetching, Jacobians, stresses)."""
+    return {
+        "num_workers": config.num_workers,
+        "prefetch_factor": config.prefetch_factor,
+        "persistent_workers": config.persistent_workers,
+        "jacobian": jacobian,
+        "with_stress": config.uses_stress,
+    }
 
 
 def member_epoch_batches(
@@ -120,16 +122,8 @@ def member_epoch_batches(
     stream (:func:`~aenet_fn.driver.loader.member_batch_stream`: with DataLoader workers, each
     step's batches are read once, together). Members of one process (no data parallelism)."""
     masks = [m.sampler.force_subset if config.uses_forces else None for m in members]
-    return member_batch_stream(
-        train,
-        [list(order.split(config.batch_size)) for order in orders],
-        masks,
-        num_workers=config.num_workers,
-        prefetch_factor=config.prefetch_factor,
-        persistent_workers=config.persistent_workers,
-        jacobian=jacobian,
-        with_stress=config.uses_stress,
-    )
+    selections = [list(order.split(config.batch_size)) for order in orders]
+    return member_batch_stream(train, selections, masks, **_stream_options(config, jacobian))
 
 
 def finish_epoch(

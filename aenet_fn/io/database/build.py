@@ -55,7 +55,7 @@ _SOURCES_PER_TASK = 16
 """Sources parsed (and featurized) together in one unit of work. Fixed, so that serial and
 parallel builds do the same computations and write the same bytes."""
 
-_CHUNK_BYTES = 1 << 18
+_CHUNK_BYTES = 1 << 14
 """Target size of an HDF5 chunk (before compression): a structure read decompresses little."""
 
 
@@ -484,6 +484,48 @@ class _Writer:
         self.check()
 
 
+BATCH_COLUMNS = ("features/values", "structures/positions", "structures/forces")
+"""The per-atom arrays training batches read: stored contiguous and uncompressed, so that a
+reader maps them into memory and reads a structure's rows without an HDF5 call."""
+
+_COPY_ROWS = 1 << 20
+"""Rows copied at a time when a column is repacked."""
+
+
+def _repack(appended: Path, final: Path) -> None:
+    """Copy the database ``appended`` (written in appended chunks) to the new file ``final``:
+    the :data:`BATCH_COLUMNS` contiguous and uncompressed, every other dataset as it is, the
+    attributes with them (the root's format mark last)."""
+    stream = _LatchingFile(final)
+    try:
+        with h5py.File(appended, "r") as source, h5py.File(stream, "w") as target:
+            _copy_group(source, target)
+            marks = {k: v for k, v in source.attrs.items() if k != "format"}
+            target.attrs.update(marks)
+            if "format" in source.attrs:
+                target.attrs["format"] = source.attrs["format"]
+    finally:
+        stream.close()
+    if stream.error is not None:
+        raise stream.error
+
+
+def _copy_group(source: h5py.Group, target: h5py.Group) -> None:
+    """Copy the members of ``source`` into ``target`` (see :func:`_repack`)."""
+    for name, member in source.items():
+        if isinstance(member, h5py.Group):
+            group = target.create_group(name)
+            group.attrs.update(dict(member.attrs))
+            _copy_group(member, group)
+        elif member.name.lstrip("/") in BATCH_COLUMNS:
+            column = target.create_dataset(name, shape=member.shape, dtype=member.dtype)
+            for first in range(0, member.shape[0], _COPY_ROWS):
+                column[first : first + _COPY_ROWS] = member[first : first + _COPY_ROWS]
+            column.attrs.update(dict(member.attrs))
+        else:
+            source.copy(member, target, name=name)
+
+
 def compression_filters(compression: str | None, level: int | None) -> dict[str, Any]:
     """h5py filter arguments: gzip (alias "zlib", ``level`` 0-9), lzf or None; shuffled bytes
     and a Fletcher-32 checksum per chunk, so that corruption is detected on read."""
@@ -574,25 +616,32 @@ def build_database(
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     with replacing(path) as temporary:
-        with (
-            _chunks(tasks, build_workers) as chunks,  # workers fork before any thread starts
-            tqdm(total=len(items), desc=path.name, unit="source", disable=not show_progress) as bar,
-        ):
-            writer = _Writer(
-                temporary,
-                descriptor_params,
-                persist_features,
-                persist_force_derivatives,
-                filters,
-            )
-            try:
-                for chunk in chunks:
-                    writer.append(chunk)
-                    bar.update(len(chunk.sources))
-                writer.finish(max_energy, references)
-                n_atoms = int(writer.file["structures/atom_offset"][-1])
-            finally:
-                writer.close()
+        appended = temporary.with_name(f"{temporary.name}.appended")
+        try:
+            with (
+                _chunks(tasks, build_workers) as chunks,  # workers fork before threads start
+                tqdm(
+                    total=len(items), desc=path.name, unit="source", disable=not show_progress
+                ) as bar,
+            ):
+                writer = _Writer(
+                    appended,
+                    descriptor_params,
+                    persist_features,
+                    persist_force_derivatives,
+                    filters,
+                )
+                try:
+                    for chunk in chunks:
+                        writer.append(chunk)
+                        bar.update(len(chunk.sources))
+                    writer.finish(max_energy, references)
+                    n_atoms = int(writer.file["structures/atom_offset"][-1])
+                finally:
+                    writer.close()
+            _repack(appended, temporary)
+        finally:
+            appended.unlink(missing_ok=True)
     return BuildSummary(path, writer.n_sources, writer.n_structures, n_atoms, writer.n_removed)
 
 

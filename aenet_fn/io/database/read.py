@@ -149,6 +149,8 @@ class StructureDatabase:
             offsets.get("local_derivatives/triplet_offset"),
         )
         self._group_attrs = group_attrs
+        self._kept_columns: dict[str, np.ndarray] = {}
+        self._maps: dict[str, np.ndarray | None] = {}
         try:
             self._has_forces = file["structures/has_forces"][:]
             self._source_index = file["structures/source_index"][:]
@@ -422,12 +424,16 @@ class StructureDatabase:
         dtype: torch.dtype,
         device: torch.device | str | None = None,
         entries: Sequence[int] | np.ndarray | None = None,
+        force_labels: bool = True,
     ) -> FeaturizedSet:
         """The :class:`~aenet_fn.core.featurized.FeaturizedSet` of the ``entries`` (increasing
         indices; None: all): labels from the database, features persisted (cast to ``dtype``)
         or else computed in ``dtype``, and with ``with_derivatives`` the persisted local
         derivatives (which must exist); read on the CPU and moved to ``device`` once (default:
-        stays on the CPU). Each array is read in one slice per run of consecutive entries."""
+        stays on the CPU). Each array is read in one slice per run of consecutive entries; the
+        small per-entry and per-atom columns (atomic numbers, energies, names) are read once and
+        kept. ``force_labels=False`` skips reading the force labels (they are NaN, unknown: for
+        energy-only batches)."""
         if len(self) == 0:
             raise self._fail("the database is empty")
         if with_derivatives:
@@ -440,7 +446,7 @@ class StructureDatabase:
         n_atoms = torch.cat([torch.from_numpy(np.diff(offsets[a : b + 1])) for a, b in runs])
         n_structures = int(n_atoms.shape[0])
         starts = torch.cumsum(n_atoms, 0) - n_atoms
-        numbers = self._read("structures/numbers", atom_runs)
+        numbers = _take_runs(self._kept("structures/numbers"), atom_runs)
         species_index = torch.from_numpy(self._species_index(numbers, params))
         structure_index = torch.repeat_interleave(torch.arange(n_structures), n_atoms)
         n_species = len(params.species)
@@ -474,18 +480,19 @@ class StructureDatabase:
             radial_count, triplet_count = entry_counts["radial"], entry_counts["triplet"]
             radial_start = torch.cumsum(radial_count, 0) - radial_count
             triplet_start = torch.cumsum(triplet_count, 0) - triplet_count
-        names = self._read("structures/name", runs, text=True)
+        names = _take_runs(self._kept("structures/name", text=True), runs)
+        energies = _take_runs(self._kept("structures/energy"), runs)
+        if force_labels:
+            forces = self._read("structures/forces", atom_runs)
+        else:
+            forces = np.full((int(n_atoms.sum()), 3), np.nan)
         data = FeaturizedSet(
             features=features,
             species_index=species_index,
             atom_start=starts,
             n_atoms=n_atoms,
-            energies=self._labels(self._read("structures/energy", runs), "structures/energy").to(
-                dtype
-            ),
-            forces=self._labels(self._read("structures/forces", atom_runs), "structures/forces").to(
-                dtype
-            ),
+            energies=self._labels(energies, "structures/energy").to(dtype),
+            forces=self._labels(forces, "structures/forces").to(dtype),
             species_counts=counts,
             local=local,
             radial_start=radial_start,
@@ -513,16 +520,44 @@ class StructureDatabase:
         ends = np.concatenate([breaks, [chosen.size]])
         return [(int(chosen[f]), int(chosen[e - 1]) + 1) for f, e in zip(firsts, ends)]
 
-    def _read(self, path: str, runs: list[tuple[int, int]], text: bool = False) -> np.ndarray:
-        """Rows ``runs`` (``(first, end)`` pairs) of the dataset ``path``, one slice each."""
-        dataset = self._file[path].asstr() if text else self._file[path]
-        parts = [dataset[first:end] for first, end in runs]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    def _read(self, path: str, runs: list[tuple[int, int]]) -> np.ndarray:
+        """Rows ``runs`` (``(first, end)`` pairs) of the dataset ``path``, one slice each: from
+        its memory map where it is stored contiguous (:meth:`_mapped`), else through HDF5."""
+        mapped = self._mapped(path)
+        source = self._file[path] if mapped is None else mapped
+        parts = [source[first:end] for first, end in runs]
+        if len(parts) > 1:
+            return np.concatenate(parts)
+        return parts[0] if mapped is None else np.array(parts[0])
+
+    def _mapped(self, path: str) -> np.ndarray | None:
+        """A read-only memory map of the dataset ``path`` when the file stores it contiguous
+        and uncompressed (databases built by this version), else None."""
+        if path not in self._maps:
+            dataset = self._file[path]
+            offset = dataset.id.get_offset() if dataset.chunks is None else None
+            plain = dataset.compression is None and dataset.dtype.kind in "fiub"
+            self._maps[path] = (
+                np.memmap(
+                    self.path, dtype=dataset.dtype, mode="r", offset=offset, shape=dataset.shape
+                )
+                if offset is not None and plain and dataset.size
+                else None
+            )
+        return self._maps[path]
+
+    def _kept(self, path: str, text: bool = False) -> np.ndarray:
+        """The whole (small) column ``path``, read on first use and kept."""
+        if path not in self._kept_columns:
+            dataset = self._file[path]
+            self._kept_columns[path] = (dataset.asstr() if text else dataset)[:]
+        return self._kept_columns[path]
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def close(self) -> None:
         """Close the file (idempotent)."""
+        self._maps.clear()
         self._file.close()
 
     def __enter__(self) -> StructureDatabase:
@@ -533,6 +568,13 @@ class StructureDatabase:
 
     def __repr__(self) -> str:
         return f"StructureDatabase({str(self.path)!r}, {len(self)} structures)"
+
+
+def _take_runs(values: np.ndarray, runs: list[tuple[int, int]]) -> np.ndarray:
+    """Rows ``runs`` (``(first, end)`` pairs) of an array in memory, concatenated."""
+    if len(runs) == 1:
+        return values[runs[0][0] : runs[0][1]]
+    return np.concatenate([values[first:end] for first, end in runs])
 
 
 def _file_row(runs: list[tuple[int, int]], row: int) -> int:
