@@ -28,7 +28,7 @@ from aenet_fn.examples import TIO2_STRUCTURES
 from aenet_fn.io import database
 from aenet_fn.io.database import DatabaseError, build_database, entry_identifier, open_database
 from aenet_fn.io.database import build as database_build
-from aenet_fn.io.database.build import BATCH_COLUMNS
+from aenet_fn.io.database.build import BATCH_COLUMNS, batch_column
 from aenet_fn.torch_featurize import ChebyshevDescriptor
 from aenet_fn.torch_training import TorchANNPotential
 from aenet_fn.torch_training.dataset import train_test_split_dataset
@@ -126,7 +126,9 @@ def test_tio2_round_trip_and_metadata(persisted, tio2_files, structures):
         raw.visititems(lambda _, item: kinds.append(getattr(item, "dtype", None)))
         assert all(k is None or k.kind in "fiub" or h5py.check_string_dtype(k) for k in kinds)
         assert raw["structures/cell"].compression == "gzip"
-        for column in BATCH_COLUMNS:  # read by memory map: contiguous, uncompressed
+        batch = [c for c in raw["local_derivatives"] if batch_column(f"local_derivatives/{c}")]
+        assert len(batch) == len(attrs.fields(LocalDerivatives))  # not the offsets
+        for column in (*BATCH_COLUMNS, *(f"local_derivatives/{c}" for c in batch)):
             assert raw[column].chunks is None and raw[column].compression is None
     plain = persisted.parent / "plain"  # the rename keeps the usual permissions (not mkstemp's)
     plain.touch()

@@ -485,8 +485,16 @@ class _Writer:
 
 
 BATCH_COLUMNS = ("features/values", "structures/positions", "structures/forces")
-"""The per-atom arrays training batches read: stored contiguous and uncompressed, so that a
-reader maps them into memory and reads a structure's rows without an HDF5 call."""
+"""The per-atom arrays training batches read, with the local derivatives' entry arrays
+(:func:`batch_column`): stored contiguous and uncompressed, so that a reader maps them into
+memory and reads a structure's rows without an HDF5 call (the derivatives barely compress)."""
+
+
+def batch_column(path: str) -> bool:
+    """Whether the dataset ``path`` is one training batches read row by row."""
+    derivative = path.startswith("local_derivatives/") and not path.endswith("_offset")
+    return derivative or path in BATCH_COLUMNS
+
 
 _COPY_ROWS = 1 << 20
 """Rows copied at a time when a column is repacked."""
@@ -494,7 +502,8 @@ _COPY_ROWS = 1 << 20
 
 def _repack(appended: Path, final: Path) -> None:
     """Copy the database ``appended`` (written in appended chunks) to the new file ``final``:
-    the :data:`BATCH_COLUMNS` contiguous and uncompressed, every other dataset as it is, the
+    the batch columns (:func:`batch_column`) contiguous and uncompressed, every other dataset
+    as it is, the
     attributes with them (the root's format mark last)."""
     stream = _LatchingFile(final)
     try:
@@ -517,7 +526,7 @@ def _copy_group(source: h5py.Group, target: h5py.Group) -> None:
             group = target.create_group(name)
             group.attrs.update(dict(member.attrs))
             _copy_group(member, group)
-        elif member.name.lstrip("/") in BATCH_COLUMNS:
+        elif batch_column(member.name.lstrip("/")):
             column = target.create_dataset(name, shape=member.shape, dtype=member.dtype)
             for first in range(0, member.shape[0], _COPY_ROWS):
                 column[first : first + _COPY_ROWS] = member[first : first + _COPY_ROWS]
@@ -580,6 +589,8 @@ def build_database(
             processes (results written in source order; the file is the same).
         show_progress: show a tqdm bar over the sources.
         compression: "gzip" (alias "zlib"), "lzf" or None; ``compression_level`` 0-9 for gzip.
+            The arrays training batches read (:func:`batch_column`) are stored uncompressed
+            either way, so that readers map them into memory.
 
     Raises ``ValueError`` for no sources, bad options or a ``path`` that is one of the sources
     (it would be destroyed), ``FileNotFoundError`` for a missing
