@@ -12,6 +12,7 @@ the weights are the same (tested).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class DatabaseSource(StructureSource):
         self.params, self.path = params, Path(path)
         self.with_derivatives, self.dtype = with_derivatives, dtype
         self._handle: StructureDatabase | None = None
+        self._pid: int | None = None
         database = self._database()
         total = len(database)
         chosen = np.arange(total) if entries is None else np.asarray(entries, dtype=np.int64)
@@ -73,17 +75,18 @@ class DatabaseSource(StructureSource):
         self._loader = None
 
     def _database(self) -> StructureDatabase:
-        """This process's open handle on the file."""
-        if self._handle is None:
-            self._handle = StructureDatabase(self.path)
+        """This process's open handle on the file (a forked worker never reuses its parent's:
+        HDF5 handles are not shared across processes)."""
+        if self._handle is None or self._pid != os.getpid():
+            self._handle, self._pid = StructureDatabase(self.path), os.getpid()
         return self._handle
 
     def close(self) -> None:
         """Stop kept DataLoader workers and close the file (it reopens when read again)."""
         super().close()
-        if self._handle is not None:
+        if self._handle is not None and self._pid == os.getpid():
             self._handle.close()
-            self._handle = None
+        self._handle = None
 
     def __getstate__(self) -> dict:
         """Pickled (for DataLoader workers) without this process's loader and file handle."""
