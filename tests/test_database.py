@@ -28,7 +28,7 @@ from aenet_fn.examples import TIO2_STRUCTURES
 from aenet_fn.io import database
 from aenet_fn.io.database import DatabaseError, build_database, entry_identifier, open_database
 from aenet_fn.io.database import build as database_build
-from aenet_fn.io.database.build import BATCH_COLUMNS, batch_column
+from aenet_fn.io.database.write import BATCH_COLUMNS, Writer, batch_column
 from aenet_fn.torch_featurize import ChebyshevDescriptor
 from aenet_fn.torch_training import TorchANNPotential
 from aenet_fn.torch_training.dataset import train_test_split_dataset
@@ -488,7 +488,7 @@ def test_an_interrupted_build_leaves_no_file(tio2_files, tmp_path, monkeypatch):
     def interrupt(self, chunk):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(database_build._Writer, "append", interrupt)
+    monkeypatch.setattr(Writer, "append", interrupt)
     with pytest.raises(KeyboardInterrupt):
         build_database(tmp_path / "db.h5", tio2_files[:2], show_progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import io
-import json
 import math
 import multiprocessing
 import os
@@ -22,7 +20,6 @@ from typing import Any
 
 import ase
 import attrs
-import h5py
 import numpy as np
 import torch
 from ase.data import atomic_numbers
@@ -37,26 +34,15 @@ from aenet_fn.core.structure import Structure
 from aenet_fn.io.ase_io import from_ase, read_structures
 from aenet_fn.io.atomic import replacing
 from aenet_fn.io.database.schema import (
-    BASE_COLUMNS,
-    FORMAT,
-    SCHEMA_VERSION,
-    STRESS_COLUMNS,
-    TEXT,
     PathLike,
-    derivative_columns,
-    descriptor_fingerprint,
-    descriptor_json,
-    feature_columns,
     missing_file,
     plain_atomic_energies,
 )
+from aenet_fn.io.database.write import Chunk, Writer, repack
 
 _SOURCES_PER_TASK = 16
 """Sources parsed (and featurized) together in one unit of work. Fixed, so that serial and
 parallel builds do the same computations and write the same bytes."""
-
-_CHUNK_BYTES = 1 << 14
-"""Target size of an HDF5 chunk (before compression): a structure read decompresses little."""
 
 
 @attrs.frozen
@@ -98,18 +84,6 @@ class _Task:
     derivatives: bool
     max_energy: float | None
     atomic_energies: dict[str, float] | None
-
-
-@attrs.frozen
-class _Chunk:
-    """The arrays of one task, ready to append: ``sources`` rows (id, kind, display name,
-    frames), ``arrays`` by dataset path (``source_index`` relative to the task) and the counts
-    that extend the offset arrays."""
-
-    sources: tuple[tuple[str, str, str, int], ...]
-    arrays: dict[str, np.ndarray]
-    counts: dict[str, np.ndarray]
-    n_removed: int
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +227,7 @@ def _descriptor_arrays(task: _Task, structures: list[Structure]) -> tuple[dict, 
     return arrays, counts
 
 
-def _prepare(task: _Task) -> _Chunk:
+def _prepare(task: _Task) -> Chunk:
     """Load, filter and (optionally) featurize the sources of one task (runs in a worker)."""
     kept: list[Structure] = []
     source_index: list[int] = []
@@ -287,7 +261,7 @@ def _prepare(task: _Task) -> _Chunk:
             descriptor_arrays, descriptor_counts = _descriptor_arrays(task, kept)
             arrays.update(descriptor_arrays)
             counts.update(descriptor_counts)
-    return _Chunk(tuple(rows), arrays, counts, n_removed)
+    return Chunk(tuple(rows), arrays, counts, n_removed)
 
 
 def _init_worker(parent: int) -> None:
@@ -309,7 +283,7 @@ _PR_SET_PDEATHSIG = 1
 
 
 @contextmanager
-def _chunks(tasks: Sequence[_Task], workers: int) -> Iterator[Iterable[_Chunk]]:
+def _chunks(tasks: Sequence[_Task], workers: int) -> Iterator[Iterable[Chunk]]:
     """The prepared chunks of ``tasks``, in task order: serially for ``workers <= 1``, else by
     a pool of processes with at most ``2 * workers`` tasks in flight. The pool is started on
     entry (before the caller opens its output file, so workers inherit no open HDF5 handle)."""
@@ -325,7 +299,7 @@ def _chunks(tasks: Sequence[_Task], workers: int) -> Iterator[Iterable[_Chunk]]:
     waiting = iter(tasks)
     pending: deque[Future] = deque()
 
-    def ordered() -> Iterator[_Chunk]:
+    def ordered() -> Iterator[Chunk]:
         while pending:
             chunk = pending.popleft().result()
             following = next(waiting, None)
@@ -338,201 +312,6 @@ def _chunks(tasks: Sequence[_Task], workers: int) -> Iterator[Iterable[_Chunk]]:
         yield ordered()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-class _LatchingFile(io.RawIOBase):
-    """A new file for HDF5 to write through (h5py's file-object driver) that keeps the first
-    write error instead of passing it on: later writes are dropped and reported done, so
-    HDF5 never meets a failed write (after one, closing an HDF5 file can crash the process)
-    and the caller raises :attr:`error` itself. The file is abandoned after an error."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__()
-        self.stream = open(path, "xb+", buffering=0)
-        self.error: OSError | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def writable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        return self.stream.readinto(buffer)
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        return self.stream.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self.stream.tell()
-
-    def write(self, data: Any) -> int:
-        if self.error is None:
-            try:
-                return self.stream.write(data)
-            except OSError as err:
-                self.error = err
-        return memoryview(data).nbytes
-
-    def truncate(self, size: int | None = None) -> int:
-        if self.error is None:
-            try:
-                return self.stream.truncate(size)
-            except OSError as err:
-                self.error = err
-        return self.tell() if size is None else size
-
-    def close(self) -> None:
-        self.stream.close()
-        super().close()
-
-
-class _Writer:
-    """Appends chunks to a new database file; :meth:`finish` marks it complete. A failed write
-    (disk full, file size limit) raises its ``OSError``."""
-
-    def __init__(
-        self,
-        path: Path,
-        params: ChebyshevParams | None,
-        features: bool,
-        derivatives: bool,
-        filters: dict[str, Any],
-    ) -> None:
-        self.stream = _LatchingFile(path)
-        self.file = h5py.File(self.stream, "w")
-        self.columns = {**BASE_COLUMNS, **STRESS_COLUMNS}
-        if params is not None:
-            group = self.file.create_group("descriptor")
-            group.attrs["kind"] = "chebyshev"
-            group.attrs["parameters"] = descriptor_json(params)
-            group.attrs["sha256"] = descriptor_fingerprint(params)
-        if features:
-            group = self.file.create_group("features")
-            group.attrs["descriptor_sha256"] = descriptor_fingerprint(params)
-            group.attrs["n_features"] = params.n_features
-            self.columns.update(feature_columns(params.n_features))
-        if derivatives:
-            group = self.file.create_group("local_derivatives")
-            group.attrs["descriptor_sha256"] = descriptor_fingerprint(params)
-            group.attrs["n_radial"] = params.rad_order + 1
-            group.attrs["n_angular"] = params.ang_order + 1
-            self.columns.update(derivative_columns(params.rad_order + 1, params.ang_order + 1))
-        for path_, column in self.columns.items():
-            row_bytes = np.dtype(column.dtype).itemsize * int(np.prod(column.shape, dtype=int))
-            self.file.create_dataset(
-                path_,
-                shape=(1 if column.rows == "offset" else 0, *column.shape),
-                maxshape=(None, *column.shape),
-                dtype=column.dtype,
-                chunks=(max(1, _CHUNK_BYTES // max(row_bytes, 8)), *column.shape),
-                **({} if column.dtype is TEXT else filters),  # HDF5 filters skip text
-            )
-        self.n_sources = self.n_structures = self.n_removed = 0
-
-    def append(self, chunk: _Chunk) -> None:
-        """Append ``chunk`` (its source indices shifted past the sources written so far)."""
-        arrays = dict(chunk.arrays)
-        if chunk.sources:
-            ids, kinds, names, frames = zip(*chunk.sources)
-            arrays["sources/source_id"] = np.array(ids, dtype=object)
-            arrays["sources/kind"] = np.array(kinds, dtype=object)
-            arrays["sources/display_name"] = np.array(names, dtype=object)
-            arrays["sources/n_frames"] = np.array(frames, dtype=np.int64)
-        if "structures/source_index" in arrays:
-            arrays["structures/source_index"] = arrays["structures/source_index"] + self.n_sources
-        for path_, counts in chunk.counts.items():
-            dataset = self.file[path_]
-            arrays[path_] = int(dataset[-1]) + np.cumsum(counts)
-        for path_, values in arrays.items():
-            if len(values):
-                dataset = self.file[path_]
-                start = dataset.shape[0]
-                dataset.resize(start + len(values), axis=0)
-                dataset[start:] = values
-        self.n_sources += len(chunk.sources)
-        self.n_structures += len(chunk.counts.get("structures/atom_offset", ()))
-        self.n_removed += chunk.n_removed
-        self.check()
-
-    def check(self) -> None:
-        """Raise the first failed write."""
-        if self.stream.error is not None:
-            raise self.stream.error
-
-    def finish(self, max_energy: float | None, atomic_energies: Mapping[str, float] | None) -> None:
-        """Write the root attributes; the format mark comes last."""
-        attributes = self.file.attrs
-        attributes["energy_filter_max_energy"] = math.nan if max_energy is None else max_energy
-        attributes["energy_filter_atomic_energies"] = (
-            ""
-            if atomic_energies is None
-            else json.dumps(dict(atomic_energies), sort_keys=True, separators=(",", ":"))
-        )
-        attributes["schema_version"] = SCHEMA_VERSION
-        attributes["format"] = FORMAT
-
-    def close(self) -> None:
-        """Close the file (a failed write during the last flush raises, see :meth:`check`)."""
-        try:
-            self.file.close()
-        finally:
-            self.stream.close()
-        self.check()
-
-
-BATCH_COLUMNS = ("features/values", "structures/positions", "structures/forces")
-"""The per-atom arrays training batches read, with the local derivatives' entry arrays
-(:func:`batch_column`): stored contiguous and uncompressed, so that a reader maps them into
-memory and reads a structure's rows without an HDF5 call (the derivatives barely compress)."""
-
-
-def batch_column(path: str) -> bool:
-    """Whether the dataset ``path`` is one training batches read row by row."""
-    derivative = path.startswith("local_derivatives/") and not path.endswith("_offset")
-    return derivative or path in BATCH_COLUMNS
-
-
-_COPY_ROWS = 1 << 20
-"""Rows copied at a time when a column is repacked."""
-
-
-def _repack(appended: Path, final: Path) -> None:
-    """Copy the database ``appended`` (written in appended chunks) to the new file ``final``:
-    the batch columns (:func:`batch_column`) contiguous and uncompressed, every other dataset
-    as it is, the
-    attributes with them (the root's format mark last)."""
-    stream = _LatchingFile(final)
-    try:
-        with h5py.File(appended, "r") as source, h5py.File(stream, "w") as target:
-            _copy_group(source, target)
-            marks = {k: v for k, v in source.attrs.items() if k != "format"}
-            target.attrs.update(marks)
-            if "format" in source.attrs:
-                target.attrs["format"] = source.attrs["format"]
-    finally:
-        stream.close()
-    if stream.error is not None:
-        raise stream.error
-
-
-def _copy_group(source: h5py.Group, target: h5py.Group) -> None:
-    """Copy the members of ``source`` into ``target`` (see :func:`_repack`)."""
-    for name, member in source.items():
-        if isinstance(member, h5py.Group):
-            group = target.create_group(name)
-            group.attrs.update(dict(member.attrs))
-            _copy_group(member, group)
-        elif batch_column(member.name.lstrip("/")):
-            column = target.create_dataset(name, shape=member.shape, dtype=member.dtype)
-            for first in range(0, member.shape[0], _COPY_ROWS):
-                column[first : first + _COPY_ROWS] = member[first : first + _COPY_ROWS]
-            column.attrs.update(dict(member.attrs))
-        else:
-            source.copy(member, target, name=name)
 
 
 def compression_filters(compression: str | None, level: int | None) -> dict[str, Any]:
@@ -635,7 +414,7 @@ def build_database(
                     total=len(items), desc=path.name, unit="source", disable=not show_progress
                 ) as bar,
             ):
-                writer = _Writer(
+                writer = Writer(
                     appended,
                     descriptor_params,
                     persist_features,
@@ -650,7 +429,7 @@ def build_database(
                     n_atoms = int(writer.file["structures/atom_offset"][-1])
                 finally:
                     writer.close()
-            _repack(appended, temporary)
+            repack(appended, temporary)
         finally:
             appended.unlink(missing_ok=True)
     return BuildSummary(path, writer.n_sources, writer.n_structures, n_atoms, writer.n_removed)
