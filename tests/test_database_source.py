@@ -115,15 +115,22 @@ def test_the_source_draws_the_metadata_of_its_entries(database, structures):
     source.close()
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_training_from_the_database_gives_the_weights_of_training_in_memory(
-    database, structures, workers
-):
+def _both_splits(database, structures, workers: int):
+    """The training split in memory and read from ``database``, and a short force training
+    run's configuration with ``workers`` DataLoader workers."""
     memory = af.featurize_structures(PARAMS, [structures[i] for i in SPLIT], with_derivatives=True)
     source = DatabaseSource(PARAMS, database, SPLIT, with_derivatives=True)
     config = af.TrainConfig(
         epochs=2, batch_size=6, force_weight=0.3, route="func", num_workers=workers
     )
+    return memory, source, config
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_from_the_database_gives_the_weights_of_training_in_memory(
+    database, structures, workers
+):
+    memory, source, config = _both_splits(database, structures, workers)
     results = []
     for split in (memory, source):
         model = af.init_model(PARAMS, ARCH, split, seed=0)
@@ -137,11 +144,7 @@ def test_training_from_the_database_gives_the_weights_of_training_in_memory(
 def test_a_committee_trains_from_the_database_as_from_memory(database, structures, shared, workers):
     """Members drawing their own batches read each step's batches in one stream (with workers:
     once, together); shared batches are read once for all members."""
-    memory = af.featurize_structures(PARAMS, [structures[i] for i in SPLIT], with_derivatives=True)
-    source = DatabaseSource(PARAMS, database, SPLIT, with_derivatives=True)
-    config = af.TrainConfig(
-        epochs=2, batch_size=6, force_weight=0.3, route="func", num_workers=workers
-    )
+    memory, source, config = _both_splits(database, structures, workers)
     trained = []
     for split in (memory, source):
         members = init_committee(
