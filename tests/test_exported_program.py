@@ -142,8 +142,7 @@ def _both_forms(params: af.ChebyshevParams, structure: af.Structure, margin: flo
         return features_from_graph(params, positions, batch.cells, batch.structure_index, graph)
 
     def moment_form(positions):
-        neighbours = (pairs.centers, pairs.neighbors, pairs.shifts)
-        return pair_features(params, positions, cell, graph.species, *neighbours)
+        return pair_features(params, positions, cell, graph.species, pairs)
 
     return batch.positions, triplet_form, moment_form
 

@@ -30,6 +30,7 @@ from aenet_fn.core.descriptor import (
     radial_basis,
     typespin_vector,
 )
+from aenet_fn.core.neighbors import Neighbors, pair_vectors
 
 
 def chebyshev_in_legendre(order: int) -> list[list[Fraction]]:
@@ -117,9 +118,7 @@ def pair_features(
     positions: torch.Tensor,
     cell: torch.Tensor,
     species: torch.Tensor,
-    centers: torch.Tensor,
-    neighbors: torch.Tensor,
-    shifts: torch.Tensor,
+    pairs: Neighbors,
 ) -> torch.Tensor:
     """Chebyshev features ``[N, F]`` of one structure from a full neighbour list.
 
@@ -128,23 +127,25 @@ def pair_features(
         positions: ``[N, 3]`` Cartesian coordinates (Å); the features take their dtype.
         cell: ``[3, 3]`` lattice vectors as rows (Å); any value when ``shifts`` are all zero.
         species: ``[N]`` int64 index of each atom's element in ``params.species``.
-        centers, neighbors: ``[P]`` int64 atoms ``i`` and ``j`` of each entry (both directions).
-        shifts: ``[P, 3]`` lattice translations ``S`` (``r_j − r_i + S · cell``), integers in
-            any dtype.
+        pairs: the full neighbour list (both directions; shifts ``S`` in any integer or
+            float dtype).
 
     Entries beyond the cutoffs or at ``d <= min_cutoff`` contribute nothing, so a list made
     with any radius ``>= params.cutoff`` gives the same features. Differentiable in
     ``positions`` and ``cell``.
     """
-    n_atoms = positions.shape[0]
-    vectors = positions[neighbors] - positions[centers] + shifts.to(positions.dtype) @ cell
+    n_atoms, centers = positions.shape[0], pairs.centers
+    one_structure = torch.zeros(n_atoms, dtype=torch.long, device=positions.device)
+    vectors = pair_vectors(positions, cell.reshape(1, 3, 3), one_structure, pairs)
     squared = (vectors * vectors).sum(dim=1)
     kept = squared > params.min_cutoff**2
     distance = torch.sqrt(torch.where(kept, squared, torch.ones_like(squared)))
     kept = kept.to(positions.dtype)
     weights = [kept]
     if params.multi:
-        weights.append(kept * typespin_vector(len(params.species), positions)[species[neighbors]])
+        weights.append(
+            kept * typespin_vector(len(params.species), positions)[species[pairs.neighbors]]
+        )
 
     radial_terms = radial_basis(params, distance)  # [P, n_rad]
     angular_weight = cutoff_function(distance, params.ang_cutoff)

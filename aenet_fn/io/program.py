@@ -35,7 +35,7 @@ from torch.utils import _pytree as pytree
 
 from aenet_fn.core.descriptor import ChebyshevParams
 from aenet_fn.core.forces import value_and_forces
-from aenet_fn.core.neighbors import neighbor_list
+from aenet_fn.core.neighbors import Neighbors, neighbor_list
 from aenet_fn.core.pair_descriptor import pair_features
 from aenet_fn.core.potential import Model, atomic_energies_from_features
 from aenet_fn.core.records import to
@@ -53,17 +53,13 @@ def _structure_energy_forces_stress(
     positions: torch.Tensor,
     cell: torch.Tensor,
     species: torch.Tensor,
-    centers: torch.Tensor,
-    neighbors: torch.Tensor,
-    shifts: torch.Tensor,
+    pairs: Neighbors,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Energy ``[]``, forces ``[N, 3]`` and stress ``[3, 3]`` of one structure (the traced
     function of the program)."""
 
     def energies(strained_positions: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
-        features = pair_features(
-            model.descriptor, strained_positions, cells[0], species, centers, neighbors, shifts
-        )
+        features = pair_features(model.descriptor, strained_positions, cells[0], species, pairs)
         return atomic_energies_from_features(model, features, species).sum().reshape(1)
 
     volume = torch.linalg.det(cell).abs()
@@ -135,15 +131,9 @@ def export_program(model: Model, dtype: torch.dtype | None = None) -> torch.expo
     leaves = [leaf.detach() for leaf in leaves]
 
     def traced(positions, cell, species, centers, neighbors, shifts, *values):
-        return _structure_energy_forces_stress(
-            pytree.tree_unflatten(list(values), spec),
-            positions,
-            cell,
-            species,
-            centers,
-            neighbors,
-            shifts,
-        )
+        model = pytree.tree_unflatten(list(values), spec)
+        pairs = Neighbors(centers, neighbors, shifts)
+        return _structure_energy_forces_stress(model, positions, cell, species, pairs)
 
     example = _example_inputs(model.descriptor, dtype)
     graph = make_fx(traced, tracing_mode="symbolic")(*example, *leaves)
