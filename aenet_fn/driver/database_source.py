@@ -21,9 +21,8 @@ import torch
 
 from aenet_fn.core.descriptor import ChebyshevParams
 from aenet_fn.core.featurized import FeaturizedSet, featurize_structures, select_structures
-from aenet_fn.driver.cache import LRUCache
 from aenet_fn.driver.loader import StructureSource
-from aenet_fn.io.database import StructureDatabase
+from aenet_fn.io.database import SplitMetadata, StructureDatabase
 
 
 class DatabaseSource(StructureSource):
@@ -52,27 +51,35 @@ class DatabaseSource(StructureSource):
         dtype: torch.dtype = torch.float64,
         cache_entries: int | None = 0,
     ) -> None:
-        self.params, self.path = params, Path(path)
-        self.with_derivatives, self.dtype = with_derivatives, dtype
+        self.path = Path(path)
         self._handle: StructureDatabase | None = None
         self._pid: int | None = None
-        database = self._database()
-        total = len(database)
+        total = len(self._database())
         chosen = np.arange(total) if entries is None else np.asarray(entries, dtype=np.int64)
         if chosen.ndim != 1 or chosen.size == 0:
             raise ValueError(f"DatabaseSource: {self.path}: no entries chosen")
         if chosen.min() < 0 or chosen.max() >= total:
             raise IndexError(f"{self.path}: entries outside 0..{total - 1}")
         self.entries = chosen
-        self.structures = None  # read by entry, never as structure objects
-        labels = database.split_metadata(params)
-        self.energies = labels.energies[chosen]
-        self.n_atoms = labels.n_atoms[chosen]
-        self.species_counts = labels.species_counts[chosen]
-        self.has_forces = labels.has_forces[chosen]
-        self.names = tuple(labels.names[i] for i in chosen)
-        self._cache = LRUCache(cache_entries)
-        self._loader = None
+        super().__init__(  # no structure objects: entries are read from the file
+            params,
+            None,
+            with_derivatives=with_derivatives,
+            dtype=dtype,
+            cache_entries=cache_entries,
+        )
+
+    def _metadata(self) -> SplitMetadata:
+        """The entries' per-structure data, from the database's columns."""
+        every = self._database().split_metadata(self.params)
+        chosen = self.entries
+        return SplitMetadata(
+            energies=every.energies[chosen],
+            n_atoms=every.n_atoms[chosen],
+            species_counts=every.species_counts[chosen],
+            has_forces=every.has_forces[chosen],
+            names=tuple(every.names[i] for i in chosen),
+        )
 
     def _database(self) -> StructureDatabase:
         """This process's open handle on the file (a forked worker never reuses its parent's:
@@ -95,8 +102,7 @@ class DatabaseSource(StructureSource):
     def featurized(self, indices: Sequence[int], with_derivatives: bool) -> FeaturizedSet:
         """The split's structures ``indices`` (in that order), read from the database."""
         wanted = self.entries[np.asarray(indices, dtype=np.int64)]
-        order = np.argsort(wanted, kind="stable")
-        unique, inverse = np.unique(wanted[order], return_inverse=True)
+        unique, position = np.unique(wanted, return_inverse=True)  # wanted[k]: row position[k]
         database = self._database()
         if with_derivatives and not database.has_local_derivatives:  # computed from positions
             structures = [database.structure(int(i)) for i in unique]
@@ -111,8 +117,6 @@ class DatabaseSource(StructureSource):
                 entries=unique,
                 force_labels=with_derivatives,
             )
-        position = np.empty_like(order)
-        position[order] = inverse  # entry k of ``wanted`` is row position[k] of ``data``
         if np.array_equal(position, np.arange(position.size)):
             return data
-        return select_structures(data, position.tolist())
+        return select_structures(data, position.tolist())  # host indices (numpy)

@@ -35,6 +35,7 @@ from aenet_fn.core.minibatch import MiniBatch, take_structures
 from aenet_fn.core.normalization import ENERGY_DTYPE, FeatureMoments
 from aenet_fn.core.structure import Structure
 from aenet_fn.driver.cache import LRUCache
+from aenet_fn.io.database import SplitMetadata
 from aenet_fn.speedups.force_jacobian import SetJacobian
 
 
@@ -71,10 +72,20 @@ class StructureSource:
         dtype: torch.dtype = torch.float64,
         cache_entries: int | None = 0,
     ) -> None:
-        if len(structures) == 0:
-            raise ValueError("StructureSource: no structures")
         self.params, self.structures = params, structures
         self.with_derivatives, self.dtype = with_derivatives, dtype
+        labels = self._metadata()
+        self.energies, self.n_atoms = labels.energies, labels.n_atoms
+        self.species_counts, self.has_forces = labels.species_counts, labels.has_forces
+        self.names = labels.names
+        self._cache: LRUCache = LRUCache(cache_entries)
+        self._loader: tuple[int, DataLoader, _Plan] | None = None
+
+    def _metadata(self) -> SplitMetadata:
+        """The split's per-structure data, read from every structure once."""
+        structures, params = self.structures, self.params
+        if len(structures) == 0:
+            raise ValueError("StructureSource: no structures")
         energies, n_atoms, has_forces, names = [], [], [], []
         counts = torch.zeros(len(structures), len(params.species), dtype=torch.long)
         for k in range(len(structures)):
@@ -87,13 +98,13 @@ class StructureSource:
                 structure.forces is not None and bool(torch.isfinite(structure.forces).all())
             )
             names.append(structure.name)
-        self.energies = torch.tensor(energies, dtype=ENERGY_DTYPE)
-        self.n_atoms = torch.tensor(n_atoms)
-        self.species_counts = counts
-        self.has_forces = torch.tensor(has_forces)
-        self.names = tuple(names)
-        self._cache: LRUCache = LRUCache(cache_entries)
-        self._loader: tuple[int, DataLoader, _Plan] | None = None
+        return SplitMetadata(
+            energies=torch.tensor(energies, dtype=ENERGY_DTYPE),
+            n_atoms=torch.tensor(n_atoms),
+            species_counts=counts,
+            has_forces=torch.tensor(has_forces),
+            names=tuple(names),
+        )
 
     def close(self) -> None:
         """Stop the DataLoader workers kept for this source (``persistent_workers``) now. The

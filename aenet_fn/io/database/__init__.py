@@ -39,7 +39,7 @@ returns a read-only :class:`StructureDatabase`.
 """
 
 from aenet_fn.io.database.build import BuildSummary, build_database, compression_filters
-from aenet_fn.io.database.read import StructureDatabase, open_database
+from aenet_fn.io.database.read import SplitMetadata, StructureDatabase, open_database
 from aenet_fn.io.database.schema import (
     FORMAT,
     SCHEMA_VERSION,
@@ -58,6 +58,7 @@ __all__ = [
     "BuildSummary",
     "DatabaseError",
     "EntryMetadata",
+    "SplitMetadata",
     "StructureDatabase",
     "build_database",
     "compression_filters",

@@ -388,20 +388,20 @@ class StructureDatabase:
     def split_metadata(self, params: ChebyshevParams) -> SplitMetadata:
         """What a sampler needs of every entry, read column by column (no structure is
         built): energies, atom counts, species counts in ``params.species`` order, force
-        flags and names."""
+        flags and names (the columns are kept for the batches' reads)."""
         offsets = self._atom_offset
         n_atoms = np.diff(offsets)
-        species_index = self._species_index(self._file["structures/numbers"][:], params)
+        species_index = self._species_index(self._kept("structures/numbers"), params)
         n_species, total = len(params.species), len(self)
         owner = np.repeat(np.arange(total), n_atoms)
         counts = np.bincount(owner * n_species + species_index, minlength=total * n_species)
-        energies = self._labels(self._file["structures/energy"][:], "structures/energy")
+        energies = self._labels(self._kept("structures/energy"), "structures/energy")
         return SplitMetadata(
             energies=energies.to(torch.float64),
             n_atoms=torch.from_numpy(n_atoms),
             species_counts=torch.from_numpy(counts.reshape(total, n_species)),
             has_forces=torch.from_numpy(self._has_forces.astype(bool)),
-            names=tuple(name or None for name in self._file["structures/name"].asstr()[:]),
+            names=tuple(name or None for name in self._kept("structures/name", text=True)),
         )
 
     def _species_index(self, numbers: np.ndarray, params: ChebyshevParams) -> np.ndarray:
