@@ -443,7 +443,7 @@ class StructureDatabase:
         runs = self._runs(entries)
         offsets = self._atom_offset
         atom_runs = [(int(offsets[a]), int(offsets[b])) for a, b in runs]
-        n_atoms = torch.cat([torch.from_numpy(np.diff(offsets[a : b + 1])) for a, b in runs])
+        n_atoms = torch.from_numpy(_take_runs(np.diff(offsets), runs))
         n_structures = int(n_atoms.shape[0])
         starts = torch.cumsum(n_atoms, 0) - n_atoms
         numbers = _take_runs(self._kept("structures/numbers"), atom_runs)
@@ -468,9 +468,7 @@ class StructureDatabase:
             ranges, entry_counts = {}, {}
             for kind, entry_offset in zip(("radial", "triplet"), self._local_offsets):
                 ranges[kind] = [(int(entry_offset[a]), int(entry_offset[b])) for a, b in runs]
-                entry_counts[kind] = torch.cat(
-                    [torch.from_numpy(np.diff(entry_offset[a : b + 1])) for a, b in runs]
-                )
+                entry_counts[kind] = torch.from_numpy(_take_runs(np.diff(entry_offset), runs))
             local = self._local(
                 ranges,
                 lambda kind: torch.repeat_interleave(starts, entry_counts[kind]),
@@ -571,9 +569,8 @@ class StructureDatabase:
 
 
 def _take_runs(values: np.ndarray, runs: list[tuple[int, int]]) -> np.ndarray:
-    """Rows ``runs`` (``(first, end)`` pairs) of an array in memory, concatenated."""
-    if len(runs) == 1:
-        return values[runs[0][0] : runs[0][1]]
+    """Rows ``runs`` (``(first, end)`` pairs) of an array in memory, concatenated into a new
+    array (never a view of the kept columns)."""
     return np.concatenate([values[first:end] for first, end in runs])
 
 
