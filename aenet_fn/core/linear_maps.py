@@ -4,7 +4,9 @@ Force training differentiates ``∂E/∂r = J(∂E/∂G)`` with respect to the n
 where ``J`` is a fixed linear map (the descriptor's position derivatives at the training
 positions). :func:`linear_pair` turns a plain map and its transpose into Functions whose
 backward is each other (any order of differentiation) and whose ``vmap`` rule keeps committee
-members that share the map's data inside the rows, so one product serves all members.
+members that share the map's data inside the rows, so one product serves all members. Under
+``torch.compile`` the plain map runs instead, differentiated by the compiler like any torch
+code (dynamo does not trace these Functions).
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ def members_outer(x: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
     return x.movedim(1, 0).reshape(*lead, *x.shape[::2])
 
 
-def linear_pair(forward_map: PlainMap, transpose_map: PlainMap) -> type[torch.autograd.Function]:
-    """A custom Function for the linear map ``forward_map(layout, x, *fields)`` whose backward
+def linear_pair(forward_map: PlainMap, transpose_map: PlainMap) -> PlainMap:
+    """The linear map ``forward_map(layout, x, *fields)`` as a custom Function whose backward
     is the Function of ``transpose_map`` and back, so any order of differentiation works.
     Their ``vmap`` rule keeps committee members that share the map's data inside the rows
-    (one product for all members)."""
+    (one product for all members). Returns ``apply(layout, x, *fields)``: the Function, or
+    ``forward_map`` itself while ``torch.compile`` traces."""
 
     def make(plain, name):
         class Map(torch.autograd.Function):
@@ -63,7 +66,13 @@ def linear_pair(forward_map: PlainMap, transpose_map: PlainMap) -> type[torch.au
         "forward": make(forward_map, f"_{forward_map.__name__}"),
         "transpose": make(transpose_map, f"_{transpose_map.__name__}"),
     }
-    return maps["forward"]
+
+    def apply(layout: object, x: torch.Tensor, *fields: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return forward_map(layout, x, *fields)
+        return maps["forward"].apply(layout, x, *fields)
+
+    return apply
 
 
 def _members_rule(function, plain, in_dims, layout, x, fields):

@@ -85,6 +85,10 @@ class LocalDerivatives:
         """:func:`position_gradient` of these entries (the :class:`PositionMap` method)."""
         return position_gradient(params, self, feature_gradient)
 
+    def without_entries(self) -> LocalDerivatives:
+        """No entries, in the dtypes, devices and trailing shapes of these."""
+        return LocalDerivatives(**{f.name: getattr(self, f.name)[:0] for f in attrs.fields(self)})
+
 
 ATOM_INDEX_FIELDS = (
     "radial_centre",
@@ -235,11 +239,15 @@ def centre_sums(
     each entry weighted by each of ``weights`` (``[E]`` each): ``[n_atoms, ...]`` tensors from
     ``values`` ``[E, ...]`` and ``centres`` ``[E]``. Entries sorted by centre (as featurized
     sets and mini-batches hold them) are summed as sparse (CSR) matrix products where that is
-    faster on CPU (see ``_CSR_WIDEST``; CPU only), others by ``index_add``; either way in a
-    fixed order on CPU (deterministic)."""
+    faster on CPU (see ``_CSR_WIDEST``; CPU only, not under ``torch.compile``), others by
+    ``index_add``; either way in a fixed order on CPU (deterministic)."""
     flat = values.reshape(values.shape[0], math.prod(values.shape[1:]))
     shape = (n_atoms, *values.shape[1:])
-    if centres.device.type not in _CSR_DEVICES or not _sorted(centres):
+    if (
+        torch.compiler.is_compiling()
+        or centres.device.type not in _CSR_DEVICES
+        or not _sorted(centres)
+    ):
         return [
             _index_sums(centres, n_atoms, flat if w is None else flat * w[:, None]).view(shape)
             for w in (None, *weights)
@@ -298,4 +306,4 @@ def position_gradient(
     """``∂E/∂r`` ``[N, 3]`` (eV/Å) from ``∂E/∂G`` ``feature_gradient`` ``[N, F]`` (raw, not
     normalised features). Differentiable in ``feature_gradient``; forces are the negative."""
     layout = (params.rad_order + 1, params.ang_order + 1, params.multi)
-    return _ToPositions.apply(layout, feature_gradient, *(getattr(local, f) for f in _FIELDS))
+    return _ToPositions(layout, feature_gradient, *(getattr(local, f) for f in _FIELDS))

@@ -28,7 +28,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from aenet_fn.core.checks import is_integer, is_real
-from aenet_fn.core.records import pytree_record, static_field
+from aenet_fn.core.records import compilable_init, pytree_record, static_field
 
 PyTree = Any
 LearningRate = Union[float, torch.Tensor]
@@ -172,6 +172,7 @@ class SGDState:
 OptState = Union[AdamState, SGDState]
 
 
+@compilable_init
 @attrs.frozen
 class Optimizer:
     """An optimiser as a pair of pure functions, its configuration bound.
@@ -337,6 +338,7 @@ def sgd(config: SGDConfig | None = None) -> Optimizer:
     return Optimizer(init=sgd_init, update=partial(sgd_update, config), config=config)
 
 
+@compilable_init
 @attrs.frozen
 class DecoupledWeightDecay:
     """The configuration of an optimiser chained with :func:`decoupled_weight_decay`.

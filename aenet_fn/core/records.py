@@ -4,7 +4,8 @@ A record is an ``attrs`` class with ``frozen=True``. Fields created with :func:`
 are hyper-parameters (ints, strings, tuples); every other field is a pytree child (a tensor, a
 tuple of tensors, another record). :func:`pytree_record` registers the class with
 ``torch.utils._pytree`` so that ``torch.func.vmap``, ``grad``, ``functional_call`` and
-``tree_map`` traverse the children and carry the static fields along unchanged.
+``tree_map`` traverse the children and carry the static fields along unchanged. It also
+gives the class a constructor that ``torch.compile`` can trace (:func:`compilable_init`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,55 @@ def _rebuild(cls: type, values: dict[str, Any]) -> Any:
     return obj
 
 
+def compilable_init(cls: type[T]) -> type[T]:
+    """Let ``torch.compile`` build instances of the ``attrs`` class ``cls`` inside a compiled
+    function (class decorator; :func:`pytree_record` applies it).
+
+    Dynamo cannot trace the ``__init__`` that attrs generates (a frozen class sets its fields
+    through ``object.__setattr__.__get__``, and the method's globals are not its module's).
+    Outside compilation the class keeps that constructor unchanged; while compiling, fields are
+    set with ``object.__setattr__`` after the same defaults and converters (e.g. energies to
+    float64). Validators and ``__attrs_post_init__`` are skipped there, as when ``vmap``
+    rebuilds a record: the inputs of a compiled function were built, and checked, outside it."""
+    attrs_init = cls.__init__
+    plans = []
+    for field in attrs.fields(cls):
+        if field.init:
+            factory = field.default if isinstance(field.default, attrs.Factory) else None
+            plans.append(
+                (
+                    field.name,
+                    field.alias,
+                    None if factory else field.default,
+                    factory and factory.factory,
+                    factory and factory.takes_self,
+                    field.converter,
+                )
+            )
+    plans = tuple(plans)  # plain values: dynamo cannot wrap attrs' Attribute and Factory
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if not torch.compiler.is_compiling():
+            attrs_init(self, *args, **kwargs)
+            return
+        for position, (name, alias, default, factory, takes_self, converter) in enumerate(plans):
+            if position < len(args):
+                value = args[position]
+            elif alias in kwargs:
+                value = kwargs[alias]
+            elif factory is not None:
+                value = factory(self) if takes_self else factory()
+            elif default is attrs.NOTHING:
+                raise TypeError(f"{cls.__qualname__}() missing argument {alias!r}")
+            else:
+                value = default
+            object.__setattr__(self, name, value if converter is None else converter(value))
+
+    __init__.__doc__ = attrs_init.__doc__
+    cls.__init__ = __init__
+    return cls
+
+
 def serializable(cls: type[T]) -> type[T]:
     """Allow a record class to be saved and loaded by its :func:`saved_name` (see
     ``aenet_fn.core.serialization``); two classes may not share one."""
@@ -93,6 +143,7 @@ def pytree_record(cls: type[T]) -> type[T]:
         return [(pytree.GetAttrKey(n), c) for n, c in zip(context[0], children)], context
 
     serializable(cls)
+    compilable_init(cls)
     pytree.register_pytree_node(
         cls,
         flatten,

@@ -273,4 +273,4 @@ def jacobian_position_gradient(
     features) with a batch's assembled Jacobian. Differentiable in ``feature_gradient`` (to any
     order) and ``vmap``-able over it (committee members share ``jacobian``)."""
     fields = [getattr(jacobian, f.name) for f in attrs.fields(PositionJacobian)]
-    return _JacobianMap.apply(None, feature_gradient, *fields)
+    return _JacobianMap(None, feature_gradient, *fields)

@@ -181,7 +181,7 @@ def structure_position_gradient(
     """``∂E/∂r`` ``[n, 3]`` (eV/Å) from ``∂E/∂G`` ``feature_gradient`` ``[n, F]`` (raw
     features) with a batch's dense Jacobians; zero for atoms without one. Differentiable in
     ``feature_gradient`` (to any order) and ``vmap``-able over it (members share the map)."""
-    return _StructureMap.apply(
+    return _StructureMap(
         jacobian.layout,
         feature_gradient,
         jacobian.to_structures,
