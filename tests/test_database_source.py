@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._pytree import tree_leaves
 
 import aenet_fn as af
 from aenet_fn.core.featurized import select_structures
@@ -108,10 +109,20 @@ def test_the_source_draws_the_metadata_of_its_entries(database, structures):
     assert source.names == memory.names
     # a batch of repeated, unsorted structures is what the set in memory gives
     selection = torch.tensor([7, 2, 2, 19, 0])
-    flags = torch.ones(len(SPLIT), dtype=torch.bool)
-    found, expected = source.take(selection, flags), af.take_structures(memory, selection, flags)
-    for name in ("features", "energies", "forces", "structure_index", "species_index"):
-        assert torch.equal(getattr(found, name), getattr(expected, name)), name
+    everyone = torch.ones(len(SPLIT), dtype=torch.bool)
+    some = torch.arange(len(SPLIT)) % 3 == 1  # of the drawn: 7 and 19 (and none of the others)
+    for flags in (everyone, some, ~everyone):
+        found, expected = (
+            source.take(selection, flags),
+            af.take_structures(memory, selection, flags),
+        )
+        for name in ("features", "energies", "forces", "structure_index", "species_index"):
+            assert torch.equal(getattr(found, name), getattr(expected, name)), name
+        assert torch.equal(found.force_atoms, expected.force_atoms)
+        # derivatives of the supervised structures only, in the order the set in memory gives
+        assert (found.local is None) == (expected.local is None)
+        for leaf, wanted in zip(tree_leaves(found.local), tree_leaves(expected.local), strict=True):
+            torch.testing.assert_close(leaf, wanted, rtol=0, atol=1e-12)
     source.close()
 
 

@@ -462,6 +462,23 @@ def energy_view(data: FeaturizedSet) -> FeaturizedSet:
     )
 
 
+def with_empty_derivatives(data: FeaturizedSet, like: LocalDerivatives) -> FeaturizedSet:
+    """``data`` (featurized without derivatives) with no local-derivative entries, in the form
+    of ``like``: it joins sets with derivatives in :func:`concatenate` for structures whose
+    forces are not supervised (forces computed from it would be zero)."""
+    if data.local is not None:
+        raise ValueError("with_empty_derivatives: the set already carries local derivatives")
+    none = torch.zeros(data.n_structures, dtype=torch.long)
+    return attrs.evolve(
+        data,
+        local=like.without_entries(),
+        radial_start=none,
+        radial_count=none,
+        triplet_start=none,
+        triplet_count=none,
+    )
+
+
 def concatenate(sets: Sequence[FeaturizedSet]) -> FeaturizedSet:
     """The structures of ``sets`` one after another in one :class:`FeaturizedSet` (local
     derivatives re-indexed); all sets with derivatives (stress data), or none."""

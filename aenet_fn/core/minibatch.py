@@ -271,12 +271,6 @@ def _pad(tensor: torch.Tensor, length: int, value: float | int | bool) -> torch.
     return torch.cat([tensor, extra])
 
 
-def _empty_like_local(template: LocalDerivatives) -> LocalDerivatives:
-    return LocalDerivatives(
-        **{f.name: getattr(template, f.name)[:0] for f in attrs.fields(LocalDerivatives)}
-    )
-
-
 def stack_batches(batches: Sequence[MiniBatch]) -> MiniBatch:
     """Stack the batches of committee members (same number of structures ``b``) along a new
     leading axis for ``vmap``. Each species block is padded to the largest count among the
@@ -331,7 +325,7 @@ def stack_batches(batches: Sequence[MiniBatch]) -> MiniBatch:
         local = template.stack([batch.local for batch in batches], positions)
     elif template is not None:
         filled = [
-            _empty_like_local(template) if batch.local is None else batch.local for batch in batches
+            template.without_entries() if batch.local is None else batch.local for batch in batches
         ]
         n_radial = max(item.radial.shape[0] for item in filled)
         n_triplet = max(item.angular_first.shape[0] for item in filled)

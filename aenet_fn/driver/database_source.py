@@ -33,7 +33,8 @@ class DatabaseSource(StructureSource):
         path: the HDF5 structure database.
         entries: database indices of the split's structures, in split order (None: all).
         with_derivatives: whether force-supervised batches need local derivatives (read where
-            persisted, else computed from the structures).
+            persisted, else computed from the structures; either way only for the structures
+            whose forces a batch supervises).
         dtype: floating dtype of features and forces (energies are float64).
         cache_entries: featurized structures kept per process (see
             :class:`~aenet_fn.driver.loader.StructureSource`).
@@ -115,7 +116,7 @@ class DatabaseSource(StructureSource):
                 with_derivatives=with_derivatives,
                 dtype=self.dtype,
                 entries=unique,
-                force_labels=with_derivatives,
+                force_labels=self.with_derivatives,
             )
         if np.array_equal(position, np.arange(position.size)):
             return data

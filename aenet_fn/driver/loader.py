@@ -30,6 +30,7 @@ from aenet_fn.core.featurized import (
     concatenate,
     featurize_structures,
     select_structures,
+    with_empty_derivatives,
 )
 from aenet_fn.core.minibatch import MiniBatch, take_structures
 from aenet_fn.core.normalization import ENERGY_DTYPE, FeatureMoments
@@ -142,15 +143,31 @@ class StructureSource:
     def take(self, selection: torch.Tensor, force_selected: torch.Tensor | None) -> MiniBatch:
         """The mini-batch of ``selection`` ``[b]`` (repeats allowed), as
         :func:`~aenet_fn.core.minibatch.take_structures` would cut it from the whole featurized
-        split; only the drawn structures are featurized."""
+        split; only the drawn structures are featurized, and local derivatives only for those
+        whose forces the batch supervises."""
         unique, inverse = torch.unique(selection, return_inverse=True)
-        mask = None if force_selected is None else force_selected[unique]
-        derivatives = (
-            self.with_derivatives
-            and mask is not None
-            and bool((mask & self.has_forces[unique]).any())
-        )
-        return take_structures(self._cached(unique.tolist(), derivatives), inverse, mask)
+        if force_selected is None:
+            return take_structures(self._cached(unique.tolist(), False), inverse)
+        mask = force_selected[unique]
+        derivatives = mask & self.has_forces[unique]
+        if not self.with_derivatives:
+            derivatives = torch.zeros_like(derivatives)
+        order = torch.argsort((~derivatives).to(torch.uint8), stable=True)  # derivatives first
+        n_derivatives = int(derivatives.sum())  # host tensors: the loader, not the step
+        ordered = unique[order]
+        parts = [
+            self._cached(part.tolist(), with_local)
+            for part, with_local in (
+                (ordered[:n_derivatives], True),
+                (ordered[n_derivatives:], False),
+            )
+            if part.numel()
+        ]
+        if len(parts) == 2:
+            parts[1] = with_empty_derivatives(parts[1], parts[0].local)
+        data = parts[0] if len(parts) == 1 else concatenate(parts)
+        position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel()))
+        return take_structures(data, position[inverse], mask[order])
 
     def _cached(self, indices: list[int], derivatives: bool) -> FeaturizedSet:
         """:meth:`featurized` of ``indices`` through the cache: only the structures not cached
