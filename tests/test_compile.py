@@ -74,9 +74,17 @@ def test_records_built_inside_a_compiled_function_equal_eager_ones():
         traced[0].value = x  # still frozen
 
 
-def test_a_missing_argument_is_an_error_inside_compiled_code_too():
-    with pytest.raises(Exception, match="missing argument 'first'"):
-        _compiled(lambda x: _Plain(second=x.shape[0]), backend="eager")(torch.ones(2))
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda x: _Plain(second=x.shape[0]), "missing argument 'first'"),
+        (lambda x: _Plain(x, third=x), "no arguments \\['third'\\]"),
+        (lambda x: _Plain(x, 1, 2), "no arguments"),
+    ],
+)
+def test_bad_arguments_are_errors_inside_compiled_code_too(build, message):
+    with pytest.raises(Exception, match=message):
+        _compiled(build, backend="eager")(torch.ones(2))
 
 
 @pytest.fixture(scope="module")

@@ -68,8 +68,9 @@ def compilable_init(cls: type[T]) -> type[T]:
     through ``object.__setattr__.__get__``, and the method's globals are not its module's).
     Outside compilation the class keeps that constructor unchanged; while compiling, fields are
     set with ``object.__setattr__`` after the same defaults and converters (e.g. energies to
-    float64). Validators and ``__attrs_post_init__`` are skipped there, as when ``vmap``
-    rebuilds a record: the inputs of a compiled function were built, and checked, outside it."""
+    float64), for classes without ``init=False`` or keyword-only fields. Validators and
+    ``__attrs_post_init__`` are skipped there, as when ``vmap`` rebuilds a record: the inputs
+    of a compiled function were built, and checked, outside it."""
     attrs_init = cls.__init__
     plans = []
     for field in attrs.fields(cls):
@@ -86,11 +87,15 @@ def compilable_init(cls: type[T]) -> type[T]:
                 )
             )
     plans = tuple(plans)  # plain values: dynamo cannot wrap attrs' Attribute and Factory
+    aliases = frozenset(plan[1] for plan in plans)
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         if not torch.compiler.is_compiling():
             attrs_init(self, *args, **kwargs)
             return
+        unknown = sorted(set(kwargs) - aliases)
+        if len(args) > len(plans) or unknown:
+            raise TypeError(f"{cls.__qualname__}() takes no arguments {unknown or args}")
         for position, (name, alias, default, factory, takes_self, converter) in enumerate(plans):
             if position < len(args):
                 value = args[position]
