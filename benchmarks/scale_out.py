@@ -1,15 +1,18 @@
 """Larger-than-memory and multi-process training on a generated EMT alloy set.
 
-Run: ``python -m benchmarks.scale_out [--structures 20000] [--epochs 1]``. Prints JSON, then a
-table. Setup (issue 6): random periodic Cu/Ni/Au fcc cells of 8–64 atoms labelled with ASE's
-EMT calculator (``aenet_fn.examples.emt_alloys``), descriptor rad 8/5.0 Å, ang 4/4.0 Å,
-2×(16, tanh) networks, Adam, batch 32, energy-only, float64, CPU, one torch thread per process.
-Each measurement runs in its own process so that its peak RSS is its own:
+Run: ``python -m benchmarks.scale_out [--structures 20000] [--epochs 1] [--forces 0.1]``.
+Prints JSON, then a table. Setup (issue 6): random periodic Cu/Ni/Au fcc cells of 8–64 atoms
+labelled with ASE's EMT calculator (``aenet_fn.examples.emt_alloys``), descriptor rad 8/5.0 Å,
+ang 4/4.0 Å, 2×(16, tanh) networks, Adam, batch 32, float64, CPU, one torch thread per
+process; energy-only, or with ``--forces F`` the epochs from disk also train forces (weight
+0.1) on a fraction ``F`` of the structures, their local derivatives computed per batch (not
+persisted: at 10⁵ structures they would take 165 GB). Each measurement runs in its own process
+so that its peak RSS is its own:
 
 * database build throughput (structures/s), plain and with persisted features;
 * training epoch time from the database kept on disk (``DatabaseSource``: each batch's
   persisted features read when drawn) with 0, 1 and 2 DataLoader workers, and the peak RSS at
-  the full size and at a tenth of it (bounded memory: it must not grow with the data set);
+  the full size, a tenth and a hundredth of it (bounded memory and a flat cost per structure);
 * one training process vs two gloo processes (``torchrun``) on the persisted features.
 """
 
@@ -78,15 +81,19 @@ def build(folder: Path, n_structures: int) -> dict:
     return rows
 
 
-def train_from_disk(path: Path, workers: int, epochs: int, limit: int | None) -> dict:
+def train_from_disk(
+    path: Path, workers: int, epochs: int, limit: int | None, force_fraction: float
+) -> dict:
     """Epoch time and peak RSS of training from the on-disk database (persisted features,
-    batches read as drawn: ``DatabaseSource``) with ``workers``."""
+    batches read as drawn: ``DatabaseSource``) with ``workers``; forces trained on
+    ``force_fraction`` of the structures (0: energy only)."""
     import aenet_fn as af
     from aenet_fn.driver.database_source import DatabaseSource
 
     params = _descriptor()
     entries = None if limit is None else range(limit)  # small reference size
-    source = DatabaseSource(params, path, entries, with_derivatives=False)
+    forces = force_fraction > 0
+    source = DatabaseSource(params, path, entries, with_derivatives=forces)
     start = time.perf_counter()
     arch = {s: NETWORK for s in params.species}
     model = af.init_model(params, arch, source, seed=0)
@@ -97,12 +104,15 @@ def train_from_disk(path: Path, workers: int, epochs: int, limit: int | None) ->
         num_workers=workers,
         prefetch_factor=4,
         persistent_workers=True,
+        force_weight=0.1 if forces else 0.0,
+        force_fraction=force_fraction if forces else 1.0,
     )
     start = time.perf_counter()
     af.fit(af.init_train_state(model, source, config), source, None, config)
     seconds = (time.perf_counter() - start) / epochs
     source.close()
-    mode = f"epoch from disk, {workers} workers (statistics pass {statistics_s:.1f} s)"
+    trained = f"forces of {force_fraction:.0%}" if forces else "energies"
+    mode = f"epoch from disk ({trained}), {workers} workers (statistics {statistics_s:.1f} s)"
     return _row(mode, source.n_structures, seconds)
 
 
@@ -158,6 +168,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--structures", type=int, default=20000)
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--forces", type=float, default=0.0, help="force-trained fraction")
+    parser.add_argument("--workers", default="0,1,2", help="DataLoader workers to time")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     # one thread per process: the training process, each DataLoader worker and each gloo rank
@@ -169,24 +181,35 @@ def main() -> None:
             result = build(folder, args.structures)
         elif kind == "disk":
             limit = None if args.child[3] == "all" else int(args.child[3])
-            result = train_from_disk(folder / "features.h5", int(args.child[2]), args.epochs, limit)
+            workers = int(args.child[2])
+            path = folder / "features.h5"
+            result = train_from_disk(path, workers, args.epochs, limit, args.forces)
         else:
             result = train_in_memory(folder / "features.h5", args.epochs)
         if int(os.environ.get("RANK", 0)) == 0:
             print(json.dumps(result))
         return
-    common = ["--structures", str(args.structures), "--epochs", str(args.epochs), "--child"]
+    common = ["--structures", str(args.structures), "--epochs", str(args.epochs)]
+    common += ["--forces", str(args.forces), "--child"]
     with tempfile.TemporaryDirectory() as folder:
         rows = _child(*common, "build", folder)
-        for workers in (0, 1, 2):
-            rows.append(_child(*common, "disk", folder, str(workers), "all"))
-        small = max(1, args.structures // 10)  # the same run on a tenth of the data
-        rows.append(_child(*common, "disk", folder, "0", str(small)))
+        for workers in args.workers.split(","):
+            rows.append(_child(*common, "disk", folder, workers, "all"))
+        for part in (10, 100):  # the same run on a tenth and a hundredth of the data
+            rows.append(_child(*common, "disk", folder, "0", str(max(1, args.structures // part))))
         rows.append(_child(*common, "memory", folder))
         rows.append(_child(*common, "memory", folder, torchrun=True))
     report(
         "scale_out",
-        setup_info(dtype="float64", device="cpu", arch=ARCH, optimizer="adam", batch=32, threads=1),
+        setup_info(
+            dtype="float64",
+            device="cpu",
+            arch=ARCH,
+            optimizer="adam",
+            batch=32,
+            threads=1,
+            force_fraction=args.forces,
+        ),
         rows,
     )
 
