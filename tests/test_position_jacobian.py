@@ -16,7 +16,13 @@ from aenet_fn import ChebyshevParams, Structure, collate, featurize
 from aenet_fn.core.featurized import featurize_structures
 from aenet_fn.core.minibatch import take_structures
 from aenet_fn.core.records import tree_bytes
-from aenet_fn.driver.seam import Speedups, assembled_jacobian, stored_jacobian_bytes
+from aenet_fn.driver.seam import (
+    JACOBIAN_MIN_EPOCHS,
+    Speedups,
+    assembled_jacobian,
+    prepare_speedups,
+    stored_jacobian_bytes,
+)
 from aenet_fn.driver.state import init_model, init_train_state
 from aenet_fn.driver.train import run_epoch
 from aenet_fn.examples import TIO2_STRUCTURES
@@ -198,6 +204,14 @@ def test_force_blocks_only_where_they_apply(tio2):
     with pytest.raises(ValueError, match="no local derivatives"):
         set_jacobian(params, energy_only)
     assert assembled_jacobian(model, train, attrs.evolve(forces, route="func")) is None
+    # "auto" weighs the run's length against the one-time set-up; "fast" always builds
+    assert assembled_jacobian(model, train, forces, JACOBIAN_MIN_EPOCHS) is not None
+    assert assembled_jacobian(model, train, forces, JACOBIAN_MIN_EPOCHS - 1) is None
+    assert assembled_jacobian(model, train, attrs.evolve(forces, route="fast"), 1) is not None
+    state = af.init_train_state(model, train, forces)
+    for epochs, built in ((2, False), (JACOBIAN_MIN_EPOCHS, True)):
+        short = attrs.evolve(forces, epochs=epochs)
+        assert (prepare_speedups(state, train, None, short).jacobian is not None) == built
 
 
 def test_the_jacobian_memory_budget_bounds_what_is_stored(tio2):

@@ -280,7 +280,8 @@ def test_members_predicting_one_by_one_analysed_like_the_committee(setup, tmp_pa
 
 
 def test_sequential_members_share_the_jacobians_of_the_splits(setup, tmp_path, monkeypatch):
-    """Force training builds each split's stored Jacobian once for all sequential members."""
+    """Force training on the fast route builds each split's stored Jacobian once for all
+    sequential members."""
     import aenet_fn.driver.seam as driver
 
     structures, runs = setup
@@ -296,7 +297,7 @@ def test_sequential_members_share_the_jacobians_of_the_splits(setup, tmp_path, m
     committee = TorchCommitteePotential(trained.arch, trained.descriptor)
     committee.train(
         structures=structures,
-        config=_config(atomic_energies=E_ATOM),
+        config=_config(atomic_energies=E_ATOM, route="fast"),
         committee_config=TorchCommitteeConfig(
             num_members=3, base_seed=11, output_dir=tmp_path / "run", execution="sequential"
         ),

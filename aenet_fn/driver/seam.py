@@ -87,15 +87,27 @@ def stored_jacobian_bytes(data: FeaturizedSet) -> int:
     return int(per_structure.sum()) + 16 * data.features.shape[0]
 
 
-def assembled_jacobian(model: Model, data: Split | None, config: TrainConfig) -> SetJacobian | None:
+JACOBIAN_MIN_EPOCHS = 10
+"""Fewest epochs left in a ``route="auto"`` run for which its force training builds stored
+Jacobians: their set-up repaid itself after 2 epochs on TiO2 and 13 on 2 000 EMT structures
+(``benchmarks/routes.py``), and a 2-epoch EMT run was 2.7× slower with it."""
+
+
+def assembled_jacobian(
+    model: Model, data: Split | None, config: TrainConfig, epochs_left: int | None = None
+) -> SetJacobian | None:
     """The stored position Jacobian of ``data``
     (:class:`~aenet_fn.speedups.force_jacobian.SetJacobian`) that lets its force batches apply
     assembled matrices (dense per small structure, sparse otherwise) instead of the per-entry maps
     (the same numbers to round-off, several times faster on CPU; built once per run), or None where
     that does not apply: energy-only training, DataLoader workers, lazy or missing splits, sets
-    without derivatives, the ``torch.func`` route (:func:`takes_fast_route`), data off the CPU, or a
-    Jacobian that could exceed ``config.jacobian_memory_gib`` (:func:`stored_jacobian_bytes`)."""
+    without derivatives, the ``torch.func`` route (:func:`takes_fast_route`), data off the CPU, a
+    Jacobian that could exceed ``config.jacobian_memory_gib`` (:func:`stored_jacobian_bytes`), or
+    a ``route="auto"`` run with fewer than :data:`JACOBIAN_MIN_EPOCHS` ``epochs_left`` (None: not
+    weighed)."""
     if not config.uses_forces or config.num_workers > 0 or not isinstance(data, FeaturizedSet):
+        return None
+    if config.route == "auto" and epochs_left is not None and epochs_left < JACOBIAN_MIN_EPOCHS:
         return None
     if not takes_fast_route(config, model.network.values):
         return None
@@ -154,6 +166,7 @@ def prepare_speedups(
         return Speedups()
     members = [run] if isinstance(run, TrainState) else list(run)
     template = members[0]
+    epochs_left = config.epochs  # fit runs config.epochs more epochs
     table = energy_epoch_table(template, train, config, world)
     workspace = None
     if table is not None:
@@ -166,8 +179,8 @@ def prepare_speedups(
     return Speedups(
         table=table,
         workspace=workspace,
-        jacobian=assembled_jacobian(template.model, train, config),
-        test_jacobian=assembled_jacobian(template.model, test, config),
+        jacobian=assembled_jacobian(template.model, train, config, epochs_left),
+        test_jacobian=assembled_jacobian(template.model, test, config, epochs_left),
     )
 
 

@@ -113,7 +113,9 @@ class TrainConfig:
             gradients by ``torch.func.grad``, committees by ``vmap``, pure optimiser updates),
             which runs on every device and dtype. ``"fast"``: the CPU speed-ups (hand-derived
             energy gradient, stored Jacobians, fused optimiser forms; CPU only), the same
-            numbers to round-off. ``"auto"``: ``"fast"`` on the CPU, ``"func"`` elsewhere.
+            numbers to round-off. ``"auto"``: ``"fast"`` on the CPU, ``"func"`` elsewhere;
+            force training builds stored Jacobians only for runs of at least
+            ``JACOBIAN_MIN_EPOCHS`` epochs (their one-time set-up would not pay in shorter).
         jacobian_memory_gib: the most memory (GiB) the fast route may spend on a split's
             stored Jacobian (an upper bound is checked before it is built); a split that
             could need more trains its forces on the ``torch.func`` route.
