@@ -89,8 +89,7 @@ def stored_jacobian_bytes(data: FeaturizedSet) -> int:
 
 JACOBIAN_MIN_EPOCHS = 10
 """Fewest epochs left in a ``route="auto"`` run for which its force training builds stored
-Jacobians: their set-up repaid itself after 2 epochs on TiO2 and 13 on 2 000 EMT structures
-(``benchmarks/routes.py``), and a 2-epoch EMT run was 2.7× slower with it."""
+Jacobians: shorter runs would not repay their one-time set-up (``benchmarks/NOTES.md``)."""
 
 
 def assembled_jacobian(
