@@ -26,6 +26,7 @@ from aenet_fn.torch_training import (
     TorchTrainingConfig,
 )
 from aenet_fn.torch_training.dataset import database_entries
+from tests.conftest import scaled_examples
 
 PARAMS = af.ChebyshevParams(ALLOY_SPECIES, 5, 4.5, 2, 4.0, min_cutoff=0.5)
 ARCH = {s: [(6, "tanh")] for s in ALLOY_SPECIES}
@@ -101,29 +102,42 @@ def test_entries_must_increase_within_the_database(database):
                 db.featurized(PARAMS, with_derivatives=False, dtype=torch.float64, entries=entries)
 
 
-def test_the_source_draws_the_metadata_of_its_entries(database, structures):
-    source = DatabaseSource(PARAMS, database, SPLIT, with_derivatives=True)
-    memory = af.featurize_structures(PARAMS, [structures[i] for i in SPLIT], with_derivatives=True)
+@pytest.fixture(scope="module")
+def split_in_memory(structures):
+    return af.featurize_structures(PARAMS, [structures[i] for i in SPLIT], with_derivatives=True)
+
+
+@pytest.fixture(scope="module")
+def source(database):
+    with DatabaseSource(PARAMS, database, SPLIT, with_derivatives=True) as lazy:
+        yield lazy
+
+
+def test_the_source_draws_the_metadata_of_its_entries(source, split_in_memory):
     for field in ("energies", "n_atoms", "species_counts", "has_forces"):
-        assert torch.equal(getattr(source, field), getattr(memory, field)), field
-    assert source.names == memory.names
-    # a batch of repeated, unsorted structures is what the set in memory gives
-    selection = torch.tensor([7, 2, 2, 19, 0])
-    everyone = torch.ones(len(SPLIT), dtype=torch.bool)
-    some = torch.arange(len(SPLIT)) % 3 == 1  # of the drawn: 7 and 19 (and none of the others)
-    for flags in (everyone, some, ~everyone):
-        found, expected = (
-            source.take(selection, flags),
-            af.take_structures(memory, selection, flags),
-        )
-        for name in ("features", "energies", "forces", "structure_index", "species_index"):
-            assert torch.equal(getattr(found, name), getattr(expected, name)), name
-        assert torch.equal(found.force_atoms, expected.force_atoms)
-        # derivatives of the supervised structures only, in the order the set in memory gives
-        assert (found.local is None) == (expected.local is None)
-        for leaf, wanted in zip(tree_leaves(found.local), tree_leaves(expected.local), strict=True):
-            torch.testing.assert_close(leaf, wanted, rtol=0, atol=1e-12)
-    source.close()
+        assert torch.equal(getattr(source, field), getattr(split_in_memory, field)), field
+    assert source.names == split_in_memory.names
+
+
+@settings(deadline=None, max_examples=scaled_examples(15))
+@given(
+    st.lists(st.integers(0, len(SPLIT) - 1), min_size=1, max_size=12),
+    st.none() | st.lists(st.booleans(), min_size=len(SPLIT), max_size=len(SPLIT)),
+)
+def test_a_batch_of_the_source_is_the_batch_in_memory(source, split_in_memory, drawn, flags):
+    """Repeated, unsorted structures, some of them force-supervised: the same batch as the
+    set in memory gives, derivatives only of the supervised structures, in its order."""
+    selection = torch.tensor(drawn)
+    flags = None if flags is None else torch.tensor(flags)
+    found = source.take(selection, flags)
+    expected = af.take_structures(split_in_memory, selection, flags)
+    for name in ("features", "energies", "forces", "structure_index", "species_index"):
+        assert torch.equal(getattr(found, name), getattr(expected, name)), name
+    assert torch.equal(found.force_atoms, expected.force_atoms)
+    assert torch.equal(found.n_force_labelled, expected.n_force_labelled)
+    assert (found.local is None) == (expected.local is None)
+    for leaf, wanted in zip(tree_leaves(found.local), tree_leaves(expected.local), strict=True):
+        torch.testing.assert_close(leaf, wanted, rtol=0, atol=1e-12)
 
 
 def _both_splits(database, structures, workers: int):
