@@ -12,6 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import aenet_fn as af
+import aenet_fn.driver.seam as seam
 from aenet_fn import ChebyshevParams, Structure, collate, featurize
 from aenet_fn.core.featurized import featurize_structures
 from aenet_fn.core.minibatch import take_structures
@@ -191,7 +192,7 @@ def test_float32_assembled_forces_are_close_to_float64(tio2, storage):
     assert error < 1e-5 * float(reference.abs().max())
 
 
-def test_force_blocks_only_where_they_apply(tio2):
+def test_force_blocks_only_where_they_apply(tio2, monkeypatch):
     params, train, _ = tio2
     model = init_model(params, {"Ti": [(4, "tanh")], "O": [(4, "tanh")]}, train, seed=0)
     forces = af.TrainConfig(force_weight=0.1)
@@ -204,7 +205,9 @@ def test_force_blocks_only_where_they_apply(tio2):
     with pytest.raises(ValueError, match="no local derivatives"):
         set_jacobian(params, energy_only)
     assert assembled_jacobian(model, train, attrs.evolve(forces, route="func")) is None
-    # "auto" weighs the run's length against the one-time set-up; "fast" always builds
+    # "auto" weighs a short run against the set-up of a large Jacobian; "fast" always builds
+    assert assembled_jacobian(model, train, forces, 1) is not None  # small: always
+    monkeypatch.setattr(seam, "QUICK_JACOBIAN_BYTES", stored_jacobian_bytes(train) - 1)
     assert assembled_jacobian(model, train, forces, JACOBIAN_MIN_EPOCHS) is not None
     assert assembled_jacobian(model, train, forces, JACOBIAN_MIN_EPOCHS - 1) is None
     assert assembled_jacobian(model, train, attrs.evolve(forces, route="fast"), 1) is not None

@@ -88,8 +88,13 @@ def stored_jacobian_bytes(data: FeaturizedSet) -> int:
 
 
 JACOBIAN_MIN_EPOCHS = 10
-"""Fewest epochs left in a ``route="auto"`` run for which its force training builds stored
-Jacobians: shorter runs would not repay their one-time set-up (``benchmarks/NOTES.md``)."""
+"""Fewest epochs left in a ``route="auto"`` run for which its force training builds a stored
+Jacobian larger than :data:`QUICK_JACOBIAN_BYTES`: shorter runs would not repay its one-time
+set-up (``benchmarks/NOTES.md``)."""
+
+QUICK_JACOBIAN_BYTES = 256 * 2**20
+"""Stored Jacobians up to this bound (:func:`stored_jacobian_bytes`) build in about a second
+and are built for runs of any length."""
 
 
 def assembled_jacobian(
@@ -102,17 +107,19 @@ def assembled_jacobian(
     that does not apply: energy-only training, DataLoader workers, lazy or missing splits, sets
     without derivatives, the ``torch.func`` route (:func:`takes_fast_route`), data off the CPU, a
     Jacobian that could exceed ``config.jacobian_memory_gib`` (:func:`stored_jacobian_bytes`), or
-    a ``route="auto"`` run with fewer than :data:`JACOBIAN_MIN_EPOCHS` ``epochs_left`` (None: not
-    weighed)."""
+    one above :data:`QUICK_JACOBIAN_BYTES` in a ``route="auto"`` run with fewer than
+    :data:`JACOBIAN_MIN_EPOCHS` ``epochs_left`` (None: not weighed)."""
     if not config.uses_forces or config.num_workers > 0 or not isinstance(data, FeaturizedSet):
-        return None
-    if config.route == "auto" and epochs_left is not None and epochs_left < JACOBIAN_MIN_EPOCHS:
         return None
     if not takes_fast_route(config, model.network.values):
         return None
     if data.local is None or data.features.device.type != "cpu":
         return None
-    if stored_jacobian_bytes(data) > config.jacobian_memory_gib * 2**30:
+    bound = stored_jacobian_bytes(data)
+    if bound > config.jacobian_memory_gib * 2**30:
+        return None
+    short = epochs_left is not None and epochs_left < JACOBIAN_MIN_EPOCHS
+    if config.route == "auto" and short and bound > QUICK_JACOBIAN_BYTES:
         return None
     return set_jacobian(model.descriptor, data)
 
