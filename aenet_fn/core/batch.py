@@ -143,6 +143,14 @@ def collate(
     return batch.to(device=device, dtype=dtype)
 
 
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """``[n]`` position of each element in ``order`` (a permutation of ``0..n-1``):
+    ``order[inverse_permutation(order)] == arange(n)``; on ``order``'s device."""
+    return torch.empty_like(order).scatter_(
+        0, order, torch.arange(order.shape[0], device=order.device)
+    )
+
+
 def ranges(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Concatenation of ``arange(start, start + count)`` for each pair (int64)."""
     offsets = torch.repeat_interleave(starts - (torch.cumsum(counts, 0) - counts), counts)

@@ -16,7 +16,7 @@ from typing import Protocol
 import attrs
 import torch
 
-from aenet_fn.core.batch import ranges
+from aenet_fn.core.batch import inverse_permutation, ranges
 from aenet_fn.core.featurized import HOST, FeaturizedSet, HostLayout
 from aenet_fn.core.local_derivatives import ATOM_INDEX_FIELDS, LocalDerivatives, PositionMap
 from aenet_fn.core.normalization import as_energy
@@ -142,7 +142,7 @@ def take_structures(
     structure_index = torch.repeat_interleave(torch.arange(selection.shape[0], device=HOST), counts)
     species = take(layout.species_index, 0, atoms)
     order = torch.argsort(species, stable=True)  # batch position (species-major) → structure-major
-    position = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=HOST))
+    position = inverse_permutation(order)
     atoms, structure_index, species = (take(x, 0, order) for x in (atoms, structure_index, species))
     labelled = take(layout.labelled, 0, atoms)
     local, entries = None, ()

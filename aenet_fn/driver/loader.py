@@ -24,6 +24,7 @@ from typing import Protocol, Union
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from aenet_fn.core.batch import inverse_permutation
 from aenet_fn.core.descriptor import ChebyshevParams, species_lookup
 from aenet_fn.core.featurized import (
     FeaturizedSet,
@@ -166,8 +167,7 @@ class StructureSource:
         if len(parts) == 2:
             parts[1] = with_empty_derivatives(parts[1], parts[0].local)
         data = parts[0] if len(parts) == 1 else concatenate(parts)
-        position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel()))
-        return take_structures(data, position[inverse], mask[order])
+        return take_structures(data, inverse_permutation(order)[inverse], mask[order])
 
     def _cached(self, indices: list[int], derivatives: bool) -> FeaturizedSet:
         """:meth:`featurized` of ``indices`` through the cache: only the structures not cached

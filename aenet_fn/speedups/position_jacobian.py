@@ -19,7 +19,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from aenet_fn.core.batch import ranges
+from aenet_fn.core.batch import inverse_permutation, ranges
 from aenet_fn.core.descriptor import ChebyshevParams
 from aenet_fn.core.linear_maps import csr_matrix, linear_pair, members_inner, members_outer
 from aenet_fn.core.local_derivatives import LocalDerivatives
@@ -69,7 +69,7 @@ def block_values(
     device = species_index.device
     n_species = len(params.species)
     order = torch.argsort(structure_index * n_species + species_index, stable=True)
-    rank = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=device))
+    rank = inverse_permutation(order)
     # (moved atom, described atom, radial (0) or angular (1) columns, block [E, w, 3], weight)
     parts = [
         (local.radial_neighbour, local.radial_centre, 0, local.radial, local.radial_spin),
